@@ -1,0 +1,38 @@
+# vxnb: the two commands a newcomer needs are `make report` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+QUICK  ?=
+STAMP  := $(VENV)/.installed
+
+.PHONY: report test venv data benchmarks clean-runs help
+
+help:
+	@echo "make report [QUICK=1]  set up .venv, prepare data, run notebooks 01-06 with papermill, write reports/"
+	@echo "make test              set up .venv and run the test suite (includes every notebook in quick mode)"
+	@echo "make benchmarks        print the speed/accuracy benchmarks"
+
+# The venv is (re)installed when pyproject.toml changes. torchvision>=0.29 pulls a torch
+# build from the registry that runs on the CPU (and on CUDA where present).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+data: $(STAMP)
+	$(PY) -m vxnb.report --prepare-data $(if $(QUICK),--quick,)
+
+report: $(STAMP)
+	$(PY) -m vxnb.report $(if $(QUICK),--quick,)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadgroup tests
+
+benchmarks: $(STAMP)
+	for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+clean-runs:
+	rm -rf runs reports

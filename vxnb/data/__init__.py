@@ -1,0 +1,1 @@
+"""Datasets: an8Flower (rendered here), real MNIST digits, and user image folders."""

@@ -1,0 +1,169 @@
+"""Small helpers shared by every module: device choice, seeding, atomic file writes and
+argument checks that raise errors naming the argument, what was expected and what came."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "get_device",
+    "seed_everything",
+    "atomic_path",
+    "atomic_write_json",
+    "atomic_torch_save",
+    "atomic_savez",
+    "read_json",
+    "get_module",
+    "check_layer_names",
+    "check_image_batch",
+    "eval_mode",
+    "describe",
+]
+
+
+def get_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to compute on: ``device`` if given, else CUDA when present, else the CPU."""
+    if device is not None:
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}") from err
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a torch Generator seeded the same way."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    random.seed(int(seed))
+    np.random.seed(int(seed) % 2**32)
+    torch.manual_seed(int(seed))
+    return torch.Generator().manual_seed(int(seed))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``.
+
+    An exception (or an interrupted process) leaves ``path`` untouched: a reader never
+    sees a half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: corrupt JSON file ({err}); delete it to recompute") from err
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name`` (as in ``model.named_modules()``); a clear error otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"layer: expected a module name (str), got {type(name).__name__}")
+    modules = dict(model.named_modules())
+    if name not in modules or name == "":
+        names = [n for n in modules if n]
+        raise ValueError(f"layer: the model has no module {name!r}; it has: {', '.join(names)}")
+    return modules[name]
+
+
+def check_layer_names(model: nn.Module, names: Iterable[str], arg: str = "layers") -> list[str]:
+    """Check that every name is a submodule of ``model``; return them as a list."""
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules or n == ""]
+    if missing:
+        have = [n for n in modules if n]
+        raise ValueError(f"{arg}: the model has no module(s) {missing}; it has: {', '.join(have)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{arg}: names must be unique, got {names}")
+    return names
+
+
+def check_image_batch(x: Any, arg: str = "x", channels: int | None = None) -> torch.Tensor:
+    """A float tensor of shape (B, C, H, W); ``channels`` checks C when given."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{arg}: expected a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+    if not torch.is_floating_point(x):
+        raise TypeError(f"{arg}: expected a floating-point image tensor, got dtype {x.dtype} "
+                        "(convert with x.float() / 255 for 8-bit images)")
+    if x.dim() != 4:
+        raise ValueError(f"{arg}: expected a batched image tensor (B, C, H, W), got shape {tuple(x.shape)}"
+                         + (" (add a batch dimension with x.unsqueeze(0))" if x.dim() == 3 else ""))
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{arg}: the model expects {channels} input channel(s), got {x.shape[1]} "
+                         f"(shape {tuple(x.shape)})")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{arg}: contains NaN or inf")
+    return x
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block and restore each module's mode afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def describe(x: Any) -> str:
+    """A short description of a value for error messages."""
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return f"{type(x).__name__} of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"{type(x).__name__} {x!r}"[:200]

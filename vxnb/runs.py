@@ -1,0 +1,223 @@
+"""Run folders: the artifacts one notebook hands to the next.
+
+A run is one (dataset, variant, size, seed, training setting). Everything it produces lives
+in ``runs/<name>/`` — the checkpoint and its ``meta.json`` (``vxnb.models``), the feature
+statistics (``vxnb.features``), the μ-lasso paths (``vxnb.lasso``) and result tables — so
+each notebook can run on its own once its inputs exist, and nothing passes through hidden
+global state. Every step below is "load if present, else compute and save atomically".
+
+>>> cfg = RunConfig(dataset="an8flower", variant="single-6c", size=128)
+>>> model, meta = get_model(cfg)          # trains once, then loads the checkpoint
+>>> feats = get_features(cfg, model)      # X, XᵀX, XᵀL on the training split
+>>> path = get_lasso_path(cfg, feats)     # W for any μ, instantly: path.coef(10.0)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from .utils import atomic_write_json, read_json
+
+__all__ = ["RunConfig", "DATASETS", "load_data", "get_model", "get_features", "get_lasso_path",
+           "run_dir", "repo_root"]
+
+DATASETS = ("an8flower", "mnist")
+
+
+def repo_root() -> Path:
+    """The checkout this package lives in (for the default ``data/`` and ``runs/`` folders)."""
+    return Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunConfig:
+    """What a run is made of. ``quick=True`` is the small setting CI uses.
+
+    dataset: "an8flower" (the embedded default) or "mnist".
+    variant: the an8Flower variant ("single-6c", "double-12c", "part-2c"); ignored for MNIST.
+    size: an8Flower image size in pixels (MNIST is always 28).
+    epochs: training epochs (None: the model's default for the dataset and mode).
+    test_fold: the an8Flower fold held out for testing (folds are grouped by viewpoint).
+    train_limit: use at most this many training images (None: all) — the quick setting.
+    seed: seeds rendering, splitting, training and random baselines.
+    data_root, runs_root: where data and run folders live (default: the repo's data/, runs/).
+    """
+
+    dataset: str = "an8flower"
+    variant: str = "single-6c"
+    size: int = 128
+    epochs: int | None = None
+    test_fold: int = 0
+    train_limit: int | None = None
+    seed: int = 0
+    quick: bool = False
+    data_root: str | None = None
+    runs_root: str | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset: expected one of {DATASETS}, got {self.dataset!r}")
+        if self.dataset == "mnist":
+            self.size = 28
+        if not isinstance(self.size, int) or self.size < 32 and self.dataset == "an8flower":
+            raise ValueError(f"size: expected an int >= 32 for an8Flower, got {self.size!r}")
+        if not 0 <= self.test_fold < 5:
+            raise ValueError(f"test_fold: expected 0..4, got {self.test_fold!r}")
+        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
+            raise ValueError(f"epochs: expected a positive int or None, got {self.epochs!r}")
+
+    @classmethod
+    def from_params(cls, quick: bool = False, **params: Any) -> "RunConfig":
+        """The notebooks' parameters → a config; ``quick`` shrinks size and data for CI."""
+        params = {k: v for k, v in params.items() if v is not None}
+        if quick:
+            params.setdefault("size", 64)
+            params.setdefault("train_limit", 1200)
+        return cls(quick=quick, **params)
+
+    @property
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.dataset == "mnist":
+            base = "mnist"
+        else:
+            base = f"an8flower-{self.variant}-s{self.size}-f{self.test_fold}"
+        tag = "-quick" if self.quick else ""
+        return f"{base}-seed{self.seed}{tag}"
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data_root) if self.data_root else repo_root() / "data"
+
+    @property
+    def runs_dir(self) -> Path:
+        return Path(self.runs_root) if self.runs_root else repo_root() / "runs"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    path = cfg.runs_dir / cfg.run_name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------------- data
+def load_data(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, Dataset, list[str]]:
+    """The (train, test) datasets and the class names of a run.
+
+    an8Flower: test = the held-out fold (grouped by viewpoint), train = the other four.
+    MNIST: the fixed stratified 80/20 split of the digits found under ``data/``.
+    ``train_limit`` keeps a seeded, class-stratified subset of the training split.
+    """
+    if cfg.dataset == "an8flower":
+        from .data.an8flower import An8Flower
+
+        full = An8Flower(cfg.data_dir, variant=cfg.variant, size=cfg.size, generate=True, seed=cfg.seed)
+        folds = full.index["fold"].to_numpy()
+        train_idx = np.flatnonzero(folds != cfg.test_fold)
+        test_idx = np.flatnonzero(folds == cfg.test_fold)
+        labels = full.index["label"].to_numpy()
+        classes = list(full.classes)
+    else:
+        from .data.mnist import MnistDataset, load_mnist, stratified_split
+
+        images, labels_t = load_mnist(cfg.data_dir)
+        labels = np.asarray(labels_t)
+        full = MnistDataset(images, labels_t)
+        train_idx, test_idx = stratified_split(labels, test_fraction=0.2, seed=cfg.seed)
+        classes = list(full.classes)
+    if cfg.train_limit is not None and cfg.train_limit < len(train_idx):
+        train_idx = _stratified_subset(train_idx, labels[train_idx], cfg.train_limit, cfg.seed)
+        test_idx = _stratified_subset(test_idx, labels[test_idx], max(cfg.train_limit // 4, len(classes)),
+                                      cfg.seed + 1)
+    return Subset(full, train_idx.tolist()), Subset(full, test_idx.tolist()), classes
+
+
+def _stratified_subset(idx: np.ndarray, labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    per = max(1, n // len(classes))
+    keep = [rng.permutation(idx[labels == c])[:per] for c in classes]
+    return np.sort(np.concatenate(keep))
+
+
+# ---------------------------------------------------------------------------- model
+def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
+              data: tuple[Dataset, Dataset, list[str]] | None = None):
+    """Load the run's checkpoint, or train the reference model and save it. → (model, meta)."""
+    from . import models
+
+    folder = run_dir(cfg)
+    if not retrain and (folder / "model.pt").exists() and (folder / "meta.json").exists():
+        return models.load_checkpoint(folder)
+    train, test, classes = data if data is not None else load_data(cfg, progress=progress)
+    if cfg.dataset == "mnist":
+        model = models.build_model("mnistnet", num_classes=len(classes))
+    else:
+        model = models.build_model("flowernet", num_classes=len(classes), size=cfg.size)
+    epochs = cfg.epochs or models.default_epochs(cfg.dataset, quick=cfg.quick)
+    history = models.train_model(model, train, test, epochs=epochs, seed=cfg.seed, progress=progress)
+    meta = {
+        "config": cfg.to_dict(),
+        "classes": classes,
+        "epochs": epochs,
+        "history": history,
+        "test_accuracy": history.get("test_accuracy", [None])[-1] if isinstance(history.get("test_accuracy"), list)
+        else history.get("test_accuracy"),
+        "n_train": len(train),
+        "n_test": len(test),
+    }
+    models.save_checkpoint(folder, model, meta)
+    return models.load_checkpoint(folder)
+
+
+# ---------------------------------------------------------------------------- features
+def get_features(cfg: RunConfig, model: torch.nn.Module, split: str = "train", *, only_conv: bool = False,
+                 data: tuple[Dataset, Dataset, list[str]] | None = None, progress: bool = True, **kwargs):
+    """Filter-wise responses of a split (cached in the run folder by ``vxnb.features``)."""
+    from .features import extract_features
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    train, test, classes = data if data is not None else load_data(cfg, progress=progress)
+    dataset = train if split == "train" else test
+    return extract_features(model, dataset, only_conv=only_conv, n_classes=len(classes),
+                            cache_dir=run_dir(cfg) / "features",
+                            data_key=f"{cfg.run_name}/{split}/{len(dataset)}", progress=progress, **kwargs)
+
+
+def get_lasso_path(cfg: RunConfig, features, *, mu_max: float = 50.0, tag: str | None = None):
+    """The μ-lasso path of every class up to ``mu_max`` (cached as ``lasso-<tag>.npz``)."""
+    from .lasso import LassoPath, lasso_path
+
+    tag = tag or ("conv" if all(k == "conv" for k in features.columns["kind"]) else "all")
+    file = run_dir(cfg) / f"lasso-{tag}-mu{mu_max:g}.npz"
+    if file.exists():
+        try:
+            return LassoPath.load(file)
+        except Exception as err:  # a stale or corrupt file is recomputed, never trusted
+            file.unlink()
+    path = lasso_path(features.G, features.XtL, mu_max=mu_max)
+    path.save(file)
+    return path
+
+
+def save_table(cfg: RunConfig, name: str, frame) -> Path:
+    """Write a result table (pandas DataFrame) as CSV into the run folder, atomically."""
+    from .utils import atomic_path
+
+    file = run_dir(cfg) / f"{name}.csv"
+    with atomic_path(file) as tmp:
+        frame.to_csv(tmp, index=False)
+    return file

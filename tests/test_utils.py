@@ -1,0 +1,74 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Subset, TensorDataset
+
+from vxnb import utils
+from vxnb.data import class_examples, dataset_labels
+
+
+def test_atomic_path_leaves_target_untouched_on_error(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with utils.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp file left
+
+
+def test_atomic_json_round_trip(tmp_path):
+    utils.atomic_write_json({"a": np.int64(3), "b": np.float32(0.5), "c": np.arange(2)}, tmp_path / "x.json")
+    assert utils.read_json(tmp_path / "x.json") == {"a": 3, "b": 0.5, "c": [0, 1]}
+    (tmp_path / "bad.json").write_text("{trunc")
+    with pytest.raises(ValueError, match="bad.json"):
+        utils.read_json(tmp_path / "bad.json")
+
+
+def test_layer_name_errors_list_the_names():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    with pytest.raises(ValueError, match="it has: 0, 1"):
+        utils.get_module(model, "conv9")
+    with pytest.raises(ValueError, match=r"\['nope'\]"):
+        utils.check_layer_names(model, ["0", "nope"])
+    assert utils.check_layer_names(model, "1") == ["1"]
+
+
+def test_check_image_batch():
+    utils.check_image_batch(torch.zeros(2, 3, 8, 8), channels=3)
+    with pytest.raises(ValueError, match="batch dimension"):
+        utils.check_image_batch(torch.zeros(3, 8, 8))
+    with pytest.raises(TypeError, match="floating"):
+        utils.check_image_batch(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="expects 1 input channel"):
+        utils.check_image_batch(torch.zeros(1, 3, 8, 8), channels=1)
+    with pytest.raises(ValueError, match="NaN"):
+        utils.check_image_batch(torch.full((1, 1, 2, 2), float("nan")))
+
+
+def test_eval_mode_restores_each_module():
+    model = nn.Sequential(nn.Dropout(), nn.Dropout())
+    model.train()
+    model[1].eval()
+    with utils.eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert model.training and model[0].training and not model[1].training
+
+
+def test_get_device():
+    assert utils.get_device("cpu").type == "cpu"
+    assert utils.get_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device"):
+        utils.get_device("gpu-please")
+
+
+def test_dataset_labels_through_subsets():
+    ds = TensorDataset(torch.zeros(6, 1), torch.tensor([0, 1, 2, 0, 1, 2]))
+    sub = Subset(ds, [5, 0, 4])
+    assert dataset_labels(sub).tolist() == [2, 0, 1]
+    items = class_examples(ds, per_class=2)
+    assert [int(i[1]) for i in items] == [0, 0, 1, 1, 2, 2]

@@ -1,0 +1,482 @@
+"""vxnb.deconv: plain mode = Captum guided backprop; resampled rules = the rule by hand;
+shapes on torchvision nets; the model is left unchanged; errors; grid score."""
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from vxnb.deconv import (UnsupportedModuleError, _backward, _channel_seed, grid_score, heatmap,
+                         signed_rgb, visualize)
+
+captum_attr = pytest.importorskip("captum.attr")
+
+
+def seq(*named: tuple[str, nn.Module]) -> nn.Sequential:
+    s = nn.Sequential()
+    for name, m in named:
+        s.add_module(name, m)
+    return s
+
+
+def strided_net() -> nn.Sequential:
+    """Strided conv, overlapping max-pool, avg-pool, grouped/dilated conv, BN, FC layers;
+    on a 45x53 input several of them round (A + 2O - M not divisible by S)."""
+    return seq(("conv1", nn.Conv2d(3, 8, 5, stride=2, padding=2)), ("relu1", nn.ReLU()),
+               ("pool1", nn.MaxPool2d(3, 2)),
+               ("conv2", nn.Conv2d(8, 12, 3, padding=2, dilation=2, groups=4)), ("relu2", nn.ReLU(inplace=True)),
+               ("pool2", nn.AvgPool2d(2)),
+               ("conv3", nn.Conv2d(12, 16, 3, stride=2, padding=1)), ("bn3", nn.BatchNorm2d(16)),
+               ("relu3", nn.ReLU()), ("gap", nn.AdaptiveAvgPool2d(2)), ("flatten", nn.Flatten()),
+               ("fc6", nn.Linear(64, 20)), ("relu6", nn.ReLU()), ("drop6", nn.Dropout(0.5)),
+               ("fc7", nn.Linear(20, 5)))
+
+
+def randomise_bn(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    return model
+
+
+def captum_reference(model: nn.Module, x: torch.Tensor, layer: str, channels: list[int]) -> torch.Tensor:
+    module = dict(model.named_modules())[layer]
+    ngb = captum_attr.NeuronGuidedBackprop(model, module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outs = [ngb.attribute(x, lambda a, q=q: 0.5 * (a[:, q] ** 2).reshape(a.shape[0], -1).sum(1))
+                for q in channels]
+    return torch.stack(outs, dim=1)
+
+
+def hooks_left(model: nn.Module) -> dict[str, int]:
+    return {n: len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
+            + len(getattr(m, "_forward_hooks_always_called", {}))
+            for n, m in model.named_modules()
+            if m._forward_hooks or m._backward_hooks or m._forward_pre_hooks or "forward" in m.__dict__}
+
+
+# --------------------------------------------------------------------------------------
+# plain mode = Captum NeuronGuidedBackprop seeded by 0.5 ||a_q||^2
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer,channels", [("conv1", [0, 5]), ("pool1", [3]), ("relu2", [1, 7, 11]),
+                                            ("pool2", [2, 4]), ("conv3", [0, 15]), ("bn3", [3]),
+                                            ("fc6", [0, 9, 19]), ("fc7", [1, 4])])
+def test_plain_equals_captum_strided_net(layer, channels):
+    model = randomise_bn(strided_net()).eval()
+    x = torch.rand(2, 3, 45, 53)
+    ours = visualize(model, x, layer, channels, resample=False)
+    ref = captum_reference(model, x, layer, channels)
+    assert ours.shape == (2, len(channels), 3, 45, 53)
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", ["maxpool", "layer1.0", "layer2.0.conv1", "layer3.1.bn2", "layer4", "fc"])
+def test_plain_equals_captum_resnet18(layer):
+    model = randomise_bn(torchvision.models.resnet18(num_classes=10)).eval()
+    x = torch.rand(2, 3, 64, 64)
+    ours = visualize(model, x, layer, [0, 3], resample=False)
+    ref = captum_reference(model, x, layer, [0, 3])
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_modes_agree_without_strides():
+    model = seq(("conv1", nn.Conv2d(3, 6, 3, padding=1)), ("relu1", nn.ReLU()),
+                ("pool1", nn.MaxPool2d(3, stride=1, padding=1)), ("conv2", nn.Conv2d(6, 8, 5, padding=2)),
+                ("relu2", nn.ReLU()), ("pool2", nn.AvgPool2d(3, stride=1)), ("conv3", nn.Conv2d(8, 4, 1)))
+    x = torch.rand(2, 3, 20, 17)
+    for layer in ["relu1", "pool1", "relu2", "conv3"]:
+        plain = visualize(model, x, layer, [0, 2], resample=False)
+        resampled = visualize(model, x, layer, [0, 2], resample=True)
+        assert plain.abs().max() > 0
+        torch.testing.assert_close(plain, resampled, atol=0, rtol=0)
+
+
+def test_batched_backward_equals_expanded_batch():
+    model = randomise_bn(strided_net()).eval()
+    x = torch.rand(2, 3, 45, 53)
+    for resample in (False, True):
+        a = _backward(model, x, "relu3", resample, _channel_seed([1, 4, 9], "relu3"), 3)
+        b = _backward(model, x, "relu3", resample, _channel_seed([1, 4, 9], "relu3"), 3, expand=True)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        single = visualize(model, x, "relu3", 4, resample=resample)
+        torch.testing.assert_close(a[:, 1:2], single, atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# resampled mode = the rule written out by hand
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k,s,p,d,groups,size", [(5, 3, 1, 1, 1, (23, 20)), (3, 2, 1, 1, 1, (16, 16)),
+                                                 (4, 2, 0, 1, 1, (15, 18)), (3, 2, 2, 2, 2, (17, 13)),
+                                                 (1, 2, 0, 1, 1, (9, 10))])
+def test_resampled_conv_by_hand(k, s, p, d, groups, size):
+    conv = nn.Conv2d(4, 6, k, stride=s, padding=p, dilation=d, groups=groups)
+    model = seq(("conv1", conv))
+    x = torch.rand(2, 4, *size)
+    q = 3
+    out = visualize(model, x, "conv1", [q])[:, 0]
+    a = conv(x).detach()
+    g = torch.zeros_like(a)
+    g[:, q] = a[:, q]
+    keff = d * (k - 1) + 1
+    target = (size[0] + 2 * p - keff + 1, size[1] + 2 * p - keff + 1)
+    expected = F.conv_transpose2d(F.interpolate(g, size=target, mode="nearest"), conv.weight.detach(), stride=1,
+                                  padding=p, dilation=d, groups=groups)
+    assert expected.shape == x.shape
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    # and it is not the plain transpose (the strided one)
+    assert not torch.allclose(out, visualize(model, x, "conv1", [q], resample=False)[:, 0])
+
+
+def hand_switches(x: torch.Tensor, k: int, p: int, signal: torch.Tensor) -> torch.Tensor:
+    """Stride-1 max-pool switches by loops: each window's (first) maximum gets the signal."""
+    B, C, H, W = x.shape
+    xp = F.pad(x, (p, p, p, p), value=-float("inf"))
+    out = torch.zeros_like(x)
+    for b, c in itertools.product(range(B), range(C)):
+        for i in range(H + 2 * p - k + 1):
+            for j in range(W + 2 * p - k + 1):
+                win = xp[b, c, i:i + k, j:j + k]
+                r, cc = divmod(int(torch.argmax(win)), k)
+                out[b, c, i + r - p, j + cc - p] += signal[b, c, i, j]
+    return out
+
+
+@pytest.mark.parametrize("k,s,p,size", [(3, 2, 1, (16, 13)), (2, 2, 0, (12, 9)), (3, 3, 0, (14, 11))])
+def test_resampled_maxpool_by_hand(k, s, p, size):
+    model = seq(("pool1", nn.MaxPool2d(k, stride=s, padding=p)))
+    x = torch.rand(1, 2, *size)
+    out = visualize(model, x, "pool1", [1])[:, 0]
+    a = F.max_pool2d(x, k, s, p)
+    g = torch.zeros_like(a)
+    g[:, 1] = a[:, 1]
+    target = (size[0] + 2 * p - k + 1, size[1] + 2 * p - k + 1)
+    expected = hand_switches(x, k, p, F.interpolate(g, size=target, mode="nearest"))
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    assert out[:, 0].abs().max() == 0  # the other channel is untouched
+
+
+def test_resampled_avgpool_by_hand():
+    model = seq(("pool1", nn.AvgPool2d(3, stride=2, padding=1)))
+    x = torch.rand(1, 2, 15, 12)
+    out = visualize(model, x, "pool1", [0])[:, 0]
+    a = F.avg_pool2d(x, 3, 2, 1)
+    g = torch.zeros_like(a)
+    g[:, 0] = a[:, 0]
+    g1 = F.interpolate(g, size=(15, 12), mode="nearest")  # A + 2O - M + 1 = A
+    expected = F.conv_transpose2d(g1, torch.full((2, 1, 3, 3), 1 / 9), padding=1, groups=2)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_guided_relu_rule_by_hand():
+    """conv -> ReLU -> conv: the ReLU passes where its input > 0 and the signal > 0."""
+    c1, c2 = nn.Conv2d(2, 3, 3), nn.Conv2d(3, 2, 3)
+    model = seq(("conv1", c1), ("relu1", nn.ReLU(inplace=True)), ("conv2", c2))
+    x = torch.rand(1, 2, 9, 9)
+    z = c1(x).detach()
+    a = c2(z.clamp_min(0)).detach()
+    g = torch.zeros_like(a)
+    g[:, 1] = a[:, 1]
+    s = F.conv_transpose2d(g, c2.weight.detach())
+    s = s * (z > 0) * (s > 0)
+    expected = F.conv_transpose2d(s, c1.weight.detach())
+    torch.testing.assert_close(visualize(model, x, "conv2", [1])[:, 0], expected, atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# shapes on torchvision networks and the reference models
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,layer,size", [("alexnet", "features.3", 96), ("alexnet", "classifier.1", 96),
+                                             ("vgg11", "features.8", 64), ("resnet18", "layer2.1", 64)])
+def test_shapes_torchvision(arch, layer, size):
+    model = getattr(torchvision.models, arch)(num_classes=10)
+    x = torch.rand(2, 3, size, size + 8)
+    v = visualize(model, x, layer, [0, 1, 2])
+    assert v.shape == (2, 3, 3, size, size + 8)
+    assert torch.isfinite(v).all() and v.abs().sum() > 0
+    h = heatmap(v)
+    assert h.shape == (2, 3, size, size + 8)
+
+
+def test_reference_flowernet():
+    models = pytest.importorskip("vxnb.models")
+    try:
+        model = models.FlowerNet(num_classes=6, size=64)
+    except Exception as err:  # the reference models belong to another module
+        pytest.skip(f"FlowerNet(num_classes=6, size=64) not available: {err}")
+    x = torch.rand(1, 3, 64, 64)
+    names = dict(model.named_modules())
+    for layer in [n for n in ("conv1", "pool2", "relu5", "fc6") if n in names]:
+        v = visualize(model, x, layer, [0, 1])
+        assert v.shape == (1, 2, 3, 64, 64) and torch.isfinite(v).all()
+
+
+# --------------------------------------------------------------------------------------
+# the model is left as it was
+# --------------------------------------------------------------------------------------
+
+def test_model_unchanged_after_calls_and_errors():
+    model = randomise_bn(torchvision.models.resnet18(num_classes=10))
+    model.train()
+    model.layer1[0].conv1.weight.requires_grad_(False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    x = torch.rand(2, 3, 64, 64)
+
+    def unchanged():
+        sd = model.state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in state.items())
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+        assert {n: m.training for n, m in model.named_modules()} == modes
+        assert hooks_left(model) == {}
+        assert all(p.grad is None for p in model.parameters())
+
+    v = visualize(model, x, "layer2.0", [0, 5])
+    unchanged()
+    visualize(model, x, "fc", [1], resample=False)
+    unchanged()
+    with pytest.raises(IndexError):
+        visualize(model, x, "layer2.0", [0, 500])
+    unchanged()
+    with pytest.raises(ValueError):
+        visualize(model, x, "nope", [0])
+    unchanged()
+    # the call ran in eval mode: BN used its running statistics, not the batch's
+    model.eval()
+    torch.testing.assert_close(visualize(model, x, "layer2.0", [0, 5]), v)
+
+
+def test_model_unchanged_after_unsupported_error():
+    model = seq(("conv1", nn.Conv2d(3, 4, 3)), ("act", nn.Sigmoid()), ("conv2", nn.Conv2d(4, 4, 3, stride=2)),
+                ("relu2", nn.ReLU(inplace=True)))
+    model.train()
+    with pytest.raises(UnsupportedModuleError):
+        visualize(model, torch.rand(1, 3, 16, 16), "relu2", [0])
+    assert hooks_left(model) == {}
+    assert all(m.training for m in model.modules())
+    assert model.relu2.inplace and "forward" not in model.relu2.__dict__
+
+
+# --------------------------------------------------------------------------------------
+# unsupported modules and operations
+# --------------------------------------------------------------------------------------
+
+class FunctionalReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return F.relu(self.conv(x))
+
+
+class Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * torch.sigmoid(y)
+
+
+class FunctionalStridedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return F.conv2d(x, self.conv.weight, stride=2)
+
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return x * self.w
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        y = self.relu(self.conv(x))
+        return torch.cat([x + y, y.reshape(y.shape).mul(0.5)], dim=1)
+
+
+@pytest.mark.parametrize("block,match", [
+    (nn.Sigmoid(), r"'block' \(Sigmoid\).*SigmoidBackward"),
+    (nn.GELU(), r"'block' \(GELU\)"),
+    (nn.Upsample(scale_factor=2), r"'block' \(Upsample\)"),
+    (nn.LayerNorm([3, 16, 16]), r"'block' \(LayerNorm\) has parameters but no DeconvNet rule"),
+    (Scale(), r"'block' \(Scale\) has parameters"),
+    (FunctionalReLU(), r"'block' \(FunctionalReLU\).*relu.*nn.ReLU"),
+    (Gate(), r"'block' \(Gate\)"),
+])
+def test_unsupported_module_is_an_error(block, match):
+    cin = 4 if isinstance(block, (FunctionalReLU, Gate)) else 3
+    model = seq(("block", block), ("conv2", nn.Conv2d(cin, 4, 3)))
+    for resample in (True, False):
+        with pytest.raises(UnsupportedModuleError, match=match):
+            visualize(model, torch.rand(1, 3, 16, 16), "conv2", [0], resample=resample)
+
+
+def test_functional_strided_conv_only_refused_when_resampling():
+    model = seq(("block", FunctionalStridedConv()), ("conv2", nn.Conv2d(4, 4, 3)))
+    x = torch.rand(1, 3, 17, 17)
+    with pytest.raises(UnsupportedModuleError, match="functional conv2d with stride"):
+        visualize(model, x, "conv2", [0])
+    assert visualize(model, x, "conv2", [0], resample=False).shape == (1, 1, 3, 17, 17)
+
+
+def test_unsupported_module_after_the_layer_is_fine():
+    model = seq(("conv1", nn.Conv2d(3, 4, 3)), ("relu1", nn.ReLU()), ("act", nn.Sigmoid()),
+                ("bn", nn.BatchNorm2d(4, track_running_stats=False)))
+    assert visualize(model, torch.rand(1, 3, 10, 10), "relu1", [0]).shape == (1, 1, 3, 10, 10)
+
+
+def test_structural_ops_pass():
+    model = seq(("conv1", nn.Conv2d(3, 4, 3, padding=1)), ("block", Residual()), ("conv2", nn.Conv2d(8, 2, 3)))
+    v = visualize(model, torch.rand(1, 3, 12, 12), "conv2", [0, 1])
+    assert v.shape == (1, 2, 3, 12, 12) and v.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------
+
+def test_bad_input():
+    model = strided_net()
+    x = torch.rand(1, 3, 45, 53)
+    with pytest.raises(ValueError, match="conv1.*relu1"):  # lists the names
+        visualize(model, x, "conv9", [0])
+    with pytest.raises(IndexError, match=r"channel 8 .*8 channels"):
+        visualize(model, x, "conv1", [0, 8])
+    with pytest.raises(IndexError, match=r"channel 20 .*20 channels"):
+        visualize(model, x, "fc6", [20])
+    with pytest.raises(IndexError):
+        visualize(model, x, "conv1", [-1])
+    with pytest.raises(ValueError, match="batch"):
+        visualize(model, x[0], "conv1", [0])
+    with pytest.raises(ValueError, match="3 input channel"):
+        visualize(model, torch.rand(1, 1, 45, 53), "conv1", [0])
+    with pytest.raises(TypeError, match="floating"):
+        visualize(model, (x * 255).to(torch.uint8), "conv1", [0])
+    with pytest.raises(TypeError):
+        visualize(model, x, "conv1", [0.5])
+    with pytest.raises(TypeError):
+        visualize(model, x, "conv1", "0")
+    with pytest.raises(ValueError):
+        visualize(model, x, "conv1", [])
+    # ints, numpy and tensors of channel indices are accepted
+    v = visualize(model, x, "conv1", 2)
+    torch.testing.assert_close(v, visualize(model, x, "conv1", np.array([2])))
+    torch.testing.assert_close(v, visualize(model, x, "conv1", torch.tensor([2])))
+
+
+# --------------------------------------------------------------------------------------
+# heatmap, signed_rgb, grid_score
+# --------------------------------------------------------------------------------------
+
+def test_heatmap_and_signed_rgb():
+    v = torch.randn(2, 3, 3, 8, 9)
+    h = heatmap(v)
+    assert h.shape == (2, 3, 8, 9)
+    assert torch.allclose(h.amin(dim=(-2, -1)), torch.zeros(2, 3))
+    assert torch.allclose(h.amax(dim=(-2, -1)), torch.ones(2, 3))
+    s = v[0, 0].abs().sum(0)
+    torch.testing.assert_close(h[0, 0], (s - s.min()) / (s.max() - s.min()))
+    assert heatmap(torch.zeros(1, 3, 4, 4)).abs().max() == 0
+    rgb = signed_rgb(v)
+    assert rgb.shape == v.shape and rgb.min() >= 0 and rgb.max() <= 1
+    assert torch.allclose(signed_rgb(torch.zeros(3, 4, 4)), torch.full((3, 4, 4), 0.5))
+    m = v[1, 2].abs().max()
+    torch.testing.assert_close(rgb[1, 2], 0.5 + v[1, 2] / (2 * m))
+    assert signed_rgb(torch.randn(1, 5, 5)).shape == (3, 5, 5)
+    with pytest.raises(ValueError):
+        signed_rgb(torch.randn(4, 5, 5))
+
+
+def test_grid_score_definition():
+    H, W = 48, 40
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    grid = ((yy % 4 == 0) | (xx % 4 == 0)).float()  # period 4
+    assert grid_score(grid, 4).item() == pytest.approx(1.0, abs=1e-6)
+    assert grid_score(grid, 8).item() == pytest.approx(1.0, abs=1e-6)  # lattice of 8 contains that of 4
+    assert grid_score(grid, 3).item() < 0.2
+    blob = torch.exp(-((yy - 20.0) ** 2 + (xx - 17.0) ** 2) / 60)
+    assert grid_score(blob, 4).item() < 0.01
+    noise = torch.rand(64, H, W)
+    expected = (16 - 1) / (H * W - 1)
+    assert grid_score(noise, 4).mean().item() == pytest.approx(expected, rel=0.3)
+    assert grid_score(torch.ones(H, W), 4).item() == 0.0
+    assert grid_score(torch.rand(2, 3, H, W), [2, 4]).shape == (2, 3)
+    with pytest.raises(ValueError):
+        grid_score(grid, 0)
+
+
+def test_grid_score_lower_when_resampled():
+    torch.manual_seed(0)
+    model = seq(("conv1", nn.Conv2d(3, 16, 7, stride=4, padding=3)), ("relu1", nn.ReLU()),
+                ("pool1", nn.MaxPool2d(3, 2, padding=1)), ("conv2", nn.Conv2d(16, 16, 3, padding=1)),
+                ("relu2", nn.ReLU()))
+    t = torch.linspace(-1, 1, 96)
+    yy, xx = torch.meshgrid(t, t, indexing="ij")
+    r, th = (xx ** 2 + yy ** 2).sqrt(), torch.atan2(yy, xx)
+    petals = (r < 0.5 + 0.3 * torch.cos(6 * th)).float()
+    x = torch.stack([petals, 0.5 * petals + 0.3 * torch.sin(20 * r), 1 - petals])[None].clamp(0, 1)
+    channels = list(range(8))
+    plain = grid_score(heatmap(visualize(model, x, "relu2", channels, resample=False)), 8)[0]
+    resampled = grid_score(heatmap(visualize(model, x, "relu2", channels)), 8)[0]
+    assert resampled.mean() < 0.5 * plain.mean()
+    assert (resampled < plain).float().mean() >= 0.75
+
+
+class FunctionalPool(nn.Module):
+    def forward(self, x):
+        return F.max_pool2d(x, 2)  # stride defaults to the kernel size
+
+
+def test_functional_pool_with_default_stride_refused_when_resampling():
+    model = seq(("conv1", nn.Conv2d(3, 4, 3)), ("block", FunctionalPool()), ("conv2", nn.Conv2d(4, 4, 3)))
+    x = torch.rand(1, 3, 18, 18)
+    with pytest.raises(UnsupportedModuleError, match=r"'block' \(FunctionalPool\): functional max_pool2d"):
+        visualize(model, x, "conv2", [0])
+    assert visualize(model, x, "conv2", [0], resample=False).shape == (1, 1, 3, 18, 18)
+
+
+def test_falls_back_to_expanded_batch_when_vmap_fails(monkeypatch):
+    model = randomise_bn(strided_net()).eval()
+    x = torch.rand(2, 3, 45, 53)
+    expected = visualize(model, x, "relu3", [1, 4])
+    real_grad = torch.autograd.grad
+
+    def no_vmap(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("Batching rule not implemented for aten::something")
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_vmap)
+    with pytest.warns(RuntimeWarning, match="expanding the batch"):
+        got = visualize(model, x, "relu3", [1, 4])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    assert hooks_left(model) == {}

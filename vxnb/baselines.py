@@ -1,0 +1,253 @@
+"""Baseline heatmaps the paper compares against (Sec. 4.3), one call each.
+
+``attribution(method, model, x, target, layer=None) -> (B, H, W)``, Captum style: the
+same signature for every method, batch-first tensors, maps at input resolution.
+
+Every map is non-negative and **raw** (not min-max normalised: normalise downstream, e.g.
+``vxnb.evaluate.iou_curve`` does it per map); low-resolution maps are upsampled to
+(H, W) bilinearly (``align_corners=False``).
+
+========================  ==========================================================  =====================
+method                    map                                                         computed by
+========================  ==========================================================  =====================
+``"activation"``          ReLU'd activation of ``layer`` (mean over channels, or       forward hook
+                          ``channel``), upsampled; class-independent (``target``
+                          unused); conv layers only
+``"deconv_gb"``           sum over colour channels of ``|GB|``: guided backprop from   our DeconvNet rules
+                          the ``target`` logit (unit seed) through the whole           (``vxnb.deconv``,
+                          network (DeconvNet+GB, ``resample=False``)                   checked = Captum GB)
+``"gradcam"``             ReLU(sum_k alpha_k A_k), alpha_k = mean gradient             Captum ``LayerGradCam``
+``"guided_gradcam"``      sum over colour of ``|GB * upsampled Grad-CAM|``             Captum ``GuidedGradCam``
+``"gradcampp"``           Grad-CAM++ (alpha from Eq. 19 of Chattopadhay et al.)        pytorch-grad-cam
+                                                                                       ``GradCAMPlusPlus``
+``"guided_gradcampp"``    sum over colour of ``|GB * upsampled Grad-CAM++|``           Captum ``GuidedBackprop``
+                                                                                       x pytorch-grad-cam
+========================  ==========================================================  =====================
+
+pytorch-grad-cam's ``__call__`` min-max normalises and resizes with OpenCV; we take its
+raw CAM from ``get_cam_image`` (its own weights and weighting) instead. Its
+``GuidedBackpropReLUModel`` is not used: it swaps the model's ReLU modules and puts back
+*new* ``nn.ReLU()`` objects (losing ``inplace=True``), i.e. it modifies the model.
+The default ``layer`` is the output of the last convolutional layer's ReLU
+(:func:`default_target_layer`).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vxnb.deconv import _first_conv_in_channels, _forward_to, _model_device_dtype, _run_backward
+from vxnb.utils import check_image_batch, eval_mode, get_module
+
+__all__ = ["METHODS", "attribution", "default_target_layer"]
+
+METHODS: tuple[str, ...] = ("activation", "deconv_gb", "gradcam", "guided_gradcam", "gradcampp",
+                            "guided_gradcampp")
+
+_CAPTUM_NOISE = ("Setting backward hooks on ReLU", "Input Tensor 0 did not already require gradients")
+
+
+def default_target_layer(model: nn.Module, x: Tensor) -> str:
+    """Name of the module whose output is the last convolutional layer's ReLU.
+
+    Traced on a forward of ``x[:1]``: the last ``nn.Conv2d`` call, then the first
+    ``nn.ReLU`` call after it. A ReLU module that is called several times (torchvision
+    ResNet blocks share one) is replaced by the innermost module called once whose output
+    is that same tensor (e.g. ``"layer4.1"`` for ResNet-18). Without a ReLU after it, the
+    conv itself. Gives ``"features.29"`` for VGG-16, ``"features.11"`` for AlexNet.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    x = check_image_batch(x, "x", channels=_first_conv_in_channels(model))
+    device, dtype = _model_device_dtype(model, x)
+    calls: list[tuple[str, nn.Module, Any]] = []
+    handles = [m.register_forward_hook(lambda mod, inp, out, _n=n: calls.append((_n, mod, out)))
+               for n, m in model.named_modules() if n]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(x[:1].to(device=device, dtype=dtype))
+    finally:
+        for h in handles:
+            h.remove()
+    convs = [i for i, (_, m, _) in enumerate(calls) if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"model: {type(model).__name__} has no nn.Conv2d layer; pass layer= explicitly")
+    i = convs[-1]
+    relus = [j for j in range(i + 1, len(calls)) if isinstance(calls[j][1], nn.ReLU)]
+    if not relus:
+        return calls[i][0]
+    j = relus[0]
+    name, _, out = calls[j]
+    counts: dict[str, int] = {}
+    for n, _, _ in calls:
+        counts[n] = counts.get(n, 0) + 1
+    if counts[name] == 1:
+        return name
+    for n, _, o in calls[j + 1:]:
+        if o is out and counts[n] == 1:
+            return n
+    return calls[i][0]
+
+
+def _check_target(target: Any, B: int, logits: Tensor) -> Tensor:
+    n = logits.shape[1]
+    if target is None:
+        return logits.argmax(dim=1)
+    if isinstance(target, (bool, np.bool_)):
+        raise TypeError(f"target: expected an int, a sequence of {B} ints or None, got {target!r}")
+    if isinstance(target, (int, np.integer)):
+        t = torch.full((B,), int(target), dtype=torch.long)
+    else:
+        if isinstance(target, Tensor):
+            if target.is_floating_point() or target.dtype == torch.bool or target.dim() > 1:
+                raise TypeError(f"target: expected integer class indices, got a tensor of dtype {target.dtype} "
+                                f"and shape {tuple(target.shape)}")
+            t = target.reshape(-1).long().cpu()
+        elif isinstance(target, (Sequence, np.ndarray)):
+            vals = list(np.asarray(target).reshape(-1))
+            if any(isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) for v in vals):
+                raise TypeError(f"target: expected integer class indices, got {target!r}")
+            t = torch.tensor([int(v) for v in vals], dtype=torch.long)
+        else:
+            raise TypeError(f"target: expected an int, a sequence of {B} ints or None, got {type(target).__name__}")
+        if t.numel() != B:
+            raise ValueError(f"target: expected one class per image ({B}), got {t.numel()}")
+    bad = [int(v) for v in t if not 0 <= int(v) < n]
+    if bad:
+        raise IndexError(f"target: class {bad[0]} is out of range for a model with {n} outputs (valid: 0..{n - 1})")
+    return t.to(logits.device)
+
+
+def _upsample(m: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, h, w) -> (B, H, W), bilinear, clamped at 0 (bilinear keeps non-negative maps so)."""
+    if tuple(m.shape[-2:]) != tuple(size):
+        m = F.interpolate(m.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+    return m.clamp_min(0)
+
+
+def _activation(a: Tensor, size: tuple[int, int], layer: str, channel: int | None) -> Tensor:
+    if channel is not None:
+        if isinstance(channel, bool) or not isinstance(channel, (int, np.integer)):
+            raise TypeError(f"channel: expected an int, got {channel!r}")
+        if not 0 <= channel < a.shape[1]:
+            raise IndexError(f"channel: channel {channel} is out of range for layer {layer!r}, which has "
+                             f"{a.shape[1]} channels")
+        m = a[:, int(channel)].clamp_min(0)
+    else:
+        m = a.clamp_min(0).mean(dim=1)
+    return _upsample(m, size)
+
+
+def _deconv_gb(model: nn.Module, x: Tensor, t: Tensor) -> Tensor:
+    def seed(out: Tensor, k: int) -> Tensor:
+        g = torch.zeros_like(out)
+        g[torch.arange(out.shape[0], device=out.device), t] = 1.0
+        return g
+    v = _run_backward(model, x, None, False, seed, 1)[:, 0]  # (B, C, H, W)
+    return v.abs().sum(dim=1)
+
+
+def _gradcampp_raw(model: nn.Module, x: Tensor, layer_module: nn.Module, t: Tensor) -> Tensor:
+    from pytorch_grad_cam import GradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cam = GradCAMPlusPlus(model=model, target_layers=[layer_module])
+    try:
+        x_req = x.detach().requires_grad_(True)  # gradients w.r.t. x only: no .grad on parameters
+        with torch.enable_grad():
+            outputs = cam.activations_and_grads(x_req)
+            targets = [ClassifierOutputTarget(int(c)) for c in t]
+            loss = sum(tg(o) for tg, o in zip(targets, outputs))
+            torch.autograd.grad(loss, x_req)  # the layer's tensor hooks record the gradients
+        acts, grads = cam.activations_and_grads.activations, cam.activations_and_grads.gradients
+        if len(acts) != 1 or len(grads) != 1:
+            raise ValueError(f"layer: Grad-CAM++ needs a layer called once per forward; it was called {len(acts)} "
+                             "times (a shared module?)")
+        raw = cam.get_cam_image(x_req, layer_module, targets, acts[0].numpy(), grads[0].numpy(), False)
+    finally:
+        cam.activations_and_grads.release()
+    m = torch.from_numpy(np.maximum(raw, 0)).to(device=x.device, dtype=x.dtype)
+    return _upsample(m, tuple(x.shape[-2:]))
+
+
+def attribution(method: str, model: nn.Module, x: Tensor, target: int | Sequence[int] | Tensor | None, *,
+                layer: str | None = None, channel: int | None = None) -> Tensor:
+    """A baseline heatmap per image: (B, H, W), non-negative, raw (see the module docstring).
+
+    Args:
+        method: one of :data:`METHODS`.
+        model: a classifier returning logits (B, num_classes); it is left as it was (mode,
+            parameters, hooks, ``.grad``).
+        x: float images (B, C, H, W).
+        target: the class per image (an int for all, a sequence / 1-D tensor of B ints),
+            or None for the predicted class. Unused by ``"activation"``.
+        layer: name in ``model.named_modules()`` for the layer-based methods
+            (activation, Grad-CAM family); default :func:`default_target_layer`.
+        channel: ``"activation"`` only: one channel instead of the channel mean.
+
+    Returns:
+        (B, H, W) float tensor on the model's device.
+    """
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method: expected one of {', '.join(METHODS)}; got {method!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    x = check_image_batch(x, "x", channels=_first_conv_in_channels(model))
+    if channel is not None and method != "activation":
+        raise ValueError(f"channel: only used by method 'activation', got channel={channel!r} with {method!r}")
+    if layer is not None:
+        get_module(model, layer)
+    device, dtype = _model_device_dtype(model, x)
+    x = x.to(device=device, dtype=dtype)
+    B, size = x.shape[0], tuple(x.shape[-2:])
+    with eval_mode(model):
+        with torch.no_grad():
+            logits = model(x)
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != B:
+            raise ValueError(f"model: expected logits of shape (B, num_classes), got "
+                             f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+        t = _check_target(target, B, logits)
+        if method == "deconv_gb":
+            out = _deconv_gb(model, x, t)
+        else:
+            if layer is None:
+                layer = default_target_layer(model, x)
+            module = get_module(model, layer)
+            with torch.no_grad():
+                a = _forward_to(model, x, layer)
+            if a.dim() != 4:
+                raise ValueError(f"layer: method {method!r} needs a convolutional layer (output (B, C, h, w)); "
+                                 f"{layer!r} outputs shape {tuple(a.shape)} (a fully connected layer?)")
+            if method == "activation":
+                out = _activation(a, size, layer, channel)
+            elif method in ("gradcampp", "guided_gradcampp"):
+                out = _gradcampp_raw(model, x, module, t)
+                if method == "guided_gradcampp":
+                    out = (_captum_gb(model, x, t) * out.unsqueeze(1)).abs().sum(dim=1)
+            else:
+                from captum.attr import GuidedGradCam, LayerAttribution, LayerGradCam
+                with warnings.catch_warnings():
+                    for msg in _CAPTUM_NOISE:
+                        warnings.filterwarnings("ignore", message=msg)
+                    if method == "gradcam":
+                        cam = LayerGradCam(model, module).attribute(x, target=t, relu_attributions=True)
+                        out = _upsample(LayerAttribution.interpolate(cam, size, "bilinear")[:, 0], size)
+                    else:  # guided_gradcam
+                        g = GuidedGradCam(model, module).attribute(x, target=t, interpolate_mode="bilinear")
+                        if g.shape != x.shape:
+                            raise ValueError(f"layer: Grad-CAM at {layer!r} could not be upsampled to the input")
+                        out = g.abs().sum(dim=1)
+    return out.detach()
+
+
+def _captum_gb(model: nn.Module, x: Tensor, t: Tensor) -> Tensor:
+    from captum.attr import GuidedBackprop
+    with warnings.catch_warnings():
+        for msg in _CAPTUM_NOISE:
+            warnings.filterwarnings("ignore", message=msg)
+        return GuidedBackprop(model).attribute(x, target=t)

@@ -1,0 +1,721 @@
+"""DeconvNet + guided backpropagation, plain and resampled (Sec. 3.2-3.3 of the paper).
+
+:func:`visualize` pushes an image forward until a layer ``p``, keeps the activation map of
+filter ``q`` (every other channel zeroed) and carries it back to the input space. Every
+module on the way is carried back by a *rule* (a small object bound to a module type, as
+in zennit), applied in a context manager that leaves the model exactly as it was:
+
+- ``nn.ReLU`` (also ``inplace=True``): guided backprop, the signal passes where the
+  forward input > 0 AND the signal > 0.
+- ``nn.Conv2d``: the transpose convolution. With ``resample=True`` and stride S > 1 the
+  incoming B x B signal is resized (nearest neighbour) to A + 2O - M_eff + 1 and passed
+  through the stride-1 transpose (same padding, dilation, groups): exactly A x A again,
+  also when the forward rounded.
+- ``nn.MaxPool2d``: the switches; resampled: resize, then the switches of the stride-1
+  max-pooling of the same forward input (windows sharing a maximum add up).
+- ``nn.AvgPool2d``: the average transpose; resampled: resize, then the stride-1 one.
+- ``nn.Linear``, ``nn.BatchNorm2d`` (eval statistics: the call runs in eval mode),
+  ``nn.AdaptiveAvgPool2d``, ``nn.Dropout`` (identity in eval), ``nn.Flatten``,
+  ``nn.Identity``, and the structural operations of a custom ``forward`` (additions as
+  in ResNet's ``out += identity``, ``torch.cat``, view / reshape / flatten, mean,
+  slicing, products with constants): their transpose, i.e. plain autograd -- linear
+  maps whose biases drop out, as in DeconvNet.
+
+Anything else on the path from the input to the seed layer is an error, never a silent
+plain gradient: a leaf module with parameters and no rule (``LayerNorm``, a custom
+layer), a module or functional call with a nonlinearity (``nn.Sigmoid``, ``nn.GELU``,
+``F.relu`` in a custom ``forward``, ``torch.sigmoid``, upsampling), the product of two
+signals (gating, attention), and -- with ``resample=True`` -- a *functional* strided
+convolution or pooling (``F.conv2d(x, w, stride=2)``), which would escape resampling.
+This is checked on the autograd graph of each call (see :func:`visualize`).
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from vxnb.utils import check_image_batch, eval_mode, get_module
+
+__all__ = [
+    "visualize",
+    "heatmap",
+    "signed_rgb",
+    "grid_score",
+    "applied_rules",
+    "Rule",
+    "TransposeRule",
+    "GuidedReLURule",
+    "ConvRule",
+    "MaxPoolRule",
+    "AvgPoolRule",
+    "BatchNormRule",
+    "RULES",
+    "UnsupportedModuleError",
+]
+
+
+class UnsupportedModuleError(TypeError):
+    """A module or an operation on the backward path has no DeconvNet rule."""
+
+
+# --------------------------------------------------------------------------------------
+# Resampled backward passes (Sec. 3.3): resize the incoming signal to the stride-1 output
+# size A + 2O - M_eff + 1, then run the stride-1 transpose.
+# --------------------------------------------------------------------------------------
+
+def _pair(v: Any) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[1])) if len(v) == 2 else (int(v[0]), int(v[0]))
+    return int(v), int(v)
+
+
+def _stride1_size(in_size: Sequence[int], kernel: tuple[int, int], padding: tuple[int, int],
+                  dilation: tuple[int, int]) -> tuple[int, int]:
+    """A' = A + 2 O - M_eff + 1 per spatial dimension, M_eff = d (M - 1) + 1."""
+    return tuple(int(a) + 2 * o - (d * (m - 1) + 1) + 1
+                 for a, m, o, d in zip(in_size, kernel, padding, dilation))  # type: ignore[return-value]
+
+
+def _resize(g: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(g.shape[-2:]) == tuple(size):
+        return g
+    return F.interpolate(g, size=size, mode="nearest")
+
+
+class _GuidedReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x > 0)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return g.clamp_min(0) * mask
+
+
+class _ResampledConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, module: nn.Conv2d) -> Tensor:  # type: ignore[override]
+        ctx.module = module
+        ctx.in_size = tuple(x.shape[-2:])
+        return module._conv_forward(x, module.weight, module.bias)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        m: nn.Conv2d = ctx.module
+        padding, dilation = _conv_padding(m), _pair(m.dilation)
+        size = _stride1_size(ctx.in_size, _pair(m.kernel_size), padding, dilation)
+        gx = F.conv_transpose2d(_resize(g, size), m.weight, None, stride=1, padding=padding,
+                                groups=m.groups, dilation=dilation)
+        return gx, None
+
+
+class _ResampledMaxPool2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, module: nn.MaxPool2d) -> Tensor:  # type: ignore[override]
+        ctx.module = module
+        ctx.save_for_backward(x)
+        return F.max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation,
+                            ceil_mode=module.ceil_mode)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        m: nn.MaxPool2d = ctx.module
+        (x,) = ctx.saved_tensors
+        k, p, d = _pair(m.kernel_size), _pair(m.padding), _pair(m.dilation)
+        size = _stride1_size(x.shape[-2:], k, p, d)
+        # switches of the stride-1 max-pooling of the same forward input; overlapping
+        # windows that share a maximum add up (the transpose of the selection)
+        _, idx = F.max_pool2d(x, k, 1, p, d, return_indices=True)
+        gx = torch.ops.aten.max_pool2d_with_indices_backward(_resize(g, size), x, list(k), [1, 1],
+                                                             list(p), list(d), False, idx)
+        return gx, None
+
+
+class _ResampledAvgPool2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, module: nn.AvgPool2d) -> Tensor:  # type: ignore[override]
+        ctx.module = module
+        ctx.save_for_backward(x)
+        return F.avg_pool2d(x, module.kernel_size, module.stride, module.padding, module.ceil_mode,
+                            module.count_include_pad, module.divisor_override)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        m: nn.AvgPool2d = ctx.module
+        (x,) = ctx.saved_tensors
+        k, p = _pair(m.kernel_size), _pair(m.padding)
+        size = _stride1_size(x.shape[-2:], k, p, (1, 1))
+        gx = torch.ops.aten.avg_pool2d_backward(_resize(g, size), x, list(k), [1, 1], list(p), False,
+                                                m.count_include_pad, m.divisor_override)
+        return gx, None
+
+
+_OUR_FUNCTIONS = (_GuidedReLU, _ResampledConv2d, _ResampledMaxPool2d, _ResampledAvgPool2d)
+
+
+def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(m.padding, str):  # 'valid' (0); 'same' only exists at stride 1
+        if m.padding == "valid":
+            return (0, 0)
+        raise UnsupportedModuleError(f"Conv2d with padding={m.padding!r} and stride {m.stride}")
+    return _pair(m.padding)
+
+
+# --------------------------------------------------------------------------------------
+# Rules: small objects bound to module types.
+# --------------------------------------------------------------------------------------
+
+class Rule:
+    """How one module type is carried backward.
+
+    ``check(module, name, resample)`` raises :class:`UnsupportedModuleError` for a
+    configuration the rule cannot handle; ``forward(module, resample)`` returns a
+    replacement forward ``f(x) -> Tensor`` (whose autograd backward is the rule), or
+    ``None`` to keep the module's own forward because its autograd transpose already is
+    the DeconvNet rule.
+    """
+
+    def check(self, module: nn.Module, name: str, resample: bool) -> None:
+        return None
+
+    def forward(self, module: nn.Module, resample: bool) -> Callable[[Tensor], Tensor] | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class TransposeRule(Rule):
+    """Linear maps and structural ops: the backward is the transpose (plain autograd)."""
+
+
+class GuidedReLURule(Rule):
+    """ReLU: pass the signal where the forward input > 0 and the signal > 0 (also for
+    ``inplace=True``: the replacement forward is out of place)."""
+
+    def forward(self, module: nn.Module, resample: bool) -> Callable[[Tensor], Tensor]:
+        return _GuidedReLU.apply
+
+
+def _strided(stride: Any) -> bool:
+    return any(s > 1 for s in _pair(stride))
+
+
+class ConvRule(Rule):
+    """Conv2d: transpose convolution; resampled at stride 1 when ``resample`` and S > 1."""
+
+    def check(self, module: nn.Module, name: str, resample: bool) -> None:
+        if resample and _strided(module.stride):
+            if module.padding_mode != "zeros":
+                raise UnsupportedModuleError(
+                    f"module {name!r} ({type(module).__name__}): resampling supports padding_mode='zeros' "
+                    f"only, got {module.padding_mode!r}; use resample=False")
+            _conv_padding(module)
+
+    def forward(self, module: nn.Module, resample: bool) -> Callable[[Tensor], Tensor] | None:
+        if resample and _strided(module.stride):
+            return lambda x: _ResampledConv2d.apply(x, module)
+        return None
+
+
+class MaxPoolRule(Rule):
+    """MaxPool2d: switches; resampled: switches of the stride-1 pooling of the same input."""
+
+    def check(self, module: nn.Module, name: str, resample: bool) -> None:
+        if module.return_indices:
+            raise UnsupportedModuleError(
+                f"module {name!r} ({type(module).__name__}) with return_indices=True has no rule")
+
+    def forward(self, module: nn.Module, resample: bool) -> Callable[[Tensor], Tensor] | None:
+        if resample and _strided(module.stride):
+            return lambda x: _ResampledMaxPool2d.apply(x, module)
+        return None
+
+
+class AvgPoolRule(Rule):
+    """AvgPool2d: the average transpose; resampled: the stride-1 average transpose."""
+
+    def forward(self, module: nn.Module, resample: bool) -> Callable[[Tensor], Tensor] | None:
+        if resample and _strided(module.stride):
+            return lambda x: _ResampledAvgPool2d.apply(x, module)
+        return None
+
+
+class BatchNormRule(Rule):
+    """BatchNorm2d in eval mode is an affine map: its transpose (scale by w / sqrt(var + eps))."""
+
+    def check(self, module: nn.Module, name: str, resample: bool) -> None:
+        if module.running_mean is None:
+            raise UnsupportedModuleError(
+                f"module {name!r} ({type(module).__name__}) has track_running_stats=False: it normalises "
+                "with batch statistics even in eval mode, which is not an affine map")
+
+
+#: Module type -> rule. Register a rule for your own module type here (a subclass that
+#: overrides ``forward`` does not inherit its base class's rule).
+RULES: dict[type, Rule] = {
+    nn.ReLU: GuidedReLURule(),
+    nn.Conv2d: ConvRule(),
+    nn.MaxPool2d: MaxPoolRule(),
+    nn.AvgPool2d: AvgPoolRule(),
+    nn.BatchNorm2d: BatchNormRule(),
+    nn.Linear: TransposeRule(),
+    nn.AdaptiveAvgPool2d: TransposeRule(),
+    nn.Dropout: TransposeRule(),
+    nn.Dropout2d: TransposeRule(),
+    nn.Flatten: TransposeRule(),
+    nn.Unflatten: TransposeRule(),
+    nn.Identity: TransposeRule(),
+}
+
+
+def _rule_for(module: nn.Module) -> Rule | None:
+    for cls in type(module).__mro__:
+        if cls in RULES:
+            # a subclass with its own forward may compute anything: no inherited rule
+            return RULES[cls] if type(module).forward is cls.forward else None
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Applying the rules; recording which module produced which autograd node.
+# --------------------------------------------------------------------------------------
+
+class _Tracer(TorchFunctionMode):
+    """Maps each autograd node created during the forward to (module name, op name)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = [""]
+        self.origin: dict[Any, tuple[str, str]] = {}
+        self.refused: dict[str, str] = {}  # module name -> why its rule refused it
+
+    def enter(self, name: str) -> Callable[..., None]:
+        def pre_hook(module: nn.Module, inp: Any) -> None:
+            self.stack.append(name)
+        return pre_hook
+
+    def leave(self, module: nn.Module, inp: Any, out: Any) -> None:
+        if len(self.stack) > 1:
+            self.stack.pop()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, Tensor) and t.grad_fn is not None and t.grad_fn not in self.origin:
+                self.origin[t.grad_fn] = (self.stack[-1], getattr(func, "__name__", str(func)))
+        return out
+
+
+@contextlib.contextmanager
+def applied_rules(model: nn.Module, *, resample: bool = True,
+                  _tracer: _Tracer | None = None) -> Iterator[nn.Module]:
+    """Run ``model`` with the DeconvNet + guided-backprop rules for the block.
+
+    The model runs in eval mode; ruled modules whose backward differs from autograd's
+    (ReLU; strided Conv2d / MaxPool2d / AvgPool2d when ``resample``) get a replacement
+    ``forward``. On exit (also on an exception) the replacements are removed and every
+    module's training flag is restored; parameters and ``requires_grad`` are never touched.
+    No check of unruled operations happens here: :func:`visualize` does that on the
+    autograd graph.
+    """
+    patched: list[tuple[nn.Module, bool, Any]] = []
+    handles: list[Any] = []
+    with eval_mode(model):
+        try:
+            for name, module in model.named_modules():
+                rule = _rule_for(module)
+                if rule is not None:
+                    try:
+                        rule.check(module, name, resample)
+                    except UnsupportedModuleError as err:
+                        if _tracer is None:
+                            raise
+                        # only an error if the module is on the path: see _check_graph
+                        _tracer.refused[name] = str(err)
+                        rule = None
+                if rule is not None:
+                    fwd = rule.forward(module, resample)
+                    if fwd is not None:
+                        had = "forward" in module.__dict__
+                        patched.append((module, had, module.__dict__.get("forward")))
+                        module.forward = fwd  # instance attribute shadows the class method
+                if _tracer is not None:
+                    handles.append(module.register_forward_pre_hook(_tracer.enter(name)))
+                    handles.append(module.register_forward_hook(_tracer.leave))
+            yield model
+        finally:
+            for h in handles:
+                h.remove()
+            for module, had, old in reversed(patched):
+                if had:
+                    module.forward = old
+                else:
+                    del module.forward
+
+
+# Autograd nodes that carry the DeconvNet signal unchanged in kind (linear, structural).
+_STRUCTURAL = {
+    "Add", "Sub", "Neg", "Cat", "Stack", "View", "UnsafeView", "Reshape", "ReshapeAlias", "Alias",
+    "Clone", "Permute", "Transpose", "T", "Squeeze", "Unsqueeze", "Expand", "Slice", "Select",
+    "Split", "SplitWithSizes", "Unbind", "Mean", "Sum", "AdaptiveAvgPool2D", "ToCopy",
+    "ConstantPadNd", "Repeat", "RepeatInterleave", "IndexSelect", "Index", "Flip", "AsStrided",
+    "Narrow", "Chunk", "Contiguous", "ViewAsReal", "Flatten", "Unflatten", "Identity",
+}
+_PRODUCTS = {"Mul", "Div", "Mm", "Bmm", "Addmm", "Addbmm", "Baddbmm", "Matmul", "Linear", "Mv", "Dot"}
+_STRIDED = {"Convolution", "MaxPool2DWithIndices", "AvgPool2D"}
+
+
+def _op_name(node: Any) -> str:
+    return re.sub(r"Backward\d*$", "", node.name())
+
+
+def _check_graph(root: Any, x_leaf: Tensor, tracer: _Tracer,
+                 modules: dict[str, nn.Module], resample: bool) -> None:
+    """Raise UnsupportedModuleError for any node between ``x_leaf`` and ``root`` without a rule."""
+    reach: dict[Any, bool] = {}
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if node in reach:
+            continue
+        children = [n for n, _ in node.next_functions if n is not None]
+        if done:
+            reach[node] = (getattr(node, "variable", None) is x_leaf) or any(reach[c] for c in children)
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if c not in reach)
+    problems: list[tuple[int, str]] = []
+    for node, on_path in reach.items():
+        if not on_path or getattr(node, "variable", None) is x_leaf:
+            continue
+        if getattr(node, "_forward_cls", None) in _OUR_FUNCTIONS:
+            continue
+        msg = _classify(node, reach, tracer, modules, resample)
+        if msg is not None:
+            problems.append((node._sequence_nr(), msg))
+    if problems:
+        problems.sort()
+        more = f" (and {len(problems) - 1} more problem(s) further on)" if len(problems) > 1 else ""
+        raise UnsupportedModuleError(problems[0][1] + more)
+
+
+def _classify(node: Any, reach: dict[Any, bool], tracer: _Tracer,
+              modules: dict[str, nn.Module], resample: bool) -> str | None:
+    op = _op_name(node)
+    origin = tracer.origin
+    if node not in origin:
+        return (f"operation {node.name()} of unknown origin (a custom autograd.Function?) is on the "
+                "backward path and has no DeconvNet rule")
+    mname, fname = origin[node]
+    module = modules[mname]
+    where = f"module {mname!r} ({type(module).__name__})" if mname else f"the top-level forward of {type(module).__name__}"
+    if mname in tracer.refused:
+        return tracer.refused[mname]
+    rule = _rule_for(module)
+    if rule is not None and not any(True for _ in module.children()):
+        return None  # produced inside a ruled module: its rule vouches for it
+    if not any(True for _ in module.children()) and any(True for _ in module.parameters(recurse=False)):
+        return (f"{where} has parameters but no DeconvNet rule; supported: "
+                f"{', '.join(sorted(c.__name__ for c in RULES))} (register one in vxnb.deconv.RULES)")
+    if op in _STRUCTURAL:
+        return None
+    if op in _PRODUCTS:
+        signals = sum(1 for c, _ in node.next_functions if c is not None and reach.get(c, False))
+        if signals <= 1:
+            return None
+        return (f"{where}: {fname} multiplies two signals that both depend on the input "
+                f"({node.name()}: gating/attention), which has no DeconvNet rule")
+    if op in _STRIDED:
+        stride = tuple(getattr(node, "_saved_stride", None) or ())
+        if not stride:  # pooling with stride=None: the stride is the kernel size
+            stride = tuple(getattr(node, "_saved_kernel_size", None) or (1,))
+        if not resample or all(s == 1 for s in stride):
+            return None
+        return (f"{where}: functional {fname} with stride {tuple(stride)} cannot be resampled; use the "
+                "nn.Conv2d / nn.MaxPool2d / nn.AvgPool2d module so its rule applies (or resample=False)")
+    if op == "NativeBatchNorm" and getattr(node, "_saved_training", True) is False:
+        return None
+    hint = " (use an nn.ReLU module so the guided-backprop rule applies)" if op in {"Relu", "Threshold"} else ""
+    return f"{where}: operation {fname} ({node.name()}) has no DeconvNet rule{hint}"
+
+
+# --------------------------------------------------------------------------------------
+# visualize
+# --------------------------------------------------------------------------------------
+
+class _StopForward(Exception):
+    def __init__(self, output: Any) -> None:
+        super().__init__()
+        self.output = output
+
+
+def _first_conv_in_channels(model: nn.Module) -> int | None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return None
+
+
+def _check_channels(channels: Any) -> list[int]:
+    if isinstance(channels, (bool, np.bool_)):
+        raise TypeError(f"channels: expected an int or a sequence of ints, got {channels!r}")
+    if isinstance(channels, (int, np.integer)):
+        return [int(channels)]
+    if isinstance(channels, Tensor):
+        if channels.dim() > 1 or channels.is_floating_point() or channels.dtype == torch.bool:
+            raise TypeError(f"channels: expected a 1-D integer tensor, got dtype {channels.dtype} "
+                            f"shape {tuple(channels.shape)}")
+        channels = channels.reshape(-1).tolist()
+    if isinstance(channels, np.ndarray):
+        channels = channels.reshape(-1).tolist() if channels.ndim <= 1 else channels
+    if not isinstance(channels, (list, tuple, np.ndarray)):
+        raise TypeError(f"channels: expected an int or a sequence of ints, got {type(channels).__name__}")
+    out = []
+    for c in channels:
+        if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)):
+            raise TypeError(f"channels: expected ints, got {c!r} ({type(c).__name__})")
+        out.append(int(c))
+    if not out:
+        raise ValueError("channels: expected at least one channel index, got an empty sequence")
+    return out
+
+
+def _model_device_dtype(model: nn.Module, x: Tensor) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        return p.device, (p.dtype if p.is_floating_point() else x.dtype)
+    return x.device, x.dtype
+
+
+def _forward_to(model: nn.Module, x: Tensor, layer: str | None) -> Tensor:
+    """Run ``model`` on ``x`` until ``layer``'s first output (the model output if None)."""
+    if layer is None:
+        out = model(x)
+    else:
+        target = get_module(model, layer)
+
+        def stop(module: nn.Module, inp: Any, output: Any) -> None:
+            raise _StopForward(output)
+
+        handle = target.register_forward_hook(stop)
+        try:
+            model(x)
+        except _StopForward as s:
+            out = s.output
+        else:
+            raise ValueError(f"layer: module {layer!r} was not called during the forward pass")
+        finally:
+            handle.remove()
+    if not isinstance(out, Tensor):
+        raise TypeError(f"layer: expected {layer or 'the model'!r} to output a Tensor, got {type(out).__name__}")
+    return out
+
+
+def _backward(model: nn.Module, x: Tensor, layer: str | None, resample: bool,
+              seed: Callable[[Tensor, int], Tensor], K: int, *, expand: bool = False) -> Tensor:
+    """Core: forward to ``layer`` under the rules, check the graph, one batched backward.
+
+    ``seed(a, k)`` gives the k-th signal (shape of ``a``) at the layer output ``a`` (B, ...).
+    Returns (B, K, C, H, W). With ``expand`` the batch is expanded to B*K at the input
+    (K forwards); otherwise one forward and a vmapped backward (``is_grads_batched``).
+    """
+    modules = dict(model.named_modules())
+    B = x.shape[0]
+    tracer = _Tracer()
+    with torch.enable_grad(), applied_rules(model, resample=resample, _tracer=tracer):
+        expand = expand and K > 1
+        x_leaf = (x.repeat_interleave(K, 0) if expand else x).detach().requires_grad_(True)
+        with tracer:
+            a = _forward_to(model, x_leaf, layer)
+        if a.grad_fn is None:
+            raise ValueError(f"layer: the output of {layer!r} does not depend on the input")
+        _check_graph(a.grad_fn, x_leaf, tracer, modules, resample)
+        a_det = a.detach()
+        if expand:  # batch (B*K) ordered as (b, k); sample b*K + k carries seed k
+            a_k = a_det.reshape(B, K, *a.shape[1:])
+            g = torch.stack([seed(a_k[:, k], k) for k in range(K)], dim=1).reshape(a.shape)
+            (gx,) = torch.autograd.grad(a, x_leaf, g)
+            return gx.reshape(B, K, *x.shape[1:])
+        seeds = torch.stack([seed(a_det, k) for k in range(K)])  # (K, B, ...)
+        if K == 1:
+            (gx,) = torch.autograd.grad(a, x_leaf, seeds[0])
+            return gx.unsqueeze(1)
+        try:
+            (gx,) = torch.autograd.grad(a, x_leaf, seeds, is_grads_batched=True)
+        except RuntimeError as err:
+            raise _VmapFailed(str(err)) from err
+        return gx.transpose(0, 1).contiguous()
+
+
+class _VmapFailed(Exception):
+    """The vmapped (is_grads_batched) backward hit an op it cannot batch."""
+
+
+def _channel_seed(channels: list[int], layer: str) -> Callable[[Tensor, int], Tensor]:
+    def seed(a: Tensor, k: int) -> Tensor:
+        if a.dim() < 2:
+            raise ValueError(f"layer: expected the output of {layer!r} to be (B, C, ...), got shape {tuple(a.shape)}")
+        n = a.shape[1]
+        q = channels[k]
+        if not 0 <= q < n:
+            raise IndexError(f"channels: channel {q} is out of range for layer {layer!r}, which has "
+                             f"{n} channels (valid: 0..{n - 1})")
+        g = torch.zeros_like(a)
+        g[:, q] = a[:, q]
+        return g
+    return seed
+
+
+def visualize(model: nn.Module, x: Tensor, layer: str, channels: int | Sequence[int], *,
+              resample: bool = True) -> Tensor:
+    """DeconvNet + guided-backprop visualisation of filters ``channels`` at ``layer``.
+
+    For each channel q the activation map ``a[:, q]`` of ``layer``'s output (every other
+    channel zero) is carried back to the input space with the rules of this module (see
+    the module docstring): the gradient of ``0.5 * ||a_q||^2`` under the DeconvNet/GB
+    rules. With ``resample=False`` this is guided backpropagation (equal to Captum's
+    ``NeuronGuidedBackprop`` with that seed); with ``resample=True`` (the paper's
+    Sec. 3.3) every strided Conv2d / MaxPool2d / AvgPool2d runs its backward at stride 1
+    on the nearest-neighbour-resized signal, which removes the grid artifacts.
+
+    Args:
+        model: an ``nn.Module`` built from the supported modules (``RULES``); torchvision
+            AlexNet / VGG / ResNet and ``nn.Sequential`` reference models work. It is left
+            as it was (mode, parameters, hooks), also when an error is raised.
+        x: float images (B, C, H, W); C must match the first Conv2d's ``in_channels``.
+        layer: a name from ``model.named_modules()``; its output (B, C', h, w) or (B, N)
+            (FC layer: ``channels`` are unit indices) is the seed. For a module called
+            several times (a shared ReLU) the first call counts. The forward stops there.
+        channels: an int or a sequence of K channel indices in [0, C').
+        resample: use the paper's resampled (stride-1) backward for strided operations.
+
+    Returns:
+        (B, K, C, H, W) tensor on the model's device: the input-space visualisation of
+        each of the K channels for each image. All K travel back in one batched backward
+        after a single forward (``is_grads_batched``; if the backward cannot be vmapped it
+        falls back to expanding the batch to B*K at the input).
+
+    Raises:
+        TypeError: ``x`` is not a float tensor; ``channels`` are not ints.
+        ValueError: ``x`` is not (B, C, H, W) with the model's C; unknown ``layer`` (the
+            message lists the names); ``layer`` is not reached by the forward.
+        IndexError: a channel is out of range (naming it and the number of channels).
+        UnsupportedModuleError (a TypeError): a module or an operation on the path from
+            the input to ``layer`` has no rule. Caught on the autograd graph of the call:
+            leaf modules with parameters but no rule, nonlinear autograd nodes
+            (ReLU/Threshold/Sigmoid/Tanh/GELU/Softmax/LayerNorm/upsampling, ...) created
+            outside a ruled module (e.g. ``F.relu`` in a custom ``forward``), products of
+            two input-dependent signals, custom autograd Functions, and (with
+            ``resample``) functional strided conv/pooling. Linear structural ops (add,
+            cat, view/reshape/flatten, mean, slicing, scalar products) pass.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(resample, bool):
+        raise TypeError(f"resample: expected a bool, got {type(resample).__name__}")
+    get_module(model, layer)  # unknown layer -> ValueError listing the names
+    chans = _check_channels(channels)
+    x = check_image_batch(x, "x", channels=_first_conv_in_channels(model))
+    device, dtype = _model_device_dtype(model, x)
+    x = x.to(device=device, dtype=dtype)
+    return _run_backward(model, x, layer, resample, _channel_seed(chans, layer), len(chans))
+
+
+def _run_backward(model: nn.Module, x: Tensor, layer: str | None, resample: bool,
+                  seed: Callable[[Tensor, int], Tensor], K: int) -> Tensor:
+    try:
+        return _backward(model, x, layer, resample, seed, K)
+    except _VmapFailed as err:  # an op in the backward that the vmapped backward cannot batch
+        warnings.warn(f"vxnb.deconv: batched backward failed ({str(err).splitlines()[0][:200]}); "
+                      "expanding the batch to B*K instead", RuntimeWarning, stacklevel=3)
+        return _backward(model, x, layer, resample, seed, K, expand=True)
+
+
+# --------------------------------------------------------------------------------------
+# Display helpers and the grid-artifact score
+# --------------------------------------------------------------------------------------
+
+def _as_tensor(v: Any, arg: str, min_dim: int) -> Tensor:
+    if isinstance(v, np.ndarray):
+        v = torch.from_numpy(v)
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{arg}: expected a torch.Tensor or numpy array, got {type(v).__name__}")
+    if not (v.is_floating_point() or v.dtype in (torch.int32, torch.int64, torch.uint8)):
+        raise TypeError(f"{arg}: expected a real-valued tensor, got dtype {v.dtype}")
+    if v.dim() < min_dim:
+        raise ValueError(f"{arg}: expected at least {min_dim} dimensions, got shape {tuple(v.shape)}")
+    return v.float() if not v.is_floating_point() else v
+
+
+def heatmap(v: Tensor) -> Tensor:
+    """Heatmaps (..., H, W) in [0, 1] from visualisations ``v`` (..., C, H, W).
+
+    The sum of ``|v|`` over the colour channels, min-max normalised per map (a constant
+    map gives zeros). E.g. ``heatmap(visualize(...))`` is (B, K, H, W).
+    """
+    v = _as_tensor(v, "v", 3)
+    h = v.abs().sum(dim=-3)
+    lo = h.amin(dim=(-2, -1), keepdim=True)
+    hi = h.amax(dim=(-2, -1), keepdim=True)
+    span = hi - lo
+    return torch.where(span > 0, (h - lo) / torch.where(span > 0, span, torch.ones_like(span)),
+                       torch.zeros_like(h))
+
+
+def signed_rgb(v: Tensor) -> Tensor:
+    """Visualisations (..., C, H, W) as images (..., 3, H, W) in [0, 1], as DeconvNet
+    images are usually shown: ``0.5 + v / (2 max|v|)`` with the maximum per image (over
+    C, H, W); grey is zero. C = 1 is repeated to 3 channels."""
+    v = _as_tensor(v, "v", 3)
+    if v.shape[-3] not in (1, 3):
+        raise ValueError(f"v: expected 1 or 3 colour channels in dim -3, got shape {tuple(v.shape)}")
+    m = v.abs().amax(dim=(-3, -2, -1), keepdim=True)
+    out = 0.5 + v / (2 * torch.where(m > 0, m, torch.ones_like(m)))
+    if v.shape[-3] == 1:
+        out = out.expand(*v.shape[:-3], 3, *v.shape[-2:])
+    return out.clamp(0, 1)
+
+
+def grid_score(heatmaps: Tensor, strides: int | Sequence[int]) -> Tensor:
+    """Grid-artifact score of heatmaps (..., H, W), one value per map (...,).
+
+    The share of the spectral energy at the grid frequencies: with P = |FFT2(h)|^2 (the
+    power spectrum of each map) and, for each stride S in ``strides``, the lattice of
+    frequencies (round(i H / S) mod H, round(j W / S) mod W), i, j = 0..S-1 -- where a
+    pattern repeating every S pixels puts its energy -- the score is
+    ``sum_{lattice \\ DC} P / sum_{all \\ DC} P`` (DC, the mean, excluded). It is 0 for
+    a map with no period-S component, 1 for a purely S-periodic map and about
+    (S^2 - 1) / (H W - 1) for white noise. Pass the total stride of the layer (the product
+    of the strides before it; its lattice contains those of its divisors).
+    """
+    h = _as_tensor(heatmaps, "heatmaps", 2).double()
+    if isinstance(strides, (int, np.integer)) and not isinstance(strides, bool):
+        strides = [int(strides)]
+    try:
+        strides = [int(s) for s in strides]  # type: ignore[union-attr]
+    except TypeError as err:
+        raise TypeError(f"strides: expected an int or a sequence of ints, got {strides!r}") from err
+    if not strides or any(s < 1 for s in strides):
+        raise ValueError(f"strides: expected positive ints, got {strides}")
+    H, W = h.shape[-2:]
+    power = torch.fft.fft2(h).abs() ** 2
+    mask = torch.zeros(H, W, dtype=torch.bool, device=h.device)
+    for s in strides:
+        rows = torch.tensor(sorted({round(i * H / s) % H for i in range(s)}), device=h.device)
+        cols = torch.tensor(sorted({round(j * W / s) % W for j in range(s)}), device=h.device)
+        mask[rows[:, None], cols[None, :]] = True
+    mask[0, 0] = False
+    total = power.sum(dim=(-2, -1)) - power[..., 0, 0]
+    grid = (power * mask).sum(dim=(-2, -1))
+    return torch.where(total > 0, grid / torch.where(total > 0, total, torch.ones_like(total)),
+                       torch.zeros_like(total)).float()

@@ -106,6 +106,12 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+#: Training epochs of the reference models, by (dataset, quick).
+DEFAULT_EPOCHS = {("an8flower", False): 8, ("an8flower", True): 4, ("mnist", False): 6, ("mnist", True): 3}
+#: Extra ``vxnb.models.train_model`` options by dataset.
+TRAIN_OPTIONS: dict[str, dict[str, Any]] = {"an8flower": {}, "mnist": {}}
+
+
 def run_dir(cfg: RunConfig) -> Path:
     path = cfg.runs_dir / cfg.run_name
     path.mkdir(parents=True, exist_ok=True)
@@ -166,15 +172,15 @@ def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
         model = models.build_model("mnistnet", num_classes=len(classes))
     else:
         model = models.build_model("flowernet", num_classes=len(classes), size=cfg.size)
-    epochs = cfg.epochs or models.default_epochs(cfg.dataset, quick=cfg.quick)
-    history = models.train_model(model, train, test, epochs=epochs, seed=cfg.seed, progress=progress)
+    epochs = cfg.epochs or DEFAULT_EPOCHS[cfg.dataset, cfg.quick]
+    history = models.train_model(model, train, test, epochs=epochs, seed=cfg.seed, progress=progress,
+                                 **TRAIN_OPTIONS[cfg.dataset])
     meta = {
         "config": cfg.to_dict(),
         "classes": classes,
         "epochs": epochs,
         "history": history,
-        "test_accuracy": history.get("test_accuracy", [None])[-1] if isinstance(history.get("test_accuracy"), list)
-        else history.get("test_accuracy"),
+        "test_accuracy": history.get("final_test_accuracy"),
         "n_train": len(train),
         "n_test": len(test),
     }

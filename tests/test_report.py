@@ -43,3 +43,9 @@ def test_run_config_validation_and_names():
         RunConfig(size=16)
     with pytest.raises(ValueError, match="test_fold"):
         RunConfig(test_fold=5)
+
+
+def test_quick_overrides_the_full_size():
+    cfg = RunConfig.from_params(quick=True, size=128, train_limit=None)
+    assert cfg.size == 64 and cfg.train_limit == 1200
+    assert RunConfig.from_params(quick=False, size=128).size == 128

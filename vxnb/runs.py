@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import Dataset, Subset
 
@@ -29,6 +30,9 @@ __all__ = ["RunConfig", "DATASETS", "load_data", "get_model", "get_features", "g
            "run_dir", "repo_root"]
 
 DATASETS = ("an8flower", "mnist")
+#: The quick (CI) setting: image size and number of training images.
+QUICK_SIZE = 64
+QUICK_TRAIN_LIMIT = 1200
 
 
 def repo_root() -> Path:
@@ -78,9 +82,9 @@ class RunConfig:
     def from_params(cls, quick: bool = False, **params: Any) -> "RunConfig":
         """The notebooks' parameters → a config; ``quick`` shrinks size and data for CI."""
         params = {k: v for k, v in params.items() if v is not None}
-        if quick:
-            params.setdefault("size", 64)
-            params.setdefault("train_limit", 1200)
+        if quick:  # the CI setting overrides size and data volume, whatever the full setting says
+            params["size"] = min(int(params.get("size", QUICK_SIZE)), QUICK_SIZE)
+            params["train_limit"] = min(int(params.get("train_limit", QUICK_TRAIN_LIMIT)), QUICK_TRAIN_LIMIT)
         return cls(quick=quick, **params)
 
     @property
@@ -104,12 +108,6 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-#: Training epochs of the reference models, by (dataset, quick).
-DEFAULT_EPOCHS = {("an8flower", False): 8, ("an8flower", True): 4, ("mnist", False): 6, ("mnist", True): 3}
-#: Extra ``vxnb.models.train_model`` options by dataset.
-TRAIN_OPTIONS: dict[str, dict[str, Any]] = {"an8flower": {}, "mnist": {}}
 
 
 def run_dir(cfg: RunConfig) -> Path:
@@ -172,9 +170,8 @@ def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
         model = models.build_model("mnistnet", num_classes=len(classes))
     else:
         model = models.build_model("flowernet", num_classes=len(classes), size=cfg.size)
-    epochs = cfg.epochs or DEFAULT_EPOCHS[cfg.dataset, cfg.quick]
-    history = models.train_model(model, train, test, epochs=epochs, seed=cfg.seed, progress=progress,
-                                 **TRAIN_OPTIONS[cfg.dataset])
+    epochs = cfg.epochs or models.default_epochs(cfg.dataset, quick=cfg.quick)
+    history = models.train_model(model, train, test, epochs=epochs, seed=cfg.seed, progress=progress)
     meta = {
         "config": cfg.to_dict(),
         "classes": classes,
@@ -227,3 +224,35 @@ def save_table(cfg: RunConfig, name: str, frame) -> Path:
     with atomic_path(file) as tmp:
         frame.to_csv(tmp, index=False)
     return file
+
+
+# ---------------------------------------------------------------------------- relevance study
+def relevance_study(cfg: RunConfig, *, mu: float = 10.0, mu_max: float = 50.0, n_random: int = 5,
+                    mus: tuple[float, ...] = (0.1, 0.5, 1, 2, 5, 10, 20, 50), progress: bool = True) -> dict[str, Any]:
+    """Sec. 4.1 for one run: relevant features of the All and OnlyConv pools at ``mu``, their
+    counts, the ablation curves on the test split (Fig. 4) and the class reconstruction over
+    ``mus`` (supplementary Fig. 10). Tables are saved as CSV in the run folder.
+
+    Returns ``{model, data, features, paths, relevant, counts, ablation, reconstruction}``.
+    """
+    from .evaluate.ablation import ablation_curve, class_reconstruction
+    from .relevance import feature_counts, relevant_features
+
+    data = load_data(cfg, progress=progress)
+    classes = data[2]
+    model, _ = get_model(cfg, data=data, progress=progress)
+    feats = {"All": get_features(cfg, model, "train", data=data, progress=progress)}
+    feats["OnlyConv"] = feats["All"].select(kind="conv")
+    paths = {k: get_lasso_path(cfg, f, mu_max=max(mu_max, mu, *mus), tag=k.lower()) for k, f in feats.items()}
+    relevant = {k: relevant_features(p.coef(mu), feats[k].columns, classes) for k, p in paths.items()}
+    counts = {k: feature_counts(r) for k, r in relevant.items()}
+    ablation = ablation_curve(model, data[1], relevant["All"], relevant["OnlyConv"], n_random=n_random,
+                              seed=cfg.seed, progress=progress)
+    test_feats = get_features(cfg, model, "test", data=data, progress=progress, keep_X=True)
+    recon = pd.concat([class_reconstruction(feats[k], test_feats.select(kind="conv") if k == "OnlyConv" else test_feats,
+                                            mus=mus, progress=progress).assign(pool=k) for k in feats],
+                      ignore_index=True)
+    save_table(cfg, f"ablation-mu{mu:g}", ablation)
+    save_table(cfg, "class-reconstruction", recon)
+    return {"model": model, "data": data, "features": feats, "paths": paths, "relevant": relevant,
+            "counts": counts, "ablation": ablation, "reconstruction": recon}

@@ -64,6 +64,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; the result is an ordinary file
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -50,22 +50,32 @@ def index_slider(n: int, value: int = 0, description: str = "image"):
 
 
 def panel(fn: Callable[..., object], **controls):
-    """Show ``controls`` above the output of ``fn(**values)``, re-rendered on every change."""
+    """Show ``controls`` above the output of ``fn(**values)``, updated in place on every change.
+
+    ``fn`` returns one displayable object or a tuple of them (always the same number).
+
+    The first output is an ordinary cell output (so an executed notebook and its HTML export
+    show it); later changes replace it through its display id. No ``Output`` widget is used:
+    plotly's HTML renderer inside one hangs headless execution (nbclient).
+    """
     import ipywidgets as w
     from IPython.display import display
 
-    out = w.Output()
+    if not controls:
+        raise ValueError("controls: expected at least one widget, e.g. cls=class_picker(classes)")
+
+    def values() -> tuple:
+        result = fn(**{k: c.value for k, c in controls.items()})
+        result = result if isinstance(result, tuple) else (result,)
+        return tuple("" if r is None else r for r in result)
+
+    display(w.HBox(list(controls.values())))
+    handles = [display(r, display_id=True) for r in values()]
 
     def render(*_):
-        with out:
-            out.clear_output(wait=True)
-            result = fn(**{k: c.value for k, c in controls.items()})
-            if result is not None:
-                display(result)
+        for h, r in zip(handles, values()):
+            h.update(r)
 
     for c in controls.values():
         c.observe(render, names="value")
-    box = w.VBox([w.HBox(list(controls.values())), out])
-    display(box)
-    render()
-    return box
+    return handles

@@ -1,0 +1,1045 @@
+"""an8Flower: a synthetic flower dataset whose class-defining region is known pixel for pixel.
+
+The original an8Flower renders (Oramas et al., ICLR 2019, supplementary "an8Flower Dataset")
+are no longer available, so this module renders its own following the paper's protocol:
+
+* a 3D flower -- a curved stem, a green calyx, a flower head of eight petals of different
+  lengths around a darker central disc, tilted 40 degrees to one side, and two leaves of
+  different sizes on different sides of the stem -- so the picture changes with the viewpoint;
+* 40 viewpoints over 360 degrees (the flower turns about the vertical axis; the camera looks
+  15 degrees down, orthographic projection), Lambert shading (ambient + a key light from the
+  upper left + a weak fill light at the camera; lights fixed to the camera), a plain light
+  background; a software ray caster of analytic shapes (ellipsoid petals, disc and leaves,
+  capsule-chain stem, sphere balls, cone thorns), numpy only;
+* every render is cropped five times (the four corners and the centre; crop side = 250/300 of
+  the render side) and every crop is rotated counter-clockwise by 5, 10, 15, 20 and 25 degrees
+  about its centre (bilinear; what comes from outside the crop is background):
+  40 x 5 x 5 = 1000 images per class, each with the ground-truth mask of its class part.
+
+Variants (:data:`VARIANTS`)
+
+``single-6c``   six head colours (``red-head``, ``orange-head``, ...); mask = flower head
+                (petals + disc).
+``double-12c``  the same six colours on the head (mask = head) or on the stem (``red-stem``, ...,
+                mask = stem + calyx); the part that does not define the class keeps its
+                neutral colour (cream head, green stem).
+``part-2c``     ``balls``: five red balls on the flower head (at petal tips and on the disc),
+                mask = balls; ``thorns``: five brown thorns on the stem, mask = thorns.
+
+Invariant: for one (view, crop, angle), the images of two classes differ only inside the union
+of their two masks, pixel for pixel at the output size. Rendering is supersampled (3 x 3 rays
+per pixel); a render pixel belongs to a part's mask when any of its rays hits that part, and an
+output pixel belongs to the mask when any render pixel of that part enters its bilinear
+interpolation with a non-zero weight. The parts whose colour no class changes are composed
+and transformed once per view; the per-part shading maps of the parts that do change are
+transformed and coloured per class afterwards, always in the same order, so a pixel that no
+class part reaches is computed from the same numbers, by the same operations, in every class.
+The tests check this invariant for every item of every variant.
+
+Resolution: instead of rendering 300 x 300, cropping 250 x 250 and resizing to ``size``, the
+flower is rendered directly at ``R = size + 2 * round(size / 10)`` pixels (about
+``size * 300 / 250``) with the geometry fixed in coordinates relative to the frame, and every
+crop is ``size x size`` render pixels -- the same pictures without a resampling step (the crop
+is 250/300 of the frame up to the rounding of ``round(size / 10)``).
+
+The seed jitters the petal lengths, the leaves' angles and the light direction slightly; the
+same arguments always give the same bytes on disk.
+
+Files: ``root/an8flower/<variant>-<size>-seed<seed>/`` holds ``images/<class>/*.png`` (RGB),
+``masks/<region>/*.png`` (1-bit; one file shared by the classes with the same part, e.g. the
+six head colours), ``index.csv`` and ``manifest.json`` (format version and parameters). A
+generation writes into a hidden temporary folder beside it and renames it into place when
+everything is written, so an interrupted generation never leaves a folder that a later run
+trusts. ``index.csv`` stores a CRC-32 of every file, checked on every read: a damaged file
+raises an error naming it.
+
+Entry points: :class:`An8Flower` (the dataset), :func:`generate` (write a cache),
+:func:`render_view` (one viewpoint's items in memory, no files), :func:`gallery` (a few items
+per class for a figure).
+"""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import shutil
+import struct
+import tempfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from scipy import sparse
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..utils import atomic_write_json, describe, read_json
+
+__all__ = [
+    "VARIANTS",
+    "N_VIEWS",
+    "CROPS",
+    "ANGLES",
+    "N_FOLDS",
+    "GALLERY_VIEW",
+    "RENDER_VERSION",
+    "COLOURS",
+    "variant_classes",
+    "render_size",
+    "cache_dir",
+    "generate",
+    "render_view",
+    "An8Flower",
+    "gallery",
+]
+
+#: The dataset variants of the paper.
+VARIANTS: tuple[str, ...] = ("single-6c", "double-12c", "part-2c")
+#: Viewpoints over 360 degrees (rotation of the flower about the vertical axis).
+N_VIEWS = 40
+#: The five crops of every render (corner crops touch two borders of the render).
+CROPS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
+#: Counter-clockwise rotations applied to every crop, in degrees.
+ANGLES: tuple[int, ...] = (5, 10, 15, 20, 25)
+#: Folds, grouped by viewpoint (``fold = view % N_FOLDS``).
+N_FOLDS = 5
+#: The viewpoint where the flower head faces the camera (the first one :func:`gallery` shows).
+GALLERY_VIEW = 30
+#: Bumped whenever the pictures change; a cache written by another version is not trusted.
+RENDER_VERSION = 1
+#: Accepted image sides (the renders grow with the square of the side).
+MIN_SIZE = 32
+MAX_SIZE = 1024
+#: Rays per render pixel along each axis (anti-aliasing).
+SUPERSAMPLE = 3
+
+#: The six class colours (linear RGB in [0, 1]).
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.85, 0.07, 0.09),
+    "orange": (1.00, 0.50, 0.04),
+    "yellow": (0.98, 0.86, 0.10),
+    "pink": (1.00, 0.52, 0.80),
+    "purple": (0.50, 0.18, 0.76),
+    "blue": (0.12, 0.36, 0.92),
+}
+
+# Part ids of the renderer's part map (0 is the background).
+_PARTS = ("background", "stem", "leaf", "petal", "disc", "ball", "thorn")
+_P = {name: i for i, name in enumerate(_PARTS)}
+
+_BACKGROUND = (0.86, 0.90, 0.95)
+_DEFAULT_ALBEDO: dict[str, tuple[float, float, float]] = {
+    "stem": (0.26, 0.60, 0.16),
+    "leaf": (0.16, 0.50, 0.12),
+    "petal": (0.97, 0.94, 0.82),  # cream: the neutral head
+    "disc": (0.80, 0.62, 0.22),
+    "ball": (0.88, 0.10, 0.12),
+    "thorn": (0.42, 0.20, 0.08),
+}
+_DISC_SHADE = 0.55  # a coloured head's disc is its colour times this
+
+_AMBIENT = 0.28
+_DIFFUSE = 0.52  # the key light
+_FILL = 0.20  # a light at the camera: every visible surface gets some
+# _AMBIENT + _DIFFUSE + _FILL <= 1: no clipping needed
+_THIN = ("petal", "leaf")  # lit from either side (thin, translucent)
+_ELEVATION_DEG = 15.0
+_MANIFEST = "manifest.json"
+_INDEX = "index.csv"
+
+
+# --------------------------------------------------------------------------------------------
+# Classes of each variant
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _ClassSpec:
+    name: str
+    geometry: str  # "base", "balls" or "thorns"
+    albedo: dict  # part name -> rgb, overriding the defaults
+    mask_parts: tuple[str, ...]
+    region: str
+
+
+def _class_specs(variant: str) -> list[_ClassSpec]:
+    head = [
+        _ClassSpec(f"{c}-head", "base",
+                   {"petal": rgb, "disc": tuple(_DISC_SHADE * v for v in rgb)}, ("petal", "disc"), "head")
+        for c, rgb in COLOURS.items()
+    ]
+    if variant == "single-6c":
+        return head
+    if variant == "double-12c":
+        stem = [_ClassSpec(f"{c}-stem", "base", {"stem": rgb}, ("stem",), "stem") for c, rgb in COLOURS.items()]
+        return head + stem
+    if variant == "part-2c":
+        return [_ClassSpec("balls", "balls", {}, ("ball",), "balls"),
+                _ClassSpec("thorns", "thorns", {}, ("thorn",), "thorns")]
+    raise ValueError(f"variant: expected one of {', '.join(map(repr, VARIANTS))}, got {variant!r}")
+
+
+def variant_classes(variant: str) -> list[str]:
+    """The class names of ``variant`` in label order."""
+    _check_variant(variant)
+    return [s.name for s in _class_specs(variant)]
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------
+def _check_variant(variant: Any) -> str:
+    if not isinstance(variant, str) or variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {', '.join(map(repr, VARIANTS))}, got {describe(variant)}")
+    return variant
+
+
+def _check_size(size: Any) -> int:
+    if not isinstance(size, (int, np.integer)) or isinstance(size, (bool, np.bool_)):
+        raise ValueError(f"size: expected an int between {MIN_SIZE} and {MAX_SIZE}, got {describe(size)}")
+    if not MIN_SIZE <= int(size) <= MAX_SIZE:
+        raise ValueError(f"size: expected an int between {MIN_SIZE} and {MAX_SIZE}, got {int(size)}")
+    return int(size)
+
+
+def _check_seed(seed: Any) -> int:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)) or int(seed) < 0:
+        raise ValueError(f"seed: expected a non-negative int, got {describe(seed)}")
+    return int(seed)
+
+
+def _check_root(root: Any) -> Path:
+    if not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root: expected a folder path (str or os.PathLike), got {describe(root)}")
+    return Path(root)
+
+
+def render_size(size: int) -> int:
+    """Side of the square render from which ``size x size`` crops are cut: ``size + 2*round(size/10)``."""
+    size = _check_size(size)
+    return size + 2 * _margin(size)
+
+
+def _margin(size: int) -> int:
+    return int(round(size / 10))
+
+
+def cache_dir(root: str | os.PathLike, variant: str = "single-6c", size: int = 128, seed: int = 0) -> Path:
+    """The folder holding the files of one dataset: ``root/an8flower/<variant>-<size>-seed<seed>``."""
+    root = _check_root(root)
+    return root / "an8flower" / f"{_check_variant(variant)}-{_check_size(size)}-seed{_check_seed(seed)}"
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry: analytic primitives, ray cast orthographically along -z in camera space
+# --------------------------------------------------------------------------------------------
+def _unit(v: Sequence[float]) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v)
+
+
+class _Primitive:
+    part: int
+
+    def bound(self) -> tuple[np.ndarray, float]:  # centre, radius of a bounding sphere
+        raise NotImplementedError
+
+    def moved(self, rot: np.ndarray) -> "_Primitive":
+        raise NotImplementedError
+
+    def hit(self, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Front surface of the primitive under the rays (u, v): (hit, z, normal (3, ...))."""
+        raise NotImplementedError
+
+
+class _Ellipsoid(_Primitive):
+    """Points ``c + M q`` with ``|q| = 1`` (the columns of M are the semi-axes)."""
+
+    def __init__(self, part: int, centre: np.ndarray, axes: np.ndarray):
+        self.part, self.c, self.m = part, np.asarray(centre, float), np.asarray(axes, float)
+        self.minv = np.linalg.inv(self.m)
+
+    def bound(self):
+        return self.c, float(np.linalg.norm(self.m, 2))
+
+    def moved(self, rot):
+        return _Ellipsoid(self.part, rot @ self.c, rot @ self.m)
+
+    def hit(self, u, v):
+        mi = self.minv
+        du, dv = u - self.c[0], v - self.c[1]
+        a = [mi[k, 0] * du + mi[k, 1] * dv for k in range(3)]
+        b = mi[:, 2]
+        bb = float(b @ b)
+        ab = a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+        aa = a[0] * a[0] + a[1] * a[1] + a[2] * a[2]
+        disc = ab * ab - bb * (aa - 1.0)
+        hit = disc >= 0
+        s = (-ab + np.sqrt(np.maximum(disc, 0.0))) / bb
+        q = [a[k] + b[k] * s for k in range(3)]
+        n = [mi[0, k] * q[0] + mi[1, k] * q[1] + mi[2, k] * q[2] for k in range(3)]  # M^-T q
+        return hit, self.c[2] + s, np.stack(n)
+
+
+def _sphere(part: int, centre, radius: float) -> _Ellipsoid:
+    return _Ellipsoid(part, centre, radius * np.eye(3))
+
+
+class _Cylinder(_Primitive):
+    """The side of a cylinder of radius r around the segment a-b (caps: see the joint spheres)."""
+
+    def __init__(self, part: int, a, b, radius: float):
+        self.part, self.a, self.b, self.r = part, np.asarray(a, float), np.asarray(b, float), float(radius)
+
+    def bound(self):
+        return (self.a + self.b) / 2, float(np.linalg.norm(self.b - self.a) / 2 + self.r)
+
+    def moved(self, rot):
+        return _Cylinder(self.part, rot @ self.a, rot @ self.b, self.r)
+
+    def hit(self, u, v):
+        length = float(np.linalg.norm(self.b - self.a))
+        w = (self.b - self.a) / length
+        g0, g1, g2 = u - self.a[0], v - self.a[1], -self.a[2]
+        gw = g0 * w[0] + g1 * w[1] + g2 * w[2]
+        a2 = 1.0 - w[2] ** 2
+        if a2 < 1e-9:  # axis along the rays: the caps (spheres) cover it
+            return np.zeros(u.shape, bool), np.zeros(u.shape), np.zeros((3,) + u.shape)
+        a1 = g2 - gw * w[2]
+        a0 = g0 * g0 + g1 * g1 + g2 * g2 - gw * gw - self.r ** 2
+        disc = a1 * a1 - a2 * a0
+        s = (-a1 + np.sqrt(np.maximum(disc, 0.0))) / a2
+        h = gw + s * w[2]
+        hit = (disc >= 0) & (h >= 0) & (h <= length)
+        n = np.stack([g0 - h * w[0], g1 - h * w[1], g2 + s - h * w[2]])
+        return hit, s, n
+
+
+class _Cone(_Primitive):
+    """The side of a cone from a base disc (centre ``base``, radius r) to ``apex`` (no base cap)."""
+
+    def __init__(self, part: int, base, apex, radius: float):
+        self.part, self.base, self.apex, self.r = part, np.asarray(base, float), np.asarray(apex, float), float(radius)
+
+    def bound(self):
+        h = float(np.linalg.norm(self.apex - self.base))
+        return (self.base + self.apex) / 2, float(np.hypot(h / 2, self.r))
+
+    def moved(self, rot):
+        return _Cone(self.part, rot @ self.base, rot @ self.apex, self.r)
+
+    def hit(self, u, v):
+        h = float(np.linalg.norm(self.apex - self.base))
+        w = (self.apex - self.base) / h
+        k2 = (self.r / h) ** 2
+        g0, g1, g2 = u - self.base[0], v - self.base[1], -self.base[2]
+        gw = g0 * w[0] + g1 * w[1] + g2 * w[2]
+        a2 = 1.0 - w[2] ** 2 - k2 * w[2] ** 2
+        a1 = g2 - gw * w[2] + k2 * (h - gw) * w[2]
+        a0 = g0 * g0 + g1 * g1 + g2 * g2 - gw * gw - k2 * (h - gw) ** 2
+        best = np.full(u.shape, -np.inf)
+        if abs(a2) < 1e-9:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                roots = [np.where(a1 != 0, -a0 / (2 * a1), np.nan)]
+        else:
+            disc = a1 * a1 - a2 * a0
+            sq = np.sqrt(np.where(disc >= 0, disc, np.nan))
+            roots = [(-a1 + sq) / a2, (-a1 - sq) / a2]
+        for s in roots:
+            hq = gw + s * w[2]
+            ok = np.isfinite(s) & (hq >= 0) & (hq <= h)
+            best = np.where(ok & (s > best), s, best)
+        hit = np.isfinite(best)
+        s = np.where(hit, best, 0.0)
+        hq = gw + s * w[2]
+        n = np.stack([g0 - hq * w[0] + k2 * (h - hq) * w[0],
+                      g1 - hq * w[1] + k2 * (h - hq) * w[1],
+                      g2 + s - hq * w[2] + k2 * (h - hq) * w[2]])
+        n = np.where(n[2] < 0, -n, n)  # seen from inside (no base cap): face the viewer
+        return hit, s, n
+
+
+def _bezier(p0, p1, p2, t):
+    t = np.asarray(t, float)[..., None]
+    return (1 - t) ** 2 * p0 + 2 * t * (1 - t) * p1 + t ** 2 * p2
+
+
+def _frame(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two unit vectors completing ``f`` to an orthonormal frame."""
+    helper = np.array([0.0, 0.0, 1.0]) if abs(f[2]) < 0.9 else np.array([1.0, 0.0, 0.0])
+    e1 = _unit(np.cross(helper, f))
+    return e1, np.cross(f, e1)
+
+
+@dataclass(frozen=True)
+class _Scene:
+    primitives: tuple[_Primitive, ...]
+    light: np.ndarray  # unit vector towards the light, camera coordinates
+
+
+def _flower(seed: int, geometry: str) -> _Scene:
+    """The flower in world coordinates (y up; the frame spans [-1, 1] on both image axes)."""
+    rng = np.random.default_rng([int(seed), 8])
+    P = _P
+    prims: list[_Primitive] = []
+
+    # Stem: a gentle quadratic curve from below the frame up to the head, as a chain of capsules.
+    s0, s1, s2 = np.array([0.02, -1.35, 0.0]), np.array([-0.14, -0.40, 0.06]), np.array([0.05, 0.22, 0.0])
+    stem_r = 0.038
+    ts = np.linspace(0, 1, 9)
+    pts = _bezier(s0, s1, s2, ts)
+    for a, b in zip(pts[:-1], pts[1:]):
+        prims.append(_Cylinder(P["stem"], a, b, stem_r))
+    for p in pts[1:]:
+        prims.append(_sphere(P["stem"], p, stem_r))
+
+    # Head: facing f, tilted 40 degrees from the vertical towards +x (and a little towards +z).
+    tilt = np.deg2rad(40.0)
+    f = _unit([np.sin(tilt), np.cos(tilt), 0.15])
+    e1, e2 = _frame(f)
+    hc = s2 + 0.06 * f  # centre of the disc
+    prims.append(_Ellipsoid(P["stem"], s2 + 0.005 * f, np.column_stack([0.085 * e1, 0.085 * e2, 0.065 * f])))  # calyx
+    prims.append(_Ellipsoid(P["disc"], hc + 0.012 * f, np.column_stack([0.125 * e1, 0.125 * e2, 0.055 * f])))
+    lengths = np.array([0.44, 0.36, 0.41, 0.31, 0.43, 0.34, 0.39, 0.29]) * (1 + 0.06 * rng.uniform(-1, 1, 8))
+    widths = np.array([0.10, 0.09, 0.095, 0.085, 0.10, 0.09, 0.095, 0.085])
+    cup = np.deg2rad(18.0)
+    phase = rng.uniform(-0.08, 0.08)
+    tips = []
+    for i, (ln, wd) in enumerate(zip(lengths, widths)):
+        phi = 2 * np.pi * i / len(lengths) + phase
+        d = np.cos(phi) * e1 + np.sin(phi) * e2
+        dp = np.cos(cup) * d + np.sin(cup) * f  # petals rise a little: a shallow cup
+        side = _unit(np.cross(f, d))
+        normal = _unit(np.cross(dp, side))
+        start = 0.06
+        centre = hc + dp * (start + ln / 2) - 0.01 * f
+        prims.append(_Ellipsoid(P["petal"], centre, np.column_stack([dp * ln / 2, side * wd, normal * 0.016])))
+        tips.append(hc + dp * (start + ln * 0.9) - 0.01 * f + normal * 0.012)
+
+    # Leaves: two of different sizes on different sides of the stem, rising at different angles.
+    for t, az, el, ln, wd in ((0.40, 200.0, 32.0, 0.55, 0.15), (0.24, 35.0, 22.0, 0.40, 0.12)):
+        base = _bezier(s0, s1, s2, t)
+        az = np.deg2rad(az + rng.uniform(-5, 5))
+        el = np.deg2rad(el + rng.uniform(-4, 4))
+        d = _unit([np.cos(az) * np.cos(el), np.sin(el), np.sin(az) * np.cos(el)])
+        side = _unit(np.cross([0.0, 1.0, 0.0], d))
+        normal = _unit(np.cross(d, side))
+        # a leaf: a long flat ellipsoid, bent by a second, drooping one at its outer half
+        prims.append(_Ellipsoid(P["leaf"], base + d * ln * 0.36, np.column_stack([d * ln * 0.38, side * wd, normal * 0.014])))
+        d2 = _unit(d - 0.35 * normal)
+        prims.append(_Ellipsoid(P["leaf"], base + d * ln * 0.62 + d2 * ln * 0.16,
+                                np.column_stack([d2 * ln * 0.24, side * wd * 0.72, _unit(np.cross(d2, side)) * 0.012])))
+
+    if geometry == "balls":
+        for i in (0, 2, 4, 6):
+            prims.append(_sphere(P["ball"], tips[i], 0.05))
+        prims.append(_sphere(P["ball"], hc + 0.07 * f + 0.03 * e1, 0.045))
+    elif geometry == "thorns":
+        for t, az, el in ((0.56, 10.0, 15.0), (0.64, 150.0, 25.0), (0.72, 275.0, 15.0),
+                          (0.80, 55.0, 25.0), (0.88, 205.0, 20.0)):
+            base = _bezier(s0, s1, s2, t)
+            az, el = np.deg2rad(az), np.deg2rad(el)
+            d = np.array([np.cos(az) * np.cos(el), np.sin(el), np.sin(az) * np.cos(el)])
+            prims.append(_Cone(P["thorn"], base, base + 0.12 * d, 0.032))
+    elif geometry != "base":
+        raise ValueError(f"unknown geometry {geometry!r}")
+
+    light = _unit([-0.45 + rng.uniform(-0.05, 0.05), 0.65 + rng.uniform(-0.05, 0.05), 0.62])
+    return _Scene(tuple(prims), light)
+
+
+def _camera(view: int) -> np.ndarray:
+    """World -> camera rotation of viewpoint ``view``: turn the flower, then look 15 degrees down."""
+    phi = 2 * np.pi * view / N_VIEWS
+    c, s = np.cos(phi), np.sin(phi)
+    ry = np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+    e = np.deg2rad(_ELEVATION_DEG)
+    ce, se = np.cos(e), np.sin(e)
+    rx = np.array([[1, 0, 0], [0, ce, -se], [0, se, ce]])
+    return rx @ ry
+
+
+def _render_view(scene: _Scene, view: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ray-cast one viewpoint on an ``n x n`` grid of rays covering [-1, 1]^2.
+
+    Returns the part map (n, n) int8 (0 = background), the shading (n, n) float32 (ambient +
+    Lambert, 0 on the background) and the depth (n, n) float64 (-inf on the background).
+    """
+    rot = _camera(view)
+    depth = np.full((n, n), -np.inf)
+    part = np.zeros((n, n), np.int8)
+    shade = np.zeros((n, n), np.float32)
+    step = 2.0 / n
+    coords = -1 + (np.arange(n) + 0.5) * step  # ray centres, left to right
+    for prim in scene.primitives:
+        p = prim.moved(rot)
+        c, r = p.bound()
+        j0, j1 = max(0, int(np.floor((c[0] - r + 1) / step))), min(n, int(np.ceil((c[0] + r + 1) / step)) + 1)
+        i0, i1 = max(0, int(np.floor((1 - c[1] - r) / step))), min(n, int(np.ceil((1 - c[1] + r) / step)) + 1)
+        if j0 >= j1 or i0 >= i1:
+            continue
+        u = coords[None, j0:j1]
+        v = -coords[i0:i1, None]
+        u, v = np.broadcast_arrays(u, v)
+        hit, z, nrm = p.hit(u, v)
+        d = depth[i0:i1, j0:j1]
+        upd = hit & (z > d)
+        if not upd.any():
+            continue
+        nrm = nrm[:, upd]
+        nrm = nrm / np.maximum(np.linalg.norm(nrm, axis=0), 1e-12)
+        lam = scene.light @ nrm
+        lam = np.abs(lam) if _PARTS[p.part] in _THIN else np.maximum(lam, 0.0)
+        d[upd] = z[upd]
+        part[i0:i1, j0:j1][upd] = p.part
+        shade[i0:i1, j0:j1][upd] = (_AMBIENT + _DIFFUSE * lam + _FILL * np.maximum(nrm[2], 0.0)).astype(np.float32)
+    return part, shade, depth
+
+
+# --------------------------------------------------------------------------------------------
+# Crops + rotations as precomputed bilinear gathers
+# --------------------------------------------------------------------------------------------
+def _crop_offsets(size: int) -> dict[str, tuple[int, int]]:
+    m2 = 2 * _margin(size)
+    return {"top-left": (0, 0), "top-right": (0, m2), "bottom-left": (m2, 0),
+            "bottom-right": (m2, m2), "center": (m2 // 2, m2 // 2)}  # (row, col) of the crop's corner
+
+
+def _rotation_gather(size: int, rsize: int, offset: tuple[int, int], angle: float) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear gather of a ``size`` crop at ``offset`` of an ``rsize`` image, rotated by ``angle``.
+
+    The content turns counter-clockwise by ``angle`` degrees about the crop's centre. Returns
+    ``idx`` (4, size*size) int64 into the flattened image with one extra element appended (the
+    fill, used for points outside the crop) and ``w`` (4, size*size) float32 weights.
+    """
+    c = (size - 1) / 2.0
+    ii, jj = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64), indexing="ij")
+    dx, dy = jj - c, ii - c
+    th = np.deg2rad(angle)
+    sx = np.cos(th) * dx - np.sin(th) * dy + c
+    sy = np.sin(th) * dx + np.cos(th) * dy + c
+    x0, y0 = np.floor(sx), np.floor(sy)
+    fx, fy = sx - x0, sy - y0
+    idx, w = [], []
+    for oy, ox, wt in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
+        x, y = x0 + ox, y0 + oy
+        inside = (x >= 0) & (x < size) & (y >= 0) & (y < size)
+        flat = (y + offset[0]) * rsize + (x + offset[1])
+        idx.append(np.where(inside, flat, rsize * rsize).astype(np.int64).ravel())
+        w.append(wt.astype(np.float32).ravel())
+    return np.stack(idx), np.stack(w)
+
+
+@functools.lru_cache(maxsize=2)
+def _transform_matrix(size: int) -> sparse.csr_matrix:
+    """The 25 (crop, angle) bilinear gathers as one sparse matrix (25*S*S, R*R + 1), float32.
+
+    Row ``k*S*S + p`` holds the non-zero weights of output pixel ``p`` of item ``k`` (items over
+    CROPS, then ANGLES); the last column is the fill (points outside the crop).
+    """
+    rsize = render_size(size)
+    offs = _crop_offsets(size)
+    idx, w = zip(*(_rotation_gather(size, rsize, offs[c], a) for c in CROPS for a in ANGLES))
+    idx, w = np.stack(idx), np.stack(w)  # (25, 4, S*S)
+    rows = np.broadcast_to(np.arange(len(idx))[:, None, None] * size * size + np.arange(size * size), idx.shape)
+    keep = w > 0  # a zero weight is no contribution: it must not switch a mask pixel on
+    mat = sparse.coo_matrix((w[keep], (rows[keep], idx[keep])), shape=(len(idx) * size * size, rsize * rsize + 1))
+    mat = mat.tocsr()
+    mat.sum_duplicates()
+    mat.sort_indices()
+    return mat
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _pixel_keys(rsize: int, ss: int) -> np.ndarray:
+    """For every ray of the supersampled grid (row-major), ``len(_PARTS) *`` its render pixel."""
+    pix = np.arange(rsize)[:, None, None, None] * rsize + np.arange(rsize)[None, None, :, None]
+    keys = np.broadcast_to(pix * len(_PARTS), (rsize, ss, rsize, ss)).ravel().astype(np.int64)
+    keys.flags.writeable = False
+    return keys
+
+
+def _view_maps(scene: _Scene, view: int, size: int, fixed: list[int], varying: list[int],
+               mask_parts: list[int], transform: sparse.csr_matrix) -> tuple[np.ndarray, dict, dict]:
+    """One view after the 25 crops/rotations, split into what the classes share and what not.
+
+    Returns
+    * ``base`` (3, 25*S*S) float32: the colour, in 0..255 plus 0.5 (for rounding by truncation),
+      of the background and the parts in ``fixed`` (whose colour no class changes), composed at
+      render resolution and then transformed;
+    * ``{part: (25*S*S,) float32}`` for the parts in ``varying``: the mean over a pixel's rays of
+      shade * [ray hits the part], transformed;
+    * ``{part: (25*S*S,) bool}`` for ``mask_parts``: some render pixel with a ray on the part
+      enters the output pixel with a non-zero weight (the weights are positive, so the
+      transformed 0/1 map is > 0 exactly there).
+
+    Every channel goes through the same sparse matrix-vector product on its own, so equal
+    inputs give equal outputs bit for bit, whatever the channel.
+    """
+    rsize = render_size(size)
+    ss = SUPERSAMPLE
+    npx = rsize * rsize
+    part, shade, _ = _render_view(scene, view, rsize * ss)
+    # ray -> render pixel, then one weighted bincount gives every (pixel, part) sum at once;
+    # each sum runs over the pixel's own rays in a fixed order
+    flat_part = part.ravel().astype(np.int64)
+    key = _pixel_keys(rsize, ss) + flat_part
+    weight = np.where(flat_part == 0, np.float32(1), shade.ravel())
+    sums = np.bincount(key, weights=weight, minlength=npx * len(_PARTS)).reshape(npx, len(_PARTS))
+    cover = (sums / (ss * ss)).astype(np.float32)
+    base = np.zeros((3, npx + 1), np.float32)
+    for p in [0, *fixed]:
+        rgb = np.asarray(_BACKGROUND if p == 0 else _DEFAULT_ALBEDO[_PARTS[p]], np.float32) * np.float32(255)
+        for ch in range(3):
+            base[ch, :npx] += cover[:, p] * rgb[ch]
+    base[:, npx] = np.asarray(_BACKGROUND, np.float32) * np.float32(255)  # fill: background outside the crop
+    base_out = np.stack([transform @ base[ch] for ch in range(3)]) + np.float32(0.5)
+    col = np.zeros(npx + 1, np.float32)
+    shading = {}
+    for p in varying:
+        col[:npx] = cover[:, p]
+        shading[p] = transform @ col
+    masks = {}
+    for p in mask_parts:
+        col[:npx] = sums[:, p] > 0  # a hit's shade is >= _AMBIENT > 0
+        masks[p] = (transform @ col) > 0
+    return base_out.astype(np.float32), shading, masks
+
+
+def _compose(spec: _ClassSpec, base: np.ndarray, shading: dict, varying: list[int], size: int) -> np.ndarray:
+    """uint8 images (25, S, S, 3) of one class: the base plus the parts whose colour changes.
+
+    Every class adds the same parts in the same order, so a pixel that none of these parts
+    reaches (all their shading values 0) gets exactly the base value in every class.
+    """
+    img = base.copy()
+    tmp = np.empty_like(img[0])
+    for p in varying:
+        name = _PARTS[p]
+        rgb = np.asarray(spec.albedo.get(name, _DEFAULT_ALBEDO[name]), np.float32) * np.float32(255)
+        for ch in range(3):
+            np.multiply(shading[p], rgb[ch], out=tmp)
+            img[ch] += tmp
+    out = img.astype(np.uint8)  # truncation of x + 0.5: rounding (ambient + diffuse <= 1: x < 256)
+    return np.ascontiguousarray(out.reshape(3, -1, size, size).transpose(1, 2, 3, 0))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    """A PNG file of an (H, W, 3) uint8 image (8-bit RGB) or an (H, W) bool mask (1-bit grey).
+
+    A small direct encoder (every row with the PNG "Up" filter, zlib run-length strategy): several times
+    faster than going through PIL for thousands of small images; PIL reads the files.
+    """
+    if array.dtype == np.bool_ and array.ndim == 2:
+        h, w = array.shape
+        rows = np.packbits(array, axis=1)
+        header = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
+    elif array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3:
+        h, w = array.shape[:2]
+        rows = array.reshape(h, w * 3)
+        header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    else:
+        raise ValueError(f"array: expected (H, W, 3) uint8 or (H, W) bool, got {describe(array)}")
+    up = rows.copy()
+    up[1:] -= rows[:-1]  # uint8 arithmetic wraps modulo 256, as the filter wants
+    raw = np.concatenate([np.full((h, 1), 2, np.uint8), up], axis=1)
+    z = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", z.compress(raw.tobytes()) + z.flush()) + _png_chunk(b"IEND", b""))
+
+
+def _png_decode(data: bytes) -> np.ndarray | None:
+    """Decode a PNG written by :func:`_png_bytes` (fast path); ``None`` for any other layout."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    pos, idat, header = 8, [], None
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if header is None or header[4:] != (0, 0, 0) or header[2:4] not in ((8, 2), (1, 0)):
+        return None
+    w, h, depth = header[0], header[1], header[2]
+    stride = w * 3 if depth == 8 else (w + 7) // 8
+    raw = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8)
+    if raw.size != h * (stride + 1):
+        return None
+    raw = raw.reshape(h, stride + 1)
+    if (raw[:, 0] != 2).any():
+        return None
+    rows = np.cumsum(raw[:, 1:], axis=0, dtype=np.uint8)  # undo "Up" (modulo 256)
+    if depth == 8:
+        return rows.reshape(h, w, 3)
+    return np.unpackbits(rows, axis=1)[:, :w].astype(bool)
+
+
+def _write_many(folder: Path, rels: list[str], arrays: np.ndarray) -> list[int]:
+    """Write ``arrays[k]`` as PNG to ``folder / rels[k]``; return the CRC-32 of every file's bytes."""
+    crcs = []
+    for rel, array in zip(rels, arrays):
+        data = _png_bytes(array)
+        with open(folder / rel, "wb") as f:
+            f.write(data)
+        crcs.append(zlib.crc32(data))
+    return crcs
+
+
+def _geometries(specs: list[_ClassSpec]) -> list[str]:
+    out: list[str] = []
+    for s in specs:
+        if s.geometry not in out:
+            out.append(s.geometry)
+    return out
+
+
+def _iter_views(variant: str, size: int, seed: int, views: Sequence[int] | None = None):
+    """Render ``variant`` view by view, geometry by geometry (each geometry's scene built once).
+
+    Yields ``(view, images, masks)``: ``images`` maps each label drawn on the current geometry to
+    uint8 (25, S, S, 3); ``masks`` maps each of those labels' regions (``"head"``, ``"stem"``,
+    ``"balls"``, ``"thorns"``) to bool (25, S, S) -- one array shared by every class of that
+    region. The 25 items run over :data:`CROPS` (outer) and :data:`ANGLES` (inner).
+    """
+    specs = _class_specs(variant)
+    transform = _transform_matrix(size)
+    views = range(N_VIEWS) if views is None else views
+    for geom in _geometries(specs):
+        scene = _flower(seed, geom)
+        members = [(label, s) for label, s in enumerate(specs) if s.geometry == geom]
+        parts = sorted({0, *(_P[n] for n in ("stem", "leaf", "petal", "disc"))}
+                       | ({_P["ball"]} if geom == "balls" else set())
+                       | ({_P["thorn"]} if geom == "thorns" else set()))
+        mask_parts = sorted({_P[n] for _, s in members for n in s.mask_parts})
+        varying = sorted({_P[n] for _, s in members for n in s.albedo})
+        fixed = [p for p in parts if p not in varying and p != 0]
+        regions = {s.region: s.mask_parts for _, s in members}
+        for view in views:
+            base, shading, pmasks = _view_maps(scene, int(view), size, fixed, varying, mask_parts, transform)
+            masks = {}
+            for region, region_parts in regions.items():
+                mask = np.zeros(len(CROPS) * len(ANGLES) * size * size, bool)
+                for n in region_parts:
+                    mask |= pmasks[_P[n]]
+                masks[region] = mask.reshape(-1, size, size)
+            images = {label: _compose(spec, base, shading, varying, size) for label, spec in members}
+            yield int(view), images, masks
+
+
+def render_view(variant: str = "single-6c", view: int = 0, size: int = 128, seed: int = 0
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The 25 items of one viewpoint of every class, in memory (nothing is written).
+
+    Returns ``images`` uint8 (C, 25, size, size, 3) and ``masks`` bool (C, 25, size, size),
+    C classes in label order, the 25 items over :data:`CROPS` (outer) and :data:`ANGLES`
+    (inner) -- exactly the pixels :class:`An8Flower` stores for those items.
+    """
+    variant, size, seed = _check_variant(variant), _check_size(size), _check_seed(seed)
+    if not isinstance(view, (int, np.integer)) or isinstance(view, bool) or not 0 <= view < N_VIEWS:
+        raise ValueError(f"view: expected an int in 0..{N_VIEWS - 1}, got {describe(view)}")
+    specs = _class_specs(variant)
+    images = np.empty((len(specs), len(CROPS) * len(ANGLES), size, size, 3), np.uint8)
+    masks = np.empty(images.shape[:4], bool)
+    for _, imgs, regs in _iter_views(variant, size, seed, views=[view]):
+        for label, arr in imgs.items():
+            images[label] = arr
+            masks[label] = regs[specs[label].region]
+    return images, masks
+
+
+def _generate_into(folder: Path, variant: str, size: int, seed: int, progress: bool) -> None:
+    """Render every item of ``variant`` into ``folder`` (images, masks, index.csv, manifest.json).
+
+    Masks are shared: all classes drawn on the same geometry with the same class part (e.g.
+    the six head colours) point to one mask file ``masks/<region>/<item>.png``.
+    """
+    specs = _class_specs(variant)
+    rows: list[dict] = []
+    for spec in specs:
+        (folder / "images" / spec.name).mkdir(parents=True)
+        (folder / "masks" / spec.region).mkdir(parents=True, exist_ok=True)
+    items = [(c, a) for c in CROPS for a in ANGLES]
+    crcs: dict[str, int] = {}
+    pending: list = []
+
+    def submit(rels: list[str], arrays: np.ndarray) -> None:  # one task per 25 files
+        pending.append((rels, pool.submit(_write_many, folder, rels, arrays)))
+
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        with tqdm(total=len(_geometries(specs)) * N_VIEWS, desc=f"an8Flower {variant} {size}px", unit="view",
+                  disable=None if progress else True) as bar:
+            for view, images, masks in _iter_views(variant, size, seed):
+                for region, mask in masks.items():
+                    for k, (crop, angle) in enumerate(items):
+                        if not mask[k].any():
+                            raise RuntimeError(f"an8Flower: empty {region} mask at view {view}, crop {crop}, "
+                                               f"angle {angle} (a bug of the flower's geometry)")
+                    submit([f"masks/{region}/{_item_name(view, c, a)}" for c, a in items], mask)
+                for label, imgs in images.items():
+                    spec = specs[label]
+                    submit([f"images/{spec.name}/{_item_name(view, c, a)}" for c, a in items], imgs)
+                    for crop, angle in items:
+                        name = _item_name(view, crop, angle)
+                        rows.append({"label": label, "class": spec.name, "view": view, "crop": crop,
+                                     "angle": angle, "fold": view % N_FOLDS, "path": f"images/{spec.name}/{name}",
+                                     "mask_path": f"masks/{spec.region}/{name}"})
+                if len(pending) > 64:  # collect finished writes: errors surface early, memory stays flat
+                    _collect(pending, crcs)
+                bar.update(1)
+            _collect(pending, crcs)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    index = pd.DataFrame(rows)
+    index["crc32"] = index["path"].map(crcs).astype(np.int64)
+    index["mask_crc32"] = index["mask_path"].map(crcs).astype(np.int64)
+    index = index.sort_values(["label", "view", "crop", "angle"], key=_sort_key).reset_index(drop=True)
+    index.to_csv(folder / _INDEX, index=False)
+    manifest = _manifest(variant, size, seed)
+    manifest["n_items"] = len(index)
+    manifest["index_crc32"] = zlib.crc32((folder / _INDEX).read_bytes())
+    atomic_write_json(manifest, folder / _MANIFEST)
+
+
+def _item_name(view: int, crop: str, angle: int) -> str:
+    return f"v{view:02d}-{crop}-a{angle:02d}.png"
+
+
+def _sort_key(col: pd.Series) -> pd.Series:
+    if col.name == "crop":
+        return col.map({c: i for i, c in enumerate(CROPS)})
+    return col
+
+
+def _collect(pending: list, crcs: dict) -> None:
+    for rels, fut in pending:
+        crcs.update(zip(rels, fut.result()))
+    pending.clear()
+
+
+def _manifest(variant: str, size: int, seed: int) -> dict:
+    return {"dataset": "an8flower", "version": RENDER_VERSION, "variant": variant, "size": size, "seed": seed,
+            "render_size": render_size(size), "supersample": SUPERSAMPLE, "n_views": N_VIEWS,
+            "crops": list(CROPS), "angles": list(ANGLES), "classes": variant_classes(variant)}
+
+
+def _trusted(folder: Path, variant: str, size: int, seed: int) -> str | None:
+    """None when ``folder`` holds a complete cache for these arguments, else why not."""
+    man = folder / _MANIFEST
+    if not man.is_file():
+        return "it has no manifest.json (an unfinished or foreign folder)"
+    try:
+        manifest = read_json(man)
+    except ValueError as err:
+        return str(err)
+    expected = _manifest(variant, size, seed)
+    for key, value in expected.items():
+        if manifest.get(key) != value:
+            return f"its manifest says {key}={manifest.get(key)!r}, expected {value!r}"
+    index = folder / _INDEX
+    if not index.is_file() or zlib.crc32(index.read_bytes()) != manifest.get("index_crc32"):
+        return f"{index} is missing or damaged"
+    return None
+
+
+def generate(root: str | os.PathLike, variant: str = "single-6c", size: int = 128, seed: int = 0, *,
+             progress: bool = True, overwrite: bool = False) -> Path:
+    """Render one variant into ``cache_dir(root, variant, size, seed)`` and return that folder.
+
+    Does nothing when a complete cache for these arguments is there already (unless
+    ``overwrite``). The files are written into a temporary folder beside the target and renamed
+    into place at the end; on an error the temporary folder is removed.
+    """
+    variant, size, seed = _check_variant(variant), _check_size(size), _check_seed(seed)
+    if not isinstance(overwrite, (bool, np.bool_)):
+        raise TypeError(f"overwrite: expected a bool, got {describe(overwrite)}")
+    return _generate_cache(root, variant, size, seed, progress, overwrite)
+
+
+def _generate_cache(root, variant: str, size: int, seed: int, progress: bool, overwrite: bool) -> Path:
+    target = cache_dir(root, variant, size, seed)
+    if not overwrite and _trusted(target, variant, size, seed) is None:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        _generate_into(tmp, variant, size, seed, progress)
+        if target.exists():  # stale or unfinished: move it aside, then replace it
+            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".stale", dir=target.parent))
+            try:
+                os.replace(target, stale / "old")
+            except FileNotFoundError:
+                pass
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # another process finished the same cache first: keep theirs if it is complete
+            if _trusted(target, variant, size, seed) is not None:
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------
+class An8Flower(Dataset):
+    """The an8Flower dataset (rendered here on first use and cached on disk).
+
+    Args:
+        root: folder holding ``an8flower/`` (e.g. the repository's ``data/``).
+        variant: one of :data:`VARIANTS`.
+        size: side of the square images (int, 32 to 1024).
+        generate: render the dataset when no complete cache is there; with ``False`` a missing
+            cache is an error.
+        seed: the renderer's seed (jitters petal lengths, leaf angles and the light slightly).
+        transform: applied to the image tensor only (photometric transforms / normalisation;
+            a geometric transform would no longer match the mask).
+        progress: show a progress bar while rendering.
+
+    Items are ``(image, label, mask)``: image float32 (3, size, size) in [0, 1], label int,
+    mask bool (size, size), True on the part that defines the item's class.
+
+    Attributes: ``classes`` (names in label order), ``class_to_idx``, ``regions`` (the part each
+    class's mask covers), ``index`` (DataFrame, one row per item: label, class, view, crop,
+    angle, fold, path, mask_path, crc32, mask_crc32), ``targets`` (int64 array), ``folder``.
+    """
+
+    def __init__(self, root: str | os.PathLike, variant: str = "single-6c", size: int = 128,
+                 generate: bool = True, seed: int = 0, transform: Callable | None = None, *,
+                 progress: bool = True):
+        root = _check_root(root)
+        self.variant, self.size, self.seed = _check_variant(variant), _check_size(size), _check_seed(seed)
+        if not isinstance(generate, (bool, np.bool_)):
+            raise TypeError(f"generate: expected a bool, got {describe(generate)}")
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform: expected a callable or None, got {describe(transform)}")
+        self.root, self.transform = root, transform
+        folder = cache_dir(root, variant, size, seed)
+        why = _trusted(folder, self.variant, self.size, self.seed)
+        if why is not None:
+            if not generate:
+                raise FileNotFoundError(
+                    f"an8Flower {variant} (size {size}, seed {seed}) is not in {folder}: {why}. "
+                    "Pass generate=True to render it (seconds at size 128).")
+            _generate_cache(root, self.variant, self.size, self.seed, bool(progress), False)
+        self.folder = folder
+        specs = _class_specs(self.variant)
+        self.classes: list[str] = [s.name for s in specs]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.regions: list[str] = [s.region for s in specs]
+        index = pd.read_csv(folder / _INDEX)
+        expected_cols = {"label", "class", "view", "crop", "angle", "fold", "path", "mask_path", "crc32", "mask_crc32"}
+        if not expected_cols <= set(index.columns) or len(index) != N_VIEWS * len(CROPS) * len(ANGLES) * len(specs):
+            raise RuntimeError(f"{folder / _INDEX}: unexpected content; delete {folder} and construct again")
+        self.index: pd.DataFrame = index
+        self.targets: np.ndarray = index["label"].to_numpy(dtype=np.int64)
+        # plain lists for fast item access (DataFrame row access costs ~0.1 ms)
+        self._files = list(zip(index["path"], index["crc32"].astype(np.int64).tolist(),
+                               index["mask_path"], index["mask_crc32"].astype(np.int64).tolist()))
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Alias of ``targets``."""
+        return self.targets
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _read(self, rel: str, crc: int) -> np.ndarray:
+        path = self.folder / rel
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise RuntimeError(f"an8Flower: cannot read {path} ({err}); delete {self.folder} to regenerate") from err
+        if zlib.crc32(data) != int(crc):
+            raise RuntimeError(f"an8Flower: corrupt file {path} (checksum mismatch); "
+                               f"delete {self.folder} and construct the dataset again to regenerate it")
+        try:
+            fast = _png_decode(data)
+            if fast is not None:
+                return fast
+            with Image.open(io.BytesIO(data)) as im:
+                return np.asarray(im)
+        except (OSError, SyntaxError, ValueError, zlib.error, struct.error) as err:
+            raise RuntimeError(f"an8Flower: cannot decode {path} ({err}); "
+                               f"delete {self.folder} and construct the dataset again to regenerate it") from err
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        if not isinstance(i, (int, np.integer)) or isinstance(i, (bool, np.bool_)):
+            raise TypeError(f"index: expected an int, got {describe(i)}")
+        n = len(self)
+        if not -n <= int(i) < n:
+            raise IndexError(f"index: {i} out of range for {n} items")
+        i = int(i) % n
+        path, crc, mask_path, mask_crc = self._files[i]
+        img = self._read(path, crc)
+        mask = self._read(mask_path, mask_crc)
+        if img.shape != (self.size, self.size, 3) or img.dtype != np.uint8:
+            raise RuntimeError(f"an8Flower: {self.folder / path} holds {describe(img)}, "
+                               f"expected ({self.size}, {self.size}, 3) uint8")
+        if mask.shape != (self.size, self.size):
+            raise RuntimeError(f"an8Flower: {self.folder / mask_path} holds {describe(mask)}, "
+                               f"expected ({self.size}, {self.size})")
+        image = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[i]), torch.from_numpy(mask.astype(bool))
+
+    def fold_indices(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(train_idx, test_idx)`` of fold ``fold`` in 0..4: test = the items of views ``v % 5 == fold``."""
+        if not isinstance(fold, (int, np.integer)) or isinstance(fold, bool) or not 0 <= int(fold) < N_FOLDS:
+            raise ValueError(f"fold: expected an int in 0..{N_FOLDS - 1}, got {describe(fold)}")
+        test = self.index["fold"].to_numpy() == int(fold)
+        return np.flatnonzero(~test), np.flatnonzero(test)
+
+    def __repr__(self) -> str:
+        return (f"An8Flower(variant={self.variant!r}, size={self.size}, seed={self.seed}, "
+                f"items={len(self)}, classes={len(self.classes)}, folder='{self.folder}')")
+
+
+def gallery(dataset: An8Flower, per_class: int = 1, *, crop: str = "center", angle: int = 5
+            ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """A few items of every class for a figure: ``(images (K,3,S,S), masks (K,S,S), labels (K,))``.
+
+    Takes ``per_class`` viewpoints spread evenly over the circle from :data:`GALLERY_VIEW` (the
+    flower head facing the camera), at the given crop and angle, the same viewpoints for every
+    class (K = per_class * number of classes, ordered by class, then viewpoint).
+    """
+    if not isinstance(dataset, An8Flower):
+        raise TypeError(f"dataset: expected an An8Flower, got {describe(dataset)}")
+    if not isinstance(per_class, (int, np.integer)) or isinstance(per_class, bool) or not 1 <= per_class <= N_VIEWS:
+        raise ValueError(f"per_class: expected an int in 1..{N_VIEWS}, got {describe(per_class)}")
+    if crop not in CROPS:
+        raise ValueError(f"crop: expected one of {CROPS}, got {describe(crop)}")
+    if angle not in ANGLES:
+        raise ValueError(f"angle: expected one of {ANGLES}, got {describe(angle)}")
+    views = [(GALLERY_VIEW + k * N_VIEWS // per_class) % N_VIEWS for k in range(per_class)]
+    idx = dataset.index
+    picks = []
+    for label in range(len(dataset.classes)):
+        for view in views:
+            sel = idx.index[(idx["label"] == label) & (idx["view"] == view) & (idx["crop"] == crop) & (idx["angle"] == angle)]
+            picks.append(int(sel[0]))
+    items = [dataset[i] for i in picks]
+    return (torch.stack([it[0] for it in items]), torch.stack([it[2] for it in items]),
+            np.array([it[1] for it in items], dtype=np.int64))

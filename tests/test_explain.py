@@ -1,0 +1,244 @@
+"""vxnb.explain: top-k by response, heatmaps, the combined map, batches, bad input."""
+from collections import OrderedDict
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vxnb import explain as E
+from vxnb.deconv import grid_score, heatmap, visualize
+from vxnb.features import default_layers, feature_columns
+from vxnb.lasso import lasso_path
+from vxnb.relevance import relevant_features
+
+torch.set_num_threads(1)
+N_CLASSES = 3
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    m = nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(3, 6, 3, stride=2, padding=1)), ("relu1", nn.ReLU()),
+        ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(6, 8, 3, padding=1)), ("relu2", nn.ReLU()),
+        ("flat", nn.Flatten()),
+        ("fc3", nn.Linear(8 * 4 * 4, 10)), ("relu3", nn.ReLU()),
+        ("fc4", nn.Linear(10, N_CLASSES)),
+    ]))
+    with torch.no_grad():  # positive biases: most units respond, so rankings are non-trivial
+        for mod in m.modules():
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                mod.bias.uniform_(0.05, 0.2)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _net()
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(5, 3, 16, 16, generator=g)
+
+
+@pytest.fixture(scope="module")
+def columns(model):
+    return feature_columns(model, default_layers(model), [6, 8, 10])
+
+
+@pytest.fixture(scope="module")
+def rel(columns):
+    """Class 0: features in all three layers; class 1: two conv features; class 2: none."""
+    W = np.zeros((len(columns), N_CLASSES))
+    W[[0, 2, 4, 7, 9, 12, 15, 16, 20, 23], 0] = [0.3, 0.9, 0.2, 0.5, 1.1, 0.4, 0.7, 0.6, 0.8, 0.25]
+    W[[1, 10], 1] = [1.0, 2.0]
+    W[3, 1] = -0.5  # a negative weight never gives a positive response (x >= 0)
+    return E.Relevance(W, columns, ["a", "b", "c"], mu=3.0)
+
+
+def _x_by_hand(model, image, layers):
+    """Independent descriptor: L2 norm per channel (|a| for FC), L1-normalised per layer."""
+    outs = {}
+    hooks = [dict(model.named_modules())[n].register_forward_hook(
+        lambda mod, i, o, n=n: outs.__setitem__(n, o.detach())) for n in layers]
+    with torch.no_grad():
+        model(image[None])
+    for h in hooks:
+        h.remove()
+    parts = []
+    for n in layers:
+        a = outs[n][0].double()
+        v = a.flatten(1).norm(dim=1) if a.dim() == 3 else a.abs()
+        parts.append(v / v.sum() if v.sum() > 0 else v)
+    return torch.cat(parts).numpy()
+
+
+def test_top_k_is_argmax_of_response_by_hand(model, images, rel, columns):
+    for b in range(len(images)):
+        e = E.explain(model, rel, images[b], k=4, target=0)
+        x = _x_by_hand(model, images[b], ["relu1", "relu2", "relu3"])
+        r = rel.W[:, 0] * x
+        order = [i for i in np.argsort(-r, kind="stable") if r[i] > 0][:4]
+        assert e.features["feature"].tolist() == order
+        np.testing.assert_allclose(e.features["response"], r[order], rtol=1e-5)
+        np.testing.assert_allclose(e.features["x"], x[order], rtol=1e-5)
+        assert e.features["layer"].tolist() == columns["layer"].iloc[order].tolist()
+        assert (np.diff(e.features["response"]) <= 0).all()
+        assert e.features["rank"].tolist() == list(range(len(order)))
+
+
+def test_combined_is_the_documented_weighted_sum(model, images, rel):
+    e = E.explain(model, rel, images[0], k=5, target=0)
+    assert e.k >= 3 and e.heatmaps.shape == (e.k, 16, 16) and e.rgb.shape == (e.k, 3, 16, 16)
+    c = torch.zeros(16, 16, dtype=torch.float64)
+    for i, f in e.features.iterrows():
+        h = heatmap(visualize(model, images[:1], f["layer"], [int(f["channel"])]))[0, 0]
+        torch.testing.assert_close(e.heatmaps[i], h, atol=1e-5, rtol=1e-5)
+        c += f["response"] * h.double()
+    c = (c - c.min()) / (c.max() - c.min())
+    torch.testing.assert_close(e.combined.double(), c, atol=1e-5, rtol=1e-5)
+    assert float(e.combined.min()) == 0.0 and float(e.combined.max()) == pytest.approx(1.0)
+    # resample=False gives the plain DeconvNet maps
+    ep = E.explain(model, rel, images[0], k=5, target=0, resample=False)
+    f = e.features.iloc[0]
+    h = heatmap(visualize(model, images[:1], f["layer"], [int(f["channel"])], resample=False))[0, 0]
+    torch.testing.assert_close(ep.heatmaps[0], h, atol=1e-5, rtol=1e-5)
+
+
+def test_predicted_and_target_override(model, images, rel):
+    with torch.no_grad():
+        logits = model(images[:1])
+    e = E.explain(model, rel, images[0], k=3)
+    assert e.predicted == int(logits.argmax()) and e.target == e.predicted
+    np.testing.assert_allclose(e.probabilities, torch.softmax(logits[0].double(), 0).numpy(), rtol=1e-6)
+    e1 = E.explain(model, rel, images[0], k=3, target=1)
+    assert e1.predicted == e.predicted and e1.target == 1 and e1.target_name == "b"
+    assert set(e1.features["feature"]) <= {1, 10}  # class 1's positive-weight features only
+    e0 = E.explain(model, rel, images[0], k=3, target=0)
+    assert e0.features["feature"].tolist() != e1.features["feature"].tolist()
+    # (1, C, H, W) works the same as (C, H, W)
+    e1b = E.explain(model, rel, images[:1], k=3, target=torch.tensor(1))
+    torch.testing.assert_close(e1b.combined, e1.combined)
+
+
+def test_class_without_features(model, images, rel):
+    e = E.explain(model, rel, images[0], k=5, target=2)
+    assert e.k == 0 and e.heatmaps.shape == (0, 16, 16) and e.rgb.shape == (0, 3, 16, 16)
+    assert torch.count_nonzero(e.combined) == 0 and e.combined.shape == (16, 16)
+    assert "no relevant feature" in e.message and "'c'" in e.message
+    # explain_batch gives an all-zero map for it too
+    H = E.explain_batch(model, rel, images[:2], k=5, targets=2)
+    assert torch.count_nonzero(H) == 0
+    # a relevance with no feature at all
+    empty = E.Relevance(np.zeros_like(rel.W), rel.columns)
+    assert E.explain(model, empty, images[0]).k == 0
+
+
+def test_explain_batch_matches_explain(model, images, rel):
+    targets = [0, 1, 0, 2, 0]
+    H = E.explain_batch(model, rel, images, k=4, targets=targets, batch_size=3)
+    assert H.shape == (5, 16, 16)
+    for b, t in enumerate(targets):
+        e = E.explain(model, rel, images[b], k=4, target=t)
+        torch.testing.assert_close(H[b], e.combined, atol=1e-5, rtol=1e-5)
+    # predicted classes by default; an explain function for vxnb.evaluate
+    Hp = E.explain_batch(model, rel, images, k=2)
+    pred = model(images).argmax(1)
+    fn = E.make_explain_fn(rel, k=2)
+    torch.testing.assert_close(fn(model, images, pred), Hp)
+
+
+def test_relevance_builders(model, images, rel, columns):
+    # from the DataFrame of relevant_features: the same explanation
+    frame = relevant_features(rel.W, columns, rel.classes)
+    e1 = E.explain(model, frame, images[1], k=4, target=0)
+    e2 = E.explain(model, rel, images[1], k=4, target=0)
+    assert e1.features["feature"].tolist() == e2.features["feature"].tolist()
+    torch.testing.assert_close(e1.combined, e2.combined)
+    rf = E.Relevance.from_frame(frame, classes=rel.classes)
+    assert rf.n_classes == 3 and rf.m == int((rel.W != 0).any(1).sum())
+    assert rf.layers == rel.layers == ["relu1", "relu2", "relu3"]
+    # from a lasso path and the Features it was fitted on
+    rng = np.random.default_rng(0)
+    X = rng.random((40, len(columns)))
+    y = rng.integers(0, 3, 40)
+    L = np.eye(3)[y]
+    path = lasso_path(X.T @ X, X.T @ L, mu_max=2.0)
+    feats = SimpleNamespace(columns=columns, class_names=["a", "b", "c"])
+    rp = E.Relevance.from_path(path, feats, 1.0)
+    np.testing.assert_array_equal(rp.W, path.coef(1.0))
+    assert rp.mu == 1.0 and rp.classes == ["a", "b", "c"]
+    assert E.Relevance.from_path(path, feats, 1.0, classes=["x", "y", "z"]).classes == ["x", "y", "z"]
+    with pytest.raises(ValueError, match="features"):
+        E.Relevance.from_path(path, SimpleNamespace(columns=columns.iloc[:-1]), 1.0)
+    assert rp.counts()["n"].sum() == int((rp.W != 0).sum())
+
+
+def test_bad_inputs(model, images, rel, columns):
+    with pytest.raises(ValueError, match="target"):
+        E.explain(model, rel, images[0], target=3)
+    with pytest.raises(ValueError, match="target"):
+        E.explain(model, rel, images[0], target=-1)
+    with pytest.raises(TypeError, match="target"):
+        E.explain(model, rel, images[0], target=1.0)
+    with pytest.raises(ValueError, match="image"):
+        E.explain(model, rel, images[:2])
+    with pytest.raises(ValueError, match="image"):
+        E.explain(model, rel, images[0, 0])
+    with pytest.raises(ValueError, match="channel"):
+        E.explain(model, rel, torch.rand(1, 16, 16))
+    with pytest.raises(TypeError, match="floating"):
+        E.explain(model, rel, (images[0] * 255).to(torch.uint8))
+    with pytest.raises(TypeError, match="image"):
+        E.explain(model, rel, images[0].numpy())
+    with pytest.raises(ValueError, match="k"):
+        E.explain(model, rel, images[0], k=0)
+    with pytest.raises(TypeError, match="relevant"):
+        E.explain(model, rel.W, images[0])
+    with pytest.raises(ValueError, match="classes"):
+        E.explain(model, E.Relevance(np.ones((len(columns), 4)), columns), images[0])
+    bad_cols = columns.assign(channel=columns["channel"] + 20)
+    with pytest.raises(ValueError, match="channels in this model"):
+        E.explain(model, E.Relevance(rel.W, bad_cols), images[0], target=0)
+    with pytest.raises(ValueError, match="targets"):
+        E.explain_batch(model, rel, images, targets=[0, 1])
+    with pytest.raises(ValueError, match="targets"):
+        E.explain_batch(model, rel, images, targets=5)
+    with pytest.raises(TypeError, match="images"):
+        E.explain_batch(model, rel, images.double().numpy())
+    with pytest.raises(ValueError, match="columns"):
+        E.Relevance(rel.W[:-1], columns)
+    with pytest.raises(ValueError, match="classes"):
+        E.Relevance(rel.W, columns, ["a"])
+
+
+def test_total_stride_and_comparison(model, images, rel):
+    assert E.total_stride(model, images, "relu1") == 2
+    assert E.total_stride(model, images, "conv2") == 4
+    assert E.total_stride(model, images, "relu3") == 4
+    feats = E.comparison_features(model, rel, images[0], target=0)
+    assert feats["column"].tolist() == ["low", "high", "FC"]
+    assert feats["layer"].tolist() == ["relu1", "relu2", "relu3"]
+    assert feats["kind"].tolist() == ["conv", "conv", "fc"]
+    # class 0 has relevant features in every layer: the one with the largest response is picked
+    e = E.explain(model, rel, images[0], k=100, target=0)
+    for _, f in feats.iterrows():
+        rows = e.features[e.features["layer"] == f["layer"]]
+        if len(rows):
+            assert f["source"] == "relevant" and f["channel"] == rows["channel"].iloc[0]
+    cmp = E.compare_methods(model, images[0], feats)
+    assert cmp.methods == E.COMPARISON_METHODS
+    assert cmp.maps["upsampled activation"][2] is None  # FC: not applicable
+    assert np.isnan(cmp.scores.query("method == 'upsampled activation' and column == 'FC'")["grid_score"]).all()
+    f = feats.iloc[0]
+    h = heatmap(visualize(model, images[:1], f["layer"], [int(f["channel"])], resample=False))[0, 0]
+    torch.testing.assert_close(cmp.maps["Deconv+GB"][0], h)
+    s = cmp.scores.query("method == 'Deconv+GB' and column == 'low'")["grid_score"].item()
+    assert s == pytest.approx(float(grid_score(h, 2)), rel=1e-6)
+    for m in E.COMPARISON_METHODS:
+        for h in cmp.maps[m]:
+            assert h is None or (h.shape == (16, 16) and 0 <= float(h.min()) and float(h.max()) <= 1)

@@ -535,3 +535,173 @@ def test_average_images_without_deconv_is_a_clear_error(monkeypatch):
         average_images(model, data, tp, relevant, progress=False)
     res = average_images(model, data, tp, relevant, methods=("activation",), progress=False)
     assert len(res) == 3
+
+
+# ----------------------------------------------------------------------------- cached top-patch tables
+def test_top_patch_table_caches_and_collects_only_missing(tmp_path, monkeypatch):
+    import vxnb.interpret as interp
+
+    torch.manual_seed(3)
+    model = _small_net()
+    x = torch.rand(15, 3, 16, 16)
+    data = torch.utils.data.TensorDataset(x, torch.arange(15) % 3)
+    calls = []
+    original = interp.collect_top_patches
+
+    def spy(model_, data_, features, *args, **kwargs):
+        calls.append(sorted(features))
+        return original(model_, data_, features, *args, **kwargs)
+
+    monkeypatch.setattr(interp, "collect_top_patches", spy)
+    got = interp.top_patch_table(model, data, [("relu2", 1)], k=5, cache_dir=tmp_path, data_key="d", progress=False)
+    want = original(model, data, [("relu2", 1)], k=5, progress=False).to_frame()
+    for col in ["layer", "channel", "rank", "index", "row", "col"]:
+        np.testing.assert_array_equal(got[col].to_numpy(), want[col].to_numpy(), err_msg=col)
+    np.testing.assert_allclose(got["score"], want["score"], rtol=1e-12)
+    files = list(tmp_path.glob("top_patches-*.csv"))
+    assert len(files) == 1 and calls == [[("relu2", 1)]]
+    # a relevant-features frame: only the feature not in the file is collected, rows of the others read back
+    rel = pd.DataFrame({"class": [0, 1, 1], "layer": ["relu2", "fc3", "relu2"], "channel": [1, 4, 1]})
+    both = interp.top_patch_table(model, data, rel, k=5, cache_dir=tmp_path, data_key="d", progress=False)
+    assert calls[-1] == [("fc3", 4)] and len(both) == 10
+    assert set(zip(both["layer"], both["channel"])) == {("relu2", 1), ("fc3", 4)}
+    np.testing.assert_array_equal(both[both.layer == "relu2"]["index"].to_numpy(), want["index"].to_numpy())
+    n_calls = len(calls)
+    again = interp.top_patch_table(model, data, rel, k=5, cache_dir=tmp_path, data_key="d", progress=False)
+    assert len(calls) == n_calls
+    pd.testing.assert_frame_equal(again, both)
+    # other weights, k or data: another key, collected afresh
+    other = _small_net()
+    interp.top_patch_table(other, data, rel, k=5, cache_dir=tmp_path, data_key="d", progress=False)
+    interp.top_patch_table(model, data, rel, k=4, cache_dir=tmp_path, data_key="d", progress=False)
+    assert len(calls) == n_calls + 2 and len(list(tmp_path.glob("top_patches-*.csv"))) == 3
+    # a damaged file is ignored with a warning and rewritten
+    files[0].write_text("garbage\n1,2\n")
+    with pytest.warns(UserWarning, match="ignoring"):
+        fixed = interp.top_patch_table(model, data, rel, k=5, cache_dir=tmp_path, data_key="d", progress=False)
+    pd.testing.assert_frame_equal(fixed, both)
+    # nothing requested: an empty table, no pass
+    empty = interp.top_patch_table(model, data, rel.iloc[:0], k=5, progress=False)
+    assert empty.empty and list(empty.columns) == list(want.columns)
+
+
+def test_top_patch_table_from_extraction_tracker(tmp_path, monkeypatch):
+    import vxnb.interpret as interp
+
+    model = _small_net()
+    x = torch.rand(11, 3, 16, 16)
+    data = torch.utils.data.TensorDataset(x, torch.arange(11) % 3)
+    tracker = collect_top_patches(model, data, layers=["relu1", "fc3"], k=7, progress=False)
+
+    def forbidden(*a, **k):
+        raise AssertionError("no extra pass expected")
+
+    monkeypatch.setattr(interp, "collect_top_patches", forbidden)
+    got = interp.top_patch_table(model, data, [("relu1", 2), ("fc3", 0)], k=5, tracker=tracker, cache_dir=tmp_path,
+                                 progress=False)
+    want = pd.concat([tracker.top("fc3", 0).head(5), tracker.top("relu1", 2).head(5)], ignore_index=True)
+    for col in ["layer", "channel", "rank", "index", "row", "col"]:
+        np.testing.assert_array_equal(got[col].to_numpy(), want[col].to_numpy(), err_msg=col)
+    # every tracked feature went into the cache: another feature of those layers needs no pass
+    more = interp.top_patch_table(model, data, {"relu1": [0, 3]}, k=5, cache_dir=tmp_path, progress=False)
+    assert len(more) == 10
+    with pytest.raises(ValueError, match="score"):
+        interp.top_patch_table(model, data, [("relu1", 2)], k=5, tracker=tracker, score="max")
+    with pytest.raises(ValueError, match="k >= 9"):
+        interp.top_patch_table(model, data, [("relu1", 2)], k=9, tracker=tracker)
+    with pytest.raises(ValueError, match="saw 11 images"):
+        interp.top_patch_table(model, torch.utils.data.TensorDataset(x[:5]), [("relu1", 2)], k=5, tracker=tracker)
+    with pytest.raises(ValueError, match="another model"):
+        interp.top_patch_table(_small_net(), data, [("relu1", 2)], k=5, tracker=tracker)
+    with pytest.raises(TypeError, match="tracker"):
+        interp.top_patch_table(model, data, [("relu1", 2)], k=5, tracker=tracker.to_frame())
+    with pytest.raises(ValueError, match="conv9"):
+        interp.top_patch_table(model, data, [("conv9", 2)], k=5)
+    with pytest.raises(ValueError, match="k: expected"):
+        interp.top_patch_table(model, data, [("relu1", 2)], k=0)
+
+
+# ----------------------------------------------------------------------------- mask overlap
+def _masked_data():
+    masks = torch.zeros(3, 10, 10, dtype=torch.bool)
+    masks[0, :5, :5] = True        # a quarter of image 0
+    masks[2] = True                # all of image 2; image 1 has none
+    return torch.utils.data.TensorDataset(torch.rand(3, 3, 10, 10), torch.tensor([0, 1, 0]), masks)
+
+
+def _hand_averages():
+    from vxnb.interpret import AverageImage, AverageImages
+
+    conv_rf = ReceptiveField((4, 4), (2, 2), (0.0, 0.0))
+    res = AverageImages()
+    res.items[(0, 5)] = AverageImage(klass=0, feature=5, layer="relu2", channel=1, kind="conv", weight=0.5, rf=conv_rf,
+                                     indices=np.array([0, 0, 1, 0]),
+                                     boxes=np.array([[0, 0, 4, 4], [3, 3, 7, 7], [-2, -2, 2, 2], [8, 8, 12, 12]]),
+                                     image=np.zeros((3, 4, 4), np.float32))
+    res.items[(0, 9)] = AverageImage(klass=0, feature=9, layer="fc3", channel=0, kind="fc", weight=0.2,
+                                     rf=ReceptiveField(None, None, None), indices=np.array([2, 0]),
+                                     boxes=np.array([[0, 0, 10, 10]] * 2), image=np.zeros((3, 4, 4), np.float32))
+    res.items[(1, 9)] = res.items[(0, 9)]
+    res.summary = pd.DataFrame({"class": [0, 0, 1], "class_name": ["a", "a", "b"], "feature": [5, 9, 9],
+                                "layer_number": [2, 3, 3]})
+    return res
+
+
+def test_mask_overlap_hand_computed():
+    from vxnb.interpret import mask_overlap
+
+    data, res = _masked_data(), _hand_averages()
+    per = mask_overlap(res, data)
+    conv = per.iloc[0]
+    # boxes: inside the mask; 4 of 16 pixels on it, centre (5, 5) off; clipped to 2x2 on image 1 (no mask);
+    # clipped to 2x2 at the far corner: overlap 1,1,0,0; box fraction 1, .25, 0, 0; centre 1, 0, 0, 0
+    assert conv["overlap"] == pytest.approx(0.5) and conv["box_on_mask"] == pytest.approx(1.25 / 4)
+    assert conv["center_on_mask"] == pytest.approx(0.25) and conv["chance"] == pytest.approx(0.75 / 4)
+    assert conv["class_name"] == "a" and conv["layer_number"] == 2 and conv["n"] == 4 and not conv["whole_image"]
+    fc = per.iloc[1]
+    assert fc["whole_image"] and np.isnan(fc[["overlap", "box_on_mask", "center_on_mask"]].astype(float)).all()
+    assert fc["chance"] == pytest.approx((1 + 0.25) / 2)
+    by_class = mask_overlap(res, data, per="class")
+    a = by_class.iloc[0]
+    assert (a["n_features"], a["n_located"], a["n_crops"]) == (2, 1, 4)
+    assert a["center_on_mask"] == pytest.approx(0.25) and a["chance"] == pytest.approx(0.75 / 4)
+    b = by_class.iloc[1]
+    assert b["n_located"] == 0 and np.isnan(b["overlap"]) and b["class_name"] == "b"
+
+
+def test_mask_overlap_matches_painted_boxes_after_average_images():
+    from vxnb.interpret import mask_overlap
+
+    model, x, _, relevant, tp = _setup_average()
+    masks = torch.rand(len(x), 16, 16) > 0.7
+    data = torch.utils.data.TensorDataset(x, torch.zeros(len(x), dtype=torch.long), masks)
+    res = average_images(model, data, tp, relevant.iloc[[0]], n=6, size=8, methods=(), progress=False)
+    got = mask_overlap(res, data).iloc[0]
+    item = res[(0, 3)]
+    touch, frac, centre = [], [], []
+    for i, (t, l, b, r) in zip(item.indices, item.boxes):   # paint the box on a canvas padded by the field size
+        canvas = np.zeros((16 + 2 * 8, 16 + 2 * 8), bool)
+        canvas[t + 8:b + 8, l + 8:r + 8] = True
+        box = canvas[8:-8, 8:-8]
+        m = masks[i].numpy()
+        touch.append((box & m).any())
+        frac.append((box & m).sum() / box.sum())
+        centre.append(m[(t + b) // 2, (l + r) // 2])        # even field (8 px): centre pixel (t + b) / 2
+    assert got["overlap"] == pytest.approx(np.mean(touch))
+    assert got["box_on_mask"] == pytest.approx(np.mean(frac))
+    assert got["center_on_mask"] == pytest.approx(np.mean(centre))
+
+
+def test_mask_overlap_bad_inputs():
+    from vxnb.interpret import mask_overlap
+
+    res = _hand_averages()
+    with pytest.raises(ValueError, match="mask"):
+        mask_overlap(res, torch.utils.data.TensorDataset(torch.rand(3, 3, 10, 10), torch.zeros(3)))
+    with pytest.raises(ValueError, match="per"):
+        mask_overlap(res, _masked_data(), per="layer")
+    with pytest.raises(TypeError, match="average_images"):
+        mask_overlap(res.summary, _masked_data())
+    short = torch.utils.data.TensorDataset(torch.rand(1, 3, 10, 10), torch.zeros(1), torch.ones(1, 10, 10) > 0)
+    with pytest.raises(ValueError, match="uses image 1"):
+        mask_overlap(res, short)

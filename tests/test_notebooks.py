@@ -4,6 +4,7 @@ The notebooks chain through a run folder (01 trains and extracts, later ones rea
 report is built per test session in a temporary folder and each notebook is checked in it.
 """
 import json
+import os
 import re
 from pathlib import Path
 
@@ -17,6 +18,8 @@ NOTEBOOKS = report.find_notebooks()
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
+    # the other pytest-xdist worker uses the second core: one thread for the notebook kernels
+    os.environ["OMP_NUM_THREADS"] = "1"
     root = tmp_path_factory.mktemp("report")
     params = {"runs_root": str(root / "runs"), "data_root": str(root / "data")}
     result = report.build_report(quick=True, out_dir=root / "reports", parameters=params, progress=False)

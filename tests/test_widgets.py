@@ -4,7 +4,7 @@ from vxnb import widgets
 
 
 def test_panel_updates_the_same_outputs(monkeypatch):
-    shown = []
+    shown, handles = [], []
 
     class Handle:
         def __init__(self, obj):
@@ -15,11 +15,13 @@ def test_panel_updates_the_same_outputs(monkeypatch):
 
     def fake_display(obj, display_id=False):
         shown.append(obj)
-        return Handle(obj) if display_id else None
+        if display_id:
+            handles.append(Handle(obj))
+            return handles[-1]
 
     monkeypatch.setattr("IPython.display.display", fake_display)
     picker = widgets.class_picker(["a", "b", "c"])
-    handles = widgets.panel(lambda cls: (f"class {cls}", cls * 10), cls=picker)
+    assert widgets.panel(lambda cls: (f"class {cls}", cls * 10), cls=picker) is None
     assert [h.obj for h in handles] == ["class 0", 0]
     picker.value = 2
     assert [h.obj for h in handles] == ["class 2", 20]

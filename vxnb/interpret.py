@@ -1162,3 +1162,252 @@ def _average_one(model, data, layer, ch, top, rf, module, *, size, methods, pad,
     for key in _METHODS:
         out.setdefault(key, None)
     return out
+
+
+# ============================================================================ cached top-patch tables, mask overlap
+
+__all__ += ["top_patch_table", "mask_overlap"]
+
+_TOP_COLUMNS = ["layer", "channel", "kind", "rank", "index", "row", "col", "score", "peak"]
+
+
+def _model_fingerprint(model: nn.Module) -> str:
+    """A hash of the model's class and state_dict (names, shapes, dtypes and bytes)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=12)
+    h.update(type(model).__name__.encode())
+    for name, t in model.state_dict().items():
+        a = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(a.shape)}:{a.dtype}".encode())
+        if a.numel():
+            h.update(a.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _wanted_pairs(model: nn.Module, features: Any) -> list[tuple[str, int]]:
+    """Distinct (layer, channel) pairs of ``features``; [] for an empty DataFrame or list."""
+    if isinstance(features, pd.DataFrame) and len(features) == 0:
+        missing = {"layer", "channel"} - set(features.columns)
+        if missing:
+            raise ValueError(f"features: the DataFrame needs columns 'layer' and 'channel', missing {sorted(missing)}")
+        return []
+    if isinstance(features, (list, tuple)) and len(features) == 0:
+        return []
+    spec = _parse_features(model, None, features)
+    return [(layer, ch) for layer, chans in spec.items() for ch in chans]
+
+
+def _read_top_table(file: Any) -> pd.DataFrame | None:
+    """The table in ``file``, or None (with a warning) when it is not a readable top-patch table."""
+    try:
+        table = pd.read_csv(file, dtype={"layer": str, "kind": str})
+    except Exception as err:  # noqa: BLE001 - a damaged cache is recomputed, never trusted
+        warnings.warn(f"top_patch_table: ignoring unreadable cache {file} ({type(err).__name__}: {err})")
+        return None
+    if list(table.columns) != _TOP_COLUMNS:
+        warnings.warn(f"top_patch_table: ignoring {file}: columns {list(table.columns)}, expected {_TOP_COLUMNS}")
+        return None
+    return table
+
+
+def top_patch_table(model: nn.Module, data: Any, features: Any, k: int = 100, *,
+                    cache_dir: Any = None, data_key: str | None = None, score: str = "descriptor",
+                    tracker: TopPatches | None = None, batch_size: int = 64,
+                    progress: bool | None = True) -> pd.DataFrame:
+    """The top-k rows (:meth:`TopPatches.to_frame`) of ``features``, collected at most once.
+
+    model, data: as for :func:`collect_top_patches` (``data`` a Dataset; its positions are the
+        indices stored in the table).
+    features: the features needed — ``vxnb.relevance.relevant_features`` rows or any
+        DataFrame with ``layer, channel``, ``(layer, channel)`` pairs or ``{layer: channels}``.
+        An empty DataFrame / list gives an empty table.
+    k, score: as for :class:`TopPatches`.
+    cache_dir: keep the table as ``<cache_dir>/top_patches-<key>.csv``, the key hashing the
+        model (class and state_dict bytes), the data (``data_key``, else its type and length:
+        pass a ``data_key`` that names the split), ``k`` and ``score``. Features already in the
+        file are read from it; only the missing ones are collected (one forward pass over
+        ``data``, tracking only them) and added to the file, written atomically. A damaged
+        file is ignored (with a warning) and rewritten.
+    tracker: a filled :class:`TopPatches` of this model over this whole ``data`` (e.g. the one
+        passed to ``vxnb.features.extract_features(..., callbacks=[tracker])`` so the top
+        images come with the extraction pass); its rows (ranks < k) are added first. It must
+        use the same ``score`` and a ``k`` at least this one.
+
+    Returns the rows of the requested features, sorted by (layer, channel, rank), with columns
+    layer, channel, kind, rank, index, row, col, score, peak.
+    """
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from .utils import atomic_path
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k: expected a positive int, got {k!r}")
+    if score not in SCORES:
+        raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
+    if data_key is not None and not isinstance(data_key, str):
+        raise TypeError(f"data_key: expected a str or None, got {describe(data_key)}")
+    dataset = _as_dataset(data, "data")
+    wanted = _wanted_pairs(model, features)
+    table = pd.DataFrame({c: pd.Series(dtype=object if c in ("layer", "kind") else np.int64) for c in _TOP_COLUMNS})
+    file = None
+    if cache_dir is not None:
+        if not isinstance(cache_dir, (str, Path)):
+            raise TypeError(f"cache_dir: expected a folder path (str or Path) or None, got {describe(cache_dir)}")
+        info = {"model": _model_fingerprint(model), "data": data_key or f"{type(dataset).__name__}/{len(dataset)}",
+                "k": int(k), "score": score}
+        key = hashlib.blake2b(json.dumps(info, sort_keys=True).encode(), digest_size=10).hexdigest()
+        file = Path(cache_dir) / f"top_patches-{key}.csv"
+        if file.is_file():
+            cached = _read_top_table(file)
+            if cached is not None:
+                table = cached
+    changed = False
+    if tracker is not None:
+        if not isinstance(tracker, TopPatches):
+            raise TypeError(f"tracker: expected a filled vxnb.interpret.TopPatches or None, got {describe(tracker)}")
+        if tracker.model is not model:
+            raise ValueError("tracker: it was built for another model object; pass the model it tracked")
+        if tracker.score != score or tracker.k < k:
+            raise ValueError(f"tracker: expected score={score!r} and k >= {k}, got score={tracker.score!r}, "
+                             f"k={tracker.k}")
+        if tracker.n_seen_ != len(dataset):
+            raise ValueError(f"tracker: it saw {tracker.n_seen_} images, but data has {len(dataset)}; "
+                             "it must have seen one whole pass over the same data")
+        frame = tracker.to_frame()
+        frame = frame[frame["rank"] < k]
+        have = set(zip(table["layer"], table["channel"]))
+        new = [p not in have for p in zip(frame["layer"], frame["channel"])]
+        if any(new):
+            table = pd.concat([table, frame.loc[np.array(new, dtype=bool)]], ignore_index=True)
+            changed = True
+    have = set(zip(table["layer"], table["channel"]))
+    missing = [p for p in wanted if p not in have]
+    if missing:
+        found = collect_top_patches(model, dataset, missing, k=int(k), score=score, batch_size=batch_size,
+                                    progress=progress)
+        table = pd.concat([table, found.to_frame()], ignore_index=True)
+        changed = True
+    if changed and file is not None:
+        with atomic_path(file) as tmp:
+            table[_TOP_COLUMNS].to_csv(tmp, index=False)
+    keep = set(wanted)
+    out = table.loc[np.array([p in keep for p in zip(table["layer"], table["channel"])], dtype=bool)]
+    out = out.sort_values(["layer", "channel", "rank"], kind="mergesort").reset_index(drop=True)
+    for c in ("channel", "rank", "index", "row", "col"):
+        out[c] = out[c].astype(np.int64)
+    for c in ("score", "peak"):
+        out[c] = out[c].astype(np.float64)
+    for c in ("layer", "kind"):  # plain str objects, whether read back from CSV or fresh
+        out[c] = pd.Series([str(v) for v in out[c]], index=out.index, dtype=object)
+    return out[_TOP_COLUMNS]
+
+
+def _item_mask(data: Any, i: int) -> np.ndarray:
+    item = data[i]
+    if not isinstance(item, (tuple, list)) or len(item) < 3:
+        raise ValueError(f"dataset: expected items (image, label, mask) with a ground-truth mask, got item {i} "
+                         f"with {len(item) if isinstance(item, (tuple, list)) else 1} element(s)")
+    m = torch.as_tensor(item[2]).detach().cpu()
+    if m.dim() == 3 and m.shape[0] == 1:
+        m = m[0]
+    if m.dim() != 2:
+        raise ValueError(f"dataset: expected a (H, W) mask in item {i}, got {describe(m)}")
+    return (m > 0.5).numpy() if m.is_floating_point() else m.numpy().astype(bool)
+
+
+def mask_overlap(average_images: AverageImages, dataset: Any, *, per: str = "feature") -> pd.DataFrame:
+    """How much the crops behind the average images fall on the ground-truth masks.
+
+    For every (class, feature) item of ``average_images`` and every crop of it (the receptive
+    field box of the unit at the channel's maximum in one of the feature's top images), with
+    the box clipped to the image and ``mask`` the ground-truth mask of that image (an8Flower:
+    the part that defines the image's class):
+
+    - ``overlap``: 1 if the box contains at least one mask pixel (large fields make this
+      trivially 1 — compare the other two columns);
+    - ``box_on_mask``: the fraction of the box's pixels on the mask;
+    - ``center_on_mask``: 1 if the box's centre pixel (the centre of the unit's field) is on
+      the mask;
+    - ``chance``: the fraction of the whole image on the mask — what ``box_on_mask`` and
+      ``center_on_mask`` would be for a box placed at random.
+
+    Each is averaged over the crops. Features whose units see the whole image (FC layers) have
+    no location: NaN for the first three (``chance`` is still given).
+
+    average_images: the result of :func:`average_images`. dataset: the dataset it was
+    computed on (its indices), with ``(image, label, mask)`` items.
+    per: ``"feature"`` (one row per item: class, class_name, feature, layer, layer_number,
+        kind, channel, weight, n, whole_image, overlap, box_on_mask, center_on_mask, chance)
+        or ``"class"`` (one row per class, pooling the crops of its located features: class,
+        class_name, n_features, n_located, n_crops, overlap, box_on_mask, center_on_mask,
+        chance; NaN when the class has no located feature).
+    """
+    if not isinstance(average_images, AverageImages):
+        raise TypeError(f"average_images: expected the AverageImages of vxnb.interpret.average_images, "
+                        f"got {describe(average_images)}")
+    if per not in ("feature", "class"):
+        raise ValueError(f"per: expected 'feature' or 'class', got {per!r}")
+    data = _as_dataset(dataset, "dataset")
+    summary = average_images.summary
+    meta: dict = {}
+    if isinstance(summary, pd.DataFrame) and len(summary):
+        for r in summary.to_dict("records"):
+            meta[(r["class"], r["feature"])] = r
+    masks: dict[int, np.ndarray] = {}
+    rows, crops = [], []
+    for (klass, feature), item in average_images.items.items():
+        info = meta.get((klass, feature), {})
+        located = not item.rf.whole_image
+        vals: dict[str, list] = {"overlap": [], "box_on_mask": [], "center_on_mask": [], "chance": []}
+        for i, box in zip(np.asarray(item.indices).tolist(), np.asarray(item.boxes).reshape(-1, 4).tolist()):
+            if i < 0 or i >= len(data):
+                raise ValueError(f"dataset: item {(klass, feature)!r} uses image {i}, but the dataset has "
+                                 f"{len(data)} items (the dataset average_images was computed on?)")
+            if i not in masks:
+                masks[i] = _item_mask(data, i)
+            mask = masks[i]
+            h, w = mask.shape
+            vals["chance"].append(float(mask.mean()))
+            if not located:
+                continue
+            t, l, b, r = box
+            tc, lc, bc, rc = max(t, 0), max(l, 0), min(b, h), min(r, w)
+            area = max(bc - tc, 0) * max(rc - lc, 0)
+            on = int(mask[tc:bc, lc:rc].sum()) if area else 0
+            cy = min(max(int(math.floor((t + b - 1) / 2 + 0.5)), 0), h - 1)
+            cx = min(max(int(math.floor((l + r - 1) / 2 + 0.5)), 0), w - 1)
+            vals["overlap"].append(float(on > 0))
+            vals["box_on_mask"].append(on / area if area else 0.0)
+            vals["center_on_mask"].append(float(mask[cy, cx]))
+        n = len(vals["chance"])
+        row = {"class": klass, "class_name": info.get("class_name", str(klass)), "feature": feature,
+               "layer": item.layer, "layer_number": info.get("layer_number", np.nan), "kind": item.kind,
+               "channel": item.channel, "weight": item.weight, "n": n, "whole_image": not located}
+        for key in ("overlap", "box_on_mask", "center_on_mask"):
+            row[key] = float(np.mean(vals[key])) if located and n else np.nan
+        row["chance"] = float(np.mean(vals["chance"])) if n else np.nan
+        rows.append(row)
+        crops.append(vals)
+    feat_cols = ["class", "class_name", "feature", "layer", "layer_number", "kind", "channel", "weight", "n",
+                 "whole_image", "overlap", "box_on_mask", "center_on_mask", "chance"]
+    per_feature = pd.DataFrame(rows, columns=feat_cols)
+    if per == "feature":
+        return per_feature
+    out = []
+    for klass in dict.fromkeys(per_feature["class"].tolist()):
+        sel = [j for j, r in enumerate(rows) if r["class"] == klass]
+        located = [j for j in sel if not rows[j]["whole_image"]]
+        pooled = {key: [v for j in located for v in crops[j][key]]
+                  for key in ("overlap", "box_on_mask", "center_on_mask", "chance")}
+        rec = {"class": klass, "class_name": rows[sel[0]]["class_name"], "n_features": len(sel),
+               "n_located": len(located), "n_crops": len(pooled["overlap"])}
+        for key, v in pooled.items():
+            rec[key] = float(np.mean(v)) if v else np.nan
+        out.append(rec)
+    return pd.DataFrame(out, columns=["class", "class_name", "n_features", "n_located", "n_crops", "overlap",
+                                      "box_on_mask", "center_on_mask", "chance"])

@@ -287,10 +287,12 @@ def _class_name(klass, classes) -> str:
 
 
 def _layer_label(item, numbers: dict) -> str:
+    """"layer n · kind", with " (−)" for a negative weight (evidence against the class)."""
     ln = numbers.get((item.klass, item.feature))
+    sign = " (−)" if float(item.weight) < 0 else ""
     if ln is None or (isinstance(ln, float) and np.isnan(ln)):
-        return f"{item.layer} · {item.kind}"
-    return f"layer {int(ln)} · {item.kind}"
+        return f"{item.layer} · {item.kind}{sign}"
+    return f"layer {int(ln)} · {item.kind}{sign}"
 
 
 def _message_figure(text: str, title: str | None = None):
@@ -316,7 +318,8 @@ def average_image_grid(average_images, klass, *, classes: Sequence[str] | None =
     scaled for display and coloured like :func:`colorize`. Features are sorted by weight
     (descending) and laid out ``per_row`` groups to a row. The first tile's title gives the
     rank, layer number and type, coloured as in the explanation panels (:data:`KIND_COLORS`:
-    conv green, FC pink); hovering any tile shows layer, channel, weight, crops and field.
+    conv green, FC pink), and "(−)" for a negative weight (evidence against the class);
+    hovering any tile shows layer, channel, weight, crops and field.
     FC features have no activation map: their tile says "n/a", and so does the figure title.
 
     average_images: a ``vxnb.interpret.AverageImages``; klass: the class key used in it (e.g.
@@ -613,4 +616,94 @@ def benchmark_examples(examples: dict, method_labels: dict | None = None, *, siz
         ann.font.size = 11
     fig.update_xaxes(visible=False).update_yaxes(visible=False)
     fig.update_layout(height=n * size + 50, width=cols * size + 20, margin=dict(l=5, r=5, t=40, b=5))
+    return fig
+
+
+# ---------------------------------------------------------------------------- sanity checks (Sec. 4.4, Fig. 9)
+__all__ += ["sanity_class_panel", "sanity_sensitivity_bars", "randomization_curves"]
+
+
+def sanity_class_panel(image, maps: dict, row_labels: Sequence[str], *, subtitles: dict | None = None,
+                       size: int = 130, title: str | None = None):
+    """Fig. 9: one image explained for several classes (rows) by several methods (columns).
+
+    image: (C, H, W) in [0, 1]; maps: ``{method: (R, H, W) maps in [0, 1]}`` (e.g.
+    ``vxnb.evaluate.sanity_study.explain_classes``), row r explaining class ``row_labels[r]``;
+    subtitles: optional ``{method: text}`` shown under the method's name (e.g. the similarity
+    of its rows)."""
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    methods = list(maps)
+    if not methods:
+        raise ValueError("maps: expected at least one method")
+    rows = len(row_labels)
+    for m in methods:
+        if len(maps[m]) != rows:
+            raise ValueError(f"maps[{m!r}]: expected {rows} maps (one per row label), got {len(maps[m])}")
+    subtitles = subtitles or {}
+    titles = ["image"] + [f"{m}<br><sub>{subtitles[m]}</sub>" if m in subtitles else m for m in methods]
+    cols = 1 + len(methods)
+    fig = make_subplots(rows=rows, cols=cols, column_titles=titles, row_titles=list(row_labels),
+                        horizontal_spacing=0.008, vertical_spacing=0.02)
+    base = to_uint8_rgb(image)
+    for r in range(rows):
+        fig.add_trace(_image_trace(base, hoverinfo="skip"), row=r + 1, col=1)
+        for c, m in enumerate(methods):
+            h = maps[m][r]
+            h = h.detach().cpu().numpy() if isinstance(h, torch.Tensor) else np.asarray(h)
+            fig.add_trace(_image_trace(_hwc(colorize(_scaled(h))), hoverinfo="skip"), row=r + 1, col=c + 2)
+    for ann in fig.layout.annotations:
+        ann.font.size = 11
+    fig.update_xaxes(visible=False).update_yaxes(visible=False)
+    top = 70 if title else 50
+    fig.update_layout(title=title, height=rows * size + top + 10, width=cols * size + 60,
+                      margin=dict(l=5, r=40, t=top, b=5))
+    return fig
+
+
+def sanity_sensitivity_bars(summary, *, metrics: Sequence[str] = ("spearman", "ssim"), title: str | None = None):
+    """Class sensitivity per method: mean similarity of the predicted class's explanation to the
+    runner-up's and a random class's (bars, ± std), one panel per metric (and row per
+    ``dataset`` when the table has several). 1 = the explanation ignores the class."""
+    import pandas as pd
+    import plotly.express as px
+
+    long = pd.concat([summary.assign(metric=m, value=summary[m], std=summary[f"{m}_std"]) for m in metrics],
+                     ignore_index=True)
+    row = "dataset" if "dataset" in long.columns and long["dataset"].nunique() > 1 else None
+    fig = px.bar(long, x="method", y="value", color="comparison", error_y="std", barmode="group",
+                 facet_col="metric", facet_row=row, title=title or "class sensitivity: similarity to the "
+                 "explanation of another class (lower = more class-sensitive)",
+                 labels={"value": "similarity", "method": ""})
+    fig.update_yaxes(range=[min(0.0, float(long["value"].min()) - 0.05), 1.05])
+    fig.update_layout(height=360 * (long[row].nunique() if row else 1) + 60)
+    return fig
+
+
+def randomization_curves(summary, *, metrics: Sequence[str] = ("spearman", "ssim"), title: str | None = None):
+    """Cascading randomisation (Adebayo et al.): similarity to the trained model's explanation vs
+    the layers randomised (top first), one line per method, one panel per metric (and row per
+    ``dataset``). The first point ("trained") is the unmodified model (similarity 1)."""
+    import pandas as pd
+    import plotly.express as px
+
+    frame = summary.copy()
+    keys = ["method"] + (["dataset"] if "dataset" in frame.columns else [])
+    start = frame.drop_duplicates(keys).assign(step=0, layer="trained", **{m: 1.0 for m in metrics},
+                                               **{f"{m}_std": 0.0 for m in metrics})
+    frame = pd.concat([start, frame], ignore_index=True).sort_values(keys + ["step"], kind="stable")
+    frame["randomised"] = ["trained" if s == 0 else f"→ {l}" for s, l in zip(frame["step"], frame["layer"])]
+    long = pd.concat([frame.assign(metric=m, value=frame[m]) for m in metrics], ignore_index=True)
+    row = "dataset" if "dataset" in long.columns and long["dataset"].nunique() > 1 else None
+    fig = px.line(long, x="step", y="value", color="method", markers=True, facet_col="metric", facet_row=row,
+                  hover_data={"randomised": True, "step": False}, title=title or
+                  "cascading randomisation: similarity to the trained model's explanation",
+                  labels={"value": "similarity", "step": "layers randomised (from the top)"})
+    names = frame.drop_duplicates("step").sort_values("step")
+    if not row:  # one layer sequence: name the ticks
+        fig.update_xaxes(tickmode="array", tickvals=names["step"].tolist(), ticktext=names["randomised"].tolist(),
+                         tickangle=-45)
+    fig.update_yaxes(range=[min(-0.05, float(long["value"].min()) - 0.05), 1.05])
+    fig.update_layout(height=380 * (long[row].nunique() if row else 1) + 80)
     return fig

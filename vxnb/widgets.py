@@ -78,4 +78,3 @@ def panel(fn: Callable[..., object], **controls):
 
     for c in controls.values():
         c.observe(render, names="value")
-    return handles

@@ -1,0 +1,138 @@
+"""Benchmark: hooked feature extraction against the plain forward pass.
+
+``vxnb.features.extract_features`` (default layers — every conv/FC block — descriptors
+computed in the hooks, G = XᵀX and XᵀL accumulated, X kept) against a plain loop ``model(x)``
+over the SAME DataLoader of random 128 px images (cycling through a pool of 256), same model,
+same device, in the same process. Prints images/s of both and their ratio (target ≥ 0.9).
+
+The number of images N is chosen per model so that the plain pass takes about ``--seconds``
+(the m×m Gram matrix has a fixed cost per extraction — allocating and touching it, 1 GB for
+VGG-11's All pool — which large datasets amortise). Each timing is the best of a few
+alternating repeats. On the CPU the times are the CPU time of this process (user + system, all
+threads): on a shared machine wall time mostly measures waiting for a core. On CUDA they are
+wall times with a synchronisation at the end. Also printed: the fixed per-call setup (one-batch
+extraction minus one-batch forward) and the ratio with ``gram_dtype=torch.float32``.
+
+    python benchmarks/bench_features.py            # VGG-11, ResNet-18, FlowerNet
+    python benchmarks/bench_features.py --quick    # shorter passes, fewer repeats
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+
+from vxnb.features import default_layers, extract_features
+from vxnb.utils import get_device
+
+
+class CyclicImages(Dataset):
+    """N items (image, label) cycling through a fixed pool of random images."""
+
+    def __init__(self, n: int, size: int, pool: int = 256, classes: int = 10):
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.rand(min(pool, n), 3, size, size, generator=g)
+        self.labels = torch.randint(0, classes, (min(pool, n),), generator=g)
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        j = i % len(self.images)
+        return self.images[j], self.labels[j]
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def plain_pass(model: torch.nn.Module, loader: DataLoader, dev: torch.device) -> int:
+    n = 0
+    with torch.inference_mode():
+        for x, _ in loader:
+            model(x.to(dev, non_blocking=True))
+            n += x.shape[0]
+    _sync(dev)
+    return n
+
+
+def hooked_pass(model: torch.nn.Module, loader: DataLoader, dev: torch.device, **kw) -> int:
+    f = extract_features(model, loader, device=dev, progress=False, **kw)
+    _sync(dev)
+    return f.n
+
+
+def bench(name: str, model: torch.nn.Module, args: argparse.Namespace, dev: torch.device) -> float:
+    model = model.to(dev).eval()
+    cuda = dev.type == "cuda"
+    clock = time.perf_counter if cuda else time.process_time
+    batch, size = args.batch_size, 128
+
+    def loader(n: int) -> DataLoader:
+        return DataLoader(CyclicImages(n, size), batch_size=batch, shuffle=False, pin_memory=cuda)
+
+    one = loader(batch)
+
+    def timed(fn, *a, **kw) -> float:
+        t0 = clock()
+        fn(*a, **kw)
+        return clock() - t0
+
+    plain_pass(model, one, dev)  # warm-up (allocator, cuDNN autotuning)
+    hooked_pass(model, one, dev)
+    per_batch = min(timed(plain_pass, model, one, dev) for _ in range(3))
+    n_batches = int(min(max(args.seconds / max(per_batch, 1e-6), 4), 400))
+    data = loader(n_batches * batch)
+    n = n_batches * batch
+    t = {k: float("inf") for k in ("plain", "hooked", "plain1", "hooked1", "f32")}
+    for _ in range(args.repeats):  # alternate, keep the best of each
+        t["plain"] = min(t["plain"], timed(plain_pass, model, data, dev))
+        t["hooked"] = min(t["hooked"], timed(hooked_pass, model, data, dev))
+        t["plain1"] = min(t["plain1"], timed(plain_pass, model, one, dev))
+        t["hooked1"] = min(t["hooked1"], timed(hooked_pass, model, one, dev))
+        t["f32"] = min(t["f32"], timed(hooked_pass, model, data, dev, gram_dtype=torch.float32))
+    m = extract_features(model, one, device=dev, progress=False).m
+    ratio = t["plain"] / t["hooked"]
+    print(f"{name:<10} N={n:>6}  m={m:>6} ({len(default_layers(model)):>2} layers)  "
+          f"plain {n / t['plain']:8.1f} img/s  hooked {n / t['hooked']:8.1f} img/s  "
+          f"ratio {ratio:5.3f} {'OK ' if ratio >= 0.9 else 'LOW'} | setup {max(0.0, t['hooked1'] - t['plain1']):5.2f} s"
+          f" | float32 Gram: ratio {t['plain'] / t['f32']:5.3f}", flush=True)
+    return ratio
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="shorter passes, fewer repeats")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: CUDA when present)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=None, help="target duration of one plain pass")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = get_device(args.device)
+    if args.seconds is None:
+        args.seconds = (1.0 if args.quick else 4.0) if dev.type == "cuda" else (3.0 if args.quick else 12.0)
+    args.repeats = 2 if args.quick else 3
+    print(f"device {dev}, torch threads {torch.get_num_threads()}, 128 px random images, batch {args.batch_size}, "
+          f"plain pass ≈ {args.seconds:g} s, best of {args.repeats}, "
+          f"{'wall' if dev.type == 'cuda' else 'process CPU'} time", flush=True)
+    torch.manual_seed(0)
+    ratios = [bench("VGG-11", torchvision.models.vgg11(num_classes=10), args, dev),
+              bench("ResNet-18", torchvision.models.resnet18(num_classes=10), args, dev)]
+    try:
+        from vxnb.models import FlowerNet
+    except ImportError:
+        FlowerNet = None
+    if FlowerNet is not None:
+        ratios.append(bench("FlowerNet", FlowerNet(num_classes=6, size=128), args, dev))
+    print(f"min ratio hooked/plain: {min(ratios):.3f} (target ≥ 0.9)")
+
+
+if __name__ == "__main__":
+    main()

@@ -155,3 +155,9 @@ def test_bad_types_and_auc_needs_two_thresholds():
         iou_curve("not an array", np.ones((1, 2, 2), bool))
     with pytest.raises(ValueError, match="at least 2 thresholds"):
         iou_auc(np.zeros((1, 2, 2)), np.ones((1, 2, 2), bool), thresholds=[0.5])
+
+
+def test_package_level_contract():
+    import vxnb.evaluate as ev
+
+    assert ev.iou_curve is iou_curve and ev.iou_auc is iou_auc

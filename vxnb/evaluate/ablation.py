@@ -162,7 +162,7 @@ def ablation_curve(model: nn.Module, data: Any, features_all: Any, features_only
                         n_cls = out.shape[1]
                         correct = np.zeros((len(config_pairs), n_cls), dtype=np.int64)
                         total = np.zeros(n_cls, dtype=np.int64)
-                    if int(labels.max()) >= correct.shape[1]:
+                    if cid == 0 and int(labels.max()) >= correct.shape[1]:
                         raise ValueError(f"data: label {int(labels.max())} out of range for a model with "
                                          f"{correct.shape[1]} outputs")
                     pred = out.argmax(dim=1).cpu()

@@ -1,4 +1,7 @@
+import io
 import json
+import re
+import tarfile
 
 import pytest
 
@@ -49,3 +52,141 @@ def test_quick_overrides_the_full_size():
     cfg = RunConfig.from_params(quick=True, size=128, train_limit=None)
     assert cfg.size == 64 and cfg.train_limit == 1200
     assert RunConfig.from_params(quick=False, size=128).size == 128
+
+
+# --- offline pages ----------------------------------------------------------------------------
+_WIDGET_ID = "0123456789abcdef0123456789abcdef"
+_PLOTLY_HTML = ('<div> <script src="https://cdnjs.cloudflare.com/ajax/libs/mathjax/3.2.2/es5/tex-svg.min.js">'
+                '</script><script>Plotly.newPlot("x", [])</script></div>')
+
+
+def _executed_nb(path):
+    """A tiny 'executed' notebook: a saved slider widget and a plotly-like HTML output."""
+    state = {"_model_module": "@jupyter-widgets/controls", "_model_module_version": "2.0.0",
+             "_model_name": "IntSliderModel", "value": 3}
+    nb = {"cells": [
+        {"cell_type": "markdown", "id": "c0", "metadata": {}, "source": "# 01 · T\n\nline"},
+        {"cell_type": "code", "id": "c1", "execution_count": 1, "metadata": {}, "source": "slider",
+         "outputs": [{"output_type": "display_data", "metadata": {}, "data": {
+             "application/vnd.jupyter.widget-view+json": {"model_id": _WIDGET_ID, "version_major": 2,
+                                                           "version_minor": 0},
+             "text/plain": "IntSlider(value=3)"}}]},
+        {"cell_type": "code", "id": "c2", "execution_count": 2, "metadata": {}, "source": "fig",
+         "outputs": [{"output_type": "display_data", "metadata": {}, "data": {"text/html": _PLOTLY_HTML}}]}],
+        "metadata": {"widgets": {"application/vnd.jupyter.widget-state+json": {
+            "version_major": 2, "version_minor": 0, "state": {_WIDGET_ID: {
+                "model_name": "IntSliderModel", "model_module": "@jupyter-widgets/controls",
+                "model_module_version": "2.0.0", "state": state}}}}},
+        "nbformat": 4, "nbformat_minor": 5}
+    path.write_text(json.dumps(nb))
+    return path
+
+
+def _script_srcs(page):
+    """Every URL the page loads a script from: <script src> and the widget renderer's."""
+    return (re.findall(r'<script[^>]*\ssrc="([^"]*)"', page)
+            + re.findall(r"widgetRendererSrc = '([^']*)'", page))
+
+
+def _fake_npm_pack(spec, dest, npm):
+    """Stand-in for ``npm pack``: a tarball laid out like the real package's."""
+    name, version = spec.rsplit("@", 1)
+    if name == "@jupyter-widgets/html-manager":
+        members = {"package/dist/embed-amd.js": b"define('embed', [], 1);",
+                   "package/dist/embed.js": b"not needed", "package/dist/abc123.woff2": b"font",
+                   "package/dist/abc123.eot": b"old font", "package/package.json": b"{}"}
+    else:
+        members = {"package/require.js": b"var requirejs, require, define;", "package/bin/r.js": b"x"}
+    tarball = dest / (name.strip("@").replace("/", "-") + f"-{version}.tgz")
+    with tarfile.open(tarball, "w:gz") as tar:
+        for member, data in members.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return tarball
+
+
+def test_exported_page_loads_nothing_from_a_cdn(tmp_path):
+    executed = _executed_nb(tmp_path / "01_t.ipynb")
+    page = report.export_html(executed, tmp_path / "01_t.html").read_text()
+    srcs = _script_srcs(page)
+    assert "_static/require.js" in srcs and "_static/embed-amd.js" in srcs, srcs
+    assert not [s for s in srcs if s.startswith(("http:", "https:", "//"))], srcs
+    assert "https://cdnjs" not in page and "https://unpkg" not in page  # no MathJax, mermaid, CDN widgets
+    assert 'Plotly.newPlot("x", [])' in page  # the figure itself is kept, only its MathJax tag dropped
+    assert _WIDGET_ID in page and "application/vnd.jupyter.widget-state+json" in page
+    # without the vendored scripts: the CDN URLs, so the controls still render online
+    page = report.export_html(executed, tmp_path / "cdn.html", static_url=None).read_text()
+    assert "https://cdnjs.cloudflare.com/ajax/libs/require.js" in page and "https://unpkg.com/" in page
+    assert "mathjax" not in " ".join(_script_srcs(page)).lower()
+    with pytest.raises(ValueError, match="static_url"):
+        report.export_html(executed, tmp_path / "x.html", static_url="")
+
+
+def test_static_scripts_are_fetched_once_and_copied_next_to_the_pages(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(spec, dest, npm):
+        calls.append(spec)
+        return _fake_npm_pack(spec, dest, npm)
+
+    monkeypatch.setattr(report, "_npm_pack", fake)
+    monkeypatch.setattr(report.shutil, "which", lambda name: "/usr/bin/" + name)
+    cache = report.fetch_static(tmp_path / "cache")
+    assert sorted(p.name for p in cache.iterdir()) == ["VERSIONS.json", "abc123.woff2", "embed-amd.js", "require.js"]
+    assert calls == [f"@jupyter-widgets/html-manager@{report.HTML_MANAGER_VERSION}",
+                     f"requirejs@{report.REQUIREJS_VERSION}"]
+    assert report.fetch_static(tmp_path / "cache") == cache and len(calls) == 2  # cached: no second npm call
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    out = tmp_path / "reports"
+    assert report.prepare_static(out, cache_dir=cache) == report.STATIC_DIRNAME
+    for name in ("require.js", "embed-amd.js", "abc123.woff2"):
+        assert (out / "_static" / name).read_bytes() == (cache / name).read_bytes()
+    # the pages' relative URLs resolve to those files
+    page = report.export_html(_executed_nb(tmp_path / "01_t.ipynb"), out / "01_t.html").read_text()
+    for src in _script_srcs(page):
+        assert (out / src).is_file(), src
+    # a stale cache (other versions) is replaced
+    marker = json.loads((cache / "VERSIONS.json").read_text())
+    marker["versions"]["requirejs"] = "0.0.1"
+    (cache / "VERSIONS.json").write_text(json.dumps(marker))
+    report.fetch_static(cache)
+    assert len(calls) == 4 and json.loads((cache / "VERSIONS.json").read_text())["versions"]["requirejs"] \
+        == report.REQUIREJS_VERSION
+    with pytest.raises(ValueError, match="static"):
+        report.copy_static(tmp_path / "reports", tmp_path / "elsewhere")
+
+
+def test_without_npm_the_report_is_written_with_a_warning(tmp_path, monkeypatch):
+    with pytest.raises(RuntimeError, match="npm"):
+        report.fetch_static(tmp_path / "cache", npm="no-such-npm-here")
+    assert not (tmp_path / "cache").exists()
+
+    def failing_pack(spec, dest, npm):
+        raise RuntimeError("npm pack failed (1): E404")
+
+    monkeypatch.setattr(report, "_npm_pack", failing_pack)
+    with pytest.warns(RuntimeWarning, match="need network"):
+        assert report.prepare_static(tmp_path / "out", cache_dir=tmp_path / "cache") is None
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out" / "_static").exists()
+
+    # the whole report, with the notebook run faked (no execution) and npm unavailable
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _executed_nb(nbs / "01_t.ipynb")
+
+    def fake_run(path, out_dir, parameters, **kw):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / path.name).write_text(path.read_text())
+        return out_dir / path.name
+
+    def no_npm(cache_dir=None, *, npm="npm"):
+        raise RuntimeError("npm: 'npm' is not on the PATH")
+
+    monkeypatch.setattr(report, "run_notebook", fake_run)
+    monkeypatch.setattr(report, "fetch_static", no_npm)
+    with pytest.warns(RuntimeWarning, match="widget controls .* need network"):
+        result = report.build_report(quick=True, out_dir=tmp_path / "rep", notebooks=nbs, progress=False)
+    page = (tmp_path / "rep" / "01_t.html").read_text()
+    assert result["entries"][0]["ok"] and 'Plotly.newPlot("x", [])' in page
+    assert "https://unpkg.com/" in page and not (tmp_path / "rep" / "_static").exists()

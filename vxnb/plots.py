@@ -683,27 +683,47 @@ def sanity_sensitivity_bars(summary, *, metrics: Sequence[str] = ("spearman", "s
 
 def randomization_curves(summary, *, metrics: Sequence[str] = ("spearman", "ssim"), title: str | None = None):
     """Cascading randomisation (Adebayo et al.): similarity to the trained model's explanation vs
-    the layers randomised (top first), one line per method, one panel per metric (and row per
-    ``dataset``). The first point ("trained") is the unmodified model (similarity 1)."""
+    the layers randomised (top first), one line per method, one row per metric and
+    one column per ``dataset`` (when the table has that column). The first point ("trained") is
+    the unmodified model (similarity 1). ``summary``: ``SanityResult.randomization_summary()``
+    (method, step, layer, the metrics and their ``_std``)."""
     import pandas as pd
-    import plotly.express as px
+    import plotly.colors as pc
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     frame = summary.copy()
-    keys = ["method"] + (["dataset"] if "dataset" in frame.columns else [])
-    start = frame.drop_duplicates(keys).assign(step=0, layer="trained", **{m: 1.0 for m in metrics},
-                                               **{f"{m}_std": 0.0 for m in metrics})
-    frame = pd.concat([start, frame], ignore_index=True).sort_values(keys + ["step"], kind="stable")
-    frame["randomised"] = ["trained" if s == 0 else f"→ {l}" for s, l in zip(frame["step"], frame["layer"])]
-    long = pd.concat([frame.assign(metric=m, value=frame[m]) for m in metrics], ignore_index=True)
-    row = "dataset" if "dataset" in long.columns and long["dataset"].nunique() > 1 else None
-    fig = px.line(long, x="step", y="value", color="method", markers=True, facet_col="metric", facet_row=row,
-                  hover_data={"randomised": True, "step": False}, title=title or
-                  "cascading randomisation: similarity to the trained model's explanation",
-                  labels={"value": "similarity", "step": "layers randomised (from the top)"})
-    names = frame.drop_duplicates("step").sort_values("step")
-    if not row:  # one layer sequence: name the ticks
-        fig.update_xaxes(tickmode="array", tickvals=names["step"].tolist(), ticktext=names["randomised"].tolist(),
-                         tickangle=-45)
-    fig.update_yaxes(range=[min(-0.05, float(long["value"].min()) - 0.05), 1.05])
-    fig.update_layout(height=380 * (long[row].nunique() if row else 1) + 80)
+    if "dataset" not in frame.columns:
+        frame["dataset"] = ""
+    datasets = list(dict.fromkeys(frame["dataset"]))
+    methods = list(dict.fromkeys(frame["method"]))
+    colors = {m: pc.qualitative.Plotly[i % 10] for i, m in enumerate(methods)}
+    titles = [f"{d}<br>{m}" if d else m for m in metrics for d in datasets]
+    fig = make_subplots(rows=len(metrics), cols=len(datasets), subplot_titles=titles, shared_yaxes=True,
+                        vertical_spacing=0.22 / max(1, len(metrics) - 1) if len(metrics) > 1 else 0.1,
+                        horizontal_spacing=0.06)
+    for c, d in enumerate(datasets, 1):
+        part = frame[frame["dataset"] == d]
+        layers = part.drop_duplicates("step").sort_values("step")
+        ticks = ["trained"] + [f"→ {l}" for l in layers["layer"]]
+        steps = [0] + layers["step"].tolist()
+        for r, metric in enumerate(metrics, 1):
+            for m in methods:
+                g = part[part["method"] == m].sort_values("step")
+                if g.empty:
+                    continue
+                y = np.r_[1.0, g[metric].to_numpy(dtype=float)]
+                hover = [f"{m}<br>{t}<br>{metric} = {v:.3f}<extra></extra>" for t, v in zip(ticks, y)]
+                fig.add_trace(go.Scatter(x=steps, y=y, mode="lines+markers", name=m, legendgroup=m,
+                                         line=dict(color=colors[m]), showlegend=(r == 1 and c == 1),
+                                         hovertemplate=hover), row=r, col=c)
+            fig.update_xaxes(tickmode="array", tickvals=steps, ticktext=ticks, tickangle=-45, row=r, col=c)
+        fig.update_xaxes(title_text="layers randomised (from the top)", row=len(metrics), col=c)
+    for r, metric in enumerate(metrics, 1):
+        fig.update_yaxes(title_text=metric, row=r, col=1)
+    lo = min([-0.05] + [float(np.nanmin(frame[m])) - 0.05 for m in metrics if frame[m].notna().any()])
+    fig.update_yaxes(range=[lo, 1.05])
+    fig.update_layout(title=title or "cascading randomisation: similarity to the trained model's explanation",
+                      height=300 * len(metrics) + 140, width=max(560, 430 * len(datasets) + 160),
+                      legend_title_text="method")
     return fig

@@ -22,7 +22,8 @@ def quick_report(tmp_path_factory):
     os.environ["OMP_NUM_THREADS"] = "1"
     root = tmp_path_factory.mktemp("report")
     params = {"runs_root": str(root / "runs"), "data_root": str(root / "data")}
-    result = report.build_report(quick=True, out_dir=root / "reports", parameters=params, progress=False)
+    result = report.build_report(quick=True, out_dir=root / "reports", parameters=params, progress=False,
+                                 stop_on_error=False, raise_on_error=False)
     return root / "reports", result
 
 
@@ -39,6 +40,7 @@ def test_notebooks_are_committed_clean():
 def test_notebook_runs_quick(quick_report, nb):
     out, result = quick_report
     entry = next(e for e in result["entries"] if e["notebook"] == nb.name)
+    print(f"{nb.name}: {entry['seconds']:.0f} s")
     assert entry["ok"], entry["error"]
     executed = json.loads((out / nb.name).read_text())
     errors = [o for c in executed["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])

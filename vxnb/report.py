@@ -294,8 +294,13 @@ li{{margin-bottom:1em}} .t{{color:#777;font-size:90%}}</style></head>
 
 def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
                  notebooks: str | Path | None = None, parameters: dict[str, Any] | None = None,
-                 progress: bool = True, stop_on_error: bool = True) -> dict[str, Any]:
-    """Run every numbered notebook and write the report; returns {index, entries}."""
+                 progress: bool = True, stop_on_error: bool = True, raise_on_error: bool = True) -> dict[str, Any]:
+    """Run every numbered notebook and write the report; returns {index, entries}.
+
+    A failing notebook is recorded in its entry (``ok``, ``error``) and in the index; with
+    ``stop_on_error`` the later notebooks are not run; with ``raise_on_error`` a RuntimeError
+    naming the first failure is raised once the index is written.
+    """
     out = Path(out_dir) if out_dir else repo_root() / "reports"
     out.mkdir(parents=True, exist_ok=True)
     params = {"quick": bool(quick)}
@@ -315,11 +320,12 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
             ok, error = False, f"{type(err).__name__}: {err}"
         entries.append({"notebook": nb.name, "html": nb.stem + ".html", "title": title, "description": desc,
                         "seconds": time.perf_counter() - t0, "ok": ok, "error": error})
+        print(f"      {'done' if ok else 'FAILED'} in {entries[-1]['seconds']:.0f} s", flush=True)
         if not ok and stop_on_error:
             break
     index = write_index(out, entries, quick=quick)
     failed = [e for e in entries if not e["ok"]]
-    if failed:
+    if failed and raise_on_error:
         raise RuntimeError(f"notebook {failed[0]['notebook']} failed: {failed[0]['error']} "
                            f"(the partial run is in {out / (Path(failed[0]['notebook']).stem + '.failed.ipynb')})")
     return {"index": index, "entries": entries}

@@ -1,0 +1,221 @@
+"""Tests of the five-fold an8Flower benchmark (``vxnb.evaluate.benchmark``).
+
+The fold loop runs on a tiny configuration (an8Flower at 32 px, 48 training images, one epoch,
+two folds, six test images): it must produce Table 1 with every method and finite numbers,
+write its CSV files, and resume after an interruption — finished folds read back, not
+recomputed, the interrupted fold recomputed.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from vxnb import runs
+from vxnb.evaluate import benchmark as B
+from vxnb.evaluate.iou import iou_auc
+
+
+# ----------------------------------------------------------------------------- fast checks
+def test_unknown_method_lists_methods():
+    with pytest.raises(ValueError, match="method: expected one of activation, deconv_gb.*ours; got str 'lime'"):
+        B.method_heatmaps("lime", torch.nn.Identity(), torch.rand(1, 3, 32, 32), [0])
+    with pytest.raises(ValueError, match="methods: expected one of"):
+        B.run_benchmark(runs.RunConfig(size=32), methods=("ours", "lime"), save=False)
+
+
+def test_unknown_variant_and_fold_out_of_range():
+    cfg = runs.RunConfig(size=32)
+    with pytest.raises(ValueError, match="variants: expected one of 'single-6c', 'double-12c', 'part-2c'"):
+        B.run_benchmark(cfg, variants="single-7c", save=False)
+    with pytest.raises(ValueError, match=r"folds: expected an int in 0\.\.4 .* got int 5"):
+        B.run_benchmark(cfg, folds=(0, 5), save=False)
+    with pytest.raises(ValueError, match=r"folds\['single-6c'\]: expected an int in 0\.\.4"):
+        B.run_benchmark(cfg, folds={"single-6c": (-1,)}, save=False)
+    with pytest.raises(ValueError, match="folds: has entries for variants not run"):
+        B.run_benchmark(cfg, variants="single-6c", folds={"part-2c": (0,)}, save=False)
+    with pytest.raises(ValueError, match="folds: folds must be unique"):
+        B.run_benchmark(cfg, folds=(1, 1), save=False)
+    with pytest.raises(ValueError, match=r"fold: expected an int in 0\.\.4"):
+        B.fold_config(cfg, "single-6c", 7)
+    with pytest.raises(ValueError, match="variant: expected one of"):
+        B.fold_config(cfg, "double", 0)
+    with pytest.raises(ValueError, match="dataset='an8flower'"):
+        B.run_benchmark(runs.RunConfig(dataset="mnist"), save=False)
+    with pytest.raises(TypeError, match="config: expected a vxnb.runs.RunConfig"):
+        B.run_benchmark({"size": 32}, save=False)
+
+
+def test_other_bad_options():
+    cfg = runs.RunConfig(size=32)
+    with pytest.raises(ValueError, match="mu: expected a positive number"):
+        B.run_benchmark(cfg, mu=0, save=False)
+    with pytest.raises(ValueError, match="k: expected a positive int"):
+        B.run_benchmark(cfg, k=0, save=False)
+    with pytest.raises(ValueError, match="n_test_images: expected a positive int or None"):
+        B.run_benchmark(cfg, n_test_images=-3, save=False)
+    with pytest.raises(ValueError, match="relevant: method 'ours' needs the relevant features"):
+        B.method_heatmaps("ours", torch.nn.Identity(), torch.rand(2, 3, 32, 32), [0, 1])
+    with pytest.raises(ValueError, match=r"targets: expected \(2,\) integer classes"):
+        B.method_heatmaps("deconv_gb", torch.nn.Identity(), torch.rand(2, 3, 32, 32), [0.5, 1.0])
+
+
+def test_stratified_indices():
+    labels = np.repeat(np.arange(4), [10, 10, 10, 3])
+    idx = B.stratified_indices(labels, 10, seed=1)
+    counts = np.bincount(labels[idx], minlength=4)
+    assert len(idx) == len(set(idx.tolist())) and np.all(np.diff(idx) > 0)
+    assert sorted(counts.tolist()) == [2, 2, 3, 3]  # 10 over 4 classes: 3, 3, 2, 2 (class 3 has 3)
+    assert np.array_equal(idx, B.stratified_indices(labels, 10, seed=1))  # seeded
+    assert np.array_equal(B.stratified_indices(labels, None), np.arange(33))
+    assert np.array_equal(B.stratified_indices(labels, 100), np.arange(33))
+    small = B.stratified_indices(labels, 20, seed=0)  # class 3 gives all it has (3 of its 5)
+    assert np.bincount(labels[small], minlength=4)[3] == 3
+
+
+def test_paper_table_and_comparison():
+    paper = B.paper_table()
+    assert set(paper["method"]) == set(B.METHODS) and set(paper["variant"]) == {"single-6c", "double-12c"}
+    # comparing the paper with itself: its own ranks and gaps (ours 22.5 - Deconv+GB 21.3 = 1.2)
+    comp = B.compare_with_paper(paper)
+    assert np.array_equal(comp["rank"].to_numpy(), comp["paper_rank"].to_numpy())
+    row = comp[(comp["variant"] == "single-6c") & (comp["method"] == "ours")].iloc[0]
+    assert row["rank"] == 1 and row["gap_to_deconv_gb"] == pytest.approx(1.2)
+    dbl = comp[comp["variant"] == "double-12c"].sort_values("rank")
+    assert list(dbl["method"][:3]) == ["ours", "deconv_gb", "guided_gradcampp"]
+    table = B.format_table(paper)
+    assert list(table.index) == [B.METHOD_LABELS[m] for m in B.METHODS]
+    assert list(table.columns) == ["single-6c", "double-12c"]
+    assert table.loc["Ours", "single-6c"] == "22.5 ± 0.82"
+    with pytest.raises(ValueError, match="summary: expected a DataFrame"):
+        B.compare_with_paper(pd.DataFrame({"a": [1]}))
+
+
+# ----------------------------------------------------------------------------- the fold loop
+TINY = dict(n_test_images=6, occlusion_images=4, k=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("bench_data"))
+
+
+def _tiny(data_root, runs_root) -> runs.RunConfig:
+    return runs.RunConfig(size=32, epochs=1, train_limit=48, data_root=data_root, runs_root=str(runs_root))
+
+
+@pytest.fixture(scope="module")
+def tiny_config(data_root, tmp_path_factory):
+    return _tiny(data_root, tmp_path_factory.mktemp("bench_runs"))
+
+
+@pytest.mark.slow
+def test_fold_loop_table_csv_and_auc(tiny_config):
+    res = B.run_benchmark(tiny_config, variants="single-6c", folds=(0, 1), **TINY)
+    pf = res.per_fold
+    assert len(pf) == 2 * len(B.METHODS) and set(pf["method"]) == set(B.METHODS)
+    assert np.isfinite(pf["auc"]).all() and ((pf["auc"] >= 0) & (pf["auc"] <= 100)).all()
+    assert (pf["n_images"] == 6).all() and not pf["cached"].any()
+    table = res.table()
+    assert list(table.index) == [B.METHOD_LABELS[m] for m in B.METHODS] and list(table.columns) == ["single-6c"]
+    summ = res.summary()
+    assert (summ["n_folds"] == 2).all() and np.isfinite(summ[["mean", "std"]].to_numpy()).all()
+    curves = res.mean_curves()
+    assert len(curves) == len(B.METHODS) * 101 and np.isfinite(curves["iou"]).all()
+    # the area of the mean curve is the mean of the folds' areas (trapezoid is linear)
+    for m, c in curves.groupby("method"):
+        area = 100 * np.trapezoid(c["iou"].to_numpy(), c["threshold"].to_numpy())
+        assert area == pytest.approx(summ.set_index("method").loc[m, "mean"], abs=1e-9)
+    occ = res.occlusion_curves()
+    assert set(occ["method"]) == set(B.METHODS) and np.isfinite(occ["confidence"]).all()
+    assert len(res.occlusion_differences()) == len(B.METHODS) - 1
+    # CSV files in the benchmark's run folder, readable and equal to the frames
+    assert {"per_fold", "table1", "curves", "timings", "occlusion"} <= set(res.files)
+    back = pd.read_csv(res.files["table1"])
+    np.testing.assert_allclose(back["mean"], summ["mean"])
+    assert res.files["table1"].parent.name == "benchmark-an8flower-s32-seed0"
+    # each fold's result sits in its own run folder
+    for fold in (0, 1):
+        folder = runs.run_dir(B.fold_config(tiny_config, "single-6c", fold))
+        assert (folder / "model.pt").exists() and len(list(folder.glob("benchmark-*.json"))) == 1
+    # independent check of one number: Deconv+GB of fold 0 recomputed by hand with iou_auc
+    cfg0 = B.fold_config(tiny_config, "single-6c", 0)
+    images, labels, masks, _ = B.fold_data(cfg0, 6, progress=False)
+    model, _ = runs.get_model(cfg0, progress=False)
+    preds = model.eval()(images).argmax(1)
+    from vxnb.baselines import attribution
+    h = attribution("deconv_gb", model, images, preds)
+    want = iou_auc(h, masks)
+    got = pf[(pf["fold"] == 0) & (pf["method"] == "deconv_gb")]["auc"].item()
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_after_interruption(data_root, tmp_path, monkeypatch):
+    tiny_config = _tiny(data_root, tmp_path)  # fresh run folders: only this test's results in them
+    methods = ("deconv_gb", "gradcam", "ours")
+    opts = dict(TINY, methods=methods, occlusion=False)
+    calls = {"heat": 0}
+    real_heatmaps = B.method_heatmaps
+
+    def failing(method, *a, **kw):  # the 5th heatmap call = the 2nd method of fold 1
+        calls["heat"] += 1
+        if calls["heat"] == 5:
+            raise RuntimeError("simulated interruption")
+        return real_heatmaps(method, *a, **kw)
+
+    monkeypatch.setattr(B, "method_heatmaps", failing)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        B.run_benchmark(tiny_config, folds=(0, 1, 2), **opts)
+    folders = [runs.run_dir(B.fold_config(tiny_config, "single-6c", f)) for f in (0, 1, 2)]
+    files = [list(f.glob("benchmark-*.json")) for f in folders]
+    assert [len(f) for f in files] == [1, 0, 0]  # fold 0 finished; fold 1 interrupted; fold 2 not started
+    assert (folders[1] / "model.pt").exists()  # fold 1 got as far as its checkpoint
+    first = json.loads(files[0][0].read_text())
+    assert first["settings"]["methods"] == list(methods)
+    done0 = files[0][0].read_bytes()
+
+    # resume: fold 0 is read back, folds 1 (interrupted) and 2 (never started) are computed
+    monkeypatch.setattr(B, "method_heatmaps", real_heatmaps)
+    evaluated = []
+    real_evaluate = B.evaluate_fold
+
+    def counting(cfg, **kw):
+        evaluated.append(cfg.test_fold)
+        return real_evaluate(cfg, **kw)
+
+    monkeypatch.setattr(B, "evaluate_fold", counting)
+    res = B.run_benchmark(tiny_config, folds=(0, 1, 2), **opts)
+    assert evaluated == [1, 2]
+    cached = res.per_fold.groupby("fold")["cached"].first()
+    assert cached.to_dict() == {0: True, 1: False, 2: False}
+    got0 = res.per_fold[res.per_fold["fold"] == 0].set_index("method")["auc"].to_dict()
+    assert got0 == pytest.approx(first["auc"])
+    assert files[0][0].read_bytes() == done0  # not rewritten
+
+    # a third run computes nothing; recompute=True recomputes all
+    evaluated.clear()
+    again = B.run_benchmark(tiny_config, folds=(0, 1, 2), save=False, **opts)
+    assert evaluated == [] and again.per_fold["cached"].all()
+    pd.testing.assert_frame_equal(again.summary(), res.summary())
+    # a damaged result file is recomputed, never trusted
+    (damaged,) = folders[2].glob("benchmark-*.json")
+    damaged.write_text("{ not json")
+    B.run_benchmark(tiny_config, folds=(0, 1, 2), save=False, **opts)
+    assert evaluated == [2]
+
+
+@pytest.mark.slow
+def test_explain_examples(tiny_config):
+    ex = B.explain_examples(tiny_config, "single-6c", 0, n=3, methods=("deconv_gb", "ours"), k=2)
+    assert ex["images"].shape == (3, 3, 32, 32) and ex["masks"].shape == (3, 32, 32)
+    assert set(ex["heatmaps"]) == {"deconv_gb", "ours"}
+    assert all(h.shape == (3, 32, 32) and torch.isfinite(h).all() for h in ex["heatmaps"].values())
+    with pytest.raises(ValueError, match="positions: expected indices in"):
+        B.explain_examples(tiny_config, "single-6c", 0, positions=[10_000], methods=("deconv_gb",))
+    from vxnb import plots
+    fig = plots.benchmark_examples(ex, B.METHOD_LABELS)
+    assert len(fig.data) == 3 * 4

@@ -1,0 +1,704 @@
+"""The an8Flower benchmark of the paper (Sec. 4.3, Table 1; box occlusion of Sec. 4.2).
+
+Protocol (five folds grouped by viewpoint, ``vxnb.data.an8flower``):
+
+for every variant and every fold ``f``
+
+1. the reference model (FlowerNet) is trained on the other four folds — through
+   :func:`vxnb.runs.get_model` with ``RunConfig(test_fold=f)``, so every fold has its own run
+   folder holding its checkpoint, features and μ-lasso path;
+2. the relevant features are selected with the μ-lasso on the **training** folds
+   (:func:`vxnb.runs.get_features` on all conv + FC layers, :func:`vxnb.runs.get_lasso_path`
+   → ``W = path.coef(mu)``, default μ = 10 as in the paper, Sec. 4.1);
+3. on the held-out fold (a class-stratified subset of ``n_test_images`` images, seeded) every
+   method produces one heatmap per image **for the class the model predicts** — the paper
+   explains the prediction ĵ = F(I) (Sec. 3.2) — and the heatmaps are compared with the
+   ground-truth mask of the image's class part: the IoU curve over the thresholds
+   0, 0.01, …, 1 of the per-image min-max normalised heatmap and its area in percent
+   (:func:`vxnb.evaluate.iou.iou_curve`). A misclassified image keeps its true-class mask;
+4. optionally, the box-occlusion study (:func:`vxnb.evaluate.occlusion.occlusion_study`) on a
+   subset of those images: the confidence of the predicted class as patches sampled from each
+   heatmap cover 0, 5, …, 30 % of the image.
+
+Methods (:data:`METHODS`): upsampled activation maps, Deconv+GB, Grad-CAM, Guided Grad-CAM,
+Grad-CAM++, Guided Grad-CAM++ (all :func:`vxnb.baselines.attribution`, the layer-based ones at
+the last convolutional layer's ReLU) and ``"ours"``: :func:`vxnb.explain.explain_batch` —
+the resampled DeconvNet+GB heatmaps of the top-``k`` relevant features by response
+r = w_ĵ ∘ x, combined into one map per image (default k = 5).
+
+Table 1 reports the area under the IoU curve (percent), mean ± std over the folds
+(``std`` with ``ddof=1``, the sample standard deviation; NaN for a single fold).
+
+Resumption: each finished fold writes ``benchmark-<key>.json`` atomically into its fold's run
+folder (``<key>`` hashes the settings and the checkpoint's bytes); the next run reads it back
+instead of recomputing. A fold interrupted before that file is written has no file and is
+recomputed (its trained checkpoint, written atomically by ``get_model``, is reused).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, iou_curve
+from vxnb.evaluate.occlusion import DEFAULT_COVERAGE, mean_confidence_difference, occlusion_study
+from vxnb.utils import atomic_write_json, describe
+
+__all__ = [
+    "METHODS",
+    "BASELINE_METHODS",
+    "METHOD_LABELS",
+    "VARIANTS",
+    "N_FOLDS",
+    "PAPER_TABLE1",
+    "paper_table",
+    "method_heatmaps",
+    "stratified_indices",
+    "fold_config",
+    "fold_data",
+    "fold_relevant",
+    "evaluate_fold",
+    "run_fold",
+    "run_benchmark",
+    "BenchmarkResult",
+    "explain_examples",
+    "compare_with_paper",
+    "format_table",
+]
+
+#: The baselines of Table 1 (names of :func:`vxnb.baselines.attribution`).
+BASELINE_METHODS: tuple[str, ...] = ("activation", "deconv_gb", "gradcam", "guided_gradcam", "gradcampp",
+                                     "guided_gradcampp")
+#: Every method of the benchmark, in the paper's row order; ``"ours"`` last.
+METHODS: tuple[str, ...] = BASELINE_METHODS + ("ours",)
+#: Display names (the paper's).
+METHOD_LABELS: dict[str, str] = {
+    "activation": "Upsampled Act.",
+    "deconv_gb": "Deconv+GB",
+    "gradcam": "Grad-CAM",
+    "guided_gradcam": "Guided Grad-CAM",
+    "gradcampp": "Grad-CAM++",
+    "guided_gradcampp": "Guided Grad-CAM++",
+    "ours": "Ours",
+}
+VARIANTS: tuple[str, ...] = ("single-6c", "double-12c", "part-2c")
+N_FOLDS = 5
+
+#: Table 1 of the paper: area under the IoU curve (%), mean and std over 5 folds.
+#: The paper reports no part-2c row.
+PAPER_TABLE1: dict[str, dict[str, tuple[float, float]]] = {
+    "single-6c": {
+        "activation": (16.8, 2.63), "deconv_gb": (21.3, 0.77), "gradcam": (17.5, 0.25),
+        "guided_gradcam": (19.9, 0.61), "gradcampp": (15.6, 0.57), "guided_gradcampp": (19.6, 0.65),
+        "ours": (22.5, 0.82),
+    },
+    "double-12c": {
+        "activation": (16.1, 1.30), "deconv_gb": (21.9, 0.72), "gradcam": (14.8, 0.16),
+        "guided_gradcam": (19.4, 0.34), "gradcampp": (14.6, 0.12), "guided_gradcampp": (19.7, 0.27),
+        "ours": (23.2, 0.60),
+    },
+}
+
+_RESULT_VERSION = 1
+
+
+# ============================================================================ checks
+def _check_method(method: Any, arg: str = "method") -> str:
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"{arg}: expected one of {', '.join(METHODS)}; got {describe(method)}")
+    return method
+
+
+def _check_methods(methods: Any) -> tuple[str, ...]:
+    if isinstance(methods, str):
+        methods = (methods,)
+    try:
+        methods = tuple(methods)
+    except TypeError:
+        raise TypeError(f"methods: expected a sequence of method names ({', '.join(METHODS)}), "
+                        f"got {describe(methods)}") from None
+    if not methods:
+        raise ValueError(f"methods: expected at least one of {', '.join(METHODS)}, got an empty sequence")
+    for m in methods:
+        _check_method(m, "methods")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods: names must be unique, got {list(methods)}")
+    return methods
+
+
+def _check_variant(variant: Any, arg: str = "variant") -> str:
+    if not isinstance(variant, str) or variant not in VARIANTS:
+        raise ValueError(f"{arg}: expected one of {', '.join(map(repr, VARIANTS))}; got {describe(variant)}")
+    return variant
+
+
+def _check_fold(fold: Any, arg: str = "fold") -> int:
+    if isinstance(fold, (bool, np.bool_)) or not isinstance(fold, (int, np.integer)) or not 0 <= int(fold) < N_FOLDS:
+        raise ValueError(f"{arg}: expected an int in 0..{N_FOLDS - 1} (an8Flower has {N_FOLDS} folds), "
+                         f"got {describe(fold)}")
+    return int(fold)
+
+
+def _check_folds(folds: Any, arg: str = "folds") -> tuple[int, ...]:
+    if isinstance(folds, (int, np.integer)) and not isinstance(folds, (bool, np.bool_)):
+        folds = (folds,)
+    try:
+        folds = tuple(folds)
+    except TypeError:
+        raise TypeError(f"{arg}: expected a sequence of fold numbers in 0..{N_FOLDS - 1}, got {describe(folds)}") from None
+    if not folds:
+        raise ValueError(f"{arg}: expected at least one fold in 0..{N_FOLDS - 1}, got an empty sequence")
+    out = tuple(_check_fold(f, arg) for f in folds)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{arg}: folds must be unique, got {list(out)}")
+    return out
+
+
+def _check_positive_int(value: Any, arg: str, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or int(value) < 1:
+        raise ValueError(f"{arg}: expected a positive int{' or None' if allow_none else ''}, got {describe(value)}")
+    return int(value)
+
+
+def _check_mu(mu: Any) -> float:
+    if isinstance(mu, (bool, np.bool_)) or not isinstance(mu, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(mu) or mu <= 0:
+        raise ValueError(f"mu: expected a positive number (the paper uses 10), got {describe(mu)}")
+    return float(mu)
+
+
+# ============================================================================ heatmaps
+def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, targets: Any, *,
+                    relevant: Any = None, k: int = 5, layer: str | None = None,
+                    batch_size: int = 32) -> torch.Tensor:
+    """One heatmap per image for ``targets`` by one benchmark method: (N, H, W) float32 on the CPU.
+
+    Args:
+        method: one of :data:`METHODS`.
+        model: the classifier (left as it was).
+        images: (N, C, H, W) float images.
+        targets: (N,) class per image (the benchmark passes the predicted classes), or an int.
+        relevant: ``"ours"`` only: the relevant features, a :class:`vxnb.explain.Relevance`
+            (:func:`fold_relevant`) or the DataFrame of :func:`vxnb.relevance.relevant_features`.
+        k: ``"ours"`` only: the number of top-responding relevant features combined.
+        layer: the layer of the activation / Grad-CAM family (default: the last conv's ReLU).
+        batch_size: images per call.
+    """
+    method = _check_method(method)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images: expected a (N, C, H, W) tensor, got {describe(images)}")
+    n = images.shape[0]
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    if isinstance(targets, (int, np.integer)) and not isinstance(targets, bool):
+        targets = torch.full((n,), int(targets), dtype=torch.long)
+    targets = torch.as_tensor(np.asarray(targets) if not isinstance(targets, torch.Tensor) else targets)
+    if targets.shape != (n,) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"targets: expected ({n},) integer classes (one per image), got {describe(targets)}")
+    if method == "ours":
+        from vxnb.explain import Relevance, explain_batch
+
+        if not isinstance(relevant, (Relevance, pd.DataFrame)):
+            raise ValueError("relevant: method 'ours' needs the relevant features (a vxnb.explain.Relevance or "
+                             f"the DataFrame of vxnb.relevance.relevant_features), got {describe(relevant)}")
+        k = _check_positive_int(k, "k")
+    else:
+        from vxnb.baselines import attribution
+    out = []
+    for start in range(0, n, batch_size):
+        x = images[start:start + batch_size]
+        t = targets[start:start + batch_size]
+        if method == "ours":
+            h = explain_batch(model, relevant, x, k=k, targets=t)
+        else:
+            h = attribution(method, model, x, t, layer=layer)
+        h = torch.as_tensor(h).detach().float().cpu()
+        if h.shape != (x.shape[0], x.shape[2], x.shape[3]):
+            raise RuntimeError(f"method {method!r} returned heatmaps of shape {tuple(h.shape)} for images of "
+                               f"shape {tuple(x.shape)}; expected {(x.shape[0], x.shape[2], x.shape[3])}")
+        out.append(h)
+    return torch.cat(out)
+
+
+# ============================================================================ data of a fold
+def stratified_indices(labels: Any, n: int | None, seed: int = 0) -> np.ndarray:
+    """Positions of a class-stratified random subset of ``n`` items (sorted), all when ``n`` is None.
+
+    Every class gets ``n // C`` items (the first ``n % C`` classes, in a seeded random order,
+    one more); a class with fewer items gives all it has.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels: expected a 1-D array of class labels, got shape {labels.shape}")
+    n = _check_positive_int(n, "n", allow_none=True)
+    if n is None or n >= labels.size:
+        return np.arange(labels.size)
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    per = np.full(classes.size, n // classes.size)
+    per[rng.permutation(classes.size)[: n % classes.size]] += 1
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:p] for c, p in zip(classes, per)]
+    return np.sort(np.concatenate(keep))
+
+
+def fold_config(config: Any, variant: str, fold: int):
+    """The :class:`vxnb.runs.RunConfig` of one fold: ``config`` with this variant and test fold."""
+    from vxnb import runs
+
+    if not isinstance(config, runs.RunConfig):
+        raise TypeError(f"config: expected a vxnb.runs.RunConfig, got {describe(config)}")
+    if config.dataset != "an8flower":
+        raise ValueError(f"config: the benchmark needs dataset='an8flower', got {config.dataset!r}")
+    return dataclasses.replace(config, variant=_check_variant(variant), test_fold=_check_fold(fold), name=None)
+
+
+def fold_data(cfg: Any, n_test_images: int | None = None, *, data=None, progress: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+    """The evaluated test images of a fold: ``(images (N,3,S,S), labels (N,), masks (N,S,S) bool,
+    positions in the test split (N,))`` — a class-stratified subset seeded by ``cfg.seed`` and the
+    fold."""
+    from vxnb import runs
+
+    _, test, _ = data if data is not None else runs.load_data(cfg, progress=progress)
+    labels = _dataset_labels(test)
+    pos = stratified_indices(labels, n_test_images, seed=cfg.seed * 100 + cfg.test_fold)
+    items = [test[int(i)] for i in pos]
+    if not items or len(items[0]) < 3:
+        raise ValueError("data: the benchmark needs items (image, label, mask) with ground-truth masks")
+    images = torch.stack([it[0] for it in items]).float()
+    labels_t = torch.tensor([int(it[1]) for it in items], dtype=torch.long)
+    masks = torch.stack([torch.as_tensor(it[2]).bool() for it in items])
+    return images, labels_t, masks, pos
+
+
+def _dataset_labels(ds: Any) -> np.ndarray:
+    """Labels of a dataset (fast for an ``An8Flower`` or a ``Subset`` of one)."""
+    from torch.utils.data import Subset
+
+    if isinstance(ds, Subset) and hasattr(ds.dataset, "targets"):
+        return np.asarray(ds.dataset.targets)[np.asarray(ds.indices)]
+    if hasattr(ds, "targets"):
+        return np.asarray(ds.targets)
+    return np.array([int(ds[i][1]) for i in range(len(ds))])
+
+
+def fold_relevant(cfg: Any, model: torch.nn.Module, mu: float = 10.0, *, data=None,
+                  progress: bool = True):
+    """The relevant features of a fold: μ-lasso on the training folds' responses (all conv + FC
+    layers), ``W = path.coef(mu)`` → :class:`vxnb.explain.Relevance` (features and path cached in
+    the fold's run folder)."""
+    from vxnb import runs
+    from vxnb.explain import Relevance
+
+    mu = _check_mu(mu)
+    data = data if data is not None else runs.load_data(cfg, progress=progress)
+    feats = runs.get_features(cfg, model, "train", data=data, progress=progress)
+    path = runs.get_lasso_path(cfg, feats, mu_max=max(50.0, mu))
+    return Relevance.from_path(path, feats, mu)
+
+
+# ============================================================================ one fold
+def _settings(methods, mu, k, n_test_images, occlusion, occlusion_images, coverage, layer, thresholds) -> dict:
+    return {"methods": list(methods), "mu": float(mu), "k": int(k), "n_test_images": n_test_images,
+            "occlusion": bool(occlusion), "occlusion_images": occlusion_images,
+            "coverage": [float(c) for c in coverage], "layer": layer,
+            "thresholds": [float(t) for t in np.asarray(thresholds)]}
+
+
+def _result_file(folder: Path, settings: dict, checkpoint: Path) -> tuple[Path, str]:
+    h = hashlib.sha1()
+    h.update(json.dumps({"version": _RESULT_VERSION, **settings}, sort_keys=True).encode())
+    if checkpoint.exists():
+        h.update(checkpoint.read_bytes())
+    key = h.hexdigest()[:12]
+    return folder / f"benchmark-{key}.json", key
+
+
+def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.0, k: int = 5,
+                  n_test_images: int | None = 300, occlusion: bool = True, occlusion_images: int | None = 100,
+                  coverage: Sequence[float] = DEFAULT_COVERAGE, layer: str | None = None,
+                  thresholds: Any = None, batch_size: int = 32, progress: bool = True) -> dict:
+    """Run one fold of the protocol (no caching; :func:`run_fold` caches). Returns a JSON-ready dict.
+
+    Keys: ``variant, fold, run, n_images, accuracy`` (of the model on the evaluated images),
+    ``model_test_accuracy`` (on the whole held-out fold, from training), ``n_relevant``,
+    ``thresholds``, ``auc`` {method: %}, ``curve`` {method: IoU per threshold},
+    ``occlusion`` (records: method, level, coverage, confidence, confidence_std, n_images),
+    ``seconds`` {phase: s} (``model``: loading, or training when ``trained_now``),
+    ``training_seconds`` (the checkpoint's recorded training time).
+    """
+    from vxnb import runs
+
+    methods = _check_methods(methods)
+    mu = _check_mu(mu)
+    k = _check_positive_int(k, "k")
+    t = np.array(DEFAULT_THRESHOLDS) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    data = runs.load_data(cfg, progress=progress)
+    trained_now = not (runs.run_dir(cfg) / "model.pt").exists()
+    model, meta = runs.get_model(cfg, data=data, progress=progress)
+    model.eval()
+    seconds["model"] = time.perf_counter() - t0
+    relevant = None
+    if "ours" in methods:
+        t0 = time.perf_counter()
+        relevant = fold_relevant(cfg, model, mu, data=data, progress=progress)
+        seconds["features+lasso"] = time.perf_counter() - t0
+    images, labels, masks, _ = fold_data(cfg, n_test_images, data=data, progress=progress)
+    from vxnb.evaluate.occlusion import batched_logits
+
+    preds = batched_logits(model, images, batch_size=64).argmax(1)
+    heatmaps: dict[str, torch.Tensor] = {}
+    auc: dict[str, float] = {}
+    curve: dict[str, list[float]] = {}
+    bar = tqdm(methods, desc=f"{cfg.variant} fold {cfg.test_fold}: methods", leave=False,
+               disable=None if progress else True)
+    for method in bar:
+        bar.set_postfix(method=method)
+        t0 = time.perf_counter()
+        h = method_heatmaps(method, model, images, preds, relevant=relevant, k=k, layer=layer,
+                            batch_size=batch_size)
+        seconds[method] = time.perf_counter() - t0
+        thr, c = iou_curve(h, masks, t)
+        heatmaps[method] = h
+        curve[method] = c.tolist()
+        auc[method] = float(100.0 * np.trapezoid(c, thr) / (thr[-1] - thr[0]))
+    bar.close()
+    occ_records: list[dict] = []
+    if occlusion:
+        t0 = time.perf_counter()
+        sel = stratified_indices(labels.numpy(), occlusion_images, seed=cfg.seed + 7)
+        study = occlusion_study(model, images[sel], {m: heatmaps[m][sel] for m in methods}, target=preds[sel],
+                                coverage=coverage, seed=cfg.seed, progress=False)
+        occ_records = study.to_dict("records")
+        seconds["occlusion"] = time.perf_counter() - t0
+    return {
+        "version": _RESULT_VERSION,
+        "variant": cfg.variant, "fold": int(cfg.test_fold), "run": cfg.run_name,
+        "n_images": int(images.shape[0]),
+        "accuracy": float((preds == labels).float().mean()),
+        "model_test_accuracy": meta.get("test_accuracy"),
+        "trained_now": trained_now,
+        "training_seconds": (meta.get("history") or {}).get("seconds"),
+        "n_relevant": None if relevant is None else int(np.count_nonzero(relevant.W)),
+        "thresholds": t.tolist(), "auc": auc, "curve": curve, "occlusion": occ_records, "seconds": seconds,
+    }
+
+
+def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **options: Any) -> dict:
+    """:func:`evaluate_fold` with its result cached in the fold's run folder.
+
+    The file ``benchmark-<key>.json`` (key: the settings and the checkpoint's bytes) is written
+    atomically once the fold is finished and read back by later calls (``"cached": True`` in the
+    returned dict). A fold interrupted before that has no file and is recomputed.
+    """
+    from vxnb import runs
+
+    defaults = dict(methods=METHODS, mu=10.0, k=5, n_test_images=300, occlusion=True, occlusion_images=100,
+                    coverage=DEFAULT_COVERAGE, layer=None, thresholds=None)
+    unknown = set(options) - set(defaults) - {"batch_size"}
+    if unknown:
+        raise TypeError(f"run_fold: unexpected option(s) {sorted(unknown)}; known: {sorted(defaults)}")
+    opts = {**defaults, **options}
+    opts["methods"] = _check_methods(opts["methods"])
+    _check_mu(opts["mu"])
+    _check_positive_int(opts["k"], "k")
+    _check_positive_int(opts["n_test_images"], "n_test_images", allow_none=True)
+    _check_positive_int(opts["occlusion_images"], "occlusion_images", allow_none=True)
+    thr = DEFAULT_THRESHOLDS if opts["thresholds"] is None else opts["thresholds"]
+    settings = _settings(opts["methods"], opts["mu"], opts["k"], opts["n_test_images"], opts["occlusion"],
+                         opts["occlusion_images"], opts["coverage"], opts["layer"], thr)
+    folder = runs.run_dir(cfg)
+    file, key = _result_file(folder, settings, folder / "model.pt")
+    if file.exists() and not recompute:
+        try:
+            res = json.loads(file.read_text())
+            if res.get("version") == _RESULT_VERSION and res.get("settings") == settings:
+                res["cached"] = True
+                return res
+        except (OSError, json.JSONDecodeError):
+            pass  # a damaged file is recomputed, never trusted
+    res = evaluate_fold(cfg, progress=progress, **opts)
+    res["settings"] = settings
+    # the checkpoint may have been trained just now: key the file by the checkpoint that was used
+    file, key = _result_file(folder, settings, folder / "model.pt")
+    res["key"] = key
+    atomic_write_json(res, file)
+    res["cached"] = False
+    return res
+
+
+# ============================================================================ many folds
+@dataclass
+class BenchmarkResult:
+    """What :func:`run_benchmark` returns: tidy frames over variants and folds.
+
+    ``per_fold``: variant, fold, method, label, auc, n_images, accuracy, cached.
+    ``curves``: variant, fold, method, label, threshold, iou.
+    ``occlusion``: variant, fold, method, label, level, coverage, confidence.
+    ``timings``: variant, fold, phase, seconds (cached folds: the time of the run that made them).
+    ``files``: CSV files written (name → path).
+    """
+
+    per_fold: pd.DataFrame
+    curves: pd.DataFrame
+    occlusion: pd.DataFrame
+    timings: pd.DataFrame
+    settings: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+
+    def summary(self) -> pd.DataFrame:
+        """Per variant and method: ``mean``, ``std`` (ddof=1) of the area over folds, ``n_folds``."""
+        g = self.per_fold.groupby(["variant", "method"], sort=False)["auc"]
+        out = g.agg(mean="mean", std="std", n_folds="count").reset_index()
+        out.insert(2, "label", out["method"].map(METHOD_LABELS))
+        return out
+
+    def table(self) -> pd.DataFrame:
+        """Table 1's layout: one row per method (paper order), one column per variant, 'mean ± std'."""
+        return format_table(self.summary())
+
+    def mean_curves(self) -> pd.DataFrame:
+        """IoU curves averaged over folds: variant, method, label, threshold, iou, iou_std."""
+        g = self.curves.groupby(["variant", "method", "threshold"], sort=False)["iou"]
+        out = g.agg(iou="mean", iou_std="std").reset_index()
+        out.insert(2, "label", out["method"].map(METHOD_LABELS))
+        return out
+
+    def occlusion_curves(self) -> pd.DataFrame:
+        """Box-occlusion curves averaged over folds: variant, method, label, level, coverage, confidence."""
+        if self.occlusion.empty:
+            return self.occlusion.copy()
+        g = self.occlusion.groupby(["variant", "method", "level"], sort=False)
+        out = g.agg(coverage=("coverage", "mean"), confidence=("confidence", "mean"),
+                    confidence_std=("confidence", "std")).reset_index()
+        out.insert(2, "label", out["method"].map(METHOD_LABELS))
+        return out
+
+    def occlusion_differences(self, reference: str = "deconv_gb") -> pd.DataFrame:
+        """Mean over the coverage levels > 0 of confidence(method) − confidence(reference), per
+        variant and method (a fraction; the paper reports about 0.02 for ours vs Deconv+GB)."""
+        curves = self.occlusion_curves()
+        rows = []
+        for variant, frame in curves.groupby("variant", sort=False):
+            if reference not in set(frame["method"]):
+                continue
+            for method in dict.fromkeys(frame["method"]):
+                if method == reference:
+                    continue
+                rows.append({"variant": variant, "method": method, "label": METHOD_LABELS[method],
+                             "reference": reference,
+                             "mean_difference": mean_confidence_difference(frame, method, reference)})
+        return pd.DataFrame(rows, columns=["variant", "method", "label", "reference", "mean_difference"])
+
+    def compare_with_paper(self) -> pd.DataFrame:
+        """See :func:`compare_with_paper`."""
+        return compare_with_paper(self.summary())
+
+
+def format_table(summary: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
+    """A :meth:`BenchmarkResult.summary`-like frame (variant, method, mean, std) in Table 1's layout."""
+    cells = summary.assign(cell=[f"{m:.{digits}f} ± {s:.2f}" if np.isfinite(s) else f"{m:.{digits}f}"
+                                 for m, s in zip(summary["mean"], summary["std"])])
+    table = cells.pivot(index="method", columns="variant", values="cell")
+    order = [m for m in METHODS if m in table.index]
+    cols = [v for v in VARIANTS if v in table.columns]
+    table = table.loc[order, cols]
+    table.index = [METHOD_LABELS[m] for m in order]
+    table.index.name = "method"
+    table.columns.name = None
+    return table
+
+
+def paper_table() -> pd.DataFrame:
+    """Table 1 of the paper as a tidy frame: variant, method, label, mean, std, n_folds (5)."""
+    rows = [{"variant": v, "method": m, "label": METHOD_LABELS[m], "mean": ms[0], "std": ms[1], "n_folds": 5}
+            for v, table in PAPER_TABLE1.items() for m, ms in table.items()]
+    return pd.DataFrame(rows)
+
+
+def compare_with_paper(summary: pd.DataFrame) -> pd.DataFrame:
+    """Our areas next to the paper's, per variant and method.
+
+    Columns: variant, method, label, mean, std, rank (1 = largest area within the variant),
+    gap_to_deconv_gb (mean − Deconv+GB's mean), paper_mean, paper_std, paper_rank,
+    paper_gap_to_deconv_gb (NaN where the paper has no number, e.g. part-2c).
+    """
+    if not isinstance(summary, pd.DataFrame) or not {"variant", "method", "mean", "std"} <= set(summary.columns):
+        raise ValueError("summary: expected a DataFrame with columns variant, method, mean, std "
+                         "(BenchmarkResult.summary())")
+    ours = summary[["variant", "method", "mean", "std"]].copy()
+    paper = paper_table()[["variant", "method", "mean", "std"]].rename(
+        columns={"mean": "paper_mean", "std": "paper_std"})
+    out = ours.merge(paper, on=["variant", "method"], how="left")
+    out.insert(2, "label", out["method"].map(METHOD_LABELS))
+    out["rank"] = out.groupby("variant")["mean"].rank(ascending=False, method="min").astype(int)
+    out["paper_rank"] = out.groupby("variant")["paper_mean"].rank(ascending=False, method="min")
+    for col, src in (("gap_to_deconv_gb", "mean"), ("paper_gap_to_deconv_gb", "paper_mean")):
+        ref = out[out["method"] == "deconv_gb"].set_index("variant")[src]
+        out[col] = out[src] - out["variant"].map(ref)
+    return out[["variant", "method", "label", "mean", "std", "rank", "gap_to_deconv_gb", "paper_mean",
+                "paper_std", "paper_rank", "paper_gap_to_deconv_gb"]]
+
+
+def _folds_by_variant(variants: Any, folds: Any) -> dict[str, tuple[int, ...]]:
+    if isinstance(variants, str):
+        variants = (variants,)
+    try:
+        variants = tuple(variants)
+    except TypeError:
+        raise TypeError(f"variants: expected a variant name or a sequence of them ({', '.join(VARIANTS)}), "
+                        f"got {describe(variants)}") from None
+    if not variants:
+        raise ValueError(f"variants: expected at least one of {', '.join(VARIANTS)}, got an empty sequence")
+    for v in variants:
+        _check_variant(v, "variants")
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"variants: names must be unique, got {list(variants)}")
+    if isinstance(folds, Mapping):
+        extra = set(folds) - set(variants)
+        if extra:
+            raise ValueError(f"folds: has entries for variants not run: {sorted(extra)} (variants: {list(variants)})")
+        return {v: _check_folds(folds.get(v, tuple(range(N_FOLDS))), f"folds[{v!r}]") for v in variants}
+    f = _check_folds(folds)
+    return {v: f for v in variants}
+
+
+def benchmark_config(config: Any):
+    """The run folder of the aggregated tables: ``benchmark-an8flower-s<size>-seed<seed>[-quick]``."""
+    tag = "-quick" if config.quick else ""
+    return dataclasses.replace(config, name=f"benchmark-an8flower-s{config.size}-seed{config.seed}{tag}",
+                               test_fold=0)
+
+
+def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("single-6c",),
+                  folds: Sequence[int] | Mapping[str, Sequence[int]] = (0, 1, 2, 3, 4),
+                  methods: Sequence[str] = METHODS, mu: float = 10.0, k: int = 5,
+                  n_test_images: int | None = 300, occlusion: bool = True, occlusion_images: int | None = 100,
+                  coverage: Sequence[float] = DEFAULT_COVERAGE, layer: str | None = None,
+                  recompute: bool = False, save: bool = True, progress: bool = True) -> BenchmarkResult:
+    """The five-fold an8Flower benchmark (Table 1) and the box-occlusion study.
+
+    Args:
+        config: a :class:`vxnb.runs.RunConfig` template (size, epochs, train_limit, seed, quick,
+            data_root, runs_root); its variant and test fold are replaced per fold. Default:
+            ``RunConfig()`` (size 128, the default epochs).
+        variants: one or several of :data:`VARIANTS`.
+        folds: the folds to run (0..4), or ``{variant: folds}``.
+        methods: a subset of :data:`METHODS`.
+        mu: the μ-lasso sparsity (the paper: 10). k: the top-k relevant features of "ours".
+        n_test_images: evaluated images per fold (class-stratified subset of the held-out fold;
+            None: all of it, 1200 images per class-count of 6 for single-6c).
+        occlusion: also run the box-occlusion study, on ``occlusion_images`` of those images.
+        coverage: occlusion levels. layer: layer of the activation / Grad-CAM family.
+        recompute: ignore finished folds' cached results.
+        save: write per_fold, table1, curves, occlusion and timings as CSV into the benchmark's
+            run folder (:func:`benchmark_config`) with :func:`vxnb.runs.save_table`.
+        progress: progress bars (folds, methods, training).
+    """
+    from vxnb import runs
+
+    if config is None:
+        config = runs.RunConfig()
+    if not isinstance(config, runs.RunConfig):
+        raise TypeError(f"config: expected a vxnb.runs.RunConfig, got {describe(config)}")
+    if config.dataset != "an8flower":
+        raise ValueError(f"config: the benchmark needs dataset='an8flower', got {config.dataset!r}")
+    plan = _folds_by_variant(variants, folds)
+    methods = _check_methods(methods)
+    options = dict(methods=methods, mu=_check_mu(mu), k=_check_positive_int(k, "k"),
+                   n_test_images=_check_positive_int(n_test_images, "n_test_images", allow_none=True),
+                   occlusion=bool(occlusion),
+                   occlusion_images=_check_positive_int(occlusion_images, "occlusion_images", allow_none=True),
+                   coverage=tuple(coverage), layer=layer)
+    jobs = [(v, f) for v, fs in plan.items() for f in fs]
+    per_fold, curves, occ, timings = [], [], [], []
+    bar = tqdm(jobs, desc="an8Flower folds", disable=None if progress else True)
+    for variant, fold in bar:
+        bar.set_postfix(variant=variant, fold=fold)
+        cfg = fold_config(config, variant, fold)
+        res = run_fold(cfg, recompute=recompute, progress=progress, **options)
+        for m in methods:
+            per_fold.append({"variant": variant, "fold": fold, "method": m, "label": METHOD_LABELS[m],
+                             "auc": res["auc"][m], "n_images": res["n_images"], "accuracy": res["accuracy"],
+                             "model_test_accuracy": res.get("model_test_accuracy"),
+                             "n_relevant": res.get("n_relevant"), "cached": res["cached"]})
+            curves.append(pd.DataFrame({"variant": variant, "fold": fold, "method": m, "label": METHOD_LABELS[m],
+                                        "threshold": res["thresholds"], "iou": res["curve"][m]}))
+        if res["occlusion"]:
+            o = pd.DataFrame(res["occlusion"])
+            o.insert(0, "fold", fold)
+            o.insert(0, "variant", variant)
+            o.insert(3, "label", o["method"].map(METHOD_LABELS))
+            occ.append(o)
+        timings.extend({"variant": variant, "fold": fold, "phase": p, "seconds": s, "cached": res["cached"]}
+                       for p, s in res["seconds"].items())
+    bar.close()
+    occ_cols = ["variant", "fold", "method", "label", "level", "coverage", "confidence", "confidence_std", "n_images"]
+    result = BenchmarkResult(
+        per_fold=pd.DataFrame(per_fold),
+        curves=pd.concat(curves, ignore_index=True),
+        occlusion=pd.concat(occ, ignore_index=True) if occ else pd.DataFrame(columns=occ_cols),
+        timings=pd.DataFrame(timings),
+        settings={"config": config.to_dict(), "folds": {v: list(f) for v, f in plan.items()},
+                  **{k_: (list(v_) if isinstance(v_, tuple) else v_) for k_, v_ in options.items()}},
+    )
+    if save:
+        bcfg = benchmark_config(config)
+        tag = "-".join(plan)
+        result.files = {
+            "per_fold": runs.save_table(bcfg, f"table1-{tag}-per-fold", result.per_fold),
+            "table1": runs.save_table(bcfg, f"table1-{tag}", result.summary()),
+            "curves": runs.save_table(bcfg, f"iou-curves-{tag}", result.mean_curves()),
+            "timings": runs.save_table(bcfg, f"timings-{tag}", result.timings),
+        }
+        if not result.occlusion.empty:
+            result.files["occlusion"] = runs.save_table(bcfg, f"occlusion-{tag}", result.occlusion_curves())
+    return result
+
+
+# ============================================================================ examples (figures)
+def explain_examples(config: Any, variant: str, fold: int, positions: Sequence[int] | None = None, *,
+                     n: int = 6, methods: Sequence[str] = METHODS, mu: float = 10.0, k: int = 5,
+                     layer: str | None = None, progress: bool = False) -> dict:
+    """Heatmaps of every method for a few held-out images of one fold (Fig. 8, centre).
+
+    ``positions``: indices into the fold's test split (default: ``n`` class-stratified ones).
+    Returns ``{"images" (n,3,S,S), "masks" (n,S,S), "labels" (n,), "preds" (n,), "classes",
+    "positions", "heatmaps": {method: (n,S,S)}}``; the predicted class is explained.
+    Uses (or trains) the fold's model from its run folder.
+    """
+    from vxnb import runs
+    from vxnb.evaluate.occlusion import batched_logits
+
+    methods = _check_methods(methods)
+    cfg = fold_config(config, variant, fold)
+    data = runs.load_data(cfg, progress=progress)
+    model, _ = runs.get_model(cfg, data=data, progress=progress)
+    model.eval()
+    test = data[1]
+    if positions is None:
+        positions = stratified_indices(_dataset_labels(test), _check_positive_int(n, "n"), seed=cfg.seed)
+    positions = [int(p) for p in positions]
+    bad = [p for p in positions if not 0 <= p < len(test)]
+    if bad:
+        raise ValueError(f"positions: expected indices in 0..{len(test) - 1} of fold {fold}'s test split, got {bad}")
+    items = [test[p] for p in positions]
+    images = torch.stack([it[0] for it in items])
+    relevant = fold_relevant(cfg, model, mu, data=data, progress=progress) if "ours" in methods else None
+    preds = batched_logits(model, images).argmax(1)
+    heat = {m: method_heatmaps(m, model, images, preds, relevant=relevant, k=k, layer=layer) for m in methods}
+    return {"images": images, "masks": torch.stack([torch.as_tensor(it[2]).bool() for it in items]),
+            "labels": np.array([int(it[1]) for it in items]), "preds": preds.numpy(), "classes": list(data[2]),
+            "positions": positions, "heatmaps": heat}

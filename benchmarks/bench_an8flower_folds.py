@@ -24,7 +24,6 @@ import resource
 import time
 
 import numpy as np
-import pandas as pd
 import torch
 
 from vxnb import models, runs
@@ -132,7 +131,8 @@ def main() -> None:
               .to_string(index=False))
         occ = result.occlusion_curves()
         print("\nconfidence of the predicted class vs coverage (mean over folds):")
-        print(occ.pivot_table(index="label", columns="level", values="confidence", sort=False).round(3).to_string())
+        print(occ.pivot_table(index=["variant", "label"], columns="level", values="confidence", sort=False)
+              .round(3).to_string())
 
     tm = result.timings
     fresh = tm[~tm["cached"]]

@@ -190,3 +190,9 @@ def test_without_npm_the_report_is_written_with_a_warning(tmp_path, monkeypatch)
     page = (tmp_path / "rep" / "01_t.html").read_text()
     assert result["entries"][0]["ok"] and 'Plotly.newPlot("x", [])' in page
     assert "https://unpkg.com/" in page and not (tmp_path / "rep" / "_static").exists()
+
+
+def test_run_names_separate_training_settings():
+    names = {RunConfig().run_name, RunConfig(epochs=2).run_name, RunConfig(train_limit=100).run_name,
+             RunConfig.from_params(quick=True).run_name, RunConfig.from_params(quick=True, train_limit=50).run_name}
+    assert len(names) == 5

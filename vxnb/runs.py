@@ -96,6 +96,12 @@ class RunConfig:
         else:
             base = f"an8flower-{self.variant}-s{self.size}-f{self.test_fold}"
         tag = "-quick" if self.quick else ""
+        # settings that change the trained model are part of the name, so a run folder never
+        # hands one setting's checkpoint to another
+        if self.epochs is not None:
+            tag += f"-e{self.epochs}"
+        if self.train_limit is not None and not (self.quick and self.train_limit == QUICK_TRAIN_LIMIT):
+            tag += f"-n{self.train_limit}"
         return f"{base}-seed{self.seed}{tag}"
 
     @property

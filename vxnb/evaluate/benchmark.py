@@ -69,6 +69,7 @@ __all__ = [
     "evaluate_fold",
     "run_fold",
     "run_benchmark",
+    "benchmark_config",
     "BenchmarkResult",
     "explain_examples",
     "compare_with_paper",
@@ -598,8 +599,8 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
         folds: the folds to run (0..4), or ``{variant: folds}``.
         methods: a subset of :data:`METHODS`.
         mu: the μ-lasso sparsity (the paper: 10). k: the top-k relevant features of "ours".
-        n_test_images: evaluated images per fold (class-stratified subset of the held-out fold;
-            None: all of it, 1200 images per class-count of 6 for single-6c).
+        n_test_images: evaluated images per fold (a seeded class-stratified subset of the
+            held-out fold; None: all of it, 200 images per class).
         occlusion: also run the box-occlusion study, on ``occlusion_images`` of those images.
         coverage: occlusion levels. layer: layer of the activation / Grad-CAM family.
         recompute: ignore finished folds' cached results.

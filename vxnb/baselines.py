@@ -44,10 +44,20 @@ from torch import Tensor, nn
 from vxnb.deconv import _first_conv_in_channels, _forward_to, _model_device_dtype, _run_backward
 from vxnb.utils import check_image_batch, eval_mode, get_module
 
-__all__ = ["METHODS", "attribution", "default_target_layer"]
+__all__ = ["METHODS", "METHOD_LABELS", "attribution", "default_target_layer"]
 
 METHODS: tuple[str, ...] = ("activation", "deconv_gb", "gradcam", "guided_gradcam", "gradcampp",
                             "guided_gradcampp")
+#: Display names of the methods (the paper's), "ours" included.
+METHOD_LABELS: dict[str, str] = {
+    "activation": "Upsampled Act.",
+    "deconv_gb": "Deconv+GB",
+    "gradcam": "Grad-CAM",
+    "guided_gradcam": "Guided Grad-CAM",
+    "gradcampp": "Grad-CAM++",
+    "guided_gradcampp": "Guided Grad-CAM++",
+    "ours": "Ours",
+}
 
 _CAPTUM_NOISE = ("Setting backward hooks on ReLU", "Input Tensor 0 did not already require gradients")
 

@@ -81,16 +81,7 @@ BASELINE_METHODS: tuple[str, ...] = ("activation", "deconv_gb", "gradcam", "guid
                                      "guided_gradcampp")
 #: Every method of the benchmark, in the paper's row order; ``"ours"`` last.
 METHODS: tuple[str, ...] = BASELINE_METHODS + ("ours",)
-#: Display names (the paper's).
-METHOD_LABELS: dict[str, str] = {
-    "activation": "Upsampled Act.",
-    "deconv_gb": "Deconv+GB",
-    "gradcam": "Grad-CAM",
-    "guided_gradcam": "Guided Grad-CAM",
-    "gradcampp": "Grad-CAM++",
-    "guided_gradcampp": "Guided Grad-CAM++",
-    "ours": "Ours",
-}
+from ..baselines import METHOD_LABELS  # noqa: E402  (display names, shared)
 VARIANTS: tuple[str, ...] = ("single-6c", "double-12c", "part-2c")
 N_FOLDS = 5
 

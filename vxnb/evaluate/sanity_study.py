@@ -48,16 +48,7 @@ __all__ = [
 
 #: The methods compared by default (names of ``vxnb.baselines.attribution`` and ``"ours"``).
 SANITY_METHODS: tuple[str, ...] = ("ours", "deconv_gb", "gradcam")
-#: Display names (the paper's).
-METHOD_LABELS: dict[str, str] = {
-    "ours": "Ours",
-    "activation": "Upsampled Act.",
-    "deconv_gb": "Deconv+GB",
-    "gradcam": "Grad-CAM",
-    "guided_gradcam": "Guided Grad-CAM",
-    "gradcampp": "Grad-CAM++",
-    "guided_gradcampp": "Guided Grad-CAM++",
-}
+from ..baselines import METHOD_LABELS  # noqa: E402  (display names, shared)
 #: The similarity columns of every table.
 SIMILARITIES: tuple[str, ...] = ("spearman", "abs_spearman", "ssim")
 

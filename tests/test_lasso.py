@@ -155,6 +155,8 @@ def test_path_equals_direct_solves_and_spams():
         W = path.coef(mu)
         np.testing.assert_allclose(W, mu_lasso_gram(G, XtL, mu), atol=1e-10)
         _assert_matches(X, L, W, _spams(X, L, mu), mu)
+    # a path cut at mu gives exactly the direct solve (which keeps only the end of each path)
+    np.testing.assert_array_equal(lasso_path(G, XtL, mu_max=2.5).coef(2.5), mu_lasso_gram(G, XtL, 2.5))
     # beyond mu_max the path cannot answer (it was cut there)
     if "mu_max" in path.status:
         with pytest.raises(ValueError, match="mu"):
@@ -241,6 +243,14 @@ def test_integer_labels_equal_one_hot():
         W = mu_lasso(X, y, 1.0, n_classes=6)                  # classes 4, 5 have no example
     assert sorted(str(r.message)[:7] for r in rec) == ["class 4", "class 5"]
     assert W.shape == (20, 6) and np.all(W[:, 4:] == 0)
+
+
+def test_max_iter_warns_and_returns_a_feasible_iterate():
+    X, L = _gauss(60, 30, 2, seed=16)
+    with pytest.warns(RuntimeWarning, match="max_iter"):
+        W = mu_lasso(X, L, 5.0, max_iter=3)
+    assert np.all((W != 0).sum(0) <= 3) and np.abs(W).sum(0).max() <= 5.0
+    assert np.all(_obj(X, L, W) < (L * L).sum(0))          # it did make progress
 
 
 def test_single_thread_equals_threads():

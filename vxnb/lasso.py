@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -353,12 +354,16 @@ def _gram(X: np.ndarray, Ls: sp.csr_matrix, precision: str, chunk_rows: int) -> 
 
 # ============================================================================ the homotopy
 def _homotopy(G: np.ndarray, q: np.ndarray, mu_max: float, max_iter: int, rtol: float = 1e-10,
-              diag: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray], int]:
+              diag: np.ndarray | None = None, workspace: dict | None = None, keep_path: bool = True) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray], int]:
     """LARS-lasso path of min ‖Xw − l‖² along ‖w‖₁ from 0 to ``mu_max`` (or its end).
 
     G (m, m) = XᵀX, q (m,) = Xᵀl. Returns the breakpoints: λ (K,), ‖w‖₁ (K,), and for each
     breakpoint the indices and values of its non-zero weights; then a status code.
     The objective is ½‖Xw − l‖² + λ‖w‖₁ (λ = the common |correlation| of the active set).
+    ``workspace`` (a dict, one per thread) keeps the large buffer of active rows of G
+    between calls, so it is allocated (and its pages faulted in) once, not per class.
+    ``keep_path=False`` records only the first (w = 0) and the last breakpoint: the solution
+    at mu_max alone, for direct solves (the full path is O(steps · active set) numbers).
     """
     m = q.shape[0]
     if diag is None:
@@ -376,12 +381,15 @@ def _homotopy(G: np.ndarray, q: np.ndarray, mu_max: float, max_iter: int, rtol: 
     if not lam > 0 or not math.isfinite(lam):
         return np.array(lams), np.array(mus), idxs, vals, _ZERO
     lam_end = lam * 1e-13
-    cap = 64
+    wsp = {} if workspace is None else workspace
+    GA = wsp.get("GA")                     # rows of G of the active set (in slot order)
+    if GA is None or GA.shape[1] != m:
+        GA = wsp["GA"] = np.empty((64, m))
+    cap = GA.shape[0]
     A = np.empty(cap, np.int64)            # active indices, in Cholesky order
     s = np.empty(cap)                      # their signs
     w = np.empty(cap)                      # their weights
     slot = np.empty(cap, np.int64)         # row of GA holding G[A[i]]
-    GA = np.empty((cap, m))                # rows of G of the active set (in slot order)
     R = np.zeros((0, 0), order="F")        # G_AA = RᵀR, R upper triangular
     k = 0
     ignored: list[int] = []                # degenerate candidates (in the span of the active set)
@@ -419,7 +427,7 @@ def _homotopy(G: np.ndarray, q: np.ndarray, mu_max: float, max_iter: int, rtol: 
                         A, s, w, slot = (np.resize(v, cap) for v in (A, s, w, slot))
                         GA2 = np.empty((cap, m))
                         GA2[:k] = GA[:k]
-                        GA = GA2
+                        GA = wsp["GA"] = GA2
                     Rn = np.zeros((k + 1, k + 1), order="F")
                     Rn[:k, :k] = R
                     Rn[:k, k] = r
@@ -517,6 +525,8 @@ def _homotopy(G: np.ndarray, q: np.ndarray, mu_max: float, max_iter: int, rtol: 
                 ws = np.empty(k)
                 ws[slot[:k]] = w[:k]
                 c = q - ws @ GA[:k]
+            if not keep_path and status == _MAX_ITER and it < max_iter - 1:
+                continue
             lams.append(lam)
             if status == _REACHED_MU:
                 l1 = float(np.abs(w[:k]).sum())
@@ -537,7 +547,7 @@ def _homotopy(G: np.ndarray, q: np.ndarray, mu_max: float, max_iter: int, rtol: 
 
 
 def _solve_paths(G: np.ndarray, XtL: np.ndarray, mu_max: float, *, n_jobs: int | None, max_iter: int | None,
-                 progress: bool | None, tol: float | None = None) -> list[tuple]:
+                 progress: bool | None, tol: float | None = None, keep_path: bool = True) -> list[tuple]:
     """One homotopy per class (columns of XtL), on ``n_jobs`` threads (numpy/BLAS release the GIL)."""
     from threadpoolctl import threadpool_limits
 
@@ -553,9 +563,13 @@ def _solve_paths(G: np.ndarray, XtL: np.ndarray, mu_max: float, *, n_jobs: int |
     cols = [np.ascontiguousarray(XtL[:, j]) for j in range(C)]
 
     diag = np.ascontiguousarray(G.diagonal())
+    local = threading.local()
 
     def one(j: int) -> tuple:
-        return _homotopy(G, cols[j], mu_max, int(max_iter), rtol=tol, diag=diag)
+        if not hasattr(local, "ws"):
+            local.ws = {}
+        return _homotopy(G, cols[j], mu_max, int(max_iter), rtol=tol, diag=diag, workspace=local.ws,
+                         keep_path=keep_path)
 
     bar = tqdm(total=C, desc="μ-lasso path", unit="class", disable=None if progress is None else not progress,
                leave=False)
@@ -603,7 +617,7 @@ class LassoPath:
 
     def __init__(self, *, lambdas: np.ndarray, mus: np.ndarray, class_ptr: np.ndarray, indptr: np.ndarray,
                  indices: np.ndarray, values: np.ndarray, status: np.ndarray, mu_max: float, n_features: int,
-                 ltl: np.ndarray | None = None):
+                 ltl: np.ndarray | None = None, complete: bool = True):
         self.lambdas = np.asarray(lambdas, dtype=np.float64)
         self.mus = np.asarray(mus, dtype=np.float64)
         self.class_ptr = np.asarray(class_ptr, dtype=np.int64)
@@ -614,6 +628,7 @@ class LassoPath:
         self.mu_max = float(mu_max)
         self.n_features = int(n_features)
         self.ltl = None if ltl is None or np.size(ltl) == 0 else np.asarray(ltl, dtype=np.float64)
+        self.complete = bool(complete)   # False: only the end of each path (answers mu_max alone)
         C = self.class_ptr.shape[0] - 1
         K = self.mus.shape[0]
         if (C < 1 or self.class_ptr[0] != 0 or self.class_ptr[-1] != K or np.any(np.diff(self.class_ptr) < 1)
@@ -628,7 +643,7 @@ class LassoPath:
 
     @classmethod
     def _from_results(cls, results: list[tuple], mu_max: float, n_features: int,
-                      ltl: np.ndarray | None) -> "LassoPath":
+                      ltl: np.ndarray | None, complete: bool = True) -> "LassoPath":
         lams, mus, idx, vals, status, ptr = [], [], [], [], [], [0]
         for lam_j, mu_j, idx_j, val_j, st in results:
             lams.append(lam_j)
@@ -642,7 +657,7 @@ class LassoPath:
         return cls(lambdas=np.concatenate(lams), mus=np.concatenate(mus), class_ptr=np.array(ptr),
                    indptr=np.r_[0, np.cumsum(lens)], indices=np.concatenate(idx).astype(itype),
                    values=np.concatenate(vals), status=np.array(status), mu_max=mu_max, n_features=n_features,
-                   ltl=ltl)
+                   ltl=ltl, complete=complete)
 
     # ---- shape and state
     @property
@@ -679,8 +694,15 @@ class LassoPath:
             muv = muv.astype(np.float64)
             if not np.all(np.isfinite(muv)) or np.any(muv <= 0):
                 raise ValueError(f"mu: expected positive finite numbers, got {muv[~(np.isfinite(muv) & (muv > 0))][:5]}")
-        cut = (self._status == _REACHED_MU) | (self._status == _MAX_ITER)
-        over = cut & (muv > self.mus[self._last] * (1 + 1e-12))
+        if not self.complete:
+            end = self.mus[self._last]
+            bad = np.where(self._status == _REACHED_MU, np.abs(muv - end) > 1e-12 * end, muv < end * (1 - 1e-12))
+            bad &= self._status != _ZERO
+            if bad.any():
+                raise ValueError(f"mu: this LassoPath keeps only the solution at mu_max={self.mu_max:g} "
+                                 f"(got {muv[np.flatnonzero(bad)[0]]:g}); use lasso_path for other values")
+        # a path stopped by max_iter (warned when it was computed) answers with its last iterate
+        over = (self._status == _REACHED_MU) & (muv > self.mus[self._last] * (1 + 1e-12))
         if over.any():
             j = int(np.flatnonzero(over)[0])
             raise ValueError(f"mu: {muv[j]:g} is beyond the computed path (mu_max={self.mu_max:g}, class {j} "
@@ -712,7 +734,7 @@ class LassoPath:
 
         Exactly the μ-lasso solution for μ ≤ mu_max (linear interpolation between the path's
         breakpoints); where a class's path ended before μ (constraint inactive) its last
-        solution. Every column satisfies ‖w_j‖₁ ≤ μ (columns on the bound are within 1e-12
+        solution (also where it was cut by ``max_iter``, which was warned about). Every column satisfies ‖w_j‖₁ ≤ μ (columns on the bound are within 1e-12
         relative of it, below: rounding in any summation order cannot cross it).
         """
         muv = self._mu_vector(mu)
@@ -763,7 +785,7 @@ class LassoPath:
         atomic_savez(file, format_version=np.array(_FORMAT_VERSION), lambdas=self.lambdas, mus=self.mus,
                      class_ptr=self.class_ptr, indptr=self.indptr, indices=self.indices, values=self.values,
                      status=self._status, mu_max=np.array(self.mu_max), n_features=np.array(self.n_features),
-                     ltl=np.empty(0) if self.ltl is None else self.ltl)
+                     ltl=np.empty(0) if self.ltl is None else self.ltl, complete=np.array(self.complete))
         return file
 
     @classmethod
@@ -779,7 +801,8 @@ class LassoPath:
                     raise ValueError(f"{file}: lasso path format {version}, expected {_FORMAT_VERSION}")
                 return cls(lambdas=z["lambdas"], mus=z["mus"], class_ptr=z["class_ptr"], indptr=z["indptr"],
                            indices=z["indices"], values=z["values"], status=z["status"],
-                           mu_max=float(z["mu_max"]), n_features=int(z["n_features"]), ltl=z["ltl"])
+                           mu_max=float(z["mu_max"]), n_features=int(z["n_features"]), ltl=z["ltl"],
+                           complete=bool(z["complete"]))
         except (KeyError, OSError, EOFError) as err:
             raise ValueError(f"{file}: not a lasso path file or corrupt ({err})") from err
 
@@ -787,7 +810,8 @@ class LassoPath:
 # ============================================================================ public entry points
 def _fit(G: Any, XtL: Any, LtL: Any, X: Any, L: Any, *, mu_max: float, n_classes: int | None, column_names: Any,
          precision: str, n_jobs: int | None, max_iter: int | None, progress: bool | None, tol: float | None,
-         check_input: bool = True) -> tuple[LassoPath, np.ndarray, np.ndarray, np.ndarray | None]:
+         check_input: bool = True, keep_path: bool = True
+         ) -> tuple[LassoPath, np.ndarray, np.ndarray, np.ndarray | None]:
     if X is not None or L is not None:
         if G is not None or XtL is not None or LtL is not None:
             raise ValueError("lasso_path: give either (G, XtL[, LtL]) or (X=, L=), not both")
@@ -803,8 +827,9 @@ def _fit(G: Any, XtL: Any, LtL: Any, X: Any, L: Any, *, mu_max: float, n_classes
             raise ValueError("lasso_path: give G (XᵀX) and XtL (XᵀL), or X= and L=")
         G, XtL, LtL = _check_gram(G, XtL, LtL, check_symmetric=check_input)
     _warn_empty_classes(XtL, LtL)
-    results = _solve_paths(G, XtL, mu_max, n_jobs=n_jobs, max_iter=max_iter, progress=progress, tol=tol)
-    return LassoPath._from_results(results, mu_max, G.shape[0], LtL), G, XtL, LtL
+    results = _solve_paths(G, XtL, mu_max, n_jobs=n_jobs, max_iter=max_iter, progress=progress, tol=tol,
+                           keep_path=keep_path)
+    return LassoPath._from_results(results, mu_max, G.shape[0], LtL, complete=keep_path), G, XtL, LtL
 
 
 def lasso_path(G: Any = None, XtL: Any = None, *, mu_max: float | None = None, LtL: Any = None, X: Any = None,
@@ -848,8 +873,10 @@ def mu_lasso_gram(G: Any, XtL: Any, mu: float, LtL: Any = None, *, n_jobs: int |
     examples is reported as such. X never needs to be in memory. See :func:`lasso_path`.
     """
     mu = _check_mu(mu)
-    return lasso_path(G, XtL, mu_max=mu, LtL=LtL, n_jobs=n_jobs, max_iter=max_iter, tol=tol,
-                      check_input=check_input, progress=progress).coef(mu)
+    # only the end of each path is kept (the same numbers as lasso_path(...).coef(mu))
+    return _fit(G, XtL, LtL, None, None, mu_max=mu, n_classes=None, column_names=None, precision="auto",
+                n_jobs=n_jobs, max_iter=max_iter, progress=progress, tol=tol, check_input=check_input,
+                keep_path=False)[0].coef(mu)
 
 
 def mu_lasso(X: Any, L: Any, mu: float, *, n_classes: int | None = None, column_names: Any = None,
@@ -867,8 +894,9 @@ def mu_lasso(X: Any, L: Any, mu: float, *, n_classes: int | None = None, column_
             :func:`lasso_path`.
     """
     mu = _check_mu(mu)
-    return lasso_path(X=X, L=L, mu_max=mu, n_classes=n_classes, column_names=column_names, precision=precision,
-                      n_jobs=n_jobs, max_iter=max_iter, tol=tol, progress=progress).coef(mu)
+    return _fit(None, None, None, X, L, mu_max=mu, n_classes=n_classes, column_names=column_names,
+                precision=precision, n_jobs=n_jobs, max_iter=max_iter, progress=progress, tol=tol,
+                keep_path=False)[0].coef(mu)
 
 
 def lasso_objective(X: Any, L: Any, W: Any, *, n_classes: int | None = None) -> np.ndarray:

@@ -46,11 +46,13 @@ def test_notebook_runs_quick(quick_report, nb):
     errors = [o for c in executed["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors
-    # the page is self-contained: plotly's JavaScript is embedded, not fetched from a CDN
+    # the page opens offline: no script or stylesheet is fetched from the network, and
+    # plotly's JavaScript is embedded in the page
     page = (out / f"{nb.stem}.html").read_text()
-    if "plotly" in page.lower():
-        assert "cdn.plot.ly" not in page
-        assert "Plotly.newPlot" in page or "plotly.js" in page.lower()
+    remote = re.findall(r'<(?:script|link)[^>]+(?:src|href)="(https?:[^"]+)"', page)
+    assert remote == [], f"{nb.name}: the page loads {remote[:3]}"
+    if "application/vnd.plotly" in (out / nb.name).read_text():
+        assert "Plotly.newPlot" in page
 
 
 def test_index_links_every_page(quick_report):

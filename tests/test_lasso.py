@@ -230,9 +230,12 @@ def test_gram_entry_point_equals_x_entry_point():
     np.testing.assert_allclose(G, X.T @ X, rtol=1e-12)
     np.testing.assert_allclose(XtL, X.T @ L, rtol=1e-12)
     np.testing.assert_array_equal(LtL, L.sum(0))
-    G32, XtL32, _ = gram_statistics(X, L, chunk_rows=16)
+    G32, XtL32, _ = gram_statistics(X, L, chunk_rows=16, precision="single")
     np.testing.assert_allclose(G32, X.T @ X, rtol=1e-5)
     np.testing.assert_allclose(XtL32, X.T @ L, rtol=1e-12)
+    G1, _, _ = gram_statistics(X, L, precision="single")          # one float32 block
+    np.testing.assert_allclose(G1, X.T @ X, rtol=1e-5)
+    np.testing.assert_array_equal(G1, G1.T)
 
 
 def test_integer_labels_equal_one_hot():

@@ -278,7 +278,7 @@ def _n_jobs(n_jobs: int | None) -> int:
 
 # ============================================================================ statistics from X
 def gram_statistics(X: Any, L: Any, *, n_classes: int | None = None, precision: str = "auto",
-                    chunk_rows: int = 4096, column_names: Any = None
+                    chunk_rows: int | None = None, column_names: Any = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """G = XᵀX, XᵀL and the diagonal of LᵀL from X and L held in memory.
 
@@ -291,6 +291,8 @@ def gram_statistics(X: Any, L: Any, *, n_classes: int | None = None, precision: 
             the constrained optimum the objective is flat to first order); ``"double"``: one
             float64 product; ``"auto"`` (default): single when N·m² > 2·10⁹ (where XᵀX
             dominates the time), else double. G is float64 and XᵀL exact (float64) either way.
+        chunk_rows: rows per float32 block (default: about 1 GiB of float32, at least 4096
+            rows; fewer blocks are faster, each costs an m×m float32 temporary).
         column_names: names of the m columns (or the ``columns`` DataFrame of
             ``vxnb.features``) used to name a non-finite column in the error message.
 
@@ -301,8 +303,10 @@ def gram_statistics(X: Any, L: Any, *, n_classes: int | None = None, precision: 
     L = _check_labels(L, X.shape[0], n_classes, X.shape)
     column_names = _check_column_names(column_names, X.shape[1])
     precision = _resolve_precision(precision, X.shape)
-    if isinstance(chunk_rows, (bool, np.bool_)) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows: expected a positive int, got {chunk_rows!r}")
+    if chunk_rows is None:
+        chunk_rows = max(4096, 2**30 // (4 * X.shape[1]))
+    elif isinstance(chunk_rows, (bool, np.bool_)) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows: expected a positive int or None, got {chunk_rows!r}")
     Ls = sp.csr_matrix(L)
     G, XtL = _gram(X, Ls, precision, int(chunk_rows))
     diag = G.diagonal()

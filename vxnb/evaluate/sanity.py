@@ -195,6 +195,23 @@ def _summarise(per: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return g.agg(**cols).reset_index()
 
 
+def _prepare(explain_fn: Any, model: Any, images: Any, batch_size: Any, reduce: Any, device: Any):
+    """Checks shared by the sanity studies; returns (fns, model, images on the CPU, batch_size,
+    device, logits of the images)."""
+    fns = _check_explain_fns(explain_fn)
+    model = _check_model(model)
+    images = check_image_batch(images, "images")
+    if len(images) == 0:
+        raise ValueError("images: expected at least one image, got an empty batch")
+    batch_size = _check_batch_size(batch_size)
+    if reduce not in ("mean", "none"):
+        raise ValueError(f"reduce: expected 'mean' or 'none', got {reduce!r}")
+    device = model_device(model) if device is None else torch.device(device)
+    images = images.detach().cpu()
+    logits = batched_logits(model, images, batch_size=batch_size, device=device)
+    return fns, model, images, batch_size, device, logits
+
+
 def class_sensitivity(
     explain_fn: ExplainFn | Mapping[str, ExplainFn],
     model: nn.Module,
@@ -229,17 +246,7 @@ def class_sensitivity(
         DataFrame; ``comparison`` is ``"runner-up"`` or ``"random"``. Similarity 1 means the
         explanation ignores the class.
     """
-    fns = _check_explain_fns(explain_fn)
-    model = _check_model(model)
-    images = check_image_batch(images, "images")
-    if len(images) == 0:
-        raise ValueError("images: expected at least one image, got an empty batch")
-    batch_size = _check_batch_size(batch_size)
-    if reduce not in ("mean", "none"):
-        raise ValueError(f"reduce: expected 'mean' or 'none', got {reduce!r}")
-    device = model_device(model) if device is None else torch.device(device)
-    images = images.detach().cpu()
-    logits = batched_logits(model, images, batch_size=batch_size, device=device)
+    fns, model, images, batch_size, device, logits = _prepare(explain_fn, model, images, batch_size, reduce, device)
     k = logits.shape[1]
     if k < 2:
         raise ValueError(f"model: class sensitivity needs at least 2 classes, the model outputs {k}")
@@ -434,17 +441,7 @@ def randomization_curve(
         ``layer`` (the layer randomised at that step) and the similarities. Spearman is NaN
         where a map is constant (averages skip NaN).
     """
-    fns = _check_explain_fns(explain_fn)
-    model = _check_model(model)
-    images = check_image_batch(images, "images")
-    if len(images) == 0:
-        raise ValueError("images: expected at least one image, got an empty batch")
-    batch_size = _check_batch_size(batch_size)
-    if reduce not in ("mean", "none"):
-        raise ValueError(f"reduce: expected 'mean' or 'none', got {reduce!r}")
-    device = model_device(model) if device is None else torch.device(device)
-    images = images.detach().cpu()
-    logits = batched_logits(model, images, batch_size=batch_size, device=device)
+    fns, model, images, batch_size, device, logits = _prepare(explain_fn, model, images, batch_size, reduce, device)
     if targets is None:
         targets_t = logits.argmax(1)
     else:

@@ -1,5 +1,4 @@
 """vxnb.explain: top-k by response, heatmaps, the combined map, batches, bad input."""
-from collections import OrderedDict
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,25 +12,14 @@ from vxnb.features import default_layers, feature_columns
 from vxnb.lasso import lasso_path
 from vxnb.relevance import relevant_features
 
+from nets import tiny_strided_net
+
 torch.set_num_threads(1)
 N_CLASSES = 3
 
 
 def _net() -> nn.Sequential:
-    torch.manual_seed(0)
-    m = nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv2d(3, 6, 3, stride=2, padding=1)), ("relu1", nn.ReLU()),
-        ("pool1", nn.MaxPool2d(2)),
-        ("conv2", nn.Conv2d(6, 8, 3, padding=1)), ("relu2", nn.ReLU()),
-        ("flat", nn.Flatten()),
-        ("fc3", nn.Linear(8 * 4 * 4, 10)), ("relu3", nn.ReLU()),
-        ("fc4", nn.Linear(10, N_CLASSES)),
-    ]))
-    with torch.no_grad():  # positive biases: most units respond, so rankings are non-trivial
-        for mod in m.modules():
-            if isinstance(mod, (nn.Conv2d, nn.Linear)):
-                mod.bias.uniform_(0.05, 0.2)
-    return m.eval()
+    return tiny_strided_net(N_CLASSES)
 
 
 @pytest.fixture(scope="module")

@@ -196,3 +196,28 @@ def test_run_names_separate_training_settings():
     names = {RunConfig().run_name, RunConfig(epochs=2).run_name, RunConfig(train_limit=100).run_name,
              RunConfig.from_params(quick=True).run_name, RunConfig.from_params(quick=True, train_limit=50).run_name}
     assert len(names) == 5
+
+
+def test_lasso_path_cache_follows_the_statistics(tmp_path):
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+
+    from vxnb import runs
+
+    rng = np.random.default_rng(0)
+    cols = pd.DataFrame({"kind": ["conv"] * 6})
+
+    def feats():
+        X = rng.random((20, 6))
+        L = np.eye(2)[rng.integers(0, 2, 20)]
+        return SimpleNamespace(G=X.T @ X, XtL=X.T @ L, columns=cols)
+
+    cfg = RunConfig(runs_root=str(tmp_path))
+    a, b = feats(), feats()
+    pa = runs.get_lasso_path(cfg, a, mu_max=1.0)
+    assert np.allclose(runs.get_lasso_path(cfg, a, mu_max=1.0).coef(0.5), pa.coef(0.5))  # read back
+    pb = runs.get_lasso_path(cfg, b, mu_max=1.0)  # other statistics (a retrained model): solved anew
+    assert not np.allclose(pa.coef(0.5), pb.coef(0.5))
+    assert len(list(runs.run_dir(cfg).glob("lasso-conv-mu1-*.npz"))) == 2

@@ -1,5 +1,4 @@
 """vxnb.evaluate.sanity_study: the tables of notebook 06 (class sensitivity, randomisation)."""
-from collections import OrderedDict
 
 import numpy as np
 import pandas as pd
@@ -12,26 +11,15 @@ from vxnb.evaluate import sanity_study as S
 from vxnb.evaluate.sanity import spearman, ssim
 from vxnb.features import default_layers, feature_columns
 
+from nets import tiny_strided_net
+
 torch.set_num_threads(1)
 N_CLASSES = 4
 SIZE = 16
 
 
 def _net() -> nn.Sequential:
-    torch.manual_seed(0)
-    m = nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv2d(3, 6, 3, stride=2, padding=1)), ("relu1", nn.ReLU()),
-        ("pool1", nn.MaxPool2d(2)),
-        ("conv2", nn.Conv2d(6, 8, 3, padding=1)), ("relu2", nn.ReLU()),
-        ("flat", nn.Flatten()),
-        ("fc3", nn.Linear(8 * 4 * 4, 10)), ("relu3", nn.ReLU()),
-        ("fc4", nn.Linear(10, N_CLASSES)),
-    ]))
-    with torch.no_grad():  # positive biases: most units respond
-        for mod in m.modules():
-            if isinstance(mod, (nn.Conv2d, nn.Linear)):
-                mod.bias.uniform_(0.05, 0.2)
-    return m.eval()
+    return tiny_strided_net(N_CLASSES)
 
 
 @pytest.fixture(scope="module")

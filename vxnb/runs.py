@@ -207,11 +207,17 @@ def get_features(cfg: RunConfig, model: torch.nn.Module, split: str = "train", *
 
 
 def get_lasso_path(cfg: RunConfig, features, *, mu_max: float = 50.0, tag: str | None = None):
-    """The μ-lasso path of every class up to ``mu_max`` (cached as ``lasso-<tag>.npz``)."""
+    """The μ-lasso path of every class up to ``mu_max``, cached as
+    ``lasso-<tag>-mu<mu_max>-<key>.npz``; the key fingerprints the statistics it was solved
+    from (XᵀL and the diagonal of XᵀX), so a retrained model never reads another's path."""
+    import hashlib
+
     from .lasso import LassoPath, lasso_path
 
     tag = tag or ("conv" if all(k == "conv" for k in features.columns["kind"]) else "all")
-    file = run_dir(cfg) / f"lasso-{tag}-mu{mu_max:g}.npz"
+    digest = hashlib.sha1(np.ascontiguousarray(features.XtL, dtype=np.float64).tobytes())
+    digest.update(np.ascontiguousarray(np.diagonal(features.G), dtype=np.float64).tobytes())
+    file = run_dir(cfg) / f"lasso-{tag}-mu{mu_max:g}-{digest.hexdigest()[:12]}.npz"
     if file.exists():
         try:
             return LassoPath.load(file)

@@ -5,13 +5,16 @@ computed in the hooks, G = XᵀX and XᵀL accumulated, X kept) against a plain 
 over the SAME DataLoader of random 128 px images (cycling through a pool of 256), same model,
 same device, in the same process. Prints images/s of both and their ratio (target ≥ 0.9).
 
-The number of images N is chosen per model so that the plain pass takes about ``--seconds``
-(the m×m Gram matrix has a fixed cost per extraction — allocating and touching it, 1 GB for
-VGG-11's All pool — which large datasets amortise). Each timing is the best of a few
-alternating repeats. On the CPU the times are the CPU time of this process (user + system, all
-threads): on a shared machine wall time mostly measures waiting for a core. On CUDA they are
-wall times with a synchronisation at the end. Also printed: the fixed per-call setup (one-batch
-extraction minus one-batch forward) and the ratio with ``gram_dtype=torch.float32``.
+The number of images N is chosen per model so that the plain pass takes about ``--seconds``,
+and is at least ``--min-images`` (the m×m Gram matrix has a fixed cost per extraction — allocating and touching it, 1 GB for
+VGG-11's All pool — which large datasets amortise). Plain and hooked passes alternate
+(``--repeats`` pairs); the ratio reported is the median over the pairs of plain time / hooked
+time (so that a slow stretch of a shared machine hits both sides of a pair), with the range
+over pairs and the ratio of the two best times beside it. On the CPU the times are the CPU
+time of this process (user + system, all threads): on a shared machine wall time mostly
+measures waiting for a core. On CUDA they are wall times with a synchronisation at the end.
+Also printed: the fixed per-call setup (one-batch extraction minus one-batch forward) and,
+with ``--float32``, the ratio with ``gram_dtype=torch.float32``.
 
     python benchmarks/bench_features.py            # VGG-11, ResNet-18, FlowerNet
     python benchmarks/bench_features.py --quick    # shorter passes, fewer repeats
@@ -19,6 +22,7 @@ extraction minus one-batch forward) and the ratio with ``gram_dtype=torch.float3
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -86,22 +90,27 @@ def bench(name: str, model: torch.nn.Module, args: argparse.Namespace, dev: torc
     plain_pass(model, one, dev)  # warm-up (allocator, cuDNN autotuning)
     hooked_pass(model, one, dev)
     per_batch = min(timed(plain_pass, model, one, dev) for _ in range(3))
-    n_batches = int(min(max(args.seconds / max(per_batch, 1e-6), 4), 400))
+    n_batches = int(min(max(args.seconds / max(per_batch, 1e-6), -(-args.min_images // batch)), 1000))
     data = loader(n_batches * batch)
     n = n_batches * batch
-    t = {k: float("inf") for k in ("plain", "hooked", "plain1", "hooked1", "f32")}
-    for _ in range(args.repeats):  # alternate, keep the best of each
-        t["plain"] = min(t["plain"], timed(plain_pass, model, data, dev))
-        t["hooked"] = min(t["hooked"], timed(hooked_pass, model, data, dev))
-        t["plain1"] = min(t["plain1"], timed(plain_pass, model, one, dev))
-        t["hooked1"] = min(t["hooked1"], timed(hooked_pass, model, one, dev))
-        t["f32"] = min(t["f32"], timed(hooked_pass, model, data, dev, gram_dtype=torch.float32))
+    plain_t, hooked_t, f32_t = [], [], []
+    for _ in range(args.repeats):  # alternate plain and hooked passes: slow drift hits both alike
+        plain_t.append(timed(plain_pass, model, data, dev))
+        hooked_t.append(timed(hooked_pass, model, data, dev))
+        if args.float32:
+            f32_t.append(timed(hooked_pass, model, data, dev, gram_dtype=torch.float32))
+    setup = max(0.0, timed(hooked_pass, model, one, dev) - timed(plain_pass, model, one, dev))
     m = extract_features(model, one, device=dev, progress=False).m
-    ratio = t["plain"] / t["hooked"]
-    print(f"{name:<10} N={n:>6}  m={m:>6} ({len(default_layers(model)):>2} layers)  "
-          f"plain {n / t['plain']:8.1f} img/s  hooked {n / t['hooked']:8.1f} img/s  "
-          f"ratio {ratio:5.3f} {'OK ' if ratio >= 0.9 else 'LOW'} | setup {max(0.0, t['hooked1'] - t['plain1']):5.2f} s"
-          f" | float32 Gram: ratio {t['plain'] / t['f32']:5.3f}", flush=True)
+    pairs = sorted(p / h for p, h in zip(plain_t, hooked_t))
+    ratio = statistics.median(pairs)
+    best = min(plain_t) / min(hooked_t)
+    line = (f"{name:<10} N={n:>6}  m={m:>6} ({len(default_layers(model)):>2} layers)  "
+            f"plain {n / min(plain_t):8.1f} img/s  hooked {n / min(hooked_t):8.1f} img/s  "
+            f"ratio {ratio:5.3f} {'OK ' if ratio >= 0.9 else 'LOW'} (median of {len(pairs)} pairs, "
+            f"range {pairs[0]:.3f}–{pairs[-1]:.3f}; best/best {best:.3f}) | setup {setup:5.2f} s")
+    if args.float32:
+        line += f" | float32 Gram: best/best {min(plain_t) / min(f32_t):5.3f}"
+    print(line, flush=True)
     return ratio
 
 
@@ -112,15 +121,20 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seconds", type=float, default=None, help="target duration of one plain pass")
+    p.add_argument("--min-images", type=int, default=512,
+                   help="at least this many images per pass (default 512), so that allocating G is amortised")
+    p.add_argument("--repeats", type=int, default=None, help="(plain, hooked) pairs per model (default 7, quick 4)")
+    p.add_argument("--float32", action="store_true", help="also time gram_dtype=torch.float32")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = get_device(args.device)
     if args.seconds is None:
-        args.seconds = (1.0 if args.quick else 4.0) if dev.type == "cuda" else (3.0 if args.quick else 12.0)
-    args.repeats = 2 if args.quick else 3
+        args.seconds = (1.0 if args.quick else 4.0) if dev.type == "cuda" else (6.0 if args.quick else 15.0)
+    if args.repeats is None:
+        args.repeats = 4 if args.quick else 7
     print(f"device {dev}, torch threads {torch.get_num_threads()}, 128 px random images, batch {args.batch_size}, "
-          f"plain pass ≈ {args.seconds:g} s, best of {args.repeats}, "
+          f"plain pass ≈ {args.seconds:g} s, {args.repeats} alternating pairs, "
           f"{'wall' if dev.type == 'cuda' else 'process CPU'} time", flush=True)
     torch.manual_seed(0)
     ratios = [bench("VGG-11", torchvision.models.vgg11(num_classes=10), args, dev),
@@ -131,7 +145,7 @@ def main() -> None:
         FlowerNet = None
     if FlowerNet is not None:
         ratios.append(bench("FlowerNet", FlowerNet(num_classes=6, size=128), args, dev))
-    print(f"min ratio hooked/plain: {min(ratios):.3f} (target ≥ 0.9)")
+    print(f"lowest median ratio hooked/plain: {min(ratios):.3f} (target ≥ 0.9)")
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def _relevant(args, model, data, classes, notes: list[str]):
         feats = features.extract_features(model, data, layers=layers, n_classes=len(classes), callbacks=[tp],
                                           batch_size=args.batch_size, progress=True)
         t_extract = time.perf_counter() - t0
-        W = lasso.mu_lasso_gram(feats.G, feats.XtL, args.mu)
+        W = lasso.mu_lasso_gram(feats.G, feats.XtL, args.mu, tol=feats.lasso_tol)
         relevant = relevance.relevant_features(W, feats.columns, classes)
         print(f"  feature pass + top-{args.k} tracking: {t_extract:.1f} s "
               f"({feats.columns.shape[0]} features); μ-lasso at μ = {args.mu:g}")

@@ -102,10 +102,12 @@ def test_conv_descriptor_is_l2_over_space():
 
 # ---------------------------------------------------------------------------- streamed statistics
 @pytest.mark.parametrize("gram_dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("min_split", [4, 10_000])
-def test_streamed_gram_equals_dense(monkeypatch, gram_dtype, rtol, min_split):
+@pytest.mark.parametrize("syrk,min_split", [(True, 4), (False, 4), (False, 10_000)])
+def test_streamed_gram_equals_dense(monkeypatch, gram_dtype, rtol, syrk, min_split):
     monkeypatch.setattr(vf, "_GRAM_BLOCK_ROWS", 5)  # several partial row blocks
-    monkeypatch.setattr(vf, "_GRAM_MIN_SPLIT", min_split)  # 3 column blocks (upper ones mirrored) or 1
+    monkeypatch.setattr(vf, "_CPU_SYRK", syrk)  # BLAS syrk (the CPU path) or torch GEMM blocks (the CUDA path)
+    monkeypatch.setattr(vf, "_MIRROR_BLOCK", 4)  # syrk: upper triangle added and mirrored in 4 column blocks
+    monkeypatch.setattr(vf, "_GRAM_MIN_SPLIT", min_split)  # GEMM: 3 column blocks (upper ones mirrored) or 1
     monkeypatch.setattr(vf, "_GRAM_MIN_ROWS_SPLIT", 10)
     net = small_net()
     feats = extract_features(net, random_data(23), batch_size=3, keep_X=True, gram_dtype=gram_dtype, progress=False)
@@ -113,6 +115,7 @@ def test_streamed_gram_equals_dense(monkeypatch, gram_dtype, rtol, min_split):
     assert X.shape == (23, 4 + 6 + 5) and feats.X.dtype == np.float32
     assert feats.G.dtype == np.float64 and feats.XtL.dtype == np.float64
     np.testing.assert_allclose(feats.G, X.T @ X, rtol=rtol, atol=1e-12)
+    assert np.array_equal(feats.G, feats.G.T)  # exactly symmetric: the mirrored triangle is a copy
     np.testing.assert_allclose(feats.XtL, X.T @ feats.L, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(feats.class_sums, feats.XtL.T)
     assert feats.class_counts.sum() == 23 and feats.n == 23 and feats.m == 15
@@ -120,6 +123,30 @@ def test_streamed_gram_equals_dense(monkeypatch, gram_dtype, rtol, min_split):
     for layer, g in feats.columns.groupby("layer"):
         s = X[:, g["feature"].to_numpy()].sum(1)
         assert np.all(np.isclose(s, 1) | np.isclose(s, 0))
+
+
+@pytest.mark.parametrize("threshold,expected", [(1e18, torch.float64), (10.0, torch.float32)])
+def test_auto_gram_dtype_follows_the_size_rule_and_sets_the_lasso_tolerance(monkeypatch, threshold, expected):
+    # "auto" on the CPU: float32 products when N·m² exceeds the threshold (here 23·15² = 5175)
+    monkeypatch.setattr(vf, "_AUTO_SINGLE_FLOPS", threshold)
+    from vxnb.lasso import lasso_path
+
+    feats = extract_features(small_net(), random_data(23), batch_size=4, keep_X=True, progress=False)
+    assert feats.meta["gram_dtype"] == str(expected)
+    assert feats.lasso_tol == (1e-5 if expected == torch.float32 else None)
+    X = feats.X.astype(np.float64)
+    np.testing.assert_allclose(feats.G, X.T @ X, rtol=1e-5 if expected == torch.float32 else 1e-12, atol=1e-12)
+    # the path from either G reaches the same objective as the path from the exact XᵀX
+    exact = lasso_path(X.T @ X, feats.XtL, mu_max=2.0, progress=False).coef(2.0)
+    approx = lasso_path(feats.G, feats.XtL, mu_max=2.0, progress=False, tol=feats.lasso_tol).coef(2.0)
+    obj = lambda W: float(np.sum((X @ W - feats.L) ** 2))  # noqa: E731
+    assert abs(obj(approx) - obj(exact)) <= 1e-6 * obj(exact)
+    assert np.all(np.abs(approx).sum(0) <= 2.0 + 1e-12)
+
+
+def test_unknown_length_counts_as_large_for_auto():
+    assert vf._auto_gram_dtype(torch.device("cpu"), None, 10) == torch.float32
+    assert vf._auto_gram_dtype(torch.device("cpu"), 100, 10) == torch.float64
 
 
 def test_keep_X_options_do_not_change_statistics():

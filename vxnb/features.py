@@ -47,6 +47,8 @@ import torch
 import torch.fx
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
+from scipy.linalg.blas import dsyrk, ssyrk
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from .utils import atomic_savez, check_layer_names, describe, eval_mode, get_device, get_module
@@ -83,6 +85,10 @@ _GRAM_BLOCK_BYTES = 64 * 2**20
 _GRAM_MIN_SPLIT = 1536
 _GRAM_MAX_SPLITS = 6
 _GRAM_MIN_ROWS_SPLIT = 128
+#: On the CPU, G is updated by BLAS syrk (the upper triangle only: half the flops of a GEMM).
+_CPU_SYRK = True
+#: Columns per block when the upper triangle is added or mirrored (cache-sized pieces).
+_MIRROR_BLOCK = 512
 
 
 # ============================================================================ model analysis
@@ -288,16 +294,17 @@ def _column_layers(widths: Sequence[int], device: torch.device) -> torch.Tensor:
 
 
 def _l1_normalise(raws: Sequence[torch.Tensor], col_layer: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(raw concatenated, per-layer L1-normalised), both (B, m). Entries are ≥ 0, so the L1 norm
-    is the sum; a layer whose descriptor sums to 0 stays 0. A fixed number of kernels whatever
-    the number of layers (``col_layer`` from :func:`_column_layers`)."""
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(raw concatenated (B, m), per-layer L1-normalised (B, m), per-layer sums (B, layers)).
+    Entries are ≥ 0, so the L1 norm is the sum, and a NaN or inf anywhere in a layer shows in
+    its sum; a layer whose descriptor sums to 0 stays 0. A fixed number of kernels whatever
+    the number of layers (``col_layer`` from :func:`_column_layers`), two of them on (B, m)."""
     raw = torch.cat(list(raws), dim=1)
     if col_layer is None:
         col_layer = _column_layers([r.shape[1] for r in raws], raw.device)
     sums = raw.new_zeros((raw.shape[0], len(raws))).index_add_(1, col_layer, raw)   # (B, layers)
-    denom = sums.index_select(1, col_layer)                                           # (B, m)
-    return raw, torch.where(denom > 0, raw / denom, raw.new_zeros(()))
+    inv = torch.where(sums > 0, sums.reciprocal(), sums.new_zeros(()))
+    return raw, raw * inv.index_select(1, col_layer), sums
 
 
 class _Recorder:
@@ -504,7 +511,7 @@ def descriptors(model: nn.Module, x: torch.Tensor, layers: Sequence[str] | str |
     with eval_mode(model), torch.no_grad(), _Recorder(model, layers) as rec:
         out = model(x.to(device))
         raws = rec.collect(x.shape[0], widths)
-    raw, desc = _l1_normalise(raws)
+    raw, desc, _ = _l1_normalise(raws)
     _check_nonfinite(raw, columns, layers, [r.shape[1] for r in raws])
     return (desc, out) if return_output else desc
 
@@ -562,6 +569,13 @@ class Features:
     def class_counts(self) -> np.ndarray:
         """(C,) int64 images per class."""
         return np.bincount(self.labels, minlength=self.n_classes).astype(np.int64)
+
+    @property
+    def lasso_tol(self) -> float | None:
+        """The ``tol`` to give ``vxnb.lasso`` for this G: 1e-5 when G was accumulated from float32
+        products (relative error ~1e-7, so a column that depends linearly on the active set
+        shows a pivot of ~1e-7, not ~1e-16), else None (the lasso's float64 default, 1e-10)."""
+        return 1e-5 if self.meta.get("gram_dtype") == str(torch.float32) else None
 
     @property
     def L(self) -> np.ndarray:
@@ -819,24 +833,36 @@ def _data_key(data: Any, ds: Any) -> str | None:
 
 
 # ============================================================================ extraction
-def _auto_gram_dtype(device: torch.device) -> torch.dtype:
-    """float64 where float64 GEMMs are fast (CPU; datacenter GPUs of compute capability x.0 ≥ 6.0:
-    P100, V100, A100, H100, B200), float32 blocks elsewhere (consumer GPUs run float64 at
-    1/32–1/64 of float32)."""
-    if device.type != "cuda":
+#: gram_dtype="auto" on the CPU: float32 products when N·m² exceeds this (the rule of
+#: ``vxnb.lasso.gram_statistics``: where G is a noticeable part of the work), else float64.
+_AUTO_SINGLE_FLOPS = 2e9
+
+
+def _auto_gram_dtype(device: torch.device, n_rows: int | None, m: int) -> torch.dtype:
+    """The dtype of the products accumulating G for ``gram_dtype="auto"``.
+
+    CUDA: float64 on datacenter GPUs of compute capability x.0 ≥ 6.0 (P100, V100, A100, H100,
+    B200), where float64 GEMMs are fast, float32 elsewhere (consumer GPUs run float64 at
+    1/32–1/64 of float32). CPU: float32 when N·m² > 2·10⁹ (N unknown counts as large), where
+    the float64 syrk would cost 5–10 % of a small network's forward pass; float64 below."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return torch.float64 if (minor == 0 and major >= 6) else torch.float32
+    if n_rows is not None and n_rows * m * m <= _AUTO_SINGLE_FLOPS:
         return torch.float64
-    major, minor = torch.cuda.get_device_capability(device)
-    return torch.float64 if (minor == 0 and major >= 6) else torch.float32
+    return torch.float32
 
 
 class _Gram:
-    """Streams rows of X into G = XᵀX (float64, on ``device``).
+    """Streams rows of X into G = XᵀX (float64).
 
-    Rows are gathered in a float32 buffer and added one block at a time (a larger GEMM costs
-    less per row than one per batch). For large m and many rows only the column blocks on and
-    above the diagonal are computed (up to 6 blocks: ~40 % fewer flops) and the lower blocks are
-    mirrored at the end (one pass over G, worth it from ~100 rows on). The first block
-    overwrites G (``beta=0``), so G is never zero-filled.
+    Rows are gathered in a float32 buffer and added one block at a time (a larger product
+    costs less per row than one per batch). On the CPU each block is one BLAS syrk into the
+    upper triangle of a Fortran-ordered G (half the flops of XᵀX), in float64, or in float32
+    into a scratch matrix whose upper triangle is then added to G; the lower triangle is
+    mirrored once at the end. On CUDA, where there is no syrk in torch, only the column
+    blocks on and above the diagonal are multiplied (up to 6 blocks: ~40 % fewer flops than
+    XᵀX) and mirrored likewise. The first block overwrites G, so G is never zero-filled.
     """
 
     def __init__(self, m: int, device: torch.device, dtype: torch.dtype = torch.float64, batch: int = 1,
@@ -846,13 +872,21 @@ class _Gram:
         self.buf = torch.empty((self.rows, m), dtype=torch.float32, device=device)
         self.filled = 0
         self.started = False
+        self.syrk = device.type == "cpu" and _CPU_SYRK
+        self.scratch: Any = None
+        if self.syrk:
+            # Fortran-ordered (the transpose of a C-ordered tensor); allocated by torch, whose
+            # allocator asks for transparent huge pages: faulting in 1 GB costs ~0.4 s, not ~2 s
+            self.G: Any = torch.empty((m, m), dtype=torch.float64).numpy().T  # upper triangle: syrk
+            if dtype == torch.float32:
+                self.scratch = torch.zeros((m, m), dtype=torch.float32).numpy().T  # lower triangle stays 0
+            return
         self.G = torch.empty((m, m), dtype=torch.float64, device=device)
         splits = max(1, min(_GRAM_MAX_SPLITS, m // _GRAM_MIN_SPLIT))
         if n_rows is not None and n_rows < _GRAM_MIN_ROWS_SPLIT:
             splits = 1
         self.edges = [round(i * m / splits) for i in range(splits + 1)]
         # float32 mode: each block's product goes to a reused float32 scratch, then into G
-        self.scratch = None
         if dtype == torch.float32:
             biggest = max((hi - lo) * (m - lo) for lo, hi in zip(self.edges[:-1], self.edges[1:]))
             self.scratch = torch.empty(biggest, dtype=torch.float32, device=device)
@@ -870,6 +904,30 @@ class _Gram:
     def flush(self) -> None:
         if not self.filled:
             return
+        if self.syrk:
+            self._flush_syrk()
+        else:
+            self._flush_blocks()
+        self.started = True
+        self.filled = 0
+
+    def _flush_syrk(self) -> None:
+        b = self.buf[:self.filled].numpy()
+        beta = 1.0 if self.started else 0.0
+        if self.dtype == torch.float64:
+            # b.T is (m, rows) and Fortran-contiguous: C = b.T @ b with no copy; G updated in place
+            dsyrk(1.0, b.astype(np.float64).T, beta=beta, c=self.G, trans=0, lower=0, overwrite_c=1)
+            return
+        ssyrk(1.0, b.T, beta=0.0, c=self.scratch, trans=0, lower=0, overwrite_c=1)
+        G, S = self.G, self.scratch
+        for lo in range(0, self.m, _MIRROR_BLOCK):  # upper triangle only, column block by column block
+            hi = min(self.m, lo + _MIRROR_BLOCK)
+            if self.started:
+                G[:hi, lo:hi] += S[:hi, lo:hi]
+            else:
+                G[:hi, lo:hi] = S[:hi, lo:hi]
+
+    def _flush_blocks(self) -> None:
         b = self.buf[:self.filled]
         if self.dtype == torch.float64:
             b = b.double()
@@ -881,18 +939,29 @@ class _Gram:
                 prod = self.scratch[: (hi - lo) * (self.m - lo)].view(hi - lo, self.m - lo)
                 torch.mm(b[:, lo:hi].T, b[:, lo:], out=prod)
                 out.add_(prod) if self.started else out.copy_(prod)
-        self.started = True
-        self.filled = 0
 
-    def result(self) -> torch.Tensor:
+    def result(self) -> np.ndarray:
+        """G as a float64 numpy array (symmetric)."""
         self.flush()
+        if self.syrk:
+            G = self.G
+            if not self.started:
+                G[...] = 0.0
+            T = _MIRROR_BLOCK // 2  # lower triangle ← upper, tile by tile (a transposed copy
+            for lo in range(0, self.m, T):  # of whole column blocks strides through memory: 4× slower)
+                hi = min(self.m, lo + T)
+                D = G[lo:hi, lo:hi]
+                D[...] = np.triu(D) + np.triu(D, 1).T
+                for lo2 in range(hi, self.m, T):
+                    G[lo2:lo2 + T, lo:hi] = G[lo:hi, lo2:lo2 + T].T
+            return G.T  # symmetric, so its transpose — a C-contiguous view — is G itself
         if not self.started:
-            return self.G.zero_()
+            return self.G.zero_().cpu().numpy()
         e = self.edges
         for i in range(len(e) - 1):
             for j in range(i + 1, len(e) - 1):
                 self.G[e[j]:e[j + 1], e[i]:e[i + 1]] = self.G[e[i]:e[i + 1], e[j]:e[j + 1]].T
-        return self.G
+        return self.G.cpu().numpy()
 
 
 class _Rows:
@@ -964,9 +1033,12 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
             (they need the pass); an iterable dataset without ``data_key`` is not cached.
         gram_dtype: dtype of the GEMMs accumulating G (always summed into float64):
             ``torch.float64`` (exact to float64 rounding), ``torch.float32`` (blocks of ≤ 1024
-            rows multiplied in float32, then added in float64: relative error ~1e-6, twice as
-            fast on CPUs, far faster on GPUs with slow float64) or ``"auto"`` (default: float64 on
-            the CPU and on datacenter GPUs, float32 on consumer GPUs).
+            rows multiplied in float32, then added in float64: relative error ~1e-7, twice as
+            fast on CPUs, far faster on GPUs with slow float64) or ``"auto"`` (default: on the CPU
+            float32 when N·m² > 2·10⁹ — where G would cost 5–10 % of a small network's forward
+            pass — else float64; float64 on datacenter GPUs, float32 on consumer GPUs). The
+            choice is recorded in ``meta["gram_dtype"]``; pass :attr:`Features.lasso_tol` to
+            ``vxnb.lasso`` (``runs.get_lasso_path`` does).
         callbacks: callables ``cb(outputs, index)`` called after each batch's forward pass, with
             ``outputs`` = ``{layer: tensor}`` the raw outputs of the described layers for that
             batch ((B, C, H, W) or (B, C), on the device, detached clones taken inside the hook
@@ -1004,8 +1076,6 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     if data_key is not None and not isinstance(data_key, str):
         raise TypeError(f"data_key: expected a str, got {describe(data_key)}")
     dev = _resolve_device(model, device)
-    if isinstance(gram_dtype, str):
-        gram_dtype = _auto_gram_dtype(dev)
     loader, ds, n_expected, index_known = _as_loader(data, batch_size, num_workers, pin=dev.type == "cuda")
     classes = _dataset_classes(ds)
     if n_classes is not None and classes is not None and len(classes) != n_classes:
@@ -1073,6 +1143,8 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
         stack.enter_context(eval_mode(model))
         rec = stack.enter_context(_Recorder(model, layers, keep_outputs=bool(callbacks)))
         stack.enter_context(torch.inference_mode())
+        if dev.type == "cpu":  # syrk runs in numpy's BLAS: as many threads as torch uses
+            stack.enter_context(threadpool_limits(limits=torch.get_num_threads(), user_api="blas"))
         for index, batch in tqdm(loader, total=total, desc="features", disable=None if progress else True,
                                  leave=False):
             images, labels = _split_batch(batch, n_classes)
@@ -1089,13 +1161,15 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
                 widths = [r.shape[1] for r in raws]
                 columns = feature_columns(model, layers, widths, analysis)
                 m = len(columns)
+                if isinstance(gram_dtype, str):  # "auto": needs m, known from the first batch
+                    gram_dtype = _auto_gram_dtype(dev, n_expected, m)
                 gram = _Gram(m, dev, gram_dtype, bsz, n_expected)
                 col_layer = _column_layers(widths, dev)
                 S = torch.zeros((c_cap, m), dtype=torch.float64, device=dev)
                 if keep is None and n_expected is not None:
                     keep = n_expected * m * 4 <= max_bytes
-            raw, x = _l1_normalise(raws, col_layer)
-            bad = ~torch.isfinite(raw).all()
+            raw, x, sums = _l1_normalise(raws, col_layer)
+            bad = ~torch.isfinite(sums).all()  # (B, layers), not (B, m): a NaN or inf shows in its layer's sum
             gram.add(x)
             # XᵀL: class sums
             ymax = int(labels.max())
@@ -1126,7 +1200,7 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
             finish(pending)
         if gram is None:
             raise ValueError("data: no images (the data yielded no non-empty batch)")
-        G_np = gram.result().cpu().numpy()
+        G_np = gram.result()
         S_np = S.cpu().numpy()
 
     labels_np = np.concatenate(label_chunks).astype(np.int64)

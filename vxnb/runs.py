@@ -223,7 +223,7 @@ def get_lasso_path(cfg: RunConfig, features, *, mu_max: float = 50.0, tag: str |
             return LassoPath.load(file)
         except Exception as err:  # a stale or corrupt file is recomputed, never trusted
             file.unlink()
-    path = lasso_path(features.G, features.XtL, mu_max=mu_max)
+    path = lasso_path(features.G, features.XtL, mu_max=mu_max, tol=getattr(features, "lasso_tol", None))
     path.save(file)
     return path
 

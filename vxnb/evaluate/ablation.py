@@ -219,7 +219,7 @@ def _path_weights(train: Features, mus: Sequence[float], progress: bool) -> dict
     from ..lasso import lasso_path
 
     path = lasso_path(train.G, train.XtL, mu_max=max(mus), LtL=train.class_counts.astype(np.float64),
-                      progress=None if progress else False)
+                      progress=None if progress else False, tol=train.lasso_tol)
     return {mu: np.asarray(path.coef(mu), dtype=np.float64) for mu in mus}
 
 

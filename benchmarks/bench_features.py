@@ -14,7 +14,8 @@ over pairs and the ratio of the two best times beside it. On the CPU the times a
 time of this process (user + system, all threads): on a shared machine wall time mostly
 measures waiting for a core. On CUDA they are wall times with a synchronisation at the end.
 Also printed: the fixed per-call setup (one-batch extraction minus one-batch forward) and,
-with ``--float32``, the ratio with ``gram_dtype=torch.float32``.
+with ``--float64``, the ratio with G's products forced to float64 (``gram_dtype="auto"``, the
+default timed here, multiplies float32 blocks at these sizes; see ``extract_features``).
 
     python benchmarks/bench_features.py            # VGG-11, ResNet-18, FlowerNet
     python benchmarks/bench_features.py --quick    # shorter passes, fewer repeats
@@ -93,12 +94,12 @@ def bench(name: str, model: torch.nn.Module, args: argparse.Namespace, dev: torc
     n_batches = int(min(max(args.seconds / max(per_batch, 1e-6), -(-args.min_images // batch)), 1000))
     data = loader(n_batches * batch)
     n = n_batches * batch
-    plain_t, hooked_t, f32_t = [], [], []
+    plain_t, hooked_t, f64_t = [], [], []
     for _ in range(args.repeats):  # alternate plain and hooked passes: slow drift hits both alike
         plain_t.append(timed(plain_pass, model, data, dev))
         hooked_t.append(timed(hooked_pass, model, data, dev))
-        if args.float32:
-            f32_t.append(timed(hooked_pass, model, data, dev, gram_dtype=torch.float32))
+        if args.float64:
+            f64_t.append(timed(hooked_pass, model, data, dev, gram_dtype=torch.float64))
     setup = max(0.0, timed(hooked_pass, model, one, dev) - timed(plain_pass, model, one, dev))
     m = extract_features(model, one, device=dev, progress=False).m
     pairs = sorted(p / h for p, h in zip(plain_t, hooked_t))
@@ -108,8 +109,8 @@ def bench(name: str, model: torch.nn.Module, args: argparse.Namespace, dev: torc
             f"plain {n / min(plain_t):8.1f} img/s  hooked {n / min(hooked_t):8.1f} img/s  "
             f"ratio {ratio:5.3f} {'OK ' if ratio >= 0.9 else 'LOW'} (median of {len(pairs)} pairs, "
             f"range {pairs[0]:.3f}–{pairs[-1]:.3f}; best/best {best:.3f}) | setup {setup:5.2f} s")
-    if args.float32:
-        line += f" | float32 Gram: best/best {min(plain_t) / min(f32_t):5.3f}"
+    if args.float64:
+        line += f" | float64 products: best/best {min(plain_t) / min(f64_t):5.3f}"
     print(line, flush=True)
     return ratio
 
@@ -124,7 +125,8 @@ def main() -> None:
     p.add_argument("--min-images", type=int, default=512,
                    help="at least this many images per pass (default 512), so that allocating G is amortised")
     p.add_argument("--repeats", type=int, default=None, help="(plain, hooked) pairs per model (default 7, quick 4)")
-    p.add_argument("--float32", action="store_true", help="also time gram_dtype=torch.float32")
+    p.add_argument("--float64", action="store_true",
+                   help="also time gram_dtype=torch.float64 (auto uses float32 products for these sizes)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

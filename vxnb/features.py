@@ -51,7 +51,7 @@ from scipy.linalg.blas import dsyrk, ssyrk
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from .utils import atomic_savez, check_layer_names, describe, eval_mode, get_device, get_module
+from .utils import atomic_savez, check_layer_names, describe, eval_mode, get_device, get_module, model_device
 
 __all__ = [
     "Features",
@@ -444,14 +444,6 @@ def _resolve_layers(model: nn.Module, layers: Any, only_conv: bool, analysis: _A
     return check_layer_names(model, layers)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
@@ -459,7 +451,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 @contextlib.contextmanager
 def _on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Run the block with the model on ``device``; move it back afterwards."""
-    old = _model_device(model)
+    old = model_device(model)
     if _same_device(old, device) or next(iter(model.parameters()), None) is None:
         yield
         return
@@ -473,7 +465,7 @@ def _on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
 def _resolve_device(model: nn.Module, device: Any) -> torch.device:
     if device is not None:
         return get_device(device)
-    own = _model_device(model)
+    own = model_device(model)
     return own if own.type != "cpu" else get_device(None)
 
 
@@ -507,7 +499,7 @@ def descriptors(model: nn.Module, x: torch.Tensor, layers: Sequence[str] | str |
                 raise ValueError(f"layers: {layers} differ from the layers of columns {col_layers}")
     else:
         layers = _resolve_layers(model, layers, only_conv)
-    device = _model_device(model)
+    device = model_device(model)
     with eval_mode(model), torch.no_grad(), _Recorder(model, layers) as rec:
         out = model(x.to(device))
         raws = rec.collect(x.shape[0], widths)

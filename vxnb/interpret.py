@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .utils import check_image_batch, check_layer_names, describe, eval_mode, get_module
+from .utils import check_image_batch, check_layer_names, describe, eval_mode, get_module, model_device
 
 __all__ = [
     "ReceptiveField",
@@ -731,11 +731,6 @@ def _collate_images(batch: list) -> torch.Tensor:
         raise ValueError(f"data: images of one batch differ in size ({err}); resize them to a common size") from err
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def collect_top_patches(model: nn.Module, data: Any, features: Any = None, k: int = 100, *,
                         layers: Sequence[str] | None = None, score: str = "descriptor", batch_size: int = 64,
                         num_workers: int = 0, progress: bool | None = True) -> TopPatches:
@@ -757,7 +752,7 @@ def collect_top_patches(model: nn.Module, data: Any, features: Any = None, k: in
     captured: dict[str, torch.Tensor] = {}
     handles = [m.register_forward_hook(lambda mod, inp, out, name=name: captured.__setitem__(name, out))
                for name, m in modules.items()]
-    device = _model_device(model)
+    device = model_device(model)
     start = 0
     try:
         with eval_mode(model), torch.no_grad():
@@ -1040,7 +1035,7 @@ def average_images(model: nn.Module, dataset: Any, top_patches: Any, relevant: p
             rfs[layer] = _state_to_rf(walker.record[layer][-1], layer)
 
     # -- one computation per distinct feature ---------------------------------------------
-    device = _model_device(model)
+    device = model_device(model)
     cache: dict[tuple[str, int], dict] = {}
     images = _ImageCache()
     distinct = list(dict.fromkeys((str(r["layer"]), int(r["channel"])) for _, r in work))

@@ -28,7 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .utils import atomic_torch_save, atomic_write_json, describe, eval_mode, get_device, read_json, seed_everything
+from .utils import (atomic_torch_save, atomic_write_json, describe, eval_mode, get_device, model_device, read_json,
+                    seed_everything)
 
 __all__ = [
     "MnistNet",
@@ -388,7 +389,7 @@ def predict(model: nn.Module, data: Dataset, batch_size: int = 256,
         raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
     data = _check_dataset(data, "data")
     batch_size = _check_int(batch_size, "batch_size", 1)
-    dev = get_device(device) if device is not None else _model_device(model)
+    dev = get_device(device) if device is not None else model_device(model, default=get_device())
     model.to(dev)
     preds, labels = [], []
     with eval_mode(model):
@@ -397,11 +398,6 @@ def predict(model: nn.Module, data: Dataset, batch_size: int = 256,
             preds.append(model(x).argmax(1).cpu())
             labels.append(y.cpu())
     return torch.cat(preds).numpy(), torch.cat(labels).numpy()
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else get_device()
 
 
 def accuracy(model: nn.Module, data: Dataset, batch_size: int = 256, device: str | torch.device | None = None) -> float:
@@ -585,7 +581,7 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...] | None = None,
     shape = tuple(int(d) for d in input_shape)
     if len(shape) == 3:
         shape = (1,) + shape
-    dev = get_device(device) if device is not None else _model_device(model)
+    dev = get_device(device) if device is not None else model_device(model, default=get_device())
     rows: "OrderedDict[str, dict]" = OrderedDict()
     handles = []
 

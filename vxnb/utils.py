@@ -40,6 +40,16 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def model_device(model: nn.Module, default: torch.device | None = None) -> torch.device:
+    """The device of the model's first parameter or buffer; ``default`` (the CPU if None) for a
+    model that has neither."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return default if default is not None else torch.device("cpu")
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return a torch Generator seeded the same way."""
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vxnb.evaluate.iou import _check_heatmaps, _normalize_flat
-from vxnb.utils import check_image_batch, eval_mode
+from vxnb.utils import check_image_batch, eval_mode, model_device
 
 __all__ = [
     "DEFAULT_COVERAGE",
@@ -54,15 +54,6 @@ DEFAULT_COVERAGE: tuple[float, ...] = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
 
 
 # ----------------------------------------------------------------------------- helpers
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (the CPU for a model without any)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def _check_model(model: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")

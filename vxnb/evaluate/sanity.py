@@ -35,9 +35,8 @@ from vxnb.evaluate.occlusion import (
     _check_model,
     batched_logits,
     check_targets,
-    model_device,
 )
-from vxnb.utils import check_image_batch, check_layer_names, eval_mode
+from vxnb.utils import check_image_batch, check_layer_names, eval_mode, model_device
 
 __all__ = [
     "spearman",

@@ -125,6 +125,8 @@ def main() -> None:
     p.add_argument("--min-images", type=int, default=512,
                    help="at least this many images per pass (default 512), so that allocating G is amortised")
     p.add_argument("--repeats", type=int, default=None, help="(plain, hooked) pairs per model (default 7, quick 4)")
+    p.add_argument("--models", nargs="+", default=["vgg11", "resnet18", "flowernet"],
+                   choices=["vgg11", "resnet18", "flowernet"], help="which models (default: all three)")
     p.add_argument("--float64", action="store_true",
                    help="also time gram_dtype=torch.float64 (auto uses float32 products for these sizes)")
     args = p.parse_args()
@@ -138,15 +140,16 @@ def main() -> None:
     print(f"device {dev}, torch threads {torch.get_num_threads()}, 128 px random images, batch {args.batch_size}, "
           f"plain pass ≈ {args.seconds:g} s, {args.repeats} alternating pairs, "
           f"{'wall' if dev.type == 'cuda' else 'process CPU'} time", flush=True)
-    torch.manual_seed(0)
-    ratios = [bench("VGG-11", torchvision.models.vgg11(num_classes=10), args, dev),
-              bench("ResNet-18", torchvision.models.resnet18(num_classes=10), args, dev)]
-    try:
-        from vxnb.models import FlowerNet
-    except ImportError:
-        FlowerNet = None
-    if FlowerNet is not None:
-        ratios.append(bench("FlowerNet", FlowerNet(num_classes=6, size=128), args, dev))
+    from vxnb.models import FlowerNet
+
+    builders = {"vgg11": ("VGG-11", lambda: torchvision.models.vgg11(num_classes=10)),
+                "resnet18": ("ResNet-18", lambda: torchvision.models.resnet18(num_classes=10)),
+                "flowernet": ("FlowerNet", lambda: FlowerNet(num_classes=6, size=128))}
+    ratios = []
+    for key in args.models:
+        torch.manual_seed(0)
+        name, build = builders[key]
+        ratios.append(bench(name, build(), args, dev))
     print(f"lowest median ratio hooked/plain: {min(ratios):.3f} (target ≥ 0.9)")
 
 

@@ -221,3 +221,67 @@ def test_lasso_path_cache_follows_the_statistics(tmp_path):
     pb = runs.get_lasso_path(cfg, b, mu_max=1.0)  # other statistics (a retrained model): solved anew
     assert not np.allclose(pa.coef(0.5), pb.coef(0.5))
     assert len(list(runs.run_dir(cfg).glob("lasso-conv-mu1-*.npz"))) == 2
+
+
+def _fake_training(accuracies):
+    """A stand-in for models.train_model returning the given final train accuracies in turn,
+    recording the seeds and the initial weights it was called with."""
+    calls = []
+
+    def train(model, train, test, *, epochs, seed, progress):
+        calls.append((seed, [p.detach().clone() for p in model.parameters()]))
+        acc = accuracies[len(calls) - 1]
+        return {"loss": [1.0] * epochs, "train_accuracy": [acc] * epochs, "test_accuracy": [acc] * epochs,
+                "final_test_accuracy": acc}
+    return train, calls
+
+
+def _tiny_data():
+    import torch
+    from torch.utils.data import TensorDataset
+
+    x, y = torch.rand(12, 3, 32, 32), torch.arange(12) % 6
+    return TensorDataset(x, y), TensorDataset(x, y), [f"c{i}" for i in range(6)]
+
+
+def test_stalled_training_is_repeated_from_another_seed_and_init_is_seeded(tmp_path, monkeypatch):
+    import torch
+
+    from vxnb import models, runs
+
+    train, calls = _fake_training([0.33, 0.99, 0.5])
+    monkeypatch.setattr(models, "train_model", train)
+    cfg = RunConfig(size=32, epochs=5, runs_root=str(tmp_path))
+    with pytest.warns(UserWarning, match="stalled at train accuracy 0.330"):
+        _, meta = runs.get_model(cfg, data=_tiny_data(), progress=False)
+    assert [c[0] for c in calls] == [0, 1000]  # stopped after the first attempt that trained
+    assert [a["seed"] for a in meta["train_attempts"]] == [0, 1000]
+    assert meta["test_accuracy"] == 0.99
+    # the initial weights follow the seed: attempt 1 differs from attempt 0, and a retrain
+    # of the same config starts from exactly the same weights as before
+    assert not torch.equal(calls[0][1][0], calls[1][1][0])
+    train2, calls2 = _fake_training([0.9])
+    monkeypatch.setattr(models, "train_model", train2)
+    runs.get_model(cfg, data=_tiny_data(), progress=False, retrain=True)
+    assert all(torch.equal(a, b) for a, b in zip(calls[0][1], calls2[0][1]))
+
+
+def test_training_keeps_the_best_attempt_and_short_runs_are_not_retried(tmp_path, monkeypatch):
+    import warnings
+
+    from vxnb import models, runs
+
+    train, calls = _fake_training([0.2, 0.4, 0.3])
+    monkeypatch.setattr(models, "train_model", train)
+    with pytest.warns(UserWarning) as record:
+        _, meta = runs.get_model(RunConfig(size=32, epochs=4, runs_root=str(tmp_path / "a")),
+                                 data=_tiny_data(), progress=False)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 3 and "starting again" in messages[0] and "keeping the best of 3 attempts" in messages[2]
+    assert len(calls) == 3 and meta["test_accuracy"] == 0.4
+    train, calls = _fake_training([0.2])
+    monkeypatch.setattr(models, "train_model", train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one epoch: under-trained, not stalled, so no retry and no warning
+        runs.get_model(RunConfig(size=32, epochs=1, runs_root=str(tmp_path / "b")), data=_tiny_data(), progress=False)
+    assert len(calls) == 1

@@ -835,8 +835,9 @@ def _auto_gram_dtype(device: torch.device, n_rows: int | None, m: int) -> torch.
 
     CUDA: float64 on datacenter GPUs of compute capability x.0 ≥ 6.0 (P100, V100, A100, H100,
     B200), where float64 GEMMs are fast, float32 elsewhere (consumer GPUs run float64 at
-    1/32–1/64 of float32). CPU: float32 when N·m² > 2·10⁹ (N unknown counts as large), where
-    the float64 syrk would cost 5–10 % of a small network's forward pass; float64 below."""
+    1/32–1/64 of float32). CPU: float32 when N·m² > 2·10⁹ (N unknown counts as large): there
+    the float64 syrk (and its float32→float64 copy) cost FlowerNet ~6 % of its forward pass
+    (``benchmarks/bench_features.py --float64``); float64 below."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return torch.float64 if (minor == 0 and major >= 6) else torch.float32
@@ -940,7 +941,7 @@ class _Gram:
             if not self.started:
                 G[...] = 0.0
             T = _MIRROR_BLOCK // 2  # lower triangle ← upper, tile by tile (a transposed copy
-            for lo in range(0, self.m, T):  # of whole column blocks strides through memory: 4× slower)
+            for lo in range(0, self.m, T):  # of whole column blocks strides through memory: 3× slower)
                 hi = min(self.m, lo + T)
                 D = G[lo:hi, lo:hi]
                 D[...] = np.triu(D) + np.triu(D, 1).T
@@ -1027,10 +1028,10 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
             ``torch.float64`` (exact to float64 rounding), ``torch.float32`` (blocks of ≤ 1024
             rows multiplied in float32, then added in float64: relative error ~1e-7, twice as
             fast on CPUs, far faster on GPUs with slow float64) or ``"auto"`` (default: on the CPU
-            float32 when N·m² > 2·10⁹ — where G would cost 5–10 % of a small network's forward
-            pass — else float64; float64 on datacenter GPUs, float32 on consumer GPUs). The
-            choice is recorded in ``meta["gram_dtype"]``; pass :attr:`Features.lasso_tol` to
-            ``vxnb.lasso`` (``runs.get_lasso_path`` does).
+            float32 when N·m² > 2·10⁹ — where float64 products would cost a small network several
+            per cent of its forward pass — else float64; float64 on datacenter GPUs, float32 on
+            consumer GPUs). The choice is recorded in ``meta["gram_dtype"]``; pass
+            :attr:`Features.lasso_tol` to ``vxnb.lasso`` (``runs.get_lasso_path`` does).
         callbacks: callables ``cb(outputs, index)`` called after each batch's forward pass, with
             ``outputs`` = ``{layer: tensor}`` the raw outputs of the described layers for that
             batch ((B, C, H, W) or (B, C), on the device, detached clones taken inside the hook

@@ -285,3 +285,28 @@ def test_training_keeps_the_best_attempt_and_short_runs_are_not_retried(tmp_path
         warnings.simplefilter("error")  # one epoch: under-trained, not stalled, so no retry and no warning
         runs.get_model(RunConfig(size=32, epochs=1, runs_root=str(tmp_path / "b")), data=_tiny_data(), progress=False)
     assert len(calls) == 1
+
+
+def test_finished_progress_bars_are_left_out_of_the_page(tmp_path):
+    """tqdm's leave=False bars end as HBoxes whose layout is hidden: the page drops them (no
+    blank gap) and keeps every visible widget."""
+    import nbformat
+
+    path = _executed_nb(tmp_path / "01_t.ipynb")
+    nb = json.loads(path.read_text())
+    state = nb["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    hidden_bar, layout = "f" * 32, "e" * 32
+    state[layout] = {"model_name": "LayoutModel", "model_module": "@jupyter-widgets/base",
+                     "model_module_version": "2.0.0", "state": {"visibility": "hidden"}}
+    state[hidden_bar] = {"model_name": "HBoxModel", "model_module": "@jupyter-widgets/controls",
+                         "model_module_version": "2.0.0", "state": {"layout": f"IPY_MODEL_{layout}", "children": []}}
+    nb["cells"][1]["outputs"].append({"output_type": "display_data", "metadata": {}, "data": {
+        "application/vnd.jupyter.widget-view+json": {"model_id": hidden_bar, "version_major": 2, "version_minor": 0},
+        "text/plain": "features: 100%"}})
+    path.write_text(json.dumps(nb))
+    node = nbformat.read(str(path), as_version=4)
+    assert report._drop_hidden_widgets(node) == 1
+    assert [o["data"]["text/plain"] for o in node.cells[1].outputs] == ["IntSlider(value=3)"]
+    page = report.export_html(path, tmp_path / "01_t.html").read_text()
+    views = re.findall(r'"model_id": "([0-9a-f]{32})"', page)
+    assert _WIDGET_ID in views and hidden_bar not in views

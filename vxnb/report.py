@@ -238,12 +238,38 @@ def _strip_mathjax(nb: Any) -> None:
                 data["text/html"] = _MATHJAX_SCRIPT.sub("", text)
 
 
+_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+_WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+def _drop_hidden_widgets(nb: Any) -> int:
+    """Remove widget outputs whose saved layout is hidden — the finished ``leave=False`` tqdm
+    bars, which tqdm hides rather than removes — so the page shows no blank gap where they ran.
+    Returns how many were removed."""
+    state = nb.get("metadata", {}).get("widgets", {}).get(_WIDGET_STATE, {}).get("state", {})
+
+    def hidden(model_id: str) -> bool:
+        layout = str(state.get(model_id, {}).get("state", {}).get("layout", "")).replace("IPY_MODEL_", "")
+        style = state.get(layout, {}).get("state", {})
+        return style.get("visibility") == "hidden" or style.get("display") == "none"
+
+    dropped = 0
+    for cell in nb.cells:
+        outputs = cell.get("outputs", [])
+        keep = [o for o in outputs if not hidden(o.get("data", {}).get(_WIDGET_VIEW, {}).get("model_id", ""))]
+        if len(keep) != len(outputs):
+            dropped += len(outputs) - len(keep)
+            cell["outputs"] = keep
+    return dropped
+
+
 def export_html(executed: Path, html_path: Path, *, static_url: str | None = STATIC_DIRNAME) -> Path:
     """An HTML page of an executed notebook (plotly.js embedded, widget state as saved by nbclient).
 
     ``static_url``: the URL (relative to the page) of the folder made by :func:`copy_static`,
     from which the page loads require.js and the widget manager; ``None``: their CDN URLs.
-    MathJax and mermaid.js are never loaded.
+    MathJax and mermaid.js are never loaded, and finished progress bars (widgets whose saved
+    layout is hidden) are left out.
     """
     import jinja2
     import nbformat
@@ -254,6 +280,7 @@ def export_html(executed: Path, html_path: Path, *, static_url: str | None = STA
         raise ValueError(f"static_url: expected a non-empty URL without quotes or None, got {static_url!r}")
     nb = nbformat.read(str(executed), as_version=4)
     _strip_mathjax(nb)
+    _drop_hidden_widgets(nb)
     urls = {}
     if static_url is not None:
         base = static_url.rstrip("/")

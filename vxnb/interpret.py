@@ -552,6 +552,16 @@ def _parse_features(model: nn.Module, layers: Any, features: Any) -> dict[str, l
     return spec
 
 
+def _check_top_args(model: Any, k: Any, score: Any) -> None:
+    """The arguments :class:`TopPatches` and :func:`top_patch_table` share."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k: expected a positive int, got {k!r}")
+    if score not in SCORES:
+        raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
+
+
 class TopPatches:
     """Running top-k images per feature, with the position of the channel map's maximum.
 
@@ -578,12 +588,7 @@ class TopPatches:
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | str | None = None, features: Any = None,
                  k: int = 100, *, score: str = "descriptor") -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k: expected a positive int, got {k!r}")
-        if score not in SCORES:
-            raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
+        _check_top_args(model, k, score)
         self.model = model
         self.k = int(k)
         self.score = score
@@ -1238,12 +1243,7 @@ def top_patch_table(model: nn.Module, data: Any, features: Any, k: int = 100, *,
 
     from .utils import atomic_path
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k: expected a positive int, got {k!r}")
-    if score not in SCORES:
-        raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
+    _check_top_args(model, k, score)
     if data_key is not None and not isinstance(data_key, str):
         raise TypeError(f"data_key: expected a str or None, got {describe(data_key)}")
     dataset = _as_dataset(data, "data")

@@ -42,7 +42,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -110,21 +110,26 @@ def _check_method(method: Any, arg: str = "method") -> str:
     return method
 
 
-def _check_methods(methods: Any) -> tuple[str, ...]:
-    if isinstance(methods, str):
-        methods = (methods,)
+def _check_names(values: Any, arg: str, known: Sequence[str], check_one: Callable[[Any, str], Any],
+                 what: str) -> tuple[str, ...]:
+    """A name or a non-empty sequence of unique names, each checked by ``check_one``."""
+    if isinstance(values, str):
+        values = (values,)
     try:
-        methods = tuple(methods)
+        values = tuple(values)
     except TypeError:
-        raise TypeError(f"methods: expected a sequence of method names ({', '.join(METHODS)}), "
-                        f"got {describe(methods)}") from None
-    if not methods:
-        raise ValueError(f"methods: expected at least one of {', '.join(METHODS)}, got an empty sequence")
-    for m in methods:
-        _check_method(m, "methods")
-    if len(set(methods)) != len(methods):
-        raise ValueError(f"methods: names must be unique, got {list(methods)}")
-    return methods
+        raise TypeError(f"{arg}: expected {what} ({', '.join(known)}), got {describe(values)}") from None
+    if not values:
+        raise ValueError(f"{arg}: expected at least one of {', '.join(known)}, got an empty sequence")
+    for v in values:
+        check_one(v, arg)
+    if len(set(values)) != len(values):
+        raise ValueError(f"{arg}: names must be unique, got {list(values)}")
+    return values
+
+
+def _check_methods(methods: Any) -> tuple[str, ...]:
+    return _check_names(methods, "methods", METHODS, _check_method, "a sequence of method names")
 
 
 def _check_variant(variant: Any, arg: str = "variant") -> str:
@@ -545,19 +550,7 @@ def compare_with_paper(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def _folds_by_variant(variants: Any, folds: Any) -> dict[str, tuple[int, ...]]:
-    if isinstance(variants, str):
-        variants = (variants,)
-    try:
-        variants = tuple(variants)
-    except TypeError:
-        raise TypeError(f"variants: expected a variant name or a sequence of them ({', '.join(VARIANTS)}), "
-                        f"got {describe(variants)}") from None
-    if not variants:
-        raise ValueError(f"variants: expected at least one of {', '.join(VARIANTS)}, got an empty sequence")
-    for v in variants:
-        _check_variant(v, "variants")
-    if len(set(variants)) != len(variants):
-        raise ValueError(f"variants: names must be unique, got {list(variants)}")
+    variants = _check_names(variants, "variants", VARIANTS, _check_variant, "a variant name or a sequence of them")
     if isinstance(folds, Mapping):
         extra = set(folds) - set(variants)
         if extra:

@@ -3,12 +3,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 QUICK  ?=
+PARAMS ?=
 STAMP  := $(VENV)/.installed
 
 .PHONY: report test venv data benchmarks clean-runs help
 
 help:
-	@echo "make report [QUICK=1]  set up .venv, prepare data, run notebooks 01-06 with papermill, write reports/"
+	@echo "make report [QUICK=1] [PARAMS=my-run.yaml]  set up .venv, prepare data, run notebooks 01-06, write reports/"
 	@echo "make test              set up .venv and run the test suite (includes every notebook in quick mode)"
 	@echo "make benchmarks        print the speed/accuracy benchmarks"
 
@@ -23,10 +24,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 data: $(STAMP)
-	$(PY) -m vxnb.report --prepare-data $(if $(QUICK),--quick,)
+	$(PY) -m vxnb.report --prepare-data $(if $(QUICK),--quick,) $(if $(PARAMS),--params $(PARAMS),)
 
 report: $(STAMP)
-	$(PY) -m vxnb.report $(if $(QUICK),--quick,)
+	$(PY) -m vxnb.report $(if $(QUICK),--quick,) $(if $(PARAMS),--params $(PARAMS),)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup tests

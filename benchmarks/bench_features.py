@@ -17,12 +17,19 @@ Also printed: the fixed per-call setup (one-batch extraction minus one-batch for
 with ``--float64``, the ratio with G's products forced to float64 (``gram_dtype="auto"``, the
 default timed here, multiplies float32 blocks at these sizes; see ``extract_features``).
 
-    python benchmarks/bench_features.py            # VGG-11, ResNet-18, FlowerNet
+ResNet-50 and VGG-16 run on 224 px images with the run's default layers (ResNet: the residual
+blocks' outputs, ``layer3.4`` etc.; VGG: every conv/FC block). After each model the peak memory
+is printed: on CUDA the peak allocated during the hooked pass, on the CPU the process's peak RSS
+so far (``ru_maxrss``, which includes everything measured before).
+
+    python benchmarks/bench_features.py            # VGG-11, ResNet-18, FlowerNet (128 px)
+    python benchmarks/bench_features.py --models resnet50 vgg16   # 224 px, block outputs
     python benchmarks/bench_features.py --quick    # shorter passes, fewer repeats
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 
@@ -72,11 +79,19 @@ def hooked_pass(model: torch.nn.Module, loader: DataLoader, dev: torch.device, *
     return f.n
 
 
-def bench(name: str, model: torch.nn.Module, args: argparse.Namespace, dev: torch.device) -> float:
+def _peak_memory(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB"
+    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process, so far)"
+
+
+def bench(name: str, model: torch.nn.Module, args: argparse.Namespace, dev: torch.device, size: int = 128) -> float:
     model = model.to(dev).eval()
     cuda = dev.type == "cuda"
     clock = time.perf_counter if cuda else time.process_time
-    batch, size = args.batch_size, 128
+    batch = args.batch_size
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
 
     def loader(n: int) -> DataLoader:
         return DataLoader(CyclicImages(n, size), batch_size=batch, shuffle=False, pin_memory=cuda)
@@ -105,13 +120,13 @@ def bench(name: str, model: torch.nn.Module, args: argparse.Namespace, dev: torc
     pairs = sorted(p / h for p, h in zip(plain_t, hooked_t))
     ratio = statistics.median(pairs)
     best = min(plain_t) / min(hooked_t)
-    line = (f"{name:<10} N={n:>6}  m={m:>6} ({len(default_layers(model)):>2} layers)  "
+    line = (f"{name:<10} {size}px N={n:>6}  m={m:>6} ({len(default_layers(model)):>2} layers)  "
             f"plain {n / min(plain_t):8.1f} img/s  hooked {n / min(hooked_t):8.1f} img/s  "
             f"ratio {ratio:5.3f} {'OK ' if ratio >= 0.9 else 'LOW'} (median of {len(pairs)} pairs, "
             f"range {pairs[0]:.3f}–{pairs[-1]:.3f}; best/best {best:.3f}) | setup {setup:5.2f} s")
     if args.float64:
         line += f" | float64 products: best/best {min(plain_t) / min(f64_t):5.3f}"
-    print(line, flush=True)
+    print(line + f" | {_peak_memory(dev)}", flush=True)
     return ratio
 
 
@@ -126,7 +141,8 @@ def main() -> None:
                    help="at least this many images per pass (default 512), so that allocating G is amortised")
     p.add_argument("--repeats", type=int, default=None, help="(plain, hooked) pairs per model (default 7, quick 4)")
     p.add_argument("--models", nargs="+", default=["vgg11", "resnet18", "flowernet"],
-                   choices=["vgg11", "resnet18", "flowernet"], help="which models (default: all three)")
+                   choices=["vgg11", "resnet18", "flowernet", "resnet50", "vgg16"],
+                   help="which models (default: the first three; resnet50 and vgg16 run at 224 px)")
     p.add_argument("--float64", action="store_true",
                    help="also time gram_dtype=torch.float64 (auto uses float32 products for these sizes)")
     args = p.parse_args()
@@ -137,19 +153,21 @@ def main() -> None:
         args.seconds = (1.0 if args.quick else 4.0) if dev.type == "cuda" else (6.0 if args.quick else 15.0)
     if args.repeats is None:
         args.repeats = 4 if args.quick else 7
-    print(f"device {dev}, torch threads {torch.get_num_threads()}, 128 px random images, batch {args.batch_size}, "
+    print(f"device {dev}, torch threads {torch.get_num_threads()}, random images, batch {args.batch_size}, "
           f"plain pass ≈ {args.seconds:g} s, {args.repeats} alternating pairs, "
           f"{'wall' if dev.type == 'cuda' else 'process CPU'} time", flush=True)
     from vxnb.models import FlowerNet
 
     builders = {"vgg11": ("VGG-11", lambda: torchvision.models.vgg11(num_classes=10)),
                 "resnet18": ("ResNet-18", lambda: torchvision.models.resnet18(num_classes=10)),
-                "flowernet": ("FlowerNet", lambda: FlowerNet(num_classes=6, size=128))}
+                "flowernet": ("FlowerNet", lambda: FlowerNet(num_classes=6, size=128)),
+                "resnet50": ("ResNet-50", lambda: torchvision.models.resnet50(num_classes=10)),
+                "vgg16": ("VGG-16", lambda: torchvision.models.vgg16(num_classes=10))}
     ratios = []
     for key in args.models:
         torch.manual_seed(0)
         name, build = builders[key]
-        ratios.append(bench(name, build(), args, dev))
+        ratios.append(bench(name, build(), args, dev, size=224 if key in ("resnet50", "vgg16") else 128))
     print(f"lowest median ratio hooked/plain: {min(ratios):.3f} (target ≥ 0.9)")
 
 

@@ -34,7 +34,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import operator
 import os
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -57,6 +59,8 @@ __all__ = [
     "Features",
     "extract_features",
     "default_layers",
+    "select_layers",
+    "residual_blocks",
     "layer_numbers",
     "descriptors",
     "feature_columns",
@@ -103,6 +107,7 @@ class _Analysis:
     node_member: list[str | None]      # per call (forward order): the conv/linear block it belongs to
     node_target: list[str]             # per call: the module called
     traced: bool
+    blocks: list[str] = field(default_factory=list)  # outermost residual blocks (see residual_blocks)
 
 
 def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -183,7 +188,53 @@ def _analyse(model: nn.Module) -> _Analysis:
                 hook[target] = chain_norm
             else:
                 hook[target] = target
-    return _Analysis(numbers, kinds, hook, calls, member, targets, traced)
+    return _Analysis(numbers, kinds, hook, calls, member, targets, traced, _residual_blocks(model))
+
+
+class _ShallowTracer(torch.fx.Tracer):
+    """Traces one module's own forward: every submodule is a leaf."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
+
+
+def _adds_a_skip(module: nn.Module) -> bool:
+    """Whether the module's own forward adds two tensors (a skip connection)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _ShallowTracer().trace(module)
+    except Exception:  # noqa: BLE001 - untraceable: not recognised as a residual block
+        return False
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method") and node.target in _ADD:
+            if sum(isinstance(a, torch.fx.Node) for a in node.args[:2]) == 2:
+                return True
+    return False
+
+
+def _residual_blocks(model: nn.Module) -> list[str]:
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not name or next(iter(module.children()), None) is None:
+            continue
+        if any(name.startswith(b + ".") for b in found):
+            continue  # only the outermost blocks
+        if _adds_a_skip(module):
+            found.append(name)
+    return found
+
+
+def residual_blocks(model: nn.Module) -> list[str]:
+    """The outermost submodules whose own forward adds a skip connection to their result, e.g.
+    every ``BasicBlock``/``Bottleneck`` of a torchvision ResNet (``layer1.0`` … ``layer4.2``).
+    Their output is taken after the addition and its ReLU."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
+    return _residual_blocks(model)
 
 
 def layer_numbers(model: nn.Module) -> pd.DataFrame:
@@ -199,23 +250,29 @@ def layer_numbers(model: nn.Module) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["layer_number", "name", "kind", "hook", "calls", "classifier"])
 
 
-def default_layers(model: nn.Module, only_conv: bool = False) -> list[str]:
+def default_layers(model: nn.Module, only_conv: bool = False, mode: str = "blocks") -> list[str]:
     """The layers whose outputs make up x by default, in forward order.
 
-    The output of every convolutional and fully connected block after its nonlinearity (see the
-    module docstring for the exact rule and the ResNet case), the classifier (last Conv/Linear)
-    and everything after it excluded. ``only_conv=True`` keeps the convolutional blocks only
-    (the paper's *OnlyConv* pool). A Conv/Linear module called more than once per forward pass
-    (weight sharing) has no single output and is skipped.
+    ``mode="all"``: the output of every convolutional and fully connected block after its
+    nonlinearity (see the module docstring for the exact rule and the ResNet case), the
+    classifier (last Conv/Linear) and everything after it excluded. ``mode="blocks"`` (the
+    default) is the same, except that in a residual network (:func:`residual_blocks`) each
+    residual block is described by its output — after the addition and its ReLU, e.g.
+    ``layer3.4`` of a ResNet-50 — instead of the blocks inside it; a network without residual
+    blocks gets the same layers in both modes. ``only_conv=True`` keeps the convolutional
+    blocks (and residual blocks) only (the paper's *OnlyConv* pool). A Conv/Linear module
+    called more than once per forward pass (weight sharing) has no single output and is skipped.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
     if not isinstance(only_conv, (bool, np.bool_)):
         raise TypeError(f"only_conv: expected a bool, got {describe(only_conv)}")
-    return _default_layers(_analyse(model), bool(only_conv))
+    if mode not in ("blocks", "all"):
+        raise ValueError(f"mode: expected 'blocks' or 'all', got {mode!r}")
+    return _default_layers(_analyse(model), bool(only_conv), mode)
 
 
-def _default_layers(a: _Analysis, only_conv: bool) -> list[str]:
+def _default_layers(a: _Analysis, only_conv: bool, mode: str = "blocks") -> list[str]:
     names = sorted(a.numbers, key=a.numbers.get)[:-1]  # drop the classifier
     out = []
     for n in names:
@@ -224,7 +281,47 @@ def _default_layers(a: _Analysis, only_conv: bool) -> list[str]:
         if a.calls[n] != 1:
             continue
         out.append(a.hook[n])
-    return out
+    if mode == "all" or not a.blocks:
+        return out
+    inside = tuple(b + "." for b in a.blocks)
+    kept = [n for n in out if not n.startswith(inside)] + list(a.blocks)
+
+    def last_call(name: str) -> int:
+        hits = [i for i, t in enumerate(a.node_target) if t == name or t.startswith(name + ".")]
+        return hits[-1] if hits else -1
+    return sorted(kept, key=last_call)
+
+
+def _glob(pattern: str) -> "re.Pattern[str]":
+    """A layer pattern: ``*`` matches within one dotted name part, ``?`` one character."""
+    rx = "".join("[^.]*" if c == "*" else "[^.]" if c == "?" else re.escape(c) for c in pattern)
+    return re.compile(rx + r"\Z")
+
+
+def select_layers(model: nn.Module, layers: Any = None, only_conv: bool = False) -> list[str]:
+    """The module names a run describes: ``None`` or ``"blocks"``: :func:`default_layers`;
+    ``"all"``: ``default_layers(mode="all")``; a name, a glob pattern (``"layer4.*"``: ``*``
+    stays within one part of the dotted name) or a list of names and patterns (in the order
+    given, each pattern's matches in registration order)."""
+    if layers is None or (isinstance(layers, str) and layers in ("blocks", "all")):
+        return default_layers(model, only_conv, "all" if layers == "all" else "blocks")
+    items = [layers] if isinstance(layers, str) else layers
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(i, str) and i for i in items):
+        raise ValueError(f"layers: expected 'blocks', 'all', a module name, a glob pattern or a list of them, "
+                         f"got {layers!r}")
+    names = [n for n, _ in model.named_modules() if n]
+    out: list[str] = []
+    for item in items:
+        if any(c in item for c in "*?"):
+            rx = _glob(item)
+            hits = [n for n in names if rx.match(n)]
+            if not hits:
+                raise ValueError(f"layers: the pattern {item!r} matches no module; the model has e.g. "
+                                 f"{', '.join(names[:20])}")
+            out += [h for h in hits if h not in out]
+        elif item not in out:
+            out.append(item)
+    return check_layer_names(model, out)
 
 
 def _layer_meta(model: nn.Module, layers: Sequence[str], a: _Analysis | None = None) -> dict[str, tuple[str, int]]:
@@ -250,7 +347,7 @@ def _layer_meta(model: nn.Module, layers: Sequence[str], a: _Analysis | None = N
             meta[name] = (a.kinds[owner], a.numbers[owner])
             continue
         before = [num for i, num in order_conv if i <= last]
-        meta[name] = ("other", before[-1] if before else 0)
+        meta[name] = ("conv" if name in a.blocks else "other", before[-1] if before else 0)
     return meta
 
 

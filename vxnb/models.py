@@ -49,6 +49,10 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_model",
+    "load_user_model",
+    "model_fingerprint",
+    "normalize_input",
+    "NORMALIZATIONS",
     "layer_table",
 ]
 
@@ -557,6 +561,181 @@ def load_model(arch: str, weights: str | os.PathLike, num_classes: int | None = 
     model = build_model(arch, **kwargs)
     _load_state(model, state, str(path))
     return model.to(get_device(device)).eval()
+
+
+# ============================================================================ a user's model
+#: Named input normalisations (mean, std per RGB channel) for ``normalize_input``.
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+class _Normalize:
+    """A forward pre-hook: (x - mean) / std on the model's input (a picklable object, so
+    ``copy.deepcopy`` of the model keeps it)."""
+
+    def __init__(self, mean: Any, std: Any):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        return ((x - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype),) + tuple(args[1:])
+
+
+def check_normalize(normalize: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``"imagenet"`` / ``[mean, std]`` (three numbers each, std > 0) / ``None`` or ``"none"``
+    → ``(mean, std)`` or ``None``; anything else is a ValueError naming ``normalize``."""
+    if normalize is None or normalize is False or (isinstance(normalize, str) and normalize.lower() == "none"):
+        return None
+    if isinstance(normalize, str):
+        if normalize.lower() not in NORMALIZATIONS:
+            raise ValueError(f"normalize: expected one of {sorted(NORMALIZATIONS)}, 'none' or [mean, std], "
+                             f"got {normalize!r}")
+        return NORMALIZATIONS[normalize.lower()]
+    try:
+        mean, std = normalize
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except (TypeError, ValueError):
+        raise ValueError(f"normalize: expected 'imagenet', 'none' or [mean, std] with three values each, "
+                         f"got {normalize!r}") from None
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"normalize: expected [mean, std] with three values each and std > 0, got {normalize!r}")
+    return mean, std
+
+
+def normalize_input(model: nn.Module, normalize: Any) -> nn.Module:
+    """Make ``model`` take images in [0, 1]: a forward pre-hook normalises its input with
+    ``normalize`` (see :func:`check_normalize`). The weights are untouched, and images, heatmaps
+    and average images stay un-normalised everywhere else. Returns ``model``."""
+    stats = check_normalize(normalize)
+    if stats is not None:
+        model.register_forward_pre_hook(_Normalize(*stats))
+    model.vxnb_normalize = stats
+    return model
+
+
+def model_fingerprint(model: nn.Module, arch: str | None = None) -> str:
+    """A content key of a model: its architecture name (``arch``, else what :func:`build_model`
+    recorded, else the class name) and the bytes, dtypes and shapes of its state_dict, in key
+    order. Two models with the same fingerprint compute the same function. 16 hex digits."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update((arch or getattr(model, "vxnb_arch", None) or type(model).__qualname__).encode())
+    for key, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"|{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _import_factory(spec: str) -> Callable[[], nn.Module]:
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"model: expected a torchvision architecture name or 'package.module:factory', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - ImportError, SyntaxError, errors at import time
+        raise ValueError(f"model: cannot import {module_name!r} for {spec!r} ({type(err).__name__}: {err}); "
+                         "is it on the PYTHONPATH?") from err
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise ValueError(f"model: {module_name!r} has no attribute {attr!r} (from {spec!r})")
+    if not callable(factory):
+        raise ValueError(f"model: {spec!r} is not callable (expected a function returning an nn.Module)")
+    return factory
+
+
+def _read_weights(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - maybe a whole pickled model: the user's own file
+        pass
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"weights: cannot read {path} with torch.load ({type(err).__name__}: {err})") from err
+
+
+def load_user_model(model: str, weights: str | os.PathLike | None, *, num_classes: int,
+                    input_shape: tuple[int, int, int] = (3, 224, 224), normalize: Any = None,
+                    device: str | torch.device | None = None) -> nn.Module:
+    """A user's trained classifier, loaded from local files and never trained or modified here.
+
+    Args:
+        model: a torchvision architecture name (``"resnet50"``, ``"vgg16"``, …) or
+            ``"package.module:factory"``, a callable returning an ``nn.Module``.
+        weights: a local file: a state_dict (or a dict with a ``"state_dict"`` entry), or a whole
+            model saved with ``torch.save(model)`` (then ``model`` only names it). ``None`` only
+            with a factory that returns a trained model.
+        num_classes: the number of classes of the data; the model's output must have this size.
+        input_shape: (C, H, W) of one image, for the output-size check.
+        normalize: the model's input normalisation, applied by :func:`normalize_input`.
+
+    The architecture name and the weights' fingerprint are kept on the model (``vxnb_arch``,
+    ``vxnb_fingerprint``). Errors name the parameter: an unknown architecture or a factory that
+    does not import (``model``), weights that do not fit (``weights``: the missing and
+    unexpected keys), an output size that is not ``num_classes``.
+    """
+    if not isinstance(model, str) or not model:
+        raise TypeError(f"model: expected a torchvision architecture name or 'package.module:factory', "
+                        f"got {describe(model)}")
+    num_classes = _check_int(num_classes, "num_classes", 1)
+    path = None
+    if weights is not None:
+        if not isinstance(weights, (str, os.PathLike)):
+            raise TypeError(f"weights: expected a path to a local file, got {describe(weights)}")
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"weights: no file at {path} (weights are read from local files only)")
+    if ":" in model:
+        factory = _import_factory(model)
+        net = factory()
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"model: {model!r} returned {describe(net)}, not a torch.nn.Module")
+        arch = model
+    else:
+        if model.lower() not in known_architectures():
+            raise ValueError(f"model: unknown architecture {model!r}; known: {', '.join(_torchvision_archs())} "
+                             "(or 'package.module:factory')")
+        net, arch = None, model.lower()
+    if path is not None:
+        obj = _read_weights(path)
+        if isinstance(obj, nn.Module):
+            net = obj
+        elif net is None:  # a torchvision name: the class count comes from the file's classifier
+            net = load_model(arch, path, device="cpu")
+        else:
+            if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+                obj = obj["state_dict"]
+            if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+                raise ValueError(f"weights: {path} holds neither a state_dict (a dict of tensors) nor a model")
+            state = dict(obj)
+            if state and all(k.startswith("module.") for k in state):
+                state = {k[len("module."):]: v for k, v in state.items()}
+            _load_state(net, state, str(path))
+    elif net is None:
+        raise ValueError(f"weights: a torchvision architecture ({model!r}) needs a local weights file; "
+                         "nothing is downloaded")
+    net.vxnb_arch = arch
+    net.eval()
+    with torch.no_grad():
+        out = net(torch.zeros((1,) + tuple(input_shape)))
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != num_classes:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else describe(out)
+        raise ValueError(f"num_classes: the model {model!r} outputs {shape[-1] if isinstance(shape, tuple) else shape} "
+                         f"scores per image but the data has {num_classes} classes")
+    net.vxnb_fingerprint = model_fingerprint(net, arch)
+    normalize_input(net, normalize)
+    return net.to(get_device(device))
 
 
 # ============================================================================ layer table

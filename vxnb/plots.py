@@ -17,10 +17,15 @@ KIND_COLORS = {"conv": "#2ca02c", "fc": "#e377c2", "other": "#7f7f7f"}
 
 
 def setup_notebook() -> None:
-    """Render figures natively in JupyterLab and as self-contained HTML in exported pages."""
+    """Render figures natively in JupyterLab and as self-contained HTML in exported pages; in a
+    kernel started by the report, progress bars also reach its terminal
+    (:func:`vxnb.utils.mirror_progress_to_terminal`)."""
     import plotly.io as pio
 
+    from .utils import mirror_progress_to_terminal
+
     pio.renderers.default = "plotly_mimetype+notebook"
+    mirror_progress_to_terminal()
 
 
 def to_uint8_rgb(image) -> np.ndarray:

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from .runs import repo_root
-from .utils import atomic_path
+from .utils import TERMINAL_PROGRESS_ENV, atomic_path
 
 __all__ = ["find_notebooks", "notebook_summary", "run_notebook", "export_html", "fetch_static", "copy_static",
            "prepare_static",
-           "build_report", "write_index", "main"]
+           "build_report", "write_index", "parse_args", "main"]
 
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 
@@ -64,11 +64,48 @@ def notebook_summary(path: str | Path) -> tuple[str, str]:
     return Path(path).stem, ""
 
 
+#: Cell tags the report honours: such a cell is not executed when the run lacks what it needs.
+NEEDS_MASKS, AN8FLOWER_ONLY = "needs-masks", "an8flower-only"
+
+
+def skipped_tags(parameters: dict[str, Any]) -> set[str]:
+    """The cell tags whose cells are skipped for a run with these notebook parameters: cells
+    tagged ``needs-masks`` without ground-truth masks, ``an8flower-only`` (the paper's numbers)
+    on other datasets. The parameters are checked here, before any notebook runs."""
+    from .runs import RunConfig
+
+    fields = set(RunConfig.__dataclass_fields__)
+    cfg = RunConfig.from_params(**{k: v for k, v in parameters.items() if k in fields})
+    skip = set()
+    if not cfg.has_masks:
+        skip.add(NEEDS_MASKS)
+    if cfg.dataset != "an8flower":
+        skip.add(AN8FLOWER_ONLY)
+    return skip
+
+
+def _mark_skipped(path: Path, skip_tags: set[str], folder: Path) -> Path:
+    """A copy of the notebook whose cells tagged with one of ``skip_tags`` carry nbclient's
+    ``skip-execution`` tag (the copy is removed by the caller)."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    for cell in nb.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if skip_tags & set(tags):
+            cell.setdefault("metadata", {})["tags"] = list(tags) + ["skip-execution"]
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".ipynb", dir=folder)
+    os.close(fd)
+    nbformat.write(nb, name)
+    return Path(name)
+
+
 def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any], *, progress: bool = True,
-                 kernel_name: str = "python3", cwd: Path | None = None) -> Path:
+                 kernel_name: str = "python3", cwd: Path | None = None, skip_tags: set[str] = frozenset()) -> Path:
     """Execute one notebook with papermill into ``out_dir``; return the executed copy's path.
 
-    The executed notebook is written atomically; on failure papermill's partial copy is kept
+    Cells tagged with one of ``skip_tags`` are not executed (see :func:`skipped_tags`). The
+    executed notebook is written atomically; on failure papermill's partial copy is kept
     beside it as ``NAME.failed.ipynb`` for inspection and the error is re-raised.
     """
     import papermill as pm
@@ -76,15 +113,19 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any], *, progr
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / path.name
     failed = out_dir / (path.stem + ".failed.ipynb")
+    source = _mark_skipped(path, set(skip_tags), out_dir) if skip_tags else path
     with atomic_path(target) as tmp:
         tmp_nb = tmp.with_suffix(".ipynb")
         try:
-            pm.execute_notebook(str(path), str(tmp_nb), parameters=parameters, progress_bar=progress,
+            pm.execute_notebook(str(source), str(tmp_nb), parameters=parameters, progress_bar=progress,
                                 kernel_name=kernel_name, cwd=str(cwd or path.parent))
         except BaseException:
             if tmp_nb.exists():
                 tmp_nb.replace(failed)
             raise
+        finally:
+            if source != path:
+                source.unlink(missing_ok=True)
         tmp_nb.replace(tmp)
     if failed.exists():
         failed.unlink()
@@ -332,6 +373,9 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     params = {"quick": bool(quick)}
     params.update(parameters or {})
+    skip = skipped_tags(params)
+    if progress:  # the kernels inherit it: their progress bars also reach this terminal
+        os.environ[TERMINAL_PROGRESS_ENV] = "1"
     entries = []
     paths = find_notebooks(notebooks)
     static_url = prepare_static(out)
@@ -341,7 +385,7 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
         t0 = time.perf_counter()
         ok, error = True, None
         try:
-            executed = run_notebook(nb, out, params, progress=progress)
+            executed = run_notebook(nb, out, params, progress=progress, skip_tags=skip)
             export_html(executed, out / (nb.stem + ".html"), static_url=static_url)
         except Exception as err:  # record, write the index, then re-raise
             ok, error = False, f"{type(err).__name__}: {err}"
@@ -358,22 +402,47 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
     return {"index": index, "entries": entries}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The report's command line (one parser, also behind the ``vxnb report`` command).
+
+    ``-p NAME VALUE`` (repeatable) and ``--params FILE`` (YAML or JSON) give the notebooks'
+    parameters (``vxnb.params.collect_params``: ``-p`` wins over the file); the result is in
+    ``args.parameters``."""
+    from .params import collect_params
+
     parser = argparse.ArgumentParser(prog="python -m vxnb.report", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the notebooks' quick parameters (CI setting)")
     parser.add_argument("--out", default=None, help="output folder (default: reports/)")
     parser.add_argument("--notebooks", default=None, help="notebook folder (default: notebooks/)")
     parser.add_argument("--prepare-data", action="store_true", help="only render/fetch the datasets")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="a notebook parameter, e.g. -p dataset folder -p model resnet50 (repeatable)")
+    parser.add_argument("--params", default=None, metavar="FILE",
+                        help="a YAML or JSON file of notebook parameters (-p values win over it)")
     args = parser.parse_args(argv)
+    try:
+        args.parameters = collect_params(args.params, args.parameter)
+    except ValueError as err:
+        parser.error(str(err))
+    if "quick" in args.parameters:
+        args.quick = bool(args.parameters.pop("quick")) or args.quick
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.prepare_data:
         from .runs import RunConfig, load_data
 
-        for cfg in (RunConfig.from_params(quick=args.quick), RunConfig.from_params(quick=args.quick, dataset="mnist")):
+        dataset = args.parameters.get("dataset", "an8flower")
+        others = [] if dataset == "folder" else [dict(dataset="mnist")]
+        for extra in [{}] + others:
+            cfg = RunConfig.from_params(quick=args.quick, **{**args.parameters, **extra})
             train, test, classes = load_data(cfg)
             print(f"{cfg.dataset}: {len(train)} train / {len(test)} test images, {len(classes)} classes")
         return 0
     t0 = time.perf_counter()
-    result = build_report(quick=args.quick, out_dir=args.out, notebooks=args.notebooks)
+    result = build_report(quick=args.quick, out_dir=args.out, notebooks=args.notebooks, parameters=args.parameters)
     print(f"report written in {time.perf_counter() - t0:.0f} s: {result['index']}")
     return 0
 

@@ -28,9 +28,9 @@ from torch.utils.data import Dataset, Subset
 from .utils import atomic_write_json, read_json, seed_everything
 
 __all__ = ["RunConfig", "DATASETS", "load_data", "get_model", "get_features", "get_lasso_path",
-           "run_dir", "repo_root"]
+           "run_dir", "repo_root", "user_model", "model_file", "gram_memory_check", "describe_model"]
 
-DATASETS = ("an8flower", "mnist")
+DATASETS = ("an8flower", "mnist", "folder")
 #: The quick (CI) setting: image size and number of training images.
 QUICK_SIZE = 64
 QUICK_TRAIN_LIMIT = 1200
@@ -52,14 +52,29 @@ def repo_root() -> Path:
 class RunConfig:
     """What a run is made of. ``quick=True`` is the small setting CI uses.
 
-    dataset: "an8flower" (the embedded default) or "mnist".
-    variant: the an8Flower variant ("single-6c", "double-12c", "part-2c"); ignored for MNIST.
-    size: an8Flower image size in pixels (MNIST is always 28).
+    dataset: "an8flower" (the embedded default), "mnist" or "folder" (your images and model).
+    variant: the an8Flower variant ("single-6c", "double-12c", "part-2c"); ignored otherwise.
+    size: an8Flower image size in pixels (MNIST is always 28; a folder run uses ``image_size``).
     epochs: training epochs (None: the model's default for the dataset and mode).
     test_fold: the an8Flower fold held out for testing (folds are grouped by viewpoint).
     train_limit: use at most this many training images (None: all) — the quick setting.
     seed: seeds rendering, splitting, training and random baselines.
-    data_root, runs_root: where data and run folders live (default: the repo's data/, runs/).
+    data_root: an8Flower/MNIST: where generated data is cached (default: the repo's data/);
+        folder: the image folder (``train/`` + ``val/`` or ``test/``, or one class-per-folder
+        tree split by ``seed`` with ``val_fraction`` held out).
+    runs_root: where run folders live (default: the repo's runs/).
+
+    Folder runs only (``vxnb.data.folder``, ``vxnb.models.load_user_model``):
+    mask_root: optional masks mirroring ``data_root``. class_names: optional JSON file of
+    display names. image_size: short side resize, then centre crop (default 224). normalize:
+    the model's input normalisation, "imagenet" (default), [mean, std] or "none". val_fraction:
+    held out when ``data_root`` is not split. on_error: "raise" or "skip" unreadable images.
+    model: a torchvision architecture name or "package.module:factory"; weights: its local
+    weights file. The model is never trained or modified; the run is keyed by its fingerprint.
+
+    Every run: layers ("blocks": block outputs of residual networks, else every conv/FC block;
+    "all": every conv/FC block; a list of names or glob patterns like "layer4.*") and
+    batch_size (of feature extraction).
     """
 
     dataset: str = "an8flower"
@@ -73,27 +88,100 @@ class RunConfig:
     data_root: str | None = None
     runs_root: str | None = None
     name: str | None = None
+    mask_root: str | None = None
+    class_names: str | None = None
+    image_size: int = 224
+    normalize: Any = "imagenet"
+    val_fraction: float = 0.2
+    on_error: str = "raise"
+    model: str | None = None
+    weights: str | None = None
+    layers: Any = "blocks"
+    batch_size: int = 64
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset: expected one of {DATASETS}, got {self.dataset!r}")
         if self.dataset == "mnist":
             self.size = 28
+        if self.dataset == "folder":
+            self._check_folder()
         if not isinstance(self.size, int) or self.size < 32 and self.dataset == "an8flower":
             raise ValueError(f"size: expected an int >= 32 for an8Flower, got {self.size!r}")
         if not 0 <= self.test_fold < 5:
             raise ValueError(f"test_fold: expected 0..4, got {self.test_fold!r}")
         if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
             raise ValueError(f"epochs: expected a positive int or None, got {self.epochs!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {self.batch_size!r}")
+        if not (isinstance(self.layers, str) and self.layers or isinstance(self.layers, (list, tuple)) and self.layers
+                and all(isinstance(n, str) and n for n in self.layers)):
+            raise ValueError(f"layers: expected 'blocks', 'all', a module name, a glob pattern or a list of them, "
+                             f"got {self.layers!r}")
+
+    def _check_folder(self) -> None:
+        from .models import check_normalize
+
+        if self.data_root is None:
+            raise ValueError("data_root: a folder run needs the image folder (one sub-folder per class, or "
+                             "train/ and val/ with one sub-folder per class each)")
+        if not Path(self.data_root).is_dir():
+            raise FileNotFoundError(f"data_root: no folder at {self.data_root}")
+        if self.mask_root is not None and not Path(self.mask_root).is_dir():
+            raise FileNotFoundError(f"mask_root: no folder at {self.mask_root}")
+        if self.class_names is not None and not Path(self.class_names).is_file():
+            raise FileNotFoundError(f"class_names: no file at {self.class_names}")
+        if not self.model:
+            raise ValueError("model: a folder run needs your model: a torchvision architecture name "
+                             "(\"resnet50\", \"vgg16\", …) or \"package.module:factory\"")
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise FileNotFoundError(f"weights: no file at {self.weights}")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 16:
+            raise ValueError(f"image_size: expected an int >= 16, got {self.image_size!r}")
+        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) \
+                or not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction: expected a number in (0, 1), got {self.val_fraction!r}")
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error: expected 'raise' or 'skip', got {self.on_error!r}")
+        check_normalize(self.normalize)
+        if self.epochs is not None:
+            raise ValueError(f"epochs: a folder run uses your trained model as it is (never trains it), "
+                             f"got epochs={self.epochs!r}")
+        self.size = self.image_size
 
     @classmethod
     def from_params(cls, quick: bool = False, **params: Any) -> "RunConfig":
-        """The notebooks' parameters → a config; ``quick`` shrinks size and data for CI."""
+        """The notebooks' parameters → a config; ``quick`` shrinks size and data for CI (a folder
+        run keeps its ``image_size``, which its model was trained for)."""
         params = {k: v for k, v in params.items() if v is not None}
         if quick:  # the CI setting overrides size and data volume, whatever the full setting says
-            params["size"] = min(int(params.get("size", QUICK_SIZE)), QUICK_SIZE)
+            if params.get("dataset") != "folder":
+                params["size"] = min(int(params.get("size", QUICK_SIZE)), QUICK_SIZE)
             params["train_limit"] = min(int(params.get("train_limit", QUICK_TRAIN_LIMIT)), QUICK_TRAIN_LIMIT)
         return cls(quick=quick, **params)
+
+    @classmethod
+    def from_namespace(cls, namespace: dict[str, Any]) -> "RunConfig":
+        """A notebook's config from its parameters (``RunConfig.from_namespace(globals())``): the
+        names of the namespace that are fields of RunConfig, and ``quick``."""
+        fields = set(cls.__dataclass_fields__) - {"quick"}
+        return cls.from_params(quick=bool(namespace.get("quick", False)),
+                               **{k: v for k, v in namespace.items() if k in fields})
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the run's images have ground-truth masks (an8Flower, or a folder with ``mask_root``)."""
+        return self.dataset == "an8flower" or (self.dataset == "folder" and self.mask_root is not None)
+
+    @property
+    def model_fingerprint(self) -> str | None:
+        """A folder run: the fingerprint of the user's model (``vxnb.models.model_fingerprint``),
+        computed once per config; None for the reference models (their checkpoints are keyed)."""
+        if self.dataset != "folder":
+            return None
+        if "_fingerprint" not in self.__dict__:
+            self.__dict__["_fingerprint"] = user_model(self).vxnb_fingerprint
+        return self.__dict__["_fingerprint"]
 
     @property
     def run_name(self) -> str:
@@ -101,6 +189,14 @@ class RunConfig:
             return self.name
         if self.dataset == "mnist":
             base = "mnist"
+        elif self.dataset == "folder":
+            import hashlib
+
+            settings = json.dumps([self.image_size, self.normalize, self.val_fraction, self.on_error,
+                                   self.mask_root is not None, self.class_names], default=str)
+            arch = self.model.replace(":", "-").replace(".", "_").split("-")[-1][:24]
+            base = (f"folder-{Path(self.data_root).resolve().name[:24]}-{arch}-{self.model_fingerprint[:10]}-"
+                    f"{hashlib.sha1(settings.encode()).hexdigest()[:6]}")
         else:
             base = f"an8flower-{self.variant}-s{self.size}-f{self.test_fold}"
         tag = "-quick" if self.quick else ""
@@ -138,6 +234,20 @@ def load_data(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, Dataset, 
     MNIST: the fixed stratified 80/20 split of the digits found under ``data/``.
     ``train_limit`` keeps a seeded, class-stratified subset of the training split.
     """
+    if cfg.dataset == "folder":
+        from .data import dataset_labels
+        from .data.folder import load_image_folder, read_class_names
+
+        train, test, folders = load_image_folder(cfg.data_root, mask_root=cfg.mask_root, image_size=cfg.image_size,
+                                                 val_fraction=cfg.val_fraction, seed=cfg.seed, on_error=cfg.on_error)
+        classes = read_class_names(cfg.class_names, folders) if cfg.class_names else folders
+        if cfg.train_limit is None or cfg.train_limit >= len(train):
+            return train, test, classes
+        train_l, test_l = dataset_labels(train), dataset_labels(test)
+        keep_train = _stratified_subset(np.arange(len(train)), train_l, cfg.train_limit, cfg.seed)
+        keep_test = _stratified_subset(np.arange(len(test)), test_l, max(cfg.train_limit // 4, len(classes)),
+                                       cfg.seed + 1)
+        return Subset(train, keep_train.tolist()), Subset(test, keep_test.tolist()), classes
     if cfg.dataset == "an8flower":
         from .data.an8flower import An8Flower
 
@@ -180,6 +290,8 @@ def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
     with a warning, and the best attempt is kept; ``meta["train_attempts"]`` lists them all."""
     from . import models
 
+    if cfg.dataset == "folder":
+        return _user_model_and_meta(cfg, data)
     folder = run_dir(cfg)
     if not retrain and (folder / "model.pt").exists() and (folder / "meta.json").exists():
         return models.load_checkpoint(folder)
@@ -220,16 +332,113 @@ def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
     return models.load_checkpoint(folder)
 
 
+def user_model(cfg: RunConfig) -> torch.nn.Module:
+    """A folder run's model (``vxnb.models.load_user_model``), loaded once per config object;
+    its number of classes is checked against the data's."""
+    from .data.folder import folder_layout
+    from .models import load_user_model
+
+    if cfg.dataset != "folder":
+        raise ValueError(f"cfg: user_model needs dataset='folder', got {cfg.dataset!r}")
+    if "_model" not in cfg.__dict__:
+        root = Path(cfg.data_root)
+        split = folder_layout(root)
+        top = split[0] if split else root
+        n_classes = sum(1 for d in top.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if n_classes < 1:
+            raise ValueError(f"data_root: {top} has no class sub-folders (expected data_root/<class>/<image>)")
+        cfg.__dict__["_model"] = load_user_model(cfg.model, cfg.weights, num_classes=n_classes,
+                                                 input_shape=(3, cfg.image_size, cfg.image_size),
+                                                 normalize=cfg.normalize)
+    return cfg.__dict__["_model"]
+
+
+def model_file(cfg: RunConfig) -> Path:
+    """The file whose bytes key a run's model: the user's weights (folder runs) or the run's checkpoint."""
+    if cfg.dataset == "folder" and cfg.weights:
+        return Path(cfg.weights)
+    return run_dir(cfg) / "model.pt"
+
+
+def describe_model(meta: dict[str, Any], accuracy: float, n_test: int) -> str:
+    """One sentence on a run's model and its accuracy on the held-out split."""
+    if meta.get("trained_here") is False:
+        return (f"your {meta.get('arch')} (fingerprint {meta.get('fingerprint')}, used as it is, never trained "
+                f"here): accuracy {accuracy:.2%} on the {n_test} validation images")
+    return f"test accuracy {accuracy:.2%} on {n_test} held-out images; {meta.get('epochs')} epochs"
+
+
+def _user_model_and_meta(cfg: RunConfig, data) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from .models import accuracy
+
+    model = user_model(cfg)
+    folder = run_dir(cfg)
+    meta_file = folder / "meta.json"
+    meta = read_json(meta_file) if meta_file.is_file() else {}
+    if meta.get("fingerprint") != model.vxnb_fingerprint:  # content-keyed: recomputed for other weights
+        train, test, classes = data if data is not None else load_data(cfg)
+        meta = {"config": cfg.to_dict(), "classes": classes, "arch": model.vxnb_arch,
+                "fingerprint": model.vxnb_fingerprint, "trained_here": False, "n_train": len(train),
+                "n_test": len(test), "test_accuracy": accuracy(model, test, batch_size=cfg.batch_size)}
+        atomic_write_json(meta, meta_file)
+    return model, meta
+
+
 # ---------------------------------------------------------------------------- features
+def gram_memory_check(m: int, device: torch.device | str = "cpu", *, available: int | None = None,
+                      verbose: bool = True) -> int:
+    """Print m and the memory G = XᵀX takes (m²·8 bytes), and refuse (ValueError naming
+    ``layers``) when twice that (G and the copy the lasso solves on) exceeds the available
+    memory (MemAvailable of /proc/meminfo, or the free memory of a CUDA device). Returns the bytes of G."""
+    need = int(m) ** 2 * 8
+    if available is None:
+        available = _available_memory(torch.device(device))
+    gib = 2 ** 30
+    if verbose:
+        print(f"features: m = {m}; G = XᵀX takes {need / gib:.2f} GiB"
+              + (f" ({available / gib:.1f} GiB available)" if available else ""), flush=True)
+    if available and 2 * need > available:
+        raise ValueError(f"layers: m = {m} features need {need / gib:.1f} GiB for G = XᵀX (twice that while "
+                         f"solving), more than the {available / gib:.1f} GiB available; describe fewer layers, e.g. "
+                         "layers='layer4.*' or a list of module names")
+    return need
+
+
+def _available_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return None
+
+
 def get_features(cfg: RunConfig, model: torch.nn.Module, split: str = "train", *, only_conv: bool = False,
                  data: tuple[Dataset, Dataset, list[str]] | None = None, progress: bool = True, **kwargs):
     """Filter-wise responses of a split (cached in the run folder by ``vxnb.features``)."""
-    from .features import extract_features
+    from .features import extract_features, select_layers
+    from .utils import model_device
 
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
     train, test, classes = data if data is not None else load_data(cfg, progress=progress)
     dataset = train if split == "train" else test
+    if "layers" not in kwargs:
+        kwargs["layers"] = select_layers(model, cfg.layers, only_conv)
+        only_conv = False
+    kwargs.setdefault("batch_size", cfg.batch_size)
+    from .features import descriptors
+
+    m = descriptors(model, dataset[0][0][None], kwargs["layers"]).shape[1]
+    gram_memory_check(m, kwargs.get("device") or model_device(model), verbose=progress)
     return extract_features(model, dataset, only_conv=only_conv, n_classes=len(classes),
                             cache_dir=run_dir(cfg) / "features",
                             data_key=f"{cfg.run_name}/{split}/{len(dataset)}", progress=progress, **kwargs)

@@ -27,6 +27,8 @@ __all__ = [
     "check_image_batch",
     "eval_mode",
     "describe",
+    "TERMINAL_PROGRESS_ENV",
+    "mirror_progress_to_terminal",
 ]
 
 
@@ -179,3 +181,76 @@ def describe(x: Any) -> str:
     if isinstance(x, (torch.Tensor, np.ndarray)):
         return f"{type(x).__name__} of shape {tuple(x.shape)} and dtype {x.dtype}"
     return f"{type(x).__name__} {x!r}"[:200]
+
+
+#: Set (by ``vxnb.report``) in the environment of the notebook kernels: their progress bars are
+#: mirrored as text to the kernel's inherited stderr, the terminal of ``make report``.
+TERMINAL_PROGRESS_ENV = "VXNB_TERMINAL_PROGRESS"
+#: A mirrored bar that ran at least this long stays in the terminal as a line once finished.
+MIRROR_KEEP_SECONDS = 2.0
+
+
+def _mirrored_tqdm(base: type) -> type:
+    """A subclass of ``base`` (a tqdm class) that also draws a text bar on ``sys.__stderr__``."""
+    import sys
+
+    from tqdm.std import tqdm as text_tqdm
+
+    class Mirrored(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if self.disable:  # a disabled bar has no state to mirror
+                self._mirror = None
+                return
+            self._mirror = text_tqdm(total=self.total, desc=f"  {self.desc or 'working'}", file=sys.__stderr__,
+                                     leave=True, mininterval=2.0, ascii=True, position=0,
+                                     dynamic_ncols=False, ncols=100)
+
+        def update(self, n: float = 1) -> Any:
+            out = super().update(n)
+            mirror = getattr(self, "_mirror", None)
+            if mirror is not None and not mirror.disable:
+                mirror.n = self.n
+                mirror.total = self.total
+                mirror.refresh() if mirror.n >= (mirror.total or 0) else mirror.update(0)
+            return out
+
+        def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+            super().set_postfix(*args, **kwargs)
+            mirror = getattr(self, "_mirror", None)
+            if mirror is not None:
+                mirror.set_postfix(*args, refresh=False, **{k: v for k, v in kwargs.items() if k != "refresh"})
+
+        def close(self) -> None:
+            mirror = getattr(self, "_mirror", None)
+            if mirror is not None:
+                mirror.n = self.n
+                # a bar that ran for a while stays as a line in the terminal's log; short ones vanish
+                mirror.leave = mirror._time() - mirror.start_t >= MIRROR_KEEP_SECONDS
+                mirror.close()
+            super().close()
+
+    Mirrored.__name__ = Mirrored.__qualname__ = f"Mirrored{base.__name__}"
+    return Mirrored
+
+
+def mirror_progress_to_terminal(force: bool = False) -> bool:
+    """Where :data:`TERMINAL_PROGRESS_ENV` is set (or ``force``), make the ``tqdm.auto`` bars of
+    vxnb also print, as plain text every two seconds, to ``sys.__stderr__`` — in a notebook
+    kernel started by the report, the terminal that runs it. Returns whether it did."""
+    import sys
+
+    import tqdm.auto
+
+    if not (force or os.environ.get(TERMINAL_PROGRESS_ENV)):
+        return False
+    base = tqdm.auto.tqdm
+    if getattr(base, "_vxnb_mirrored", False):
+        return True
+    mirrored = _mirrored_tqdm(base)
+    mirrored._vxnb_mirrored = True
+    tqdm.auto.tqdm = mirrored
+    for name, module in list(sys.modules.items()):
+        if (name == "vxnb" or name.startswith("vxnb.")) and getattr(module, "tqdm", None) is base:
+            module.tqdm = mirrored
+    return True

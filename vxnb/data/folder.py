@@ -11,7 +11,9 @@ masks go through the same geometry with nearest-neighbour interpolation.
 """
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +25,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..utils import describe
 
-__all__ = ["IMG_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset"]
+__all__ = ["IMG_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset", "load_image_folder",
+           "read_class_names", "folder_layout"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,6 +46,12 @@ class ImageFolderDataset(Dataset):
         extensions: file name endings counted as images (case-insensitive).
         resize: the shorter side before the centre crop; default ``size`` (the crop keeps the whole
             short side). ``round(size / 0.875)`` gives the usual ImageNet evaluation crop.
+        on_error: what to do with a file that is not a readable image (its header is read when
+            the dataset is made): ``"raise"`` (default) refuses the folder with a ValueError listing
+            the paths; ``"skip"`` leaves them out with a warning giving their count and paths.
+            A mask whose size differs from its image is always refused.
+        arg_names: the names of ``root`` and ``masks_root`` in error messages (e.g. ``data_root``
+            and ``mask_root`` when a run configuration passes them).
 
     Attributes: ``classes``, ``class_to_idx``, ``samples`` (list of (path, label)), ``targets``,
     ``masks`` (list of mask paths or None).
@@ -50,12 +59,16 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str | os.PathLike, size: int = 224, normalize: bool | tuple[Sequence[float], Sequence[float]] = False,
                  masks_root: str | os.PathLike | None = None, extensions: Sequence[str] = IMG_EXTENSIONS,
-                 resize: int | None = None):
+                 resize: int | None = None, on_error: str = "raise",
+                 arg_names: tuple[str, str] = ("root", "masks_root")):
+        a_root, a_masks = arg_names
         if not isinstance(root, (str, os.PathLike)):
-            raise TypeError(f"root: expected a folder path, got {describe(root)}")
+            raise TypeError(f"{a_root}: expected a folder path, got {describe(root)}")
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"root: no folder at {self.root}")
+            raise FileNotFoundError(f"{a_root}: no folder at {self.root}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error: expected 'raise' or 'skip', got {on_error!r}")
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             raise ValueError(f"size: expected a positive int, got {size!r}")
         self.size = int(size)
@@ -73,7 +86,7 @@ class ImageFolderDataset(Dataset):
 
         self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not self.classes:
-            raise ValueError(f"root: {self.root} has no class sub-folders (expected root/<class>/<image>)")
+            raise ValueError(f"{a_root}: {self.root} has no class sub-folders (expected {a_root}/<class>/<image>)")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples: list[tuple[Path, int]] = []
         empty = []
@@ -84,18 +97,19 @@ class ImageFolderDataset(Dataset):
                 empty.append(c)
             self.samples.extend((p, self.class_to_idx[c]) for p in files)
         if empty:
-            raise ValueError(f"root: class folder(s) {empty} under {self.root} hold no images with extensions "
+            raise ValueError(f"{a_root}: class folder(s) {empty} under {self.root} hold no images with extensions "
                              f"{self.extensions}")
+        self.samples, self.skipped = _readable(self.samples, on_error, a_root)
         self.targets = [label for _, label in self.samples]
 
         self.masks_root = None
         self.masks: list[Path] | None = None
         if masks_root is not None:
             if not isinstance(masks_root, (str, os.PathLike)):
-                raise TypeError(f"masks_root: expected a folder path, got {describe(masks_root)}")
+                raise TypeError(f"{a_masks}: expected a folder path, got {describe(masks_root)}")
             self.masks_root = Path(masks_root)
             if not self.masks_root.is_dir():
-                raise FileNotFoundError(f"masks_root: no folder at {self.masks_root}")
+                raise FileNotFoundError(f"{a_masks}: no folder at {self.masks_root}")
             self.masks, missing = [], []
             for path, _ in self.samples:
                 mask = self._find_mask(path)
@@ -104,8 +118,9 @@ class ImageFolderDataset(Dataset):
                 self.masks.append(mask)
             if missing:
                 shown = ", ".join(str(m) for m in missing[:5]) + (f", … ({len(missing)} in all)" if len(missing) > 5 else "")
-                raise FileNotFoundError(f"masks_root: no mask under {self.masks_root} for {shown} "
+                raise FileNotFoundError(f"{a_masks}: no mask under {self.masks_root} for {shown} "
                                         f"(expected the same relative path with an image extension)")
+            _check_mask_sizes(self.samples, self.masks, a_masks)
 
     @staticmethod
     def _check_normalize(normalize: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -173,3 +188,126 @@ class ImageFolderDataset(Dataset):
         extra = f", masks_root={str(self.masks_root)!r}" if self.masks_root else ""
         return (f"ImageFolderDataset(root={str(self.root)!r}, n={len(self)}, classes={len(self.classes)}, "
                 f"size={self.size}{extra})")
+
+
+def _show(paths: Sequence[Any], n: int = 5) -> str:
+    return ", ".join(str(p) for p in paths[:n]) + (f", … ({len(paths)} in all)" if len(paths) > n else "")
+
+
+def _readable(samples: list[tuple[Path, int]], on_error: str, arg: str) -> tuple[list[tuple[Path, int]], list[Path]]:
+    """Keep the samples whose header PIL can read; refuse or skip (with a warning) the others."""
+    keep, bad = [], []
+    for path, label in samples:
+        try:
+            with Image.open(path) as im:
+                im.size  # noqa: B018 - the header is parsed on open
+            keep.append((path, label))
+        except (OSError, ValueError):
+            bad.append(path)
+    if bad and on_error == "raise":
+        raise ValueError(f"{arg}: {len(bad)} file(s) are not readable images: {_show(bad)} "
+                         "(remove them, or pass on_error='skip' to leave them out with a warning)")
+    if bad:
+        warnings.warn(f"{arg}: skipped {len(bad)} unreadable image(s): {_show(bad)}", stacklevel=3)
+    if not keep:
+        raise ValueError(f"{arg}: no readable images")
+    return keep, bad
+
+
+def _check_mask_sizes(samples: list[tuple[Path, int]], masks: list[Path], arg: str) -> None:
+    """Every mask has its image's size (read from the headers, no decoding)."""
+    wrong = []
+    for (path, _), mpath in zip(samples, masks):
+        try:
+            with Image.open(path) as im, Image.open(mpath) as mim:
+                if im.size != mim.size:
+                    wrong.append(f"{mpath} is {mim.size[0]}×{mim.size[1]} but {path.name} is {im.size[0]}×{im.size[1]}")
+        except (OSError, ValueError) as err:
+            wrong.append(f"{mpath}: not a readable mask image ({err})")
+    if wrong:
+        raise ValueError(f"{arg}: {len(wrong)} mask(s) do not fit their images: {_show(wrong, 3)}; "
+                         "a mask must have its image's size")
+
+
+#: Sub-folder names of a split layout: training images, and the held-out ones (first found).
+TRAIN_DIR = "train"
+VAL_DIRS = ("val", "test")
+
+
+def folder_layout(root: str | os.PathLike) -> tuple[Path, Path] | None:
+    """``(train folder, validation folder)`` when ``root`` holds ``train/`` and ``val/`` (or
+    ``test/``), else ``None`` (one class-per-folder tree, to be split)."""
+    root = Path(root)
+    if (root / TRAIN_DIR).is_dir():
+        for name in VAL_DIRS:
+            if (root / name).is_dir():
+                return root / TRAIN_DIR, root / name
+    return None
+
+
+def load_image_folder(data_root: str | os.PathLike, *, mask_root: str | os.PathLike | None = None,
+                      image_size: int = 224, val_fraction: float = 0.2, seed: int = 0,
+                      on_error: str = "raise") -> tuple[Dataset, Dataset, list[str]]:
+    """``(train, val, class folder names)`` of a user's image folder; images in [0, 1].
+
+    ``data_root`` either holds ``train/`` and ``val/`` (or ``test/``) sub-folders, each with one
+    folder per class (the same classes), or is itself one class-per-folder tree that is split by
+    ``seed``, stratified, with ``val_fraction`` of each class held out. ``mask_root`` mirrors
+    ``data_root`` (same relative paths). Images are resized (short side) to ``image_size`` and
+    centre-cropped; normalisation belongs to the model (:func:`vxnb.models.normalize_input`).
+    """
+    from torch.utils.data import Subset
+
+    from .mnist import stratified_split
+
+    if not isinstance(data_root, (str, os.PathLike)):
+        raise TypeError(f"data_root: expected a folder path, got {describe(data_root)}")
+    if not Path(data_root).is_dir():
+        raise FileNotFoundError(f"data_root: no folder at {data_root}")
+    names = ("data_root", "mask_root")
+    split = folder_layout(data_root)
+
+    def open_(root: Path, masks: Path | None) -> ImageFolderDataset:
+        return ImageFolderDataset(root, size=image_size, masks_root=masks, on_error=on_error, arg_names=names)
+
+    if split is not None:
+        masks = [None, None] if mask_root is None else [Path(mask_root) / p.name for p in split]
+        train, val = open_(split[0], masks[0]), open_(split[1], masks[1])
+        if train.classes != val.classes:
+            raise ValueError(f"data_root: {split[0]} and {split[1]} must hold the same class folders, got "
+                             f"{train.classes} and {val.classes}")
+        return train, val, list(train.classes)
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction: expected a number in (0, 1), got {val_fraction!r}")
+    full = open_(Path(data_root), None if mask_root is None else Path(mask_root))
+    train_idx, val_idx = stratified_split(np.asarray(full.targets, dtype=np.int64), test_fraction=val_fraction,
+                                          seed=seed)
+    return Subset(full, train_idx.tolist()), Subset(full, val_idx.tolist()), list(full.classes)
+
+
+def read_class_names(path: str | os.PathLike, classes: Sequence[str]) -> list[str]:
+    """Display names for the class folders ``classes`` from a JSON file: a list (one name per
+    class, in sorted folder order), a mapping ``{folder: name}``, or ImageNet's class index
+    ``{"0": ["n01440764", "tench"], …}``. A folder missing from a mapping keeps its own name."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"class_names: no file at {p}")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"class_names: {p} is not a JSON file ({err})") from err
+    if isinstance(data, list):
+        if len(data) != len(classes) or not all(isinstance(n, str) for n in data):
+            raise ValueError(f"class_names: {p} lists {len(data)} names; the data has {len(classes)} classes")
+        return list(data)
+    if not isinstance(data, dict):
+        raise ValueError(f"class_names: expected a JSON list or mapping in {p}, got {type(data).__name__}")
+    mapping = {}
+    for key, value in data.items():
+        if isinstance(value, str):
+            mapping[str(key)] = value
+        elif isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+            mapping[value[0]] = value[1]  # ImageNet's index: id -> [folder (wnid), name]
+        else:
+            raise ValueError(f"class_names: {p}: expected names or [folder, name] pairs, got {key!r}: {value!r}")
+    return [mapping.get(c, c) for c in classes]

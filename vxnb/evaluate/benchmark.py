@@ -72,6 +72,8 @@ __all__ = [
     "benchmark_config",
     "BenchmarkResult",
     "explain_examples",
+    "folder_plan",
+    "masks_note",
     "compare_with_paper",
     "format_table",
 ]
@@ -254,8 +256,11 @@ def fold_config(config: Any, variant: str, fold: int):
 
     if not isinstance(config, runs.RunConfig):
         raise TypeError(f"config: expected a vxnb.runs.RunConfig, got {describe(config)}")
+    if config.dataset == "folder" and variant == FOLDER and config.has_masks:
+        return config  # your images: one split, the validation split
     if config.dataset != "an8flower":
-        raise ValueError(f"config: the benchmark needs dataset='an8flower', got {config.dataset!r}")
+        raise ValueError(f"config: the benchmark needs dataset='an8flower' or a folder with mask_root, "
+                         f"got {config.dataset!r}")
     return dataclasses.replace(config, variant=_check_variant(variant), test_fold=_check_fold(fold), name=None)
 
 
@@ -343,7 +348,7 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     data = runs.load_data(cfg, progress=progress)
-    trained_now = not (runs.run_dir(cfg) / "model.pt").exists()
+    trained_now = not runs.model_file(cfg).exists()
     model, meta = runs.get_model(cfg, data=data, progress=progress)
     model.eval()
     seconds["model"] = time.perf_counter() - t0
@@ -359,7 +364,7 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
     heatmaps: dict[str, torch.Tensor] = {}
     auc: dict[str, float] = {}
     curve: dict[str, list[float]] = {}
-    bar = tqdm(methods, desc=f"{cfg.variant} fold {cfg.test_fold}: methods", leave=False,
+    bar = tqdm(methods, desc=f"{FOLDER if cfg.dataset == 'folder' else cfg.variant} fold {cfg.test_fold}: methods", leave=False,
                disable=None if progress else True)
     for method in bar:
         bar.set_postfix(method=method)
@@ -382,7 +387,7 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
         seconds["occlusion"] = time.perf_counter() - t0
     return {
         "version": _RESULT_VERSION,
-        "variant": cfg.variant, "fold": int(cfg.test_fold), "run": cfg.run_name,
+        "variant": FOLDER if cfg.dataset == "folder" else cfg.variant, "fold": int(cfg.test_fold), "run": cfg.run_name,
         "n_images": int(images.shape[0]),
         "accuracy": float((preds == labels).float().mean()),
         "model_test_accuracy": meta.get("test_accuracy"),
@@ -417,7 +422,7 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
     settings = _settings(opts["methods"], opts["mu"], opts["k"], opts["n_test_images"], opts["occlusion"],
                          opts["occlusion_images"], opts["coverage"], opts["layer"], thr)
     folder = runs.run_dir(cfg)
-    file, key = _result_file(folder, settings, folder / "model.pt")
+    file, key = _result_file(folder, settings, runs.model_file(cfg))
     if file.exists() and not recompute:
         try:
             res = json.loads(file.read_text())
@@ -429,7 +434,7 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
     res = evaluate_fold(cfg, progress=progress, **opts)
     res["settings"] = settings
     # the checkpoint may have been trained just now: key the file by the checkpoint that was used
-    file, key = _result_file(folder, settings, folder / "model.pt")
+    file, key = _result_file(folder, settings, runs.model_file(cfg))
     res["key"] = key
     atomic_write_json(res, file)
     res["cached"] = False
@@ -549,7 +554,36 @@ def compare_with_paper(summary: pd.DataFrame) -> pd.DataFrame:
                 "paper_std", "paper_rank", "paper_gap_to_deconv_gb"]]
 
 
+#: The "variant" of a folder run with masks: one split (train / validation) instead of folds.
+FOLDER = "folder"
+
+
+def folder_plan(config: Any, variants: Sequence[str], plan: Mapping[str, Sequence[int]]
+                ) -> tuple[list[str], dict[str, list[int]]]:
+    """Notebook 05's ``(variants, plan)``: unchanged for an8Flower; for a folder run
+    ``(["folder"], {"folder": [0]})``, the one split of your images."""
+    if config.dataset == "folder":
+        return [FOLDER], {FOLDER: [0]}
+    return list(variants), {v: list(f) for v, f in plan.items()}
+
+
+def masks_note(config: Any) -> str:
+    """A Markdown paragraph on what the benchmark measures with this run's data, or what it needs."""
+    if config.dataset == "an8flower":
+        return "an8Flower has a ground-truth mask of the class-defining part for every image."
+    if config.has_masks:
+        return (f"**Your images.** Every method is scored against your masks (`mask_root = {config.mask_root}`) "
+                "on the validation split: one split instead of the paper's five folds, so no ± over folds. "
+                "The paper's numbers are an8Flower's and are not shown.")
+    return ("**No ground-truth masks, so no localisation benchmark.** It scores each heatmap against a mask of "
+            "the part of the image that defines its class. To run it on your images, give `mask_root`: a "
+            "folder with the same relative paths as `data_root`, one mask per image (any image format, the "
+            "image's size, non-zero = on), e.g. `-p mask_root path/to/masks`. The cells below are skipped.")
+
+
 def _folds_by_variant(variants: Any, folds: Any) -> dict[str, tuple[int, ...]]:
+    if list(variants) == [FOLDER]:
+        return {FOLDER: (0,)}
     variants = _check_names(variants, "variants", VARIANTS, _check_variant, "a variant name or a sequence of them")
     if isinstance(folds, Mapping):
         extra = set(folds) - set(variants)
@@ -563,6 +597,8 @@ def _folds_by_variant(variants: Any, folds: Any) -> dict[str, tuple[int, ...]]:
 def benchmark_config(config: Any):
     """The run folder of the aggregated tables: ``benchmark-an8flower-s<size>-seed<seed>[-quick]``."""
     tag = "-quick" if config.quick else ""
+    if config.dataset == "folder":
+        return dataclasses.replace(config, name=f"benchmark-{config.run_name}")
     return dataclasses.replace(config, name=f"benchmark-an8flower-s{config.size}-seed{config.seed}{tag}",
                                test_fold=0)
 
@@ -598,8 +634,11 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
         config = runs.RunConfig()
     if not isinstance(config, runs.RunConfig):
         raise TypeError(f"config: expected a vxnb.runs.RunConfig, got {describe(config)}")
-    if config.dataset != "an8flower":
-        raise ValueError(f"config: the benchmark needs dataset='an8flower', got {config.dataset!r}")
+    if config.dataset != "an8flower" and not (config.dataset == "folder" and config.has_masks):
+        raise ValueError(f"config: the benchmark needs dataset='an8flower' or a folder with mask_root, "
+                         f"got {config.dataset!r}")
+    if config.dataset == "folder":
+        variants = [FOLDER]
     plan = _folds_by_variant(variants, folds)
     methods = _check_methods(methods)
     options = dict(methods=methods, mu=_check_mu(mu), k=_check_positive_int(k, "k"),

@@ -230,7 +230,7 @@ def test_default_layers_vgg11():
 
 def test_default_layers_resnet18():
     net = torchvision.models.resnet18()
-    layers = default_layers(net)
+    layers = default_layers(net, mode="all")
     blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
     expected = ["relu"]
     for b in blocks:
@@ -238,10 +238,12 @@ def test_default_layers_resnet18():
         if b in ("layer2.0", "layer3.0", "layer4.0"):
             expected.append(f"{b}.downsample.1")
     assert layers == expected  # the shared block ReLU is never picked; fc (classifier) excluded
-    assert default_layers(net, only_conv=True) == expected
+    assert default_layers(net, only_conv=True, mode="all") == expected
+    assert default_layers(net) == ["relu"] + blocks  # by default: the residual blocks' outputs
     cols = feature_columns(net, ["layer1.0", "layer2.0.downsample.1", "avgpool"], [64, 128, 512])
     meta = cols.drop_duplicates("layer").set_index("layer")
-    assert meta.loc["layer1.0", "kind"] == "other" and meta.loc["layer1.0", "layer_number"] == 3
+    assert meta.loc["layer1.0", "kind"] == "conv" and meta.loc["layer1.0", "layer_number"] == 3
+    assert meta.loc["avgpool", "kind"] == "other"
     assert meta.loc["layer2.0.downsample.1", "kind"] == "conv"
     assert meta.loc["layer2.0.downsample.1", "layer_number"] == 8  # conv1, 2 blocks x 2, l2.0 conv1, conv2, downsample
     assert meta.loc["avgpool", "layer_number"] == 20
@@ -253,6 +255,8 @@ def test_resnet18_extraction_residual_blocks_and_shared_relu_error():
     f = extract_features(net, data, layers=["layer1.0", "layer4.1"], progress=False)
     assert f.X.shape == (3, 64 + 512)
     f = extract_features(net, data, batch_size=2, progress=False)
+    assert f.m == 64 + 2 * (64 + 128 + 256 + 512) and np.isfinite(f.G).all()  # stem + block outputs
+    f = extract_features(net, data, layers=default_layers(net, mode="all"), batch_size=2, progress=False)
     assert f.m == 4800 and np.isfinite(f.G).all()
     with pytest.raises(ValueError, match="layer1.0.relu.*more than once"):
         extract_features(net, data, layers=["layer1.0.relu"], progress=False)

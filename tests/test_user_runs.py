@@ -229,3 +229,14 @@ def test_bad_input_leaves_nothing_in_runs(shapes, tmp_path):
     with pytest.raises(ValueError, match="weights: "):
         runs.get_model(cfg)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
+
+
+def test_normalised_model_explains_an_expanded_batch():
+    """One image repeated for two classes (as the sanity checks do) through the normalising hook."""
+    from vxnb.baselines import attribution
+
+    m = models.normalize_input(torchvision.models.resnet18(num_classes=3).eval(), "imagenet")
+    x = torch.rand(1, 3, 32, 32)
+    h = attribution("deconv_gb", m, x.expand(2, 3, 32, 32), torch.tensor([0, 1]))
+    ref = torch.cat([attribution("deconv_gb", m, x, torch.tensor([c])) for c in (0, 1)])
+    torch.testing.assert_close(h, ref)

@@ -511,6 +511,19 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
     model.load_state_dict(state, strict=True)
 
 
+def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state_dict in a loaded weights file: the dict itself or its ``"state_dict"`` entry,
+    DataParallel's ``module.`` prefixes removed."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"weights: {path} does not hold a state_dict (a dict of tensors)")
+    state = dict(obj)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
 def _last_linear(model: nn.Module) -> str | None:
     name = None
     for n, m in model.named_modules():
@@ -543,13 +556,7 @@ def load_model(arch: str, weights: str | os.PathLike, num_classes: int | None = 
     except Exception as err:  # noqa: BLE001
         raise ValueError(f"weights: cannot read {path} as a state_dict saved with torch.save ({err}); "
                          "save model.state_dict(), not the model object") from err
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"weights: {path} does not hold a state_dict (a dict of tensors)")
-    state = dict(obj)
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = _state_dict_of(obj, path)
     if num_classes is None:
         probe_kwargs = {"num_classes": 2, **kwargs} if arch.lower() in _REFERENCE else kwargs
         with torch.device("meta"):  # shapes only: no memory, no initialisation cost
@@ -580,7 +587,10 @@ class _Normalize:
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
         x = args[0]
-        return ((x - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype),) + tuple(args[1:])
+        # contiguous: an expanded batch (one image repeated) would otherwise come out in another
+        # memory layout, whose pooling autograd records as an operation no rule in vxnb.deconv knows
+        y = ((x - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype)).contiguous()
+        return (y,) + tuple(args[1:])
 
 
 def check_normalize(normalize: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
@@ -714,14 +724,7 @@ def load_user_model(model: str, weights: str | os.PathLike | None, *, num_classe
         elif net is None:  # a torchvision name: the class count comes from the file's classifier
             net = load_model(arch, path, device="cpu")
         else:
-            if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-                obj = obj["state_dict"]
-            if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-                raise ValueError(f"weights: {path} holds neither a state_dict (a dict of tensors) nor a model")
-            state = dict(obj)
-            if state and all(k.startswith("module.") for k in state):
-                state = {k[len("module."):]: v for k, v in state.items()}
-            _load_state(net, state, str(path))
+            _load_state(net, _state_dict_of(obj, path), str(path))
     elif net is None:
         raise ValueError(f"weights: a torchvision architecture ({model!r}) needs a local weights file; "
                          "nothing is downloaded")

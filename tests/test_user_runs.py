@@ -211,7 +211,7 @@ def test_weights_that_do_not_fit_list_missing_and_unexpected_keys(shapes):
 
 
 def test_output_size_must_match_the_classes(shapes):
-    with pytest.raises(ValueError, match="num_classes: the model 'resnet18' outputs 3 scores per image but the data has 5 classes"):
+    with pytest.raises(ValueError, match="model: 'resnet18' outputs 3 scores per image, but the data has num_classes=5 classes"):
         models.load_user_model("resnet18", shapes["weights"]["resnet18"], num_classes=5, input_shape=(3, 32, 32))
 
 
@@ -228,7 +228,12 @@ def test_bad_input_leaves_nothing_in_runs(shapes, tmp_path):
     cfg = _cfg(shapes, tmp_path, model="vgg11")   # resnet18's weights for a VGG
     with pytest.raises(ValueError, match="weights: "):
         runs.get_model(cfg)
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*"))
+    images, masks = make_folder(tmp_path / "bad", per_class=4, size=24)
+    Image.new("L", (5, 5)).save(masks / "disc" / "disc_002.png")
+    cfg = _cfg(shapes, tmp_path, data_root=str(images), mask_root=str(masks))
+    with pytest.raises(ValueError, match="mask_root: 1 mask"):
+        runs.get_model(cfg)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_normalised_model_explains_an_expanded_batch():

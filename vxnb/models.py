@@ -734,8 +734,9 @@ def load_user_model(model: str, weights: str | os.PathLike | None, *, num_classe
         out = net(torch.zeros((1,) + tuple(input_shape)))
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != num_classes:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else describe(out)
-        raise ValueError(f"num_classes: the model {model!r} outputs {shape[-1] if isinstance(shape, tuple) else shape} "
-                         f"scores per image but the data has {num_classes} classes")
+        raise ValueError(f"model: {model!r} outputs {shape[-1] if isinstance(shape, tuple) else shape} scores per "
+                         f"image, but the data has num_classes={num_classes} classes (check model, weights and "
+                         "data_root)")
     net.vxnb_fingerprint = model_fingerprint(net, arch)
     normalize_input(net, normalize)
     return net.to(get_device(device))

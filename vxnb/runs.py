@@ -372,15 +372,14 @@ def _user_model_and_meta(cfg: RunConfig, data) -> tuple[torch.nn.Module, dict[st
     from .models import accuracy
 
     model = user_model(cfg)
-    folder = run_dir(cfg)
-    meta_file = folder / "meta.json"
+    meta_file = cfg.runs_dir / cfg.run_name / "meta.json"
     meta = read_json(meta_file) if meta_file.is_file() else {}
     if meta.get("fingerprint") != model.vxnb_fingerprint:  # content-keyed: recomputed for other weights
-        train, test, classes = data if data is not None else load_data(cfg)
+        train, test, classes = data if data is not None else load_data(cfg)  # checked before anything is written
         meta = {"config": cfg.to_dict(), "classes": classes, "arch": model.vxnb_arch,
                 "fingerprint": model.vxnb_fingerprint, "trained_here": False, "n_train": len(train),
                 "n_test": len(test), "test_accuracy": accuracy(model, test, batch_size=cfg.batch_size)}
-        atomic_write_json(meta, meta_file)
+        atomic_write_json(meta, run_dir(cfg) / "meta.json")
     return model, meta
 
 

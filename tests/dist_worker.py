@@ -1,0 +1,118 @@
+"""One rank of the distributed-extraction tests (tests/test_distributed.py starts it with torchrun
+or as plain processes with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set).
+
+python tests/dist_worker.py OUT.npz [--kill-rank R --kill-after B] [--checkpoint DIR] [--cache DIR]
+    [--n N] [--perturb-rank R] [--timeout S]
+
+Rank 0 writes G, XtL, labels, index and the merged top patches to OUT.npz.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nets import tiny_strided_net  # noqa: E402
+
+N_CLASSES = 3
+BATCH = 4
+TOP_K = 5
+
+
+class TinyImages(Dataset):
+    """n seeded random 3×16×16 images, labels i mod 3; batches 6 and 11 (of 4) repeat batch 0, so
+    that top-k lists have exact ties."""
+
+    classes = ["a", "b", "c"]
+
+    def __init__(self, n: int = 50):
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.rand(n, 3, 16, 16, generator=g)
+        for start in (24, 44):  # batches equal to the first one: exactly equal scores, ties by index
+            if start + BATCH <= n:
+                self.images[start:start + BATCH] = self.images[:BATCH]
+        self.labels = torch.arange(n) % N_CLASSES
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+
+class KillAfter:
+    """A callback that SIGKILLs its own process after ``after`` batches (a rank dying mid-run)."""
+
+    def __init__(self, after: int):
+        self.after, self.seen = after, 0
+
+    def __call__(self, outputs, index) -> None:
+        self.seen += 1
+        if self.seen > self.after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state) -> None:
+        pass
+
+    def sync_distributed(self) -> None:
+        pass
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--n", type=int, default=50)
+    p.add_argument("--kill-rank", type=int, default=-1)
+    p.add_argument("--kill-after", type=int, default=0)
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--every", type=int, default=2)
+    p.add_argument("--cache", default=None)
+    p.add_argument("--perturb-rank", type=int, default=-1)
+    p.add_argument("--layers-rank", type=int, default=-1)
+    p.add_argument("--timeout", type=float, default=60)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    from vxnb import distributed
+    from vxnb.features import extract_features
+    from vxnb.interpret import TopPatches
+
+    assert distributed.init(timeout=args.timeout, backend="gloo")
+    rank = torch.distributed.get_rank()
+    model = tiny_strided_net(N_CLASSES)
+    if rank == args.perturb_rank:  # another model on this rank
+        with torch.no_grad():
+            model.conv1.bias.add_(0.01)
+    layers = ["relu1", "relu2", "relu3"] if rank != args.layers_rank else ["relu1", "relu2"]
+    tracker = TopPatches(model, layers=layers, k=TOP_K)
+    callbacks = [tracker]
+    if rank == args.kill_rank:
+        callbacks.append(KillAfter(args.kill_after))
+    try:
+        feats = extract_features(model, TinyImages(args.n), layers, batch_size=BATCH, n_classes=N_CLASSES,
+                                 callbacks=callbacks, checkpoint_dir=args.checkpoint, checkpoint_every=args.every,
+                                 cache_dir=args.cache, progress=False, gram_dtype=torch.float64)
+    except Exception as err:  # noqa: BLE001 - the test reads the message
+        print(f"RANK{rank} ERROR {type(err).__name__}: {err}", flush=True)
+        return 3
+    if rank == 0:
+        top = tracker.to_frame()
+        np.savez(args.out, G=feats.G, XtL=feats.XtL, labels=feats.labels, index=feats.index,
+                 top_index=top["index"].to_numpy(), top_score=top["score"].to_numpy(),
+                 top_row=top["row"].to_numpy(), top_col=top["col"].to_numpy(), top_channel=top["channel"].to_numpy(),
+                 n_seen=tracker.n_seen_)
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

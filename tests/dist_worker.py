@@ -2,9 +2,10 @@
 or as plain processes with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set).
 
 python tests/dist_worker.py OUT.npz [--kill-rank R --kill-after B] [--checkpoint DIR] [--cache DIR]
-    [--n N] [--perturb-rank R] [--timeout S]
+    [--n N] [--refusals R] [--timeout S]
 
-Rank 0 writes G, XtL, labels, index and the merged top patches to OUT.npz.
+--refusals R: rank R differs in its model, its layers, then its data length; each rank prints
+the errors. Else rank 0 writes G, XtL, labels, index and the merged top patches to OUT.npz.
 """
 from __future__ import annotations
 
@@ -77,8 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--every", type=int, default=2)
     p.add_argument("--cache", default=None)
-    p.add_argument("--perturb-rank", type=int, default=-1)
-    p.add_argument("--layers-rank", type=int, default=-1)
+    p.add_argument("--refusals", type=int, default=None, help="rank that differs in model, layers, data")
     p.add_argument("--timeout", type=float, default=60)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -88,19 +88,31 @@ def main(argv=None) -> int:
 
     assert distributed.init(timeout=args.timeout, backend="gloo")
     rank = torch.distributed.get_rank()
-    model = tiny_strided_net(N_CLASSES)
-    if rank == args.perturb_rank:  # another model on this rank
-        with torch.no_grad():
-            model.conv1.bias.add_(0.01)
-    layers = ["relu1", "relu2", "relu3"] if rank != args.layers_rank else ["relu1", "relu2"]
-    tracker = TopPatches(model, layers=layers, k=TOP_K)
-    callbacks = [tracker]
-    if rank == args.kill_rank:
-        callbacks.append(KillAfter(args.kill_after))
+
+    def run(perturb=False, fewer_layers=False, fewer_images=False, kill=False):
+        model = tiny_strided_net(N_CLASSES)
+        if perturb:  # another model on this rank
+            with torch.no_grad():
+                model.conv1.bias.add_(0.01)
+        layers = ["relu1", "relu2"] if fewer_layers else ["relu1", "relu2", "relu3"]
+        tracker = TopPatches(model, layers=layers, k=TOP_K)
+        callbacks = [tracker] + ([KillAfter(args.kill_after)] if kill else [])
+        feats = extract_features(model, TinyImages(args.n - 1 if fewer_images else args.n), layers, batch_size=BATCH,
+                                 n_classes=N_CLASSES, callbacks=callbacks, checkpoint_dir=args.checkpoint,
+                                 checkpoint_every=args.every, cache_dir=args.cache, progress=False,
+                                 gram_dtype=torch.float64)
+        return feats, tracker
+
+    if args.refusals is not None:  # each case on rank args.refusals; every rank prints its error
+        for case in ("perturb", "fewer_layers", "fewer_images"):
+            try:
+                run(**{case: rank == args.refusals})
+                print(f"RANK{rank} {case} ACCEPTED", flush=True)
+            except ValueError as err:
+                print(f"RANK{rank} {case} ERROR {err}", flush=True)
+        return 0
     try:
-        feats = extract_features(model, TinyImages(args.n), layers, batch_size=BATCH, n_classes=N_CLASSES,
-                                 callbacks=callbacks, checkpoint_dir=args.checkpoint, checkpoint_every=args.every,
-                                 cache_dir=args.cache, progress=False, gram_dtype=torch.float64)
+        feats, tracker = run(kill=rank == args.kill_rank)
     except Exception as err:  # noqa: BLE001 - the test reads the message
         print(f"RANK{rank} ERROR {type(err).__name__}: {err}", flush=True)
         return 3

@@ -266,9 +266,8 @@ class Shard:
             if ckpt is not None and ckpt.get("key") == _json_safe(self.key):
                 self.prefix = ckpt
                 self.batches = int(ckpt["batches"])
-                if progress:
-                    print(f"rank {self.rank}: resuming from {self.path.name} after {self.batches} batches "
-                          f"({int(ckpt['labels'].shape[0])} of {len(self.positions)} images)", flush=True)
+                print(f"rank {self.rank}: resuming from {self.path.name} after {self.batches} batches "
+                      f"({int(ckpt['labels'].shape[0])} of {len(self.positions)} images)", flush=True)
                 return
         others = sorted(p.name for p in folder.glob(f"{stem}-rank*of*.pt") if p != self.path
                         and not p.name.endswith(f"of{self.world}.pt"))

@@ -1,5 +1,5 @@
-"""One rank of the distributed-extraction tests (tests/test_distributed.py starts it with torchrun
-or as plain processes with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set).
+"""One rank of the distributed-extraction tests (tests/test_distributed.py starts it as plain
+processes with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set, as torchrun does).
 
 python tests/dist_worker.py OUT.npz [--kill-rank R --kill-after B] [--checkpoint DIR] [--cache DIR]
     [--n N] [--refusals R] [--timeout S]

@@ -4,8 +4,8 @@ processes with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set, as torchrun does).
 python tests/dist_worker.py OUT.npz [--kill-rank R --kill-after B] [--checkpoint DIR] [--cache DIR]
     [--n N] [--refusals R] [--timeout S]
 
---refusals R: rank R differs in its model, its layers, then its data length; each rank prints
-the errors. Else rank 0 writes G, XtL, labels, index and the merged top patches to OUT.npz.
+--refusals R: rank R differs in its model, its layers, then its data length (and with --hang,
+then hangs); each rank prints the errors. Else rank 0 writes G, XtL, labels, index and the merged top patches to OUT.npz.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,14 +50,17 @@ class TinyImages(Dataset):
 
 
 class KillAfter:
-    """A callback that SIGKILLs its own process after ``after`` batches (a rank dying mid-run)."""
+    """A callback that SIGKILLs its own process after ``after`` batches (a rank dying mid-run), or
+    with ``hang`` (the process group's timeout) first sleeps 3 × hang seconds (a rank that hangs)."""
 
-    def __init__(self, after: int):
-        self.after, self.seen = after, 0
+    def __init__(self, after: int, hang: float = 0):
+        self.after, self.seen, self.hang = after, 0, hang
 
     def __call__(self, outputs, index) -> None:
         self.seen += 1
         if self.seen > self.after:
+            if self.hang:  # long past the process group's timeout, then gone
+                time.sleep(3 * self.hang)
             os.kill(os.getpid(), signal.SIGKILL)
 
     def state_dict(self):
@@ -75,6 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--kill-rank", type=int, default=-1)
     p.add_argument("--kill-after", type=int, default=0)
+    p.add_argument("--hang", action="store_true", help="the kill rank hangs instead of dying")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--every", type=int, default=2)
     p.add_argument("--cache", default=None)
@@ -96,7 +101,7 @@ def main(argv=None) -> int:
                 model.conv1.bias.add_(0.01)
         layers = ["relu1", "relu2"] if fewer_layers else ["relu1", "relu2", "relu3"]
         tracker = TopPatches(model, layers=layers, k=TOP_K)
-        callbacks = [tracker] + ([KillAfter(args.kill_after)] if kill else [])
+        callbacks = [tracker] + ([KillAfter(args.kill_after, args.timeout if args.hang else 0)] if kill else [])
         feats = extract_features(model, TinyImages(args.n - 1 if fewer_images else args.n), layers, batch_size=BATCH,
                                  n_classes=N_CLASSES, callbacks=callbacks, checkpoint_dir=args.checkpoint,
                                  checkpoint_every=args.every, cache_dir=args.cache, progress=False,
@@ -104,12 +109,12 @@ def main(argv=None) -> int:
         return feats, tracker
 
     if args.refusals is not None:  # each case on rank args.refusals; every rank prints its error
-        for case in ("perturb", "fewer_layers", "fewer_images"):
+        for case in ("perturb", "fewer_layers", "fewer_images") + (("kill",) if args.hang else ()):
             try:
                 run(**{case: rank == args.refusals})
                 print(f"RANK{rank} {case} ACCEPTED", flush=True)
-            except ValueError as err:
-                print(f"RANK{rank} {case} ERROR {err}", flush=True)
+            except Exception as err:  # noqa: BLE001 - the test reads the message
+                print(f"RANK{rank} {case} ERROR {type(err).__name__}: {err}", flush=True)
         return 0
     try:
         feats, tracker = run(kill=rank == args.kill_rank)

@@ -201,20 +201,29 @@ def test_killed_rank_fails_the_others_and_a_restart_resumes(tmp_path, reference)
     assert not list(ck.glob("*of2.pt"))  # complete: removed
 
 
-def test_ranks_that_disagree_are_refused(tmp_path):
-    logs = _spawn(2, str(tmp_path / "out.npz"), "--refusals", "1", "--checkpoint", str(tmp_path / "ck"))
+def test_ranks_that_disagree_are_refused_and_a_hung_rank_times_out(tmp_path):
+    """Rank 1 differs in its model, then its layers, then its data length: both ranks refuse each
+    before any work, naming both values. Then rank 1 hangs in its 3rd batch: rank 0 fails at the
+    process group's timeout (5 s) with a clear message, and no cache is written."""
+    logs = _spawn(2, str(tmp_path / "out.npz"), "--refusals", "1", "--checkpoint", str(tmp_path / "ck"), "--hang",
+                  "--kill-after", "2", "--timeout", "5", "--cache", str(tmp_path / "cache"))
     patterns = {
-        "perturb": r"model: rank 1 has '([0-9a-f]{32})', rank 0 has '([0-9a-f]{32})'",
-        "fewer_layers": r"layers: rank 1 has (\['relu1', 'relu2'\]), rank 0 has (\['relu1', 'relu2', 'relu3'\])",
-        "fewer_images": r"dataset length: rank 1 has (49), rank 0 has (50)",
+        "perturb": r"ValueError: model: rank 1 has '([0-9a-f]{32})', rank 0 has '([0-9a-f]{32})'",
+        "fewer_layers": r"ValueError: layers: rank 1 has (\['relu1', 'relu2'\]), rank 0 has "
+                        r"(\['relu1', 'relu2', 'relu3'\])",
+        "fewer_images": r"ValueError: dataset length: rank 1 has (49), rank 0 has (50)",
     }
     for r, (rc, log) in enumerate(logs):
-        assert rc == 0, log
         for case, pattern in patterns.items():
             found = re.search(f"RANK{r} {case} ERROR " + pattern, log)
             assert found, (case, log)
             assert found.group(1) != found.group(2)  # both values named
-    assert not list((tmp_path / "ck").glob("*.pt"))  # refused before any work
+        assert "ACCEPTED" not in log
+    (rc0, log0), (rc1, _) = logs
+    assert rc0 == 0 and rc1 == -9  # rank 1 slept past the timeout, then died
+    assert re.search(r"RANK0 kill ERROR RuntimeError: torch.distributed: .* failed on rank 0 of 2 .*Timed out .*"
+                     r"another rank died or did not answer within the process group's timeout", log0), log0
+    assert not list((tmp_path / "cache").glob("features-*.npz"))
 
 
 def test_outside_torchrun_init_does_nothing(monkeypatch):

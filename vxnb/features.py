@@ -1251,7 +1251,8 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     XtL = np.ascontiguousarray(S_np[:C].T)
     X = X_local
     meta = dict(layers=list(layers), only_conv=bool(only_conv), gram_dtype=str(gram_dtype),
-                index_known=index_known, device=str(dev), key=key_info or None, cache_hit=False)
+                index_known=index_known, device=str(dev), key=key_info or None, cache_hit=False,
+                world_size=1 if shard is None else shard.world)
     feats = Features(G=G_np, XtL=XtL, labels=labels_np, index=index_np, columns=columns, layers=list(layers),
                      n_classes=int(C), classes=classes, X=X, meta=meta)
     if cache_path is not None and (shard is None or shard.rank == 0):

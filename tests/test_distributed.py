@@ -152,6 +152,18 @@ def test_single_process_checkpoint_resume_matches(tmp_path, reference):
     assert not list(tmp_path.glob("*.pt"))  # complete: the checkpoint is gone
 
 
+def test_checkpoints_need_a_dataset_and_a_positive_interval(tmp_path):
+    model = tiny_strided_net(N_CLASSES)
+    loader = torch.utils.data.DataLoader(TinyImages(), batch_size=BATCH)
+    with pytest.raises(TypeError, match="pass a map-style Dataset .* got DataLoader"):
+        extract_features(model, loader, LAYERS, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_every: expected a positive int .*got 0"):
+        extract_features(model, TinyImages(), LAYERS, checkpoint_dir=tmp_path, checkpoint_every=0, progress=False)
+    with pytest.raises(TypeError, match="callbacks: with checkpoint_dir every callback needs state_dict"):
+        extract_features(model, TinyImages(), LAYERS, checkpoint_dir=tmp_path, callbacks=[lambda o, i: None],
+                         progress=False)
+
+
 # ---------------------------------------------------------------------------- processes
 def test_reference_has_ties(reference):
     """The data repeats batch 0, so equal scores occur in the top-k lists the tests compare."""

@@ -207,7 +207,7 @@ class Shard:
 
     def __init__(self, dataset: Any, rank: int, world: int, positions: np.ndarray, batch_size: int,
                  num_workers: int, pin: bool, key: Mapping[str, Any], checkpoint_dir: Path | None,
-                 checkpoint_every: int, progress: bool = True):
+                 checkpoint_every: int):
         self.dataset, self.rank, self.world = dataset, rank, world
         self.n = len(dataset)
         self.positions = positions
@@ -222,18 +222,20 @@ class Shard:
             # (and reported); the content key stored inside (world size included) decides a resume
             stem = f"extract-{_key_hash({k: v for k, v in self.key.items() if k != 'world'})}"
             self.path = Path(checkpoint_dir) / f"{stem}-rank{rank}of{world}.pt"
-            self._resume(Path(checkpoint_dir), stem, progress)
+            self._resume(Path(checkpoint_dir), stem)
         start = self.batches * self.batch_size
         self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.positions[start:].tolist(),
                                  num_workers=int(num_workers), pin_memory=pin)
 
     @classmethod
-    def open(cls, data: Any, *, batch_size: int, num_workers: int, pin: bool, fingerprint: Mapping[str, Any],
-             checkpoint_dir: Any = None, checkpoint_every: int = 100, progress: bool = True) -> "Shard | None":
+    def open(cls, data: Any, *, batch_size: int, num_workers: int, pin: bool,
+             fingerprint: Callable[[], Mapping[str, Any]], checkpoint_dir: Any = None,
+             checkpoint_every: int = 100) -> "Shard | None":
         """The shard of this rank, or None when neither a process group nor checkpoints apply.
 
-        fingerprint: what every rank must agree on (model, layers, …; the dataset length is
-        added); compared across ranks before any work. Also the checkpoints' content key.
+        fingerprint: returns what every rank must agree on (model, layers, …; the dataset length
+        is added); called only when a shard applies, compared across ranks before any work. Also
+        the checkpoints' content key.
         """
         if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
             raise TypeError(f"checkpoint_dir: expected a folder path or None, got {describe(checkpoint_dir)}")
@@ -247,15 +249,15 @@ class Shard:
                             f"rank builds its own loader over its shard), got {describe(data)}")
         n = len(data)
         rank, world = rank_and_world()
-        values = {**fingerprint, "dataset length": n}
+        values = {**fingerprint(), "dataset length": n}
         check_agreement(values)
         positions = shard_positions(n, rank, world, int(batch_size))
         key = {"version": CHECKPOINT_VERSION, **values, "batch_size": int(batch_size), "world": world}
         return cls(data, rank, world, positions, batch_size, num_workers, pin, key, checkpoint_dir,
-                   int(checkpoint_every), progress)
+                   int(checkpoint_every))
 
     # ---- checkpoints
-    def _resume(self, folder: Path, stem: str, progress: bool) -> None:
+    def _resume(self, folder: Path, stem: str) -> None:
         if self.path.is_file():
             try:
                 ckpt = torch.load(self.path, map_location="cpu", weights_only=True)

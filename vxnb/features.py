@@ -1083,12 +1083,11 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     dev = _resolve_device(model, device)
     # torch.distributed / checkpoints: this process's shard (None for a plain single-process pass)
     shard = _distributed.Shard.open(data, batch_size=batch_size, num_workers=num_workers, pin=dev.type == "cuda",
-                                    fingerprint={"model": _model_key(model), "layers": list(layers),
-                                                 "n_classes": n_classes, "gram_dtype": str(gram_dtype),
-                                                 "keep_X": keep_X},
-                                    checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                                    progress=progress) if (checkpoint_dir is not None or _distributed.is_initialized()) \
-        else None
+                                    fingerprint=lambda: {"model": _model_key(model), "layers": list(layers),
+                                                         "n_classes": n_classes, "gram_dtype": str(gram_dtype),
+                                                         "keep_X": keep_X},
+                                    checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+    progress = progress and (shard is None or shard.rank == 0)  # one progress bar, rank 0's
     loader, ds, n_expected, index_known = _as_loader(data if shard is None else shard.loader, batch_size,
                                                      num_workers, pin=dev.type == "cuda")
     n_total = n_expected if shard is None else shard.n  # the whole dataset's N, for the "auto" choices

@@ -11,8 +11,9 @@ of ``vxnb.runs.RunConfig`` pick the run, ``top_n`` the top images per feature (q
 notebooks read there: the training split's ``features/features-<key>.npz`` (G, XᵀL, …, as
 ``runs.get_features`` caches it) and ``top_patches-<key>.csv`` (every channel of the default
 layers, as ``interpret.top_patch_table`` caches it). Under torchrun each rank streams its shard
-(``vxnb.distributed``); rank 0 prepares the data and the model first (rendering, training) and
-writes the results; per-rank checkpoints in ``<run>/checkpoints/`` let a restarted job resume.
+(``vxnb.distributed``); rank 0 prepares the data and the model first (rendering, training; the
+others wait up to ``--timeout``) and writes the results; per-rank checkpoints in
+``<run>/checkpoints/`` let a restarted job resume.
 """
 from __future__ import annotations
 

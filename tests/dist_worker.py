@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache", default=None)
     p.add_argument("--refusals", type=int, default=None, help="rank that differs in model, layers, data")
     p.add_argument("--timeout", type=float, default=60)
+    p.add_argument("--every-rank", action="store_true", help="every rank writes its result")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from vxnb import distributed
@@ -121,9 +122,10 @@ def main(argv=None) -> int:
     except Exception as err:  # noqa: BLE001 - the test reads the message
         print(f"RANK{rank} ERROR {type(err).__name__}: {err}", flush=True)
         return 3
-    if rank == 0:
-        top = tracker.to_frame()
-        np.savez(args.out, G=feats.G, XtL=feats.XtL, labels=feats.labels, index=feats.index,
+    top = tracker.to_frame()  # rank 0 writes OUT, the others OUT.rank<r>.npz
+    out = args.out if rank == 0 else f"{args.out[:-4]}.rank{rank}.npz"
+    if rank == 0 or args.every_rank:
+        np.savez(out, G=feats.G, XtL=feats.XtL, labels=feats.labels, index=feats.index,
                  top_index=top["index"].to_numpy(), top_score=top["score"].to_numpy(),
                  top_row=top["row"].to_numpy(), top_col=top["col"].to_numpy(), top_channel=top["channel"].to_numpy(),
                  n_seen=tracker.n_seen_)

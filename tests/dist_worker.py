@@ -51,7 +51,7 @@ class TinyImages(Dataset):
 
 class KillAfter:
     """A callback that SIGKILLs its own process after ``after`` batches (a rank dying mid-run), or
-    with ``hang`` (the process group's timeout) first sleeps 3 × hang seconds (a rank that hangs)."""
+    with ``hang`` (the process group's timeout) first sleeps 2 × hang seconds (a rank that hangs)."""
 
     def __init__(self, after: int, hang: float = 0):
         self.after, self.seen, self.hang = after, 0, hang
@@ -60,7 +60,7 @@ class KillAfter:
         self.seen += 1
         if self.seen > self.after:
             if self.hang:  # long past the process group's timeout, then gone
-                time.sleep(3 * self.hang)
+                time.sleep(2 * self.hang)
             os.kill(os.getpid(), signal.SIGKILL)
 
     def state_dict(self):

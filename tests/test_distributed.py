@@ -119,7 +119,7 @@ def test_merge_topk_breaks_ties_by_index_against_a_full_sort():
         merge_topk(parts, 6)
 
 
-def test_single_process_checkpoint_resume_matches(tmp_path, reference):
+def test_single_process_checkpoint_resume_matches(tmp_path, reference, capsys):
     """world 1 with checkpoint_dir: a pass stopped by an exception resumes and gives the same result."""
     model = tiny_strided_net(N_CLASSES)
 
@@ -140,6 +140,16 @@ def test_single_process_checkpoint_resume_matches(tmp_path, reference):
                          gram_dtype=torch.float64)
     (ckpt,) = tmp_path.glob("extract-*-rank0of1.pt")
     assert torch.load(ckpt, weights_only=True)["batches"] == 4
+    # other images of the same number: the checkpoint's content key differs, so no resume
+    other = TinyImages()
+    other.images = other.images.flip(0).contiguous()
+    plain = extract_features(model, other, LAYERS, batch_size=BATCH, n_classes=N_CLASSES, progress=False,
+                             gram_dtype=torch.float64)
+    fresh = extract_features(model, other, LAYERS, batch_size=BATCH, n_classes=N_CLASSES, progress=False,
+                             checkpoint_dir=tmp_path, checkpoint_every=2, gram_dtype=torch.float64)
+    assert "resuming" not in capsys.readouterr().out
+    np.testing.assert_array_equal(fresh.XtL, plain.XtL)
+    assert ckpt.exists()  # the first data's checkpoint is still there for its own resume
     tracker = TopPatches(model, layers=LAYERS, k=TOP_K)
     feats = extract_features(model, TinyImages(), LAYERS, batch_size=BATCH, n_classes=N_CLASSES, progress=False,
                              callbacks=[tracker], checkpoint_dir=tmp_path, checkpoint_every=2, gram_dtype=torch.float64)
@@ -149,6 +159,7 @@ def test_single_process_checkpoint_resume_matches(tmp_path, reference):
     np.testing.assert_array_equal(feats.labels, ref.labels)
     pd.testing.assert_frame_equal(tracker.to_frame(), top)
     assert tracker.n_seen_ == len(TinyImages())
+    assert "rank 0: resuming from" in capsys.readouterr().out
     assert not list(tmp_path.glob("*.pt"))  # complete: the checkpoint is gone
 
 

@@ -249,7 +249,7 @@ class Shard:
                             f"rank builds its own loader over its shard), got {describe(data)}")
         n = len(data)
         rank, world = rank_and_world()
-        values = {**fingerprint(), "dataset length": n}
+        values = {"dataset length": n, **fingerprint()}
         check_agreement(values)
         positions = shard_positions(n, rank, world, int(batch_size))
         key = {"version": CHECKPOINT_VERSION, **values, "batch_size": int(batch_size), "world": world}
@@ -395,9 +395,9 @@ def check_agreement(values: Mapping[str, Any]) -> None:
     gathered = all_gather_object(_json_safe(dict(values)), "comparing the ranks' fingerprints")
     ref = gathered[0]
     for r, got in enumerate(gathered[1:], 1):
-        for name in ref:
-            if got.get(name) != ref[name]:
-                raise ValueError(f"{name}: rank {r} has {got.get(name)!r}, rank 0 has {ref[name]!r}; every rank "
+        for name in values:  # in the caller's order: the plainest difference first
+            if got.get(name) != ref.get(name):
+                raise ValueError(f"{name}: rank {r} has {got.get(name)!r}, rank 0 has {ref.get(name)!r}; every rank "
                                  "must run the same model on the same layers and data")
 
 

@@ -1084,6 +1084,7 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     # torch.distributed / checkpoints: this process's shard (None for a plain single-process pass)
     shard = _distributed.Shard.open(data, batch_size=batch_size, num_workers=num_workers, pin=dev.type == "cuda",
                                     fingerprint=lambda: {"model": _model_key(model), "layers": list(layers),
+                                                         "data": data_key or _data_key(data, data),
                                                          "n_classes": n_classes, "gram_dtype": str(gram_dtype),
                                                          "keep_X": keep_X},
                                     checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)

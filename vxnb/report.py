@@ -154,8 +154,8 @@ def fetch_static(cache_dir: str | Path | None = None, *, npm: str = "npm") -> Pa
 
     It holds ``require.js`` (requirejs), ``embed-amd.js`` (the ipywidgets HTML manager, which
     renders the widget state saved in the pages) with the Font Awesome fonts it references,
-    and ``VERSIONS.json``. ``cache_dir`` defaults to
-    ``data/_static`` in the working folder (:mod:`vxnb.paths`); it is filled atomically (a reader never sees half of it).
+    and ``VERSIONS.json``. ``cache_dir`` defaults to ``data/_static`` in the working folder
+    (:mod:`vxnb.paths`); it is filled atomically (a reader never sees half of it).
     Raises ``RuntimeError`` when npm is missing or fails.
     """
     cache = Path(cache_dir) if cache_dir is not None else work_dir("data") / STATIC_DIRNAME

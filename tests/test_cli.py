@@ -83,3 +83,12 @@ def test_bad_working_folder_is_a_one_line_error(tmp_path, monkeypatch, capsys):
 def test_python_dash_m_vxnb_is_the_command():
     done = subprocess.run([sys.executable, "-m", "vxnb", "nope"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "the commands are: report, extract, data, gc" in done.stderr
+
+
+def test_a_broken_dependency_is_not_taken_for_a_missing_command(monkeypatch):
+    def broken(name):
+        raise ModuleNotFoundError("No module named 'torch_dist_x'", name="torch_dist_x")
+
+    monkeypatch.setattr(cli.importlib, "import_module", broken)
+    with pytest.raises(ModuleNotFoundError, match="torch_dist_x"):
+        cli.main(["extract"])

@@ -29,7 +29,7 @@ def _import(name: str):
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as err:
-        if err.name is not None and name.startswith(err.name):
+        if err.name is not None and (name == err.name or name.startswith(err.name + ".")):
             return None
         raise
 

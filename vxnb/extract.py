@@ -66,8 +66,8 @@ def extract_run(params: dict[str, Any], *, batch_size: int = 64, checkpoint_ever
     return {"config": cfg, "features": feats, "top": top, "seconds": time.perf_counter() - t0}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vxnb.extract", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m vxnb.extract") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=None, help="parameter file (.yaml, .yml or .json)")
     parser.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
                         help="one parameter (wins over the file)")

@@ -25,10 +25,11 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Subset
 
+from .paths import work_dir
 from .utils import atomic_write_json, read_json, seed_everything
 
 __all__ = ["RunConfig", "DATASETS", "load_data", "get_model", "get_features", "get_lasso_path",
-           "run_dir", "repo_root", "user_model", "model_file", "gram_memory_check", "describe_model"]
+           "run_dir", "user_model", "model_file", "gram_memory_check", "describe_model"]
 
 DATASETS = ("an8flower", "mnist", "folder")
 #: The quick (CI) setting: image size and number of training images.
@@ -43,11 +44,6 @@ TRAIN_ATTEMPTS = 3
 MIN_EPOCHS_TO_RETRY = 3
 
 
-def repo_root() -> Path:
-    """The checkout this package lives in (for the default ``data/`` and ``runs/`` folders)."""
-    return Path(__file__).resolve().parent.parent
-
-
 @dataclass
 class RunConfig:
     """What a run is made of. ``quick=True`` is the small setting CI uses.
@@ -59,10 +55,11 @@ class RunConfig:
     test_fold: the an8Flower fold held out for testing (folds are grouped by viewpoint).
     train_limit: use at most this many training images (None: all) — the quick setting.
     seed: seeds rendering, splitting, training and random baselines.
-    data_root: an8Flower/MNIST: where generated data is cached (default: the repo's data/);
+    data_root: an8Flower/MNIST: where generated data is cached (default: data/ in the working
+        folder, ``$VXNB_HOME`` or the current directory; see ``vxnb.paths``);
         folder: the image folder (``train/`` + ``val/`` or ``test/``, or one class-per-folder
         tree split by ``seed`` with ``val_fraction`` held out).
-    runs_root: where run folders live (default: the repo's runs/).
+    runs_root: where run folders live (default: runs/ in the working folder).
 
     Folder runs only (``vxnb.data.folder``, ``vxnb.models.load_user_model``):
     mask_root: optional masks mirroring ``data_root``. class_names: optional JSON file of
@@ -210,11 +207,11 @@ class RunConfig:
 
     @property
     def data_dir(self) -> Path:
-        return Path(self.data_root) if self.data_root else repo_root() / "data"
+        return Path(self.data_root) if self.data_root else work_dir("data")
 
     @property
     def runs_dir(self) -> Path:
-        return Path(self.runs_root) if self.runs_root else repo_root() / "runs"
+        return Path(self.runs_root) if self.runs_root else work_dir("runs")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

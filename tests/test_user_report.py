@@ -24,6 +24,8 @@ def test_parameters_from_a_file_and_pairs(tmp_path):
     assert args.parameters == {"dataset": "folder", "image_size": 96, "layers": "layer4.*",
                                "normalize": [[0.5, 0.5, 0.5], [0.2, 0.2, 0.2]]}
     assert args.quick is True       # quick from the file is the --quick switch
+    rel = report.parse_args(["-p", "data_root", "my-images", "-p", "weights", "/abs/w.pt"]).parameters
+    assert rel["data_root"] == str(Path.cwd() / "my-images") and rel["weights"] == "/abs/w.pt"
     with pytest.raises(SystemExit):
         report.parse_args(["--params", str(tmp_path / "missing.yaml")])
 

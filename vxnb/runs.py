@@ -400,6 +400,35 @@ def gram_memory_check(m: int, device: torch.device | str = "cpu", *, available: 
     return need
 
 
+def _feature_count(model: torch.nn.Module, layers: list[str], shape: tuple[int, ...]) -> int:
+    """m, the channels of ``layers`` summed, from a forward pass of a copy of the model on the
+    meta device (shapes only: no computation, the model itself untouched); a one-image pass
+    of the model where an operation has no meta implementation."""
+    import copy
+
+    from .features import descriptors
+
+    try:
+        probe = copy.deepcopy(model).to("meta")
+        modules = dict(probe.named_modules())
+        widths: dict[str, int] = {}
+
+        def hook(name: str):
+            def fn(module, inputs, output):
+                out = output[0] if isinstance(output, (tuple, list)) else output
+                widths.setdefault(name, int(out.shape[1]) if out.dim() > 1 else 1)
+            return fn
+
+        handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
+        with torch.no_grad():
+            probe.eval()(torch.zeros((1,) + shape, device="meta"))
+        for h in handles:
+            h.remove()
+        return sum(widths[n] for n in layers)
+    except Exception:  # noqa: BLE001 - an operation without a meta kernel: count on one real image
+        return int(descriptors(model, torch.zeros((1,) + shape), layers).shape[1])
+
+
 def _available_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
@@ -431,9 +460,7 @@ def get_features(cfg: RunConfig, model: torch.nn.Module, split: str = "train", *
         kwargs["layers"] = select_layers(model, cfg.layers, only_conv)
         only_conv = False
     kwargs.setdefault("batch_size", cfg.batch_size)
-    from .features import descriptors
-
-    m = descriptors(model, dataset[0][0][None], kwargs["layers"]).shape[1]
+    m = _feature_count(model, kwargs["layers"], tuple(dataset[0][0].shape))
     gram_memory_check(m, kwargs.get("device") or model_device(model), verbose=progress)
     return extract_features(model, dataset, only_conv=only_conv, n_classes=len(classes),
                             cache_dir=run_dir(cfg) / "features",

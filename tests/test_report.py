@@ -6,7 +6,7 @@ import tarfile
 import pytest
 
 from vxnb import report
-from vxnb.runs import RunConfig
+from vxnb.studies.runs import RunConfig
 
 
 def _nb(path, title, line):
@@ -204,7 +204,7 @@ def test_lasso_path_cache_follows_the_statistics(tmp_path):
     import numpy as np
     import pandas as pd
 
-    from vxnb import runs
+    from vxnb.studies import runs
 
     rng = np.random.default_rng(0)
     cols = pd.DataFrame({"kind": ["conv"] * 6})

@@ -588,7 +588,7 @@ def benchmark_occlusion_curves(frame, *, title: str | None = "Box occlusion: con
 def benchmark_examples(examples: dict, method_labels: dict | None = None, *, size: int = 110):
     """Fig. 8 (centre): per image (row) the image, its ground-truth mask and every method's heatmap
     (min-max normalised per map, jet colours). ``examples``: the dict of
-    ``vxnb.evaluate.benchmark.explain_examples`` (images, masks, labels, preds, classes, heatmaps)."""
+    ``vxnb.studies.benchmark.explain_examples`` (images, masks, labels, preds, classes, heatmaps)."""
     from plotly.subplots import make_subplots
     import plotly.graph_objects as go
 
@@ -628,7 +628,7 @@ def sanity_class_panel(image, maps: dict, row_labels: Sequence[str], *, subtitle
     """Fig. 9: one image explained for several classes (rows) by several methods (columns).
 
     image: (C, H, W) in [0, 1]; maps: ``{method: (R, H, W) maps in [0, 1]}`` (e.g.
-    ``vxnb.evaluate.sanity_study.explain_classes``), row r explaining class ``row_labels[r]``;
+    ``vxnb.studies.sanity_study.explain_classes``), row r explaining class ``row_labels[r]``;
     subtitles: optional ``{method: text}`` shown under the method's name (e.g. the similarity
     of its rows)."""
     from plotly.subplots import make_subplots

@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .runs import repo_root
+from .studies.runs import repo_root
 from .utils import atomic_path
 
 __all__ = ["find_notebooks", "notebook_summary", "run_notebook", "export_html", "fetch_static", "copy_static",
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepare-data", action="store_true", help="only render/fetch the datasets")
     args = parser.parse_args(argv)
     if args.prepare_data:
-        from .runs import RunConfig, load_data
+        from .studies.runs import RunConfig, load_data
 
         for cfg in (RunConfig.from_params(quick=args.quick), RunConfig.from_params(quick=args.quick, dataset="mnist")):
             train, test, classes = load_data(cfg)

@@ -449,7 +449,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 @contextlib.contextmanager
-def _on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
+def on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Run the block with the model on ``device``; move it back afterwards."""
     old = model_device(model)
     if _same_device(old, device) or next(iter(model.parameters()), None) is None:
@@ -462,7 +462,7 @@ def _on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
         model.to(old)
 
 
-def _resolve_device(model: nn.Module, device: Any) -> torch.device:
+def resolve_device(model: nn.Module, device: Any) -> torch.device:
     if device is not None:
         return get_device(device)
     own = model_device(model)
@@ -687,8 +687,8 @@ def _identity(x: Any) -> Any:
     return x
 
 
-def _as_loader(data: Any, batch_size: int, num_workers: int, pin: bool,
-               arg: str = "data") -> tuple[Iterable, Any, int | None, bool]:
+def as_loader(data: Any, batch_size: int, num_workers: int, pin: bool,
+              arg: str = "data") -> tuple[Iterable, Any, int | None, bool]:
     """(iterable of (index, batch), dataset, expected N or None, index_known)."""
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
@@ -740,12 +740,12 @@ class _count_index:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
         start = 0
         for batch in self.loader:
-            b = _split_batch(batch)[0].shape[0]
+            b = split_batch(batch)[0].shape[0]
             yield torch.arange(start, start + b), batch
             start += b
 
 
-def _split_batch(batch: Any, n_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def split_batch(batch: Any, n_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         raise ValueError(f"data: expected items (image, label) or (image, label, mask), got a batch of "
                          f"{describe(batch)}")
@@ -1068,8 +1068,8 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
             raise TypeError(f"callbacks[{i}]: expected a callable cb(outputs, index), got {describe(cb)}")
     if data_key is not None and not isinstance(data_key, str):
         raise TypeError(f"data_key: expected a str, got {describe(data_key)}")
-    dev = _resolve_device(model, device)
-    loader, ds, n_expected, index_known = _as_loader(data, batch_size, num_workers, pin=dev.type == "cuda")
+    dev = resolve_device(model, device)
+    loader, ds, n_expected, index_known = as_loader(data, batch_size, num_workers, pin=dev.type == "cuda")
     classes = _dataset_classes(ds)
     if n_classes is not None and classes is not None and len(classes) != n_classes:
         raise ValueError(f"n_classes: {n_classes} given, but the dataset has {len(classes)} classes")
@@ -1132,7 +1132,7 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     except TypeError:
         pass
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_on_device(model, dev))
+        stack.enter_context(on_device(model, dev))
         stack.enter_context(eval_mode(model))
         rec = stack.enter_context(_Recorder(model, layers, keep_outputs=bool(callbacks)))
         stack.enter_context(torch.inference_mode())
@@ -1140,7 +1140,7 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
             stack.enter_context(threadpool_limits(limits=torch.get_num_threads(), user_api="blas"))
         for index, batch in tqdm(loader, total=total, desc="features", disable=None if progress else True,
                                  leave=False):
-            images, labels = _split_batch(batch, n_classes)
+            images, labels = split_batch(batch, n_classes)
             index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
             bsz = images.shape[0]
             if bsz == 0:

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._graph import first_conv_in_channels
 from .utils import check_image_batch, check_layer_names, describe, eval_mode, get_module, model_device
 
 __all__ = [
@@ -363,9 +364,9 @@ class _Walker:
 
 
 def _input_channels(model: nn.Module) -> int:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
+    c = first_conv_in_channels(model)
+    if c is not None:
+        return c
     raise ValueError("input_size: give (C, H, W); the model has no Conv2d to read C from")
 
 

@@ -187,7 +187,7 @@ def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, t
         model: the classifier (left as it was).
         images: (N, C, H, W) float images.
         targets: (N,) class per image (the benchmark passes the predicted classes), or an int.
-        relevant: ``"ours"`` only: the relevant features, a :class:`vxnb.explain.Relevance`
+        relevant: ``"ours"`` only: the relevant features, a :class:`vxnb.relevance.Relevance`
             (:func:`fold_relevant`) or the DataFrame of :func:`vxnb.relevance.relevant_features`.
         k: ``"ours"`` only: the number of top-responding relevant features combined.
         layer: the layer of the activation / Grad-CAM family (default: the last conv's ReLU).
@@ -204,10 +204,11 @@ def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, t
     if targets.shape != (n,) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise ValueError(f"targets: expected ({n},) integer classes (one per image), got {describe(targets)}")
     if method == "ours":
-        from vxnb.explain import Relevance, explain_batch
+        from vxnb.explain import explain_batch
+        from vxnb.relevance import Relevance
 
         if not isinstance(relevant, (Relevance, pd.DataFrame)):
-            raise ValueError("relevant: method 'ours' needs the relevant features (a vxnb.explain.Relevance or "
+            raise ValueError("relevant: method 'ours' needs the relevant features (a vxnb.relevance.Relevance or "
                              f"the DataFrame of vxnb.relevance.relevant_features), got {describe(relevant)}")
         k = _check_positive_int(k, "k")
     else:
@@ -291,9 +292,9 @@ def _dataset_labels(ds: Any) -> np.ndarray:
 def fold_relevant(cfg: Any, model: torch.nn.Module, mu: float = 10.0, *, data=None,
                   progress: bool = True):
     """The relevant features of a fold: μ-lasso on the training folds' responses (all conv + FC
-    layers), ``W = path.coef(mu)`` → :class:`vxnb.explain.Relevance` (features and path cached in
+    layers), ``W = path.coef(mu)`` → :class:`vxnb.relevance.Relevance` (features and path cached in
     the fold's run folder)."""
-    from vxnb.explain import Relevance
+    from vxnb.relevance import Relevance
 
     mu = _check_mu(mu)
     data = data if data is not None else runs.load_data(cfg, progress=progress)

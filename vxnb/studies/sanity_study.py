@@ -72,7 +72,7 @@ def sanity_methods(relevant: Any = None, k: int = 5, methods: Sequence[str] = SA
     """The explain functions ``fn(model, x, target) -> (B, H, W)`` of the compared methods.
 
     Args:
-        relevant: ``"ours"`` only: a :class:`vxnb.explain.Relevance` (or the DataFrame of
+        relevant: ``"ours"`` only: a :class:`vxnb.relevance.Relevance` (or the DataFrame of
             ``vxnb.relevance.relevant_features``); required when ``methods`` holds ``"ours"``.
         k: ``"ours"``: top-k features combined (``vxnb.explain.make_explain_fn``).
         methods: ``"ours"`` and / or names of ``vxnb.baselines.METHODS``.
@@ -99,7 +99,7 @@ def sanity_methods(relevant: Any = None, k: int = 5, methods: Sequence[str] = SA
         if m == "ours":
             if relevant is None:
                 raise ValueError("relevant: method 'ours' needs the relevant features "
-                                 "(vxnb.explain.Relevance.from_path(path, features, mu)), got None")
+                                 "(vxnb.relevance.Relevance.from_path(path, features, mu)), got None")
             fn = make_explain_fn(relevant, k, resample=resample)
         else:
             fn = _baseline_fn(m, layer)
@@ -293,7 +293,7 @@ def run_study(cfg: Any, *, mu: float = 10.0, k: int = 5, n_images: int | None = 
     """
     from vxnb.data import dataset_labels
     from vxnb.studies.benchmark import stratified_indices
-    from vxnb.explain import Relevance
+    from vxnb.relevance import Relevance
 
     if not isinstance(cfg, runs.RunConfig):
         raise TypeError(f"cfg: expected a vxnb.studies.runs.RunConfig, got {describe(cfg)}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from vxnb import explain as E
+from vxnb import explanations as E
 from vxnb.studies import sanity_study as S
 from vxnb.evaluate.sanity import spearman, ssim
 from vxnb.features import default_layers, feature_columns

@@ -115,7 +115,7 @@ def explanation_panel(image, explanation, classes: Sequence[str] | None = None, 
     (:data:`KIND_COLORS`: convolutional green, fully connected pink); hovering a heatmap shows
     layer, channel, weight and response.
 
-    image: (C, H, W) in [0, 1]; explanation: a ``vxnb.explain.Explanation``; classes: class
+    image: (C, H, W) in [0, 1]; explanation: a ``vxnb.explanations.Explanation``; classes: class
     names (default: the explanation's). mode: ``"overlay"`` (heatmap over the image),
     ``"heatmap"`` (the heatmap alone) or ``"rgb"`` (the signed DeconvNet visualisation).
     show_combined: add the combined map as a last panel. Without features the panel shows
@@ -127,7 +127,7 @@ def explanation_panel(image, explanation, classes: Sequence[str] | None = None, 
         raise ValueError(f"mode: expected 'overlay', 'heatmap' or 'rgb', got {mode!r}")
     for attr in ("features", "heatmaps", "rgb", "combined", "predicted", "target", "probabilities"):
         if not hasattr(explanation, attr):
-            raise TypeError(f"explanation: expected a vxnb.explain.Explanation, got {type(explanation).__name__}")
+            raise TypeError(f"explanation: expected a vxnb.explanations.Explanation, got {type(explanation).__name__}")
     names = list(classes) if classes is not None else list(getattr(explanation, "classes", []) or [])
     name = lambda j: names[j] if j < len(names) else str(j)  # noqa: E731
     feats = explanation.features
@@ -178,7 +178,7 @@ def explanation_panel(image, explanation, classes: Sequence[str] | None = None, 
 
 def method_comparison(comparison, *, mode: str = "heatmap", size: int = 140, transpose: bool = False,
                       alpha: float = 0.6):
-    """The visual-quality comparison (Figs. 2, 7) of a ``vxnb.explain.Comparison``.
+    """The visual-quality comparison (Figs. 2, 7) of a ``vxnb.explanations.Comparison``.
 
     One row per method ("upsampled activation", "Deconv+GB", "ours (resampled)"), one column
     per (layer, channel) (e.g. low / high / FC), after a first column with the image. Column
@@ -193,7 +193,7 @@ def method_comparison(comparison, *, mode: str = "heatmap", size: int = 140, tra
         raise ValueError(f"mode: expected 'heatmap' or 'overlay', got {mode!r}")
     for attr in ("image", "features", "methods", "maps", "scores"):
         if not hasattr(comparison, attr):
-            raise TypeError(f"comparison: expected a vxnb.explain.Comparison, got {type(comparison).__name__}")
+            raise TypeError(f"comparison: expected a vxnb.explanations.Comparison, got {type(comparison).__name__}")
     methods = list(comparison.methods)
     feats = comparison.features.reset_index(drop=True)
     col_titles = ["image"] + [f"{r.column}: layer {int(r.layer_number)} · ch {int(r.channel)}"

@@ -22,7 +22,7 @@ for every variant and every fold ``f``
 
 Methods (:data:`METHODS`): upsampled activation maps, Deconv+GB, Grad-CAM, Guided Grad-CAM,
 Grad-CAM++, Guided Grad-CAM++ (all :func:`vxnb.baselines.attribution`, the layer-based ones at
-the last convolutional layer's ReLU) and ``"ours"``: :func:`vxnb.explain.explain_batch` —
+the last convolutional layer's ReLU) and ``"ours"``: :func:`vxnb.explanations.explain_batch` —
 the resampled DeconvNet+GB heatmaps of the top-``k`` relevant features by response
 r = w_ĵ ∘ x, combined into one map per image (default k = 5).
 
@@ -204,7 +204,7 @@ def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, t
     if targets.shape != (n,) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise ValueError(f"targets: expected ({n},) integer classes (one per image), got {describe(targets)}")
     if method == "ours":
-        from vxnb.explain import explain_batch
+        from vxnb.explanations import explain_batch
         from vxnb.relevance import Relevance
 
         if not isinstance(relevant, (Relevance, pd.DataFrame)):

@@ -74,7 +74,7 @@ def sanity_methods(relevant: Any = None, k: int = 5, methods: Sequence[str] = SA
     Args:
         relevant: ``"ours"`` only: a :class:`vxnb.relevance.Relevance` (or the DataFrame of
             ``vxnb.relevance.relevant_features``); required when ``methods`` holds ``"ours"``.
-        k: ``"ours"``: top-k features combined (``vxnb.explain.make_explain_fn``).
+        k: ``"ours"``: top-k features combined (``vxnb.explanations.make_explain_fn``).
         methods: ``"ours"`` and / or names of ``vxnb.baselines.METHODS``.
         layer: the layer of the Grad-CAM family / activation maps (default: the last conv's ReLU).
         resample: ``"ours"``: the resampled DeconvNet+GB (the paper's).
@@ -84,7 +84,7 @@ def sanity_methods(relevant: Any = None, k: int = 5, methods: Sequence[str] = SA
         ``{name: explain_fn}`` in the order of ``methods``.
     """
     from vxnb.baselines import METHODS as BASELINES
-    from vxnb.explain import make_explain_fn
+    from vxnb.explanations import make_explain_fn
 
     if isinstance(methods, str) or not isinstance(methods, Sequence) or not methods:
         raise TypeError(f"methods: expected a non-empty sequence of method names, got {describe(methods)}")

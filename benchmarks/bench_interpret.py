@@ -31,7 +31,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Subset, TensorDataset
 
-from vxnb.interpret import TopPatches, average_images, collect_top_patches
+from vxnb.averages import average_images
+from vxnb.interpret import TopPatches, collect_top_patches
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_S = 120.0

@@ -116,7 +116,7 @@ def test_import_linter_contract_breaks_when_a_layer_imports_up(tmp_path):
 
 @pytest.mark.parametrize("name, owner", [
     ("extract_features", "vxnb.features"), ("lasso_path", "vxnb.lasso"), ("Relevance", "vxnb.relevance"),
-    ("explain", "vxnb.explanations"), ("average_images", "vxnb.interpret"), ("visualize", "vxnb.deconv"),
+    ("explain", "vxnb.explanations"), ("average_images", "vxnb.averages"), ("visualize", "vxnb.deconv"),
     ("attribution", "vxnb.baselines"),
 ])
 def test_import_vxnb_exports_the_papers_steps(name, owner):

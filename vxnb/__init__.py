@@ -30,7 +30,7 @@ _EXPORTS = {
     "Relevance": "vxnb.relevance",
     "explain": "vxnb.explanations",
     "visualize": "vxnb.deconv",
-    "average_images": "vxnb.interpret",
+    "average_images": "vxnb.averages",
     "attribution": "vxnb.baselines",
 }
 

@@ -268,7 +268,7 @@ def _scaled(a) -> np.ndarray:
 def _check_averages(average_images) -> None:
     for attr in ("items", "summary", "messages", "for_class"):
         if not hasattr(average_images, attr):
-            raise TypeError("average_images: expected the AverageImages of vxnb.interpret.average_images, "
+            raise TypeError("average_images: expected the AverageImages of vxnb.averages.average_images, "
                             f"got {type(average_images).__name__}")
 
 
@@ -322,7 +322,7 @@ def average_image_grid(average_images, klass, *, classes: Sequence[str] | None =
     hovering any tile shows layer, channel, weight, crops and field.
     FC features have no activation map: their tile says "n/a", and so does the figure title.
 
-    average_images: a ``vxnb.interpret.AverageImages``; klass: the class key used in it (e.g.
+    average_images: a ``vxnb.averages.AverageImages``; klass: the class key used in it (e.g.
     the class index); classes: class names for the title. methods: which tiles, a subset of
     :data:`AVERAGE_LABELS` in any order; maps that were not computed are shown as "n/a".
     max_features: show only the first ones. A class without items gives a figure with the
@@ -524,7 +524,7 @@ def layer_composition(relevant, classes: Sequence[str] | None = None, *, title: 
 def mask_overlap_bars(overlap, *, title: str | None = None):
     """Per class: where the crops behind the average images fall relative to the mask.
 
-    overlap: ``vxnb.interpret.mask_overlap(..., per="class")``. Bars: the fraction of crop
+    overlap: ``vxnb.averages.mask_overlap(..., per="class")``. Bars: the fraction of crop
     centres on the mask, the mean fraction of each crop box on the mask, and the chance level
     (the fraction of the image on the mask); the fraction of boxes touching the mask at all is
     in the hover text.
@@ -533,7 +533,7 @@ def mask_overlap_bars(overlap, *, title: str | None = None):
     import plotly.graph_objects as go
 
     if not isinstance(overlap, pd.DataFrame):
-        raise TypeError(f"overlap: expected the DataFrame of vxnb.interpret.mask_overlap(per='class'), got "
+        raise TypeError(f"overlap: expected the DataFrame of vxnb.averages.mask_overlap(per='class'), got "
                         f"{type(overlap).__name__}")
     need = ["class_name", "overlap", "box_on_mask", "center_on_mask", "chance"]
     missing = [c for c in need if c not in overlap.columns]

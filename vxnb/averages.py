@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .interpret import ReceptiveField, TopPatches, as_dataset, collate_images, state_to_rf, walk_model
+from ._checks import check_positive_int
 from .utils import describe, eval_mode, model_device
 
 __all__ = [
@@ -192,6 +193,114 @@ def _minmax(x: torch.Tensor) -> torch.Tensor:
     return torch.where(rng > 0, (x - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)), torch.zeros_like(x))
 
 
+def _check_average_args(model: Any, dataset: Any, top_patches: Any, relevant: Any, n: Any, size: Any,
+                        methods: Any, pad: Any, batch_size: Any) -> tuple:
+    """Validate :func:`average_images`' arguments; (data, top table, relevant, methods, visualize, heatmap)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
+    data = as_dataset(dataset, "dataset")
+    table = _top_table(top_patches)
+    relevant = _check_relevant(relevant)
+    check_positive_int(n, "n")
+    check_positive_int(size, "size")
+    if isinstance(methods, str):
+        methods = [methods]
+    methods = list(methods)
+    bad = [m for m in methods if m not in _METHODS]
+    if bad:
+        raise ValueError(f"methods: expected a subset of {_METHODS}, got {bad}")
+    if pad not in ("zeros", "mean") and not (isinstance(pad, (int, float)) and not isinstance(pad, bool)):
+        raise ValueError(f"pad: expected 'zeros', 'mean' or a number, got {pad!r}")
+    check_positive_int(batch_size, "batch_size")
+    visualize = heatmap = None
+    if "ours" in methods or "deconv" in methods:
+        visualize, heatmap = _heatmap_fn()
+    return data, table, relevant, methods, visualize, heatmap
+
+
+def _work_items(relevant: pd.DataFrame, classes: Any, dataset: Any,
+                result: AverageImages) -> list[tuple[Any, pd.Series]]:
+    """The (class, relevant-feature row) pairs to average; a class without features adds a message."""
+    if classes is None:
+        ids = relevant["class"].tolist()
+        dataset_classes = getattr(dataset, "classes", None)
+        if dataset_classes is None and hasattr(dataset, "dataset"):  # torch Subset
+            dataset_classes = getattr(dataset.dataset, "classes", None)
+        if dataset_classes is not None and all(isinstance(c, (int, np.integer)) for c in ids):
+            classes = list(range(len(dataset_classes)))
+        else:
+            classes = list(dict.fromkeys(ids))
+    elif isinstance(classes, (str, int, np.integer)):
+        classes = [classes]
+    classes = list(classes)
+    work: list[tuple[Any, pd.Series]] = []
+    for c in classes:
+        rows = relevant[relevant["class"] == c]
+        if rows.empty and "class_name" in relevant.columns and isinstance(c, str):
+            rows = relevant[relevant["class_name"] == c]  # a class given by name
+        if rows.empty:
+            msg = f"class {c!r} has no relevant feature (at this μ); nothing to average"
+            result.messages.append(msg)
+            warnings.warn(msg, stacklevel=3)
+        for _, row in rows.iterrows():
+            work.append((c, row))
+    return work
+
+
+def _check_tracked(model: nn.Module, data: Any, table: pd.DataFrame, work: list, input_size: Any
+                   ) -> tuple[dict[str, nn.Module], dict, dict[str, ReceptiveField]]:
+    """Check every feature before the expensive part; (modules, top rows per feature, receptive fields)."""
+    modules = dict(model.named_modules())
+    tracked = table.groupby(["layer", "channel"], sort=False)
+    groups = {key: g.sort_values("rank") for key, g in tracked}
+    max_index = len(data)
+    for key, g in groups.items():
+        if (g["index"] >= max_index).any():
+            raise ValueError(f"top_patches: image indices up to {int(g['index'].max())} for feature {key}, "
+                             f"but the dataset has {max_index} items (wrong dataset?)")
+    if input_size is None:  # the images' size: adaptive pooling that keeps the map size is the identity
+        first = int(table["index"].iloc[0]) if len(table) else 0
+        item = data[first]
+        input_size = tuple(torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item).shape)
+    walker, _ = walk_model(model, input_size)
+    rfs: dict[str, ReceptiveField] = {}
+    for c, row in work:
+        layer, ch = str(row["layer"]), row["channel"]
+        if layer not in modules or layer == "":
+            raise ValueError(f"relevant: feature {row['feature']!r} of class {c!r} names layer {layer!r}, which "
+                             f"the model does not have; it has: {', '.join(n_ for n_ in modules if n_)}")
+        if (layer, ch) not in groups:
+            raise ValueError(f"relevant: feature {row['feature']!r} (layer {layer!r}, channel {ch!r}) of class {c!r} "
+                             "is not tracked by top_patches (a wrong feature index, or track it: "
+                             "TopPatches(model, layers=[...]) in the extraction pass)")
+        if layer not in rfs:
+            if layer not in walker.record:
+                raise ValueError(f"relevant: layer {layer!r} is not called in the model's forward pass")
+            rfs[layer] = state_to_rf(walker.record[layer][-1], layer)
+    return modules, groups, rfs
+
+
+def _assemble(result: AverageImages, work: list, cache: dict, rfs: dict[str, ReceptiveField]) -> AverageImages:
+    """One :class:`AverageImage` per (class, feature) and the summary table."""
+    rows = []
+    for c, row in work:
+        layer, ch = str(row["layer"]), int(row["channel"])
+        res = cache[(layer, ch)]
+        item = AverageImage(klass=c, feature=row["feature"], layer=layer, channel=ch,
+                            kind=str(row.get("kind", res["kind"])), weight=float(row.get("weight", np.nan)),
+                            rf=rfs[layer], indices=res["indices"], boxes=res["boxes"], image=res["image"],
+                            ours=res.get("ours"), deconv=res.get("deconv"), activation=res.get("activation"))
+        result.items[(c, row["feature"])] = item
+        rows.append({"class": c, "class_name": row.get("class_name", str(c)), "feature": row["feature"],
+                     "layer": layer, "layer_number": row.get("layer_number", np.nan), "channel": ch, "kind": item.kind,
+                     "weight": item.weight, "n": item.n, "whole_image": item.rf.whole_image,
+                     "rf_size_h": np.nan if item.rf.whole_image else item.rf.size[0],
+                     "rf_size_w": np.nan if item.rf.whole_image else item.rf.size[1],
+                     "crop_padded": res["padded"]})
+    result.summary = _summary_frame(rows)
+    return result
+
+
 def average_images(model: nn.Module, dataset: Any, top_patches: Any, relevant: pd.DataFrame, *,
                    classes: Sequence[Any] | None = None, n: int = 100, size: int = 64,
                    methods: Sequence[str] = _METHODS, pad: str | float = "zeros", batch_size: int = 50,
@@ -227,86 +336,14 @@ def average_images(model: nn.Module, dataset: Any, top_patches: Any, relevant: p
     """
     from tqdm.auto import tqdm
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
-    data = as_dataset(dataset, "dataset")
-    table = _top_table(top_patches)
-    relevant = _check_relevant(relevant)
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n: expected a positive int, got {n!r}")
-    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
-        raise ValueError(f"size: expected a positive int, got {size!r}")
-    if isinstance(methods, str):
-        methods = [methods]
-    methods = list(methods)
-    bad = [m for m in methods if m not in _METHODS]
-    if bad:
-        raise ValueError(f"methods: expected a subset of {_METHODS}, got {bad}")
-    if pad not in ("zeros", "mean") and not (isinstance(pad, (int, float)) and not isinstance(pad, bool)):
-        raise ValueError(f"pad: expected 'zeros', 'mean' or a number, got {pad!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-    visualize = heatmap = None
-    if "ours" in methods or "deconv" in methods:
-        visualize, heatmap = _heatmap_fn()
-
-    # -- which classes and features -------------------------------------------------------
+    data, table, relevant, methods, visualize, heatmap = _check_average_args(
+        model, dataset, top_patches, relevant, n, size, methods, pad, batch_size)
     result = AverageImages()
-    if classes is None:
-        ids = relevant["class"].tolist()
-        dataset_classes = getattr(dataset, "classes", None)
-        if dataset_classes is None and hasattr(dataset, "dataset"):  # torch Subset
-            dataset_classes = getattr(dataset.dataset, "classes", None)
-        if dataset_classes is not None and all(isinstance(c, (int, np.integer)) for c in ids):
-            classes = list(range(len(dataset_classes)))
-        else:
-            classes = list(dict.fromkeys(ids))
-    elif isinstance(classes, (str, int, np.integer)):
-        classes = [classes]
-    classes = list(classes)
-    work: list[tuple[Any, pd.Series]] = []
-    for c in classes:
-        rows = relevant[relevant["class"] == c]
-        if rows.empty and "class_name" in relevant.columns and isinstance(c, str):
-            rows = relevant[relevant["class_name"] == c]  # a class given by name
-        if rows.empty:
-            msg = f"class {c!r} has no relevant feature (at this μ); nothing to average"
-            result.messages.append(msg)
-            warnings.warn(msg, stacklevel=2)
-        for _, row in rows.iterrows():
-            work.append((c, row))
+    work = _work_items(relevant, classes, dataset, result)
     if not work:
         result.summary = _summary_frame([])
         return result
-
-    # -- check every feature before the expensive part ------------------------------------
-    modules = dict(model.named_modules())
-    tracked = table.groupby(["layer", "channel"], sort=False)
-    groups = {key: g.sort_values("rank") for key, g in tracked}
-    max_index = len(data)
-    for key, g in groups.items():
-        if (g["index"] >= max_index).any():
-            raise ValueError(f"top_patches: image indices up to {int(g['index'].max())} for feature {key}, "
-                             f"but the dataset has {max_index} items (wrong dataset?)")
-    if input_size is None:  # the images' size: adaptive pooling that keeps the map size is the identity
-        first = int(table["index"].iloc[0]) if len(table) else 0
-        item = data[first]
-        input_size = tuple(torch.as_tensor(item[0] if isinstance(item, (tuple, list)) else item).shape)
-    walker, _ = walk_model(model, input_size)
-    rfs: dict[str, ReceptiveField] = {}
-    for c, row in work:
-        layer, ch = str(row["layer"]), row["channel"]
-        if layer not in modules or layer == "":
-            raise ValueError(f"relevant: feature {row['feature']!r} of class {c!r} names layer {layer!r}, which "
-                             f"the model does not have; it has: {', '.join(n_ for n_ in modules if n_)}")
-        if (layer, ch) not in groups:
-            raise ValueError(f"relevant: feature {row['feature']!r} (layer {layer!r}, channel {ch!r}) of class {c!r} "
-                             "is not tracked by top_patches (a wrong feature index, or track it: "
-                             "TopPatches(model, layers=[...]) in the extraction pass)")
-        if layer not in rfs:
-            if layer not in walker.record:
-                raise ValueError(f"relevant: layer {layer!r} is not called in the model's forward pass")
-            rfs[layer] = state_to_rf(walker.record[layer][-1], layer)
+    modules, groups, rfs = _check_tracked(model, data, table, work, input_size)
 
     # -- one computation per distinct feature ---------------------------------------------
     device = model_device(model)
@@ -320,23 +357,7 @@ def average_images(model: nn.Module, dataset: Any, top_patches: Any, relevant: p
             cache[(layer, ch)] = _average_one(model, data, layer, ch, top, rfs[layer], modules[layer], size=size,
                                               methods=methods, pad=pad, batch_size=batch_size, device=device,
                                               visualize=visualize, heatmap=heatmap, images=images)
-    rows = []
-    for c, row in work:
-        layer, ch = str(row["layer"]), int(row["channel"])
-        res = cache[(layer, ch)]
-        item = AverageImage(klass=c, feature=row["feature"], layer=layer, channel=ch,
-                            kind=str(row.get("kind", res["kind"])), weight=float(row.get("weight", np.nan)),
-                            rf=rfs[layer], indices=res["indices"], boxes=res["boxes"], image=res["image"],
-                            ours=res.get("ours"), deconv=res.get("deconv"), activation=res.get("activation"))
-        result.items[(c, row["feature"])] = item
-        rows.append({"class": c, "class_name": row.get("class_name", str(c)), "feature": row["feature"],
-                     "layer": layer, "layer_number": row.get("layer_number", np.nan), "channel": ch, "kind": item.kind,
-                     "weight": item.weight, "n": item.n, "whole_image": item.rf.whole_image,
-                     "rf_size_h": np.nan if item.rf.whole_image else item.rf.size[0],
-                     "rf_size_w": np.nan if item.rf.whole_image else item.rf.size[1],
-                     "crop_padded": res["padded"]})
-    result.summary = _summary_frame(rows)
-    return result
+    return _assemble(result, work, cache, rfs)
 
 
 def _summary_frame(rows: list[dict]) -> pd.DataFrame:

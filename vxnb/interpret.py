@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ._graph import first_conv_in_channels
+from .relevance import feature_pairs
 from .utils import check_image_batch, check_layer_names, describe, eval_mode, get_module, model_device
 
 __all__ = [
@@ -502,34 +503,14 @@ def _parse_features(model: nn.Module, layers: Any, features: Any) -> dict[str, l
                              "(a columns DataFrame, (layer, channel) pairs or {layer: channels})")
         names = check_layer_names(model, layers, "layers")
         return {n: None for n in names}
-    spec: dict[str, list[int]] = {}
-    if isinstance(features, pd.DataFrame):
-        missing = {"layer", "channel"} - set(features.columns)
-        if missing:
-            raise ValueError(f"features: the DataFrame needs columns 'layer' and 'channel', missing {sorted(missing)}")
-        pairs = list(zip(features["layer"], features["channel"]))
-    elif isinstance(features, Mapping):
-        pairs = []
-        for lay, chans in features.items():
-            if isinstance(chans, (int, np.integer)):
-                chans = [chans]
-            pairs.extend((lay, c) for c in chans)
-    elif isinstance(features, Iterable) and not isinstance(features, (str, bytes)):
-        pairs = list(features)
-        if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
-            raise TypeError("features: expected a DataFrame (layer, channel), a {layer: channels} dict or "
-                            f"(layer, channel) pairs, got {describe(features)}")
-    else:
-        raise TypeError("features: expected a DataFrame (layer, channel), a {layer: channels} dict or "
-                        f"(layer, channel) pairs, got {describe(features)}")
+    pairs = feature_pairs(features)  # checks the form and the channels
     if not pairs:
         raise ValueError("features: no feature given")
+    spec: dict[str, list[int]] = {}
     for lay, ch in pairs:
-        if not isinstance(ch, (int, np.integer)) or isinstance(ch, bool) or ch < 0:
-            raise ValueError(f"features: channel of layer {lay!r} must be a non-negative int, got {ch!r}")
         spec.setdefault(str(lay), [])
-        if int(ch) not in spec[str(lay)]:
-            spec[str(lay)].append(int(ch))
+        if ch not in spec[str(lay)]:
+            spec[str(lay)].append(ch)
     check_layer_names(model, list(spec), "features")
     if layers is not None:
         allowed = set(check_layer_names(model, layers, "layers"))

@@ -26,7 +26,8 @@ import time
 import numpy as np
 import torch
 
-from vxnb import models, runs
+from vxnb import models
+from vxnb.studies import runs
 from vxnb.studies import benchmark as B
 
 

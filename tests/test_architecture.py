@@ -128,3 +128,43 @@ def test_import_vxnb_exports_the_papers_steps(name, owner):
 def test_unknown_attribute_of_vxnb_raises_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'not_there'"):
         vxnb.not_there  # noqa: B018
+
+
+def _vxnb_imports(source: str) -> list[tuple[str, list[str]]]:
+    """(module, names) of every absolute ``import vxnb…`` / ``from vxnb… import …`` in ``source``."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "vxnb":
+            out.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names if a.name.split(".")[0] == "vxnb"]
+    return out
+
+
+def _sources() -> list[tuple[str, str]]:
+    import json
+
+    files = [*PKG.rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    out = [(str(f.relative_to(ROOT)), f.read_text(encoding="utf-8")) for f in sorted(files)]
+    for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = json.loads(nb.read_text(encoding="utf-8"))["cells"]
+        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        out.append((str(nb.relative_to(ROOT)), "\n".join(l for l in code.splitlines() if not l.lstrip()[:1] in "%!")))
+    return out
+
+
+def test_every_vxnb_import_names_a_module_of_this_tree():
+    """Module paths are checked on disk, not through the import system, so a module that moved
+    (vxnb.runs -> vxnb.studies.runs) is caught even where an older install would still serve it."""
+    import importlib
+
+    bad = []
+    for where, source in _sources():
+        for module, names in _vxnb_imports(source):
+            if not _is_module(module, ROOT):
+                bad.append(f"{where}: {module}")
+                continue
+            for name in names:
+                if not _is_module(f"{module}.{name}", ROOT) and not hasattr(importlib.import_module(module), name):
+                    bad.append(f"{where}: {module}.{name}")
+    assert bad == []

@@ -51,6 +51,7 @@ from scipy.linalg.blas import dsyrk, ssyrk
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from . import distributed as _distributed
 from .utils import atomic_savez, check_layer_names, describe, eval_mode, get_device, get_module, model_device
 
 __all__ = [
@@ -1024,9 +1025,11 @@ def _check_extract_args(model: Any, layers: Any, only_conv: bool, keep_X: Any, m
 
 
 def _cached_features(model: nn.Module, data: Any, ds: Any, layers: list[str], cache_dir: Any, data_key: str | None,
-                     n_classes: int | None, gram_dtype: Any, keep_X: Any, callbacks: list
+                     n_classes: int | None, gram_dtype: Any, keep_X: Any, callbacks: list, shard: Any = None
                      ) -> tuple[Path | None, dict[str, Any], Features | None]:
-    """(cache file or None, its key, the cached Features if the file holds this key and is usable)."""
+    """(cache file or None, its key, the cached Features if the file holds this key and is usable).
+
+    Under ``torch.distributed`` rank 0 checks the file and the other ranks follow its decision."""
     if cache_dir is None:
         return None, {}, None
     dkey = data_key if data_key is not None else _data_key(data, ds)
@@ -1037,17 +1040,22 @@ def _cached_features(model: nn.Module, data: Any, ds: Any, layers: list[str], ca
                     n_classes=n_classes, gram_dtype=str(gram_dtype))
     key = hashlib.blake2b(json.dumps(key_info, sort_keys=True).encode(), digest_size=12).hexdigest()
     cache_path = Path(cache_dir) / f"features-{key}.npz"
-    if cache_path.is_file() and not callbacks:
+    hit, cached = None, None
+    if cache_path.is_file() and not callbacks and (shard is None or shard.rank == 0):
         try:
             cached = Features.load(cache_path)
         except ValueError:
             cached = None  # unreadable: recompute and overwrite
-        if cached is not None and cached.meta.get("key") == key_info and \
-                not (keep_X is True and cached.X is None):
-            if keep_X is False:
-                cached.X = None
-            cached.meta["cache_hit"] = True
-            return cache_path, key_info, cached
+        hit = cached is not None and cached.meta.get("key") == key_info and \
+            not (keep_X is True and cached.X is None)
+    if shard is not None and not callbacks and shard.decide(bool(hit), "sharing rank 0's cache check"):
+        hit, cached = True, Features.load(cache_path)
+        shard.finish()
+    if hit:
+        if keep_X is False:
+            cached.X = None
+        cached.meta["cache_hit"] = True
+        return cache_path, key_info, cached
     return cache_path, key_info, None
 
 
@@ -1057,14 +1065,18 @@ class _Stream:
     Per batch: the layers' outputs → descriptors x (B, m) → G += xᵀx (:class:`_Gram`),
     S[label] += x (XᵀL), the rows of X while they fit. The first batch fixes m (:meth:`_setup`).
     On CUDA the host copies of x and of the non-finite flag are asynchronous and finished one
-    batch later (:meth:`_finish`), so the device never waits for the host.
+    batch later (:meth:`_finish`), so the device never waits for the host. Under
+    ``torch.distributed`` / with checkpoints (``shard``, ``vxnb.distributed.Shard``) it resumes
+    from the checkpointed part, checkpoints as it goes and combines the ranks' parts.
     """
 
     def __init__(self, model: nn.Module, layers: list[str], analysis: _Analysis, dev: torch.device,
-                 n_expected: int | None, n_classes: int | None, classes: list[str] | None, keep_X: Any,
-                 max_bytes: int, gram_dtype: Any) -> None:
+                 n_expected: int | None, n_total: int | None, n_classes: int | None, classes: list[str] | None,
+                 keep_X: Any, max_bytes: int, gram_dtype: Any, shard: Any, callbacks: list) -> None:
         self.model, self.layers, self.analysis, self.dev = model, layers, analysis, dev
         self.n_expected, self.n_classes, self.classes, self.max_bytes = n_expected, n_classes, classes, max_bytes
+        self.n_total = n_total  # the whole dataset's N (n_expected: this process's shard)
+        self.shard, self.callbacks = shard, callbacks
         self.gram_dtype = gram_dtype
         self.keep: bool | None = None if keep_X == "auto" else bool(keep_X)
         self.is_cuda = dev.type == "cuda"
@@ -1076,6 +1088,11 @@ class _Stream:
         self.x_rows: _Rows | None = None
         self.label_chunks: list[np.ndarray] = []
         self.index_chunks: list[np.ndarray] = []
+        if shard is not None:  # a resumed shard: its checkpointed part
+            self.label_chunks, self.index_chunks = shard.restored()
+            shard.restore_callbacks(callbacks)
+            if shard.gram_dtype is not None and isinstance(gram_dtype, str):
+                self.gram_dtype = getattr(torch, shard.gram_dtype.replace("torch.", ""))
         self.c_cap = n_classes if n_classes is not None else (len(classes) if classes is not None else 1)
 
     def _setup(self, raws: Sequence[torch.Tensor], bsz: int) -> None:
@@ -1084,12 +1101,12 @@ class _Stream:
         self.columns = feature_columns(self.model, self.layers, self.widths, self.analysis)
         m = len(self.columns)
         if isinstance(self.gram_dtype, str):  # "auto": needs m, known from the first batch
-            self.gram_dtype = _auto_gram_dtype(self.dev, self.n_expected, m)
+            self.gram_dtype = _auto_gram_dtype(self.dev, self.n_total, m)
         self.gram = _Gram(m, self.dev, self.gram_dtype, bsz, self.n_expected)
         self.col_layer = _column_layers(self.widths, self.dev)
         self.S = torch.zeros((self.c_cap, m), dtype=torch.float64, device=self.dev)
-        if self.keep is None and self.n_expected is not None:
-            self.keep = self.n_expected * m * 4 <= self.max_bytes
+        if self.keep is None and self.n_total is not None:
+            self.keep = self.n_total * m * 4 <= self.max_bytes
 
     def _add(self, raws: Sequence[torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> _Pending:
         """Accumulate one batch on the device; its host side is finished later (:meth:`_finish`)."""
@@ -1169,29 +1186,41 @@ class _Stream:
                 if pending is not None:
                     self._finish(pending)
                 pending = added
+                if self.shard is not None and self.shard.due():  # a checkpoint: everything up to this batch
+                    self._finish(pending)
+                    pending = None
+                    self.gram.flush()
+                    self.shard.save(self.gram.result(), self.S, self.label_chunks, self.index_chunks,
+                                    None if self.x_rows is None else self.x_rows.result(), self.widths,
+                                    self.gram_dtype, callbacks)
             if pending is not None:
                 self._finish(pending)
-            if self.gram is None:
+            if self.gram is None and self.shard is None:
                 raise ValueError("data: no images (the data yielded no non-empty batch)")
-            self.G = self.gram.result()
-            self.S_np = self.S.cpu().numpy()
+            self.G = None if self.gram is None else self.gram.result()
+            self.S_np = None if self.S is None else self.S.cpu().numpy()
 
     def features(self, only_conv: bool, index_known: bool, key_info: dict[str, Any]) -> Features:
         """The :class:`Features` of the finished pass."""
-        labels_np = np.concatenate(self.label_chunks).astype(np.int64)
-        index_np = np.concatenate(self.index_chunks).astype(np.int64)
-        C, classes = self.S_np.shape[0], self.classes
+        labels_np = np.concatenate(self.label_chunks).astype(np.int64) if self.label_chunks else np.zeros(0, np.int64)
+        index_np = np.concatenate(self.index_chunks).astype(np.int64) if self.index_chunks else np.zeros(0, np.int64)
+        X = self.x_rows.result() if self.keep is not False and self.x_rows is not None else None
+        G, S_np, widths, columns, shard = self.G, self.S_np, self.widths, self.columns, self.shard
+        if shard is not None:  # the resumed part and the other ranks' parts
+            G, S_np, labels_np, index_np, X, widths = shard.combine(G, S_np, labels_np, index_np, X, widths)
+            shard.sync(self.callbacks)
+            if columns is None:
+                columns = feature_columns(self.model, self.layers, widths, self.analysis)
+        C, classes = S_np.shape[0], self.classes
         if self.n_classes is None:
             C = len(classes) if classes is not None else int(labels_np.max()) + 1
             if classes is not None and int(labels_np.max()) >= C:
                 raise ValueError(f"data: label {int(labels_np.max())} out of range for the dataset's {C} classes")
-        XtL = np.ascontiguousarray(self.S_np[:C].T)
-        X = None
-        if self.keep is not False and self.x_rows is not None:
-            X = self.x_rows.result()
+        XtL = np.ascontiguousarray(S_np[:C].T)
         meta = dict(layers=list(self.layers), only_conv=bool(only_conv), gram_dtype=str(self.gram_dtype),
-                    index_known=index_known, device=str(self.dev), key=key_info or None, cache_hit=False)
-        return Features(G=self.G, XtL=XtL, labels=labels_np, index=index_np, columns=self.columns,
+                    index_known=index_known, device=str(self.dev), key=key_info or None, cache_hit=False,
+                    world_size=1 if shard is None else shard.world)
+        return Features(G=G, XtL=XtL, labels=labels_np, index=index_np, columns=columns,
                         layers=list(self.layers), n_classes=int(C), classes=classes, X=X, meta=meta)
 
 
@@ -1201,7 +1230,8 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
                      max_bytes: int = 2**30, n_classes: int | None = None, cache_dir: str | os.PathLike | None = None,
                      data_key: str | None = None, gram_dtype: torch.dtype | str = "auto",
                      callbacks: Sequence[Callable[[dict[str, torch.Tensor], torch.Tensor], Any]] = (),
-                     progress: bool = True) -> Features:
+                     progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
+                     checkpoint_every: int = 100) -> Features:
     """Filter-wise responses x of every image of ``data`` and the statistics G = XᵀX, XᵀL.
 
     Args:
@@ -1240,6 +1270,16 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
             top images per feature in the same pass. Keeping the clones costs the memory of
             one batch of those layers' outputs.
         progress: tqdm progress bar.
+        checkpoint_dir, checkpoint_every: write this process's partial sums (and the callbacks'
+            states) to ``checkpoint_dir`` every ``checkpoint_every`` batches, atomically; a
+            restarted pass resumes from them (see ``vxnb.distributed``). ``data`` must then be a
+            Dataset.
+
+    Under ``torch.distributed`` (an initialised process group, e.g. started by ``torchrun``) each
+    rank streams its shard of ``data`` (a Dataset; every image counted once), the sums are
+    all-reduced in float64, labels/indices/X gathered in dataset order and callbacks with
+    ``sync_distributed()`` (``TopPatches``) merged: every rank returns what one process would.
+    Rank 0 writes the cache; the others wait for it at a barrier. See ``vxnb.distributed``.
 
     Returns:
         :class:`Features`.
@@ -1250,17 +1290,30 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     analysis, layers, callbacks = _check_extract_args(model, layers, only_conv, keep_X, max_bytes, n_classes,
                                                       gram_dtype, callbacks, data_key)
     dev = resolve_device(model, device)
-    loader, ds, n_expected, index_known = as_loader(data, batch_size, num_workers, pin=dev.type == "cuda")
+    # torch.distributed / checkpoints: this process's shard (None for a plain single-process pass)
+    shard = _distributed.Shard.open(data, batch_size=batch_size, num_workers=num_workers, pin=dev.type == "cuda",
+                                    fingerprint=lambda: {"model": _model_key(model), "layers": list(layers),
+                                                         "data": data_key or _data_key(data, data),
+                                                         "n_classes": n_classes, "gram_dtype": str(gram_dtype),
+                                                         "keep_X": keep_X},
+                                    checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+    progress = progress and (shard is None or shard.rank == 0)  # one progress bar, rank 0's
+    loader, ds, n_expected, index_known = as_loader(data if shard is None else shard.loader, batch_size,
+                                                    num_workers, pin=dev.type == "cuda")
+    n_total = n_expected if shard is None else shard.n  # the whole dataset's N, for the "auto" choices
     classes = _dataset_classes(ds)
     if n_classes is not None and classes is not None and len(classes) != n_classes:
         raise ValueError(f"n_classes: {n_classes} given, but the dataset has {len(classes)} classes")
     cache_path, key_info, cached = _cached_features(model, data, ds, layers, cache_dir, data_key, n_classes,
-                                                    gram_dtype, keep_X, callbacks)
+                                                    gram_dtype, keep_X, callbacks, shard)
     if cached is not None:
         return cached
-    stream = _Stream(model, layers, analysis, dev, n_expected, n_classes, classes, keep_X, max_bytes, gram_dtype)
+    stream = _Stream(model, layers, analysis, dev, n_expected, n_total, n_classes, classes, keep_X, max_bytes,
+                     gram_dtype, shard, callbacks)
     stream.run(loader, callbacks, progress)
     feats = stream.features(only_conv, index_known, key_info)
-    if cache_path is not None:
+    if cache_path is not None and (shard is None or shard.rank == 0):
         feats.save(cache_path)
+    if shard is not None:
+        shard.finish()
     return feats

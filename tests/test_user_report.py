@@ -11,7 +11,8 @@ import nbformat
 import pytest
 import torch
 
-from vxnb import report, runs, utils
+from vxnb import report, utils
+from vxnb.studies import runs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from folder_fixture import make_folder, save_weights  # noqa: E402

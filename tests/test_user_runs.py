@@ -12,7 +12,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from vxnb import features, models, runs
+from vxnb import features, models
+from vxnb.studies import runs
 from vxnb.data.folder import load_image_folder, read_class_names
 
 sys.path.insert(0, str(Path(__file__).parent))

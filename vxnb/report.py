@@ -75,7 +75,7 @@ def skipped_tags(parameters: dict[str, Any]) -> set[str]:
     """The cell tags whose cells are skipped for a run with these notebook parameters: cells
     tagged ``needs-masks`` without ground-truth masks, ``an8flower-only`` (the paper's numbers)
     on other datasets. The parameters are checked here, before any notebook runs."""
-    from .runs import RunConfig
+    from .studies.runs import RunConfig
 
     fields = set(RunConfig.__dataclass_fields__)
     cfg = RunConfig.from_params(**{k: v for k, v in parameters.items() if k in fields})
@@ -467,7 +467,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m vxnb.report
 def main(argv: list[str] | None = None, prog: str = "python -m vxnb.report") -> int:
     args = parse_args(argv, prog)
     if args.prepare_data:
-        from .runs import RunConfig, load_data
+        from .studies.runs import RunConfig, load_data
 
         dataset = args.parameters.get("dataset", "an8flower")
         others = [] if dataset == "folder" else [dict(dataset="mnist")]

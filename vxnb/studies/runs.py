@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .paths import work_dir
-from .utils import atomic_write_json, read_json, seed_everything
+from ..paths import work_dir
+from ..utils import atomic_write_json, read_json, seed_everything
 
 __all__ = ["RunConfig", "DATASETS", "load_data", "get_model", "get_features", "get_lasso_path",
            "run_dir", "user_model", "model_file", "gram_memory_check", "describe_model"]
@@ -117,7 +117,7 @@ class RunConfig:
                              f"got {self.layers!r}")
 
     def _check_folder(self) -> None:
-        from .models import check_normalize
+        from ..models import check_normalize
 
         if self.data_root is None:
             raise ValueError("data_root: a folder run needs the image folder (one sub-folder per class, or "
@@ -232,8 +232,8 @@ def load_data(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, Dataset, 
     ``train_limit`` keeps a seeded, class-stratified subset of the training split.
     """
     if cfg.dataset == "folder":
-        from .data import dataset_labels
-        from .data.folder import load_image_folder, read_class_names
+        from ..data import dataset_labels
+        from ..data.folder import load_image_folder, read_class_names
 
         train, test, folders = load_image_folder(cfg.data_root, mask_root=cfg.mask_root, image_size=cfg.image_size,
                                                  val_fraction=cfg.val_fraction, seed=cfg.seed, on_error=cfg.on_error)
@@ -246,7 +246,7 @@ def load_data(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, Dataset, 
                                        cfg.seed + 1)
         return Subset(train, keep_train.tolist()), Subset(test, keep_test.tolist()), classes
     if cfg.dataset == "an8flower":
-        from .data.an8flower import An8Flower
+        from ..data.an8flower import An8Flower
 
         full = An8Flower(cfg.data_dir, variant=cfg.variant, size=cfg.size, generate=True, seed=cfg.seed)
         folds = full.index["fold"].to_numpy()
@@ -255,7 +255,7 @@ def load_data(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, Dataset, 
         labels = full.index["label"].to_numpy()
         classes = list(full.classes)
     else:
-        from .data.mnist import MnistDataset, load_mnist, stratified_split
+        from ..data.mnist import MnistDataset, load_mnist, stratified_split
 
         images, labels_t = load_mnist(cfg.data_dir)
         labels = np.asarray(labels_t)
@@ -285,7 +285,7 @@ def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
     The initial weights are seeded by ``cfg.seed``. A training run of ≥ 3 epochs that stalls
     (final training accuracy < :data:`MIN_TRAIN_ACCURACY`) is repeated from seed + 1000, + 2000
     with a warning, and the best attempt is kept; ``meta["train_attempts"]`` lists them all."""
-    from . import models
+    from .. import models
 
     if cfg.dataset == "folder":
         return _user_model_and_meta(cfg, data)
@@ -332,8 +332,8 @@ def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
 def user_model(cfg: RunConfig) -> torch.nn.Module:
     """A folder run's model (``vxnb.models.load_user_model``), loaded once per config object;
     its number of classes is checked against the data's."""
-    from .data.folder import folder_layout
-    from .models import load_user_model
+    from ..data.folder import folder_layout
+    from ..models import load_user_model
 
     if cfg.dataset != "folder":
         raise ValueError(f"cfg: user_model needs dataset='folder', got {cfg.dataset!r}")
@@ -366,7 +366,7 @@ def describe_model(meta: dict[str, Any], accuracy: float, n_test: int) -> str:
 
 
 def _user_model_and_meta(cfg: RunConfig, data) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from .models import accuracy
+    from ..models import accuracy
 
     model = user_model(cfg)
     meta_file = cfg.runs_dir / cfg.run_name / "meta.json"
@@ -406,7 +406,7 @@ def _feature_count(model: torch.nn.Module, layers: list[str], shape: tuple[int, 
     of the model where an operation has no meta implementation."""
     import copy
 
-    from .features import descriptors
+    from ..features import descriptors
 
     try:
         probe = copy.deepcopy(model).to("meta")
@@ -449,8 +449,8 @@ def _available_memory(device: torch.device) -> int | None:
 def get_features(cfg: RunConfig, model: torch.nn.Module, split: str = "train", *, only_conv: bool = False,
                  data: tuple[Dataset, Dataset, list[str]] | None = None, progress: bool = True, **kwargs):
     """Filter-wise responses of a split (cached in the run folder by ``vxnb.features``)."""
-    from .features import extract_features, select_layers
-    from .utils import model_device
+    from ..features import extract_features, select_layers
+    from ..utils import model_device
 
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
@@ -473,7 +473,7 @@ def get_lasso_path(cfg: RunConfig, features, *, mu_max: float = 50.0, tag: str |
     from (XᵀL and the diagonal of XᵀX), so a retrained model never reads another's path."""
     import hashlib
 
-    from .lasso import LassoPath, lasso_path
+    from ..lasso import LassoPath, lasso_path
 
     tag = tag or ("conv" if all(k == "conv" for k in features.columns["kind"]) else "all")
     digest = hashlib.sha1(np.ascontiguousarray(features.XtL, dtype=np.float64).tobytes())
@@ -491,7 +491,7 @@ def get_lasso_path(cfg: RunConfig, features, *, mu_max: float = 50.0, tag: str |
 
 def save_table(cfg: RunConfig, name: str, frame) -> Path:
     """Write a result table (pandas DataFrame) as CSV into the run folder, atomically."""
-    from .utils import atomic_path
+    from ..utils import atomic_path
 
     file = run_dir(cfg) / f"{name}.csv"
     with atomic_path(file) as tmp:
@@ -508,8 +508,8 @@ def relevance_study(cfg: RunConfig, *, mu: float = 10.0, mu_max: float = 50.0, n
 
     Returns ``{model, data, features, paths, relevant, counts, ablation, reconstruction}``.
     """
-    from .evaluate.ablation import ablation_curve, class_reconstruction
-    from .relevance import feature_counts, relevant_features
+    from ..evaluate.ablation import ablation_curve, class_reconstruction
+    from ..relevance import feature_counts, relevant_features
 
     data = load_data(cfg, progress=progress)
     classes = data[2]

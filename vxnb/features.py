@@ -44,7 +44,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import torch.fx
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from scipy.linalg.blas import dsyrk, ssyrk
@@ -52,6 +51,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from . import distributed as _distributed
+from ._graph import LayerAnalysis as _Analysis, analyse_layers as _analyse
 from .utils import atomic_savez, check_layer_names, describe, eval_mode, get_device, get_module, model_device
 
 __all__ = [
@@ -69,15 +69,6 @@ COLUMN_NAMES = ("feature", "layer", "layer_number", "kind", "channel")
 
 FORMAT_VERSION = 1
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_FC = (nn.Linear,)
-_NORM = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm,
-         nn.LocalResponseNorm)
-_PASS = (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity)
-_NONLIN = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-           nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
-           nn.Tanhshrink, nn.Threshold, nn.LogSigmoid)
-
 #: Rows of X gathered before one float64 update of G (a larger GEMM is cheaper per row than
 #: one per batch); capped so that the buffer stays under ~64 MiB.
 _GRAM_BLOCK_ROWS = 1024
@@ -91,100 +82,6 @@ _CPU_SYRK = True
 #: Columns per block when the upper triangle is added or mirrored (cache-sized pieces).
 _MIRROR_BLOCK = 512
 
-
-# ============================================================================ model analysis
-@dataclass
-class _Analysis:
-    """What the forward structure tells about a model's Conv/Linear blocks."""
-
-    numbers: dict[str, int]            # conv/linear module -> layer number (1-based, forward order)
-    kinds: dict[str, str]              # conv/linear module -> "conv" | "fc"
-    hook: dict[str, str]               # conv/linear module -> default hook point
-    calls: Counter                     # leaf module -> number of calls per forward pass
-    node_member: list[str | None]      # per call (forward order): the conv/linear block it belongs to
-    node_target: list[str]             # per call: the module called
-    traced: bool
-
-
-def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if n and next(iter(m.children()), None) is None]
-
-
-def _trace_calls(model: nn.Module) -> list[tuple[str, list[int]]] | None:
-    """Module calls in forward order with, for each, the indices of the calls using its output
-    directly (None where ``torch.fx`` cannot trace the model)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = torch.fx.Tracer().trace(model)
-    except Exception:  # noqa: BLE001 - any tracing failure falls back to registration order
-        return None
-    nodes = [n for n in graph.nodes if n.op == "call_module"]
-    pos = {n: i for i, n in enumerate(nodes)}
-    out = []
-    for n in nodes:
-        users = list(n.users)
-        # a user that is not a module call (add, flatten, …) breaks a chain: mark it with -1
-        out.append((str(n.target), [pos.get(u, -1) for u in users]))
-    return out
-
-
-def _analyse(model: nn.Module) -> _Analysis:
-    modules = dict(model.named_modules())
-    calls_list = _trace_calls(model)
-    traced = calls_list is not None
-    if calls_list is None:  # registration order, each leaf feeding the next
-        leaves = [n for n, _ in _leaf_modules(model)]
-        calls_list = [(n, [i + 1] if i + 1 < len(leaves) else []) for i, n in enumerate(leaves)]
-    targets = [t for t, _ in calls_list]
-    calls = Counter(targets)
-    numbers: dict[str, int] = {}
-    kinds: dict[str, str] = {}
-    hook: dict[str, str] = {}
-    member: list[str | None] = [None] * len(calls_list)
-    for i, (target, _) in enumerate(calls_list):
-        mod = modules.get(target)
-        if not isinstance(mod, _CONV + _FC):
-            continue
-        first = target not in numbers
-        if first:
-            numbers[target] = len(numbers) + 1
-            kinds[target] = "conv" if isinstance(mod, _CONV) else "fc"
-        member[i] = target
-        # follow the chain conv/linear -> [norm | dropout]* -> [nonlinearity]
-        chain_norm: str | None = None
-        nonlin: str | None = None
-        cur = i
-        while True:
-            users = calls_list[cur][1]
-            if len(users) != 1 or users[0] < 0:
-                break
-            nxt = users[0]
-            nmod = modules.get(calls_list[nxt][0])
-            if isinstance(nmod, _NORM + _PASS):
-                member[nxt] = target
-                if isinstance(nmod, _NORM):
-                    chain_norm = calls_list[nxt][0]
-                cur = nxt
-                continue
-            if isinstance(nmod, _NONLIN):
-                member[nxt] = target
-                nonlin = calls_list[nxt][0]
-                # dropout / identity right after the nonlinearity still belong to the block
-                cur = nxt
-                while len(calls_list[cur][1]) == 1 and calls_list[cur][1][0] >= 0 and \
-                        isinstance(modules.get(calls_list[calls_list[cur][1][0]][0]), _PASS):
-                    cur = calls_list[cur][1][0]
-                    member[cur] = target
-            break
-        if first:
-            if nonlin is not None and calls[nonlin] == 1:
-                hook[target] = nonlin
-            elif chain_norm is not None and calls[chain_norm] == 1:
-                hook[target] = chain_norm
-            else:
-                hook[target] = target
-    return _Analysis(numbers, kinds, hook, calls, member, targets, traced)
 
 
 def layer_numbers(model: nn.Module) -> pd.DataFrame:

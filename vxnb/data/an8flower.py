@@ -79,6 +79,7 @@ from scipy import sparse
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .._checks import check_nonnegative_int
 from ..utils import atomic_write_json, describe, read_json
 
 __all__ = [
@@ -207,9 +208,7 @@ def _check_size(size: Any) -> int:
 
 
 def _check_seed(seed: Any) -> int:
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)) or int(seed) < 0:
-        raise ValueError(f"seed: expected a non-negative int, got {describe(seed)}")
-    return int(seed)
+    return check_nonnegative_int(seed, "seed")
 
 
 def _check_root(root: Any) -> Path:

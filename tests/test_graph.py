@@ -202,3 +202,13 @@ def test_stride_at_bad_layer():
         G.stride_at(model, "nope", (1, 8, 8))
     with pytest.raises(ValueError, match="'conv.unused' was not called"):
         G.stride_at(model, "conv.unused", (1, 8, 8))
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "regnet_x_400mf"])
+def test_total_stride_through_excitation_shuffles_and_branches(arch):
+    """Squeeze-excitation products and channel shuffles make the field the whole image but keep
+    the grid; stochastic depth is the identity in eval; every one of these nets ends at /32."""
+    model = getattr(torchvision.models, arch)()
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert G.stride_at(model, convs[0], (3, 96, 96)) == (2, True)
+    assert G.stride_at(model, convs[-1], (3, 96, 96)) == (32, True)

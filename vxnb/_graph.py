@@ -244,6 +244,12 @@ def _whole(state: Any) -> Any:
     return None if state is None else _Whole(state.jump)
 
 
+def _strided(state: Any, stride: tuple[int, int]) -> Any:
+    """A whole-image map (e.g. after a squeeze-excitation product) through a sliding window: its
+    field stays the whole image, its grid gets coarser."""
+    return _Whole(tuple(j * s for j, s in zip(state.jump, stride))) if isinstance(state, _Whole) else state
+
+
 @dataclass(frozen=True)
 class _Geo:
     """Field of a spatial tensor: element i (per axis) sees input pixels [lo + i*jump, hi + i*jump]."""
@@ -316,7 +322,7 @@ _IDENTITY_FUNCS = {
     "add", "sub", "mul", "truediv", "div", "iadd", "isub", "imul", "itruediv", "neg", "abs", "pow",
     "add_", "sub_", "mul_", "div_", "relu", "relu_", "relu6", "leaky_relu", "gelu", "silu", "mish", "elu",
     "selu", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardswish", "hardsigmoid", "hardtanh", "softplus",
-    "dropout", "dropout2d", "contiguous", "clone", "detach", "float", "double", "half", "to", "type_as",
+    "dropout", "dropout2d", "stochastic_depth", "contiguous", "clone", "detach", "float", "double", "half", "to", "type_as",
     "clamp", "clamp_", "clamp_min", "clamp_max", "sqrt", "exp", "squeeze", "unsqueeze", "local_response_norm",
     "batch_norm", "cat", "concat", "chunk", "split", "getitem", "sign", "maximum", "minimum",
 }
@@ -374,10 +380,10 @@ class _Walker:
         where = f"module {name or '<model>'!r} ({type(module).__name__})"
         if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
             state = _union(inputs, where)
-            if not isinstance(state, _Geo):
-                return state
-            k = _pair(module.kernel_size)
             s = _pair(module.stride if module.stride is not None else module.kernel_size)
+            if not isinstance(state, _Geo):
+                return _strided(state, s)
+            k = _pair(module.kernel_size)
             d = _pair(getattr(module, "dilation", 1))
             pad = module.padding
             if isinstance(module, nn.Conv2d):
@@ -453,10 +459,10 @@ class _Walker:
             return None
         if fname in ("max_pool2d", "avg_pool2d", "max_pool2d_with_indices"):
             state = _union(states[:1], here)
-            if not isinstance(state, _Geo):
-                return state
             k = _get_arg(node, 1, "kernel_size", None)
             s = _get_arg(node, 2, "stride", None) or k
+            if not isinstance(state, _Geo):
+                return _strided(state, _pair(s))
             p = _get_arg(node, 3, "padding", 0)
             d = _get_arg(node, 4, "dilation", 1) if fname != "avg_pool2d" else 1
             return state.window(_pair(k), _pair(s), _pair(p), _pair(d))

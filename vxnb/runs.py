@@ -412,16 +412,16 @@ def get_lasso_path(cfg: RunConfig, features, *, mu_max: float = 50.0, tag: str |
 
 def save_table(cfg: RunConfig, name: str, frame) -> Path:
     """Write a result table (pandas DataFrame) as ``<name>.csv`` into the run folder: under its
-    lock, atomically, indexed under a key of its name and the run's checkpoint (so gc removes
-    it with the model it was made from)."""
+    lock, atomically (not at all when the same table is there), indexed with the run's dataset
+    (so gc removes it when the data it was computed from changes)."""
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise ValueError(f"name: expected a file stem without '/' or a leading '.', got {name!r}")
     if not isinstance(frame, pd.DataFrame):
         raise TypeError(f"frame: expected a pandas DataFrame, got {type(frame).__name__}")
     file = run_dir(cfg) / f"{name}.csv"
-    ckey = checkpoint_key(cfg)
+    record = data_record(cfg)
     text = frame.to_csv(index=False)
-    key = _store.key("table", {"name": name, "run": cfg.run_name}, {"checkpoint": ckey}, TABLE_VERSION)
+    key = _store.key("table", {"name": name, "run": cfg.run_name}, {"data": record["fingerprint"]}, TABLE_VERSION)
 
     def same(path: Path) -> bool:  # the same table is there already: nothing to write
         if path.read_text() != text:
@@ -429,7 +429,7 @@ def save_table(cfg: RunConfig, name: str, frame) -> Path:
         return True
 
     _store.load_or_compute(file, key, "table", lambda: text, load=same, save=lambda t, tmp: tmp.write_text(t),
-                           settings={"name": name}, upstream=[ckey], version=TABLE_VERSION, root=cfg.runs_dir,
+                           settings={"name": name}, data=[record], version=TABLE_VERSION, root=cfg.runs_dir,
                            quiet=True)
     return file
 

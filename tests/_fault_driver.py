@@ -10,6 +10,7 @@ import pandas as pd
 
 from vxnb import report, runs
 from vxnb.evaluate import benchmark as B
+from vxnb.utils import atomic_path
 
 root = Path(sys.argv[1])
 cfg = runs.RunConfig(dataset="an8flower", variant="single-6c", size=32, epochs=1, train_limit=60, quick=True,
@@ -25,6 +26,7 @@ runs.save_table(cfg, "fault-table", table)
 nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# fault test"),
                                      nbformat.v4.new_code_cell("1 + 1")])
 (root / "pages").mkdir(exist_ok=True)
-nbformat.write(nb, str(root / "pages" / "page.ipynb"))
+with atomic_path(root / "pages" / "page.ipynb") as tmp:  # a concurrent run may be reading it
+    nbformat.write(nb, str(tmp))
 report.export_html(root / "pages" / "page.ipynb", root / "pages" / "page.html", static_url=None)
 print("finished")

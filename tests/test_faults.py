@@ -104,3 +104,24 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
     assert {Path(p) for p, _ in res["removed"]} >= set(leftovers)
     assert not list((root / "runs").rglob(".*.tmp"))
     assert _outputs(root) == want  # gc kept every live artifact
+
+
+def test_two_concurrent_runs_compute_each_artifact_once(tmp_path):
+    """Two runs of the same pipeline at once (two notebooks, two `make report`s): every artifact is
+    computed by one of them, the other waits on its lock and reads it; both end with the same
+    outputs."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("VXNB_FAULT", None)
+    procs = [subprocess.Popen([sys.executable, str(DRIVER), str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    events = _store.read_events(tmp_path / "runs")
+    saves = Counter((e["kind"], e["key"]) for e in events if e["event"] == "save")
+    assert set(k for k, _ in saves) >= {"checkpoint", "features", "lasso-path", "benchmark-fold", "table"}
+    assert max(saves.values()) == 1, saves
+    pids = {e["pid"] for e in events}
+    assert len(pids) == 2  # both took part
+    hits = Counter(e["kind"] for e in events if e["event"] == "hit")
+    assert hits["checkpoint"] >= 1 and hits["benchmark-fold"] >= 1  # the second one read what the first made
+    assert len(list((tmp_path / "data").rglob("manifest.json"))) == 1

@@ -419,7 +419,8 @@ def save_table(cfg: RunConfig, name: str, frame) -> Path:
     if not isinstance(frame, pd.DataFrame):
         raise TypeError(f"frame: expected a pandas DataFrame, got {type(frame).__name__}")
     file = run_dir(cfg) / f"{name}.csv"
-    record = data_record(cfg)
+    spec = _data_spec(cfg)  # as it is now: a table is no reason to render or fetch data
+    record = {**spec, "fingerprint": _data_fingerprint(spec)}
     text = frame.to_csv(index=False)
     key = _store.key("table", {"name": name, "run": cfg.run_name}, {"data": record["fingerprint"]}, TABLE_VERSION)
 

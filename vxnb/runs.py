@@ -502,12 +502,23 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--runs-root", default=None, help="the runs folder (default: the repository's runs/)")
     g.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     args = parser.parse_args(argv)
-    res = gc(args.runs_root, dry_run=args.dry_run)
+    try:
+        res = gc(args.runs_root, dry_run=args.dry_run)
+    except ValueError as err:
+        parser.error(str(err))
     for path, size in res["removed"]:
-        print(f"{'would remove' if args.dry_run else 'removed'} {path} ({size / 2**20:.2f} MiB)")
+        print(f"{'would remove' if args.dry_run else 'removed'} {path} ({_human(size)})")
     verb = "would free" if args.dry_run else "freed"
-    print(f"{len(res['removed'])} path(s), {verb} {res['freed'] / 2**20:.2f} MiB; {res['kept']} artifact(s) kept")
+    print(f"{len(res['removed'])} path(s), {verb} {_human(res['freed'])}; {res['kept']} artifact(s) kept")
     return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["key", "stable_json", "model_fingerprint", "file_fingerprint", "array_fingerprint", "store_root",
-           "load_or_compute", "artifact_lock", "register", "read_index", "log_event", "read_events",
+__all__ = ["key", "stable_json", "model_fingerprint", "file_fingerprint", "array_fingerprint", "items_fingerprint", "store_root",
+           "load_or_compute", "try_load", "artifact_lock", "register", "read_index", "log_event", "read_events",
            "fault_point", "gc", "STORE_DIR"]
 
 #: The store's own folder under a root (index, locks, events log).
@@ -118,6 +118,33 @@ def array_fingerprint(*arrays: Any) -> str:
         a = np.ascontiguousarray(a)
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(a.tobytes())
+    return h.hexdigest()[:_KEY_CHARS]
+
+
+def items_fingerprint(dataset: Any) -> str:
+    """A digest of every item of a map-style dataset (tensors, arrays and numbers, by bytes): for
+    data that exists only in memory, where no manifest or file names its content."""
+    import torch
+
+    h = hashlib.sha256()
+
+    def add(v: Any) -> None:
+        if isinstance(v, (tuple, list)):
+            h.update(f"[{len(v)}".encode())
+            for x in v:
+                add(x)
+        elif isinstance(v, torch.Tensor):
+            add(v.detach().cpu().numpy())
+        elif isinstance(v, np.ndarray):
+            a = np.ascontiguousarray(v)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        else:
+            h.update(repr(v).encode())
+
+    h.update(f"{type(dataset).__qualname__}:{len(dataset)}".encode())
+    for i in range(len(dataset)):
+        add(dataset[i])
     return h.hexdigest()[:_KEY_CHARS]
 
 
@@ -229,7 +256,9 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _try_load(path: Path, load: Callable[[Path], Any], kind: str, quiet: bool = False) -> tuple[bool, Any]:
+def try_load(path: Path, load: Callable[[Path], Any], kind: str, quiet: bool = False) -> tuple[bool, Any]:
+    """``(True, load(path))``, or ``(False, None)`` when there is no file or it cannot be read (then
+    it is removed, with a warning unless ``quiet``)."""
     if not path.exists():
         return False, None
     try:
@@ -282,13 +311,13 @@ def load_or_compute(path: str | os.PathLike, key_: str, kind: str, compute: Call
     path = Path(path)
     root = Path(root) if root is not None else store_root(path)
     if not recompute:
-        ok, value = _try_load(path, load, kind, quiet)
+        ok, value = try_load(path, load, kind, quiet)
         if ok:
             log_event(root, "hit", kind, key_)
             return value, True
     with artifact_lock(root, key_) if lock else contextlib.nullcontext():
         if not recompute:  # another process may have made it while we waited
-            ok, value = _try_load(path, load, kind, quiet)
+            ok, value = try_load(path, load, kind, quiet)
             if ok:
                 log_event(root, "hit", kind, key_)
                 return value, True

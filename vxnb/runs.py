@@ -33,11 +33,11 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from . import _store
+from .paths import work_dir
 from .utils import atomic_write_json, read_json, seed_everything
 
 __all__ = ["RunConfig", "DATASETS", "load_data", "get_model", "get_features", "get_lasso_path",
-           "run_dir", "repo_root", "data_record", "split_key", "checkpoint_key", "checkpoint_dir", "save_table",
-           "gc"]
+           "run_dir", "data_record", "split_key", "checkpoint_key", "checkpoint_dir", "save_table", "gc"]
 
 #: Format versions of the artifacts this module writes (part of their keys).
 CHECKPOINT_VERSION = 2
@@ -77,11 +77,6 @@ def _check_variant(variant: Any) -> None:
         raise ValueError(f"variant: expected one of {tuple(VARIANTS)}, got {variant!r}")
 
 
-def repo_root() -> Path:
-    """The checkout this package lives in (for the default ``data/`` and ``runs/`` folders)."""
-    return Path(__file__).resolve().parent.parent
-
-
 @dataclass
 class RunConfig:
     """What a run is made of. ``quick=True`` is the small setting CI uses.
@@ -93,7 +88,8 @@ class RunConfig:
     test_fold: the an8Flower fold held out for testing (folds are grouped by viewpoint).
     train_limit: use at most this many training images (None: all) — the quick setting.
     seed: seeds rendering, splitting, training and random baselines.
-    data_root, runs_root: where data and run folders live (default: the repo's data/, runs/).
+    data_root, runs_root: where data and run folders live (default: data/ and runs/ in the
+        working folder, ``$VXNB_HOME`` or the current directory; see ``vxnb.paths``).
     """
 
     dataset: str = "an8flower"
@@ -161,11 +157,11 @@ class RunConfig:
 
     @property
     def data_dir(self) -> Path:
-        return Path(self.data_root) if self.data_root else repo_root() / "data"
+        return Path(self.data_root) if self.data_root else work_dir("data")
 
     @property
     def runs_dir(self) -> Path:
-        return Path(self.runs_root) if self.runs_root else repo_root() / "runs"
+        return Path(self.runs_root) if self.runs_root else work_dir("runs")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -225,6 +221,13 @@ def data_record(cfg: RunConfig) -> dict[str, Any]:
     return {**spec, "fingerprint": fp}
 
 
+def _data_record_now(cfg: RunConfig) -> dict[str, Any]:
+    """The data record as the files are now, without rendering or fetching (fingerprint None
+    when the data is not there)."""
+    spec = _data_spec(cfg)
+    return {**spec, "fingerprint": _data_fingerprint(spec)}
+
+
 def _data_ok(record: dict[str, Any]) -> bool:
     try:
         return _data_fingerprint(record) == record.get("fingerprint")
@@ -233,10 +236,14 @@ def _data_ok(record: dict[str, Any]) -> bool:
 
 
 def split_key(cfg: RunConfig, split: str, dataset: Any) -> str:
-    """The content key of a split: the dataset's fingerprint and the split's image indices."""
+    """The content key of a split: the fingerprint of the run's dataset on disk (its manifest or
+    files' hashes) and the split's image indices; for a dataset that is not on disk (built in
+    memory), the bytes of every item of the split."""
     indices = np.asarray(getattr(dataset, "indices", np.arange(len(dataset))), dtype=np.int64)
-    return _store.key("split", {"split": split}, {"data": data_record(cfg)["fingerprint"],
-                                                  "indices": _store.array_fingerprint(indices)})
+    fp = _data_record_now(cfg)["fingerprint"]
+    if fp is None:
+        fp = _store.items_fingerprint(dataset)
+    return _store.key("split", {"split": split}, {"data": fp, "indices": _store.array_fingerprint(indices)})
 
 
 def _checkpoint_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -384,7 +391,7 @@ def get_features(cfg: RunConfig, model: torch.nn.Module, split: str = "train", *
         from .features import FORMAT_VERSION
 
         _store.register(cfg.runs_dir, "features", fkey, run_dir(cfg) / "features" / f"features-{fkey}.npz",
-                        settings=feats.meta.get("key") or {}, data=[data_record(cfg)], version=FORMAT_VERSION)
+                        settings=feats.meta.get("key") or {}, data=[_data_record_now(cfg)], version=FORMAT_VERSION)
     return feats
 
 
@@ -419,8 +426,7 @@ def save_table(cfg: RunConfig, name: str, frame) -> Path:
     if not isinstance(frame, pd.DataFrame):
         raise TypeError(f"frame: expected a pandas DataFrame, got {type(frame).__name__}")
     file = run_dir(cfg) / f"{name}.csv"
-    spec = _data_spec(cfg)  # as it is now: a table is no reason to render or fetch data
-    record = {**spec, "fingerprint": _data_fingerprint(spec)}
+    record = _data_record_now(cfg)  # a table is no reason to render or fetch data
     text = frame.to_csv(index=False)
     key = _store.key("table", {"name": name, "run": cfg.run_name}, {"data": record["fingerprint"]}, TABLE_VERSION)
 

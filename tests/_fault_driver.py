@@ -8,8 +8,9 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 
-from vxnb import report, runs
-from vxnb.evaluate import benchmark as B
+from vxnb import report
+from vxnb.studies import runs
+from vxnb.studies import benchmark as B
 from vxnb.utils import atomic_path
 
 root = Path(sys.argv[1])

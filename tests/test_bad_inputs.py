@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from vxnb import _store, runs
+from vxnb import _store
+from vxnb.studies import runs
 from vxnb.deconv import grid_score, heatmap, visualize
 from vxnb.evaluate.iou import iou_auc, iou_curve, normalize_heatmaps
 from vxnb.evaluate.sanity import spearman, ssim

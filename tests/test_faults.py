@@ -98,7 +98,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
     assert {e["kind"] for e in index.values()} >= {"checkpoint", "features", "lasso-path", "benchmark-fold", "table"}
     for e in index.values():
         assert (root / "runs" / e["path"]).exists(), e
-    from vxnb import runs
+    from vxnb.studies import runs
     leftovers = list((root / "runs").rglob(".*.tmp"))
     res = runs.gc(root / "runs")
     assert {Path(p) for p, _ in res["removed"]} >= set(leftovers)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from vxnb import _store, runs
+from vxnb import _store
+from vxnb.studies import runs
 from vxnb.lasso import LassoPath, lasso_path
 
 
@@ -196,7 +197,7 @@ def test_gc_command_prints_space_freed(tmp_path):
     (tmp_path / _store.STORE_DIR).mkdir()
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "lasso-all-mu5-abc.npz").write_bytes(b"0" * 2**20)
-    out = subprocess.run([sys.executable, "-m", "vxnb.runs", "gc", "--runs-root", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "vxnb.studies.runs", "gc", "--runs-root", str(tmp_path)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "lasso-all-mu5-abc.npz" in out.stdout and "freed 1.00 MiB" in out.stdout

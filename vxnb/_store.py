@@ -19,7 +19,7 @@ changes: the old file is never read back for the new setting.
 3. the result is written to a temporary name beside the target and renamed into place (a file
    or a whole directory, e.g. a checkpoint with its metadata), so a reader never sees half of
    it, and an index entry (``<root>/.vxnb-store/index/<key>.json``) records its kind, path,
-   settings, inputs and upstream keys, which ``python -m vxnb.runs gc`` uses to find artifacts
+   settings, inputs and upstream keys, which ``python -m vxnb.studies.runs gc`` uses to find artifacts
    that no current key reaches.
 
 Each hit, miss and save is appended to ``<root>/.vxnb-store/events.log`` (one JSON line:

@@ -10,7 +10,7 @@ The folder name is for people. Every artifact goes through :mod:`vxnb._store`: i
 only under its content key (its settings, the fingerprints of its inputs — the dataset's
 manifest or file hashes, the upstream artifacts' keys — and its format version), computed by
 one process at a time under a file lock, written atomically and indexed, so
-``python -m vxnb.runs gc`` can remove what no current key reaches.
+``python -m vxnb.studies.runs gc`` can remove what no current key reaches.
 
 >>> cfg = RunConfig(dataset="an8flower", variant="single-6c", size=128)
 >>> model, meta = get_model(cfg)          # trains once, then loads the checkpoint
@@ -32,9 +32,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Subset
 
-from . import _store
-from .paths import work_dir
-from .utils import atomic_write_json, read_json, seed_everything
+from .. import _store
+from ..paths import work_dir
+from ..utils import atomic_write_json, read_json, seed_everything
 
 __all__ = ["RunConfig", "DATASETS", "load_data", "get_model", "get_features", "get_lasso_path",
            "run_dir", "data_record", "split_key", "checkpoint_key", "checkpoint_dir", "save_table", "gc"]
@@ -71,7 +71,7 @@ def _check_int(value: Any, arg: str, low: int | None, high: int | None, extra: s
 
 
 def _check_variant(variant: Any) -> None:
-    from .data.an8flower import VARIANTS
+    from ..data.an8flower import VARIANTS
 
     if not isinstance(variant, str) or variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {tuple(VARIANTS)}, got {variant!r}")
@@ -188,7 +188,7 @@ def _data_fingerprint(spec: dict[str, Any]) -> str | None:
     an8Flower: its manifest (render version, settings, CRC of the index of every image and
     mask); MNIST: the sha256 of each IDX file."""
     if spec["dataset"] == "an8flower":
-        from .data.an8flower import cache_dir
+        from ..data.an8flower import cache_dir
 
         man = cache_dir(spec["root"], spec["variant"], spec["size"], spec["seed"]) / "manifest.json"
         if not man.is_file():
@@ -198,7 +198,7 @@ def _data_fingerprint(spec: dict[str, Any]) -> str | None:
         except ValueError:
             return None
     if spec["dataset"] == "mnist":
-        from .data.mnist import mnist_files
+        from ..data.mnist import mnist_files
 
         files = mnist_files(spec["root"])
         if not files:
@@ -247,7 +247,7 @@ def split_key(cfg: RunConfig, split: str, dataset: Any) -> str:
 
 
 def _checkpoint_settings(cfg: RunConfig) -> dict[str, Any]:
-    from . import models
+    from .. import models
 
     s = {"dataset": cfg.dataset, "seed": cfg.seed, "train_limit": cfg.train_limit,
          "epochs": cfg.epochs or models.default_epochs(cfg.dataset, quick=cfg.quick),
@@ -277,7 +277,7 @@ def load_data(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, Dataset, 
     ``train_limit`` keeps a seeded, class-stratified subset of the training split.
     """
     if cfg.dataset == "an8flower":
-        from .data.an8flower import An8Flower
+        from ..data.an8flower import An8Flower
 
         full = An8Flower(cfg.data_dir, variant=cfg.variant, size=cfg.size, generate=True, seed=cfg.seed)
         folds = full.index["fold"].to_numpy()
@@ -286,7 +286,7 @@ def load_data(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, Dataset, 
         labels = full.index["label"].to_numpy()
         classes = list(full.classes)
     else:
-        from .data.mnist import MnistDataset, load_mnist, stratified_split
+        from ..data.mnist import MnistDataset, load_mnist, stratified_split
 
         images, labels_t = load_mnist(cfg.data_dir)
         labels = np.asarray(labels_t)
@@ -316,7 +316,7 @@ def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
     The initial weights are seeded by ``cfg.seed``. A training run of ≥ 3 epochs that stalls
     (final training accuracy < :data:`MIN_TRAIN_ACCURACY`) is repeated from seed + 1000, + 2000
     with a warning, and the best attempt is kept; ``meta["train_attempts"]`` lists them all."""
-    from . import models
+    from .. import models
 
     record = data_record(cfg)
     ckey = checkpoint_key(cfg)
@@ -334,7 +334,7 @@ def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
 
 
 def _train(cfg: RunConfig, data, progress: bool):
-    from . import models
+    from .. import models
 
     train, test, classes = data
     epochs = cfg.epochs or models.default_epochs(cfg.dataset, quick=cfg.quick)
@@ -377,7 +377,7 @@ def _train(cfg: RunConfig, data, progress: bool):
 def get_features(cfg: RunConfig, model: torch.nn.Module, split: str = "train", *, only_conv: bool = False,
                  data: tuple[Dataset, Dataset, list[str]] | None = None, progress: bool = True, **kwargs):
     """Filter-wise responses of a split (cached in the run folder by ``vxnb.features``)."""
-    from .features import extract_features
+    from ..features import extract_features
 
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
@@ -388,7 +388,7 @@ def get_features(cfg: RunConfig, model: torch.nn.Module, split: str = "train", *
                              progress=progress, **kwargs)
     fkey = feats.meta.get("store_key")
     if fkey:  # index it with the dataset it came from, so gc drops it when the data changes
-        from .features import FORMAT_VERSION
+        from ..features import FORMAT_VERSION
 
         _store.register(cfg.runs_dir, "features", fkey, run_dir(cfg) / "features" / f"features-{fkey}.npz",
                         settings=feats.meta.get("key") or {}, data=[_data_record_now(cfg)], version=FORMAT_VERSION)
@@ -400,20 +400,20 @@ def get_lasso_path(cfg: RunConfig, features, *, mu_max: float = 50.0, tag: str |
     ``lasso-<tag>-mu<mu_max>-<key>.npz``; the key holds the settings and a fingerprint of the
     statistics it was solved from (XᵀL and XᵀX), so a retrained model never reads another's
     path. A damaged file is recomputed with a warning."""
-    from .lasso import _FORMAT_VERSION, LassoPath, lasso_path
+    from ..lasso import PATH_FORMAT_VERSION, LassoPath, lasso_path
 
     tag = tag or ("conv" if all(k == "conv" for k in features.columns["kind"]) else "all")
     tol = getattr(features, "lasso_tol", None)
     settings = {"tag": tag, "mu_max": float(mu_max), "tol": tol}
     inputs = {"features": _store.array_fingerprint(np.asarray(features.XtL, dtype=np.float64),
                                                    np.asarray(features.G, dtype=np.float64))}
-    key = _store.key("lasso-path", settings, inputs, _FORMAT_VERSION)
+    key = _store.key("lasso-path", settings, inputs, PATH_FORMAT_VERSION)
     file = run_dir(cfg) / f"lasso-{tag}-mu{mu_max:g}-{key}.npz"
     upstream = [k for k in [(getattr(features, "meta", None) or {}).get("store_key")] if k]
     path, _ = _store.load_or_compute(
         file, key, "lasso-path", lambda: lasso_path(features.G, features.XtL, mu_max=mu_max, tol=tol),
         load=LassoPath.load, save=lambda p, tmp: p.save(tmp), settings=settings, inputs=inputs,
-        upstream=upstream, version=_FORMAT_VERSION, root=cfg.runs_dir)
+        upstream=upstream, version=PATH_FORMAT_VERSION, root=cfg.runs_dir)
     return path
 
 
@@ -450,8 +450,8 @@ def relevance_study(cfg: RunConfig, *, mu: float = 10.0, mu_max: float = 50.0, n
 
     Returns ``{model, data, features, paths, relevant, counts, ablation, reconstruction}``.
     """
-    from .evaluate.ablation import ablation_curve, class_reconstruction
-    from .relevance import feature_counts, relevant_features
+    from ..evaluate.ablation import ablation_curve, class_reconstruction
+    from ..relevance import feature_counts, relevant_features
 
     data = load_data(cfg, progress=progress)
     classes = data[2]
@@ -479,13 +479,13 @@ _LEGACY = ("model.pt", "meta.json", "features-*.npz", "lasso-*.npz", "benchmark-
 
 
 def _current_versions() -> dict[str, int]:
-    from .evaluate.benchmark import _RESULT_VERSION
-    from .features import FORMAT_VERSION
-    from .interpret import TOP_PATCHES_VERSION
-    from .lasso import _FORMAT_VERSION
+    from .benchmark import RESULT_VERSION
+    from ..features import FORMAT_VERSION
+    from ..interpret import TOP_PATCHES_VERSION
+    from ..lasso import PATH_FORMAT_VERSION
 
-    return {"checkpoint": CHECKPOINT_VERSION, "features": FORMAT_VERSION, "lasso-path": _FORMAT_VERSION,
-            "top-patches": TOP_PATCHES_VERSION, "benchmark-fold": _RESULT_VERSION, "table": TABLE_VERSION}
+    return {"checkpoint": CHECKPOINT_VERSION, "features": FORMAT_VERSION, "lasso-path": PATH_FORMAT_VERSION,
+            "top-patches": TOP_PATCHES_VERSION, "benchmark-fold": RESULT_VERSION, "table": TABLE_VERSION}
 
 
 def gc(runs_root: str | Path | None = None, *, dry_run: bool = False) -> dict[str, Any]:
@@ -502,7 +502,7 @@ def gc(runs_root: str | Path | None = None, *, dry_run: bool = False) -> dict[st
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m vxnb.runs", description="Run folders and their artifacts.")
+    parser = argparse.ArgumentParser(prog="python -m vxnb.studies.runs", description="Run folders and their artifacts.")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("gc", help="list and remove artifacts that no current key reaches")
     g.add_argument("--runs-root", default=None, help="the runs folder (default: the repository's runs/)")

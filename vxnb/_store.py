@@ -46,7 +46,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["key", "stable_json", "model_fingerprint", "file_fingerprint", "array_fingerprint", "items_fingerprint", "store_root",
+__all__ = ["key", "stable_json", "model_fingerprint", "file_fingerprint", "array_fingerprint", "items_fingerprint",
+           "store_root",
            "load_or_compute", "try_load", "artifact_lock", "register", "read_index", "log_event", "read_events",
            "fault_point", "gc", "STORE_DIR"]
 

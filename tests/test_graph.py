@@ -185,7 +185,7 @@ class _Untraceable(nn.Module):
 
 
 def test_trace_failure_warns_and_numbers_by_registration():
-    with pytest.warns(UserWarning, match="registration order"):
+    with pytest.warns(RuntimeWarning, match="registration order"):
         a = G.analyse_layers(_Untraceable())
     assert not a.traced
     assert a.numbers == {"head": 1, "conv": 2}

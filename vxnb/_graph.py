@@ -109,10 +109,10 @@ def _trace_calls(model: nn.Module) -> list[tuple[str, list[int]]] | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = torch.fx.Tracer().trace(model)
-    except Exception as err:  # noqa: BLE001 - any tracing failure falls back to registration order
-        warnings.warn(f"model: torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {err}); "
-                      "layer numbers and default layers come from the registration order of "
-                      "model.named_modules(), which may differ from the forward order", stacklevel=3)
+    except Exception as err:  # noqa: BLE001 - any tracing failure: registration order, said out loud
+        warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {str(err)[:200]}); "
+                      "layer numbers and kinds come from the modules' registration order, which may differ "
+                      "from the forward order", RuntimeWarning, stacklevel=3)
         return None
     nodes = [n for n in graph.nodes if n.op == "call_module"]
     pos = {n: i for i, n in enumerate(nodes)}

@@ -42,6 +42,7 @@ from scipy.linalg.blas import get_blas_funcs
 from sklearn.base import BaseEstimator
 from tqdm.auto import tqdm
 
+from ._gram import SyrkGram
 from .utils import atomic_savez, describe
 
 __all__ = [
@@ -341,19 +342,14 @@ def _gram(X: np.ndarray, Ls: sp.csr_matrix, precision: str, chunk_rows: int) -> 
             G = Xd.T @ Xd  # numpy calls BLAS syrk for a.T @ a and returns an exactly symmetric G
             XtL = np.ascontiguousarray((Ls.T @ Xd).T)
         return G, XtL
-    G = np.zeros((m, m), dtype=np.float64)
+    gram = SyrkGram(m, np.float32)  # the one Gram kernel, shared with vxnb.features
     XtL = np.zeros((Ls.shape[1], m))
     for i0 in range(0, N, chunk_rows):
-        blk = np.asarray(X[i0:i0 + chunk_rows], dtype=np.float64)
-        with np.errstate(over="ignore", invalid="ignore"):
-            XtL += Ls[i0:i0 + chunk_rows].T @ blk
-        blk32 = np.ascontiguousarray(blk, dtype=np.float32)
-        del blk
-        with np.errstate(over="ignore", invalid="ignore"):  # reported below, naming the column
-            prod = blk32.T @ blk32  # float32 syrk (symmetric), summed in float64 across blocks
-        np.add(G, prod, out=G)
-        del prod, blk32
-    return G, np.ascontiguousarray(XtL.T)
+        blk = X[i0:i0 + chunk_rows]
+        with np.errstate(over="ignore", invalid="ignore"):  # reported by the caller, naming the column
+            XtL += Ls[i0:i0 + chunk_rows].T @ np.asarray(blk, dtype=np.float64)  # exact: float64
+            gram.add(np.ascontiguousarray(blk, dtype=np.float32))
+    return gram.result(), np.ascontiguousarray(XtL.T)
 
 
 # ============================================================================ the homotopy

@@ -10,7 +10,9 @@ in zennit), applied in a context manager that leaves the model exactly as it was
 - ``nn.Conv2d``: the transpose convolution. With ``resample=True`` and stride S > 1 the
   incoming B x B signal is resized (nearest neighbour) to A + 2O - M_eff + 1 and passed
   through the stride-1 transpose (same padding, dilation, groups): exactly A x A again,
-  also when the forward rounded.
+  also when the forward rounded. Computed without the resize: rows the resize copies r
+  times go through one stride-r transpose with the kernel convolved by an r x r box
+  (the same sums; the cost of the plain strided backward; see ``_box_transpose``).
 - ``nn.MaxPool2d``: the switches; resampled: resize, then the switches of the stride-1
   max-pooling of the same forward input (windows sharing a maximum add up).
 - ``nn.AvgPool2d``: the average transpose; resampled: resize, then the stride-1 one.

@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from . import distributed as _distributed
 from ._gram import SyrkGram
 from .utils import atomic_savez, check_layer_names, describe, eval_mode, get_device, get_module, model_device
 
@@ -972,7 +973,8 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
                      max_bytes: int = 2**30, n_classes: int | None = None, cache_dir: str | os.PathLike | None = None,
                      data_key: str | None = None, gram_dtype: torch.dtype | str = "auto",
                      callbacks: Sequence[Callable[[dict[str, torch.Tensor], torch.Tensor], Any]] = (),
-                     progress: bool = True) -> Features:
+                     progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
+                     checkpoint_every: int = 100) -> Features:
     """Filter-wise responses x of every image of ``data`` and the statistics G = XᵀX, XᵀL.
 
     Args:
@@ -1011,6 +1013,16 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
             top images per feature in the same pass. Keeping the clones costs the memory of
             one batch of those layers' outputs.
         progress: tqdm progress bar.
+        checkpoint_dir, checkpoint_every: write this process's partial sums (and the callbacks'
+            states) to ``checkpoint_dir`` every ``checkpoint_every`` batches, atomically; a
+            restarted pass resumes from them (see ``vxnb.distributed``). ``data`` must then be a
+            Dataset.
+
+    Under ``torch.distributed`` (an initialised process group, e.g. started by ``torchrun``) each
+    rank streams its shard of ``data`` (a Dataset; every image counted once), the sums are
+    all-reduced in float64, labels/indices/X gathered in dataset order and callbacks with
+    ``sync_distributed()`` (``TopPatches``) merged: every rank returns what one process would.
+    Rank 0 writes the cache; the others wait for it at a barrier. See ``vxnb.distributed``.
 
     Returns:
         :class:`Features`.
@@ -1040,7 +1052,17 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     if data_key is not None and not isinstance(data_key, str):
         raise TypeError(f"data_key: expected a str, got {describe(data_key)}")
     dev = _resolve_device(model, device)
-    loader, ds, n_expected, index_known = _as_loader(data, batch_size, num_workers, pin=dev.type == "cuda")
+    # torch.distributed / checkpoints: this process's shard (None for a plain single-process pass)
+    shard = _distributed.Shard.open(data, batch_size=batch_size, num_workers=num_workers, pin=dev.type == "cuda",
+                                    fingerprint=lambda: {"model": _model_key(model), "layers": list(layers),
+                                                         "data": data_key or _data_key(data, data),
+                                                         "n_classes": n_classes, "gram_dtype": str(gram_dtype),
+                                                         "keep_X": keep_X},
+                                    checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+    progress = progress and (shard is None or shard.rank == 0)  # one progress bar, rank 0's
+    loader, ds, n_expected, index_known = _as_loader(data if shard is None else shard.loader, batch_size,
+                                                     num_workers, pin=dev.type == "cuda")
+    n_total = n_expected if shard is None else shard.n  # the whole dataset's N, for the "auto" choices
     classes = _dataset_classes(ds)
     if n_classes is not None and classes is not None and len(classes) != n_classes:
         raise ValueError(f"n_classes: {n_classes} given, but the dataset has {len(classes)} classes")
@@ -1057,13 +1079,18 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
                             n_classes=n_classes, gram_dtype=str(gram_dtype))
             key = hashlib.blake2b(json.dumps(key_info, sort_keys=True).encode(), digest_size=12).hexdigest()
             cache_path = Path(cache_dir) / f"features-{key}.npz"
-            if cache_path.is_file() and not callbacks:
+            hit = None
+            if cache_path.is_file() and not callbacks and (shard is None or shard.rank == 0):
                 try:
                     cached = Features.load(cache_path)
                 except ValueError:
                     cached = None  # unreadable: recompute and overwrite
-                if cached is not None and cached.meta.get("key") == key_info and \
-                        not (keep_X is True and cached.X is None):
+                hit = cached is not None and cached.meta.get("key") == key_info and \
+                    not (keep_X is True and cached.X is None)
+            if shard is not None and not callbacks and shard.decide(bool(hit), "sharing rank 0's cache check"):
+                hit, cached = True, Features.load(cache_path)
+                shard.finish()
+            if hit:
                     if keep_X is False:
                         cached.X = None
                     cached.meta["cache_hit"] = True
@@ -1078,6 +1105,11 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     x_rows: _Rows | None = None
     label_chunks: list[np.ndarray] = []
     index_chunks: list[np.ndarray] = []
+    if shard is not None:  # a resumed shard: its checkpointed part
+        label_chunks, index_chunks = shard.restored()
+        shard.restore_callbacks(callbacks)
+        if shard.gram_dtype is not None and isinstance(gram_dtype, str):
+            gram_dtype = getattr(torch, shard.gram_dtype.replace("torch.", ""))
     pending: _Pending | None = None
     c_cap = n_classes if n_classes is not None else (len(classes) if classes is not None else 1)
 
@@ -1126,12 +1158,12 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
                 columns = feature_columns(model, layers, widths, analysis)
                 m = len(columns)
                 if isinstance(gram_dtype, str):  # "auto": needs m, known from the first batch
-                    gram_dtype = _auto_gram_dtype(dev, n_expected, m)
+                    gram_dtype = _auto_gram_dtype(dev, n_total, m)
                 gram = _Gram(m, dev, gram_dtype, bsz, n_expected)
                 col_layer = _column_layers(widths, dev)
                 S = torch.zeros((c_cap, m), dtype=torch.float64, device=dev)
-                if keep is None and n_expected is not None:
-                    keep = n_expected * m * 4 <= max_bytes
+                if keep is None and n_total is not None:
+                    keep = n_total * m * 4 <= max_bytes
             raw, x, sums = _l1_normalise(raws, col_layer)
             bad = ~torch.isfinite(sums).all()  # (B, layers), not (B, m): a NaN or inf shows in its layer's sum
             gram.add(x)
@@ -1160,28 +1192,42 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
             if pending is not None:
                 finish(pending)
             pending = _Pending(raw, bad, x_host, event, labels, index)
+            if shard is not None and shard.due():  # a checkpoint: everything up to this batch
+                finish(pending)
+                pending = None
+                gram.flush()
+                shard.save(gram.result(), S, label_chunks, index_chunks, None if x_rows is None else
+                           x_rows.result(), widths, gram_dtype, callbacks)
         if pending is not None:
             finish(pending)
-        if gram is None:
+        if gram is None and shard is None:
             raise ValueError("data: no images (the data yielded no non-empty batch)")
-        G_np = gram.result()
-        S_np = S.cpu().numpy()
+        G_np = None if gram is None else gram.result()
+        S_np = None if S is None else S.cpu().numpy()
 
-    labels_np = np.concatenate(label_chunks).astype(np.int64)
-    index_np = np.concatenate(index_chunks).astype(np.int64)
+    labels_np = np.concatenate(label_chunks).astype(np.int64) if label_chunks else np.zeros(0, np.int64)
+    index_np = np.concatenate(index_chunks).astype(np.int64) if index_chunks else np.zeros(0, np.int64)
+    X_local = x_rows.result() if keep is not False and x_rows is not None else None
+    if shard is not None:  # the resumed part and the other ranks' parts
+        G_np, S_np, labels_np, index_np, X_local, widths = shard.combine(G_np, S_np, labels_np, index_np, X_local,
+                                                                         widths)
+        shard.sync(callbacks)
+        if columns is None:
+            columns = feature_columns(model, layers, widths, analysis)
     C = S_np.shape[0]
     if n_classes is None:
         C = len(classes) if classes is not None else int(labels_np.max()) + 1
         if classes is not None and int(labels_np.max()) >= C:
             raise ValueError(f"data: label {int(labels_np.max())} out of range for the dataset's {C} classes")
     XtL = np.ascontiguousarray(S_np[:C].T)
-    X = None
-    if keep is not False and x_rows is not None:
-        X = x_rows.result()
+    X = X_local
     meta = dict(layers=list(layers), only_conv=bool(only_conv), gram_dtype=str(gram_dtype),
-                index_known=index_known, device=str(dev), key=key_info or None, cache_hit=False)
+                index_known=index_known, device=str(dev), key=key_info or None, cache_hit=False,
+                world_size=1 if shard is None else shard.world)
     feats = Features(G=G_np, XtL=XtL, labels=labels_np, index=index_np, columns=columns, layers=list(layers),
                      n_classes=int(C), classes=classes, X=X, meta=meta)
-    if cache_path is not None:
+    if cache_path is not None and (shard is None or shard.rank == 0):
         feats.save(cache_path)
+    if shard is not None:
+        shard.finish()
     return feats

@@ -659,6 +659,30 @@ class TopPatches:
         pos_all = torch.cat([st["pos"], pos_new], 1)
         st["pos"] = torch.gather(pos_all, 1, order.unsqueeze(-1).expand(-1, -1, 2))
 
+    # -- checkpoints and torch.distributed (used by extract_features) ---------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What the tracker has collected (tensors, ints and strs only)."""
+        return {"n_seen": self.n_seen_, "kind": dict(self._kind),
+                "state": {layer: dict(st) for layer, st in self._state.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (a resumed extraction pass)."""
+        self.n_seen_ = int(state["n_seen"])
+        self._kind = dict(state["kind"])
+        self._state = {layer: dict(st) for layer, st in state["state"].items()}
+
+    def sync_distributed(self) -> None:
+        """Merge the trackers of all ranks of the process group (each saw its shard) into the
+        one a single pass over all the data gives: the same top-k, ties broken by dataset index."""
+        from .distributed import all_gather_object, merge_topk
+
+        states = all_gather_object(self.state_dict(), "gathering the top patches")
+        self.n_seen_ = sum(int(s["n_seen"]) for s in states)
+        for s in states:
+            self._kind.update(s["kind"])
+        layers = [l for l in self.layers if any(l in s["state"] for s in states)]
+        self._state = {l: merge_topk([s["state"][l] for s in states if l in s["state"]], self.k) for l in layers}
+
     # -- results --------------------------------------------------------------------------
     def _check_fitted(self) -> None:
         if not self._state:

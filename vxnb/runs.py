@@ -25,10 +25,11 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Subset
 
+from .paths import work_dir
 from .utils import atomic_write_json, read_json, seed_everything
 
 __all__ = ["RunConfig", "DATASETS", "load_data", "get_model", "get_features", "get_lasso_path",
-           "run_dir", "repo_root"]
+           "run_dir"]
 
 DATASETS = ("an8flower", "mnist")
 #: The quick (CI) setting: image size and number of training images.
@@ -43,11 +44,6 @@ TRAIN_ATTEMPTS = 3
 MIN_EPOCHS_TO_RETRY = 3
 
 
-def repo_root() -> Path:
-    """The checkout this package lives in (for the default ``data/`` and ``runs/`` folders)."""
-    return Path(__file__).resolve().parent.parent
-
-
 @dataclass
 class RunConfig:
     """What a run is made of. ``quick=True`` is the small setting CI uses.
@@ -59,7 +55,8 @@ class RunConfig:
     test_fold: the an8Flower fold held out for testing (folds are grouped by viewpoint).
     train_limit: use at most this many training images (None: all) — the quick setting.
     seed: seeds rendering, splitting, training and random baselines.
-    data_root, runs_root: where data and run folders live (default: the repo's data/, runs/).
+    data_root, runs_root: where data and run folders live (default: data/ and runs/ in the
+        working folder, ``$VXNB_HOME`` or the current directory; see ``vxnb.paths``).
     """
 
     dataset: str = "an8flower"
@@ -114,11 +111,11 @@ class RunConfig:
 
     @property
     def data_dir(self) -> Path:
-        return Path(self.data_root) if self.data_root else repo_root() / "data"
+        return Path(self.data_root) if self.data_root else work_dir("data")
 
     @property
     def runs_dir(self) -> Path:
-        return Path(self.runs_root) if self.runs_root else repo_root() / "runs"
+        return Path(self.runs_root) if self.runs_root else work_dir("runs")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -102,7 +102,7 @@ class _GuidedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
         (mask,) = ctx.saved_tensors
-        return g.clamp_min(0) * mask
+        return g.clamp_min(0).mul_(mask)  # in place on the new tensor: one pass less
 
 
 class _ResampledConv2d(torch.autograd.Function):

@@ -286,14 +286,15 @@ def gram_statistics(X: Any, L: Any, *, n_classes: int | None = None, precision: 
     Args:
         X: (N, m) real array.
         L: (N, C) 0/1 label matrix, or (N,) integer class indices (one-hot with ``n_classes``).
-        precision: ``"single"``: each block of ``chunk_rows`` rows is multiplied in float32
-            (BLAS syrk, about twice as fast) and the blocks are summed in float64 (G then has
-            a relative error ~1e-7, which moves the μ-lasso objective by ~1e-14 relative: at
+        precision: ``"single"``: float32 BLAS syrk (about twice as fast), its sums folded
+            into float64 every ``vxnb._gram.FOLD_ROWS`` rows (the one Gram kernel,
+            ``vxnb._gram.SyrkGram``, shared with ``vxnb.features``; G then has a relative
+            error ~1e-7, which moves the μ-lasso objective by ~1e-14 relative: at
             the constrained optimum the objective is flat to first order); ``"double"``: one
             float64 product; ``"auto"`` (default): single when N·m² > 2·10⁹ (where XᵀX
             dominates the time), else double. G is float64 and XᵀL exact (float64) either way.
-        chunk_rows: rows per float32 block (default: about 1 GiB of float32, at least 4096
-            rows; fewer blocks are faster, each costs an m×m float32 temporary).
+        chunk_rows: rows of X converted to float32 at a time (default: about 1 GiB of
+            float32, at least 4096 rows).
         column_names: names of the m columns (or the ``columns`` DataFrame of
             ``vxnb.features``) used to name a non-finite column in the error message.
 

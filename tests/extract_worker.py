@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_worker import N_CLASSES, TinyImages  # noqa: E402
 from nets import tiny_strided_net  # noqa: E402
 
-from vxnb import runs  # noqa: E402
+from vxnb.studies import runs  # noqa: E402
 
 
 def tiny_data(cfg, progress=True):

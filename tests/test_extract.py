@@ -15,7 +15,8 @@ import torch
 import extract_worker
 from dist_worker import BATCH, TinyImages
 from test_distributed import _env
-from vxnb import extract, features, interpret, runs
+from vxnb import extract, features, interpret
+from vxnb.studies import runs
 
 WORKER = str(Path(__file__).resolve().parent / "extract_worker.py")
 TOP_N = 5

@@ -10,7 +10,7 @@ import pytest
 import vxnb
 from vxnb import paths, report
 from vxnb.data import mnist
-from vxnb.runs import RunConfig, run_dir
+from vxnb.studies.runs import RunConfig, run_dir
 
 PACKAGE = Path(vxnb.__file__).resolve().parent
 

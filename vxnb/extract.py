@@ -6,7 +6,7 @@
         -m vxnb.extract --params my-run.yaml
 
 The parameters are the notebooks' (``vxnb.params``: a YAML/JSON file, ``-p`` pairs on top); those
-of ``vxnb.runs.RunConfig`` pick the run, ``top_n`` the top images per feature (quick: at most
+of ``vxnb.studies.runs.RunConfig`` pick the run, ``top_n`` the top images per feature (quick: at most
 20, as notebook 03), other notebook parameters are ignored. Writes into the run folder what the
 notebooks read there: the training split's ``features/features-<key>.npz`` (G, XᵀL, …, as
 ``runs.get_features`` caches it) and ``top_patches-<key>.csv`` (every channel of the default
@@ -33,7 +33,8 @@ def extract_run(params: dict[str, Any], *, batch_size: int = 64, checkpoint_ever
                 progress: bool = True) -> dict[str, Any]:
     """Extract the run ``params`` describe (in the current process group, if any).
     → ``{"config", "features", "top", "seconds"}`` (top: the table, on rank 0 only; else None)."""
-    from . import distributed, features, interpret, runs
+    from . import distributed, features, interpret
+    from .studies import runs
 
     fields = {f.name for f in dataclasses.fields(runs.RunConfig)}
     cfg = runs.RunConfig.from_params(**{k: v for k, v in params.items() if k in fields})
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m vxnb.extract") ->
     parser.add_argument("--backend", choices=("nccl", "gloo"), default=None,
                         help="default: nccl with CUDA, else gloo")
     args = parser.parse_args(argv)
-    from . import distributed, runs
+    from . import distributed
+    from .studies import runs
     from .params import collect_params
 
     params = collect_params(args.params, args.p)

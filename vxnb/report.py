@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m vxnb.report") -> 
     parser.add_argument("--prepare-data", action="store_true", help="only render/fetch the datasets")
     args = parser.parse_args(argv)
     if args.prepare_data:
-        from .runs import RunConfig, load_data
+        from .studies.runs import RunConfig, load_data
 
         for cfg in (RunConfig.from_params(quick=args.quick), RunConfig.from_params(quick=args.quick, dataset="mnist")):
             train, test, classes = load_data(cfg)

@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .paths import work_dir
-from .utils import atomic_write_json, read_json, seed_everything
+from ..paths import work_dir
+from ..utils import atomic_write_json, read_json, seed_everything
 
 __all__ = ["RunConfig", "DATASETS", "load_data", "get_model", "get_features", "get_lasso_path",
            "run_dir"]
@@ -136,7 +136,7 @@ def load_data(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, Dataset, 
     ``train_limit`` keeps a seeded, class-stratified subset of the training split.
     """
     if cfg.dataset == "an8flower":
-        from .data.an8flower import An8Flower
+        from ..data.an8flower import An8Flower
 
         full = An8Flower(cfg.data_dir, variant=cfg.variant, size=cfg.size, generate=True, seed=cfg.seed)
         folds = full.index["fold"].to_numpy()
@@ -145,7 +145,7 @@ def load_data(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, Dataset, 
         labels = full.index["label"].to_numpy()
         classes = list(full.classes)
     else:
-        from .data.mnist import MnistDataset, load_mnist, stratified_split
+        from ..data.mnist import MnistDataset, load_mnist, stratified_split
 
         images, labels_t = load_mnist(cfg.data_dir)
         labels = np.asarray(labels_t)
@@ -175,7 +175,7 @@ def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
     The initial weights are seeded by ``cfg.seed``. A training run of ≥ 3 epochs that stalls
     (final training accuracy < :data:`MIN_TRAIN_ACCURACY`) is repeated from seed + 1000, + 2000
     with a warning, and the best attempt is kept; ``meta["train_attempts"]`` lists them all."""
-    from . import models
+    from .. import models
 
     folder = run_dir(cfg)
     if not retrain and (folder / "model.pt").exists() and (folder / "meta.json").exists():
@@ -221,7 +221,7 @@ def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
 def get_features(cfg: RunConfig, model: torch.nn.Module, split: str = "train", *, only_conv: bool = False,
                  data: tuple[Dataset, Dataset, list[str]] | None = None, progress: bool = True, **kwargs):
     """Filter-wise responses of a split (cached in the run folder by ``vxnb.features``)."""
-    from .features import extract_features
+    from ..features import extract_features
 
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
@@ -238,7 +238,7 @@ def get_lasso_path(cfg: RunConfig, features, *, mu_max: float = 50.0, tag: str |
     from (XᵀL and the diagonal of XᵀX), so a retrained model never reads another's path."""
     import hashlib
 
-    from .lasso import LassoPath, lasso_path
+    from ..lasso import LassoPath, lasso_path
 
     tag = tag or ("conv" if all(k == "conv" for k in features.columns["kind"]) else "all")
     digest = hashlib.sha1(np.ascontiguousarray(features.XtL, dtype=np.float64).tobytes())
@@ -256,7 +256,7 @@ def get_lasso_path(cfg: RunConfig, features, *, mu_max: float = 50.0, tag: str |
 
 def save_table(cfg: RunConfig, name: str, frame) -> Path:
     """Write a result table (pandas DataFrame) as CSV into the run folder, atomically."""
-    from .utils import atomic_path
+    from ..utils import atomic_path
 
     file = run_dir(cfg) / f"{name}.csv"
     with atomic_path(file) as tmp:
@@ -273,8 +273,8 @@ def relevance_study(cfg: RunConfig, *, mu: float = 10.0, mu_max: float = 50.0, n
 
     Returns ``{model, data, features, paths, relevant, counts, ablation, reconstruction}``.
     """
-    from .evaluate.ablation import ablation_curve, class_reconstruction
-    from .relevance import feature_counts, relevant_features
+    from ..evaluate.ablation import ablation_curve, class_reconstruction
+    from ..relevance import feature_counts, relevant_features
 
     data = load_data(cfg, progress=progress)
     classes = data[2]

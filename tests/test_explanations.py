@@ -1,4 +1,4 @@
-"""vxnb.explain: top-k by response, heatmaps, the combined map, batches, bad input."""
+"""vxnb.explanations: top-k by response, heatmaps, the combined map, batches, bad input."""
 from types import SimpleNamespace
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from vxnb import explain as E
+from vxnb import explanations as E
 from vxnb.deconv import grid_score, heatmap, visualize
 from vxnb.features import default_layers, feature_columns
 from vxnb.lasso import lasso_path

@@ -10,7 +10,7 @@
 2. Grid score (``vxnb.deconv.grid_score``; the share of spectral energy at the stride
    lattice) of plain (guided backprop) vs resampled heatmaps at the lower layers of
    random-init VGG-16 and AlexNet, mean over the top-8 filters, printed as a table.
-3. Latency (``--latency``, on by default): ``vxnb.explain.explain`` of one 224x224 image on
+3. Latency (``--latency``, on by default): ``vxnb.explanations.explain`` of one 224x224 image on
    VGG-16 with k = 5 relevant features (those of every class: the top-5 filters at
    ``features.17``) against one Captum guided-backprop call for one filter plus one forward
    of the model; goal ≤ 1.5x. Process CPU time, alternating, median.
@@ -116,7 +116,8 @@ def latency(repeats: int, k: int = 5, layer: str = "features.17") -> None:
     import pandas as pd
     from captum.attr import NeuronGuidedBackprop
 
-    from vxnb.explain import Relevance, explain
+    from vxnb.explanations import explain
+    from vxnb.relevance import Relevance
 
     x = flower(224)
     torch.manual_seed(0)

@@ -665,7 +665,13 @@ def visualize(model: nn.Module, x: Tensor, layer: str, channels: int | Sequence[
     x = check_image_batch(x, "x", channels=first_conv_in_channels(model))
     device, dtype = model_device_dtype(model, x)
     x = x.to(device=device, dtype=dtype)
-    return run_backward(model, x, layer, resample, _channel_seed(chans, layer), len(chans))
+    out = run_backward(model, x, layer, resample, _channel_seed(chans, layer), len(chans))
+    bad = ~torch.isfinite(out).flatten(2).all(2)  # (B, K)
+    if bool(bad.any()):
+        b, k = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"layer {layer!r}, channel {chans[k]}: the visualisation of image {b} contains NaN or "
+                         "inf (non-finite activations or weights); no heatmap is made from it")
+    return out
 
 
 def run_backward(model: nn.Module, x: Tensor, layer: str | None, resample: bool,
@@ -701,6 +707,10 @@ def heatmap(v: Tensor) -> Tensor:
     map gives zeros). E.g. ``heatmap(visualize(...))`` is (B, K, H, W).
     """
     v = _as_tensor(v, "v", 3)
+    if not bool(torch.isfinite(v).all()):
+        where = tuple(int(i) for i in (~torch.isfinite(v)).nonzero()[0][:-3])
+        raise ValueError(f"v: the visualisation at index {where} contains NaN or inf; a heatmap would hide "
+                         "it as zeros")
     h = v.abs().sum(dim=-3)
     lo = h.amin(dim=(-2, -1), keepdim=True)
     hi = h.amax(dim=(-2, -1), keepdim=True)

@@ -62,7 +62,7 @@ def extract_run(params: dict[str, Any], *, batch_size: int = 64, checkpoint_ever
     if rank == 0:
         wanted = tracker.to_frame()[["layer", "channel"]].drop_duplicates()
         top = interpret.top_patch_table(model, train, wanted, k=top_n, tracker=tracker, cache_dir=folder,
-                                        data_key=f"{cfg.run_name}/train/{len(train)}", progress=False)
+                                        data_key=runs.split_key(cfg, "train", train), progress=False)
     distributed.barrier("waiting for rank 0 to write the top patches")
     return {"config": cfg, "features": feats, "top": top, "seconds": time.perf_counter() - t0}
 

@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from . import _store
 from . import distributed as _distributed
 from ._gram import SyrkGram
 from .utils import atomic_savez, check_layer_names, describe, eval_mode, get_device, get_module, model_device
@@ -115,7 +116,10 @@ def _trace_calls(model: nn.Module) -> list[tuple[str, list[int]]] | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = torch.fx.Tracer().trace(model)
-    except Exception:  # noqa: BLE001 - any tracing failure falls back to registration order
+    except Exception as err:  # noqa: BLE001 - any tracing failure: registration order, said out loud
+        warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {str(err)[:200]}); "
+                      "layer numbers and kinds come from the modules' registration order, which may differ "
+                      "from the forward order", RuntimeWarning, stacklevel=2)
         return None
     nodes = [n for n in graph.nodes if n.op == "call_module"]
     pos = {n: i for i, n in enumerate(nodes)}
@@ -796,14 +800,6 @@ def _hash_update(h: Any, obj: Any) -> None:
         h.update(repr(obj).encode())
 
 
-def _model_key(model: nn.Module) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(type(model).__qualname__.encode())
-    h.update(repr(model).encode())
-    _hash_update(h, model.state_dict())
-    return h.hexdigest()
-
-
 def _data_key(data: Any, ds: Any) -> str | None:
     h = hashlib.blake2b(digest_size=16)
     if isinstance(ds, IterableDataset) or not hasattr(ds, "__len__"):
@@ -995,39 +991,45 @@ def _check_extract_args(model: Any, layers: Any, only_conv: bool, keep_X: Any, m
     return analysis, layers, callbacks
 
 
-def _cached_features(model: nn.Module, data: Any, ds: Any, layers: list[str], cache_dir: Any, data_key: str | None,
-                     n_classes: int | None, gram_dtype: Any, keep_X: Any, callbacks: list, shard: Any = None
-                     ) -> tuple[Path | None, dict[str, Any], Features | None]:
-    """(cache file or None, its key, the cached Features if the file holds this key and is usable).
-
-    Under ``torch.distributed`` rank 0 checks the file and the other ranks follow its decision."""
+def _cache_key(model: nn.Module, data: Any, ds: Any, layers: list[str], cache_dir: Any, data_key: str | None,
+               n_classes: int | None, gram_dtype: Any, keep_X: Any, max_bytes: int
+               ) -> tuple[Path | None, dict[str, Any], str | None]:
+    """(cache file, what its key hashes, the key) through :mod:`vxnb._store`; (None, {}, None)
+    without a cache."""
     if cache_dir is None:
         return None, {}, None
     dkey = data_key if data_key is not None else _data_key(data, ds)
     if dkey is None:
         warnings.warn("cache_dir: an iterable dataset cannot be fingerprinted; pass data_key=... to cache it")
         return None, {}, None
-    key_info = dict(version=FORMAT_VERSION, model=_model_key(model), data=dkey, layers=list(layers),
-                    n_classes=n_classes, gram_dtype=str(gram_dtype))
-    key = hashlib.blake2b(json.dumps(key_info, sort_keys=True).encode(), digest_size=12).hexdigest()
-    cache_path = Path(cache_dir) / f"features-{key}.npz"
-    hit, cached = None, None
-    if cache_path.is_file() and not callbacks and (shard is None or shard.rank == 0):
-        try:
-            cached = Features.load(cache_path)
-        except ValueError:
-            cached = None  # unreadable: recompute and overwrite
-        hit = cached is not None and cached.meta.get("key") == key_info and \
-            not (keep_X is True and cached.X is None)
-    if shard is not None and not callbacks and shard.decide(bool(hit), "sharing rank 0's cache check"):
-        hit, cached = True, Features.load(cache_path)
+    key_info = dict(model=_store.model_fingerprint(model), data=dkey, layers=list(layers), n_classes=n_classes,
+                    gram_dtype=str(gram_dtype), keep_X=keep_X, max_bytes=int(max_bytes) if keep_X == "auto" else None)
+    key = _store.key("features", key_info, version=FORMAT_VERSION)
+    return Path(cache_dir) / f"features-{key}.npz", key_info, key
+
+
+def _load_cached(path: Path, key: str) -> Features:
+    f = Features.load(path)
+    if f.meta.get("store_key") != key:
+        raise ValueError(f"it holds the features of key {f.meta.get('store_key')}, not {key}")
+    f.meta["cache_hit"] = True
+    return f
+
+
+def _cached_features(cache_path: Path, key: str, callbacks: list, shard: Any) -> Features | None:
+    """Under a shard (``torch.distributed`` or checkpoints) every rank takes part in the pass, so
+    there is no lock: rank 0 reads the file (a damaged one is removed with a warning) and the
+    other ranks follow its decision. None: compute."""
+    if callbacks:
+        return None
+    hit, cached = False, None
+    if shard.rank == 0:
+        hit, cached = _store.try_load(cache_path, lambda p: _load_cached(p, key), "features")
+    if shard.decide(bool(hit), "sharing rank 0's cache check"):
+        cached = cached if cached is not None else _load_cached(cache_path, key)
         shard.finish()
-    if hit:
-        if keep_X is False:
-            cached.X = None
-        cached.meta["cache_hit"] = True
-        return cache_path, key_info, cached
-    return cache_path, key_info, None
+        return cached
+    return None
 
 
 class _Stream:
@@ -1157,6 +1159,7 @@ class _Stream:
                 if pending is not None:
                     self._finish(pending)
                 pending = added
+                _store.fault_point("extract")
                 if self.shard is not None and self.shard.due():  # a checkpoint: everything up to this batch
                     self._finish(pending)
                     pending = None
@@ -1220,11 +1223,13 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
         keep_X: also return the matrix X (N, m) float32: ``"auto"`` when N·m·4 ≤ ``max_bytes``,
             True always, False never. G, XtL, labels are always returned.
         n_classes: C (default: ``len(dataset.classes)`` or the largest label + 1).
-        cache_dir: reuse/store the result as ``<cache_dir>/features-<key>.npz``, the key hashing
-            the model (architecture and state_dict bytes), the data (``data_key`` if given, else
-            its class, length, sampler and a hash of its first, middle and last items), the
-            layers and the options. Written atomically. Not read when ``callbacks`` are given
-            (they need the pass); an iterable dataset without ``data_key`` is not cached.
+        cache_dir: reuse/store the result as ``<cache_dir>/features-<key>.npz`` through
+            :mod:`vxnb._store`, the key hashing the model (class, structure and state_dict
+            bytes), the data (``data_key`` if given, else its class, length, sampler and a hash
+            of its first, middle and last items), the layers and the options. Written
+            atomically under a file lock (a concurrent process waits and reads it); a damaged
+            file is recomputed with a warning. Not read when ``callbacks`` are given (they need
+            the pass); an iterable dataset without ``data_key`` is not cached.
         gram_dtype: dtype of the GEMMs accumulating G (always summed into float64):
             ``torch.float64`` (exact to float64 rounding), ``torch.float32`` (blocks of ≤ 1024
             rows multiplied in float32, then added in float64: relative error ~1e-7, twice as
@@ -1263,7 +1268,8 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     dev = resolve_device(model, device)
     # torch.distributed / checkpoints: this process's shard (None for a plain single-process pass)
     shard = _distributed.Shard.open(data, batch_size=batch_size, num_workers=num_workers, pin=dev.type == "cuda",
-                                    fingerprint=lambda: {"model": _model_key(model), "layers": list(layers),
+                                    fingerprint=lambda: {"model": _store.model_fingerprint(model),
+                                                         "layers": list(layers),
                                                          "data": data_key or _data_key(data, data),
                                                          "n_classes": n_classes, "gram_dtype": str(gram_dtype),
                                                          "keep_X": keep_X},
@@ -1275,16 +1281,36 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     classes = _dataset_classes(ds)
     if n_classes is not None and classes is not None and len(classes) != n_classes:
         raise ValueError(f"n_classes: {n_classes} given, but the dataset has {len(classes)} classes")
-    cache_path, key_info, cached = _cached_features(model, data, ds, layers, cache_dir, data_key, n_classes,
-                                                    gram_dtype, keep_X, callbacks, shard)
-    if cached is not None:
-        return cached
+    cache_path, key_info, key = _cache_key(model, data, ds, layers, cache_dir, data_key, n_classes, gram_dtype,
+                                           keep_X, max_bytes)
+    if cache_path is not None and shard is None:  # one process: load or compute under the artifact's lock
+        def compute() -> Features:
+            f = extract_features(model, data, layers, batch_size=batch_size, num_workers=num_workers, device=device,
+                                 keep_X=keep_X, max_bytes=max_bytes, n_classes=n_classes, gram_dtype=gram_dtype,
+                                 callbacks=callbacks, progress=progress)  # the layers are resolved already
+            f.meta["only_conv"] = bool(only_conv)
+            return f
+
+        def save(f: Features, tmp: Path) -> None:
+            f.meta.update(key=key_info, store_key=key)
+            f.save(tmp)
+
+        feats, _ = _store.load_or_compute(cache_path, key, "features", compute, load=lambda p: _load_cached(p, key),
+                                          save=save, recompute=bool(callbacks), settings=key_info,
+                                          version=FORMAT_VERSION)
+        return feats
+    if cache_path is not None:
+        cached = _cached_features(cache_path, key, callbacks, shard)
+        if cached is not None:
+            return cached
     stream = _Stream(model, layers, analysis, dev, n_expected, n_total, n_classes, classes, keep_X, max_bytes,
                      gram_dtype, shard, callbacks)
     stream.run(loader, callbacks, progress)
     feats = stream.features(only_conv, index_known, key_info)
-    if cache_path is not None and (shard is None or shard.rank == 0):
-        feats.save(cache_path)
+    if cache_path is not None and shard.rank == 0:  # a shard's result: rank 0 writes it for all
+        feats.meta["store_key"] = key
+        _store.load_or_compute(cache_path, key, "features", lambda: feats, load=None, save=lambda f, tmp: f.save(tmp),
+                               recompute=True, lock=False, settings=key_info, version=FORMAT_VERSION)
     if shard is not None:
         shard.finish()
     return feats

@@ -771,18 +771,8 @@ def collect_top_patches(model: nn.Module, data: Any, features: Any = None, k: in
 _TOP_COLUMNS = ["layer", "channel", "kind", "rank", "index", "row", "col", "score", "peak"]
 
 
-def _model_fingerprint(model: nn.Module) -> str:
-    """A hash of the model's class and state_dict (names, shapes, dtypes and bytes)."""
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=12)
-    h.update(type(model).__name__.encode())
-    for name, t in model.state_dict().items():
-        a = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(a.shape)}:{a.dtype}".encode())
-        if a.numel():
-            h.update(a.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+#: Format version of the cached top-patch tables (part of their key).
+TOP_PATCHES_VERSION = 1
 
 
 def _wanted_pairs(model: nn.Module, features: Any) -> list[tuple[str, int]]:
@@ -823,11 +813,12 @@ def top_patch_table(model: nn.Module, data: Any, features: Any, k: int = 100, *,
         DataFrame with ``layer, channel``, ``(layer, channel)`` pairs or ``{layer: channels}``.
         An empty DataFrame / list gives an empty table.
     k, score: as for :class:`TopPatches`.
-    cache_dir: keep the table as ``<cache_dir>/top_patches-<key>.csv``, the key hashing the
-        model (class and state_dict bytes), the data (``data_key``, else its type and length:
-        pass a ``data_key`` that names the split), ``k`` and ``score``. Features already in the
-        file are read from it; only the missing ones are collected (one forward pass over
-        ``data``, tracking only them) and added to the file, written atomically. A damaged
+    cache_dir: keep the table as ``<cache_dir>/top_patches-<key>.csv`` (:mod:`vxnb._store`),
+        the key hashing the model (class, structure and state_dict bytes), the data
+        (``data_key``, else its type and length: pass a content key of the split such as
+        ``vxnb.studies.runs.split_key``), ``k`` and ``score``. Features already in the file are read from
+        it; only the missing ones are collected (one forward pass over ``data``, tracking only
+        them) and added to the file, written atomically under the table's file lock. A damaged
         file is ignored (with a warning) and rewritten.
     tracker: a filled :class:`TopPatches` of this model over this whole ``data`` (e.g. the one
         passed to ``vxnb.features.extract_features(..., callbacks=[tracker])`` so the top
@@ -837,11 +828,10 @@ def top_patch_table(model: nn.Module, data: Any, features: Any, k: int = 100, *,
     Returns the rows of the requested features, sorted by (layer, channel, rank), with columns
     layer, channel, kind, rank, index, row, col, score, peak.
     """
-    import hashlib
-    import json
+    import contextlib
     from pathlib import Path
 
-    from .utils import atomic_path
+    from . import _store
 
     _check_top_args(model, k, score)
     if data_key is not None and not isinstance(data_key, str):
@@ -850,13 +840,27 @@ def top_patch_table(model: nn.Module, data: Any, features: Any, k: int = 100, *,
     wanted = _wanted_pairs(model, features)
     table = pd.DataFrame({c: pd.Series(dtype=object if c in ("layer", "kind") else np.int64) for c in _TOP_COLUMNS})
     file = None
+    lock = contextlib.nullcontext()
     if cache_dir is not None:
         if not isinstance(cache_dir, (str, Path)):
             raise TypeError(f"cache_dir: expected a folder path (str or Path) or None, got {describe(cache_dir)}")
-        info = {"model": _model_fingerprint(model), "data": data_key or f"{type(dataset).__name__}/{len(dataset)}",
-                "k": int(k), "score": score}
-        key = hashlib.blake2b(json.dumps(info, sort_keys=True).encode(), digest_size=10).hexdigest()
+        settings = {"k": int(k), "score": score}
+        inputs = {"model": _store.model_fingerprint(model),
+                  "data": data_key or f"{type(dataset).__name__}/{len(dataset)}"}
+        key = _store.key("top-patches", settings, inputs, TOP_PATCHES_VERSION)
         file = Path(cache_dir) / f"top_patches-{key}.csv"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        root = _store.store_root(file)
+        lock = _store.artifact_lock(root, key)  # read, add the missing features, write: one process at a time
+    with lock:
+        return _top_patch_table(model, dataset, wanted, table, file, tracker, k, score, batch_size, progress,
+                                None if file is None else (root, key, settings, inputs))
+
+
+def _top_patch_table(model, dataset, wanted, table, file, tracker, k, score, batch_size, progress, store):
+    from . import _store
+
+    if file is not None:
         if file.is_file():
             cached = _read_top_table(file)
             if cached is not None:
@@ -888,8 +892,10 @@ def top_patch_table(model: nn.Module, data: Any, features: Any, k: int = 100, *,
         table = pd.concat([table, found.to_frame()], ignore_index=True)
         changed = True
     if changed and file is not None:
-        with atomic_path(file) as tmp:
-            table[_TOP_COLUMNS].to_csv(tmp, index=False)
+        root, key, settings, inputs = store
+        _store.load_or_compute(file, key, "top-patches", lambda: table[_TOP_COLUMNS], load=None, recompute=True,
+                               save=lambda t, tmp: t.to_csv(tmp, index=False), settings=settings, inputs=inputs,
+                               version=TOP_PATCHES_VERSION, root=root, lock=False)
     keep = set(wanted)
     out = table.loc[np.array([p in keep for p in zip(table["layer"], table["channel"])], dtype=bool)]
     out = out.sort_values(["layer", "channel", "rank"], kind="mergesort").reset_index(drop=True)

@@ -56,6 +56,8 @@ __all__ = [
 ]
 
 _FORMAT_VERSION = 1
+#: The format version of saved paths (public: part of the artifact store's keys).
+PATH_FORMAT_VERSION = _FORMAT_VERSION
 _AUTO_SINGLE_FLOPS = 2e9     # precision="auto": float32 products for XᵀX above this N·m²
 # a candidate whose squared Cholesky pivot is below tol·G_jj is linearly dependent on the active set
 _TOL_DOUBLE = 1e-10

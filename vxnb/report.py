@@ -32,6 +32,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from ._store import fault_point
 from .paths import HOME_ENV, notebooks_dir, work_dir, work_home
 from .utils import atomic_path
 
@@ -294,6 +295,7 @@ def export_html(executed: Path, html_path: Path, *, static_url: str | None = STA
     body, _ = exporter.from_notebook_node(nb)
     with atomic_path(html_path) as tmp:
         tmp.write_text(body, encoding="utf-8")
+        fault_point("html")
     return html_path
 
 

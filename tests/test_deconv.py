@@ -507,3 +507,51 @@ def test_falls_back_to_expanded_batch_when_vmap_fails(monkeypatch):
         got = visualize(model, x, "relu3", [1, 4])
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     assert hooks_left(model) == {}
+
+
+# --------------------------------------------------------------------------------------
+# the strided fast path of the resampled conv backward = today's resize + stride-1 path
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,layer,size,n_fast", [("alexnet", "features.10", 112, 1), ("alexnet", "features.3", 99, 1),
+                                                    ("vgg16", "features.17", 64, 0), ("resnet50", "layer2.0", 64, 3),
+                                                    ("resnet50", "layer3.1", 69, 5)])
+def test_strided_fast_path_equals_resize_path(arch, layer, size, n_fast, monkeypatch):
+    """AlexNet's conv1 at 112 and 99 px copies rows 4 or 3 times (4 and 6 runs: 16 and 36
+    pieces), ResNet-50's strided convs copy every row twice at 64 px (one piece) and not at
+    69 px; VGG-16 has no strided conv (its resampling is all in the pooling: unchanged)."""
+    import vxnb.deconv as deconv
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(num_classes=10).double()
+    x = torch.rand(2, 3, size, size + 5, dtype=torch.float64)
+    chans = [0, 3, 7]
+    calls = []
+    box = deconv._box_transpose
+    monkeypatch.setattr(deconv, "_box_transpose", lambda *a, **k: calls.append(1) or box(*a, **k))
+    fast = visualize(model, x, layer, chans)
+    monkeypatch.setattr(deconv, "_MAX_BOX_PIECES", 0)  # every conv back on the resize + stride-1 path
+    slow = visualize(model, x, layer, chans)
+    assert len(calls) == n_fast  # one batched backward: each strided conv on the path once
+    scale = slow.abs().max()
+    assert scale > 0
+    assert (fast - slow).abs().max() <= 1e-6 * scale
+    # the same in float32, to float32 rounding
+    model32, x32 = model.float(), x.float()
+    monkeypatch.undo()
+    fast32 = visualize(model32, x32, layer, chans)
+    assert (fast32.double() - slow).abs().max() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("n_in,n_out", [(55, 218), (28, 56), (27, 53), (7, 21), (5, 5), (9, 40)])
+def test_replication_runs_match_interpolate(n_in, n_out):
+    from vxnb.deconv import _replication_runs
+
+    src = F.interpolate(torch.arange(n_in, dtype=torch.float32).view(1, 1, 1, n_in), size=(1, n_out),
+                        mode="nearest").view(-1).tolist()
+    rebuilt = [None] * n_out
+    for b0, nb, r, o in _replication_runs(n_in, n_out):
+        for i in range(nb):
+            for c in range(r):
+                rebuilt[o + i * r + c] = b0 + i
+    assert rebuilt == src

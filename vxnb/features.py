@@ -46,13 +46,13 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
-from scipy.linalg.blas import dsyrk, ssyrk
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from . import _store
 from . import distributed as _distributed
 from ._graph import LayerAnalysis as _Analysis, analyse_layers as _analyse
+from ._gram import SyrkGram
 from .utils import atomic_savez, check_layer_names, describe, eval_mode, get_device, get_module, model_device
 
 __all__ = [
@@ -80,8 +80,6 @@ _GRAM_MAX_SPLITS = 6
 _GRAM_MIN_ROWS_SPLIT = 128
 #: On the CPU, G is updated by BLAS syrk (the upper triangle only: half the flops of a GEMM).
 _CPU_SYRK = True
-#: Columns per block when the upper triangle is added or mirrored (cache-sized pieces).
-_MIRROR_BLOCK = 512
 
 
 def layer_numbers(model: nn.Module) -> pd.DataFrame:
@@ -757,12 +755,8 @@ class _Gram:
         self.started = False
         self.syrk = device.type == "cpu" and _CPU_SYRK
         self.scratch: Any = None
-        if self.syrk:
-            # Fortran-ordered (the transpose of a C-ordered tensor); allocated by torch, whose
-            # allocator asks for transparent huge pages: faulting in 1 GB costs ~0.4 s, not ~2 s
-            self.G: Any = torch.empty((m, m), dtype=torch.float64).numpy().T  # upper triangle: syrk
-            if dtype == torch.float32:
-                self.scratch = torch.zeros((m, m), dtype=torch.float32).numpy().T  # lower triangle stays 0
+        if self.syrk:  # the one CPU Gram kernel (vxnb._gram), shared with vxnb.lasso
+            self.kernel = SyrkGram(m, np.float64 if dtype == torch.float64 else np.float32)
             return
         self.G = torch.empty((m, m), dtype=torch.float64, device=device)
         splits = max(1, min(_GRAM_MAX_SPLITS, m // _GRAM_MIN_SPLIT))
@@ -795,20 +789,7 @@ class _Gram:
         self.filled = 0
 
     def _flush_syrk(self) -> None:
-        b = self.buf[:self.filled].numpy()
-        beta = 1.0 if self.started else 0.0
-        if self.dtype == torch.float64:
-            # b.T is (m, rows) and Fortran-contiguous: C = b.T @ b with no copy; G updated in place
-            dsyrk(1.0, b.astype(np.float64).T, beta=beta, c=self.G, trans=0, lower=0, overwrite_c=1)
-            return
-        ssyrk(1.0, b.T, beta=0.0, c=self.scratch, trans=0, lower=0, overwrite_c=1)
-        G, S = self.G, self.scratch
-        for lo in range(0, self.m, _MIRROR_BLOCK):  # upper triangle only, column block by column block
-            hi = min(self.m, lo + _MIRROR_BLOCK)
-            if self.started:
-                G[:hi, lo:hi] += S[:hi, lo:hi]
-            else:
-                G[:hi, lo:hi] = S[:hi, lo:hi]
+        self.kernel.add(self.buf[:self.filled].numpy())
 
     def _flush_blocks(self) -> None:
         b = self.buf[:self.filled]
@@ -827,17 +808,7 @@ class _Gram:
         """G as a float64 numpy array (symmetric)."""
         self.flush()
         if self.syrk:
-            G = self.G
-            if not self.started:
-                G[...] = 0.0
-            T = _MIRROR_BLOCK // 2  # lower triangle ← upper, tile by tile (a transposed copy
-            for lo in range(0, self.m, T):  # of whole column blocks strides through memory: 3× slower)
-                hi = min(self.m, lo + T)
-                D = G[lo:hi, lo:hi]
-                D[...] = np.triu(D) + np.triu(D, 1).T
-                for lo2 in range(hi, self.m, T):
-                    G[lo2:lo2 + T, lo:hi] = G[lo:hi, lo2:lo2 + T].T
-            return G.T  # symmetric, so its transpose — a C-contiguous view — is G itself
+            return self.kernel.result()
         if not self.started:
             return self.G.zero_().cpu().numpy()
         e = self.edges

@@ -307,6 +307,14 @@ def _message_figure(text: str, title: str | None = None):
     return fig
 
 
+__all__ += ["message_figure"]
+
+
+def message_figure(text: str, title: str | None = None):
+    """A figure that says ``text`` (a panel state with nothing to show), never an empty plot."""
+    return _message_figure(text, title)
+
+
 def average_image_grid(average_images, klass, *, classes: Sequence[str] | None = None,
                        methods: Sequence[str] = ("image", "ours", "deconv", "activation"), per_row: int = 2,
                        size: int = 100, max_features: int | None = None, title: str | None = None):

@@ -141,3 +141,35 @@ def test_offline_panel_computes_only_for_the_report(monkeypatch, capsys):
     widgets.offline_panel(fn, cls=[0, 1])
     assert calls == [0, 1] and len(shown) == 1 and shown[0][1]["metadata"] == {widgets.OFFLINE_MARK: True}
     assert "plotly-graph-div" in shown[0][0].data
+    assert "2 precomputed frames" in capsys.readouterr().out
+    with pytest.warns(RuntimeWarning, match="max_mb"):
+        widgets.offline_panel(fn, cls=[0, 1], max_mb=1e-4)
+
+
+def test_panel_sends_plotly_updates_as_html(monkeypatch):
+    """A plotly figure displays itself without the display id, and JupyterLab's plotly renderer
+    ignores updates: the panel's figures go as HTML bundles tied to the id (found by the browser
+    test: the live figure never changed)."""
+    import plotly.graph_objects as go
+
+    updates = []
+
+    class Handle:
+        def update(self, obj, **kw):
+            updates.append((obj, kw))
+
+    shown = []
+
+    def fake_display(obj, display_id=False, **kw):
+        shown.append((obj, display_id, kw))
+        return Handle() if display_id else None
+
+    monkeypatch.setattr("IPython.display.display", fake_display)
+    picker = widgets.class_picker(["a", "b"])
+    widgets.panel(lambda cls: go.Figure(layout=dict(title=f"class {cls}")), cls=picker)
+    first, display_id, kw = shown[-1]  # the first figure too: as a bundle tied to its display id
+    assert display_id is True and kw == {"raw": True} and '"class 0"' in first["text/html"]
+    picker.value = 1
+    (bundle, kw), = updates
+    assert kw == {"raw": True} and "Plotly.newPlot" in bundle["text/html"] and '"class 1"' in bundle["text/html"]
+    assert "<script src" not in bundle["text/html"]  # plotly.js is not sent again with every update

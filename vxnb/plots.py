@@ -19,8 +19,12 @@ KIND_COLORS = {"conv": "#2ca02c", "fc": "#e377c2", "other": "#7f7f7f"}
 def setup_notebook() -> None:
     """Render figures natively in JupyterLab and as self-contained HTML in exported pages."""
     import plotly.io as pio
+    from plotly.offline import init_notebook_mode
 
     pio.renderers.default = "plotly_mimetype+notebook"
+    # plotly.js now, not at the first figure: HTML figures shown earlier (widgets.panel and
+    # offline_panel outputs) draw with window.Plotly, in JupyterLab and in the report pages
+    init_notebook_mode(connected=False)
 
 
 def to_uint8_rgb(image) -> np.ndarray:

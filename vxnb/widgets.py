@@ -50,6 +50,19 @@ def index_slider(n: int, value: int = 0, description: str = "image"):
                        continuous_update=False)
 
 
+def _updatable(obj) -> tuple:
+    """(args, kwargs) for ``display``/``DisplayHandle.update`` that keep an output updatable. A
+    plotly figure goes as a raw HTML bundle: displayed as itself, plotly publishes it without the
+    display id (so an update never reached it), and JupyterLab's plotly renderer ignores updates
+    of a shown figure. The HTML draws with the ``window.Plotly`` of ``plots.setup_notebook``."""
+    import plotly.graph_objects as go
+
+    if isinstance(obj, go.Figure):
+        html = obj.to_html(include_plotlyjs=False, full_html=False, config={"displaylogo": False})
+        return ({"text/html": html, "text/plain": f"<Figure: {obj.layout.title.text or ''}>"},), {"raw": True}
+    return (obj,), {}
+
+
 def panel(fn: Callable[..., object], **controls):
     """Show ``controls`` above the output of ``fn(**values)``, updated in place on every change.
 
@@ -71,11 +84,12 @@ def panel(fn: Callable[..., object], **controls):
         return tuple("" if r is None else r for r in result)
 
     display(w.HBox(list(controls.values())))
-    handles = [display(r, display_id=True) for r in values()]
+    handles = [display(*args, display_id=True, **kwargs) for args, kwargs in map(_updatable, values())]
 
     def render(*_):
         for h, r in zip(handles, values()):
-            h.update(r)
+            args, kwargs = _updatable(r)
+            h.update(*args, **kwargs)
 
     for c in controls.values():
         c.observe(render, names="value")
@@ -303,7 +317,9 @@ def offline_html(frames: dict, *, start: dict | None = None, sliders: Sequence[s
                "menus": menu_list, "sliderDims": slider_dims, "menuDims": menu_dims}
     div = pio.to_html(first, include_plotlyjs=False, full_html=False, validate=False,
                       post_script=_SWAP_SCRIPT, config={"displaylogo": False})
-    plot_id = re.search(r'<div id="([^"]+)" class="plotly-graph-div"', div).group(1)
+    plot_id = re.search(r'<div[^>]*\sid="([^"]+)"[^>]*class="plotly-graph-div"|<div[^>]*class="plotly-graph-div"'
+                        r'[^>]*\sid="([^"]+)"', div)
+    plot_id = plot_id.group(1) or plot_id.group(2)
     data = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
     return (f'<div class="vxnb-offline-panel" title="{_html.escape("precomputed frames: no kernel needed")}">'
             f'<script type="application/json" id="{plot_id}-frames">{data}</script>{div}</div>')
@@ -311,16 +327,18 @@ def offline_html(frames: dict, *, start: dict | None = None, sliders: Sequence[s
 
 def offline_panel(fn: Callable[..., object], *, fixed: dict | None = None, start: dict | None = None,
                   sliders: Sequence[str] | None = None, n: int = 30, max_frames: int = 400,
-                  force: bool = False, **controls) -> None:
+                  max_mb: float = 6.0, force: bool = False, **controls) -> None:
     """The report's stand-in for a live :func:`panel`: ``fn`` (the live panel's own function)
     evaluated over every state of ``controls`` and shown as one plotly figure whose sliders and
     drop-downs answer in a static page (:func:`offline_frames`, :func:`offline_html`).
 
     Computed only when the report runs the notebook (environment variable ``VXNB_OFFLINE_FRAMES``,
     set by ``vxnb.report``) or with ``force=True``; in a live notebook it prints one line instead.
-    ``fixed``: values of ``fn``'s other arguments; ``start``: the state shown first.
+    ``fixed``: values of ``fn``'s other arguments; ``start``: the state shown first. It prints
+    the number of frames and what they add to the page, with a warning above ``max_mb``.
     """
     import os
+    import warnings
 
     from IPython.display import HTML, display
 
@@ -328,5 +346,11 @@ def offline_panel(fn: Callable[..., object], *, fixed: dict | None = None, start
         print("(the HTML report shows a kernel-free version of the panel above here)")
         return None
     frames = offline_frames(fn, fixed=fixed, n=n, max_frames=max_frames, **controls)
-    display(HTML(offline_html(frames, start=start, sliders=sliders)), metadata={OFFLINE_MARK: True})
+    page = offline_html(frames, start=start, sliders=sliders)
+    size_mb = len(page.encode("utf-8")) / 2**20
+    print(f"offline panel: {len(frames['figures'])} precomputed frames, {size_mb:.2f} MB of the page")
+    if size_mb > max_mb:
+        warnings.warn(f"offline panel: its {len(frames['figures'])} frames take {size_mb:.1f} MB of the page "
+                      f"(max_mb={max_mb}); pass fewer values or a smaller n", RuntimeWarning, stacklevel=2)
+    display(HTML(page), metadata={OFFLINE_MARK: True})
     return None

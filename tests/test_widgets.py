@@ -10,10 +10,11 @@ def test_panel_updates_the_same_outputs(monkeypatch):
         def __init__(self, obj):
             self.obj = obj
 
-        def update(self, obj):
-            self.obj = obj
+        def update(self, obj, raw=False):
+            self.obj = obj["text/plain"] if raw else obj
 
-    def fake_display(obj, display_id=False):
+    def fake_display(obj, display_id=False, raw=False):
+        obj = obj["text/plain"] if raw else obj  # a sentence goes as plain text (no quotes)
         shown.append(obj)
         if display_id:
             handles.append(Handle(obj))

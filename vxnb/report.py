@@ -348,7 +348,8 @@ def find_chromium() -> str | None:
     return None
 
 
-_PLOT_DIV = re.compile(r'<div id="([0-9a-f-]{36})" class="plotly-graph-div"')
+#: A plotly figure's div, either attribute order (plotly's to_html and the notebook renderer differ).
+_PLOT_DIV = re.compile(r'<div (?:id="([\w-]+)" class="plotly-graph-div"|class="plotly-graph-div" id="([\w-]+)")')
 
 
 def add_static_figures(pages: list[Path], *, chromium: str | None = None, timeout_s: float = 60.0) -> int:
@@ -374,7 +375,7 @@ def add_static_figures(pages: list[Path], *, chromium: str | None = None, timeou
             page = context.new_page()
             for path in pages:
                 text = Path(path).read_text(encoding="utf-8")
-                ids = _PLOT_DIV.findall(text)
+                ids = [a or b for a, b in _PLOT_DIV.findall(text)]
                 if not ids:
                     continue
                 page.goto(Path(path).resolve().as_uri(), wait_until="load", timeout=timeout_s * 1000)
@@ -389,11 +390,12 @@ def add_static_figures(pages: list[Path], *, chromium: str | None = None, timeou
                                       RuntimeWarning, stacklevel=2)
                         continue
                     images[plot_id] = base64.b64encode(png).decode("ascii")
-                for plot_id, b64 in images.items():
-                    text = text.replace(f'<div id="{plot_id}" class="plotly-graph-div"',
-                                        f'<noscript><img class="vxnb-static" alt="static figure" '
-                                        f'src="data:image/png;base64,{b64}"></noscript>'
-                                        f'<div id="{plot_id}" class="plotly-graph-div"', 1)
+                def with_image(m):
+                    b64 = images.get(m.group(1) or m.group(2))
+                    return m.group(0) if b64 is None else (f'<noscript><img class="vxnb-static" alt="static figure" '
+                                                          f'src="data:image/png;base64,{b64}"></noscript>{m.group(0)}')
+
+                text = _PLOT_DIV.sub(with_image, text)
                 added += len(images)
                 with atomic_path(Path(path)) as tmp:
                     tmp.write_text(text, encoding="utf-8")

@@ -60,6 +60,8 @@ def _updatable(obj) -> tuple:
     if isinstance(obj, go.Figure):
         html = obj.to_html(include_plotlyjs=False, full_html=False, config={"displaylogo": False})
         return ({"text/html": html, "text/plain": f"<Figure: {obj.layout.title.text or ''}>"},), {"raw": True}
+    if isinstance(obj, str):  # a sentence (nothing to show) reads as text, not as a quoted repr
+        return ({"text/plain": obj},), {"raw": True}
     return (obj,), {}
 
 

@@ -9,7 +9,7 @@ time — also as a ratio to a reference measured in the same run (one training s
 at the benchmark's size), since wall times on a shared machine are noisy.
 
     python benchmarks/bench_an8flower_folds.py                 # single-6c, size 128, 5 folds, 300 images/fold
-    python benchmarks/bench_an8flower_folds.py --quick         # the CI setting of vxnb.runs (size 64, 1200
+    python benchmarks/bench_an8flower_folds.py --quick         # the CI setting of vxnb.studies.runs (size 64, 1200
                                                                # training images, 4 epochs), 2 folds, 60 test images
     python benchmarks/bench_an8flower_folds.py --variant single-6c double-12c --folds 0 1 2 3 4
 
@@ -26,8 +26,9 @@ import time
 import numpy as np
 import torch
 
-from vxnb import models, runs
-from vxnb.evaluate import benchmark as B
+from vxnb import models
+from vxnb.studies import runs
+from vxnb.studies import benchmark as B
 
 
 def reference_step(size: int, repeats: int = 3) -> float:

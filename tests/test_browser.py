@@ -21,12 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vxnb import report, runs, widgets
+from vxnb import report, widgets
+from vxnb.paths import work_dir
 from vxnb.relevance import relevant_features
+from vxnb.studies import runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
 ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = {p.name: p for p in report.find_notebooks()}
 MU = 10.0
 QUICK = dict(quick=True, also_mnist=False, n_random=1)
 
@@ -53,7 +56,7 @@ def run(tmp_path_factory, chromium):
     params = {**QUICK, "runs_root": str(root / "runs"), "mu": MU}
     only02 = root / "only02"
     only02.mkdir()
-    shutil.copy(ROOT / "notebooks" / "02_relevant_features.ipynb", only02)
+    shutil.copy(NOTEBOOKS["02_relevant_features.ipynb"], only02)
     t0 = time.perf_counter()
     result = report.build_report(quick=True, out_dir=root / "reports", notebooks=only02, parameters=params,
                                  progress=False, no_input=True)
@@ -61,7 +64,7 @@ def run(tmp_path_factory, chromium):
     nbs = root / "nbs"
     nbs.mkdir()
     for name in ("02_relevant_features.ipynb", "04_explanation.ipynb"):  # the parameters, as papermill injects them
-        nb = nbformat.read(str(ROOT / "notebooks" / name), as_version=4)
+        nb = nbformat.read(str(NOTEBOOKS[name]), as_version=4)
         at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
         names = set(re.findall(r"^(\w+)\s*=", nb.cells[at].source, re.M))
         source = "\n".join(f"{k} = {v!r}" for k, v in params.items() if k in names)
@@ -91,7 +94,7 @@ def _count(run, cls, mu, layers=None):
 
 def _save_shot(run, png: bytes, name: str):
     """A screenshot for the reader: in the test's report folder and where `make report` writes."""
-    for folder in (run["reports"] / report.SCREENSHOTS_DIRNAME, ROOT / "reports" / report.SCREENSHOTS_DIRNAME):
+    for folder in (run["reports"] / report.SCREENSHOTS_DIRNAME, work_dir("reports") / report.SCREENSHOTS_DIRNAME):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(png)
 

@@ -404,7 +404,7 @@ def test_cache_reused_when_key_matches(tmp_path):
 
 
 def test_default_layers_reference_models():
-    models = pytest.importorskip("vxnb.models")
+    from vxnb import models
     mnist = models.MnistNet()
     assert default_layers(mnist) == [f"relu{i}" for i in range(1, 7)]
     assert default_layers(mnist, only_conv=True) == [f"relu{i}" for i in range(1, 6)]

@@ -1,4 +1,4 @@
-"""vxnb.interpret: receptive fields vs gradient support, top-k vs brute force, crops, averages."""
+"""vxnb.interpret and vxnb.averages: receptive fields vs gradient support, top-k vs brute force, crops, averages."""
 from collections import OrderedDict
 
 import numpy as np
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vxnb.interpret import (ReceptiveField, TopPatches, average_images, collect_top_patches, crop_patch,
-                            receptive_field, receptive_fields)
+from vxnb.averages import average_images, crop_patch
+from vxnb.interpret import ReceptiveField, TopPatches, collect_top_patches, receptive_field, receptive_fields
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -198,7 +198,7 @@ def test_rf_torchvision_resnet18_layer1():
 
 
 def test_rf_reference_models_match_support():
-    models = pytest.importorskip("vxnb.models")
+    from vxnb import models
     spatial = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
     mnist = _positive(_max_to_avg(models.MnistNet()))
     x = torch.rand(1, 1, 28, 28, dtype=torch.float64) + 0.1
@@ -333,9 +333,7 @@ def test_collect_top_patches_subset_and_lookup():
 
 
 def test_top_patches_scores_match_feature_descriptors():
-    features = pytest.importorskip("vxnb.features")
-    if not hasattr(features, "descriptors"):
-        pytest.skip("vxnb.features.descriptors not available yet")
+    from vxnb import features
     model = _small_net()
     x = torch.rand(9, 3, 16, 16)
     layers = ["relu1", "relu2", "fc3"]
@@ -489,7 +487,7 @@ def test_average_images_bad_inputs():
 
 
 def test_average_images_with_deconv_heatmaps():
-    deconv = pytest.importorskip("vxnb.deconv")
+    from vxnb import deconv
     model, x, data, relevant, tp = _setup_average()
     res = average_images(model, data, tp, relevant, n=4, size=12, progress=False)
     for key in [(0, 3), (0, 20)]:
@@ -506,7 +504,7 @@ def test_average_images_with_deconv_heatmaps():
 
 
 def test_top_patches_as_extract_features_callback():
-    features = pytest.importorskip("vxnb.features")
+    from vxnb import features
     model = _small_net()
     x = torch.rand(19, 3, 16, 16)
     data = torch.utils.data.TensorDataset(x, torch.arange(19) % 3)
@@ -630,7 +628,7 @@ def _masked_data():
 
 
 def _hand_averages():
-    from vxnb.interpret import AverageImage, AverageImages
+    from vxnb.averages import AverageImage, AverageImages
 
     conv_rf = ReceptiveField((4, 4), (2, 2), (0.0, 0.0))
     res = AverageImages()
@@ -648,7 +646,7 @@ def _hand_averages():
 
 
 def test_mask_overlap_hand_computed():
-    from vxnb.interpret import mask_overlap
+    from vxnb.averages import mask_overlap
 
     data, res = _masked_data(), _hand_averages()
     per = mask_overlap(res, data)
@@ -670,7 +668,7 @@ def test_mask_overlap_hand_computed():
 
 
 def test_mask_overlap_matches_painted_boxes_after_average_images():
-    from vxnb.interpret import mask_overlap
+    from vxnb.averages import mask_overlap
 
     model, x, _, relevant, tp = _setup_average()
     masks = torch.rand(len(x), 16, 16) > 0.7
@@ -693,7 +691,7 @@ def test_mask_overlap_matches_painted_boxes_after_average_images():
 
 
 def test_mask_overlap_bad_inputs():
-    from vxnb.interpret import mask_overlap
+    from vxnb.averages import mask_overlap
 
     res = _hand_averages()
     with pytest.raises(ValueError, match="mask"):

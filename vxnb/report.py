@@ -1,10 +1,11 @@
 """The main job: run the numbered notebooks through papermill and write an offline report.
 
-``python -m vxnb.report [--quick]`` (what ``make report`` calls) executes every
-``notebooks/NN_*.ipynb`` in order with its full parameters (``--quick``: the quick ones CI
-uses), writes the executed notebooks and one self-contained HTML page each (plotly's
-JavaScript embedded, widget state saved) under ``reports/``, and an ``index.html`` that
-links them with one line each on what they show.
+``python -m vxnb.report [--quick]`` (``vxnb report``; what ``make report`` calls) executes
+every numbered notebook ``NN_*.ipynb`` shipped with vxnb (or of ``--notebooks DIR``) in order
+with its full parameters (``--quick``: the quick ones CI uses), writes the executed notebooks
+and one self-contained HTML page each (plotly's JavaScript embedded, widget state saved) under
+``reports/`` of the working folder, and an ``index.html`` that links them with one line each
+on what they show.
 
 The pages open offline: the scripts they load (require.js and the ipywidgets HTML manager
 that renders the saved widget state) are fetched once from the npm registry with ``npm pack``
@@ -15,6 +16,7 @@ Without npm the report is still written, with the scripts' CDN URLs and a warnin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
 import html
 import json
@@ -28,10 +30,12 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from .runs import repo_root
+from ._store import fault_point
+from .paths import HOME_ENV, notebooks_dir, work_dir, work_home
 from .utils import atomic_path
+from .widgets import OFFLINE_ENV, OFFLINE_MARK
 
 __all__ = ["find_notebooks", "notebook_summary", "run_notebook", "export_html", "fetch_static", "copy_static",
            "prepare_static", "find_chromium", "add_static_figures",
@@ -41,8 +45,9 @@ NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 
 
 def find_notebooks(folder: str | Path | None = None) -> list[Path]:
-    """The numbered notebooks (``NN_name.ipynb``) of ``folder``, in order."""
-    folder = Path(folder) if folder else repo_root() / "notebooks"
+    """The numbered notebooks (``NN_name.ipynb``) of ``folder`` (default: the ones shipped with
+    vxnb, :func:`vxnb.paths.notebooks_dir`), in order."""
+    folder = Path(folder) if folder else notebooks_dir()
     if not folder.is_dir():
         raise ValueError(f"notebooks: no such folder {folder}")
     found = sorted(p for p in folder.iterdir() if NOTEBOOK_PATTERN.match(p.name))
@@ -151,11 +156,11 @@ def fetch_static(cache_dir: str | Path | None = None, *, npm: str = "npm") -> Pa
 
     It holds ``require.js`` (requirejs), ``embed-amd.js`` (the ipywidgets HTML manager, which
     renders the widget state saved in the pages) with the Font Awesome fonts it references,
-    and ``VERSIONS.json``. ``cache_dir`` defaults to
-    ``data/_static``; it is filled atomically (a reader never sees half of it).
+    and ``VERSIONS.json``. ``cache_dir`` defaults to ``data/_static`` in the working folder
+    (:mod:`vxnb.paths`); it is filled atomically (a reader never sees half of it).
     Raises ``RuntimeError`` when npm is missing or fails.
     """
-    cache = Path(cache_dir) if cache_dir is not None else repo_root() / "data" / STATIC_DIRNAME
+    cache = Path(cache_dir) if cache_dir is not None else work_dir("data") / STATIC_DIRNAME
     if _static_complete(cache):
         return cache
     if shutil.which(npm) is None:
@@ -298,6 +303,7 @@ def export_html(executed: Path, html_path: Path, *, static_url: str | None = STA
     body = _add_noscript_note(body)
     with atomic_path(html_path) as tmp:
         tmp.write_text(body, encoding="utf-8")
+        fault_point("html")
     return html_path
 
 
@@ -313,8 +319,6 @@ def _drop_frozen_controls(nb: Any) -> int:
     """Remove the saved ipywidgets controls of a live panel that an offline panel (the next code
     cell's output marked by ``vxnb.widgets.offline_panel``) stands in for: in a static page
     they would not answer. Returns how many outputs were removed."""
-    from .widgets import OFFLINE_MARK
-
     dropped, previous = 0, None
     for cell in nb.cells:
         if cell.get("cell_type") != "code":
@@ -447,22 +451,18 @@ li{{margin-bottom:1em}} .t{{color:#777;font-size:90%}}</style></head>
     return index
 
 
-class _offline_frames_on:
-    """Set ``VXNB_OFFLINE_FRAMES=1`` for the notebook kernels started inside, then restore."""
-
-    def __enter__(self):
-        from .widgets import OFFLINE_ENV
-
-        self.old = os.environ.get(OFFLINE_ENV)
-        os.environ[OFFLINE_ENV] = "1"
-
-    def __exit__(self, *exc):
-        from .widgets import OFFLINE_ENV
-
-        if self.old is None:
-            os.environ.pop(OFFLINE_ENV, None)
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable (inherited by the kernels started meanwhile), then restore it."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
         else:
-            os.environ[OFFLINE_ENV] = self.old
+            os.environ[name] = old
 
 
 def _static_figures_or_warn(pages: list[Path]) -> None:
@@ -487,14 +487,20 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
     A failing notebook is recorded in its entry (``ok``, ``error``) and in the index; with
     ``stop_on_error`` the later notebooks are not run; with ``raise_on_error`` a RuntimeError
     naming the first failure is raised once the index is written.
+
+    ``out_dir`` defaults to ``reports/`` in the working folder (:mod:`vxnb.paths`). The
+    kernels get that working folder as ``$VXNB_HOME``, so their ``data/`` and ``runs/`` are
+    the caller's; the shipped notebooks run there, a folder of your own (``notebooks``) in itself.
     """
-    out = Path(out_dir) if out_dir else repo_root() / "reports"
+    home = work_home()
+    out = Path(out_dir) if out_dir else work_dir("reports")
     out.mkdir(parents=True, exist_ok=True)
     params = {"quick": bool(quick)}
     params.update(parameters or {})
     entries = []
     paths = find_notebooks(notebooks)
     static_url = prepare_static(out)
+    cwd = home if notebooks is None else None  # never the install location
     for i, nb in enumerate(paths, 1):
         title, desc = notebook_summary(nb)
         print(f"[{i}/{len(paths)}] {nb.name}: {title}", flush=True)
@@ -502,8 +508,8 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
         ok, error = True, None
         pages = [out / (nb.stem + ".html")] + ([out / (nb.stem + NO_INPUT_SUFFIX)] if no_input else [])
         try:
-            with _offline_frames_on():
-                executed = run_notebook(nb, out, params, progress=progress)
+            with _environ(HOME_ENV, str(home)), _environ(OFFLINE_ENV, "1"):  # offline panels get their frames
+                executed = run_notebook(nb, out, params, progress=progress, cwd=cwd)
             for page in pages:
                 export_html(executed, page, static_url=static_url, no_input=page.name.endswith(NO_INPUT_SUFFIX))
             if static_figures:
@@ -524,17 +530,21 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
     return {"index": index, "entries": entries}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vxnb.report", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m vxnb.report") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                     epilog=f"data/, runs/ and reports/ live in ${HOME_ENV} when set, "
+                                            "else in the current directory.")
     parser.add_argument("--quick", action="store_true", help="the notebooks' quick parameters (CI setting)")
-    parser.add_argument("--out", default=None, help="output folder (default: reports/)")
-    parser.add_argument("--notebooks", default=None, help="notebook folder (default: notebooks/)")
+    parser.add_argument("--out", default=None, help="output folder (default: reports/ in the working folder)")
+    parser.add_argument("--notebooks", default=None,
+                        help="a folder of your own numbered notebooks NN_name.ipynb (default: the ones shipped "
+                             "with vxnb)")
     parser.add_argument("--prepare-data", action="store_true", help="only render/fetch the datasets")
     parser.add_argument("--no-input", action="store_true",
                         help="also write each page without its code cells (NN_name.no-input.html), for an audience")
     args = parser.parse_args(argv)
     if args.prepare_data:
-        from .runs import RunConfig, load_data
+        from .studies.runs import RunConfig, load_data
 
         for cfg in (RunConfig.from_params(quick=args.quick), RunConfig.from_params(quick=args.quick, dataset="mnist")):
             train, test, classes = load_data(cfg)

@@ -5,10 +5,10 @@ Protocol (five folds grouped by viewpoint, ``vxnb.data.an8flower``):
 for every variant and every fold ``f``
 
 1. the reference model (FlowerNet) is trained on the other four folds — through
-   :func:`vxnb.runs.get_model` with ``RunConfig(test_fold=f)``, so every fold has its own run
+   :func:`vxnb.studies.runs.get_model` with ``RunConfig(test_fold=f)``, so every fold has its own run
    folder holding its checkpoint, features and μ-lasso path;
 2. the relevant features are selected with the μ-lasso on the **training** folds
-   (:func:`vxnb.runs.get_features` on all conv + FC layers, :func:`vxnb.runs.get_lasso_path`
+   (:func:`vxnb.studies.runs.get_features` on all conv + FC layers, :func:`vxnb.studies.runs.get_lasso_path`
    → ``W = path.coef(mu)``, default μ = 10 as in the paper, Sec. 4.1);
 3. on the held-out fold (a class-stratified subset of ``n_test_images`` images, seeded) every
    method produces one heatmap per image **for the class the model predicts** — the paper
@@ -22,7 +22,7 @@ for every variant and every fold ``f``
 
 Methods (:data:`METHODS`): upsampled activation maps, Deconv+GB, Grad-CAM, Guided Grad-CAM,
 Grad-CAM++, Guided Grad-CAM++ (all :func:`vxnb.baselines.attribution`, the layer-based ones at
-the last convolutional layer's ReLU) and ``"ours"``: :func:`vxnb.explain.explain_batch` —
+the last convolutional layer's ReLU) and ``"ours"``: :func:`vxnb.explanations.explain_batch` —
 the resampled DeconvNet+GB heatmaps of the top-``k`` relevant features by response
 r = w_ĵ ∘ x, combined into one map per image (default k = 5).
 
@@ -30,14 +30,14 @@ Table 1 reports the area under the IoU curve (percent), mean ± std over the fol
 (``std`` with ``ddof=1``, the sample standard deviation; NaN for a single fold).
 
 Resumption: each finished fold writes ``benchmark-<key>.json`` atomically into its fold's run
-folder (``<key>`` hashes the settings and the checkpoint's bytes); the next run reads it back
-instead of recomputing. A fold interrupted before that file is written has no file and is
+folder through :mod:`vxnb._store` (``<key>`` hashes the settings, the checkpoint's key — its
+training settings and the dataset's manifest — and the result format); the next run reads it
+back instead of recomputing. A fold interrupted before that file is written has no file and is
 recomputed (its trained checkpoint, written atomically by ``get_model``, is reused).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -49,9 +49,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from vxnb.baselines import METHOD_LABELS
 from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, iou_curve
 from vxnb.evaluate.occlusion import DEFAULT_COVERAGE, mean_confidence_difference, occlusion_study
-from vxnb.utils import atomic_write_json, describe
+from vxnb import _store
+from vxnb.utils import describe, json_ready
+from vxnb.studies import runs
 
 __all__ = [
     "METHODS",
@@ -81,7 +84,6 @@ BASELINE_METHODS: tuple[str, ...] = ("activation", "deconv_gb", "gradcam", "guid
                                      "guided_gradcampp")
 #: Every method of the benchmark, in the paper's row order; ``"ours"`` last.
 METHODS: tuple[str, ...] = BASELINE_METHODS + ("ours",)
-from ..baselines import METHOD_LABELS  # noqa: E402  (display names, shared)
 VARIANTS: tuple[str, ...] = ("single-6c", "double-12c", "part-2c")
 N_FOLDS = 5
 
@@ -101,6 +103,8 @@ PAPER_TABLE1: dict[str, dict[str, tuple[float, float]]] = {
 }
 
 _RESULT_VERSION = 1
+#: The format version of a fold's result file (public: part of the artifact store's keys).
+RESULT_VERSION = _RESULT_VERSION
 
 
 # ============================================================================ checks
@@ -186,7 +190,7 @@ def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, t
         model: the classifier (left as it was).
         images: (N, C, H, W) float images.
         targets: (N,) class per image (the benchmark passes the predicted classes), or an int.
-        relevant: ``"ours"`` only: the relevant features, a :class:`vxnb.explain.Relevance`
+        relevant: ``"ours"`` only: the relevant features, a :class:`vxnb.relevance.Relevance`
             (:func:`fold_relevant`) or the DataFrame of :func:`vxnb.relevance.relevant_features`.
         k: ``"ours"`` only: the number of top-responding relevant features combined.
         layer: the layer of the activation / Grad-CAM family (default: the last conv's ReLU).
@@ -203,10 +207,11 @@ def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, t
     if targets.shape != (n,) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise ValueError(f"targets: expected ({n},) integer classes (one per image), got {describe(targets)}")
     if method == "ours":
-        from vxnb.explain import Relevance, explain_batch
+        from vxnb.explanations import explain_batch
+        from vxnb.relevance import Relevance
 
         if not isinstance(relevant, (Relevance, pd.DataFrame)):
-            raise ValueError("relevant: method 'ours' needs the relevant features (a vxnb.explain.Relevance or "
+            raise ValueError("relevant: method 'ours' needs the relevant features (a vxnb.relevance.Relevance or "
                              f"the DataFrame of vxnb.relevance.relevant_features), got {describe(relevant)}")
         k = _check_positive_int(k, "k")
     else:
@@ -249,11 +254,10 @@ def stratified_indices(labels: Any, n: int | None, seed: int = 0) -> np.ndarray:
 
 
 def fold_config(config: Any, variant: str, fold: int):
-    """The :class:`vxnb.runs.RunConfig` of one fold: ``config`` with this variant and test fold."""
-    from vxnb import runs
+    """The :class:`vxnb.studies.runs.RunConfig` of one fold: ``config`` with this variant and test fold."""
 
     if not isinstance(config, runs.RunConfig):
-        raise TypeError(f"config: expected a vxnb.runs.RunConfig, got {describe(config)}")
+        raise TypeError(f"config: expected a vxnb.studies.runs.RunConfig, got {describe(config)}")
     if config.dataset != "an8flower":
         raise ValueError(f"config: the benchmark needs dataset='an8flower', got {config.dataset!r}")
     return dataclasses.replace(config, variant=_check_variant(variant), test_fold=_check_fold(fold), name=None)
@@ -264,7 +268,6 @@ def fold_data(cfg: Any, n_test_images: int | None = None, *, data=None, progress
     """The evaluated test images of a fold: ``(images (N,3,S,S), labels (N,), masks (N,S,S) bool,
     positions in the test split (N,))`` — a class-stratified subset seeded by ``cfg.seed`` and the
     fold."""
-    from vxnb import runs
 
     _, test, _ = data if data is not None else runs.load_data(cfg, progress=progress)
     labels = _dataset_labels(test)
@@ -292,10 +295,9 @@ def _dataset_labels(ds: Any) -> np.ndarray:
 def fold_relevant(cfg: Any, model: torch.nn.Module, mu: float = 10.0, *, data=None,
                   progress: bool = True):
     """The relevant features of a fold: μ-lasso on the training folds' responses (all conv + FC
-    layers), ``W = path.coef(mu)`` → :class:`vxnb.explain.Relevance` (features and path cached in
+    layers), ``W = path.coef(mu)`` → :class:`vxnb.relevance.Relevance` (features and path cached in
     the fold's run folder)."""
-    from vxnb import runs
-    from vxnb.explain import Relevance
+    from vxnb.relevance import Relevance
 
     mu = _check_mu(mu)
     data = data if data is not None else runs.load_data(cfg, progress=progress)
@@ -312,13 +314,16 @@ def _settings(methods, mu, k, n_test_images, occlusion, occlusion_images, covera
             "thresholds": [float(t) for t in np.asarray(thresholds)]}
 
 
-def _result_file(folder: Path, settings: dict, checkpoint: Path) -> tuple[Path, str]:
-    h = hashlib.sha1()
-    h.update(json.dumps({"version": _RESULT_VERSION, **settings}, sort_keys=True).encode())
-    if checkpoint.exists():
-        h.update(checkpoint.read_bytes())
-    key = h.hexdigest()[:12]
+def _result_file(folder: Path, settings: dict, checkpoint_key: str) -> tuple[Path, str]:
+    key = _store.key("benchmark-fold", settings, {"checkpoint": checkpoint_key}, _RESULT_VERSION)
     return folder / f"benchmark-{key}.json", key
+
+
+def _read_fold(file: Path, key: str) -> dict:
+    res = json.loads(file.read_text())
+    if res.get("version") != _RESULT_VERSION or res.get("key") != key:
+        raise ValueError(f"it holds version {res.get('version')} key {res.get('key')}, expected {key}")
+    return res
 
 
 def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.0, k: int = 5,
@@ -334,7 +339,6 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
     ``seconds`` {phase: s} (``model``: loading, or training when ``trained_now``),
     ``training_seconds`` (the checkpoint's recorded training time).
     """
-    from vxnb import runs
 
     methods = _check_methods(methods)
     mu = _check_mu(mu)
@@ -343,7 +347,7 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     data = runs.load_data(cfg, progress=progress)
-    trained_now = not (runs.run_dir(cfg) / "model.pt").exists()
+    trained_now = not runs.checkpoint_dir(cfg).exists()
     model, meta = runs.get_model(cfg, data=data, progress=progress)
     model.eval()
     seconds["model"] = time.perf_counter() - t0
@@ -371,6 +375,7 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
         heatmaps[method] = h
         curve[method] = c.tolist()
         auc[method] = float(100.0 * np.trapezoid(c, thr) / (thr[-1] - thr[0]))
+        _store.fault_point("benchmark-fold")
     bar.close()
     occ_records: list[dict] = []
     if occlusion:
@@ -396,11 +401,10 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
 def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **options: Any) -> dict:
     """:func:`evaluate_fold` with its result cached in the fold's run folder.
 
-    The file ``benchmark-<key>.json`` (key: the settings and the checkpoint's bytes) is written
+    The file ``benchmark-<key>.json`` (key: the settings and the checkpoint's key) is written
     atomically once the fold is finished and read back by later calls (``"cached": True`` in the
     returned dict). A fold interrupted before that has no file and is recomputed.
     """
-    from vxnb import runs
 
     defaults = dict(methods=METHODS, mu=10.0, k=5, n_test_images=300, occlusion=True, occlusion_images=100,
                     coverage=DEFAULT_COVERAGE, layer=None, thresholds=None)
@@ -417,22 +421,19 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
     settings = _settings(opts["methods"], opts["mu"], opts["k"], opts["n_test_images"], opts["occlusion"],
                          opts["occlusion_images"], opts["coverage"], opts["layer"], thr)
     folder = runs.run_dir(cfg)
-    file, key = _result_file(folder, settings, folder / "model.pt")
-    if file.exists() and not recompute:
-        try:
-            res = json.loads(file.read_text())
-            if res.get("version") == _RESULT_VERSION and res.get("settings") == settings:
-                res["cached"] = True
-                return res
-        except (OSError, json.JSONDecodeError):
-            pass  # a damaged file is recomputed, never trusted
-    res = evaluate_fold(cfg, progress=progress, **opts)
-    res["settings"] = settings
-    # the checkpoint may have been trained just now: key the file by the checkpoint that was used
-    file, key = _result_file(folder, settings, folder / "model.pt")
-    res["key"] = key
-    atomic_write_json(res, file)
-    res["cached"] = False
+    ckey = runs.checkpoint_key(cfg)
+    file, key = _result_file(folder, settings, ckey)
+
+    def compute() -> dict:
+        return json_ready({**evaluate_fold(cfg, progress=progress, **opts), "settings": settings, "key": key})
+
+    res, hit = _store.load_or_compute(
+        file, key, "benchmark-fold", compute, load=lambda f: _read_fold(f, key),
+        save=lambda r, tmp: tmp.write_text(json.dumps(r, indent=2, sort_keys=True)), recompute=recompute,
+        settings=settings, inputs={"checkpoint": ckey}, upstream=[ckey], version=_RESULT_VERSION,
+        root=cfg.runs_dir)
+    res = dict(res)
+    res["cached"] = hit
     return res
 
 
@@ -576,7 +577,7 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
     """The five-fold an8Flower benchmark (Table 1) and the box-occlusion study.
 
     Args:
-        config: a :class:`vxnb.runs.RunConfig` template (size, epochs, train_limit, seed, quick,
+        config: a :class:`vxnb.studies.runs.RunConfig` template (size, epochs, train_limit, seed, quick,
             data_root, runs_root); its variant and test fold are replaced per fold. Default:
             ``RunConfig()`` (size 128, the default epochs).
         variants: one or several of :data:`VARIANTS`.
@@ -589,15 +590,14 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
         coverage: occlusion levels. layer: layer of the activation / Grad-CAM family.
         recompute: ignore finished folds' cached results.
         save: write per_fold, table1, curves, occlusion and timings as CSV into the benchmark's
-            run folder (:func:`benchmark_config`) with :func:`vxnb.runs.save_table`.
+            run folder (:func:`benchmark_config`) with :func:`vxnb.studies.runs.save_table`.
         progress: progress bars (folds, methods, training).
     """
-    from vxnb import runs
 
     if config is None:
         config = runs.RunConfig()
     if not isinstance(config, runs.RunConfig):
-        raise TypeError(f"config: expected a vxnb.runs.RunConfig, got {describe(config)}")
+        raise TypeError(f"config: expected a vxnb.studies.runs.RunConfig, got {describe(config)}")
     if config.dataset != "an8flower":
         raise ValueError(f"config: the benchmark needs dataset='an8flower', got {config.dataset!r}")
     plan = _folds_by_variant(variants, folds)
@@ -664,7 +664,6 @@ def explain_examples(config: Any, variant: str, fold: int, positions: Sequence[i
     "positions", "heatmaps": {method: (n,S,S)}}``; the predicted class is explained.
     Uses (or trains) the fold's model from its run folder.
     """
-    from vxnb import runs
     from vxnb.evaluate.occlusion import batched_logits
 
     methods = _check_methods(methods)

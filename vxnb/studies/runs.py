@@ -1,0 +1,533 @@
+"""Run folders: the artifacts one notebook hands to the next.
+
+A run is one (dataset, variant, size, seed, training setting). Everything it produces lives
+in ``runs/<name>/`` — the checkpoint with its ``meta.json`` (``checkpoint-<key>/``), the
+feature statistics (``features/features-<key>.npz``), the μ-lasso paths
+(``lasso-<tag>-mu<μ>-<key>.npz``), benchmark folds and result tables — so each notebook can
+run on its own once its inputs exist, and nothing passes through hidden global state.
+
+The folder name is for people. Every artifact goes through :mod:`vxnb._store`: it is read back
+only under its content key (its settings, the fingerprints of its inputs — the dataset's
+manifest or file hashes, the upstream artifacts' keys — and its format version), computed by
+one process at a time under a file lock, written atomically and indexed, so
+``python -m vxnb.studies.runs gc`` can remove what no current key reaches.
+
+>>> cfg = RunConfig(dataset="an8flower", variant="single-6c", size=128)
+>>> model, meta = get_model(cfg)          # trains once, then loads the checkpoint
+>>> feats = get_features(cfg, model)      # X, XᵀX, XᵀL on the training split
+>>> path = get_lasso_path(cfg, feats)     # W for any μ, instantly: path.coef(10.0)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Subset
+
+from .. import _store
+from ..paths import work_dir
+from ..utils import atomic_write_json, read_json, seed_everything
+
+__all__ = ["RunConfig", "DATASETS", "load_data", "get_model", "get_features", "get_lasso_path",
+           "run_dir", "data_record", "split_key", "checkpoint_key", "checkpoint_dir", "save_table", "gc"]
+
+#: Format versions of the artifacts this module writes (part of their keys).
+CHECKPOINT_VERSION = 2
+TABLE_VERSION = 1
+
+DATASETS = ("an8flower", "mnist")
+#: The quick (CI) setting: image size and number of training images.
+QUICK_SIZE = 64
+QUICK_TRAIN_LIMIT = 1200
+#: A reference model whose final training accuracy stays below this has stalled (a plateau
+#: where it tells only some classes apart); it is trained again from another initialisation,
+#: at most TRAIN_ATTEMPTS times in all. Working reference models reach 0.9-1.0, even quick ones.
+MIN_TRAIN_ACCURACY = 0.5
+TRAIN_ATTEMPTS = 3
+#: Runs of fewer epochs are not retried: a low accuracy there is under-training, not a stall.
+MIN_EPOCHS_TO_RETRY = 3
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_int(value: Any, arg: str, low: int | None, high: int | None, extra: str = "") -> None:
+    """An int (not a bool or a float) within [low, high]: TypeError / ValueError naming ``arg``."""
+    want = f"an int{f' >= {low}' if high is None and low is not None else ''}" + \
+        (f" in {low}..{high}" if high is not None else "") + (f" {extra}" if extra else "")
+    if not _is_int(value):
+        raise TypeError(f"{arg}: expected {want}, got {type(value).__name__} {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{arg}: expected {want}, got {value!r}")
+
+
+def _check_variant(variant: Any) -> None:
+    from ..data.an8flower import VARIANTS
+
+    if not isinstance(variant, str) or variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {tuple(VARIANTS)}, got {variant!r}")
+
+
+@dataclass
+class RunConfig:
+    """What a run is made of. ``quick=True`` is the small setting CI uses.
+
+    dataset: "an8flower" (the embedded default) or "mnist".
+    variant: the an8Flower variant ("single-6c", "double-12c", "part-2c"); ignored for MNIST.
+    size: an8Flower image size in pixels (MNIST is always 28).
+    epochs: training epochs (None: the model's default for the dataset and mode).
+    test_fold: the an8Flower fold held out for testing (folds are grouped by viewpoint).
+    train_limit: use at most this many training images (None: all) — the quick setting.
+    seed: seeds rendering, splitting, training and random baselines.
+    data_root, runs_root: where data and run folders live (default: data/ and runs/ in the
+        working folder, ``$VXNB_HOME`` or the current directory; see ``vxnb.paths``).
+    """
+
+    dataset: str = "an8flower"
+    variant: str = "single-6c"
+    size: int = 128
+    epochs: int | None = None
+    test_fold: int = 0
+    train_limit: int | None = None
+    seed: int = 0
+    quick: bool = False
+    data_root: str | None = None
+    runs_root: str | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset: expected one of {DATASETS}, got {self.dataset!r}")
+        _check_variant(self.variant)
+        if self.dataset == "mnist":
+            self.size = 28
+        if not _is_int(self.size) or self.size < 32 and self.dataset == "an8flower":
+            raise ValueError(f"size: expected an int >= 32 for an8Flower, got {self.size!r}")
+        _check_int(self.test_fold, "test_fold", 0, 4)
+        _check_int(self.seed, "seed", 0, None)
+        if self.epochs is not None and (not _is_int(self.epochs) or self.epochs < 1):
+            raise ValueError(f"epochs: expected a positive int or None, got {self.epochs!r}")
+        if self.train_limit is not None:
+            _check_int(self.train_limit, "train_limit", 1, None, "or None (all images)")
+        if not isinstance(self.quick, bool):
+            raise TypeError(f"quick: expected a bool, got {type(self.quick).__name__} {self.quick!r}")
+        for arg in ("data_root", "runs_root"):
+            value = getattr(self, arg)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise TypeError(f"{arg}: expected a folder path (str or Path) or None, got "
+                                f"{type(value).__name__} {value!r}")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name or "/" in self.name
+                                      or self.name.startswith(".")):
+            raise ValueError(f"name: expected a folder name without '/' or a leading '.', or None, got {self.name!r}")
+
+    @classmethod
+    def from_params(cls, quick: bool = False, **params: Any) -> "RunConfig":
+        """The notebooks' parameters → a config; ``quick`` shrinks size and data for CI."""
+        params = {k: v for k, v in params.items() if v is not None}
+        if quick:  # the CI setting overrides size and data volume, whatever the full setting says
+            params["size"] = min(int(params.get("size", QUICK_SIZE)), QUICK_SIZE)
+            params["train_limit"] = min(int(params.get("train_limit", QUICK_TRAIN_LIMIT)), QUICK_TRAIN_LIMIT)
+        return cls(quick=quick, **params)
+
+    @property
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.dataset == "mnist":
+            base = "mnist"
+        else:
+            base = f"an8flower-{self.variant}-s{self.size}-f{self.test_fold}"
+        tag = "-quick" if self.quick else ""
+        # settings that change the trained model are part of the name, so a run folder never
+        # hands one setting's checkpoint to another
+        if self.epochs is not None:
+            tag += f"-e{self.epochs}"
+        if self.train_limit is not None and not (self.quick and self.train_limit == QUICK_TRAIN_LIMIT):
+            tag += f"-n{self.train_limit}"
+        return f"{base}-seed{self.seed}{tag}"
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data_root) if self.data_root else work_dir("data")
+
+    @property
+    def runs_dir(self) -> Path:
+        return Path(self.runs_root) if self.runs_root else work_dir("runs")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    """``runs_root/<run name>/`` (made if missing; the runs root gets its artifact index)."""
+    path = cfg.runs_dir / cfg.run_name
+    path.mkdir(parents=True, exist_ok=True)
+    (cfg.runs_dir / _store.STORE_DIR).mkdir(exist_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------------- content keys
+def _data_spec(cfg: RunConfig) -> dict[str, Any]:
+    spec: dict[str, Any] = {"dataset": cfg.dataset, "root": str(cfg.data_dir.resolve())}
+    if cfg.dataset == "an8flower":
+        spec.update(variant=cfg.variant, size=cfg.size, seed=cfg.seed)
+    return spec
+
+
+def _data_fingerprint(spec: dict[str, Any]) -> str | None:
+    """The fingerprint of the data a spec names as it is on disk now; None when it is not there.
+    an8Flower: its manifest (render version, settings, CRC of the index of every image and
+    mask); MNIST: the sha256 of each IDX file."""
+    if spec["dataset"] == "an8flower":
+        from ..data.an8flower import cache_dir
+
+        man = cache_dir(spec["root"], spec["variant"], spec["size"], spec["seed"]) / "manifest.json"
+        if not man.is_file():
+            return None
+        try:
+            return _store.key("an8flower-manifest", read_json(man))
+        except ValueError:
+            return None
+    if spec["dataset"] == "mnist":
+        from ..data.mnist import mnist_files
+
+        files = mnist_files(spec["root"])
+        if not files:
+            return None
+        return _store.key("mnist-files", {k: [_store.file_fingerprint(p) for p in pair]
+                                          for k, pair in sorted(files.items())})
+    return None
+
+
+def data_record(cfg: RunConfig) -> dict[str, Any]:
+    """What a run's dataset is, with the fingerprint of its files as they are now (the data is
+    rendered or fetched first when missing)."""
+    spec = _data_spec(cfg)
+    fp = _data_fingerprint(spec)
+    if fp is None:
+        load_data(cfg, progress=False)
+        fp = _data_fingerprint(spec)
+    if fp is None:
+        raise RuntimeError(f"data: no {cfg.dataset} data under {cfg.data_dir} after preparing it")
+    return {**spec, "fingerprint": fp}
+
+
+def _data_record_now(cfg: RunConfig) -> dict[str, Any]:
+    """The data record as the files are now, without rendering or fetching (fingerprint None
+    when the data is not there)."""
+    spec = _data_spec(cfg)
+    return {**spec, "fingerprint": _data_fingerprint(spec)}
+
+
+def _data_ok(record: dict[str, Any]) -> bool:
+    try:
+        return _data_fingerprint(record) == record.get("fingerprint")
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def split_key(cfg: RunConfig, split: str, dataset: Any) -> str:
+    """The content key of a split: the fingerprint of the run's dataset on disk (its manifest or
+    files' hashes) and the split's image indices; for a dataset that is not on disk (built in
+    memory), the bytes of every item of the split."""
+    indices = np.asarray(getattr(dataset, "indices", np.arange(len(dataset))), dtype=np.int64)
+    fp = _data_record_now(cfg)["fingerprint"]
+    if fp is None:
+        fp = _store.items_fingerprint(dataset)
+    return _store.key("split", {"split": split}, {"data": fp, "indices": _store.array_fingerprint(indices)})
+
+
+def _checkpoint_settings(cfg: RunConfig) -> dict[str, Any]:
+    from .. import models
+
+    s = {"dataset": cfg.dataset, "seed": cfg.seed, "train_limit": cfg.train_limit,
+         "epochs": cfg.epochs or models.default_epochs(cfg.dataset, quick=cfg.quick),
+         "min_train_accuracy": MIN_TRAIN_ACCURACY, "train_attempts": TRAIN_ATTEMPTS}
+    if cfg.dataset == "an8flower":
+        s.update(variant=cfg.variant, size=cfg.size, test_fold=cfg.test_fold)
+    return s
+
+
+def checkpoint_key(cfg: RunConfig) -> str:
+    """The content key of a run's trained model: its training settings and its data."""
+    return _store.key("checkpoint", _checkpoint_settings(cfg), {"data": data_record(cfg)["fingerprint"]},
+                      CHECKPOINT_VERSION)
+
+
+def checkpoint_dir(cfg: RunConfig) -> Path:
+    """The folder of a run's checkpoint (``model.pt`` + ``meta.json``, renamed into place as one)."""
+    return run_dir(cfg) / f"checkpoint-{checkpoint_key(cfg)}"
+
+
+# ---------------------------------------------------------------------------- data
+def load_data(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, Dataset, list[str]]:
+    """The (train, test) datasets and the class names of a run.
+
+    an8Flower: test = the held-out fold (grouped by viewpoint), train = the other four.
+    MNIST: the fixed stratified 80/20 split of the digits found under ``data/``.
+    ``train_limit`` keeps a seeded, class-stratified subset of the training split.
+    """
+    if cfg.dataset == "an8flower":
+        from ..data.an8flower import An8Flower
+
+        full = An8Flower(cfg.data_dir, variant=cfg.variant, size=cfg.size, generate=True, seed=cfg.seed)
+        folds = full.index["fold"].to_numpy()
+        train_idx = np.flatnonzero(folds != cfg.test_fold)
+        test_idx = np.flatnonzero(folds == cfg.test_fold)
+        labels = full.index["label"].to_numpy()
+        classes = list(full.classes)
+    else:
+        from ..data.mnist import MnistDataset, load_mnist, stratified_split
+
+        images, labels_t = load_mnist(cfg.data_dir)
+        labels = np.asarray(labels_t)
+        full = MnistDataset(images, labels_t)
+        train_idx, test_idx = stratified_split(labels, test_fraction=0.2, seed=cfg.seed)
+        classes = list(full.classes)
+    if cfg.train_limit is not None and cfg.train_limit < len(train_idx):
+        train_idx = _stratified_subset(train_idx, labels[train_idx], cfg.train_limit, cfg.seed)
+        test_idx = _stratified_subset(test_idx, labels[test_idx], max(cfg.train_limit // 4, len(classes)),
+                                      cfg.seed + 1)
+    return Subset(full, train_idx.tolist()), Subset(full, test_idx.tolist()), classes
+
+
+def _stratified_subset(idx: np.ndarray, labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    per = max(1, n // len(classes))
+    keep = [rng.permutation(idx[labels == c])[:per] for c in classes]
+    return np.sort(np.concatenate(keep))
+
+
+# ---------------------------------------------------------------------------- model
+def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
+              data: tuple[Dataset, Dataset, list[str]] | None = None):
+    """Load the run's checkpoint, or train the reference model and save it. → (model, meta).
+
+    The initial weights are seeded by ``cfg.seed``. A training run of ≥ 3 epochs that stalls
+    (final training accuracy < :data:`MIN_TRAIN_ACCURACY`) is repeated from seed + 1000, + 2000
+    with a warning, and the best attempt is kept; ``meta["train_attempts"]`` lists them all."""
+    from .. import models
+
+    record = data_record(cfg)
+    ckey = checkpoint_key(cfg)
+    folder = checkpoint_dir(cfg)
+
+    def train_and_save():
+        return _train(cfg, data if data is not None else load_data(cfg, progress=progress), progress)
+
+    (model, meta), hit = _store.load_or_compute(
+        folder, ckey, "checkpoint", train_and_save, load=models.load_checkpoint,
+        save=lambda mm, tmp: models.save_checkpoint(tmp, mm[0], mm[1]), directory=True, recompute=retrain,
+        settings=_checkpoint_settings(cfg), inputs={"data": record["fingerprint"]}, data=[record],
+        version=CHECKPOINT_VERSION, root=cfg.runs_dir)
+    return (model, meta) if hit else models.load_checkpoint(folder)  # fresh: as a later load gives it
+
+
+def _train(cfg: RunConfig, data, progress: bool):
+    from .. import models
+
+    train, test, classes = data
+    epochs = cfg.epochs or models.default_epochs(cfg.dataset, quick=cfg.quick)
+    attempts: list[dict[str, Any]] = []
+    best = None
+    for attempt in range(TRAIN_ATTEMPTS):
+        seed = cfg.seed + 1000 * attempt
+        seed_everything(seed)  # the initial weights too: the same config gives the same model
+        if cfg.dataset == "mnist":
+            model = models.build_model("mnistnet", num_classes=len(classes))
+        else:
+            model = models.build_model("flowernet", num_classes=len(classes), size=cfg.size)
+        history = models.train_model(model, train, test, epochs=epochs, seed=seed, progress=progress)
+        acc = history["train_accuracy"][-1]
+        attempts.append({"seed": seed, "train_accuracy": acc, "test_accuracy": history.get("final_test_accuracy")})
+        if best is None or acc > best[2]["train_accuracy"][-1]:
+            best = (seed, model, history)
+        if acc >= MIN_TRAIN_ACCURACY or epochs < MIN_EPOCHS_TO_RETRY:
+            break
+        warnings.warn(f"training {cfg.run_name} with seed {seed} stalled at train accuracy {acc:.3f} "
+                      f"(< {MIN_TRAIN_ACCURACY}); " + ("starting again from another initialisation"
+                                                       if attempt + 1 < TRAIN_ATTEMPTS else
+                                                       f"keeping the best of {TRAIN_ATTEMPTS} attempts"))
+    seed, model, history = best
+    model.eval()
+    meta = {
+        "config": cfg.to_dict(),
+        "classes": classes,
+        "epochs": epochs,
+        "history": history,
+        "test_accuracy": history.get("final_test_accuracy"),
+        "n_train": len(train),
+        "n_test": len(test),
+        "train_attempts": attempts,
+    }
+    return model, meta
+
+
+# ---------------------------------------------------------------------------- features
+def get_features(cfg: RunConfig, model: torch.nn.Module, split: str = "train", *, only_conv: bool = False,
+                 data: tuple[Dataset, Dataset, list[str]] | None = None, progress: bool = True, **kwargs):
+    """Filter-wise responses of a split (cached in the run folder by ``vxnb.features``)."""
+    from ..features import extract_features
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    train, test, classes = data if data is not None else load_data(cfg, progress=progress)
+    dataset = train if split == "train" else test
+    feats = extract_features(model, dataset, only_conv=only_conv, n_classes=len(classes),
+                             cache_dir=run_dir(cfg) / "features", data_key=split_key(cfg, split, dataset),
+                             progress=progress, **kwargs)
+    fkey = feats.meta.get("store_key")
+    if fkey:  # index it with the dataset it came from, so gc drops it when the data changes
+        from ..features import FORMAT_VERSION
+
+        _store.register(cfg.runs_dir, "features", fkey, run_dir(cfg) / "features" / f"features-{fkey}.npz",
+                        settings=feats.meta.get("key") or {}, data=[_data_record_now(cfg)], version=FORMAT_VERSION)
+    return feats
+
+
+def get_lasso_path(cfg: RunConfig, features, *, mu_max: float = 50.0, tag: str | None = None):
+    """The μ-lasso path of every class up to ``mu_max``, cached as
+    ``lasso-<tag>-mu<mu_max>-<key>.npz``; the key holds the settings and a fingerprint of the
+    statistics it was solved from (XᵀL and XᵀX), so a retrained model never reads another's
+    path. A damaged file is recomputed with a warning."""
+    from ..lasso import PATH_FORMAT_VERSION, LassoPath, lasso_path
+
+    tag = tag or ("conv" if all(k == "conv" for k in features.columns["kind"]) else "all")
+    tol = getattr(features, "lasso_tol", None)
+    settings = {"tag": tag, "mu_max": float(mu_max), "tol": tol}
+    inputs = {"features": _store.array_fingerprint(np.asarray(features.XtL, dtype=np.float64),
+                                                   np.asarray(features.G, dtype=np.float64))}
+    key = _store.key("lasso-path", settings, inputs, PATH_FORMAT_VERSION)
+    file = run_dir(cfg) / f"lasso-{tag}-mu{mu_max:g}-{key}.npz"
+    upstream = [k for k in [(getattr(features, "meta", None) or {}).get("store_key")] if k]
+    path, _ = _store.load_or_compute(
+        file, key, "lasso-path", lambda: lasso_path(features.G, features.XtL, mu_max=mu_max, tol=tol),
+        load=LassoPath.load, save=lambda p, tmp: p.save(tmp), settings=settings, inputs=inputs,
+        upstream=upstream, version=PATH_FORMAT_VERSION, root=cfg.runs_dir)
+    return path
+
+
+def save_table(cfg: RunConfig, name: str, frame) -> Path:
+    """Write a result table (pandas DataFrame) as ``<name>.csv`` into the run folder: under its
+    lock, atomically (not at all when the same table is there), indexed with the run's dataset
+    (so gc removes it when the data it was computed from changes)."""
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise ValueError(f"name: expected a file stem without '/' or a leading '.', got {name!r}")
+    if not isinstance(frame, pd.DataFrame):
+        raise TypeError(f"frame: expected a pandas DataFrame, got {type(frame).__name__}")
+    file = run_dir(cfg) / f"{name}.csv"
+    record = _data_record_now(cfg)  # a table is no reason to render or fetch data
+    text = frame.to_csv(index=False)
+    key = _store.key("table", {"name": name, "run": cfg.run_name}, {"data": record["fingerprint"]}, TABLE_VERSION)
+
+    def same(path: Path) -> bool:  # the same table is there already: nothing to write
+        if path.read_text() != text:
+            raise ValueError("another version of the table")
+        return True
+
+    _store.load_or_compute(file, key, "table", lambda: text, load=same, save=lambda t, tmp: tmp.write_text(t),
+                           settings={"name": name}, data=[record], version=TABLE_VERSION, root=cfg.runs_dir,
+                           quiet=True)
+    return file
+
+
+# ---------------------------------------------------------------------------- relevance study
+def relevance_study(cfg: RunConfig, *, mu: float = 10.0, mu_max: float = 50.0, n_random: int = 5,
+                    mus: tuple[float, ...] = (0.1, 0.5, 1, 2, 5, 10, 20, 50), progress: bool = True) -> dict[str, Any]:
+    """Sec. 4.1 for one run: relevant features of the All and OnlyConv pools at ``mu``, their
+    counts, the ablation curves on the test split (Fig. 4) and the class reconstruction over
+    ``mus`` (supplementary Fig. 10). Tables are saved as CSV in the run folder.
+
+    Returns ``{model, data, features, paths, relevant, counts, ablation, reconstruction}``.
+    """
+    from ..evaluate.ablation import ablation_curve, class_reconstruction
+    from ..relevance import feature_counts, relevant_features
+
+    data = load_data(cfg, progress=progress)
+    classes = data[2]
+    model, _ = get_model(cfg, data=data, progress=progress)
+    feats = {"All": get_features(cfg, model, "train", data=data, progress=progress)}
+    feats["OnlyConv"] = feats["All"].select(kind="conv")
+    paths = {k: get_lasso_path(cfg, f, mu_max=max(mu_max, mu, *mus), tag=k.lower()) for k, f in feats.items()}
+    relevant = {k: relevant_features(p.coef(mu), feats[k].columns, classes) for k, p in paths.items()}
+    counts = {k: feature_counts(r) for k, r in relevant.items()}
+    ablation = ablation_curve(model, data[1], relevant["All"], relevant["OnlyConv"], n_random=n_random,
+                              seed=cfg.seed, progress=progress)
+    test_feats = get_features(cfg, model, "test", data=data, progress=progress, keep_X=True)
+    recon = pd.concat([class_reconstruction(feats[k], test_feats.select(kind="conv") if k == "OnlyConv" else test_feats,
+                                            mus=mus, progress=progress).assign(pool=k) for k in feats],
+                      ignore_index=True)
+    save_table(cfg, f"ablation-mu{mu:g}", ablation)
+    save_table(cfg, "class-reconstruction", recon)
+    return {"model": model, "data": data, "features": feats, "paths": paths, "relevant": relevant,
+            "counts": counts, "ablation": ablation, "reconstruction": recon}
+
+
+# ---------------------------------------------------------------------------- gc
+#: Files older versions wrote without a content key; gc removes them when no index entry has them.
+_LEGACY = ("model.pt", "meta.json", "features-*.npz", "lasso-*.npz", "benchmark-*.json", "top_patches-*.csv")
+
+
+def _current_versions() -> dict[str, int]:
+    from .benchmark import RESULT_VERSION
+    from ..features import FORMAT_VERSION
+    from ..interpret import TOP_PATCHES_VERSION
+    from ..lasso import PATH_FORMAT_VERSION
+
+    return {"checkpoint": CHECKPOINT_VERSION, "features": FORMAT_VERSION, "lasso-path": PATH_FORMAT_VERSION,
+            "top-patches": TOP_PATCHES_VERSION, "benchmark-fold": RESULT_VERSION, "table": TABLE_VERSION}
+
+
+def gc(runs_root: str | Path | None = None, *, dry_run: bool = False) -> dict[str, Any]:
+    """Remove (``dry_run``: only list) the artifacts under ``runs_root`` that no current key
+    reaches: made by an older format, from data that has changed since (e.g. a new an8Flower
+    render version) or from an upstream artifact that is itself gone; temporary files of killed
+    writers; unkeyed files of older vxnb versions. Returns :func:`vxnb._store.gc`'s summary."""
+    root = Path(runs_root) if runs_root is not None else RunConfig().runs_dir
+    if not root.is_dir():
+        raise ValueError(f"runs_root: no folder at {root}")
+    return _store.gc(root, versions=_current_versions(), data_ok=_data_ok, legacy=_LEGACY, dry_run=dry_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m vxnb.studies.runs", description="Run folders and their artifacts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("gc", help="list and remove artifacts that no current key reaches")
+    g.add_argument("--runs-root", default=None, help="the runs folder (default: the repository's runs/)")
+    g.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    args = parser.parse_args(argv)
+    try:
+        res = gc(args.runs_root, dry_run=args.dry_run)
+    except ValueError as err:
+        parser.error(str(err))
+    for path, size in res["removed"]:
+        print(f"{'would remove' if args.dry_run else 'removed'} {path} ({_human(size)})")
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{len(res['removed'])} path(s), {verb} {_human(res['freed'])}; {res['kept']} artifact(s) kept")
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -18,7 +18,7 @@ def tiny_model(cfg, data=None, progress=True, **kwargs):
     return tiny_strided_net(N_CLASSES), {}
 
 
-if __name__ == "__main__":  # only the torchrun worker: importing this module patches nothing
+if __name__ == "__main__":  # only in the worker process: importing this module patches nothing
     runs.load_data = tiny_data
     runs.get_model = tiny_model
     from vxnb.extract import main

@@ -21,11 +21,15 @@ def setup_notebook() -> None:
     kernel started by the report, progress bars also reach its terminal
     (:func:`vxnb.utils.mirror_progress_to_terminal`)."""
     import plotly.io as pio
+    from plotly.offline import init_notebook_mode
 
     from .utils import mirror_progress_to_terminal
 
     pio.renderers.default = "plotly_mimetype+notebook"
     mirror_progress_to_terminal()
+    # plotly.js now, not at the first figure: HTML figures shown earlier (widgets.panel and
+    # offline_panel outputs) draw with window.Plotly, in JupyterLab and in the report pages
+    init_notebook_mode(connected=False)
 
 
 def to_uint8_rgb(image) -> np.ndarray:
@@ -310,6 +314,14 @@ def _message_figure(text: str, title: str | None = None):
     fig.update_layout(title=title, height=140 if title else 100, width=700, margin=dict(l=10, r=10, t=40 if title else 10, b=10),
                       plot_bgcolor="white")
     return fig
+
+
+__all__ += ["message_figure"]
+
+
+def message_figure(text: str, title: str | None = None):
+    """A figure that says ``text`` (a panel state with nothing to show), never an empty plot."""
+    return _message_figure(text, title)
 
 
 def average_image_grid(average_images, klass, *, classes: Sequence[str] | None = None,

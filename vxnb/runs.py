@@ -57,6 +57,8 @@ class RunConfig:
     size: an8Flower image size in pixels (MNIST is always 28).
     epochs: training epochs (None: the model's default for the dataset and mode).
     test_fold: the an8Flower fold held out for testing (folds are grouped by viewpoint).
+    folds: how an8Flower's viewpoints form folds: "views" (interleaved, ``view % 5``) or
+        "blocks" (eight neighbouring views per fold); see ``vxnb.data.an8flower.fold_of_view``.
     train_limit: use at most this many training images (None: all) — the quick setting.
     seed: seeds rendering, splitting, training and random baselines.
     data_root, runs_root: where data and run folders live (default: the repo's data/, runs/).
@@ -67,6 +69,7 @@ class RunConfig:
     size: int = 128
     epochs: int | None = None
     test_fold: int = 0
+    folds: str = "views"
     train_limit: int | None = None
     seed: int = 0
     quick: bool = False
@@ -83,6 +86,8 @@ class RunConfig:
             raise ValueError(f"size: expected an int >= 32 for an8Flower, got {self.size!r}")
         if not 0 <= self.test_fold < 5:
             raise ValueError(f"test_fold: expected 0..4, got {self.test_fold!r}")
+        if self.folds not in ("views", "blocks"):
+            raise ValueError(f"folds: expected one of 'views', 'blocks', got {self.folds!r}")
         if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
             raise ValueError(f"epochs: expected a positive int or None, got {self.epochs!r}")
 
@@ -103,6 +108,8 @@ class RunConfig:
             base = "mnist"
         else:
             base = f"an8flower-{self.variant}-s{self.size}-f{self.test_fold}"
+            if self.folds != "views":
+                base += f"-{self.folds}"
         tag = "-quick" if self.quick else ""
         # settings that change the trained model are part of the name, so a run folder never
         # hands one setting's checkpoint to another
@@ -142,9 +149,7 @@ def load_data(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, Dataset, 
         from .data.an8flower import An8Flower
 
         full = An8Flower(cfg.data_dir, variant=cfg.variant, size=cfg.size, generate=True, seed=cfg.seed)
-        folds = full.index["fold"].to_numpy()
-        train_idx = np.flatnonzero(folds != cfg.test_fold)
-        test_idx = np.flatnonzero(folds == cfg.test_fold)
+        train_idx, test_idx = full.fold_indices(cfg.test_fold, cfg.folds)
         labels = full.index["label"].to_numpy()
         classes = list(full.classes)
     else:

@@ -260,3 +260,37 @@ def test_explain_examples(tiny_config):
     from vxnb import plots
     fig = plots.benchmark_examples(ex, B.METHOD_LABELS)
     assert len(fig.data) == 3 * 4
+
+
+def test_part_reliance_by_hand():
+    # a "model" that reads the mean red of the top-left quarter: class 1 when it is bright
+    class Quarter(torch.nn.Module):
+        def forward(self, x):
+            v = x[:, 0, :4, :4].mean(dim=(1, 2))
+            return torch.stack([0.5 - v, v - 0.5], 1)
+
+    images = torch.zeros(4, 3, 8, 8)
+    images[:2, 0, :4, :4] = 1.0                       # class 1: a red top-left quarter
+    labels = torch.tensor([1, 1, 0, 0])
+    masks = torch.zeros(4, 8, 8, dtype=torch.bool)
+    masks[:, :4, :4] = True                           # the part is that quarter: right reason
+    rel = B.part_reliance(Quarter(), images, labels, masks).set_index("condition")["accuracy"]
+    # removed: the quarter takes the image's mean red (1/4): class 0 everywhere -> 2 of 4 right
+    assert rel.to_dict() == {"as is": 1.0, "part removed": 0.5, "only the part": 1.0}
+    masks[:] = False
+    masks[:, 4:, 4:] = True                           # a mask elsewhere: removing it changes nothing
+    rel = B.part_reliance(Quarter(), images, labels, masks).set_index("condition")["accuracy"]
+    assert rel["part removed"] == 1.0 and rel["only the part"] == 0.5
+    with pytest.raises(ValueError, match="masks: expected shape"):
+        B.part_reliance(Quarter(), images, labels, masks[:2])
+
+
+@pytest.mark.slow
+def test_fold_diagnosis(tiny_config):
+    d = B.fold_diagnosis(tiny_config, "single-6c", 0, k=2, n_test_images=6)
+    top = d["top"]
+    assert set(top.columns) >= {"class", "class_name", "layer", "channel", "n", "in_mask", "mask_share"}
+    assert top["n"].sum() <= 6 * 2 and ((top["in_mask"] >= 0) & (top["in_mask"] <= 1)).all()
+    assert list(d["reliance"]["condition"]) == ["as is", "part removed", "only the part"]
+    assert d["reliance"]["accuracy"].iloc[0] == pytest.approx(d["accuracy"])
+    assert 0 <= d["auc"]["ours"] <= 100 and d["n_relevant"] == int((d["relevant"]["weight"] != 0).sum())

@@ -274,10 +274,13 @@ def save_table(cfg: RunConfig, name: str, frame) -> Path:
 
 # ---------------------------------------------------------------------------- relevance study
 def relevance_study(cfg: RunConfig, *, mu: float = 10.0, mu_max: float = 50.0, n_random: int = 5,
-                    mus: tuple[float, ...] = (0.1, 0.5, 1, 2, 5, 10, 20, 50), progress: bool = True) -> dict[str, Any]:
+                    mus: tuple[float, ...] = (0.1, 0.5, 1, 2, 5, 10, 20, 50),
+                    random: tuple[str, ...] = ("matched", "union"), progress: bool = True) -> dict[str, Any]:
     """Sec. 4.1 for one run: relevant features of the All and OnlyConv pools at ``mu``, their
-    counts, the ablation curves on the test split (Fig. 4) and the class reconstruction over
-    ``mus`` (supplementary Fig. 10). Tables are saved as CSV in the run folder.
+    counts, the ablation curves on the test split (Fig. 4; ``random``: the Random control(s) of
+    ``vxnb.evaluate.ablation.ablation_curve``, per-layer matched and the paper's draw from the
+    union of the sets' layers) and the class reconstruction over ``mus`` (supplementary
+    Fig. 10). Tables are saved as CSV in the run folder.
 
     Returns ``{model, data, features, paths, relevant, counts, ablation, reconstruction}``.
     """
@@ -293,7 +296,7 @@ def relevance_study(cfg: RunConfig, *, mu: float = 10.0, mu_max: float = 50.0, n
     relevant = {k: relevant_features(p.coef(mu), feats[k].columns, classes) for k, p in paths.items()}
     counts = {k: feature_counts(r) for k, r in relevant.items()}
     ablation = ablation_curve(model, data[1], relevant["All"], relevant["OnlyConv"], n_random=n_random,
-                              seed=cfg.seed, progress=progress)
+                              seed=cfg.seed, random=random, progress=progress)
     test_feats = get_features(cfg, model, "test", data=data, progress=progress, keep_X=True)
     recon = pd.concat([class_reconstruction(feats[k], test_feats.select(kind="conv") if k == "OnlyConv" else test_feats,
                                             mus=mus, progress=progress).assign(pool=k) for k in feats],

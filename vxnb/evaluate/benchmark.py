@@ -61,7 +61,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, iou_curve, iou_per_image
+from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, iou_auc, iou_curve, iou_per_image
 from vxnb.evaluate.occlusion import DEFAULT_COVERAGE, mean_confidence_difference, occlusion_study
 from vxnb.utils import atomic_write_json, describe
 
@@ -88,6 +88,9 @@ __all__ = [
     "explain_examples",
     "compare_with_paper",
     "format_table",
+    "row_name",
+    "part_reliance",
+    "fold_diagnosis",
 ]
 
 #: The class-level maps (names of :func:`vxnb.baselines.attribution`).
@@ -908,3 +911,73 @@ def explain_examples(config: Any, variant: str, fold: int, positions: Sequence[i
     return {"images": images, "masks": torch.stack([torch.as_tensor(it[2]).bool() for it in items]),
             "labels": np.array([int(it[1]) for it in items]), "preds": preds.numpy(), "classes": list(data[2]),
             "positions": positions, "heatmaps": heat}
+
+
+# ============================================================================ why a fold fails
+def part_reliance(model: torch.nn.Module, images: torch.Tensor, labels: Any, masks: torch.Tensor) -> pd.DataFrame:
+    """Is the model right for the right reason? Its accuracy on ``images`` as they are, with the
+    class-defining part (``masks``) filled with the image's mean colour ("part removed"), and
+    with everything but the part so filled ("only the part"). A model that reads the part drops
+    to chance without it and stays accurate on it alone.
+
+    Returns one row per condition: ``condition, accuracy, n_images``.
+    """
+    from vxnb.evaluate.occlusion import batched_logits
+
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images: expected a (N, C, H, W) tensor, got {describe(images)}")
+    masks = torch.as_tensor(masks).bool()
+    if masks.shape != (images.shape[0], *images.shape[2:]):
+        raise ValueError(f"masks: expected shape {(images.shape[0], *images.shape[2:])}, got {tuple(masks.shape)}")
+    labels = torch.as_tensor(labels).long()
+    mean = images.mean(dim=(2, 3), keepdim=True).expand_as(images)
+    m = masks[:, None].expand_as(images)
+    rows = []
+    for name, x in (("as is", images), ("part removed", torch.where(m, mean, images)),
+                    ("only the part", torch.where(m, images, mean))):
+        pred = batched_logits(model, x).argmax(1)
+        rows.append({"condition": name, "accuracy": float((pred == labels).float().mean()),
+                     "n_images": int(len(labels))})
+    return pd.DataFrame(rows)
+
+
+def fold_diagnosis(config: Any, variant: str, fold: int, *, mu: float = 10.0, k: int = 5,
+                   n_test_images: int | None = 300, progress: bool = False) -> dict:
+    """Why "ours" scores what it scores on one fold: which features are selected, where they
+    respond, and whether the model is right for the right reason.
+
+    Returns ``{"relevant"``: the selected features per class (``Relevance.frame``),
+    ``"top"``: per top-k feature (class, layer, kind, channel): ``n`` (images where it is in the
+    top-k of the predicted class), ``mean_response``, ``in_mask`` (mean share of its resampled
+    heatmap's mass inside the image's part mask) and ``mask_share`` (the mask's share of the
+    image, what a map spread uniformly would get), ``"reliance"``: :func:`part_reliance`,
+    ``"auc"``: the area of ours and of Deconv+GB from the logit on these images}``.
+    """
+    from vxnb import runs
+    from vxnb.evaluate.occlusion import batched_logits
+    from vxnb.explain import combine_heatmaps, feature_heatmaps
+
+    cfg = fold_config(config, variant, fold)
+    data = runs.load_data(cfg, progress=progress)
+    model, _ = runs.get_model(cfg, data=data, progress=progress)
+    model.eval()
+    relevant = fold_relevant(cfg, model, mu, data=data, progress=progress)
+    images, labels, masks, _ = fold_data(cfg, n_test_images, data=data, progress=progress)
+    preds = batched_logits(model, images).argmax(1)
+    hk, r, feats = feature_heatmaps(model, relevant, images, k, preds, draw="resampled")
+    mk = masks.float()
+    mass = hk.sum(dim=(-2, -1)).clamp_min(1e-12)
+    inside = (hk * mk[:, None]).sum(dim=(-2, -1)) / mass                     # (N, k)
+    img = torch.as_tensor(feats["image"].to_numpy(dtype=np.int64).copy())
+    rank = torch.as_tensor(feats["rank"].to_numpy(dtype=np.int64).copy())
+    feats = feats.assign(in_mask=inside[img, rank].numpy(), mask_share=mk.mean(dim=(1, 2))[img].numpy())
+    top = (feats.groupby(["class", "layer", "kind", "channel"], sort=True)
+           .agg(n=("response", "size"), mean_response=("response", "mean"), in_mask=("in_mask", "mean"),
+                mask_share=("mask_share", "mean")).reset_index().sort_values(["class", "n"], ascending=[True, False]))
+    top.insert(1, "class_name", [relevant.classes[int(j)] for j in top["class"]])
+    ours = combine_heatmaps(hk, r, "weighted")
+    gb = method_heatmaps("deconv_gb", model, images, preds)
+    return {"relevant": relevant.frame, "top": top.reset_index(drop=True),
+            "reliance": part_reliance(model, images, labels, masks),
+            "auc": {"ours": float(iou_auc(ours, masks)), "deconv_gb": float(iou_auc(gb, masks))},
+            "accuracy": float((preds == labels).float().mean()), "n_relevant": int(np.count_nonzero(relevant.W))}

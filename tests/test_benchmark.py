@@ -294,3 +294,22 @@ def test_fold_diagnosis(tiny_config):
     assert list(d["reliance"]["condition"]) == ["as is", "part removed", "only the part"]
     assert d["reliance"]["accuracy"].iloc[0] == pytest.approx(d["accuracy"])
     assert 0 <= d["auc"]["ours"] <= 100 and d["n_relevant"] == int((d["relevant"]["weight"] != 0).sum())
+
+
+def test_tables_with_paper_puts_paper_numbers_beside_their_methods():
+    def result(offset):
+        rows = [{"variant": "single-6c", "fold": f, "method": m, "combine": c, "auc": 10.0 + offset + f}
+                for f in (0, 1) for m in B.METHODS for c in (("weighted", "max") if m in B.OURS_METHODS else ("",))]
+        empty = pd.DataFrame()
+        return B.BenchmarkResult(per_fold=pd.DataFrame(rows), curves=empty, occlusion=empty, timings=empty)
+
+    t = B.tables_with_paper({"views": result(0), "blocks": result(5)})
+    assert list(t.columns) == [("single-6c", "views"), ("single-6c", "blocks"), ("single-6c", "paper")]
+    assert t.loc["Ours (max)", ("single-6c", "paper")] == "22.5 ± 0.82"
+    assert t.loc["Upsam. Act. (weighted)", ("single-6c", "paper")] == "16.8 ± 2.63"
+    assert t.loc["Deconv+GB (max)", ("single-6c", "paper")] == "21.3 ± 0.77"
+    assert t.loc["GB from logit (class)", ("single-6c", "paper")] == "—"  # class-level: no paper number
+    assert t.loc["Ours (weighted)", ("single-6c", "views")] == "10.5 ± 0.71"
+    assert t.loc["Ours (weighted)", ("single-6c", "blocks")] == "15.5 ± 0.71"
+    with pytest.raises(TypeError, match="results: expected a non-empty"):
+        B.tables_with_paper({})

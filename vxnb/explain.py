@@ -21,6 +21,9 @@ response-weighted sum of the k normalised heatmaps, renormalised:
 
 with h_i = ``vxnb.deconv.heatmap(v_i)`` ∈ [0, 1] (the colour-summed |v_i|, min-max normalised per
 map) and r_i > 0 the response of feature i. Dividing c by Σ r_i would change nothing.
+``combine="max"`` takes the pixel-wise maximum of the k maps instead (the authors' released
+code). :func:`feature_heatmaps` returns the k maps before they are combined, drawn by the
+resampled or the plain DeconvNet+GB or as upsampled activation maps (Table 1's three rows).
 
 :func:`compare_methods` computes the paper's Fig. 2 / Fig. 7 comparison for chosen (layer,
 channel) pairs: upsampled activation maps, DeconvNet+GB (plain, ``resample=False``) and ours

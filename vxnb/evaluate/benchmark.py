@@ -88,6 +88,7 @@ __all__ = [
     "explain_examples",
     "compare_with_paper",
     "format_table",
+    "tables_with_paper",
     "row_name",
     "part_reliance",
     "fold_diagnosis",
@@ -981,3 +982,29 @@ def fold_diagnosis(config: Any, variant: str, fold: int, *, mu: float = 10.0, k:
             "reliance": part_reliance(model, images, labels, masks),
             "auc": {"ours": float(iou_auc(ours, masks)), "deconv_gb": float(iou_auc(gb, masks))},
             "accuracy": float((preds == labels).float().mean()), "n_relevant": int(np.count_nonzero(relevant.W))}
+
+
+def tables_with_paper(results: Mapping[str, "BenchmarkResult"], digits: int = 1) -> pd.DataFrame:
+    """Table 1 under several fold splits next to the paper's: ``{split: BenchmarkResult}`` →
+    one row per method (and combination), columns (variant, split) and (variant, "paper");
+    the paper's number stands beside the method that computes its row, "—" where it has none."""
+    if not isinstance(results, Mapping) or not results or \
+            not all(isinstance(r, BenchmarkResult) for r in results.values()):
+        raise TypeError(f"results: expected a non-empty {{split: BenchmarkResult}} dict, got {describe(results)}")
+    summ = pd.concat([r.summary().assign(split=s) for s, r in results.items()], ignore_index=True)
+    summ["cell"] = [f"{m:.{digits}f} ± {s:.2f}" if np.isfinite(s) else f"{m:.{digits}f}"
+                    for m, s in zip(summ["mean"], summ["std"])]
+    wide = summ.pivot(index=["method", "combine"], columns=["variant", "split"], values="cell")
+    order = _row_order(summ)
+    cols = []
+    for v in [v for v in VARIANTS if v in set(summ["variant"])]:
+        cols += [(v, s) for s in results if (v, s) in wide.columns]
+        paper = [PAPER_TABLE1.get(v, {}).get(m) for m, _ in order]
+        wide[(v, "paper")] = pd.Series([f"{p[0]:.{digits}f} ± {p[1]:.2f}" if p else "—" for p in paper],
+                                       index=pd.MultiIndex.from_tuples(order))
+        cols.append((v, "paper"))
+    out = wide.loc[order, cols].fillna("")
+    out.index = _labels(pd.DataFrame(order, columns=["method", "combine"]))
+    out.index.name = "method"
+    out.columns.names = ["variant", "folds"]
+    return out

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from vxnb import runs
+from vxnb.data import an8flower as A
 from vxnb.evaluate import benchmark as B
 from vxnb.evaluate.iou import iou_auc
 
@@ -290,6 +291,7 @@ def test_fold_diagnosis(tiny_config):
     d = B.fold_diagnosis(tiny_config, "single-6c", 0, k=2, n_test_images=6)
     top = d["top"]
     assert set(top.columns) >= {"class", "class_name", "layer", "channel", "n", "in_mask", "mask_share"}
+    assert set(top["class_name"]) <= set(A.variant_classes("single-6c"))
     assert top["n"].sum() <= 6 * 2 and ((top["in_mask"] >= 0) & (top["in_mask"] <= 1)).all()
     assert list(d["reliance"]["condition"]) == ["as is", "part removed", "only the part"]
     assert d["reliance"]["accuracy"].iloc[0] == pytest.approx(d["accuracy"])

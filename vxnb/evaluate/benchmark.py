@@ -975,10 +975,11 @@ def fold_diagnosis(config: Any, variant: str, fold: int, *, mu: float = 10.0, k:
     top = (feats.groupby(["class", "layer", "kind", "channel"], sort=True)
            .agg(n=("response", "size"), mean_response=("response", "mean"), in_mask=("in_mask", "mean"),
                 mask_share=("mask_share", "mean")).reset_index().sort_values(["class", "n"], ascending=[True, False]))
-    top.insert(1, "class_name", [relevant.classes[int(j)] for j in top["class"]])
+    top.insert(1, "class_name", [data[2][int(j)] for j in top["class"]])
     ours = combine_heatmaps(hk, r, "weighted")
     gb = method_heatmaps("deconv_gb", model, images, preds)
-    return {"relevant": relevant.frame, "top": top.reset_index(drop=True),
+    frame = relevant.frame.assign(class_name=lambda f: [data[2][int(j)] for j in f["class"]])
+    return {"relevant": frame, "top": top.reset_index(drop=True),
             "reliance": part_reliance(model, images, labels, masks),
             "auc": {"ours": float(iou_auc(ours, masks)), "deconv_gb": float(iou_auc(gb, masks))},
             "accuracy": float((preds == labels).float().mean()), "n_relevant": int(np.count_nonzero(relevant.W))}

@@ -275,9 +275,13 @@ def test_part_reliance_by_hand():
     labels = torch.tensor([1, 1, 0, 0])
     masks = torch.zeros(4, 8, 8, dtype=torch.bool)
     masks[:, :4, :4] = True                           # the part is that quarter: right reason
-    rel = B.part_reliance(Quarter(), images, labels, masks).set_index("condition")["accuracy"]
+    frame = B.part_reliance(Quarter(), images, labels, masks).set_index("condition")
+    rel = frame["accuracy"]
     # removed: the quarter takes the image's mean red (1/4): class 0 everywhere -> 2 of 4 right
     assert rel.to_dict() == {"as is": 1.0, "part removed": 0.5, "only the part": 1.0}
+    # per class: class 0 (no red quarter) is recognised by the absence of class 1's part
+    assert frame["accuracy[1]"].to_dict() == {"as is": 1.0, "part removed": 0.0, "only the part": 1.0}
+    assert frame["accuracy[0]"].to_dict() == {"as is": 1.0, "part removed": 1.0, "only the part": 1.0}
     masks[:] = False
     masks[:, 4:, 4:] = True                           # a mask elsewhere: removing it changes nothing
     rel = B.part_reliance(Quarter(), images, labels, masks).set_index("condition")["accuracy"]

@@ -921,7 +921,9 @@ def part_reliance(model: torch.nn.Module, images: torch.Tensor, labels: Any, mas
     with everything but the part so filled ("only the part"). A model that reads the part drops
     to chance without it and stays accurate on it alone.
 
-    Returns one row per condition: ``condition, accuracy, n_images``.
+    Returns one row per condition: ``condition, accuracy, n_images`` and ``accuracy[<c>]`` per
+    class label c present (a two-class model may recognise one class by the *absence* of the
+    other's part: then its accuracy does not drop without its own part).
     """
     from vxnb.evaluate.occlusion import batched_logits
 
@@ -936,9 +938,9 @@ def part_reliance(model: torch.nn.Module, images: torch.Tensor, labels: Any, mas
     rows = []
     for name, x in (("as is", images), ("part removed", torch.where(m, mean, images)),
                     ("only the part", torch.where(m, images, mean))):
-        pred = batched_logits(model, x).argmax(1)
-        rows.append({"condition": name, "accuracy": float((pred == labels).float().mean()),
-                     "n_images": int(len(labels))})
+        hit = (batched_logits(model, x).argmax(1) == labels).float()
+        rows.append({"condition": name, "accuracy": float(hit.mean()), "n_images": int(len(labels)),
+                     **{f"accuracy[{int(c)}]": float(hit[labels == c].mean()) for c in torch.unique(labels)}})
     return pd.DataFrame(rows)
 
 

@@ -136,7 +136,7 @@ def tiny_config(data_root, tmp_path_factory):
 
 @pytest.mark.slow
 def test_fold_loop_table_csv_and_auc(tiny_config):
-    res = B.run_benchmark(tiny_config, variants="single-6c", folds=(0, 1), **TINY)
+    res = B.run_benchmark(tiny_config, variants="single-6c", folds=(0, 1), quantus_images=4, **TINY)
     pf = res.per_fold
     assert len(pf) == 2 * N_ROWS and set(pf["method"]) == set(B.METHODS)
     assert set(pf.loc[pf["method"].isin(B.OURS_METHODS), "combine"]) == {"weighted", "max"}
@@ -163,9 +163,9 @@ def test_fold_loop_table_csv_and_auc(tiny_config):
     assert eff.loc["max", "mean_diff"] == pytest.approx((w["ours"] - w["ours_deconv"]).mean())
     assert eff.loc["max", "n_images"] == 12 and 0 <= eff.loc["max", "p_area"] <= 1
     assert 0 <= eff.loc["weighted", "grid_ours"] <= 1 and 0 <= eff.loc["weighted", "grid_deconv"] <= 1
-    # Quantus: one row per fold and result row, scores in [0, 1], refusals counted
+    # Quantus: one row per fold and result row on 4 of the 6 images, scores in [0, 1], refusals counted
     q = res.quantus_summary()
-    assert len(q) == N_ROWS and (q["n_scored"] + q["n_refused"] == 12).all()
+    assert len(q) == N_ROWS and (q["n_scored"] + q["n_refused"] == 8).all()
     assert ((q["pointing_game"].dropna() >= 0) & (q["pointing_game"].dropna() <= 1)).all()
     # FC features cannot be drawn as upsampled activation maps: counted per fold
     up = pf[pf["method"] == "ours_upsampled"]

@@ -354,12 +354,12 @@ def fold_relevant(cfg: Any, model: torch.nn.Module, mu: float = 10.0, *, data=No
 
 # ============================================================================ one fold
 def _settings(methods, mu, k, n_test_images, occlusion, occlusion_images, coverage, layer, thresholds,
-              combine=("weighted",), quantus=False) -> dict:
+              combine=("weighted",), quantus=False, quantus_images=100) -> dict:
     return {"methods": list(methods), "mu": float(mu), "k": int(k), "n_test_images": n_test_images,
             "occlusion": bool(occlusion), "occlusion_images": occlusion_images,
             "coverage": [float(c) for c in coverage], "layer": layer,
             "thresholds": [float(t) for t in np.asarray(thresholds)],
-            "combine": list(combine), "quantus": bool(quantus)}
+            "combine": list(combine), "quantus": bool(quantus), "quantus_images": quantus_images}
 
 
 def _result_file(folder: Path, settings: dict, checkpoint: Path) -> tuple[Path, str]:
@@ -375,7 +375,7 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
                   n_test_images: int | None = 300, occlusion: bool = True, occlusion_images: int | None = 100,
                   coverage: Sequence[float] = DEFAULT_COVERAGE, layer: str | None = None,
                   thresholds: Any = None, batch_size: int = 32, combine: Sequence[str] = ("weighted",),
-                  quantus: bool = False, progress: bool = True) -> dict:
+                  quantus: bool = False, quantus_images: int | None = 100, progress: bool = True) -> dict:
     """Run one fold of the protocol (no caching; :func:`run_fold` caches). Returns a JSON-ready dict.
 
     Keys: ``variant, fold, run, folds`` (the split), ``n_images, accuracy`` (of the model on the
@@ -383,7 +383,9 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
     ``n_relevant``, ``thresholds``; per result row (:func:`row_name`: the method, for our
     methods with the combination, e.g. ``"ours[max]"``): ``auc`` {row: %}, ``curve`` {row:
     IoU per threshold}, ``image_auc`` {row: area per image}, ``quantus`` {row:
-    :func:`vxnb.evaluate.quantus_metrics.localisation_metrics`} (with ``quantus=True``);
+    :func:`vxnb.evaluate.quantus_metrics.localisation_metrics`} (with ``quantus=True``, on a
+    class-stratified subset of ``quantus_images`` of the evaluated images: Quantus scores
+    image by image, ~0.03 s per image and metric);
     per draw of our features: ``grid`` {method: mean grid score of each image's drawn maps,
     at each feature's layer's total stride (NaN: no feature)}; ``top_features`` (records:
     class, layer, kind, channel, n (images where it is in the top-k), mean_response);
@@ -447,6 +449,7 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
     curve: dict[str, list[float]] = {}
     image_auc: dict[str, list[float]] = {}
     quantus_res: dict[str, dict] = {}
+    qsel = stratified_indices(labels.numpy(), quantus_images, seed=cfg.seed + 11) if quantus else None
     t0 = time.perf_counter()
     for name, h in heatmaps.items():
         thr, c = iou_curve(h, masks, t)
@@ -457,7 +460,7 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
         if quantus:
             from vxnb.evaluate.quantus_metrics import localisation_metrics
 
-            quantus_res[name] = localisation_metrics(h, masks)
+            quantus_res[name] = localisation_metrics(h[qsel], masks[qsel])
     seconds["scores"] = time.perf_counter() - t0
     occ_records: list[dict] = []
     if occlusion:
@@ -510,7 +513,8 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
     from vxnb import runs
 
     defaults = dict(methods=METHODS, mu=10.0, k=5, n_test_images=300, occlusion=True, occlusion_images=100,
-                    coverage=DEFAULT_COVERAGE, layer=None, thresholds=None, combine=("weighted",), quantus=False)
+                    coverage=DEFAULT_COVERAGE, layer=None, thresholds=None, combine=("weighted",), quantus=False,
+                    quantus_images=100)
     unknown = set(options) - set(defaults) - {"batch_size"}
     if unknown:
         raise TypeError(f"run_fold: unexpected option(s) {sorted(unknown)}; known: {sorted(defaults)}")
@@ -521,10 +525,11 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
     _check_positive_int(opts["k"], "k")
     _check_positive_int(opts["n_test_images"], "n_test_images", allow_none=True)
     _check_positive_int(opts["occlusion_images"], "occlusion_images", allow_none=True)
+    _check_positive_int(opts["quantus_images"], "quantus_images", allow_none=True)
     thr = DEFAULT_THRESHOLDS if opts["thresholds"] is None else opts["thresholds"]
     settings = _settings(opts["methods"], opts["mu"], opts["k"], opts["n_test_images"], opts["occlusion"],
                          opts["occlusion_images"], opts["coverage"], opts["layer"], thr, opts["combine"],
-                         opts["quantus"])
+                         opts["quantus"], opts["quantus_images"])
     folder = runs.run_dir(cfg)
     file, key = _result_file(folder, settings, folder / "model.pt")
     if file.exists() and not recompute:
@@ -772,6 +777,7 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
                   n_test_images: int | None = 300, occlusion: bool = True, occlusion_images: int | None = 100,
                   coverage: Sequence[float] = DEFAULT_COVERAGE, layer: str | None = None,
                   combine: str | Sequence[str] = ("weighted", "max"), quantus: bool = True,
+                  quantus_images: int | None = 100,
                   recompute: bool = False, save: bool = True, progress: bool = True) -> BenchmarkResult:
     """The five-fold an8Flower benchmark (Table 1) and the box-occlusion study.
 
@@ -789,7 +795,8 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
         occlusion: also run the box-occlusion study, on ``occlusion_images`` of those images.
         coverage: occlusion levels. layer: layer of the activation / Grad-CAM family.
         combine: how our top-k maps combine, one or both of "weighted", "max" (each is a row).
-        quantus: also score every row with Quantus's localisation metrics.
+        quantus: also score every row with Quantus's localisation metrics, on ``quantus_images``
+            of the evaluated images (a seeded class-stratified subset; None: all).
         recompute: ignore finished folds' cached results.
         save: write per_fold, table1, curves, occlusion and timings as CSV into the benchmark's
             run folder (:func:`benchmark_config`) with :func:`vxnb.runs.save_table`.
@@ -809,7 +816,8 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
                    n_test_images=_check_positive_int(n_test_images, "n_test_images", allow_none=True),
                    occlusion=bool(occlusion),
                    occlusion_images=_check_positive_int(occlusion_images, "occlusion_images", allow_none=True),
-                   coverage=tuple(coverage), layer=layer, combine=_check_combines(combine), quantus=bool(quantus))
+                   coverage=tuple(coverage), layer=layer, combine=_check_combines(combine), quantus=bool(quantus),
+                   quantus_images=_check_positive_int(quantus_images, "quantus_images", allow_none=True))
     jobs = [(v, f) for v, fs in plan.items() for f in fs]
     per_fold, curves, occ, timings, per_image, qrows, tops = [], [], [], [], [], [], []
     bar = tqdm(jobs, desc="an8Flower folds", disable=None if progress else True)

@@ -80,7 +80,7 @@ def test_top_k_is_argmax_of_response_by_hand(model, images, rel, columns):
 
 
 def test_combined_is_the_documented_weighted_sum(model, images, rel):
-    e = E.explain(model, rel, images[0], k=5, target=0)
+    e = E.explain(model, rel, images[0], k=5, target=0, combine="weighted")
     assert e.k >= 3 and e.heatmaps.shape == (e.k, 16, 16) and e.rgb.shape == (e.k, 3, 16, 16)
     c = torch.zeros(16, 16, dtype=torch.float64)
     for i, f in e.features.iterrows():
@@ -90,6 +90,10 @@ def test_combined_is_the_documented_weighted_sum(model, images, rel):
     c = (c - c.min()) / (c.max() - c.min())
     torch.testing.assert_close(e.combined.double(), c, atol=1e-5, rtol=1e-5)
     assert float(e.combined.min()) == 0.0 and float(e.combined.max()) == pytest.approx(1.0)
+    # the default is the pixel-wise maximum (what Table 1's numbers support)
+    m = E.explain(model, rel, images[0], k=5, target=0).combined
+    mx = e.heatmaps.amax(0)
+    torch.testing.assert_close(m, (mx - mx.min()) / (mx.max() - mx.min()), atol=1e-6, rtol=1e-6)
     # resample=False gives the plain DeconvNet maps
     ep = E.explain(model, rel, images[0], k=5, target=0, resample=False)
     f = e.features.iloc[0]
@@ -262,7 +266,7 @@ def test_combine_max_and_weighted_by_hand():
     # weighted: 0.5 h0 + 2 h2 = [[0.6, 1.3], [2.25, 0.1]] -> min 0.1, span 2.15
     want_w = (torch.tensor([[0.6, 1.3], [2.25, 0.1]]) - 0.1) / 2.15
     torch.testing.assert_close(E.combine_heatmaps(h, r, "weighted"), want_w)
-    torch.testing.assert_close(E.combine_heatmaps(h, r), want_w)  # the default
+    torch.testing.assert_close(E.combine_heatmaps(h, r), want_max)  # the default
     assert (E.combine_heatmaps(h, torch.zeros(3), "max") == 0).all()  # nothing responds: zeros
     with pytest.raises(ValueError, match="combine: expected one of 'weighted', 'max', got str 'mean'"):
         E.combine_heatmaps(h, r, "mean")

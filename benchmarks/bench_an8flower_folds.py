@@ -12,7 +12,7 @@ differences, and the time — also as a ratio to a reference measured in the sam
 at the benchmark's size), since wall times on a shared machine are noisy.
 
     python benchmarks/bench_an8flower_folds.py                 # single-6c, size 128, 5 folds, 300 images/fold
-    python benchmarks/bench_an8flower_folds.py --quick         # the CI setting of vxnb.runs (size 64, 1200
+    python benchmarks/bench_an8flower_folds.py --quick         # the CI setting of vxnb.studies.runs (size 64, 1200
                                                                # training images, 4 epochs), 2 folds, 60 test images
     python benchmarks/bench_an8flower_folds.py --variant single-6c double-12c --folds 0 1 2 3 4
     python benchmarks/bench_an8flower_folds.py --split views blocks   # Table 1 under both splits
@@ -24,17 +24,17 @@ delete the run folders to retrain).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import time
-
-import dataclasses
 
 import numpy as np
 import pandas as pd
 import torch
 
-from vxnb import models, runs
-from vxnb.evaluate import benchmark as B
+from vxnb import models
+from vxnb.studies import runs
+from vxnb.studies import benchmark as B
 
 
 def reference_step(size: int, repeats: int = 3) -> float:

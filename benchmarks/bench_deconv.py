@@ -23,7 +23,8 @@ import torch
 import torchvision
 from torch import nn
 
-from vxnb.deconv import _forward_to, grid_score, heatmap, visualize
+from vxnb._graph import forward_to
+from vxnb.deconv import grid_score, heatmap, visualize
 from vxnb.utils import atomic_path
 
 
@@ -45,7 +46,7 @@ def flower(size: int = 224, petals: int = 6) -> torch.Tensor:
 
 def top_channels(model: nn.Module, x: torch.Tensor, layer: str, k: int) -> list[int]:
     with torch.no_grad():
-        a = _forward_to(model.eval(), x, layer)
+        a = forward_to(model.eval(), x, layer)
     return a.flatten(2).norm(dim=2)[0].topk(k).indices.tolist()
 
 

@@ -31,7 +31,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Subset, TensorDataset
 
-from vxnb.interpret import TopPatches, average_images, collect_top_patches
+from vxnb.averages import average_images
+from vxnb.interpret import TopPatches, collect_top_patches
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_S = 120.0
@@ -72,7 +73,7 @@ def _model(args, classes, notes: list[str]):
     if models is None:
         raise SystemExit("vxnb.models is needed for the reference FlowerNet")
     try:
-        from vxnb.runs import RunConfig
+        from vxnb.studies.runs import RunConfig
         run = RunConfig(dataset="an8flower", variant="single-6c", size=args.size, runs_root=args.runs_root).run_name
     except Exception:  # noqa: BLE001 - the run naming is a convenience only
         run = f"an8flower-single-6c-s{args.size}-f0-seed0"

@@ -1,4 +1,4 @@
-"""Tests of the five-fold an8Flower benchmark (``vxnb.evaluate.benchmark``).
+"""Tests of the five-fold an8Flower benchmark (``vxnb.studies.benchmark``).
 
 The fold loop runs on a tiny configuration (an8Flower at 32 px, 48 training images, one epoch,
 two folds, six test images): it must produce Table 1 with every method and finite numbers,
@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 
-from vxnb import runs
 from vxnb.data import an8flower as A
-from vxnb.evaluate import benchmark as B
+from vxnb.studies import runs
+from vxnb.studies import benchmark as B
 from vxnb.evaluate.iou import iou_auc
 
 
@@ -46,7 +46,7 @@ def test_unknown_variant_and_fold_out_of_range():
         B.fold_config(cfg, "double", 0)
     with pytest.raises(ValueError, match="dataset='an8flower'"):
         B.run_benchmark(runs.RunConfig(dataset="mnist"), save=False)
-    with pytest.raises(TypeError, match="config: expected a vxnb.runs.RunConfig"):
+    with pytest.raises(TypeError, match="config: expected a vxnb.studies.runs.RunConfig"):
         B.run_benchmark({"size": 32}, save=False)
 
 

@@ -1,4 +1,4 @@
-"""vxnb.interpret: receptive fields vs gradient support, top-k vs brute force, crops, averages."""
+"""vxnb.interpret and vxnb.averages: receptive fields vs gradient support, top-k vs brute force, crops, averages."""
 from collections import OrderedDict
 
 import numpy as np
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vxnb.interpret import (ReceptiveField, TopPatches, average_images, collect_top_patches, crop_patch,
-                            receptive_field, receptive_fields)
+from vxnb.averages import average_images, crop_patch
+from vxnb.interpret import ReceptiveField, TopPatches, collect_top_patches, receptive_field, receptive_fields
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -630,7 +630,7 @@ def _masked_data():
 
 
 def _hand_averages():
-    from vxnb.interpret import AverageImage, AverageImages
+    from vxnb.averages import AverageImage, AverageImages
 
     conv_rf = ReceptiveField((4, 4), (2, 2), (0.0, 0.0))
     res = AverageImages()
@@ -648,7 +648,7 @@ def _hand_averages():
 
 
 def test_mask_overlap_hand_computed():
-    from vxnb.interpret import mask_overlap
+    from vxnb.averages import mask_overlap
 
     data, res = _masked_data(), _hand_averages()
     per = mask_overlap(res, data)
@@ -670,7 +670,7 @@ def test_mask_overlap_hand_computed():
 
 
 def test_mask_overlap_matches_painted_boxes_after_average_images():
-    from vxnb.interpret import mask_overlap
+    from vxnb.averages import mask_overlap
 
     model, x, _, relevant, tp = _setup_average()
     masks = torch.rand(len(x), 16, 16) > 0.7
@@ -693,7 +693,7 @@ def test_mask_overlap_matches_painted_boxes_after_average_images():
 
 
 def test_mask_overlap_bad_inputs():
-    from vxnb.interpret import mask_overlap
+    from vxnb.averages import mask_overlap
 
     res = _hand_averages()
     with pytest.raises(ValueError, match="mask"):

@@ -271,18 +271,26 @@ def test_estimator():
     with pytest.raises(NotFittedError):
         est.predict(X)
     assert est.fit(X, L) is est
-    np.testing.assert_array_equal(est.coef_, mu_lasso(X, L, 1.5))
+    np.testing.assert_array_equal(est.coef_, mu_lasso(X, L, 1.5).T)   # scikit-learn: (n_classes, n_features)
     assert est.n_features_in_ == 30 and est.n_classes_ == 3
-    np.testing.assert_allclose(est.predict(X), X @ est.coef_)
-    np.testing.assert_allclose(est.objective_, lasso_objective(X, L, est.coef_), rtol=1e-6)
+    np.testing.assert_allclose(est.predict(X), X @ est.coef_.T)
+    np.testing.assert_allclose(est.objective_, lasso_objective(X, L, est.coef_.T), rtol=1e-6)
     np.testing.assert_allclose(est.path_.coef(0.5), mu_lasso(X, L, 0.5), atol=1e-12)
     g = clone(est).set_params(mu=0.7).fit_gram(X.T @ X, X.T @ L, L.T @ L)
-    np.testing.assert_allclose(g.coef_, mu_lasso_gram(X.T @ X, X.T @ L, 0.7), atol=0)
-    np.testing.assert_allclose(g.objective_, lasso_objective(X, L, g.coef_), rtol=1e-9)
+    np.testing.assert_allclose(g.coef_.T, mu_lasso_gram(X.T @ X, X.T @ L, 0.7), atol=0)
+    np.testing.assert_allclose(g.objective_, lasso_objective(X, L, g.coef_.T), rtol=1e-9)
     assert g.get_params()["mu"] == 0.7
     assert MuLasso(mu=0.7).fit_gram(X.T @ X, X.T @ L).objective_ is None
     with pytest.raises(ValueError, match="features"):
         est.predict(X[:, :10])
+
+
+def test_estimator_passes_scikit_learns_checks():
+    from sklearn.utils.estimator_checks import check_estimator
+
+    results = check_estimator(MuLasso(mu=1.0, progress=False), on_fail=None)
+    failed = [f"{r['check_name']}: {r['exception']}" for r in results if r["status"] == "failed"]
+    assert len(results) > 30 and failed == []
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vxnb import plots
-from vxnb.explain import COMPARISON_METHODS, Comparison, Explanation
+from vxnb.explanations import COMPARISON_METHODS, Comparison, Explanation
 
 
 def _explanation(k: int, predicted: int = 1, target: int = 1) -> Explanation:

@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 
 from vxnb import plots
-from vxnb.interpret import AverageImage, AverageImages, ReceptiveField
+from vxnb.averages import AverageImage, AverageImages
+from vxnb.interpret import ReceptiveField
 
 
 def _item(klass, feature, layer, channel, kind, weight, seed, with_maps=True):

@@ -6,7 +6,7 @@ import tarfile
 import pytest
 
 from vxnb import report
-from vxnb.runs import RunConfig
+from vxnb.studies.runs import RunConfig
 
 
 def _nb(path, title, line):
@@ -204,7 +204,7 @@ def test_lasso_path_cache_follows_the_statistics(tmp_path):
     import numpy as np
     import pandas as pd
 
-    from vxnb import runs
+    from vxnb.studies import runs
 
     rng = np.random.default_rng(0)
     cols = pd.DataFrame({"kind": ["conv"] * 6})
@@ -247,7 +247,8 @@ def _tiny_data():
 def test_stalled_training_is_repeated_from_another_seed_and_init_is_seeded(tmp_path, monkeypatch):
     import torch
 
-    from vxnb import models, runs
+    from vxnb import models
+    from vxnb.studies import runs
 
     train, calls = _fake_training([0.33, 0.99, 0.5])
     monkeypatch.setattr(models, "train_model", train)
@@ -269,7 +270,8 @@ def test_stalled_training_is_repeated_from_another_seed_and_init_is_seeded(tmp_p
 def test_training_keeps_the_best_attempt_and_short_runs_are_not_retried(tmp_path, monkeypatch):
     import warnings
 
-    from vxnb import models, runs
+    from vxnb import models
+    from vxnb.studies import runs
 
     train, calls = _fake_training([0.2, 0.4, 0.3])
     monkeypatch.setattr(models, "train_model", train)

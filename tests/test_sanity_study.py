@@ -1,4 +1,4 @@
-"""vxnb.evaluate.sanity_study: the tables of notebook 06 (class sensitivity, randomisation)."""
+"""vxnb.studies.sanity_study: the tables of notebook 06 (class sensitivity, randomisation)."""
 
 import numpy as np
 import pandas as pd
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from vxnb import explain as E
-from vxnb.evaluate import sanity_study as S
+from vxnb import explanations as E
+from vxnb.studies import sanity_study as S
 from vxnb.evaluate.sanity import spearman, ssim
 from vxnb.features import default_layers, feature_columns
 
@@ -180,7 +180,7 @@ def test_study_bad_input(model, images):
         S.sanity_study({}, model, images)
     with pytest.raises(ValueError, match="layers"):
         S.sanity_study({"b": class_blind}, model, images, layers=["nope"])
-    with pytest.raises(TypeError, match="cfg: expected a vxnb.runs.RunConfig"):
+    with pytest.raises(TypeError, match="cfg: expected a vxnb.studies.runs.RunConfig"):
         S.run_study({"dataset": "mnist"})
 
 

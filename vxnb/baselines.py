@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vxnb.deconv import _first_conv_in_channels, _forward_to, _model_device_dtype, _run_backward
+from vxnb._graph import first_conv_in_channels, forward_to, model_device_dtype
+from vxnb.deconv import run_backward
 from vxnb.utils import check_image_batch, eval_mode, get_module
 
 __all__ = ["METHODS", "METHOD_LABELS", "attribution", "default_target_layer"]
@@ -73,8 +74,8 @@ def default_target_layer(model: nn.Module, x: Tensor) -> str:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    x = check_image_batch(x, "x", channels=_first_conv_in_channels(model))
-    device, dtype = _model_device_dtype(model, x)
+    x = check_image_batch(x, "x", channels=first_conv_in_channels(model))
+    device, dtype = model_device_dtype(model, x)
     calls: list[tuple[str, nn.Module, Any]] = []
     handles = [m.register_forward_hook(lambda mod, inp, out, _n=n: calls.append((_n, mod, out)))
                for n, m in model.named_modules() if n]
@@ -158,7 +159,7 @@ def _deconv_gb(model: nn.Module, x: Tensor, t: Tensor) -> Tensor:
         g = torch.zeros_like(out)
         g[torch.arange(out.shape[0], device=out.device), t] = 1.0
         return g
-    v = _run_backward(model, x, None, False, seed, 1)[:, 0]  # (B, C, H, W)
+    v = run_backward(model, x, None, False, seed, 1)[:, 0]  # (B, C, H, W)
     return v.abs().sum(dim=1)
 
 
@@ -207,12 +208,12 @@ def attribution(method: str, model: nn.Module, x: Tensor, target: int | Sequence
         raise ValueError(f"method: expected one of {', '.join(METHODS)}; got {method!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    x = check_image_batch(x, "x", channels=_first_conv_in_channels(model))
+    x = check_image_batch(x, "x", channels=first_conv_in_channels(model))
     if channel is not None and method != "activation":
         raise ValueError(f"channel: only used by method 'activation', got channel={channel!r} with {method!r}")
     if layer is not None:
         get_module(model, layer)
-    device, dtype = _model_device_dtype(model, x)
+    device, dtype = model_device_dtype(model, x)
     x = x.to(device=device, dtype=dtype)
     B, size = x.shape[0], tuple(x.shape[-2:])
     with eval_mode(model):
@@ -229,7 +230,7 @@ def attribution(method: str, model: nn.Module, x: Tensor, target: int | Sequence
                 layer = default_target_layer(model, x)
             module = get_module(model, layer)
             with torch.no_grad():
-                a = _forward_to(model, x, layer)
+                a = forward_to(model, x, layer)
             if a.dim() != 4:
                 raise ValueError(f"layer: method {method!r} needs a convolutional layer (output (B, C, h, w)); "
                                  f"{layer!r} outputs shape {tuple(a.shape)} (a fully connected layer?)")

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from vxnb._graph import first_conv_in_channels, forward_to, model_device_dtype
 from vxnb.utils import check_image_batch, eval_mode, get_module
 
 __all__ = [
@@ -454,19 +455,6 @@ def _classify(node: Any, reach: dict[Any, bool], tracer: _Tracer,
 # visualize
 # --------------------------------------------------------------------------------------
 
-class _StopForward(Exception):
-    def __init__(self, output: Any) -> None:
-        super().__init__()
-        self.output = output
-
-
-def _first_conv_in_channels(model: nn.Module) -> int | None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    return None
-
-
 def _check_channels(channels: Any) -> list[int]:
     if isinstance(channels, (bool, np.bool_)):
         raise TypeError(f"channels: expected an int or a sequence of ints, got {channels!r}")
@@ -491,36 +479,6 @@ def _check_channels(channels: Any) -> list[int]:
     return out
 
 
-def _model_device_dtype(model: nn.Module, x: Tensor) -> tuple[torch.device, torch.dtype]:
-    for p in model.parameters():
-        return p.device, (p.dtype if p.is_floating_point() else x.dtype)
-    return x.device, x.dtype
-
-
-def _forward_to(model: nn.Module, x: Tensor, layer: str | None) -> Tensor:
-    """Run ``model`` on ``x`` until ``layer``'s first output (the model output if None)."""
-    if layer is None:
-        out = model(x)
-    else:
-        target = get_module(model, layer)
-
-        def stop(module: nn.Module, inp: Any, output: Any) -> None:
-            raise _StopForward(output)
-
-        handle = target.register_forward_hook(stop)
-        try:
-            model(x)
-        except _StopForward as s:
-            out = s.output
-        else:
-            raise ValueError(f"layer: module {layer!r} was not called during the forward pass")
-        finally:
-            handle.remove()
-    if not isinstance(out, Tensor):
-        raise TypeError(f"layer: expected {layer or 'the model'!r} to output a Tensor, got {type(out).__name__}")
-    return out
-
-
 def _backward(model: nn.Module, x: Tensor, layer: str | None, resample: bool,
               seed: Callable[[Tensor, int], Tensor], K: int, *, expand: bool = False) -> Tensor:
     """Core: forward to ``layer`` under the rules, check the graph, one batched backward.
@@ -536,7 +494,7 @@ def _backward(model: nn.Module, x: Tensor, layer: str | None, resample: bool,
         expand = expand and K > 1
         x_leaf = (x.repeat_interleave(K, 0) if expand else x).detach().requires_grad_(True)
         with tracer:
-            a = _forward_to(model, x_leaf, layer)
+            a = forward_to(model, x_leaf, layer)
         if a.grad_fn is None:
             raise ValueError(f"layer: the output of {layer!r} does not depend on the input")
         _check_graph(a.grad_fn, x_leaf, tracer, modules, resample)
@@ -625,13 +583,13 @@ def visualize(model: nn.Module, x: Tensor, layer: str, channels: int | Sequence[
         raise TypeError(f"resample: expected a bool, got {type(resample).__name__}")
     get_module(model, layer)  # unknown layer -> ValueError listing the names
     chans = _check_channels(channels)
-    x = check_image_batch(x, "x", channels=_first_conv_in_channels(model))
-    device, dtype = _model_device_dtype(model, x)
+    x = check_image_batch(x, "x", channels=first_conv_in_channels(model))
+    device, dtype = model_device_dtype(model, x)
     x = x.to(device=device, dtype=dtype)
-    return _run_backward(model, x, layer, resample, _channel_seed(chans, layer), len(chans))
+    return run_backward(model, x, layer, resample, _channel_seed(chans, layer), len(chans))
 
 
-def _run_backward(model: nn.Module, x: Tensor, layer: str | None, resample: bool,
+def run_backward(model: nn.Module, x: Tensor, layer: str | None, resample: bool,
                   seed: Callable[[Tensor, int], Tensor], K: int) -> Tensor:
     try:
         return _backward(model, x, layer, resample, seed, K)

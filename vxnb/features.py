@@ -51,6 +51,7 @@ from scipy.linalg.blas import dsyrk, ssyrk
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from . import distributed as _distributed
 from .utils import atomic_savez, check_layer_names, describe, eval_mode, get_device, get_module, model_device
 
 __all__ = [
@@ -449,7 +450,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 @contextlib.contextmanager
-def _on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
+def on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Run the block with the model on ``device``; move it back afterwards."""
     old = model_device(model)
     if _same_device(old, device) or next(iter(model.parameters()), None) is None:
@@ -462,7 +463,7 @@ def _on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
         model.to(old)
 
 
-def _resolve_device(model: nn.Module, device: Any) -> torch.device:
+def resolve_device(model: nn.Module, device: Any) -> torch.device:
     if device is not None:
         return get_device(device)
     own = model_device(model)
@@ -687,8 +688,8 @@ def _identity(x: Any) -> Any:
     return x
 
 
-def _as_loader(data: Any, batch_size: int, num_workers: int, pin: bool,
-               arg: str = "data") -> tuple[Iterable, Any, int | None, bool]:
+def as_loader(data: Any, batch_size: int, num_workers: int, pin: bool,
+              arg: str = "data") -> tuple[Iterable, Any, int | None, bool]:
     """(iterable of (index, batch), dataset, expected N or None, index_known)."""
     if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
@@ -740,12 +741,12 @@ class _count_index:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
         start = 0
         for batch in self.loader:
-            b = _split_batch(batch)[0].shape[0]
+            b = split_batch(batch)[0].shape[0]
             yield torch.arange(start, start + b), batch
             start += b
 
 
-def _split_batch(batch: Any, n_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def split_batch(batch: Any, n_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         raise ValueError(f"data: expected items (image, label) or (image, label, mask), got a batch of "
                          f"{describe(batch)}")
@@ -995,13 +996,242 @@ class _Pending:
             self.event.synchronize()
 
 
+def _check_extract_args(model: Any, layers: Any, only_conv: bool, keep_X: Any, max_bytes: Any, n_classes: Any,
+                        gram_dtype: Any, callbacks: Any, data_key: Any
+                        ) -> tuple[_Analysis, list[str], list[Callable[..., Any]]]:
+    """Validate :func:`extract_features`' arguments; (model analysis, layer names, callbacks)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
+    analysis = _analyse(model)
+    layers = _resolve_layers(model, layers, only_conv, analysis)
+    if not (keep_X is True or keep_X is False or (isinstance(keep_X, str) and keep_X == "auto")):
+        raise ValueError(f"keep_X: expected True, False or 'auto', got {keep_X!r}")
+    if not isinstance(max_bytes, (int, np.integer)) or isinstance(max_bytes, bool) or max_bytes < 0:
+        raise ValueError(f"max_bytes: expected an int ≥ 0, got {max_bytes!r}")
+    if n_classes is not None and (not isinstance(n_classes, (int, np.integer)) or isinstance(n_classes, bool)
+                                  or n_classes < 1):
+        raise ValueError(f"n_classes: expected a positive int or None, got {n_classes!r}")
+    if not (gram_dtype in (torch.float64, torch.float32) or (isinstance(gram_dtype, str) and gram_dtype == "auto")):
+        raise ValueError(f"gram_dtype: expected 'auto', torch.float64 or torch.float32, got {gram_dtype!r}")
+    if callable(callbacks):
+        callbacks = [callbacks]
+    callbacks = list(callbacks)
+    for i, cb in enumerate(callbacks):
+        if not callable(cb):
+            raise TypeError(f"callbacks[{i}]: expected a callable cb(outputs, index), got {describe(cb)}")
+    if data_key is not None and not isinstance(data_key, str):
+        raise TypeError(f"data_key: expected a str, got {describe(data_key)}")
+    return analysis, layers, callbacks
+
+
+def _cached_features(model: nn.Module, data: Any, ds: Any, layers: list[str], cache_dir: Any, data_key: str | None,
+                     n_classes: int | None, gram_dtype: Any, keep_X: Any, callbacks: list, shard: Any = None
+                     ) -> tuple[Path | None, dict[str, Any], Features | None]:
+    """(cache file or None, its key, the cached Features if the file holds this key and is usable).
+
+    Under ``torch.distributed`` rank 0 checks the file and the other ranks follow its decision."""
+    if cache_dir is None:
+        return None, {}, None
+    dkey = data_key if data_key is not None else _data_key(data, ds)
+    if dkey is None:
+        warnings.warn("cache_dir: an iterable dataset cannot be fingerprinted; pass data_key=... to cache it")
+        return None, {}, None
+    key_info = dict(version=FORMAT_VERSION, model=_model_key(model), data=dkey, layers=list(layers),
+                    n_classes=n_classes, gram_dtype=str(gram_dtype))
+    key = hashlib.blake2b(json.dumps(key_info, sort_keys=True).encode(), digest_size=12).hexdigest()
+    cache_path = Path(cache_dir) / f"features-{key}.npz"
+    hit, cached = None, None
+    if cache_path.is_file() and not callbacks and (shard is None or shard.rank == 0):
+        try:
+            cached = Features.load(cache_path)
+        except ValueError:
+            cached = None  # unreadable: recompute and overwrite
+        hit = cached is not None and cached.meta.get("key") == key_info and \
+            not (keep_X is True and cached.X is None)
+    if shard is not None and not callbacks and shard.decide(bool(hit), "sharing rank 0's cache check"):
+        hit, cached = True, Features.load(cache_path)
+        shard.finish()
+    if hit:
+        if keep_X is False:
+            cached.X = None
+        cached.meta["cache_hit"] = True
+        return cache_path, key_info, cached
+    return cache_path, key_info, None
+
+
+class _Stream:
+    """The pass of :func:`extract_features` over the data and what it accumulates.
+
+    Per batch: the layers' outputs → descriptors x (B, m) → G += xᵀx (:class:`_Gram`),
+    S[label] += x (XᵀL), the rows of X while they fit. The first batch fixes m (:meth:`_setup`).
+    On CUDA the host copies of x and of the non-finite flag are asynchronous and finished one
+    batch later (:meth:`_finish`), so the device never waits for the host. Under
+    ``torch.distributed`` / with checkpoints (``shard``, ``vxnb.distributed.Shard``) it resumes
+    from the checkpointed part, checkpoints as it goes and combines the ranks' parts.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[str], analysis: _Analysis, dev: torch.device,
+                 n_expected: int | None, n_total: int | None, n_classes: int | None, classes: list[str] | None,
+                 keep_X: Any, max_bytes: int, gram_dtype: Any, shard: Any, callbacks: list) -> None:
+        self.model, self.layers, self.analysis, self.dev = model, layers, analysis, dev
+        self.n_expected, self.n_classes, self.classes, self.max_bytes = n_expected, n_classes, classes, max_bytes
+        self.n_total = n_total  # the whole dataset's N (n_expected: this process's shard)
+        self.shard, self.callbacks = shard, callbacks
+        self.gram_dtype = gram_dtype
+        self.keep: bool | None = None if keep_X == "auto" else bool(keep_X)
+        self.is_cuda = dev.type == "cuda"
+        self.gram: _Gram | None = None
+        self.S: torch.Tensor | None = None
+        self.columns: pd.DataFrame | None = None
+        self.widths: list[int] | None = None
+        self.col_layer: torch.Tensor | None = None
+        self.x_rows: _Rows | None = None
+        self.label_chunks: list[np.ndarray] = []
+        self.index_chunks: list[np.ndarray] = []
+        if shard is not None:  # a resumed shard: its checkpointed part
+            self.label_chunks, self.index_chunks = shard.restored()
+            shard.restore_callbacks(callbacks)
+            if shard.gram_dtype is not None and isinstance(gram_dtype, str):
+                self.gram_dtype = getattr(torch, shard.gram_dtype.replace("torch.", ""))
+        self.c_cap = n_classes if n_classes is not None else (len(classes) if classes is not None else 1)
+
+    def _setup(self, raws: Sequence[torch.Tensor], bsz: int) -> None:
+        """First batch: now m is known."""
+        self.widths = [r.shape[1] for r in raws]
+        self.columns = feature_columns(self.model, self.layers, self.widths, self.analysis)
+        m = len(self.columns)
+        if isinstance(self.gram_dtype, str):  # "auto": needs m, known from the first batch
+            self.gram_dtype = _auto_gram_dtype(self.dev, self.n_total, m)
+        self.gram = _Gram(m, self.dev, self.gram_dtype, bsz, self.n_expected)
+        self.col_layer = _column_layers(self.widths, self.dev)
+        self.S = torch.zeros((self.c_cap, m), dtype=torch.float64, device=self.dev)
+        if self.keep is None and self.n_total is not None:
+            self.keep = self.n_total * m * 4 <= self.max_bytes
+
+    def _add(self, raws: Sequence[torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> _Pending:
+        """Accumulate one batch on the device; its host side is finished later (:meth:`_finish`)."""
+        dev, S = self.dev, self.S
+        raw, x, sums = _l1_normalise(raws, self.col_layer)
+        bad = ~torch.isfinite(sums).all()  # (B, layers), not (B, m): a NaN or inf shows in its layer's sum
+        self.gram.add(x)
+        # XᵀL: class sums
+        ymax = int(labels.max())
+        if ymax >= S.shape[0]:
+            S = self.S = torch.cat([S, torch.zeros((ymax + 1 - S.shape[0], S.shape[1]), dtype=S.dtype, device=dev)])
+        S.index_add_(0, labels.to(dev, non_blocking=True), x.double())
+        # host copies (asynchronous on CUDA, finished one batch later)
+        x_host = None
+        event = None
+        if self.keep is not False:
+            if self.is_cuda:
+                x_host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                x_host.copy_(x, non_blocking=True)
+            else:
+                x_host = x
+        if self.is_cuda:
+            bad_host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            bad_host.copy_(bad, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            bad = bad_host
+        return _Pending(raw, bad, x_host, event, labels, index)
+
+    def _finish(self, p: _Pending) -> None:
+        p.wait()
+        if bool(p.bad):
+            _check_nonfinite(p.raw, self.columns, self.layers, self.widths)  # raises, naming layer and channel
+        self.label_chunks.append(p.labels.numpy())
+        self.index_chunks.append(p.index.numpy())
+        if p.x_host is not None and self.keep is not False:
+            if self.x_rows is None:
+                self.x_rows = _Rows(p.x_host.shape[1], self.n_expected if self.keep else None)
+            self.x_rows.add(p.x_host.numpy())  # copied: the batch's tensor is freed at once
+            if self.keep is None and self.x_rows.nbytes > self.max_bytes:  # auto, N unknown: give up on X
+                self.keep = False
+                self.x_rows = None
+                warnings.warn(f"keep_X='auto': X exceeds max_bytes={self.max_bytes}; only G and XtL are kept")
+
+    def run(self, loader: Iterable, callbacks: list, progress: bool) -> None:
+        """One pass over ``loader``: hooks on, model on the device in eval mode, all undone after."""
+        total = None
+        try:
+            total = len(loader)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+        pending: _Pending | None = None
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(on_device(self.model, self.dev))
+            stack.enter_context(eval_mode(self.model))
+            rec = stack.enter_context(_Recorder(self.model, self.layers, keep_outputs=bool(callbacks)))
+            stack.enter_context(torch.inference_mode())
+            if self.dev.type == "cpu":  # syrk runs in numpy's BLAS: as many threads as torch uses
+                stack.enter_context(threadpool_limits(limits=torch.get_num_threads(), user_api="blas"))
+            for index, batch in tqdm(loader, total=total, desc="features", disable=None if progress else True,
+                                     leave=False):
+                images, labels = split_batch(batch, self.n_classes)
+                index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+                bsz = images.shape[0]
+                if bsz == 0:
+                    continue
+                if index.shape[0] != bsz:
+                    raise ValueError(f"data: {index.shape[0]} indices for a batch of {bsz} images")
+                rec.reset()
+                self.model(images.to(self.dev, non_blocking=True))
+                raws = rec.collect(bsz, self.widths)
+                if self.widths is None:
+                    self._setup(raws, bsz)
+                added = self._add(raws, labels, index)
+                for cb in callbacks:
+                    cb(dict(rec.outputs), index)
+                if pending is not None:
+                    self._finish(pending)
+                pending = added
+                if self.shard is not None and self.shard.due():  # a checkpoint: everything up to this batch
+                    self._finish(pending)
+                    pending = None
+                    self.gram.flush()
+                    self.shard.save(self.gram.result(), self.S, self.label_chunks, self.index_chunks,
+                                    None if self.x_rows is None else self.x_rows.result(), self.widths,
+                                    self.gram_dtype, callbacks)
+            if pending is not None:
+                self._finish(pending)
+            if self.gram is None and self.shard is None:
+                raise ValueError("data: no images (the data yielded no non-empty batch)")
+            self.G = None if self.gram is None else self.gram.result()
+            self.S_np = None if self.S is None else self.S.cpu().numpy()
+
+    def features(self, only_conv: bool, index_known: bool, key_info: dict[str, Any]) -> Features:
+        """The :class:`Features` of the finished pass."""
+        labels_np = np.concatenate(self.label_chunks).astype(np.int64) if self.label_chunks else np.zeros(0, np.int64)
+        index_np = np.concatenate(self.index_chunks).astype(np.int64) if self.index_chunks else np.zeros(0, np.int64)
+        X = self.x_rows.result() if self.keep is not False and self.x_rows is not None else None
+        G, S_np, widths, columns, shard = self.G, self.S_np, self.widths, self.columns, self.shard
+        if shard is not None:  # the resumed part and the other ranks' parts
+            G, S_np, labels_np, index_np, X, widths = shard.combine(G, S_np, labels_np, index_np, X, widths)
+            shard.sync(self.callbacks)
+            if columns is None:
+                columns = feature_columns(self.model, self.layers, widths, self.analysis)
+        C, classes = S_np.shape[0], self.classes
+        if self.n_classes is None:
+            C = len(classes) if classes is not None else int(labels_np.max()) + 1
+            if classes is not None and int(labels_np.max()) >= C:
+                raise ValueError(f"data: label {int(labels_np.max())} out of range for the dataset's {C} classes")
+        XtL = np.ascontiguousarray(S_np[:C].T)
+        meta = dict(layers=list(self.layers), only_conv=bool(only_conv), gram_dtype=str(self.gram_dtype),
+                    index_known=index_known, device=str(self.dev), key=key_info or None, cache_hit=False,
+                    world_size=1 if shard is None else shard.world)
+        return Features(G=G, XtL=XtL, labels=labels_np, index=index_np, columns=columns,
+                        layers=list(self.layers), n_classes=int(C), classes=classes, X=X, meta=meta)
+
+
 def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | None = None,
                      only_conv: bool = False, *, batch_size: int = 64, num_workers: int = 0,
                      device: str | torch.device | None = None, keep_X: bool | str = "auto",
                      max_bytes: int = 2**30, n_classes: int | None = None, cache_dir: str | os.PathLike | None = None,
                      data_key: str | None = None, gram_dtype: torch.dtype | str = "auto",
                      callbacks: Sequence[Callable[[dict[str, torch.Tensor], torch.Tensor], Any]] = (),
-                     progress: bool = True) -> Features:
+                     progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
+                     checkpoint_every: int = 100) -> Features:
     """Filter-wise responses x of every image of ``data`` and the statistics G = XᵀX, XᵀL.
 
     Args:
@@ -1040,6 +1270,16 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
             top images per feature in the same pass. Keeping the clones costs the memory of
             one batch of those layers' outputs.
         progress: tqdm progress bar.
+        checkpoint_dir, checkpoint_every: write this process's partial sums (and the callbacks'
+            states) to ``checkpoint_dir`` every ``checkpoint_every`` batches, atomically; a
+            restarted pass resumes from them (see ``vxnb.distributed``). ``data`` must then be a
+            Dataset.
+
+    Under ``torch.distributed`` (an initialised process group, e.g. started by ``torchrun``) each
+    rank streams its shard of ``data`` (a Dataset; every image counted once), the sums are
+    all-reduced in float64, labels/indices/X gathered in dataset order and callbacks with
+    ``sync_distributed()`` (``TopPatches``) merged: every rank returns what one process would.
+    Rank 0 writes the cache; the others wait for it at a barrier. See ``vxnb.distributed``.
 
     Returns:
         :class:`Features`.
@@ -1047,170 +1287,33 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     Memory: G takes m²·8 bytes (m = number of channels described; e.g. ~1 GB for VGG-11 with its
     two 4096-unit FC layers).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
-    analysis = _analyse(model)
-    layers = _resolve_layers(model, layers, only_conv, analysis)
-    if not (keep_X is True or keep_X is False or (isinstance(keep_X, str) and keep_X == "auto")):
-        raise ValueError(f"keep_X: expected True, False or 'auto', got {keep_X!r}")
-    if not isinstance(max_bytes, (int, np.integer)) or isinstance(max_bytes, bool) or max_bytes < 0:
-        raise ValueError(f"max_bytes: expected an int ≥ 0, got {max_bytes!r}")
-    if n_classes is not None and (not isinstance(n_classes, (int, np.integer)) or isinstance(n_classes, bool)
-                                  or n_classes < 1):
-        raise ValueError(f"n_classes: expected a positive int or None, got {n_classes!r}")
-    if not (gram_dtype in (torch.float64, torch.float32) or (isinstance(gram_dtype, str) and gram_dtype == "auto")):
-        raise ValueError(f"gram_dtype: expected 'auto', torch.float64 or torch.float32, got {gram_dtype!r}")
-    if callable(callbacks):
-        callbacks = [callbacks]
-    callbacks = list(callbacks)
-    for i, cb in enumerate(callbacks):
-        if not callable(cb):
-            raise TypeError(f"callbacks[{i}]: expected a callable cb(outputs, index), got {describe(cb)}")
-    if data_key is not None and not isinstance(data_key, str):
-        raise TypeError(f"data_key: expected a str, got {describe(data_key)}")
-    dev = _resolve_device(model, device)
-    loader, ds, n_expected, index_known = _as_loader(data, batch_size, num_workers, pin=dev.type == "cuda")
+    analysis, layers, callbacks = _check_extract_args(model, layers, only_conv, keep_X, max_bytes, n_classes,
+                                                      gram_dtype, callbacks, data_key)
+    dev = resolve_device(model, device)
+    # torch.distributed / checkpoints: this process's shard (None for a plain single-process pass)
+    shard = _distributed.Shard.open(data, batch_size=batch_size, num_workers=num_workers, pin=dev.type == "cuda",
+                                    fingerprint=lambda: {"model": _model_key(model), "layers": list(layers),
+                                                         "data": data_key or _data_key(data, data),
+                                                         "n_classes": n_classes, "gram_dtype": str(gram_dtype),
+                                                         "keep_X": keep_X},
+                                    checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+    progress = progress and (shard is None or shard.rank == 0)  # one progress bar, rank 0's
+    loader, ds, n_expected, index_known = as_loader(data if shard is None else shard.loader, batch_size,
+                                                    num_workers, pin=dev.type == "cuda")
+    n_total = n_expected if shard is None else shard.n  # the whole dataset's N, for the "auto" choices
     classes = _dataset_classes(ds)
     if n_classes is not None and classes is not None and len(classes) != n_classes:
         raise ValueError(f"n_classes: {n_classes} given, but the dataset has {len(classes)} classes")
-
-    # ---- cache
-    cache_path = None
-    key_info: dict[str, Any] = {}
-    if cache_dir is not None:
-        dkey = data_key if data_key is not None else _data_key(data, ds)
-        if dkey is None:
-            warnings.warn("cache_dir: an iterable dataset cannot be fingerprinted; pass data_key=... to cache it")
-        else:
-            key_info = dict(version=FORMAT_VERSION, model=_model_key(model), data=dkey, layers=list(layers),
-                            n_classes=n_classes, gram_dtype=str(gram_dtype))
-            key = hashlib.blake2b(json.dumps(key_info, sort_keys=True).encode(), digest_size=12).hexdigest()
-            cache_path = Path(cache_dir) / f"features-{key}.npz"
-            if cache_path.is_file() and not callbacks:
-                try:
-                    cached = Features.load(cache_path)
-                except ValueError:
-                    cached = None  # unreadable: recompute and overwrite
-                if cached is not None and cached.meta.get("key") == key_info and \
-                        not (keep_X is True and cached.X is None):
-                    if keep_X is False:
-                        cached.X = None
-                    cached.meta["cache_hit"] = True
-                    return cached
-
-    keep: bool | None = None if keep_X == "auto" else bool(keep_X)
-    is_cuda = dev.type == "cuda"
-    gram: _Gram | None = None
-    S = None
-    columns: pd.DataFrame | None = None
-    widths: list[int] | None = None
-    x_rows: _Rows | None = None
-    label_chunks: list[np.ndarray] = []
-    index_chunks: list[np.ndarray] = []
-    pending: _Pending | None = None
-    c_cap = n_classes if n_classes is not None else (len(classes) if classes is not None else 1)
-
-    def finish(p: _Pending) -> None:
-        nonlocal x_rows, keep
-        p.wait()
-        if bool(p.bad):
-            _check_nonfinite(p.raw, columns, layers, widths)  # raises, naming layer and channel
-        label_chunks.append(p.labels.numpy())
-        index_chunks.append(p.index.numpy())
-        if p.x_host is not None and keep is not False:
-            if x_rows is None:
-                x_rows = _Rows(p.x_host.shape[1], n_expected if keep else None)
-            x_rows.add(p.x_host.numpy())  # copied: the batch's tensor is freed at once
-            if keep is None and x_rows.nbytes > max_bytes:  # auto, N unknown: give up on X
-                keep = False
-                x_rows = None
-                warnings.warn(f"keep_X='auto': X exceeds max_bytes={max_bytes}; only G and XtL are kept")
-
-    total = None
-    try:
-        total = len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        pass
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_on_device(model, dev))
-        stack.enter_context(eval_mode(model))
-        rec = stack.enter_context(_Recorder(model, layers, keep_outputs=bool(callbacks)))
-        stack.enter_context(torch.inference_mode())
-        if dev.type == "cpu":  # syrk runs in numpy's BLAS: as many threads as torch uses
-            stack.enter_context(threadpool_limits(limits=torch.get_num_threads(), user_api="blas"))
-        for index, batch in tqdm(loader, total=total, desc="features", disable=None if progress else True,
-                                 leave=False):
-            images, labels = _split_batch(batch, n_classes)
-            index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
-            bsz = images.shape[0]
-            if bsz == 0:
-                continue
-            if index.shape[0] != bsz:
-                raise ValueError(f"data: {index.shape[0]} indices for a batch of {bsz} images")
-            rec.reset()
-            model(images.to(dev, non_blocking=True))
-            raws = rec.collect(bsz, widths)
-            if widths is None:  # first batch: now m is known
-                widths = [r.shape[1] for r in raws]
-                columns = feature_columns(model, layers, widths, analysis)
-                m = len(columns)
-                if isinstance(gram_dtype, str):  # "auto": needs m, known from the first batch
-                    gram_dtype = _auto_gram_dtype(dev, n_expected, m)
-                gram = _Gram(m, dev, gram_dtype, bsz, n_expected)
-                col_layer = _column_layers(widths, dev)
-                S = torch.zeros((c_cap, m), dtype=torch.float64, device=dev)
-                if keep is None and n_expected is not None:
-                    keep = n_expected * m * 4 <= max_bytes
-            raw, x, sums = _l1_normalise(raws, col_layer)
-            bad = ~torch.isfinite(sums).all()  # (B, layers), not (B, m): a NaN or inf shows in its layer's sum
-            gram.add(x)
-            # XᵀL: class sums
-            ymax = int(labels.max())
-            if ymax >= S.shape[0]:
-                S = torch.cat([S, torch.zeros((ymax + 1 - S.shape[0], S.shape[1]), dtype=S.dtype, device=dev)])
-            S.index_add_(0, labels.to(dev, non_blocking=True), x.double())
-            # host copies (asynchronous on CUDA, finished one batch later)
-            x_host = None
-            event = None
-            if keep is not False:
-                if is_cuda:
-                    x_host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-                    x_host.copy_(x, non_blocking=True)
-                else:
-                    x_host = x
-            if is_cuda:
-                bad_host = torch.empty((), dtype=torch.bool, pin_memory=True)
-                bad_host.copy_(bad, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                bad = bad_host
-            for cb in callbacks:
-                cb(dict(rec.outputs), index)
-            if pending is not None:
-                finish(pending)
-            pending = _Pending(raw, bad, x_host, event, labels, index)
-        if pending is not None:
-            finish(pending)
-        if gram is None:
-            raise ValueError("data: no images (the data yielded no non-empty batch)")
-        G_np = gram.result()
-        S_np = S.cpu().numpy()
-
-    labels_np = np.concatenate(label_chunks).astype(np.int64)
-    index_np = np.concatenate(index_chunks).astype(np.int64)
-    C = S_np.shape[0]
-    if n_classes is None:
-        C = len(classes) if classes is not None else int(labels_np.max()) + 1
-        if classes is not None and int(labels_np.max()) >= C:
-            raise ValueError(f"data: label {int(labels_np.max())} out of range for the dataset's {C} classes")
-    XtL = np.ascontiguousarray(S_np[:C].T)
-    X = None
-    if keep is not False and x_rows is not None:
-        X = x_rows.result()
-    meta = dict(layers=list(layers), only_conv=bool(only_conv), gram_dtype=str(gram_dtype),
-                index_known=index_known, device=str(dev), key=key_info or None, cache_hit=False)
-    feats = Features(G=G_np, XtL=XtL, labels=labels_np, index=index_np, columns=columns, layers=list(layers),
-                     n_classes=int(C), classes=classes, X=X, meta=meta)
-    if cache_path is not None:
+    cache_path, key_info, cached = _cached_features(model, data, ds, layers, cache_dir, data_key, n_classes,
+                                                    gram_dtype, keep_X, callbacks, shard)
+    if cached is not None:
+        return cached
+    stream = _Stream(model, layers, analysis, dev, n_expected, n_total, n_classes, classes, keep_X, max_bytes,
+                     gram_dtype, shard, callbacks)
+    stream.run(loader, callbacks, progress)
+    feats = stream.features(only_conv, index_known, key_info)
+    if cache_path is not None and (shard is None or shard.rank == 0):
         feats.save(cache_path)
+    if shard is not None:
+        shard.finish()
     return feats

@@ -916,7 +916,11 @@ def lasso_objective(X: Any, L: Any, W: Any, *, n_classes: int | None = None) -> 
 
 # ============================================================================ estimator
 class MuLasso(BaseEstimator):
-    """scikit-learn style μ-lasso: ``MuLasso(mu=10).fit(X, L).coef_`` (m, C).
+    """The μ-lasso as a scikit-learn estimator: ``MuLasso(mu=10).fit(X, L).coef_`` (C, m).
+
+    Follows scikit-learn's conventions (``coef_`` is (n_classes, n_features), the transpose of
+    the W (m, C) of :func:`mu_lasso`; ``predict(X) = X @ coef_.T``) and passes
+    ``sklearn.utils.estimator_checks.check_estimator``.
 
     Args:
         mu: the bound on ‖w_j‖₁ for every class.
@@ -926,7 +930,7 @@ class MuLasso(BaseEstimator):
         progress: tqdm progress bar (None: only on a terminal).
 
     Attributes:
-        coef_: (m, C) float64 weights.
+        coef_: (C, m) float64 weights, ``coef_[j]`` = w_j (``coef_.T`` is W).
         path_: the :class:`LassoPath` up to ``mu`` (``path_.coef(smaller_mu)`` is free).
         n_features_in_, n_classes_.
         objective_: (C,) ‖X w_j − l_j‖² (None after ``fit_gram`` without ``LtL``).
@@ -939,10 +943,15 @@ class MuLasso(BaseEstimator):
         self.n_jobs = n_jobs
         self.progress = progress
 
-    def fit(self, X: Any, L: Any, *, n_classes: int | None = None, column_names: Any = None) -> "MuLasso":
-        """Fit on X (N, m) and L (N, C) 0/1 or (N,) class indices."""
+    def fit(self, X: Any, y: Any, *, n_classes: int | None = None, column_names: Any = None) -> "MuLasso":
+        """Fit on X (N, m) and y = L (N, C) 0/1 or (N,) class indices."""
+        from sklearn.utils.multiclass import type_of_target
+        from sklearn.utils.validation import validate_data
+
         mu = _check_mu(self.mu)
-        self.path_, G, XtL, LtL = _fit(None, None, None, X, L, mu_max=mu, n_classes=n_classes,
+        X, y = validate_data(self, _torch_to_numpy(X), _torch_to_numpy(y), multi_output=True)
+        type_of_target(y, input_name="y", raise_unknown=True)  # class indices or 0/1 columns
+        self.path_, G, XtL, LtL = _fit(None, None, None, X, y, mu_max=mu, n_classes=n_classes,
                                        column_names=column_names, precision=self.precision, n_jobs=self.n_jobs,
                                        max_iter=None, progress=self.progress, tol=None)
         return self._finish(G, XtL, LtL)
@@ -957,7 +966,7 @@ class MuLasso(BaseEstimator):
 
     def _finish(self, G: np.ndarray, XtL: np.ndarray, LtL: np.ndarray | None) -> "MuLasso":
         W = self.path_.coef(float(self.mu))
-        self.coef_ = W
+        self.coef_ = np.ascontiguousarray(W.T)
         self.n_features_in_ = int(G.shape[0])
         self.n_classes_ = int(XtL.shape[1])
         if LtL is not None:  # ‖X w − l‖² = wᵀGw − 2 wᵀXᵀl + lᵀl, on the support of w only
@@ -971,11 +980,14 @@ class MuLasso(BaseEstimator):
         return self
 
     def predict(self, X: Any) -> np.ndarray:
-        """Class scores X W (N, C)."""
-        from sklearn.utils.validation import check_is_fitted
+        """Class scores X W = X @ coef_.T (N, C)."""
+        from sklearn.utils.validation import check_is_fitted, validate_data
 
         check_is_fitted(self, "coef_")
-        X = _check_X(X)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X: expected {self.n_features_in_} features (columns), got shape {X.shape}")
-        return np.asarray(X, dtype=np.float64) @ self.coef_
+        X = validate_data(self, _torch_to_numpy(X), reset=False)
+        return np.asarray(X, dtype=np.float64) @ self.coef_.T
+
+
+def _torch_to_numpy(a: Any) -> Any:
+    """A torch tensor as a numpy array (for scikit-learn's validation); anything else as it is."""
+    return a.detach().cpu().numpy() if hasattr(a, "detach") and hasattr(a, "cpu") else a

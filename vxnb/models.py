@@ -278,6 +278,61 @@ def _random_shift(x: torch.Tensor, generator: torch.Generator, max_frac: float =
     return torch.stack([padded[i, :, oy:oy + h, ox:ox + w] for i, (oy, ox) in enumerate(offs.tolist())])
 
 
+def _check_train_args(model: Any, train_data: Any, test_data: Any, epochs: Any, batch_size: Any, lr: Any,
+                      weight_decay: Any, max_grad_norm: Any, augment: Any) -> tuple:
+    """Validate :func:`train_model`'s arguments, filling ``None`` from :func:`train_defaults`;
+    (train_data, test_data, epochs, batch_size, lr, max_grad_norm, augment)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
+    train_data = _check_dataset(train_data, "train_data")
+    if test_data is not None:
+        test_data = _check_dataset(test_data, "test_data")
+    epochs = _check_int(epochs, "epochs", 1)
+    defaults = train_defaults(model)
+    batch_size = defaults["batch_size"] if batch_size is None else batch_size
+    lr = defaults["lr"] if lr is None else lr
+    augment = defaults["augment"] if augment is None else augment
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    lr = _check_positive(lr, "lr")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f"weight_decay: expected a number ≥ 0, got {weight_decay!r}")
+    if max_grad_norm is not None:
+        max_grad_norm = _check_positive(max_grad_norm, "max_grad_norm")
+    if not (isinstance(augment, bool) or callable(augment)):
+        raise TypeError(f"augment: expected a bool or a callable on (B, C, H, W) batches, got {describe(augment)}")
+    return train_data, test_data, epochs, batch_size, lr, max_grad_norm, augment
+
+
+def _train_epoch(model: nn.Module, loader: Any, opt: Any, sched: Any, dev: torch.device, augment: Any,
+                 aug_gen: torch.Generator, max_grad_norm: float | None, lr: float, epoch: int,
+                 bar: Any) -> tuple[float, float]:
+    """One pass over ``loader`` in train mode; (mean loss, accuracy) of the pass."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for batch in loader:
+        x, y = _split_batch(batch, dev)
+        if augment is True:
+            x = _random_shift(x, aug_gen)
+        elif callable(augment):
+            x = augment(x)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower lr={lr}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        opt.step()
+        sched.step()
+        total_loss += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        bar.update(1)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return total_loss / seen, correct / seen
+
+
 def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None = None, *, epochs: int,
                 batch_size: int | None = None, lr: float | None = None, weight_decay: float = 1e-4,
                 max_grad_norm: float | None = 5.0, seed: int = 0,
@@ -309,24 +364,8 @@ def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None
         "test_accuracy": [per epoch] or [], "final_test_accuracy": float | None, "epoch_seconds":
         [...], "seconds": total wall-clock, "cpu_seconds": this process's CPU time, "epochs", "batch_size", "lr", "weight_decay", "seed", "device"}``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
-    train_data = _check_dataset(train_data, "train_data")
-    if test_data is not None:
-        test_data = _check_dataset(test_data, "test_data")
-    epochs = _check_int(epochs, "epochs", 1)
-    defaults = train_defaults(model)
-    batch_size = defaults["batch_size"] if batch_size is None else batch_size
-    lr = defaults["lr"] if lr is None else lr
-    augment = defaults["augment"] if augment is None else augment
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    lr = _check_positive(lr, "lr")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-        raise ValueError(f"weight_decay: expected a number ≥ 0, got {weight_decay!r}")
-    if max_grad_norm is not None:
-        max_grad_norm = _check_positive(max_grad_norm, "max_grad_norm")
-    if not (isinstance(augment, bool) or callable(augment)):
-        raise TypeError(f"augment: expected a bool or a callable on (B, C, H, W) batches, got {describe(augment)}")
+    train_data, test_data, epochs, batch_size, lr, max_grad_norm, augment = _check_train_args(
+        model, train_data, test_data, epochs, batch_size, lr, weight_decay, max_grad_norm, augment)
     dev = get_device(device)
     gen = seed_everything(seed)
     aug_gen = torch.Generator().manual_seed(int(seed) + 1)
@@ -343,31 +382,9 @@ def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None
     try:
         for epoch in range(epochs):
             t0 = time.perf_counter()
-            model.train()
-            total_loss, correct, seen = 0.0, 0, 0
-            for batch in loader:
-                x, y = _split_batch(batch, dev)
-                if augment is True:
-                    x = _random_shift(x, aug_gen)
-                elif callable(augment):
-                    x = augment(x)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower lr={lr}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if max_grad_norm is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-                opt.step()
-                sched.step()
-                total_loss += loss.item() * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
-            hist["loss"].append(total_loss / seen)
-            hist["train_accuracy"].append(correct / seen)
+            loss, acc = _train_epoch(model, loader, opt, sched, dev, augment, aug_gen, max_grad_norm, lr, epoch, bar)
+            hist["loss"].append(loss)
+            hist["train_accuracy"].append(acc)
             if test_data is not None:
                 hist["test_accuracy"].append(accuracy(model, test_data, device=dev))
             hist["epoch_seconds"].append(time.perf_counter() - t0)

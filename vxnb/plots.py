@@ -115,7 +115,7 @@ def explanation_panel(image, explanation, classes: Sequence[str] | None = None, 
     (:data:`KIND_COLORS`: convolutional green, fully connected pink); hovering a heatmap shows
     layer, channel, weight and response.
 
-    image: (C, H, W) in [0, 1]; explanation: a ``vxnb.explain.Explanation``; classes: class
+    image: (C, H, W) in [0, 1]; explanation: a ``vxnb.explanations.Explanation``; classes: class
     names (default: the explanation's). mode: ``"overlay"`` (heatmap over the image),
     ``"heatmap"`` (the heatmap alone) or ``"rgb"`` (the signed DeconvNet visualisation).
     show_combined: add the combined map as a last panel. Without features the panel shows
@@ -127,7 +127,7 @@ def explanation_panel(image, explanation, classes: Sequence[str] | None = None, 
         raise ValueError(f"mode: expected 'overlay', 'heatmap' or 'rgb', got {mode!r}")
     for attr in ("features", "heatmaps", "rgb", "combined", "predicted", "target", "probabilities"):
         if not hasattr(explanation, attr):
-            raise TypeError(f"explanation: expected a vxnb.explain.Explanation, got {type(explanation).__name__}")
+            raise TypeError(f"explanation: expected a vxnb.explanations.Explanation, got {type(explanation).__name__}")
     names = list(classes) if classes is not None else list(getattr(explanation, "classes", []) or [])
     name = lambda j: names[j] if j < len(names) else str(j)  # noqa: E731
     feats = explanation.features
@@ -178,7 +178,7 @@ def explanation_panel(image, explanation, classes: Sequence[str] | None = None, 
 
 def method_comparison(comparison, *, mode: str = "heatmap", size: int = 140, transpose: bool = False,
                       alpha: float = 0.6):
-    """The visual-quality comparison (Figs. 2, 7) of a ``vxnb.explain.Comparison``.
+    """The visual-quality comparison (Figs. 2, 7) of a ``vxnb.explanations.Comparison``.
 
     One row per method ("upsampled activation", "Deconv+GB", "ours (resampled)"), one column
     per (layer, channel) (e.g. low / high / FC), after a first column with the image. Column
@@ -193,7 +193,7 @@ def method_comparison(comparison, *, mode: str = "heatmap", size: int = 140, tra
         raise ValueError(f"mode: expected 'heatmap' or 'overlay', got {mode!r}")
     for attr in ("image", "features", "methods", "maps", "scores"):
         if not hasattr(comparison, attr):
-            raise TypeError(f"comparison: expected a vxnb.explain.Comparison, got {type(comparison).__name__}")
+            raise TypeError(f"comparison: expected a vxnb.explanations.Comparison, got {type(comparison).__name__}")
     methods = list(comparison.methods)
     feats = comparison.features.reset_index(drop=True)
     col_titles = ["image"] + [f"{r.column}: layer {int(r.layer_number)} · ch {int(r.channel)}"
@@ -268,7 +268,7 @@ def _scaled(a) -> np.ndarray:
 def _check_averages(average_images) -> None:
     for attr in ("items", "summary", "messages", "for_class"):
         if not hasattr(average_images, attr):
-            raise TypeError("average_images: expected the AverageImages of vxnb.interpret.average_images, "
+            raise TypeError("average_images: expected the AverageImages of vxnb.averages.average_images, "
                             f"got {type(average_images).__name__}")
 
 
@@ -322,7 +322,7 @@ def average_image_grid(average_images, klass, *, classes: Sequence[str] | None =
     hovering any tile shows layer, channel, weight, crops and field.
     FC features have no activation map: their tile says "n/a", and so does the figure title.
 
-    average_images: a ``vxnb.interpret.AverageImages``; klass: the class key used in it (e.g.
+    average_images: a ``vxnb.averages.AverageImages``; klass: the class key used in it (e.g.
     the class index); classes: class names for the title. methods: which tiles, a subset of
     :data:`AVERAGE_LABELS` in any order; maps that were not computed are shown as "n/a".
     max_features: show only the first ones. A class without items gives a figure with the
@@ -524,7 +524,7 @@ def layer_composition(relevant, classes: Sequence[str] | None = None, *, title: 
 def mask_overlap_bars(overlap, *, title: str | None = None):
     """Per class: where the crops behind the average images fall relative to the mask.
 
-    overlap: ``vxnb.interpret.mask_overlap(..., per="class")``. Bars: the fraction of crop
+    overlap: ``vxnb.averages.mask_overlap(..., per="class")``. Bars: the fraction of crop
     centres on the mask, the mean fraction of each crop box on the mask, and the chance level
     (the fraction of the image on the mask); the fraction of boxes touching the mask at all is
     in the hover text.
@@ -533,7 +533,7 @@ def mask_overlap_bars(overlap, *, title: str | None = None):
     import plotly.graph_objects as go
 
     if not isinstance(overlap, pd.DataFrame):
-        raise TypeError(f"overlap: expected the DataFrame of vxnb.interpret.mask_overlap(per='class'), got "
+        raise TypeError(f"overlap: expected the DataFrame of vxnb.averages.mask_overlap(per='class'), got "
                         f"{type(overlap).__name__}")
     need = ["class_name", "overlap", "box_on_mask", "center_on_mask", "chance"]
     missing = [c for c in need if c not in overlap.columns]
@@ -588,7 +588,7 @@ def benchmark_occlusion_curves(frame, *, title: str | None = "Box occlusion: con
 def benchmark_examples(examples: dict, method_labels: dict | None = None, *, size: int = 110):
     """Fig. 8 (centre): per image (row) the image, its ground-truth mask and every method's heatmap
     (min-max normalised per map, jet colours). ``examples``: the dict of
-    ``vxnb.evaluate.benchmark.explain_examples`` (images, masks, labels, preds, classes, heatmaps)."""
+    ``vxnb.studies.benchmark.explain_examples`` (images, masks, labels, preds, classes, heatmaps)."""
     from plotly.subplots import make_subplots
     import plotly.graph_objects as go
 
@@ -628,7 +628,7 @@ def sanity_class_panel(image, maps: dict, row_labels: Sequence[str], *, subtitle
     """Fig. 9: one image explained for several classes (rows) by several methods (columns).
 
     image: (C, H, W) in [0, 1]; maps: ``{method: (R, H, W) maps in [0, 1]}`` (e.g.
-    ``vxnb.evaluate.sanity_study.explain_classes``), row r explaining class ``row_labels[r]``;
+    ``vxnb.studies.sanity_study.explain_classes``), row r explaining class ``row_labels[r]``;
     subtitles: optional ``{method: text}`` shown under the method's name (e.g. the similarity
     of its rows)."""
     from plotly.subplots import make_subplots

@@ -17,9 +17,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ._checks import check_class, check_positive_int
+from .features import COLUMN_NAMES
 from .utils import check_layer_names, describe, get_module
 
 __all__ = [
+    "Relevance",
     "relevant_features",
     "feature_counts",
     "FeatureCounts",
@@ -31,7 +34,7 @@ __all__ = [
     "feature_pairs",
 ]
 
-_META = ("feature", "layer", "layer_number", "kind", "channel")
+_META = COLUMN_NAMES  # the column metadata of vxnb.features.Features
 
 
 # ============================================================================ checks
@@ -270,6 +273,159 @@ def top_features(W: Any, x: Any, cls: Any, columns: pd.DataFrame, k: int = 5) ->
     for c in ("feature", "layer_number", "channel"):
         out[c] = out[c].astype(np.int64)
     return out
+
+
+# ============================================================================ the Relevance container
+@dataclass(eq=False)
+class Relevance:
+    """What the μ-lasso selected: the weights W and the meaning of their rows.
+
+    Attributes:
+        W: (m, C) float64, ``W[i, j]`` the weight of feature i for class j (non-zero =
+            relevant; the output of ``vxnb.lasso``).
+        columns: m rows of feature metadata ``feature, layer, layer_number, kind, channel``
+            (``Features.columns``; a subset of the layers/channels is fine: positions in the
+            descriptor are found by (layer, channel), not by row number).
+        classes: C class names (default ``"0"``, ``"1"``, …).
+        mu: the μ W was solved at (informative; None if unknown).
+
+    Build it with :meth:`from_path` (a ``LassoPath`` and the ``Features`` it was fitted on),
+    :meth:`from_frame` (the DataFrame of ``vxnb.relevance.relevant_features``) or directly.
+    """
+
+    W: np.ndarray
+    columns: pd.DataFrame
+    classes: list[str] | None = None
+    mu: float | None = None
+
+    def __post_init__(self) -> None:
+        W = _as_matrix(self.W).copy()
+        if not isinstance(self.columns, pd.DataFrame):
+            raise TypeError(f"columns: expected the feature metadata DataFrame ({', '.join(_META)}), "
+                            f"got {describe(self.columns)}")
+        missing = [c for c in _META[1:] if c not in self.columns.columns]
+        if missing:
+            raise ValueError(f"columns: missing column(s) {missing}; expected {list(_META)} (Features.columns)")
+        if len(self.columns) != W.shape[0]:
+            raise ValueError(f"columns: {len(self.columns)} rows, but W has m = {W.shape[0]} rows (one per feature)")
+        cols = self.columns.reset_index(drop=True).copy()
+        if "feature" not in cols.columns:
+            cols.insert(0, "feature", np.arange(len(cols), dtype=np.int64))
+        if cols.duplicated(["layer", "channel"]).any():
+            dup = cols[cols.duplicated(["layer", "channel"])].iloc[0]
+            raise ValueError(f"columns: (layer, channel) = ({dup['layer']!r}, {dup['channel']}) appears twice")
+        for c in ("feature", "layer_number", "channel"):
+            cols[c] = cols[c].astype(np.int64)
+        if (cols["channel"] < 0).any():
+            raise ValueError("columns: channels must be >= 0")
+        C = W.shape[1]
+        self.classes = _class_names(self.classes, C)
+        if self.mu is not None:
+            self.mu = float(self.mu)
+        self.W, self.columns = W, cols
+
+    # ---- builders
+    @classmethod
+    def from_path(cls, path: Any, features: Any, mu: float, classes: Sequence[str] | None = None) -> "Relevance":
+        """``W = path.coef(mu)`` with the columns of ``features`` (the ``vxnb.features.Features``
+        the path was fitted on); class names from ``classes``, else ``features.class_names``."""
+        if not callable(getattr(path, "coef", None)):
+            raise TypeError(f"path: expected a vxnb.lasso.LassoPath (with .coef(mu)), got {describe(path)}")
+        if not isinstance(getattr(features, "columns", None), pd.DataFrame):
+            raise TypeError(f"features: expected a vxnb.features.Features (with .columns), got {describe(features)}")
+        W = np.asarray(path.coef(mu))
+        if W.ndim != 2 or W.shape[0] != len(features.columns):
+            raise ValueError(f"features: has m = {len(features.columns)} features but the path gives W of shape "
+                             f"{W.shape}; use the Features the path was fitted on")
+        names = classes if classes is not None else getattr(features, "class_names", None)
+        if classes is None and names is not None and len(names) != W.shape[1]:
+            names = None
+        return cls(W, features.columns, names, mu=float(mu))
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, n_classes: int | None = None,
+                   classes: Sequence[str] | None = None, mu: float | None = None) -> "Relevance":
+        """From the DataFrame of ``vxnb.relevance.relevant_features`` (``class, layer,
+        layer_number, kind, channel, weight``; ``feature`` optional). W then has one row per
+        distinct (layer, channel) of the frame. ``n_classes`` defaults to ``len(classes)`` or
+        the largest class + 1."""
+        _check_relevant(frame, "frame")
+        if n_classes is None:
+            if classes is not None:
+                n_classes = len(classes)
+            else:
+                n_classes = int(frame["class"].max()) + 1 if len(frame) else 1
+        n_classes = check_positive_int(n_classes, "n_classes")
+        cl = frame["class"].to_numpy()
+        if len(cl) and (not np.issubdtype(cl.dtype, np.integer) or cl.min() < 0 or cl.max() >= n_classes):
+            raise ValueError(f"frame: 'class' must hold class indices in 0..{n_classes - 1}")
+        keys = ["layer", "channel"]
+        meta_cols = [c for c in _META if c in frame.columns]
+        cols = frame[meta_cols].drop_duplicates(keys)
+        cols = cols.sort_values(["layer_number", "layer", "channel"], kind="mergesort")
+        cols = cols.reset_index(drop=True)
+        if "feature" not in cols.columns:
+            cols.insert(0, "feature", np.arange(len(cols), dtype=np.int64))
+        row = {(l, int(c)): i for i, (l, c) in enumerate(zip(cols["layer"], cols["channel"]))}
+        W = np.zeros((len(cols), int(n_classes)))
+        for l, c, j, w in zip(frame["layer"], frame["channel"], frame["class"], frame["weight"]):
+            W[row[(l, int(c))], int(j)] = float(w)
+        return cls(W, cols[list(_META)], classes, mu=mu)
+
+    # ---- views
+    @property
+    def n_classes(self) -> int:
+        return int(self.W.shape[1])
+
+    @property
+    def m(self) -> int:
+        return int(self.W.shape[0])
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """The relevant features of every class (``vxnb.relevance.relevant_features``)."""
+        return relevant_features(self.W, self.columns, self.classes)
+
+    @property
+    def pairs(self) -> list[tuple[str, int]]:
+        """The relevant (layer, channel) pairs of any class, in row order of W (:func:`feature_pairs`)."""
+        return feature_pairs(self.columns[(self.W != 0).any(axis=1)])
+
+    def for_class(self, j: int) -> pd.DataFrame:
+        """The relevant features of class ``j``, by weight (descending)."""
+        j = check_class(j, self.n_classes, "j")
+        f = self.frame
+        return f[f["class"] == j].reset_index(drop=True)
+
+    @property
+    def layers(self) -> list[str]:
+        """The layers holding at least one relevant feature (of any class), by layer number."""
+        return _layers_of(self.columns[(self.W != 0).any(axis=1)])
+
+    def counts(self) -> pd.DataFrame:
+        """Relevant features per class: ``class, class_name, n, n_conv, n_fc, n_other``."""
+        nz = self.W != 0
+        kinds = self.columns["kind"].to_numpy()
+        return pd.DataFrame({"class": np.arange(self.n_classes), "class_name": self.classes,
+                             "n": nz.sum(0), **{f"n_{k}": nz[kinds == k].sum(0) for k in ("conv", "fc", "other")}})
+
+    def _padded(self, C: int) -> "Relevance":
+        if C == self.n_classes:
+            return self
+        W = np.zeros((self.m, C))
+        W[:, :self.n_classes] = self.W
+        return Relevance(W, self.columns, None, self.mu)
+
+    def __repr__(self) -> str:
+        nz = int((self.W != 0).sum())
+        mu = f", μ={self.mu:g}" if self.mu is not None else ""
+        return (f"Relevance(m={self.m}, C={self.n_classes}{mu}: {nz} relevant (class, feature) pairs "
+                f"in {len(self.layers)} layer(s))")
+
+
+def _layers_of(cols: pd.DataFrame) -> list[str]:
+    order = cols.drop_duplicates("layer").sort_values(["layer_number", "feature"], kind="mergesort")
+    return order["layer"].tolist()
 
 
 # ============================================================================ ablation

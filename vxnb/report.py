@@ -1,10 +1,11 @@
 """The main job: run the numbered notebooks through papermill and write an offline report.
 
-``python -m vxnb.report [--quick]`` (what ``make report`` calls) executes every
-``notebooks/NN_*.ipynb`` in order with its full parameters (``--quick``: the quick ones CI
-uses), writes the executed notebooks and one self-contained HTML page each (plotly's
-JavaScript embedded, widget state saved) under ``reports/``, and an ``index.html`` that
-links them with one line each on what they show.
+``python -m vxnb.report [--quick]`` (``vxnb report``; what ``make report`` calls) executes
+every numbered notebook ``NN_*.ipynb`` shipped with vxnb (or of ``--notebooks DIR``) in order
+with its full parameters (``--quick``: the quick ones CI uses), writes the executed notebooks
+and one self-contained HTML page each (plotly's JavaScript embedded, widget state saved) under
+``reports/`` of the working folder, and an ``index.html`` that links them with one line each
+on what they show.
 
 The pages open offline: the scripts they load (require.js and the ipywidgets HTML manager
 that renders the saved widget state) are fetched once from the npm registry with ``npm pack``
@@ -15,6 +16,7 @@ Without npm the report is still written, with the scripts' CDN URLs and a warnin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
 import html
 import json
@@ -28,9 +30,9 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from .runs import repo_root
+from .paths import HOME_ENV, notebooks_dir, work_dir, work_home
 from .utils import atomic_path
 
 __all__ = ["find_notebooks", "notebook_summary", "run_notebook", "export_html", "fetch_static", "copy_static",
@@ -41,8 +43,9 @@ NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 
 
 def find_notebooks(folder: str | Path | None = None) -> list[Path]:
-    """The numbered notebooks (``NN_name.ipynb``) of ``folder``, in order."""
-    folder = Path(folder) if folder else repo_root() / "notebooks"
+    """The numbered notebooks (``NN_name.ipynb``) of ``folder`` (default: the ones shipped with
+    vxnb, :func:`vxnb.paths.notebooks_dir`), in order."""
+    folder = Path(folder) if folder else notebooks_dir()
     if not folder.is_dir():
         raise ValueError(f"notebooks: no such folder {folder}")
     found = sorted(p for p in folder.iterdir() if NOTEBOOK_PATTERN.match(p.name))
@@ -151,11 +154,11 @@ def fetch_static(cache_dir: str | Path | None = None, *, npm: str = "npm") -> Pa
 
     It holds ``require.js`` (requirejs), ``embed-amd.js`` (the ipywidgets HTML manager, which
     renders the widget state saved in the pages) with the Font Awesome fonts it references,
-    and ``VERSIONS.json``. ``cache_dir`` defaults to
-    ``data/_static``; it is filled atomically (a reader never sees half of it).
+    and ``VERSIONS.json``. ``cache_dir`` defaults to ``data/_static`` in the working folder
+    (:mod:`vxnb.paths`); it is filled atomically (a reader never sees half of it).
     Raises ``RuntimeError`` when npm is missing or fails.
     """
-    cache = Path(cache_dir) if cache_dir is not None else repo_root() / "data" / STATIC_DIRNAME
+    cache = Path(cache_dir) if cache_dir is not None else work_dir("data") / STATIC_DIRNAME
     if _static_complete(cache):
         return cache
     if shutil.which(npm) is None:
@@ -319,6 +322,20 @@ li{{margin-bottom:1em}} .t{{color:#777;font-size:90%}}</style></head>
     return index
 
 
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable (inherited by the kernels started meanwhile), then restore it."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
                  notebooks: str | Path | None = None, parameters: dict[str, Any] | None = None,
                  progress: bool = True, stop_on_error: bool = True, raise_on_error: bool = True) -> dict[str, Any]:
@@ -327,21 +344,28 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
     A failing notebook is recorded in its entry (``ok``, ``error``) and in the index; with
     ``stop_on_error`` the later notebooks are not run; with ``raise_on_error`` a RuntimeError
     naming the first failure is raised once the index is written.
+
+    ``out_dir`` defaults to ``reports/`` in the working folder (:mod:`vxnb.paths`). The
+    kernels get that working folder as ``$VXNB_HOME``, so their ``data/`` and ``runs/`` are
+    the caller's; the shipped notebooks run there, a folder of your own (``notebooks``) in itself.
     """
-    out = Path(out_dir) if out_dir else repo_root() / "reports"
+    home = work_home()
+    out = Path(out_dir) if out_dir else work_dir("reports")
     out.mkdir(parents=True, exist_ok=True)
     params = {"quick": bool(quick)}
     params.update(parameters or {})
     entries = []
     paths = find_notebooks(notebooks)
     static_url = prepare_static(out)
+    cwd = home if notebooks is None else None  # never the install location
     for i, nb in enumerate(paths, 1):
         title, desc = notebook_summary(nb)
         print(f"[{i}/{len(paths)}] {nb.name}: {title}", flush=True)
         t0 = time.perf_counter()
         ok, error = True, None
         try:
-            executed = run_notebook(nb, out, params, progress=progress)
+            with _environ(HOME_ENV, str(home)):
+                executed = run_notebook(nb, out, params, progress=progress, cwd=cwd)
             export_html(executed, out / (nb.stem + ".html"), static_url=static_url)
         except Exception as err:  # record, write the index, then re-raise
             ok, error = False, f"{type(err).__name__}: {err}"
@@ -358,15 +382,19 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
     return {"index": index, "entries": entries}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vxnb.report", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m vxnb.report") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                     epilog=f"data/, runs/ and reports/ live in ${HOME_ENV} when set, "
+                                            "else in the current directory.")
     parser.add_argument("--quick", action="store_true", help="the notebooks' quick parameters (CI setting)")
-    parser.add_argument("--out", default=None, help="output folder (default: reports/)")
-    parser.add_argument("--notebooks", default=None, help="notebook folder (default: notebooks/)")
+    parser.add_argument("--out", default=None, help="output folder (default: reports/ in the working folder)")
+    parser.add_argument("--notebooks", default=None,
+                        help="a folder of your own numbered notebooks NN_name.ipynb (default: the ones shipped "
+                             "with vxnb)")
     parser.add_argument("--prepare-data", action="store_true", help="only render/fetch the datasets")
     args = parser.parse_args(argv)
     if args.prepare_data:
-        from .runs import RunConfig, load_data
+        from .studies.runs import RunConfig, load_data
 
         for cfg in (RunConfig.from_params(quick=args.quick), RunConfig.from_params(quick=args.quick, dataset="mnist")):
             train, test, classes = load_data(cfg)

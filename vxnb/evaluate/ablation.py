@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..features import Features, _as_loader, _on_device, _resolve_device, _split_batch
+from ..features import Features, as_loader, on_device, resolve_device, split_batch
 from ..relevance import Ablator, feature_pairs, rank_features
 from ..utils import check_layer_names, describe, eval_mode
 
@@ -113,8 +113,8 @@ def ablation_curve(model: nn.Module, data: Any, features_all: Any, features_only
     n_max = max(len(ranked_all), len(ranked_conv) if ranked_conv is not None else 0)
     counts = _check_counts(counts, n_max)
 
-    dev = _resolve_device(model, device)
-    loader, _, _, _ = _as_loader(data, batch_size, num_workers, pin=dev.type == "cuda")
+    dev = resolve_device(model, device)
+    loader, _, _, _ = as_loader(data, batch_size, num_workers, pin=dev.type == "cuda")
     total_batches = None
     try:
         total_batches = len(loader)  # type: ignore[arg-type]
@@ -140,14 +140,14 @@ def ablation_curve(model: nn.Module, data: Any, features_all: Any, features_only
     correct: np.ndarray | None = None
     total: np.ndarray | None = None
     widths: dict[str, int] = {}
-    with _on_device(model, dev), eval_mode(model), torch.inference_mode(), \
+    with on_device(model, dev), eval_mode(model), torch.inference_mode(), \
             Ablator(model, layers=hooked) as ablator:
         it = iter(loader)
         bar = tqdm(total=total_batches, desc="ablation", disable=None if progress else True, leave=False)
         first = True
         try:
             for _, batch in it:
-                images, labels = _split_batch(batch)
+                images, labels = split_batch(batch)
                 if images.shape[0] == 0:
                     continue
                 x = images.to(dev, non_blocking=True)

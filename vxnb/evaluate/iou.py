@@ -38,7 +38,7 @@ _MASK_BIT = np.int64(1) << np.int64(62)  # above the bit pattern of any float64 
 _CHUNK_PIXELS = 1 << 22  # pixels processed per chunk (bounds memory to a few 100 MB)
 
 
-def _to_numpy(x: Any, arg: str) -> np.ndarray:
+def to_numpy(x: Any, arg: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     if isinstance(x, np.ndarray):
@@ -52,8 +52,8 @@ def _to_numpy(x: Any, arg: str) -> np.ndarray:
                     f"got {type(x).__name__}")
 
 
-def _check_heatmaps(heatmaps: Any, arg: str = "heatmaps") -> np.ndarray:
-    h = _to_numpy(heatmaps, arg)
+def check_heatmaps(heatmaps: Any, arg: str = "heatmaps") -> np.ndarray:
+    h = to_numpy(heatmaps, arg)
     if h.dtype == bool:
         h = h.astype(np.float64)
     if not (np.issubdtype(h.dtype, np.floating) or np.issubdtype(h.dtype, np.integer)):
@@ -73,7 +73,7 @@ def _check_heatmaps(heatmaps: Any, arg: str = "heatmaps") -> np.ndarray:
 
 
 def _check_masks(masks: Any, shape: tuple[int, ...], arg: str = "masks") -> np.ndarray:
-    m = _to_numpy(masks, arg)
+    m = to_numpy(masks, arg)
     if m.shape != shape:
         raise ValueError(f"{arg}: expected the shape of heatmaps {shape}, got {tuple(m.shape)}")
     if m.dtype != bool:
@@ -89,7 +89,7 @@ def _check_masks(masks: Any, shape: tuple[int, ...], arg: str = "masks") -> np.n
 def _check_thresholds(thresholds: Any) -> np.ndarray:
     if thresholds is None:
         return np.array(DEFAULT_THRESHOLDS)
-    t = _to_numpy(thresholds, "thresholds")
+    t = to_numpy(thresholds, "thresholds")
     if t.ndim == 0:
         t = t.reshape(1)
     if t.ndim != 1 or t.size == 0:
@@ -116,11 +116,11 @@ def normalize_heatmaps(heatmaps: Any) -> np.ndarray:
         (N, H, W) float64 array ``(h - min) / (max - min)`` per heatmap; a constant heatmap
         becomes all zeros. This is exactly the normalisation :func:`iou_curve` uses.
     """
-    h = _check_heatmaps(heatmaps)
-    return _normalize_flat(h.reshape(h.shape[0], -1)).reshape(h.shape)
+    h = check_heatmaps(heatmaps)
+    return normalize_flat(h.reshape(h.shape[0], -1)).reshape(h.shape)
 
 
-def _normalize_flat(x: np.ndarray) -> np.ndarray:
+def normalize_flat(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64, copy=True)
     lo = x.min(axis=1, keepdims=True)
     span = x.max(axis=1, keepdims=True) - lo
@@ -140,7 +140,7 @@ def _counts(h: np.ndarray, m: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np
     chunk = max(1, _CHUNK_PIXELS // p)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        x = _normalize_flat(h[start:stop].reshape(stop - start, p))
+        x = normalize_flat(h[start:stop].reshape(stop - start, p))
         # Non-negative float64 values sort like their bit patterns read as int64; adding
         # 2**62 to the mask pixels puts them after every non-mask pixel, exactly.
         keys = x.view(np.int64)
@@ -157,7 +157,7 @@ def _counts(h: np.ndarray, m: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np
 
 
 def _per_image(heatmaps: Any, masks: Any, thresholds: Any, stacklevel: int) -> tuple[np.ndarray, np.ndarray]:
-    h = _check_heatmaps(heatmaps)
+    h = check_heatmaps(heatmaps)
     m = _check_masks(masks, h.shape)
     t = _check_thresholds(thresholds)
     inter, outside, mask_size = _counts(h, m, t)

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vxnb.evaluate.iou import _check_heatmaps, _normalize_flat
+from vxnb._checks import check_model, check_positive_int
+from vxnb.evaluate.iou import check_heatmaps, normalize_flat
 from vxnb.utils import check_image_batch, eval_mode, model_device
 
 __all__ = [
@@ -54,18 +55,6 @@ DEFAULT_COVERAGE: tuple[float, ...] = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
 
 
 # ----------------------------------------------------------------------------- helpers
-def _check_model(model: Any) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    return model
-
-
-def _check_batch_size(batch_size: Any) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-    return int(batch_size)
-
-
 @torch.no_grad()
 def batched_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 64,
                    device: torch.device | None = None, arg: str = "images") -> torch.Tensor:
@@ -128,7 +117,7 @@ def _check_levels(coverage: Any) -> np.ndarray:
 
 
 def _check_heatmaps_for(images: torch.Tensor, heatmaps: Any, arg: str = "heatmaps") -> np.ndarray:
-    h = _check_heatmaps(heatmaps, arg)
+    h = check_heatmaps(heatmaps, arg)
     want = (images.shape[0], images.shape[2], images.shape[3])
     if h.shape != want:
         raise ValueError(f"{arg}: expected one (H, W) map per image, shape {want}, got {tuple(h.shape)}")
@@ -233,14 +222,14 @@ def box_occlusion_curve(
         fraction), ``coverage`` (fraction actually covered, >= level), ``n_patches``,
         ``target``, ``confidence`` (softmax probability of ``target``).
     """
-    model = _check_model(model)
+    model = check_model(model)
     images = check_image_batch(images, "images")
     n, ch, hh, ww = images.shape
     if n == 0:
         raise ValueError("images: expected at least one image, got an empty batch")
     h = _check_heatmaps_for(images, heatmaps)
     levels = _check_levels(coverage)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_positive_int(batch_size, "batch_size")
     if patch is None:
         patch = max(1, round(min(hh, ww) / 8))
     if isinstance(patch, bool) or not isinstance(patch, (int, np.integer)) or not 1 <= patch <= min(hh, ww):
@@ -262,7 +251,7 @@ def box_occlusion_curve(
         probe = batched_logits(model, images_cpu[:1], batch_size=1, device=device)
         target_t = check_targets(target, n, probe.shape[1])
 
-    norm = _normalize_flat(h.reshape(n, -1)).reshape(h.shape)
+    norm = normalize_flat(h.reshape(n, -1)).reshape(h.shape)
     n_levels = len(levels)
     per_chunk = max(1, batch_size // n_levels)
     conf = np.empty((n, n_levels))
@@ -322,7 +311,7 @@ def occlusion_study(
         **kwargs: passed on (``patch``, ``coverage``, ``seed``, ``fill``, ``batch_size``,
             ``device``, ``progress``).
     """
-    model = _check_model(model)
+    model = check_model(model)
     images = check_image_batch(images, "images")
     if not isinstance(heatmaps_by_method, Mapping) or not heatmaps_by_method:
         raise ValueError("heatmaps_by_method: expected a non-empty dict {method name: (N, H, W) heatmaps}, "
@@ -332,7 +321,7 @@ def occlusion_study(
     for name, h in heatmaps_by_method.items():
         _check_heatmaps_for(images, h, f"heatmaps_by_method[{name!r}]")
     if target is None:
-        bs = _check_batch_size(kwargs.get("batch_size", 64))
+        bs = check_positive_int(kwargs.get("batch_size", 64), "batch_size")
         target = batched_logits(model, images.detach().cpu(), batch_size=bs,
                                 device=kwargs.get("device")).argmax(1)
     frames = []

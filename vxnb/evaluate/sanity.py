@@ -29,10 +29,9 @@ from scipy.stats import rankdata
 from torch import nn
 from tqdm.auto import tqdm
 
-from vxnb.evaluate.iou import _normalize_flat, _to_numpy
+from vxnb._checks import check_model, check_positive_int
+from vxnb.evaluate.iou import normalize_flat, to_numpy
 from vxnb.evaluate.occlusion import (
-    _check_batch_size,
-    _check_model,
     batched_logits,
     check_targets,
 )
@@ -59,7 +58,7 @@ RANDOMIZED_TYPES: tuple[type[nn.Module], ...] = (
 # ----------------------------------------------------------------------------- similarities
 def _pair(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray, bool]:
     """Two maps (H, W) or batches (B, H, W) as float64 (B, H, W) arrays; whether batched."""
-    x, y = _to_numpy(a, "a"), _to_numpy(b, "b")
+    x, y = to_numpy(a, "a"), to_numpy(b, "b")
     for arg, v in (("a", x), ("b", y)):
         if v.dtype == bool or not (np.issubdtype(v.dtype, np.floating) or np.issubdtype(v.dtype, np.integer)):
             raise TypeError(f"{arg}: expected real-valued heatmaps, got dtype {v.dtype}")
@@ -130,8 +129,8 @@ def ssim(a: Any, b: Any, *, win_size: int = 7) -> np.ndarray | float:
         raise ValueError(f"a: maps of shape {x.shape[1:]} are smaller than the SSIM window {win_size}; "
                          "pass a smaller odd win_size")
     n = len(x)
-    x = _normalize_flat(x.reshape(n, -1)).reshape(x.shape)
-    y = _normalize_flat(y.reshape(n, -1)).reshape(y.shape)
+    x = normalize_flat(x.reshape(n, -1)).reshape(x.shape)
+    y = normalize_flat(y.reshape(n, -1)).reshape(y.shape)
     size = (1, win_size, win_size)
     ux, uy = uniform_filter(x, size=size), uniform_filter(y, size=size)
     uxx, uyy, uxy = uniform_filter(x * x, size=size), uniform_filter(y * y, size=size), uniform_filter(x * y, size=size)
@@ -198,11 +197,11 @@ def _prepare(explain_fn: Any, model: Any, images: Any, batch_size: Any, reduce: 
     """Checks shared by the sanity studies; returns (fns, model, images on the CPU, batch_size,
     device, logits of the images)."""
     fns = _check_explain_fns(explain_fn)
-    model = _check_model(model)
+    model = check_model(model)
     images = check_image_batch(images, "images")
     if len(images) == 0:
         raise ValueError("images: expected at least one image, got an empty batch")
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_positive_int(batch_size, "batch_size")
     if reduce not in ("mean", "none"):
         raise ValueError(f"reduce: expected 'mean' or 'none', got {reduce!r}")
     device = model_device(model) if device is None else torch.device(device)
@@ -292,7 +291,7 @@ def default_random_layers(model: nn.Module, example: torch.Tensor | None = None)
     registration order of ``model.named_modules()`` (the forward order for ``nn.Sequential``
     models such as ``vxnb.models``).
     """
-    model = _check_model(model)
+    model = check_model(model)
     named = [(n, m) for n, m in model.named_modules() if n and isinstance(m, RANDOMIZED_TYPES)]
     if not named:
         raise ValueError(f"model: has no {', '.join(t.__name__ for t in RANDOMIZED_TYPES)} module to randomise")
@@ -369,7 +368,7 @@ def randomize_cascade(
         An iterator of ``(layer name, randomised model)``, one per layer. Argument errors
         are raised at the call, not at the first ``next``.
     """
-    model = _check_model(model)
+    model = check_model(model)
     if layers is None:
         names = default_random_layers(model, example)
     else:

@@ -45,13 +45,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .deconv import _run_backward, grid_score, heatmap, signed_rgb, visualize
+from ._checks import check_class, check_model, check_positive_int
+from ._graph import first_conv_in_channels
+from .deconv import grid_score, heatmap, run_backward, signed_rgb, visualize
 from .features import default_layers, descriptors, layer_numbers
-from .relevance import relevant_features, top_features
+from .relevance import Relevance, top_features
 from .utils import check_image_batch, describe, eval_mode, get_module
 
 __all__ = [
-    "Relevance",
     "Explanation",
     "explain",
     "explain_batch",
@@ -68,204 +69,15 @@ __all__ = [
     "FEATURE_COLUMNS",
 ]
 
-_META = ("feature", "layer", "layer_number", "kind", "channel")
 #: Columns of :attr:`Explanation.features`.
 FEATURE_COLUMNS = ("rank", "feature", "layer", "layer_number", "kind", "channel", "weight", "x", "response")
 #: Rows of the visual-quality comparison (paper, Fig. 2 / Fig. 7).
 COMPARISON_METHODS = ("upsampled activation", "Deconv+GB", "ours (resampled)")
 
 
-# ============================================================================ relevance container
-@dataclass(eq=False)
-class Relevance:
-    """What the μ-lasso selected: the weights W and the meaning of their rows.
-
-    Attributes:
-        W: (m, C) float64, ``W[i, j]`` the weight of feature i for class j (non-zero =
-            relevant; the output of ``vxnb.lasso``).
-        columns: m rows of feature metadata ``feature, layer, layer_number, kind, channel``
-            (``Features.columns``; a subset of the layers/channels is fine: positions in the
-            descriptor are found by (layer, channel), not by row number).
-        classes: C class names (default ``"0"``, ``"1"``, …).
-        mu: the μ W was solved at (informative; None if unknown).
-
-    Build it with :meth:`from_path` (a ``LassoPath`` and the ``Features`` it was fitted on),
-    :meth:`from_frame` (the DataFrame of ``vxnb.relevance.relevant_features``) or directly.
-    """
-
-    W: np.ndarray
-    columns: pd.DataFrame
-    classes: list[str] | None = None
-    mu: float | None = None
-
-    def __post_init__(self) -> None:
-        W = self.W
-        if isinstance(W, Tensor):
-            W = W.detach().cpu().numpy()
-        if not isinstance(W, np.ndarray):
-            raise TypeError(f"W: expected a (m, C) numpy array or tensor, got {describe(W)}")
-        if W.ndim != 2 or not np.issubdtype(W.dtype, np.number) or np.issubdtype(W.dtype, np.complexfloating):
-            raise ValueError(f"W: expected a real (m, C) matrix, got {describe(W)}")
-        W = W.astype(np.float64)
-        if not np.isfinite(W).all():
-            raise ValueError("W: contains NaN or inf")
-        if not isinstance(self.columns, pd.DataFrame):
-            raise TypeError(f"columns: expected the feature metadata DataFrame ({', '.join(_META)}), "
-                            f"got {describe(self.columns)}")
-        missing = [c for c in _META[1:] if c not in self.columns.columns]
-        if missing:
-            raise ValueError(f"columns: missing column(s) {missing}; expected {list(_META)} (Features.columns)")
-        if len(self.columns) != W.shape[0]:
-            raise ValueError(f"columns: {len(self.columns)} rows, but W has m = {W.shape[0]} rows (one per feature)")
-        cols = self.columns.reset_index(drop=True).copy()
-        if "feature" not in cols.columns:
-            cols.insert(0, "feature", np.arange(len(cols), dtype=np.int64))
-        if cols.duplicated(["layer", "channel"]).any():
-            dup = cols[cols.duplicated(["layer", "channel"])].iloc[0]
-            raise ValueError(f"columns: (layer, channel) = ({dup['layer']!r}, {dup['channel']}) appears twice")
-        for c in ("feature", "layer_number", "channel"):
-            cols[c] = cols[c].astype(np.int64)
-        if (cols["channel"] < 0).any():
-            raise ValueError("columns: channels must be >= 0")
-        C = W.shape[1]
-        if self.classes is None:
-            self.classes = [str(j) for j in range(C)]
-        else:
-            if isinstance(self.classes, str):
-                raise TypeError(f"classes: expected a list of {C} class names, got {describe(self.classes)}")
-            self.classes = [str(c) for c in self.classes]
-            if len(self.classes) != C:
-                raise ValueError(f"classes: expected {C} names (one per column of W), got {len(self.classes)}")
-        if self.mu is not None:
-            self.mu = float(self.mu)
-        self.W, self.columns = W, cols
-
-    # ---- builders
-    @classmethod
-    def from_path(cls, path: Any, features: Any, mu: float, classes: Sequence[str] | None = None) -> "Relevance":
-        """``W = path.coef(mu)`` with the columns of ``features`` (the ``vxnb.features.Features``
-        the path was fitted on); class names from ``classes``, else ``features.class_names``."""
-        if not callable(getattr(path, "coef", None)):
-            raise TypeError(f"path: expected a vxnb.lasso.LassoPath (with .coef(mu)), got {describe(path)}")
-        if not isinstance(getattr(features, "columns", None), pd.DataFrame):
-            raise TypeError(f"features: expected a vxnb.features.Features (with .columns), got {describe(features)}")
-        W = np.asarray(path.coef(mu))
-        if W.ndim != 2 or W.shape[0] != len(features.columns):
-            raise ValueError(f"features: has m = {len(features.columns)} features but the path gives W of shape "
-                             f"{W.shape}; use the Features the path was fitted on")
-        names = classes if classes is not None else getattr(features, "class_names", None)
-        if classes is None and names is not None and len(names) != W.shape[1]:
-            names = None
-        return cls(W, features.columns, names, mu=float(mu))
-
-    @classmethod
-    def from_frame(cls, frame: pd.DataFrame, n_classes: int | None = None,
-                   classes: Sequence[str] | None = None, mu: float | None = None) -> "Relevance":
-        """From the DataFrame of ``vxnb.relevance.relevant_features`` (``class, layer,
-        layer_number, kind, channel, weight``; ``feature`` optional). W then has one row per
-        distinct (layer, channel) of the frame. ``n_classes`` defaults to ``len(classes)`` or
-        the largest class + 1."""
-        if not isinstance(frame, pd.DataFrame):
-            raise TypeError(f"frame: expected the DataFrame of relevant_features, got {describe(frame)}")
-        need = ["class", "layer", "layer_number", "kind", "channel", "weight"]
-        missing = [c for c in need if c not in frame.columns]
-        if missing:
-            raise ValueError(f"frame: missing column(s) {missing}; expected the output of relevant_features")
-        if n_classes is None:
-            if classes is not None:
-                n_classes = len(classes)
-            else:
-                n_classes = int(frame["class"].max()) + 1 if len(frame) else 1
-        if not isinstance(n_classes, (int, np.integer)) or isinstance(n_classes, bool) or n_classes < 1:
-            raise ValueError(f"n_classes: expected a positive int, got {n_classes!r}")
-        cl = frame["class"].to_numpy()
-        if len(cl) and (not np.issubdtype(cl.dtype, np.integer) or cl.min() < 0 or cl.max() >= n_classes):
-            raise ValueError(f"frame: 'class' must hold class indices in 0..{n_classes - 1}")
-        keys = ["layer", "channel"]
-        meta_cols = [c for c in _META if c in frame.columns]
-        cols = frame[meta_cols].drop_duplicates(keys)
-        cols = cols.sort_values(["layer_number", "layer", "channel"], kind="mergesort")
-        cols = cols.reset_index(drop=True)
-        if "feature" not in cols.columns:
-            cols.insert(0, "feature", np.arange(len(cols), dtype=np.int64))
-        row = {(l, int(c)): i for i, (l, c) in enumerate(zip(cols["layer"], cols["channel"]))}
-        W = np.zeros((len(cols), int(n_classes)))
-        for l, c, j, w in zip(frame["layer"], frame["channel"], frame["class"], frame["weight"]):
-            W[row[(l, int(c))], int(j)] = float(w)
-        return cls(W, cols[list(_META)], classes, mu=mu)
-
-    # ---- views
-    @property
-    def n_classes(self) -> int:
-        return int(self.W.shape[1])
-
-    @property
-    def m(self) -> int:
-        return int(self.W.shape[0])
-
-    @property
-    def frame(self) -> pd.DataFrame:
-        """The relevant features of every class (``vxnb.relevance.relevant_features``)."""
-        return relevant_features(self.W, self.columns, self.classes)
-
-    def for_class(self, j: int) -> pd.DataFrame:
-        """The relevant features of class ``j``, by weight (descending)."""
-        j = _check_class(j, self.n_classes, "j")
-        f = self.frame
-        return f[f["class"] == j].reset_index(drop=True)
-
-    @property
-    def layers(self) -> list[str]:
-        """The layers holding at least one relevant feature (of any class), by layer number."""
-        return _layers_of(self.columns[(self.W != 0).any(axis=1)])
-
-    def counts(self) -> pd.DataFrame:
-        """Relevant features per class: ``class, class_name, n, n_conv, n_fc, n_other``."""
-        nz = self.W != 0
-        kinds = self.columns["kind"].to_numpy()
-        return pd.DataFrame({"class": np.arange(self.n_classes), "class_name": self.classes,
-                             "n": nz.sum(0), **{f"n_{k}": nz[kinds == k].sum(0) for k in ("conv", "fc", "other")}})
-
-    def _padded(self, C: int) -> "Relevance":
-        if C == self.n_classes:
-            return self
-        W = np.zeros((self.m, C))
-        W[:, :self.n_classes] = self.W
-        return Relevance(W, self.columns, None, self.mu)
-
-    def __repr__(self) -> str:
-        nz = int((self.W != 0).sum())
-        mu = f", μ={self.mu:g}" if self.mu is not None else ""
-        return (f"Relevance(m={self.m}, C={self.n_classes}{mu}: {nz} relevant (class, feature) pairs "
-                f"in {len(self.layers)} layer(s))")
-
-
-def _layers_of(cols: pd.DataFrame) -> list[str]:
-    order = cols.drop_duplicates("layer").sort_values(["layer_number", "feature"], kind="mergesort")
-    return order["layer"].tolist()
-
-
 # ============================================================================ checks
-def _check_class(j: Any, C: int, arg: str) -> int:
-    if isinstance(j, Tensor) and j.numel() == 1 and not j.is_floating_point():
-        j = int(j.item())
-    if isinstance(j, (bool, np.bool_)) or not isinstance(j, (int, np.integer)):
-        raise TypeError(f"{arg}: expected a class index (int), got {describe(j)}")
-    if not 0 <= int(j) < C:
-        raise ValueError(f"{arg}: class {int(j)} is out of range for {C} classes (valid: 0..{C - 1})")
-    return int(j)
-
-
 def _check_k(k: Any) -> int:
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k: expected a positive int (the number of features to show), got {k!r}")
-    return int(k)
-
-
-def _check_model(model: Any) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
-    return model
+    return check_positive_int(k, "k", "the number of features to show")
 
 
 def _check_relevance(relevant: Any) -> Relevance:
@@ -273,15 +85,8 @@ def _check_relevance(relevant: Any) -> Relevance:
         return relevant
     if isinstance(relevant, pd.DataFrame):
         return Relevance.from_frame(relevant)
-    raise TypeError("relevant: expected a vxnb.explain.Relevance (e.g. Relevance.from_path(path, features, mu)) "
+    raise TypeError("relevant: expected a vxnb.relevance.Relevance (e.g. Relevance.from_path(path, features, mu)) "
                     f"or the DataFrame of vxnb.relevance.relevant_features, got {describe(relevant)}")
-
-
-def _in_channels(model: nn.Module) -> int | None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    return None
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -302,7 +107,7 @@ def _check_single_image(model: nn.Module, image: Any, arg: str = "image") -> Ten
 
 
 def _prepare_batch(model: nn.Module, x: Any, arg: str) -> Tensor:
-    x = check_image_batch(x, arg, channels=_in_channels(model))
+    x = check_image_batch(x, arg, channels=first_conv_in_channels(model))
     if x.shape[0] == 0:
         raise ValueError(f"{arg}: empty batch")
     device, dtype = _device_dtype(model)
@@ -439,7 +244,7 @@ def _layer_maps(model: nn.Module, x: Tensor, layer: str, chans: list[list[int]],
             g[keep, q[keep]] = a[keep, q[keep]]
         return g
 
-    return _run_backward(model, x, layer, resample, seed, K)
+    return run_backward(model, x, layer, resample, seed, K)
 
 
 #: How the top-k maps of an image become one map (:func:`combine_heatmaps`).
@@ -487,8 +292,6 @@ def _activation_maps_for_top(model: nn.Module, x: Tensor, top: pd.DataFrame, k: 
     bilinear to the input size, min-max normalised per map), their responses (B, k) and,
     per row of ``top``, whether it could be drawn: features of layers without a spatial
     map (fully connected) get a zero map and response 0, i.e. are left out."""
-    from .baselines import _upsample
-
     B, _, H, W = x.shape
     h = torch.zeros((B, k, H, W), device=x.device, dtype=x.dtype)
     r = torch.zeros((B, k), device=x.device, dtype=x.dtype)
@@ -510,7 +313,10 @@ def _activation_maps_for_top(model: nn.Module, x: Tensor, top: pd.DataFrame, k: 
         a = acts.get(layer)
         if a is None or a.dim() != 4:
             continue
-        h[int(b), int(rk)] = _minmax(_upsample(a[int(b):int(b) + 1, int(ch)].clamp_min(0), (H, W))[0])
+        m = a[int(b):int(b) + 1, int(ch)].clamp_min(0)[:, None]  # as vxnb.baselines' "activation"
+        if tuple(m.shape[-2:]) != (H, W):
+            m = torch.nn.functional.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)
+        h[int(b), int(rk)] = _minmax(m[0, 0].clamp_min(0))
         r[int(b), int(rk)] = float(resp)
         drawn[i] = True
     return h, r, drawn
@@ -622,7 +428,7 @@ def explain(model: nn.Module, relevant: Relevance | pd.DataFrame, image: Tensor,
         ValueError: image not (C, H, W) / (1, C, H, W) or with the wrong number of channels;
             target out of range; W's classes do not match the model's outputs; k < 1.
     """
-    model = _check_model(model)
+    model = check_model(model)
     rel = _check_relevance(relevant)
     k = _check_k(k)
     combine = _check_choice(combine, "combine", COMBINES)
@@ -702,7 +508,7 @@ def feature_heatmaps(model: nn.Module, relevant: Relevance | pd.DataFrame, image
     layer_number, kind, channel, weight, x, response, drawn``. Combine with
     :func:`combine_heatmaps`.
     """
-    model = _check_model(model)
+    model = check_model(model)
     rel = _check_relevance(relevant)
     k = _check_k(k)
     draw = _check_choice(draw, "draw", DRAWS)
@@ -763,7 +569,7 @@ def total_stride(model: nn.Module, x: Tensor, layer: str) -> int:
     before ``layer``'s output is produced (itself included), i.e. the period of the grid the
     plain DeconvNet leaves at that layer (pass it to ``vxnb.deconv.grid_score``). For a
     rectangular stride the larger of the two counts. x: (B, C, H, W), traced on ``x[:1]``."""
-    model = _check_model(model)
+    model = check_model(model)
     x = _prepare_batch(model, x, "x")
     return _stride_and_spatial(model, x, layer)[0]
 
@@ -804,7 +610,7 @@ def comparison_features(model: nn.Module, relevant: Relevance | pd.DataFrame | N
 
     Returns ``column, layer, layer_number, kind, channel, source``.
     """
-    model = _check_model(model)
+    model = check_model(model)
     x = _check_single_image(model, image)
     table = layer_numbers(model)
     meta = {h: (int(n), k) for h, n, k in zip(table["hook"], table["layer_number"], table["kind"])}
@@ -828,7 +634,7 @@ def comparison_features(model: nn.Module, relevant: Relevance | pd.DataFrame | N
     with _width_probe(model, names) as widths:
         desc, logits = descriptors(model, x, layers=names, return_output=True)
     logits = _check_logits(logits, 1)
-    j = int(logits.argmax(1)) if target is None else _check_class(target, logits.shape[1], "target")
+    j = int(logits.argmax(1)) if target is None else check_class(target, logits.shape[1], "target")
     rel = _check_relevance(relevant) if relevant is not None else None
     offsets, s = {}, 0
     for n in names:
@@ -891,7 +697,7 @@ def compare_methods(model: nn.Module, image: Tensor, features: pd.DataFrame,
     """
     from .baselines import attribution
 
-    model = _check_model(model)
+    model = check_model(model)
     x = _check_single_image(model, image)
     if not isinstance(features, pd.DataFrame) or not {"layer", "channel"} <= set(features.columns) or not len(features):
         raise TypeError("features: expected a non-empty DataFrame with columns layer, channel, "

@@ -25,10 +25,11 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .utils import atomic_write_json, read_json, seed_everything
+from ..paths import work_dir
+from ..utils import atomic_write_json, read_json, seed_everything
 
 __all__ = ["RunConfig", "DATASETS", "load_data", "get_model", "get_features", "get_lasso_path",
-           "run_dir", "repo_root"]
+           "run_dir"]
 
 DATASETS = ("an8flower", "mnist")
 #: The quick (CI) setting: image size and number of training images.
@@ -41,11 +42,6 @@ MIN_TRAIN_ACCURACY = 0.5
 TRAIN_ATTEMPTS = 3
 #: Runs of fewer epochs are not retried: a low accuracy there is under-training, not a stall.
 MIN_EPOCHS_TO_RETRY = 3
-
-
-def repo_root() -> Path:
-    """The checkout this package lives in (for the default ``data/`` and ``runs/`` folders)."""
-    return Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -61,7 +57,8 @@ class RunConfig:
         "blocks" (eight neighbouring views per fold); see ``vxnb.data.an8flower.fold_of_view``.
     train_limit: use at most this many training images (None: all) — the quick setting.
     seed: seeds rendering, splitting, training and random baselines.
-    data_root, runs_root: where data and run folders live (default: the repo's data/, runs/).
+    data_root, runs_root: where data and run folders live (default: data/ and runs/ in the
+        working folder, ``$VXNB_HOME`` or the current directory; see ``vxnb.paths``).
     """
 
     dataset: str = "an8flower"
@@ -121,11 +118,11 @@ class RunConfig:
 
     @property
     def data_dir(self) -> Path:
-        return Path(self.data_root) if self.data_root else repo_root() / "data"
+        return Path(self.data_root) if self.data_root else work_dir("data")
 
     @property
     def runs_dir(self) -> Path:
-        return Path(self.runs_root) if self.runs_root else repo_root() / "runs"
+        return Path(self.runs_root) if self.runs_root else work_dir("runs")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -146,14 +143,14 @@ def load_data(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, Dataset, 
     ``train_limit`` keeps a seeded, class-stratified subset of the training split.
     """
     if cfg.dataset == "an8flower":
-        from .data.an8flower import An8Flower
+        from ..data.an8flower import An8Flower
 
         full = An8Flower(cfg.data_dir, variant=cfg.variant, size=cfg.size, generate=True, seed=cfg.seed)
         train_idx, test_idx = full.fold_indices(cfg.test_fold, cfg.folds)
         labels = full.index["label"].to_numpy()
         classes = list(full.classes)
     else:
-        from .data.mnist import MnistDataset, load_mnist, stratified_split
+        from ..data.mnist import MnistDataset, load_mnist, stratified_split
 
         images, labels_t = load_mnist(cfg.data_dir)
         labels = np.asarray(labels_t)
@@ -183,7 +180,7 @@ def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
     The initial weights are seeded by ``cfg.seed``. A training run of ≥ 3 epochs that stalls
     (final training accuracy < :data:`MIN_TRAIN_ACCURACY`) is repeated from seed + 1000, + 2000
     with a warning, and the best attempt is kept; ``meta["train_attempts"]`` lists them all."""
-    from . import models
+    from .. import models
 
     folder = run_dir(cfg)
     if not retrain and (folder / "model.pt").exists() and (folder / "meta.json").exists():
@@ -229,7 +226,7 @@ def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
 def get_features(cfg: RunConfig, model: torch.nn.Module, split: str = "train", *, only_conv: bool = False,
                  data: tuple[Dataset, Dataset, list[str]] | None = None, progress: bool = True, **kwargs):
     """Filter-wise responses of a split (cached in the run folder by ``vxnb.features``)."""
-    from .features import extract_features
+    from ..features import extract_features
 
     if split not in ("train", "test"):
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
@@ -246,7 +243,7 @@ def get_lasso_path(cfg: RunConfig, features, *, mu_max: float = 50.0, tag: str |
     from (XᵀL and the diagonal of XᵀX), so a retrained model never reads another's path."""
     import hashlib
 
-    from .lasso import LassoPath, lasso_path
+    from ..lasso import LassoPath, lasso_path
 
     tag = tag or ("conv" if all(k == "conv" for k in features.columns["kind"]) else "all")
     digest = hashlib.sha1(np.ascontiguousarray(features.XtL, dtype=np.float64).tobytes())
@@ -264,7 +261,7 @@ def get_lasso_path(cfg: RunConfig, features, *, mu_max: float = 50.0, tag: str |
 
 def save_table(cfg: RunConfig, name: str, frame) -> Path:
     """Write a result table (pandas DataFrame) as CSV into the run folder, atomically."""
-    from .utils import atomic_path
+    from ..utils import atomic_path
 
     file = run_dir(cfg) / f"{name}.csv"
     with atomic_path(file) as tmp:
@@ -284,8 +281,8 @@ def relevance_study(cfg: RunConfig, *, mu: float = 10.0, mu_max: float = 50.0, n
 
     Returns ``{model, data, features, paths, relevant, counts, ablation, reconstruction}``.
     """
-    from .evaluate.ablation import ablation_curve, class_reconstruction
-    from .relevance import feature_counts, relevant_features
+    from ..evaluate.ablation import ablation_curve, class_reconstruction
+    from ..relevance import feature_counts, relevant_features
 
     data = load_data(cfg, progress=progress)
     classes = data[2]

@@ -30,8 +30,10 @@ import pandas as pd
 import torch
 from torch import nn
 
+from vxnb.baselines import METHOD_LABELS
 from vxnb.evaluate.sanity import class_sensitivity, randomization_curve
 from vxnb.utils import check_image_batch, describe, eval_mode
+from vxnb.studies import runs
 
 __all__ = [
     "SANITY_METHODS",
@@ -48,7 +50,6 @@ __all__ = [
 
 #: The methods compared by default (names of ``vxnb.baselines.attribution`` and ``"ours"``).
 SANITY_METHODS: tuple[str, ...] = ("ours", "deconv_gb", "gradcam")
-from ..baselines import METHOD_LABELS  # noqa: E402  (display names, shared)
 #: The similarity columns of every table.
 SIMILARITIES: tuple[str, ...] = ("spearman", "abs_spearman", "ssim")
 
@@ -71,9 +72,9 @@ def sanity_methods(relevant: Any = None, k: int = 5, methods: Sequence[str] = SA
     """The explain functions ``fn(model, x, target) -> (B, H, W)`` of the compared methods.
 
     Args:
-        relevant: ``"ours"`` only: a :class:`vxnb.explain.Relevance` (or the DataFrame of
+        relevant: ``"ours"`` only: a :class:`vxnb.relevance.Relevance` (or the DataFrame of
             ``vxnb.relevance.relevant_features``); required when ``methods`` holds ``"ours"``.
-        k: ``"ours"``: top-k features combined (``vxnb.explain.make_explain_fn``).
+        k: ``"ours"``: top-k features combined (``vxnb.explanations.make_explain_fn``).
         methods: ``"ours"`` and / or names of ``vxnb.baselines.METHODS``.
         layer: the layer of the Grad-CAM family / activation maps (default: the last conv's ReLU).
         resample: ``"ours"``: the resampled DeconvNet+GB (the paper's).
@@ -83,7 +84,7 @@ def sanity_methods(relevant: Any = None, k: int = 5, methods: Sequence[str] = SA
         ``{name: explain_fn}`` in the order of ``methods``.
     """
     from vxnb.baselines import METHODS as BASELINES
-    from vxnb.explain import make_explain_fn
+    from vxnb.explanations import make_explain_fn
 
     if isinstance(methods, str) or not isinstance(methods, Sequence) or not methods:
         raise TypeError(f"methods: expected a non-empty sequence of method names, got {describe(methods)}")
@@ -98,7 +99,7 @@ def sanity_methods(relevant: Any = None, k: int = 5, methods: Sequence[str] = SA
         if m == "ours":
             if relevant is None:
                 raise ValueError("relevant: method 'ours' needs the relevant features "
-                                 "(vxnb.explain.Relevance.from_path(path, features, mu)), got None")
+                                 "(vxnb.relevance.Relevance.from_path(path, features, mu)), got None")
             fn = make_explain_fn(relevant, k, resample=resample)
         else:
             fn = _baseline_fn(m, layer)
@@ -276,7 +277,7 @@ def _check_int(value: Any, arg: str, minimum: int = 1, allow_none: bool = False)
 def run_study(cfg: Any, *, mu: float = 10.0, k: int = 5, n_images: int | None = 60,
               methods: Sequence[str] = SANITY_METHODS, randomize: bool = True, data: Any = None,
               seed: int | None = None, save: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Both sanity checks on a run (``vxnb.runs``): model, relevant features at ``mu``, test images.
+    """Both sanity checks on a run (``vxnb.studies.runs``): model, relevant features at ``mu``, test images.
 
     Loads (or trains / computes) the run's model, training features and μ-lasso path, builds
     ``Relevance.from_path(path, features, mu)``, takes ``n_images`` class-stratified test images
@@ -290,13 +291,12 @@ def run_study(cfg: Any, *, mu: float = 10.0, k: int = 5, n_images: int | None = 
         (:meth:`SanityResult.sensitivity_summary`, :meth:`SanityResult.randomization_summary`)
         carrying a ``dataset`` column (``"MNIST"`` or ``"an8Flower <variant>"``).
     """
-    from vxnb import runs
     from vxnb.data import dataset_labels
-    from vxnb.evaluate.benchmark import stratified_indices
-    from vxnb.explain import Relevance
+    from vxnb.studies.benchmark import stratified_indices
+    from vxnb.relevance import Relevance
 
     if not isinstance(cfg, runs.RunConfig):
-        raise TypeError(f"cfg: expected a vxnb.runs.RunConfig, got {describe(cfg)}")
+        raise TypeError(f"cfg: expected a vxnb.studies.runs.RunConfig, got {describe(cfg)}")
     if isinstance(mu, bool) or not isinstance(mu, (int, float, np.floating)) or not mu > 0:
         raise ValueError(f"mu: expected a positive number, got {mu!r}")
     k = _check_int(k, "k")

@@ -5,10 +5,10 @@ Protocol (five folds grouped by viewpoint, ``vxnb.data.an8flower``):
 for every variant and every fold ``f``
 
 1. the reference model (FlowerNet) is trained on the other four folds — through
-   :func:`vxnb.runs.get_model` with ``RunConfig(test_fold=f)``, so every fold has its own run
+   :func:`vxnb.studies.runs.get_model` with ``RunConfig(test_fold=f)``, so every fold has its own run
    folder holding its checkpoint, features and μ-lasso path;
 2. the relevant features are selected with the μ-lasso on the **training** folds
-   (:func:`vxnb.runs.get_features` on all conv + FC layers, :func:`vxnb.runs.get_lasso_path`
+   (:func:`vxnb.studies.runs.get_features` on all conv + FC layers, :func:`vxnb.studies.runs.get_lasso_path`
    → ``W = path.coef(mu)``, default μ = 10 as in the paper, Sec. 4.1);
 3. on the held-out fold (a class-stratified subset of ``n_test_images`` images, seeded) every
    method produces one heatmap per image **for the class the model predicts** — the paper
@@ -23,9 +23,9 @@ for every variant and every fold ``f``
 Methods (:data:`METHODS`), as the paper defines Table 1's rows (Sec. 4.3): ``"ours_upsampled"``
 ("Upsam. Act."), ``"ours_deconv"`` ("Deconv+GB") and ``"ours"`` are the **same** top-``k``
 μ-lasso-selected features of the predicted class (largest responses r = w_ĵ ∘ x, default
-k = 5), drawn three ways (:func:`vxnb.explain.feature_heatmaps`): upsampled activation maps,
+k = 5), drawn three ways (:func:`vxnb.explanations.feature_heatmaps`): upsampled activation maps,
 plain DeconvNet+GB and resampled DeconvNet+GB, then combined into one map per image by
-``combine`` (:func:`vxnb.explain.combine_heatmaps`: ``"weighted"`` response-weighted sum,
+``combine`` (:func:`vxnb.explanations.combine_heatmaps`: ``"weighted"`` response-weighted sum,
 ``"max"`` pixel-wise maximum as in the authors' code; both can be scored in one run, the
 features are drawn once). Upsampled activation maps of fully connected features do not exist:
 they are left out of that row's combination and counted (``n_left_out``). The class-level
@@ -61,9 +61,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from vxnb.baselines import METHOD_LABELS as _BASE_LABELS
 from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, iou_auc, iou_curve, iou_per_image
 from vxnb.evaluate.occlusion import DEFAULT_COVERAGE, mean_confidence_difference, occlusion_study
+from vxnb.explanations import COMBINES
 from vxnb.utils import atomic_write_json, describe
+from vxnb.studies import runs
 
 __all__ = [
     "METHODS",
@@ -97,14 +100,12 @@ __all__ = [
 #: The class-level maps (names of :func:`vxnb.baselines.attribution`).
 BASELINE_METHODS: tuple[str, ...] = ("activation", "deconv_gb", "gradcam", "guided_gradcam", "gradcampp",
                                      "guided_gradcampp")
-#: Our top-k features drawn three ways (:data:`vxnb.explain.DRAWS`).
+#: Our top-k features drawn three ways (:data:`vxnb.explanations.DRAWS`).
 OURS_METHODS: tuple[str, ...] = ("ours_upsampled", "ours_deconv", "ours")
 _DRAW = {"ours_upsampled": "upsampled", "ours_deconv": "deconv", "ours": "resampled"}
 #: Every method of the benchmark: the paper's row order, then the two extra class-level rows.
 METHODS: tuple[str, ...] = ("ours_upsampled", "ours_deconv", "gradcam", "guided_gradcam", "gradcampp",
                             "guided_gradcampp", "ours", "activation", "deconv_gb")
-from ..baselines import METHOD_LABELS as _BASE_LABELS  # noqa: E402  (display names, shared)
-from ..explain import COMBINES  # noqa: E402
 
 #: Display names: the paper's for its rows; the class-level extras say what they are.
 METHOD_LABELS: dict[str, str] = {**_BASE_LABELS, "ours_upsampled": "Upsam. Act.", "ours_deconv": "Deconv+GB",
@@ -231,12 +232,12 @@ def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, t
         images: (N, C, H, W) float images.
         targets: (N,) class per image (the benchmark passes the predicted classes), or an int.
         relevant: our methods only (:data:`OURS_METHODS`): the relevant features, a
-            :class:`vxnb.explain.Relevance` (:func:`fold_relevant`) or the DataFrame of
+            :class:`vxnb.relevance.Relevance` (:func:`fold_relevant`) or the DataFrame of
             :func:`vxnb.relevance.relevant_features`.
         k: our methods only: the number of top-responding relevant features combined.
         layer: the layer of the activation / Grad-CAM family (default: the last conv's ReLU).
         batch_size: images per call.
-        combine: our methods only: ``"weighted"`` or ``"max"`` (:func:`vxnb.explain.combine_heatmaps`).
+        combine: our methods only: ``"weighted"`` or ``"max"`` (:func:`vxnb.explanations.combine_heatmaps`).
     """
     method = _check_method(method)
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
@@ -250,10 +251,11 @@ def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, t
         raise ValueError(f"targets: expected ({n},) integer classes (one per image), got {describe(targets)}")
     combine = _check_combine(combine)
     if method in OURS_METHODS:
-        from vxnb.explain import Relevance, combine_heatmaps, feature_heatmaps
+        from vxnb.explanations import combine_heatmaps, feature_heatmaps
+        from vxnb.relevance import Relevance
 
         if not isinstance(relevant, (Relevance, pd.DataFrame)):
-            raise ValueError(f"relevant: method {method!r} needs the relevant features (a vxnb.explain.Relevance or "
+            raise ValueError(f"relevant: method {method!r} needs the relevant features (a vxnb.relevance.Relevance or "
                              f"the DataFrame of vxnb.relevance.relevant_features), got {describe(relevant)}")
         k = _check_positive_int(k, "k")
     else:
@@ -297,11 +299,10 @@ def stratified_indices(labels: Any, n: int | None, seed: int = 0) -> np.ndarray:
 
 
 def fold_config(config: Any, variant: str, fold: int):
-    """The :class:`vxnb.runs.RunConfig` of one fold: ``config`` with this variant and test fold."""
-    from vxnb import runs
+    """The :class:`vxnb.studies.runs.RunConfig` of one fold: ``config`` with this variant and test fold."""
 
     if not isinstance(config, runs.RunConfig):
-        raise TypeError(f"config: expected a vxnb.runs.RunConfig, got {describe(config)}")
+        raise TypeError(f"config: expected a vxnb.studies.runs.RunConfig, got {describe(config)}")
     if config.dataset != "an8flower":
         raise ValueError(f"config: the benchmark needs dataset='an8flower', got {config.dataset!r}")
     return dataclasses.replace(config, variant=_check_variant(variant), test_fold=_check_fold(fold), name=None)
@@ -312,7 +313,6 @@ def fold_data(cfg: Any, n_test_images: int | None = None, *, data=None, progress
     """The evaluated test images of a fold: ``(images (N,3,S,S), labels (N,), masks (N,S,S) bool,
     positions in the test split (N,))`` — a class-stratified subset seeded by ``cfg.seed`` and the
     fold."""
-    from vxnb import runs
 
     _, test, _ = data if data is not None else runs.load_data(cfg, progress=progress)
     labels = _dataset_labels(test)
@@ -340,10 +340,9 @@ def _dataset_labels(ds: Any) -> np.ndarray:
 def fold_relevant(cfg: Any, model: torch.nn.Module, mu: float = 10.0, *, data=None,
                   progress: bool = True):
     """The relevant features of a fold: μ-lasso on the training folds' responses (all conv + FC
-    layers), ``W = path.coef(mu)`` → :class:`vxnb.explain.Relevance` (features and path cached in
+    layers), ``W = path.coef(mu)`` → :class:`vxnb.relevance.Relevance` (features and path cached in
     the fold's run folder)."""
-    from vxnb import runs
-    from vxnb.explain import Relevance
+    from vxnb.relevance import Relevance
 
     mu = _check_mu(mu)
     data = data if data is not None else runs.load_data(cfg, progress=progress)
@@ -395,9 +394,8 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
     ``seconds`` {phase: s} (``model``: loading, or training when ``trained_now``),
     ``training_seconds`` (the checkpoint's recorded training time).
     """
-    from vxnb import runs
     from vxnb.deconv import grid_score
-    from vxnb.explain import combine_heatmaps, feature_heatmaps, total_stride
+    from vxnb.explanations import combine_heatmaps, feature_heatmaps, total_stride
 
     methods = _check_methods(methods)
     combines = _check_combines(combine)
@@ -510,7 +508,6 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
     atomically once the fold is finished and read back by later calls (``"cached": True`` in the
     returned dict). A fold interrupted before that has no file and is recomputed.
     """
-    from vxnb import runs
 
     defaults = dict(methods=METHODS, mu=10.0, k=5, n_test_images=300, occlusion=True, occlusion_images=100,
                     coverage=DEFAULT_COVERAGE, layer=None, thresholds=None, combine=("weighted",), quantus=False,
@@ -782,7 +779,7 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
     """The five-fold an8Flower benchmark (Table 1) and the box-occlusion study.
 
     Args:
-        config: a :class:`vxnb.runs.RunConfig` template (size, epochs, train_limit, seed, quick,
+        config: a :class:`vxnb.studies.runs.RunConfig` template (size, epochs, train_limit, seed, quick,
             folds (the split: "views" or "blocks"), data_root, runs_root); its variant and test
             fold are replaced per fold. Default:
             ``RunConfig()`` (size 128, the default epochs).
@@ -799,15 +796,14 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
             of the evaluated images (a seeded class-stratified subset; None: all).
         recompute: ignore finished folds' cached results.
         save: write per_fold, table1, curves, occlusion and timings as CSV into the benchmark's
-            run folder (:func:`benchmark_config`) with :func:`vxnb.runs.save_table`.
+            run folder (:func:`benchmark_config`) with :func:`vxnb.studies.runs.save_table`.
         progress: progress bars (folds, methods, training).
     """
-    from vxnb import runs
 
     if config is None:
         config = runs.RunConfig()
     if not isinstance(config, runs.RunConfig):
-        raise TypeError(f"config: expected a vxnb.runs.RunConfig, got {describe(config)}")
+        raise TypeError(f"config: expected a vxnb.studies.runs.RunConfig, got {describe(config)}")
     if config.dataset != "an8flower":
         raise ValueError(f"config: the benchmark needs dataset='an8flower', got {config.dataset!r}")
     plan = _folds_by_variant(variants, folds)
@@ -895,7 +891,6 @@ def explain_examples(config: Any, variant: str, fold: int, positions: Sequence[i
     "positions", "heatmaps": {method: (n,S,S)}}``; the predicted class is explained.
     Uses (or trains) the fold's model from its run folder.
     """
-    from vxnb import runs
     from vxnb.evaluate.occlusion import batched_logits
 
     methods = _check_methods(methods)
@@ -964,9 +959,8 @@ def fold_diagnosis(config: Any, variant: str, fold: int, *, mu: float = 10.0, k:
     image, what a map spread uniformly would get), ``"reliance"``: :func:`part_reliance`,
     ``"auc"``: the area of ours and of Deconv+GB from the logit on these images}``.
     """
-    from vxnb import runs
     from vxnb.evaluate.occlusion import batched_logits
-    from vxnb.explain import combine_heatmaps, feature_heatmaps
+    from vxnb.explanations import combine_heatmaps, feature_heatmaps
 
     cfg = fold_config(config, variant, fold)
     data = runs.load_data(cfg, progress=progress)

@@ -1,4 +1,4 @@
-"""vxnb.explain: top-k by response, heatmaps, the combined map, batches, bad input."""
+"""vxnb.explanations: top-k by response, heatmaps, the combined map, batches, bad input."""
 from types import SimpleNamespace
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from vxnb import explain as E
+from vxnb import explanations as E
 from vxnb.deconv import grid_score, heatmap, visualize
 from vxnb.features import default_layers, feature_columns
 from vxnb.lasso import lasso_path
@@ -283,7 +283,7 @@ def test_bad_draw_and_combine_name_the_choices(model, images, rel):
 
 @pytest.mark.parametrize("combine", ["weighted", "max"])
 def test_ours_deconv_and_ours_are_the_same_top_k_drawn_by_visualize(model, images, rel, combine):
-    from vxnb.evaluate import benchmark as B
+    from vxnb.studies import benchmark as B
 
     targets = torch.tensor([0, 0, 1, 0, 1])
     for method, resample in (("ours_deconv", False), ("ours", True)):
@@ -299,7 +299,7 @@ def test_ours_deconv_and_ours_are_the_same_top_k_drawn_by_visualize(model, image
 
 
 def test_ours_upsampled_is_bilinear_upsampling_of_the_same_channels(model, images, rel):
-    from vxnb.evaluate import benchmark as B
+    from vxnb.studies import benchmark as B
 
     acts = {}
     hooks = [dict(model.named_modules())[n].register_forward_hook(

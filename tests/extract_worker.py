@@ -1,0 +1,27 @@
+"""``python -m vxnb.extract`` on the tiny test model and data (tests/test_extract.py starts it with
+torchrun): the run's data and model come from tests/dist_worker.py instead of rendering and training."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dist_worker import N_CLASSES, TinyImages  # noqa: E402
+from nets import tiny_strided_net  # noqa: E402
+
+from vxnb.studies import runs  # noqa: E402
+
+
+def tiny_data(cfg, progress=True):
+    return TinyImages(), TinyImages(12), list(TinyImages.classes)
+
+
+def tiny_model(cfg, data=None, progress=True, **kwargs):
+    return tiny_strided_net(N_CLASSES), {}
+
+
+runs.load_data = tiny_data
+runs.get_model = tiny_model
+
+if __name__ == "__main__":
+    from vxnb.extract import main
+
+    sys.exit(main(sys.argv[1:]))

@@ -62,7 +62,7 @@ def test_other_bad_options():
         B.method_heatmaps("ours", torch.nn.Identity(), torch.rand(2, 3, 32, 32), [0, 1])
     with pytest.raises(ValueError, match="relevant: method 'ours_upsampled' needs the relevant features"):
         B.method_heatmaps("ours_upsampled", torch.nn.Identity(), torch.rand(2, 3, 32, 32), [0, 1])
-    with pytest.raises(ValueError, match="combine: expected one of 'weighted', 'max'; got str 'mean'"):
+    with pytest.raises(ValueError, match="combine: expected one of 'weighted', 'max', got str 'mean'"):
         B.run_benchmark(cfg, combine="mean", save=False)
     with pytest.raises(ValueError, match="combine: expected one of 'weighted', 'max'"):
         B.method_heatmaps("ours", torch.nn.Identity(), torch.rand(2, 3, 32, 32), [0, 1], combine="sum")

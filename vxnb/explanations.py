@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._checks import check_class, check_model, check_positive_int
+from ._checks import check_choice, check_class, check_model, check_positive_int
 from ._graph import first_conv_in_channels
 from .deconv import grid_score, heatmap, run_backward, signed_rgb, visualize
 from .features import default_layers, descriptors, layer_numbers
@@ -254,12 +254,6 @@ COMBINES = ("weighted", "max")
 DRAWS = ("resampled", "deconv", "upsampled")
 
 
-def _check_choice(value: Any, arg: str, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{arg}: expected one of {', '.join(map(repr, choices))}, got {describe(value)}")
-    return value
-
-
 def combine_heatmaps(heatmaps: Tensor, responses: Tensor, combine: str = "max") -> Tensor:
     """The combined map of :func:`explain`, min-max normalised to [0, 1] per image (zeros when
     constant, e.g. no feature).
@@ -270,7 +264,7 @@ def combine_heatmaps(heatmaps: Tensor, responses: Tensor, combine: str = "max") 
 
     heatmaps: (..., k, H, W) in [0, 1]; responses: (..., k), ≥ 0 (0 for unused slots).
     Returns (..., H, W)."""
-    combine = _check_choice(combine, "combine", COMBINES)
+    combine = check_choice(combine, "combine", COMBINES)
     if not isinstance(heatmaps, Tensor) or heatmaps.dim() < 3:
         raise TypeError(f"heatmaps: expected a tensor (..., k, H, W), got {describe(heatmaps)}")
     responses = torch.as_tensor(responses, dtype=heatmaps.dtype, device=heatmaps.device)
@@ -431,7 +425,7 @@ def explain(model: nn.Module, relevant: Relevance | pd.DataFrame, image: Tensor,
     model = check_model(model)
     rel = _check_relevance(relevant)
     k = _check_k(k)
-    combine = _check_choice(combine, "combine", COMBINES)
+    combine = check_choice(combine, "combine", COMBINES)
     if not isinstance(resample, bool):
         raise TypeError(f"resample: expected a bool, got {describe(resample)}")
     if isinstance(target, Tensor) and target.numel() == 1 and not target.is_floating_point() \
@@ -482,7 +476,7 @@ def explain_batch(model: nn.Module, relevant: Relevance | pd.DataFrame, images: 
     forward and one batched backward (each image carrying its own channels). Images of a class
     without responding features get an all-zero map. ``combine``: see :func:`combine_heatmaps`.
     """
-    combine = _check_choice(combine, "combine", COMBINES)
+    combine = check_choice(combine, "combine", COMBINES)
     if not isinstance(resample, bool):
         raise TypeError(f"resample: expected a bool, got {describe(resample)}")
     h, r, _ = feature_heatmaps(model, relevant, images, k, targets, draw="resampled" if resample else "deconv",
@@ -511,7 +505,7 @@ def feature_heatmaps(model: nn.Module, relevant: Relevance | pd.DataFrame, image
     model = check_model(model)
     rel = _check_relevance(relevant)
     k = _check_k(k)
-    draw = _check_choice(draw, "draw", DRAWS)
+    draw = check_choice(draw, "draw", DRAWS)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     x_all = _prepare_batch(model, images, "images")
@@ -545,7 +539,7 @@ def make_explain_fn(relevant: Relevance | pd.DataFrame, k: int = 5, *, resample:
     ``vxnb.evaluate``): the combined heatmaps of :func:`explain_batch`."""
     rel = _check_relevance(relevant)
     k = _check_k(k)
-    combine = _check_choice(combine, "combine", COMBINES)
+    combine = check_choice(combine, "combine", COMBINES)
 
     def explain_fn(model: nn.Module, x: Tensor, target: Any = None) -> Tensor:
         return explain_batch(model, rel, x, k, target, resample=resample, combine=combine, batch_size=batch_size)

@@ -61,6 +61,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from vxnb._checks import check_choice
 from vxnb.baselines import METHOD_LABELS as _BASE_LABELS
 from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, iou_auc, iou_curve, iou_per_image
 from vxnb.evaluate.occlusion import DEFAULT_COVERAGE, mean_confidence_difference, occlusion_study
@@ -143,9 +144,7 @@ def _check_combines(combine: Any) -> tuple[str, ...]:
 
 
 def _check_combine(value: Any, arg: str = "combine") -> str:
-    if not isinstance(value, str) or value not in COMBINES:
-        raise ValueError(f"{arg}: expected one of {', '.join(map(repr, COMBINES))}; got {describe(value)}")
-    return value
+    return check_choice(value, arg, COMBINES)
 
 
 # ============================================================================ checks

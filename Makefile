@@ -11,6 +11,7 @@ help:
 	@echo "make report [QUICK=1]  set up .venv, prepare data, run notebooks 01-06 with papermill, write reports/"
 	@echo "make test              set up .venv and run the test suite (includes every notebook in quick mode)"
 	@echo "make benchmarks        print the speed/accuracy benchmarks"
+	@echo "make report NO_INPUT=1 also writes every page without its code (NN_name.no-input.html)"
 
 # The venv is (re)installed when pyproject.toml changes. torchvision>=0.29 pulls a torch
 # build from the registry that runs on the CPU (and on CUDA where present).
@@ -26,7 +27,7 @@ data: $(STAMP)
 	$(PY) -m vxnb.report --prepare-data $(if $(QUICK),--quick,)
 
 report: $(STAMP)
-	$(PY) -m vxnb.report $(if $(QUICK),--quick,)
+	$(PY) -m vxnb.report $(if $(QUICK),--quick,) $(if $(NO_INPUT),--no-input,)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup tests

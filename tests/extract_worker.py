@@ -18,10 +18,9 @@ def tiny_model(cfg, data=None, progress=True, **kwargs):
     return tiny_strided_net(N_CLASSES), {}
 
 
-runs.load_data = tiny_data
-runs.get_model = tiny_model
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # only in the worker process: importing this module patches nothing
+    runs.load_data = tiny_data
+    runs.get_model = tiny_model
     from vxnb.extract import main
 
     sys.exit(main(sys.argv[1:]))

@@ -7,13 +7,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import captum.attr  # noqa: F401 - required dependencies: an ImportError fails, never skips
+import pytorch_grad_cam  # noqa: F401
 import torchvision
 from torch import nn
 
 from vxnb.baselines import METHODS, attribution, default_target_layer
 
-pytest.importorskip("captum.attr")
-pytest.importorskip("pytorch_grad_cam")
 
 
 def tiny_net(num_classes: int = 4) -> nn.Sequential:

@@ -181,7 +181,8 @@ def test_fold_loop_table_csv_and_auc(tiny_config):
     # each fold's result sits in its own run folder
     for fold in (0, 1):
         folder = runs.run_dir(B.fold_config(tiny_config, "single-6c", fold))
-        assert (folder / "model.pt").exists() and len(list(folder.glob("benchmark-*.json"))) == 1
+        assert (runs.checkpoint_dir(B.fold_config(tiny_config, "single-6c", fold)) / "model.pt").exists()
+        assert len(list(folder.glob("benchmark-*.json"))) == 1
     # independent check of one number: Deconv+GB of fold 0 recomputed by hand with iou_auc
     cfg0 = B.fold_config(tiny_config, "single-6c", 0)
     images, labels, masks, _ = B.fold_data(cfg0, 6, progress=False)
@@ -214,7 +215,8 @@ def test_resume_after_interruption(data_root, tmp_path, monkeypatch):
     folders = [runs.run_dir(B.fold_config(tiny_config, "single-6c", f)) for f in (0, 1, 2)]
     files = [list(f.glob("benchmark-*.json")) for f in folders]
     assert [len(f) for f in files] == [1, 0, 0]  # fold 0 finished; fold 1 interrupted; fold 2 not started
-    assert (folders[1] / "model.pt").exists()  # fold 1 got as far as its checkpoint
+    # fold 1 got as far as its checkpoint
+    assert (runs.checkpoint_dir(B.fold_config(tiny_config, "single-6c", 1)) / "model.pt").exists()
     first = json.loads(files[0][0].read_text())
     assert first["settings"]["methods"] == list(methods)
     done0 = files[0][0].read_bytes()
@@ -246,7 +248,8 @@ def test_resume_after_interruption(data_root, tmp_path, monkeypatch):
     # a damaged result file is recomputed, never trusted
     (damaged,) = folders[2].glob("benchmark-*.json")
     damaged.write_text("{ not json")
-    B.run_benchmark(tiny_config, folds=(0, 1, 2), save=False, **opts)
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        B.run_benchmark(tiny_config, folds=(0, 1, 2), save=False, **opts)
     assert evaluated == [2]
 
 

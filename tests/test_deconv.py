@@ -15,7 +15,7 @@ from torch import nn
 from vxnb.deconv import (UnsupportedModuleError, _backward, _channel_seed, grid_score, heatmap,
                          signed_rgb, visualize)
 
-captum_attr = pytest.importorskip("captum.attr")
+from captum import attr as captum_attr  # a required dependency: an ImportError fails the tests
 
 
 def seq(*named: tuple[str, nn.Module]) -> nn.Sequential:
@@ -118,6 +118,37 @@ def test_batched_backward_equals_expanded_batch():
 # resampled mode = the rule written out by hand
 # --------------------------------------------------------------------------------------
 
+def _nearest_source(n_out: int, n_in: int) -> list[int]:
+    """Nearest-neighbour source index of each output index, as torch computes it (float32 scale
+    in/out, floor, clamped), written out by hand."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    return [min(int(np.floor(np.float32(i) * scale)), n_in - 1) for i in range(n_out)]
+
+
+def hand_resampled_conv_backward(g, weight, target, in_size, p, d, groups):
+    """The resampled conv backward by explicit loops: the signal g (B, Cout, b, b') resized by
+    nearest neighbour to ``target``, then every output position (i, j) and kernel tap (ky, kx)
+    adds g[:, co, i, j] · w[co, ci, ky, kx] to input position (i + d·ky − p, j + d·kx − p)."""
+    B, c_out, _, _ = g.shape
+    _, c_in_g, k, _ = weight.shape
+    rows, cols = _nearest_source(target[0], g.shape[2]), _nearest_source(target[1], g.shape[3])
+    sig = g.double()[:, :, rows][:, :, :, cols]  # (B, Cout, T, T')
+    out = torch.zeros(B, c_in_g * groups, *in_size, dtype=torch.float64)
+    per_out = c_out // groups
+    w = weight.double()
+    for grp in range(groups):
+        co = slice(grp * per_out, (grp + 1) * per_out)
+        ci = slice(grp * c_in_g, (grp + 1) * c_in_g)
+        for i in range(target[0]):
+            for j in range(target[1]):
+                for ky in range(k):
+                    for kx in range(k):
+                        y, xx = i + d * ky - p, j + d * kx - p
+                        if 0 <= y < in_size[0] and 0 <= xx < in_size[1]:
+                            out[:, ci, y, xx] += sig[:, co, i, j] @ w[co, :, ky, kx]
+    return out.float()
+
+
 @pytest.mark.parametrize("k,s,p,d,groups,size", [(5, 3, 1, 1, 1, (23, 20)), (3, 2, 1, 1, 1, (16, 16)),
                                                  (4, 2, 0, 1, 1, (15, 18)), (3, 2, 2, 2, 2, (17, 13)),
                                                  (1, 2, 0, 1, 1, (9, 10))])
@@ -132,8 +163,7 @@ def test_resampled_conv_by_hand(k, s, p, d, groups, size):
     g[:, q] = a[:, q]
     keff = d * (k - 1) + 1
     target = (size[0] + 2 * p - keff + 1, size[1] + 2 * p - keff + 1)
-    expected = F.conv_transpose2d(F.interpolate(g, size=target, mode="nearest"), conv.weight.detach(), stride=1,
-                                  padding=p, dilation=d, groups=groups)
+    expected = hand_resampled_conv_backward(g, conv.weight.detach(), target, x.shape[-2:], p, d, groups)
     assert expected.shape == x.shape
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
     # and it is not the plain transpose (the strided one)
@@ -212,11 +242,8 @@ def test_shapes_torchvision(arch, layer, size):
 
 
 def test_reference_flowernet():
-    models = pytest.importorskip("vxnb.models")
-    try:
-        model = models.FlowerNet(num_classes=6, size=64)
-    except Exception as err:  # the reference models belong to another module
-        pytest.skip(f"FlowerNet(num_classes=6, size=64) not available: {err}")
+    from vxnb import models
+    model = models.FlowerNet(num_classes=6, size=64)
     x = torch.rand(1, 3, 64, 64)
     names = dict(model.named_modules())
     for layer in [n for n in ("conv1", "pool2", "relu5", "fc6") if n in names]:
@@ -480,3 +507,51 @@ def test_falls_back_to_expanded_batch_when_vmap_fails(monkeypatch):
         got = visualize(model, x, "relu3", [1, 4])
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     assert hooks_left(model) == {}
+
+
+# --------------------------------------------------------------------------------------
+# the strided fast path of the resampled conv backward = today's resize + stride-1 path
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,layer,size,n_fast", [("alexnet", "features.10", 112, 1), ("alexnet", "features.3", 99, 1),
+                                                    ("vgg16", "features.17", 64, 0), ("resnet50", "layer2.0", 64, 3),
+                                                    ("resnet50", "layer3.1", 69, 5)])
+def test_strided_fast_path_equals_resize_path(arch, layer, size, n_fast, monkeypatch):
+    """AlexNet's conv1 at 112 and 99 px copies rows 4 or 3 times (4 and 6 runs: 16 and 36
+    pieces), ResNet-50's strided convs copy every row twice at 64 px (one piece) and not at
+    69 px; VGG-16 has no strided conv (its resampling is all in the pooling: unchanged)."""
+    import vxnb.deconv as deconv
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(num_classes=10).double()
+    x = torch.rand(2, 3, size, size + 5, dtype=torch.float64)
+    chans = [0, 3, 7]
+    calls = []
+    box = deconv._box_transpose
+    monkeypatch.setattr(deconv, "_box_transpose", lambda *a, **k: calls.append(1) or box(*a, **k))
+    fast = visualize(model, x, layer, chans)
+    monkeypatch.setattr(deconv, "_MAX_BOX_PIECES", 0)  # every conv back on the resize + stride-1 path
+    slow = visualize(model, x, layer, chans)
+    assert len(calls) == n_fast  # one batched backward: each strided conv on the path once
+    scale = slow.abs().max()
+    assert scale > 0
+    assert (fast - slow).abs().max() <= 1e-6 * scale
+    # the same in float32, to float32 rounding
+    model32, x32 = model.float(), x.float()
+    monkeypatch.undo()
+    fast32 = visualize(model32, x32, layer, chans)
+    assert (fast32.double() - slow).abs().max() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("n_in,n_out", [(55, 218), (28, 56), (27, 53), (7, 21), (5, 5), (9, 40)])
+def test_replication_runs_match_interpolate(n_in, n_out):
+    from vxnb.deconv import _replication_runs
+
+    src = F.interpolate(torch.arange(n_in, dtype=torch.float32).view(1, 1, 1, n_in), size=(1, n_out),
+                        mode="nearest").view(-1).tolist()
+    rebuilt = [None] * n_out
+    for b0, nb, r, o in _replication_runs(n_in, n_out):
+        for i in range(nb):
+            for c in range(r):
+                rebuilt[o + i * r + c] = b0 + i
+    assert rebuilt == src

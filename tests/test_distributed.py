@@ -235,7 +235,7 @@ def test_ranks_that_disagree_are_refused_and_a_hung_rank_times_out(tmp_path):
     logs = _spawn(2, str(tmp_path / "out.npz"), "--refusals", "1", "--checkpoint", str(tmp_path / "ck"), "--hang",
                   "--kill-after", "2", "--timeout", "5", "--cache", str(tmp_path / "cache"))
     patterns = {
-        "perturb": r"ValueError: model: rank 1 has '([0-9a-f]{32})', rank 0 has '([0-9a-f]{32})'",
+        "perturb": r"ValueError: model: rank 1 has '([0-9a-f]{24})', rank 0 has '([0-9a-f]{24})'",
         "fewer_layers": r"ValueError: layers: rank 1 has (\['relu1', 'relu2'\]), rank 0 has "
                         r"(\['relu1', 'relu2', 'relu3'\])",
         "fewer_images": r"ValueError: dataset length: rank 1 has (49), rank 0 has (50)",

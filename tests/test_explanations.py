@@ -220,8 +220,8 @@ def test_total_stride_and_comparison(model, images, rel):
     e = E.explain(model, rel, images[0], k=100, target=0)
     for _, f in feats.iterrows():
         rows = e.features[e.features["layer"] == f["layer"]]
-        if len(rows):
-            assert f["source"] == "relevant" and f["channel"] == rows["channel"].iloc[0]
+        assert len(rows), f["layer"]
+        assert f["source"] == "relevant" and f["channel"] == rows["channel"].iloc[0]
     cmp = E.compare_methods(model, images[0], feats)
     assert cmp.methods == E.COMPARISON_METHODS
     assert cmp.maps["upsampled activation"][2] is None  # FC: not applicable

@@ -46,7 +46,7 @@ def _check_run_folder(params: dict, model, reference) -> None:
     assert cached.meta["cache_hit"]
     wanted = top[["layer", "channel"]].drop_duplicates()
     table = interpret.top_patch_table(model, data[0], wanted, k=TOP_N, cache_dir=folder,
-                                      data_key=f"{cfg.run_name}/train/{len(data[0])}")
+                                      data_key=runs.split_key(cfg, "train", data[0]))
     expect = top.sort_values(["layer", "channel", "rank"], kind="mergesort").reset_index(drop=True)
     for c in ("channel", "rank", "index", "row", "col"):
         np.testing.assert_array_equal(table[c].to_numpy(), expect[c].to_numpy(), err_msg=c)

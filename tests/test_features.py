@@ -7,6 +7,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+import vxnb._gram
 import vxnb.features as vf
 from vxnb.features import Features, default_layers, descriptors, extract_features, feature_columns, layer_numbers
 
@@ -106,7 +107,8 @@ def test_conv_descriptor_is_l2_over_space():
 def test_streamed_gram_equals_dense(monkeypatch, gram_dtype, rtol, syrk, min_split):
     monkeypatch.setattr(vf, "_GRAM_BLOCK_ROWS", 5)  # several partial row blocks
     monkeypatch.setattr(vf, "_CPU_SYRK", syrk)  # BLAS syrk (the CPU path) or torch GEMM blocks (the CUDA path)
-    monkeypatch.setattr(vf, "_MIRROR_BLOCK", 4)  # syrk: upper triangle added and mirrored in 4 column blocks
+    monkeypatch.setattr(vxnb._gram, "TILE", 4)  # syrk: upper triangle added and mirrored in 4 column blocks
+    monkeypatch.setattr(vxnb._gram, "FOLD_ROWS", 7)  # float32 syrk: folded into float64 every 2 blocks
     monkeypatch.setattr(vf, "_GRAM_MIN_SPLIT", min_split)  # GEMM: 3 column blocks (upper ones mirrored) or 1
     monkeypatch.setattr(vf, "_GRAM_MIN_ROWS_SPLIT", 10)
     net = small_net()
@@ -404,7 +406,7 @@ def test_cache_reused_when_key_matches(tmp_path):
 
 
 def test_default_layers_reference_models():
-    models = pytest.importorskip("vxnb.models")
+    from vxnb import models
     mnist = models.MnistNet()
     assert default_layers(mnist) == [f"relu{i}" for i in range(1, 7)]
     assert default_layers(mnist, only_conv=True) == [f"relu{i}" for i in range(1, 6)]

@@ -198,7 +198,7 @@ def test_rf_torchvision_resnet18_layer1():
 
 
 def test_rf_reference_models_match_support():
-    models = pytest.importorskip("vxnb.models")
+    from vxnb import models
     spatial = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
     mnist = _positive(_max_to_avg(models.MnistNet()))
     x = torch.rand(1, 1, 28, 28, dtype=torch.float64) + 0.1
@@ -333,9 +333,7 @@ def test_collect_top_patches_subset_and_lookup():
 
 
 def test_top_patches_scores_match_feature_descriptors():
-    features = pytest.importorskip("vxnb.features")
-    if not hasattr(features, "descriptors"):
-        pytest.skip("vxnb.features.descriptors not available yet")
+    from vxnb import features
     model = _small_net()
     x = torch.rand(9, 3, 16, 16)
     layers = ["relu1", "relu2", "fc3"]
@@ -489,7 +487,7 @@ def test_average_images_bad_inputs():
 
 
 def test_average_images_with_deconv_heatmaps():
-    deconv = pytest.importorskip("vxnb.deconv")
+    from vxnb import deconv
     model, x, data, relevant, tp = _setup_average()
     res = average_images(model, data, tp, relevant, n=4, size=12, progress=False)
     for key in [(0, 3), (0, 20)]:
@@ -506,7 +504,7 @@ def test_average_images_with_deconv_heatmaps():
 
 
 def test_top_patches_as_extract_features_callback():
-    features = pytest.importorskip("vxnb.features")
+    from vxnb import features
     model = _small_net()
     x = torch.rand(19, 3, 16, 16)
     data = torch.utils.data.TensorDataset(x, torch.arange(19) % 3)

@@ -8,6 +8,7 @@ from torch import nn
 
 from vxnb import explanations as E
 from vxnb.studies import sanity_study as S
+from vxnb.studies.runs import RunConfig
 from vxnb.evaluate.sanity import spearman, ssim
 from vxnb.features import default_layers, feature_columns
 
@@ -125,8 +126,8 @@ def test_sensitivity_values_match_an_independent_computation(study, model, image
     b = fns["Ours"](model, x, torch.tensor([int(row.other)]))[0]
     with torch.no_grad():
         assert int(model(x).argmax()) == int(row.predicted)
-    if float(a.max() - a.min()) > 0 and float(b.max() - b.min()) > 0:
-        assert row.spearman == pytest.approx(spearman(a, b), abs=1e-5)  # float32 batch vs single
+    assert float(a.max() - a.min()) > 0 and float(b.max() - b.min()) > 0  # Spearman is defined
+    assert row.spearman == pytest.approx(spearman(a, b), abs=1e-5)  # float32 batch vs single
     assert row.ssim == pytest.approx(ssim(a, b), abs=1e-5)
 
 
@@ -182,6 +183,12 @@ def test_study_bad_input(model, images):
         S.sanity_study({"b": class_blind}, model, images, layers=["nope"])
     with pytest.raises(TypeError, match="cfg: expected a vxnb.studies.runs.RunConfig"):
         S.run_study({"dataset": "mnist"})
+    cfg = RunConfig(dataset="mnist")  # the arguments are checked before anything is loaded
+    for kw, msg in (({"k": 0}, "k: expected a positive int, got 0"),
+                    ({"n_images": True}, r"n_images: expected a positive int \(or None\), got True"),
+                    ({"seed": -1}, "seed: expected a non-negative int, got -1")):
+        with pytest.raises(ValueError, match=msg):
+            S.run_study(cfg, data=object(), **kw)
 
 
 # ----------------------------------------------------------------------------- widget helper

@@ -13,7 +13,7 @@ from torch import nn
 
 from .utils import describe
 
-__all__ = ["check_model", "check_positive_int", "check_class", "check_choice"]
+__all__ = ["check_model", "check_positive_int", "check_nonnegative_int", "check_class", "check_choice"]
 
 
 def check_model(model: Any, arg: str = "model") -> nn.Module:
@@ -27,6 +27,13 @@ def check_positive_int(value: Any, arg: str, what: str = "") -> int:
     """``value`` must be an int ≥ 1 (not a bool); ``what`` says what it counts, for the message."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{arg}: expected a positive int{f' ({what})' if what else ''}, got {value!r}")
+    return int(value)
+
+
+def check_nonnegative_int(value: Any, arg: str, what: str = "") -> int:
+    """``value`` must be an int ≥ 0 (not a bool), e.g. a seed; ``what`` as in :func:`check_positive_int`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{arg}: expected a non-negative int{f' ({what})' if what else ''}, got {value!r}")
     return int(value)
 
 

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .interpret import ReceptiveField, TopPatches, as_dataset, collate_images, state_to_rf, walk_model
+from ._graph import ReceptiveField, state_to_rf, walk_model
+from .interpret import TopPatches, as_dataset, collate_images
 from ._checks import check_positive_int
 from .utils import describe, eval_mode, model_device
 

@@ -10,7 +10,9 @@ in zennit), applied in a context manager that leaves the model exactly as it was
 - ``nn.Conv2d``: the transpose convolution. With ``resample=True`` and stride S > 1 the
   incoming B x B signal is resized (nearest neighbour) to A + 2O - M_eff + 1 and passed
   through the stride-1 transpose (same padding, dilation, groups): exactly A x A again,
-  also when the forward rounded.
+  also when the forward rounded. Computed without the resize: rows the resize copies r
+  times go through one stride-r transpose with the kernel convolved by an r x r box
+  (the same sums; the cost of the plain strided backward; see ``_box_transpose``).
 - ``nn.MaxPool2d``: the switches; resampled: resize, then the switches of the stride-1
   max-pooling of the same forward input (windows sharing a maximum add up).
 - ``nn.AvgPool2d``: the average transpose; resampled: resize, then the stride-1 one.
@@ -32,6 +34,7 @@ This is checked on the autograd graph of each call (see :func:`visualize`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import warnings
 from typing import Any, Callable, Iterator, Sequence
@@ -100,7 +103,7 @@ class _GuidedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
         (mask,) = ctx.saved_tensors
-        return g.clamp_min(0) * mask
+        return g.clamp_min(0).mul_(mask)  # in place on the new tensor: one pass less
 
 
 class _ResampledConv2d(torch.autograd.Function):
@@ -115,9 +118,85 @@ class _ResampledConv2d(torch.autograd.Function):
         m: nn.Conv2d = ctx.module
         padding, dilation = _conv_padding(m), _pair(m.dilation)
         size = _stride1_size(ctx.in_size, _pair(m.kernel_size), padding, dilation)
+        runs = [_replication_runs(b, a) for b, a in zip(g.shape[-2:], size)]
+        if len(runs[0]) * len(runs[1]) <= _MAX_BOX_PIECES:
+            return _box_transpose(g, m.weight, runs, padding, dilation, m.groups, ctx.in_size), None
         gx = F.conv_transpose2d(_resize(g, size), m.weight, None, stride=1, padding=padding,
                                 groups=m.groups, dilation=dilation)
         return gx, None
+
+
+#: the resampled conv backward goes the strided way (:func:`_box_transpose`) when the
+#: nearest-neighbour resize splits into at most this many pieces (runs of rows × runs of
+#: columns replicated the same number of times); 1 where every row is replicated S times.
+_MAX_BOX_PIECES = 64
+
+
+@functools.lru_cache(maxsize=256)
+def _replication_runs(n_in: int, n_out: int) -> tuple[tuple[int, int, int, int], ...]:
+    """How ``F.interpolate(mode="nearest")`` from ``n_in`` to ``n_out`` replicates rows, as
+    runs ``(first source row, number of rows, copies of each, first output row)`` of
+    consecutive source rows copied the same number of times (one run when every row is
+    copied S times). Read off torch's own index map, so it is exact by construction."""
+    src = F.interpolate(torch.arange(n_in, dtype=torch.float64).view(1, 1, n_in, 1), size=(n_out, 1),
+                        mode="nearest").view(-1).long()
+    if src.numel() > 1 and bool((src[1:] < src[:-1]).any()):  # never for nearest; keep it exact
+        return tuple((b, 1, 0, 0) for b in range(n_in)) * (_MAX_BOX_PIECES + 1)
+    counts = torch.bincount(src, minlength=n_in).tolist()
+    runs: list[list[int]] = []
+    start = 0
+    for b, c in enumerate(counts):
+        if runs and runs[-1][2] == c:
+            runs[-1][1] += 1
+        else:
+            runs.append([b, 1, c, start])
+        start += c
+    return tuple(tuple(r) for r in runs if r[2] > 0)
+
+
+def _box_transpose(g: Tensor, weight: Tensor, runs: list[tuple[tuple[int, int, int, int], ...]],
+                   padding: tuple[int, int], dilation: tuple[int, int], groups: int,
+                   in_size: tuple[int, int]) -> Tensor:
+    """``conv_transpose2d(resize(g), weight, stride=1)``, computed without the resize.
+
+    Where the resize copies each of n consecutive rows r times, the stride-1 transpose of
+    the copies is the stride-r transpose of those n rows with the kernel convolved by an
+    r-long box (both sums run over the same products): the cost of the plain strided
+    backward. Each (row run, column run) piece is one such transpose, placed at its output
+    offset; the pieces add up (one piece when every row is copied S times).
+    """
+    (ph, pw), (dh, dw) = padding, dilation
+    kh, kw = weight.shape[-2:]
+    Mh, Mw = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    dense = weight.new_zeros(*weight.shape[:2], Mh, Mw)
+    dense[..., ::dh, ::dw] = weight
+    boxed: dict[tuple[int, int], Tensor] = {}
+    out = None
+    for b0, nb, rh, oh in runs[0]:
+        for c0, nc, rw, ow in runs[1]:
+            k = boxed.get((rh, rw))
+            if k is None:
+                k = weight.new_zeros(*weight.shape[:2], Mh + rh - 1, Mw + rw - 1)
+                for s in range(rh):
+                    for t in range(rw):
+                        k[..., s:s + Mh, t:t + Mw] += dense
+                boxed[(rh, rw)] = k
+            if len(runs[0]) == 1 and len(runs[1]) == 1:  # the whole signal: padding crops
+                return F.conv_transpose2d(g, k, None, stride=(rh, rw), padding=(ph, pw), groups=groups)
+            piece = _window(g, b0, nb, c0, nc)
+            z = F.conv_transpose2d(piece, k, None, stride=(rh, rw), groups=groups)
+            if out is None:  # rows and columns of the output padded by (ph, pw) on each side
+                out = z.new_zeros(*z.shape[:-2], in_size[0] + 2 * ph, in_size[1] + 2 * pw)
+            _window(out, oh, z.shape[-2], ow, z.shape[-1]).add_(z)
+    return _window(out, ph, in_size[0], pw, in_size[1])
+
+
+def _window(t: Tensor, r0: int, nr: int, c0: int, nc: int) -> Tensor:
+    """``t[..., r0:r0 + nr, c0:c0 + nc]``, leaving out full slices (an ``alias``, which the
+    vmapped backward cannot batch)."""
+    if nr != t.shape[-2]:
+        t = t.narrow(-2, r0, nr)
+    return t if nc == t.shape[-1] else t.narrow(-1, c0, nc)
 
 
 class _ResampledMaxPool2d(torch.autograd.Function):
@@ -586,7 +665,13 @@ def visualize(model: nn.Module, x: Tensor, layer: str, channels: int | Sequence[
     x = check_image_batch(x, "x", channels=first_conv_in_channels(model))
     device, dtype = model_device_dtype(model, x)
     x = x.to(device=device, dtype=dtype)
-    return run_backward(model, x, layer, resample, _channel_seed(chans, layer), len(chans))
+    out = run_backward(model, x, layer, resample, _channel_seed(chans, layer), len(chans))
+    bad = ~torch.isfinite(out).flatten(2).all(2)  # (B, K)
+    if bool(bad.any()):
+        b, k = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"layer {layer!r}, channel {chans[k]}: the visualisation of image {b} contains NaN or "
+                         "inf (non-finite activations or weights); no heatmap is made from it")
+    return out
 
 
 def run_backward(model: nn.Module, x: Tensor, layer: str | None, resample: bool,
@@ -622,6 +707,10 @@ def heatmap(v: Tensor) -> Tensor:
     map gives zeros). E.g. ``heatmap(visualize(...))`` is (B, K, H, W).
     """
     v = _as_tensor(v, "v", 3)
+    if not bool(torch.isfinite(v).all()):
+        where = tuple(int(i) for i in (~torch.isfinite(v)).nonzero()[0][:-3])
+        raise ValueError(f"v: the visualisation at index {where} contains NaN or inf; a heatmap would hide "
+                         "it as zeros")
     h = v.abs().sum(dim=-3)
     lo = h.amin(dim=(-2, -1), keepdim=True)
     hi = h.amax(dim=(-2, -1), keepdim=True)

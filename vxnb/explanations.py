@@ -35,7 +35,6 @@ layer's total stride, :func:`total_stride`).
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -46,7 +45,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._checks import check_choice, check_class, check_model, check_positive_int
-from ._graph import first_conv_in_channels
+from ._graph import first_conv_in_channels, stride_at
 from .deconv import grid_score, heatmap, run_backward, signed_rgb, visualize
 from .features import default_layers, descriptors, layer_numbers
 from .relevance import Relevance, top_features
@@ -549,46 +548,16 @@ def make_explain_fn(relevant: Relevance | pd.DataFrame, k: int = 5, *, resample:
 
 
 # ============================================================================ visual-quality comparison
-_STRIDED = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
-
-
-def _stride_of(m: nn.Module) -> int:
-    s = m.stride if m.stride is not None else getattr(m, "kernel_size", 1)
-    s = s if isinstance(s, (tuple, list)) else (s, s)
-    return int(max(s))
-
-
 def total_stride(model: nn.Module, x: Tensor, layer: str) -> int:
-    """The product of the strides of the Conv2d / MaxPool2d / AvgPool2d modules that run
-    before ``layer``'s output is produced (itself included), i.e. the period of the grid the
-    plain DeconvNet leaves at that layer (pass it to ``vxnb.deconv.grid_score``). For a
-    rectangular stride the larger of the two counts. x: (B, C, H, W), traced on ``x[:1]``."""
+    """The product of the strides of the Conv2d / MaxPool2d / AvgPool2d layers on the path from
+    the input to ``layer``'s output (itself included; a parallel branch such as a ResNet
+    downsample counts once), i.e. the period of the grid the plain DeconvNet leaves at that layer
+    (pass it to ``vxnb.deconv.grid_score``); a fully connected layer has that of the last feature
+    map before it. For a rectangular stride the larger of the two counts. x: (B, C, H, W), whose
+    size is used (``vxnb._graph.stride_at``)."""
     model = check_model(model)
     x = _prepare_batch(model, x, "x")
-    return _stride_and_spatial(model, x, layer)[0]
-
-
-def _stride_and_spatial(model: nn.Module, x: Tensor, layer: str) -> tuple[int, bool]:
-    """(total stride, whether the layer's output is a spatial map (B, C, h, w))."""
-    get_module(model, layer)
-    x = x[:1]
-    strides: list[int] = []
-    at: list[int] = []
-    handles = []
-    try:
-        for m in model.modules():
-            if isinstance(m, _STRIDED):
-                handles.append(m.register_forward_hook(lambda mod, i, o: strides.append(_stride_of(mod))))
-        handles.append(get_module(model, layer).register_forward_hook(
-            lambda mod, i, o: at.append((len(strides), isinstance(o, Tensor) and o.dim() == 4)) if not at else None))
-        with eval_mode(model), torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    if not at:
-        raise ValueError(f"layer: module {layer!r} was not called during the forward pass")
-    return int(math.prod(strides[:at[0][0]])), bool(at[0][1])
+    return stride_at(model, layer, tuple(x.shape[1:]))[0]
 
 
 def comparison_features(model: nn.Module, relevant: Relevance | pd.DataFrame | None, image: Tensor,
@@ -710,7 +679,7 @@ def compare_methods(model: nn.Module, image: Tensor, features: pd.DataFrame,
     rows = []
     for _, f in feats.iterrows():
         layer, ch = str(f["layer"]), int(f["channel"])
-        stride, spatial = _stride_and_spatial(model, x, layer)
+        stride, spatial = stride_at(model, layer, tuple(x.shape[1:]))
         for m in methods:
             h: Tensor | None
             if m == "upsampled activation":  # only for convolutional maps (B, C, h, w)

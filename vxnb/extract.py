@@ -34,13 +34,12 @@ def extract_run(params: dict[str, Any], *, batch_size: int = 64, checkpoint_ever
     """Extract the run ``params`` describe (in the current process group, if any).
     → ``{"config", "features", "top", "seconds"}`` (top: the table, on rank 0 only; else None)."""
     from . import distributed, features, interpret
+    from ._checks import check_positive_int
     from .studies import runs
 
     fields = {f.name for f in dataclasses.fields(runs.RunConfig)}
     cfg = runs.RunConfig.from_params(**{k: v for k, v in params.items() if k in fields})
-    top_n = params.get("top_n", 100)
-    if not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1:
-        raise ValueError(f"top_n: expected a positive int, got {top_n!r}")
+    top_n = check_positive_int(params.get("top_n", 100), "top_n")
     if cfg.quick:
         top_n = min(top_n, 20)
     rank, world = distributed.rank_and_world()
@@ -62,7 +61,7 @@ def extract_run(params: dict[str, Any], *, batch_size: int = 64, checkpoint_ever
     if rank == 0:
         wanted = tracker.to_frame()[["layer", "channel"]].drop_duplicates()
         top = interpret.top_patch_table(model, train, wanted, k=top_n, tracker=tracker, cache_dir=folder,
-                                        data_key=f"{cfg.run_name}/train/{len(train)}", progress=False)
+                                        data_key=runs.split_key(cfg, "train", train), progress=False)
     distributed.barrier("waiting for rank 0 to write the top patches")
     return {"config": cfg, "features": feats, "top": top, "seconds": time.perf_counter() - t0}
 

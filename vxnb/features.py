@@ -44,14 +44,15 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-import torch.fx
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
-from scipy.linalg.blas import dsyrk, ssyrk
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from . import _store
 from . import distributed as _distributed
+from ._graph import LayerAnalysis as _Analysis, analyse_layers as _analyse
+from ._gram import SyrkGram
 from .utils import atomic_savez, check_layer_names, describe, eval_mode, get_device, get_module, model_device
 
 __all__ = [
@@ -69,15 +70,6 @@ COLUMN_NAMES = ("feature", "layer", "layer_number", "kind", "channel")
 
 FORMAT_VERSION = 1
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_FC = (nn.Linear,)
-_NORM = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm,
-         nn.LocalResponseNorm)
-_PASS = (nn.modules.dropout._DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity)
-_NONLIN = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-           nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
-           nn.Tanhshrink, nn.Threshold, nn.LogSigmoid)
-
 #: Rows of X gathered before one float64 update of G (a larger GEMM is cheaper per row than
 #: one per batch); capped so that the buffer stays under ~64 MiB.
 _GRAM_BLOCK_ROWS = 1024
@@ -88,103 +80,6 @@ _GRAM_MAX_SPLITS = 6
 _GRAM_MIN_ROWS_SPLIT = 128
 #: On the CPU, G is updated by BLAS syrk (the upper triangle only: half the flops of a GEMM).
 _CPU_SYRK = True
-#: Columns per block when the upper triangle is added or mirrored (cache-sized pieces).
-_MIRROR_BLOCK = 512
-
-
-# ============================================================================ model analysis
-@dataclass
-class _Analysis:
-    """What the forward structure tells about a model's Conv/Linear blocks."""
-
-    numbers: dict[str, int]            # conv/linear module -> layer number (1-based, forward order)
-    kinds: dict[str, str]              # conv/linear module -> "conv" | "fc"
-    hook: dict[str, str]               # conv/linear module -> default hook point
-    calls: Counter                     # leaf module -> number of calls per forward pass
-    node_member: list[str | None]      # per call (forward order): the conv/linear block it belongs to
-    node_target: list[str]             # per call: the module called
-    traced: bool
-
-
-def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if n and next(iter(m.children()), None) is None]
-
-
-def _trace_calls(model: nn.Module) -> list[tuple[str, list[int]]] | None:
-    """Module calls in forward order with, for each, the indices of the calls using its output
-    directly (None where ``torch.fx`` cannot trace the model)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = torch.fx.Tracer().trace(model)
-    except Exception:  # noqa: BLE001 - any tracing failure falls back to registration order
-        return None
-    nodes = [n for n in graph.nodes if n.op == "call_module"]
-    pos = {n: i for i, n in enumerate(nodes)}
-    out = []
-    for n in nodes:
-        users = list(n.users)
-        # a user that is not a module call (add, flatten, …) breaks a chain: mark it with -1
-        out.append((str(n.target), [pos.get(u, -1) for u in users]))
-    return out
-
-
-def _analyse(model: nn.Module) -> _Analysis:
-    modules = dict(model.named_modules())
-    calls_list = _trace_calls(model)
-    traced = calls_list is not None
-    if calls_list is None:  # registration order, each leaf feeding the next
-        leaves = [n for n, _ in _leaf_modules(model)]
-        calls_list = [(n, [i + 1] if i + 1 < len(leaves) else []) for i, n in enumerate(leaves)]
-    targets = [t for t, _ in calls_list]
-    calls = Counter(targets)
-    numbers: dict[str, int] = {}
-    kinds: dict[str, str] = {}
-    hook: dict[str, str] = {}
-    member: list[str | None] = [None] * len(calls_list)
-    for i, (target, _) in enumerate(calls_list):
-        mod = modules.get(target)
-        if not isinstance(mod, _CONV + _FC):
-            continue
-        first = target not in numbers
-        if first:
-            numbers[target] = len(numbers) + 1
-            kinds[target] = "conv" if isinstance(mod, _CONV) else "fc"
-        member[i] = target
-        # follow the chain conv/linear -> [norm | dropout]* -> [nonlinearity]
-        chain_norm: str | None = None
-        nonlin: str | None = None
-        cur = i
-        while True:
-            users = calls_list[cur][1]
-            if len(users) != 1 or users[0] < 0:
-                break
-            nxt = users[0]
-            nmod = modules.get(calls_list[nxt][0])
-            if isinstance(nmod, _NORM + _PASS):
-                member[nxt] = target
-                if isinstance(nmod, _NORM):
-                    chain_norm = calls_list[nxt][0]
-                cur = nxt
-                continue
-            if isinstance(nmod, _NONLIN):
-                member[nxt] = target
-                nonlin = calls_list[nxt][0]
-                # dropout / identity right after the nonlinearity still belong to the block
-                cur = nxt
-                while len(calls_list[cur][1]) == 1 and calls_list[cur][1][0] >= 0 and \
-                        isinstance(modules.get(calls_list[calls_list[cur][1][0]][0]), _PASS):
-                    cur = calls_list[cur][1][0]
-                    member[cur] = target
-            break
-        if first:
-            if nonlin is not None and calls[nonlin] == 1:
-                hook[target] = nonlin
-            elif chain_norm is not None and calls[chain_norm] == 1:
-                hook[target] = chain_norm
-            else:
-                hook[target] = target
-    return _Analysis(numbers, kinds, hook, calls, member, targets, traced)
 
 
 def layer_numbers(model: nn.Module) -> pd.DataFrame:
@@ -798,14 +693,6 @@ def _hash_update(h: Any, obj: Any) -> None:
         h.update(repr(obj).encode())
 
 
-def _model_key(model: nn.Module) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(type(model).__qualname__.encode())
-    h.update(repr(model).encode())
-    _hash_update(h, model.state_dict())
-    return h.hexdigest()
-
-
 def _data_key(data: Any, ds: Any) -> str | None:
     h = hashlib.blake2b(digest_size=16)
     if isinstance(ds, IterableDataset) or not hasattr(ds, "__len__"):
@@ -868,12 +755,8 @@ class _Gram:
         self.started = False
         self.syrk = device.type == "cpu" and _CPU_SYRK
         self.scratch: Any = None
-        if self.syrk:
-            # Fortran-ordered (the transpose of a C-ordered tensor); allocated by torch, whose
-            # allocator asks for transparent huge pages: faulting in 1 GB costs ~0.4 s, not ~2 s
-            self.G: Any = torch.empty((m, m), dtype=torch.float64).numpy().T  # upper triangle: syrk
-            if dtype == torch.float32:
-                self.scratch = torch.zeros((m, m), dtype=torch.float32).numpy().T  # lower triangle stays 0
+        if self.syrk:  # the one CPU Gram kernel (vxnb._gram), shared with vxnb.lasso
+            self.kernel = SyrkGram(m, np.float64 if dtype == torch.float64 else np.float32)
             return
         self.G = torch.empty((m, m), dtype=torch.float64, device=device)
         splits = max(1, min(_GRAM_MAX_SPLITS, m // _GRAM_MIN_SPLIT))
@@ -906,20 +789,7 @@ class _Gram:
         self.filled = 0
 
     def _flush_syrk(self) -> None:
-        b = self.buf[:self.filled].numpy()
-        beta = 1.0 if self.started else 0.0
-        if self.dtype == torch.float64:
-            # b.T is (m, rows) and Fortran-contiguous: C = b.T @ b with no copy; G updated in place
-            dsyrk(1.0, b.astype(np.float64).T, beta=beta, c=self.G, trans=0, lower=0, overwrite_c=1)
-            return
-        ssyrk(1.0, b.T, beta=0.0, c=self.scratch, trans=0, lower=0, overwrite_c=1)
-        G, S = self.G, self.scratch
-        for lo in range(0, self.m, _MIRROR_BLOCK):  # upper triangle only, column block by column block
-            hi = min(self.m, lo + _MIRROR_BLOCK)
-            if self.started:
-                G[:hi, lo:hi] += S[:hi, lo:hi]
-            else:
-                G[:hi, lo:hi] = S[:hi, lo:hi]
+        self.kernel.add(self.buf[:self.filled].numpy())
 
     def _flush_blocks(self) -> None:
         b = self.buf[:self.filled]
@@ -938,17 +808,7 @@ class _Gram:
         """G as a float64 numpy array (symmetric)."""
         self.flush()
         if self.syrk:
-            G = self.G
-            if not self.started:
-                G[...] = 0.0
-            T = _MIRROR_BLOCK // 2  # lower triangle ← upper, tile by tile (a transposed copy
-            for lo in range(0, self.m, T):  # of whole column blocks strides through memory: 3× slower)
-                hi = min(self.m, lo + T)
-                D = G[lo:hi, lo:hi]
-                D[...] = np.triu(D) + np.triu(D, 1).T
-                for lo2 in range(hi, self.m, T):
-                    G[lo2:lo2 + T, lo:hi] = G[lo:hi, lo2:lo2 + T].T
-            return G.T  # symmetric, so its transpose — a C-contiguous view — is G itself
+            return self.kernel.result()
         if not self.started:
             return self.G.zero_().cpu().numpy()
         e = self.edges
@@ -1024,39 +884,45 @@ def _check_extract_args(model: Any, layers: Any, only_conv: bool, keep_X: Any, m
     return analysis, layers, callbacks
 
 
-def _cached_features(model: nn.Module, data: Any, ds: Any, layers: list[str], cache_dir: Any, data_key: str | None,
-                     n_classes: int | None, gram_dtype: Any, keep_X: Any, callbacks: list, shard: Any = None
-                     ) -> tuple[Path | None, dict[str, Any], Features | None]:
-    """(cache file or None, its key, the cached Features if the file holds this key and is usable).
-
-    Under ``torch.distributed`` rank 0 checks the file and the other ranks follow its decision."""
+def _cache_key(model: nn.Module, data: Any, ds: Any, layers: list[str], cache_dir: Any, data_key: str | None,
+               n_classes: int | None, gram_dtype: Any, keep_X: Any, max_bytes: int
+               ) -> tuple[Path | None, dict[str, Any], str | None]:
+    """(cache file, what its key hashes, the key) through :mod:`vxnb._store`; (None, {}, None)
+    without a cache."""
     if cache_dir is None:
         return None, {}, None
     dkey = data_key if data_key is not None else _data_key(data, ds)
     if dkey is None:
         warnings.warn("cache_dir: an iterable dataset cannot be fingerprinted; pass data_key=... to cache it")
         return None, {}, None
-    key_info = dict(version=FORMAT_VERSION, model=_model_key(model), data=dkey, layers=list(layers),
-                    n_classes=n_classes, gram_dtype=str(gram_dtype))
-    key = hashlib.blake2b(json.dumps(key_info, sort_keys=True).encode(), digest_size=12).hexdigest()
-    cache_path = Path(cache_dir) / f"features-{key}.npz"
-    hit, cached = None, None
-    if cache_path.is_file() and not callbacks and (shard is None or shard.rank == 0):
-        try:
-            cached = Features.load(cache_path)
-        except ValueError:
-            cached = None  # unreadable: recompute and overwrite
-        hit = cached is not None and cached.meta.get("key") == key_info and \
-            not (keep_X is True and cached.X is None)
-    if shard is not None and not callbacks and shard.decide(bool(hit), "sharing rank 0's cache check"):
-        hit, cached = True, Features.load(cache_path)
+    key_info = dict(model=_store.model_fingerprint(model), data=dkey, layers=list(layers), n_classes=n_classes,
+                    gram_dtype=str(gram_dtype), keep_X=keep_X, max_bytes=int(max_bytes) if keep_X == "auto" else None)
+    key = _store.key("features", key_info, version=FORMAT_VERSION)
+    return Path(cache_dir) / f"features-{key}.npz", key_info, key
+
+
+def _load_cached(path: Path, key: str) -> Features:
+    f = Features.load(path)
+    if f.meta.get("store_key") != key:
+        raise ValueError(f"it holds the features of key {f.meta.get('store_key')}, not {key}")
+    f.meta["cache_hit"] = True
+    return f
+
+
+def _cached_features(cache_path: Path, key: str, callbacks: list, shard: Any) -> Features | None:
+    """Under a shard (``torch.distributed`` or checkpoints) every rank takes part in the pass, so
+    there is no lock: rank 0 reads the file (a damaged one is removed with a warning) and the
+    other ranks follow its decision. None: compute."""
+    if callbacks:
+        return None
+    hit, cached = False, None
+    if shard.rank == 0:
+        hit, cached = _store.try_load(cache_path, lambda p: _load_cached(p, key), "features")
+    if shard.decide(bool(hit), "sharing rank 0's cache check"):
+        cached = cached if cached is not None else _load_cached(cache_path, key)
         shard.finish()
-    if hit:
-        if keep_X is False:
-            cached.X = None
-        cached.meta["cache_hit"] = True
-        return cache_path, key_info, cached
-    return cache_path, key_info, None
+        return cached
+    return None
 
 
 class _Stream:
@@ -1186,6 +1052,7 @@ class _Stream:
                 if pending is not None:
                     self._finish(pending)
                 pending = added
+                _store.fault_point("extract")
                 if self.shard is not None and self.shard.due():  # a checkpoint: everything up to this batch
                     self._finish(pending)
                     pending = None
@@ -1249,11 +1116,13 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
         keep_X: also return the matrix X (N, m) float32: ``"auto"`` when N·m·4 ≤ ``max_bytes``,
             True always, False never. G, XtL, labels are always returned.
         n_classes: C (default: ``len(dataset.classes)`` or the largest label + 1).
-        cache_dir: reuse/store the result as ``<cache_dir>/features-<key>.npz``, the key hashing
-            the model (architecture and state_dict bytes), the data (``data_key`` if given, else
-            its class, length, sampler and a hash of its first, middle and last items), the
-            layers and the options. Written atomically. Not read when ``callbacks`` are given
-            (they need the pass); an iterable dataset without ``data_key`` is not cached.
+        cache_dir: reuse/store the result as ``<cache_dir>/features-<key>.npz`` through
+            :mod:`vxnb._store`, the key hashing the model (class, structure and state_dict
+            bytes), the data (``data_key`` if given, else its class, length, sampler and a hash
+            of its first, middle and last items), the layers and the options. Written
+            atomically under a file lock (a concurrent process waits and reads it); a damaged
+            file is recomputed with a warning. Not read when ``callbacks`` are given (they need
+            the pass); an iterable dataset without ``data_key`` is not cached.
         gram_dtype: dtype of the GEMMs accumulating G (always summed into float64):
             ``torch.float64`` (exact to float64 rounding), ``torch.float32`` (blocks of ≤ 1024
             rows multiplied in float32, then added in float64: relative error ~1e-7, twice as
@@ -1292,7 +1161,8 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     dev = resolve_device(model, device)
     # torch.distributed / checkpoints: this process's shard (None for a plain single-process pass)
     shard = _distributed.Shard.open(data, batch_size=batch_size, num_workers=num_workers, pin=dev.type == "cuda",
-                                    fingerprint=lambda: {"model": _model_key(model), "layers": list(layers),
+                                    fingerprint=lambda: {"model": _store.model_fingerprint(model),
+                                                         "layers": list(layers),
                                                          "data": data_key or _data_key(data, data),
                                                          "n_classes": n_classes, "gram_dtype": str(gram_dtype),
                                                          "keep_X": keep_X},
@@ -1304,16 +1174,36 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     classes = _dataset_classes(ds)
     if n_classes is not None and classes is not None and len(classes) != n_classes:
         raise ValueError(f"n_classes: {n_classes} given, but the dataset has {len(classes)} classes")
-    cache_path, key_info, cached = _cached_features(model, data, ds, layers, cache_dir, data_key, n_classes,
-                                                    gram_dtype, keep_X, callbacks, shard)
-    if cached is not None:
-        return cached
+    cache_path, key_info, key = _cache_key(model, data, ds, layers, cache_dir, data_key, n_classes, gram_dtype,
+                                           keep_X, max_bytes)
+    if cache_path is not None and shard is None:  # one process: load or compute under the artifact's lock
+        def compute() -> Features:
+            f = extract_features(model, data, layers, batch_size=batch_size, num_workers=num_workers, device=device,
+                                 keep_X=keep_X, max_bytes=max_bytes, n_classes=n_classes, gram_dtype=gram_dtype,
+                                 callbacks=callbacks, progress=progress)  # the layers are resolved already
+            f.meta["only_conv"] = bool(only_conv)
+            return f
+
+        def save(f: Features, tmp: Path) -> None:
+            f.meta.update(key=key_info, store_key=key)
+            f.save(tmp)
+
+        feats, _ = _store.load_or_compute(cache_path, key, "features", compute, load=lambda p: _load_cached(p, key),
+                                          save=save, recompute=bool(callbacks), settings=key_info,
+                                          version=FORMAT_VERSION)
+        return feats
+    if cache_path is not None:
+        cached = _cached_features(cache_path, key, callbacks, shard)
+        if cached is not None:
+            return cached
     stream = _Stream(model, layers, analysis, dev, n_expected, n_total, n_classes, classes, keep_X, max_bytes,
                      gram_dtype, shard, callbacks)
     stream.run(loader, callbacks, progress)
     feats = stream.features(only_conv, index_known, key_info)
-    if cache_path is not None and (shard is None or shard.rank == 0):
-        feats.save(cache_path)
+    if cache_path is not None and shard.rank == 0:  # a shard's result: rank 0 writes it for all
+        feats.meta["store_key"] = key
+        _store.load_or_compute(cache_path, key, "features", lambda: feats, load=None, save=lambda f, tmp: f.save(tmp),
+                               recompute=True, lock=False, settings=key_info, version=FORMAT_VERSION)
     if shard is not None:
         shard.finish()
     return feats

@@ -38,15 +38,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from ._graph import first_conv_in_channels
+from ._graph import ReceptiveField, state_to_rf, walk_model
 from .relevance import feature_pairs
 from .utils import check_image_batch, check_layer_names, describe, eval_mode, get_module, model_device
 
@@ -63,356 +62,7 @@ __all__ = [
 SCORES = ("descriptor", "norm", "max")
 
 # ============================================================================ receptive fields
-
-
-@dataclass(frozen=True)
-class ReceptiveField:
-    """Where the units of a layer look in the input image (see the module docstring).
-
-    size: (height, width) extent in input pixels; None for whole-image units.
-    stride: (height, width) input pixels between neighbouring units; None for whole-image units.
-    offset: (row, col) centre of unit (0, 0)'s field in input pixel coordinates; None likewise.
-    """
-
-    size: tuple[int, int] | None
-    stride: tuple[int, int] | None
-    offset: tuple[float, float] | None
-
-    @property
-    def whole_image(self) -> bool:
-        """True when every unit sees the whole image (FC layers, after Flatten / global pooling)."""
-        return self.size is None
-
-    def center(self, row: int, col: int) -> tuple[float, float]:
-        """Centre (row, col) in input pixel coordinates of the field of unit (row, col)."""
-        if self.whole_image:
-            raise ValueError("center: this layer's units see the whole image; they have no position")
-        return (self.offset[0] + row * self.stride[0], self.offset[1] + col * self.stride[1])
-
-    def box(self, row: int, col: int) -> tuple[int, int, int, int]:
-        """Integer box (top, left, bottom, right) of unit (row, col), bottom/right exclusive.
-
-        Not clipped to the image: border units of padded layers reach outside it.
-        """
-        if self.whole_image:
-            raise ValueError("box: this layer's units see the whole image; use the image bounds")
-        cy, cx = self.center(row, col)
-        top = int(round(cy - (self.size[0] - 1) / 2))
-        left = int(round(cx - (self.size[1] - 1) / 2))
-        return top, left, top + self.size[0], left + self.size[1]
-
-    def clipped_box(self, row: int, col: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """:meth:`box` clipped to an image of ``height`` × ``width`` (the whole image for FC units)."""
-        if self.whole_image:
-            return 0, 0, height, width
-        t, l, b, r = self.box(row, col)
-        return max(t, 0), max(l, 0), min(b, height), min(r, width)
-
-
-class _Whole:
-    def __repr__(self) -> str:  # pragma: no cover - debugging aid
-        return "WHOLE"
-
-
-_WHOLE = _Whole()  # state of a tensor whose every element sees the whole image
-
-
-@dataclass(frozen=True)
-class _Geo:
-    """Field of a spatial tensor: element i (per axis) sees input pixels [lo + i*jump, hi + i*jump]."""
-
-    jump: tuple[int, int]
-    lo: tuple[int, int]
-    hi: tuple[int, int]
-
-    def window(self, kernel, stride, padding, dilation) -> "_Geo":
-        """The field after a sliding window (conv / pooling) with these per-axis parameters."""
-        jump, lo, hi = [], [], []
-        for a in range(2):
-            j, k, s, p, d = self.jump[a], kernel[a], stride[a], padding[a], dilation[a]
-            jump.append(j * s)
-            lo.append(self.lo[a] - p * j)
-            hi.append(self.hi[a] + (d * (k - 1) - p) * j)
-        return _Geo(tuple(jump), tuple(lo), tuple(hi))
-
-    def to_rf(self) -> ReceptiveField:
-        size = tuple(h - l + 1 for l, h in zip(self.lo, self.hi))
-        offset = tuple((l + h) / 2 for l, h in zip(self.lo, self.hi))
-        return ReceptiveField(size=size, stride=tuple(self.jump), offset=offset)
-
-
-_INPUT = _Geo((1, 1), (0, 0), (0, 0))
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        if len(v) == 1:
-            return int(v[0]), int(v[0])
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
-
-
-def _union(states: Iterable[Any], where: str) -> Any:
-    """Union of the fields of the tensors merged at one operation (None = not a spatial tensor)."""
-    geos = []
-    for s in states:
-        if s is _WHOLE:
-            return _WHOLE
-        if isinstance(s, _Geo):
-            geos.append(s)
-    if not geos:
-        return None
-    jumps = {g.jump for g in geos}
-    if len(jumps) > 1:
-        raise ValueError(f"receptive_field: {where} merges feature maps with different strides "
-                         f"{sorted(jumps)} (e.g. an upsampling path); this is not supported")
-    lo = tuple(min(g.lo[a] for g in geos) for a in range(2))
-    hi = tuple(max(g.hi[a] for g in geos) for a in range(2))
-    return _Geo(geos[0].jump, lo, hi)
-
-
-# Modules that act pixel-wise (or across channels only): the field passes through.
-_IDENTITY_MODULES: tuple[type, ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity,
-    nn.BatchNorm2d, nn.GroupNorm, nn.LocalResponseNorm, nn.Dropout, nn.Dropout2d, nn.AlphaDropout,
-    nn.Softmax2d,
-)
-# Modules whose every output element depends on every input position.
-_WHOLE_MODULES: tuple[type, ...] = (nn.Flatten, nn.Linear, nn.InstanceNorm2d, nn.LayerNorm, nn.Softmax,
-                                    nn.LogSoftmax)
-_ADAPTIVE = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-
-_IDENTITY_FUNCS = {
-    "add", "sub", "mul", "truediv", "div", "iadd", "isub", "imul", "itruediv", "neg", "abs", "pow",
-    "add_", "sub_", "mul_", "div_", "relu", "relu_", "relu6", "leaky_relu", "gelu", "silu", "mish", "elu",
-    "selu", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardswish", "hardsigmoid", "hardtanh", "softplus",
-    "dropout", "dropout2d", "contiguous", "clone", "detach", "float", "double", "half", "to", "type_as",
-    "clamp", "clamp_", "clamp_min", "clamp_max", "sqrt", "exp", "squeeze", "unsqueeze", "local_response_norm",
-    "batch_norm", "cat", "concat", "chunk", "split", "getitem", "sign", "maximum", "minimum",
-}
-_WHOLE_FUNCS = {
-    "flatten", "view", "reshape", "mean", "sum", "amax", "amin", "adaptive_avg_pool2d", "adaptive_max_pool2d",
-    "linear", "matmul", "mm", "bmm", "softmax", "log_softmax", "permute", "transpose", "layer_norm",
-    "instance_norm", "norm",
-}
-_NONSPATIAL_FUNCS = {"size", "dim", "getattr", "numel", "shape"}
-
-
-def _func_name(node) -> str:
-    if node.op == "call_method":
-        return str(node.target)
-    return getattr(node.target, "__name__", str(node.target))
-
-
-def _flat_nodes(obj: Any) -> list:
-    import torch.fx as fx
-
-    out: list = []
-    if isinstance(obj, fx.Node):
-        out.append(obj)
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            out.extend(_flat_nodes(o))
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            out.extend(_flat_nodes(o))
-    return out
-
-
-def _get_arg(node, pos: int, name: str, default: Any) -> Any:
-    if len(node.args) > pos:
-        return node.args[pos]
-    return node.kwargs.get(name, default)
-
-
-class _Walker:
-    """Propagates fields through a model, recording the field of every named module's output."""
-
-    def __init__(self, shapes: Mapping[str, tuple] | None = None) -> None:
-        self.record: dict[str, list[Any]] = {}
-        self.types: dict[str, str] = {}
-        self.shapes = shapes or {}
-
-    def walk(self, module: nn.Module, name: str, inputs: list[Any]) -> Any:
-        out = self._walk(module, name, inputs)
-        if name:
-            self.record.setdefault(name, []).append(out)
-            self.types[name] = type(module).__name__
-        return out
-
-    def _walk(self, module: nn.Module, name: str, inputs: list[Any]) -> Any:
-        where = f"module {name or '<model>'!r} ({type(module).__name__})"
-        if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            state = _union(inputs, where)
-            if not isinstance(state, _Geo):
-                return state
-            k = _pair(module.kernel_size)
-            s = _pair(module.stride if module.stride is not None else module.kernel_size)
-            d = _pair(getattr(module, "dilation", 1))
-            pad = module.padding
-            if isinstance(module, nn.Conv2d):
-                if module.padding_mode == "circular":
-                    raise ValueError(f"receptive_field: {where} uses circular padding, which wraps the field "
-                                     "around the image; not supported")
-                if pad == "valid":
-                    pad = 0
-                elif pad == "same":
-                    pad = tuple((d[a] * (k[a] - 1)) // 2 for a in range(2))
-            return state.window(k, s, _pair(pad), d)
-        if isinstance(module, _IDENTITY_MODULES):
-            return _union(inputs, where)
-        if isinstance(module, _WHOLE_MODULES):
-            return _WHOLE if _union(inputs, where) is not None else None
-        if isinstance(module, _ADAPTIVE):
-            state = _union(inputs, where)
-            shp = self.shapes.get(name)
-            if state is not None and shp is not None and shp[0] == shp[1]:
-                return state  # adaptive pooling to the size it already has: the identity
-            return _WHOLE if state is not None else None
-        if isinstance(module, nn.Sequential):
-            states = inputs
-            out = _union(inputs, where)
-            for child_name, child in module.named_children():
-                out = self.walk(child, f"{name}.{child_name}" if name else child_name, states)
-                states = [out]
-            return out
-        if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                               nn.MaxPool1d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool3d, nn.Upsample,
-                               nn.MaxUnpool2d, nn.PixelShuffle, nn.Fold, nn.Unfold, nn.LPPool2d,
-                               nn.FractionalMaxPool2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
-                               nn.ReplicationPad2d)):
-            raise ValueError(f"receptive_field: {where} is not supported (supported: Conv2d, MaxPool2d, "
-                             "AvgPool2d, pixel-wise layers, Linear/Flatten/adaptive pooling, residual sums)")
-        return self._trace(module, name, inputs, where)
-
-    def _trace(self, module: nn.Module, name: str, inputs: list[Any], where: str) -> Any:
-        import torch.fx as fx
-
-        class _OneLevel(fx.Tracer):
-            def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # every called child is a leaf
-                return True
-
-        try:
-            graph = _OneLevel().trace(module)
-        except Exception as err:  # noqa: BLE001 - any tracing failure becomes a clear error
-            raise ValueError(f"receptive_field: cannot trace {where} with torch.fx ({type(err).__name__}: "
-                             f"{err}); write it as an nn.Sequential or use supported operations") from err
-        env: dict = {}
-        n_placeholder = 0
-        for node in graph.nodes:
-            if node.op == "placeholder":
-                env[node] = inputs[n_placeholder] if n_placeholder < len(inputs) else None
-                n_placeholder += 1
-            elif node.op == "get_attr":
-                env[node] = None
-            elif node.op == "call_module":
-                child = module.get_submodule(node.target)
-                args = [env[n] for n in _flat_nodes((node.args, node.kwargs))]
-                env[node] = self.walk(child, f"{name}.{node.target}" if name else str(node.target), args)
-            elif node.op in ("call_function", "call_method"):
-                env[node] = self._function(node, env, where)
-            elif node.op == "output":
-                return _union([env[n] for n in _flat_nodes(node.args)], where)
-        return None
-
-    def _function(self, node, env: dict, where: str) -> Any:
-        fname = _func_name(node)
-        states = [env[n] for n in _flat_nodes((node.args, node.kwargs))]
-        here = f"{fname!r} in {where}"
-        if fname in _NONSPATIAL_FUNCS:
-            return None
-        if fname in ("max_pool2d", "avg_pool2d", "max_pool2d_with_indices"):
-            state = _union(states[:1], here)
-            if not isinstance(state, _Geo):
-                return state
-            k = _get_arg(node, 1, "kernel_size", None)
-            s = _get_arg(node, 2, "stride", None) or k
-            p = _get_arg(node, 3, "padding", 0)
-            d = _get_arg(node, 4, "dilation", 1) if fname != "avg_pool2d" else 1
-            return state.window(_pair(k), _pair(s), _pair(p), _pair(d))
-        if fname in ("cat", "concat"):
-            dim = _get_arg(node, 1, "dim", 0)
-            if dim in (2, 3, -1, -2):
-                raise ValueError(f"receptive_field: {here} concatenates along a spatial dimension; not supported")
-        if fname == "getitem" and len(node.args) > 1 and isinstance(node.args[1], tuple):
-            idx = node.args[1]
-            if any(not (isinstance(i, slice) and i == slice(None)) for i in idx[2:]):
-                raise ValueError(f"receptive_field: {here} slices a spatial dimension; not supported")
-        if fname in _IDENTITY_FUNCS:
-            return _union(states, here)
-        if fname in _WHOLE_FUNCS:
-            return _WHOLE if _union(states, here) is not None else None
-        if all(s is None for s in states):
-            return None  # arithmetic on shapes / constants
-        raise ValueError(f"receptive_field: unsupported operation {here}; supported are sliding windows "
-                         "(conv2d, max/avg pooling), pixel-wise functions, sums and channel concatenation, "
-                         "and global operations (flatten, linear, adaptive pooling)")
-
-
-def _input_channels(model: nn.Module) -> int:
-    c = first_conv_in_channels(model)
-    if c is not None:
-        return c
-    raise ValueError("input_size: give (C, H, W); the model has no Conv2d to read C from")
-
-
-def _module_shapes(model: nn.Module, input_size: Any) -> dict[str, tuple]:
-    """Spatial (input, output) sizes of every module on a zero image of ``input_size``."""
-    if isinstance(input_size, (int, np.integer)) and not isinstance(input_size, bool):
-        input_size = (input_size, input_size)
-    if isinstance(input_size, torch.Size):
-        input_size = tuple(input_size)
-    if (not isinstance(input_size, (tuple, list)) or len(input_size) not in (2, 3)
-            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in input_size)):
-        raise ValueError(f"input_size: expected an int S, (H, W) or (C, H, W) of positive ints, got {input_size!r}")
-    input_size = tuple(int(v) for v in input_size)
-    if len(input_size) == 2:
-        input_size = (_input_channels(model),) + tuple(input_size)
-    shapes: dict[str, tuple] = {}
-    handles = []
-
-    def hook(name):
-        def fn(mod, inp, out):
-            i = inp[0] if isinstance(inp, tuple) and inp else inp
-            if isinstance(i, torch.Tensor) and isinstance(out, torch.Tensor):
-                shapes[name] = (tuple(i.shape[2:]) if i.dim() == 4 else None,
-                                tuple(out.shape[2:]) if out.dim() == 4 else None)
-        return fn
-
-    for n, m in model.named_modules():
-        if n:
-            handles.append(m.register_forward_hook(hook(n)))
-    try:
-        p = next(iter(model.parameters()), None)
-        dev = p.device if p is not None else torch.device("cpu")
-        dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-        with eval_mode(model), torch.no_grad():
-            model(torch.zeros((1,) + tuple(input_size), device=dev, dtype=dtype))
-    except Exception as err:  # noqa: BLE001
-        raise ValueError(f"input_size: the model does not run on an input of size {tuple(input_size)} "
-                         f"({type(err).__name__}: {err})") from err
-    finally:
-        for h in handles:
-            h.remove()
-    return shapes
-
-
-def walk_model(model: nn.Module, input_size: Any = None) -> tuple[_Walker, dict[str, tuple]]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
-    shapes = _module_shapes(model, input_size) if input_size is not None else {}
-    walker = _Walker(shapes)
-    walker.walk(model, "", [_INPUT])
-    return walker, shapes
-
-
-def state_to_rf(state: Any, layer: str) -> ReceptiveField:
-    if state is _WHOLE:
-        return ReceptiveField(None, None, None)
-    if isinstance(state, _Geo):
-        return state.to_rf()
-    raise ValueError(f"layer: module {layer!r} does not output a feature map of the input image")
+# (the walk through the graph is vxnb._graph.walk_model)
 
 
 def receptive_field(model: nn.Module, layer: str, input_size: Any = None) -> ReceptiveField:
@@ -771,18 +421,8 @@ def collect_top_patches(model: nn.Module, data: Any, features: Any = None, k: in
 _TOP_COLUMNS = ["layer", "channel", "kind", "rank", "index", "row", "col", "score", "peak"]
 
 
-def _model_fingerprint(model: nn.Module) -> str:
-    """A hash of the model's class and state_dict (names, shapes, dtypes and bytes)."""
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=12)
-    h.update(type(model).__name__.encode())
-    for name, t in model.state_dict().items():
-        a = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(a.shape)}:{a.dtype}".encode())
-        if a.numel():
-            h.update(a.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+#: Format version of the cached top-patch tables (part of their key).
+TOP_PATCHES_VERSION = 1
 
 
 def _wanted_pairs(model: nn.Module, features: Any) -> list[tuple[str, int]]:
@@ -823,11 +463,12 @@ def top_patch_table(model: nn.Module, data: Any, features: Any, k: int = 100, *,
         DataFrame with ``layer, channel``, ``(layer, channel)`` pairs or ``{layer: channels}``.
         An empty DataFrame / list gives an empty table.
     k, score: as for :class:`TopPatches`.
-    cache_dir: keep the table as ``<cache_dir>/top_patches-<key>.csv``, the key hashing the
-        model (class and state_dict bytes), the data (``data_key``, else its type and length:
-        pass a ``data_key`` that names the split), ``k`` and ``score``. Features already in the
-        file are read from it; only the missing ones are collected (one forward pass over
-        ``data``, tracking only them) and added to the file, written atomically. A damaged
+    cache_dir: keep the table as ``<cache_dir>/top_patches-<key>.csv`` (:mod:`vxnb._store`),
+        the key hashing the model (class, structure and state_dict bytes), the data
+        (``data_key``, else its type and length: pass a content key of the split such as
+        ``vxnb.studies.runs.split_key``), ``k`` and ``score``. Features already in the file are read from
+        it; only the missing ones are collected (one forward pass over ``data``, tracking only
+        them) and added to the file, written atomically under the table's file lock. A damaged
         file is ignored (with a warning) and rewritten.
     tracker: a filled :class:`TopPatches` of this model over this whole ``data`` (e.g. the one
         passed to ``vxnb.features.extract_features(..., callbacks=[tracker])`` so the top
@@ -837,11 +478,10 @@ def top_patch_table(model: nn.Module, data: Any, features: Any, k: int = 100, *,
     Returns the rows of the requested features, sorted by (layer, channel, rank), with columns
     layer, channel, kind, rank, index, row, col, score, peak.
     """
-    import hashlib
-    import json
+    import contextlib
     from pathlib import Path
 
-    from .utils import atomic_path
+    from . import _store
 
     _check_top_args(model, k, score)
     if data_key is not None and not isinstance(data_key, str):
@@ -850,13 +490,27 @@ def top_patch_table(model: nn.Module, data: Any, features: Any, k: int = 100, *,
     wanted = _wanted_pairs(model, features)
     table = pd.DataFrame({c: pd.Series(dtype=object if c in ("layer", "kind") else np.int64) for c in _TOP_COLUMNS})
     file = None
+    lock = contextlib.nullcontext()
     if cache_dir is not None:
         if not isinstance(cache_dir, (str, Path)):
             raise TypeError(f"cache_dir: expected a folder path (str or Path) or None, got {describe(cache_dir)}")
-        info = {"model": _model_fingerprint(model), "data": data_key or f"{type(dataset).__name__}/{len(dataset)}",
-                "k": int(k), "score": score}
-        key = hashlib.blake2b(json.dumps(info, sort_keys=True).encode(), digest_size=10).hexdigest()
+        settings = {"k": int(k), "score": score}
+        inputs = {"model": _store.model_fingerprint(model),
+                  "data": data_key or f"{type(dataset).__name__}/{len(dataset)}"}
+        key = _store.key("top-patches", settings, inputs, TOP_PATCHES_VERSION)
         file = Path(cache_dir) / f"top_patches-{key}.csv"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        root = _store.store_root(file)
+        lock = _store.artifact_lock(root, key)  # read, add the missing features, write: one process at a time
+    with lock:
+        return _top_patch_table(model, dataset, wanted, table, file, tracker, k, score, batch_size, progress,
+                                None if file is None else (root, key, settings, inputs))
+
+
+def _top_patch_table(model, dataset, wanted, table, file, tracker, k, score, batch_size, progress, store):
+    from . import _store
+
+    if file is not None:
         if file.is_file():
             cached = _read_top_table(file)
             if cached is not None:
@@ -888,8 +542,10 @@ def top_patch_table(model: nn.Module, data: Any, features: Any, k: int = 100, *,
         table = pd.concat([table, found.to_frame()], ignore_index=True)
         changed = True
     if changed and file is not None:
-        with atomic_path(file) as tmp:
-            table[_TOP_COLUMNS].to_csv(tmp, index=False)
+        root, key, settings, inputs = store
+        _store.load_or_compute(file, key, "top-patches", lambda: table[_TOP_COLUMNS], load=None, recompute=True,
+                               save=lambda t, tmp: t.to_csv(tmp, index=False), settings=settings, inputs=inputs,
+                               version=TOP_PATCHES_VERSION, root=root, lock=False)
     keep = set(wanted)
     out = table.loc[np.array([p in keep for p in zip(table["layer"], table["channel"])], dtype=bool)]
     out = out.sort_values(["layer", "channel", "rank"], kind="mergesort").reset_index(drop=True)

@@ -42,6 +42,7 @@ from scipy.linalg.blas import get_blas_funcs
 from sklearn.base import BaseEstimator
 from tqdm.auto import tqdm
 
+from ._gram import SyrkGram
 from .utils import atomic_savez, describe
 
 __all__ = [
@@ -55,6 +56,8 @@ __all__ = [
 ]
 
 _FORMAT_VERSION = 1
+#: The format version of saved paths (public: part of the artifact store's keys).
+PATH_FORMAT_VERSION = _FORMAT_VERSION
 _AUTO_SINGLE_FLOPS = 2e9     # precision="auto": float32 products for XᵀX above this N·m²
 # a candidate whose squared Cholesky pivot is below tol·G_jj is linearly dependent on the active set
 _TOL_DOUBLE = 1e-10
@@ -285,14 +288,15 @@ def gram_statistics(X: Any, L: Any, *, n_classes: int | None = None, precision: 
     Args:
         X: (N, m) real array.
         L: (N, C) 0/1 label matrix, or (N,) integer class indices (one-hot with ``n_classes``).
-        precision: ``"single"``: each block of ``chunk_rows`` rows is multiplied in float32
-            (BLAS syrk, about twice as fast) and the blocks are summed in float64 (G then has
-            a relative error ~1e-7, which moves the μ-lasso objective by ~1e-14 relative: at
+        precision: ``"single"``: float32 BLAS syrk (about twice as fast), its sums folded
+            into float64 every ``vxnb._gram.FOLD_ROWS`` rows (the one Gram kernel,
+            ``vxnb._gram.SyrkGram``, shared with ``vxnb.features``; G then has a relative
+            error ~1e-7, which moves the μ-lasso objective by ~1e-14 relative: at
             the constrained optimum the objective is flat to first order); ``"double"``: one
             float64 product; ``"auto"`` (default): single when N·m² > 2·10⁹ (where XᵀX
             dominates the time), else double. G is float64 and XᵀL exact (float64) either way.
-        chunk_rows: rows per float32 block (default: about 1 GiB of float32, at least 4096
-            rows; fewer blocks are faster, each costs an m×m float32 temporary).
+        chunk_rows: rows of X converted to float32 at a time (default: about 1 GiB of
+            float32, at least 4096 rows).
         column_names: names of the m columns (or the ``columns`` DataFrame of
             ``vxnb.features``) used to name a non-finite column in the error message.
 
@@ -341,19 +345,14 @@ def _gram(X: np.ndarray, Ls: sp.csr_matrix, precision: str, chunk_rows: int) -> 
             G = Xd.T @ Xd  # numpy calls BLAS syrk for a.T @ a and returns an exactly symmetric G
             XtL = np.ascontiguousarray((Ls.T @ Xd).T)
         return G, XtL
-    G = np.zeros((m, m), dtype=np.float64)
+    gram = SyrkGram(m, np.float32)  # the one Gram kernel, shared with vxnb.features
     XtL = np.zeros((Ls.shape[1], m))
     for i0 in range(0, N, chunk_rows):
-        blk = np.asarray(X[i0:i0 + chunk_rows], dtype=np.float64)
-        with np.errstate(over="ignore", invalid="ignore"):
-            XtL += Ls[i0:i0 + chunk_rows].T @ blk
-        blk32 = np.ascontiguousarray(blk, dtype=np.float32)
-        del blk
-        with np.errstate(over="ignore", invalid="ignore"):  # reported below, naming the column
-            prod = blk32.T @ blk32  # float32 syrk (symmetric), summed in float64 across blocks
-        np.add(G, prod, out=G)
-        del prod, blk32
-    return G, np.ascontiguousarray(XtL.T)
+        blk = X[i0:i0 + chunk_rows]
+        with np.errstate(over="ignore", invalid="ignore"):  # reported by the caller, naming the column
+            XtL += Ls[i0:i0 + chunk_rows].T @ np.asarray(blk, dtype=np.float64)  # exact: float64
+            gram.add(np.ascontiguousarray(blk, dtype=np.float32))
+    return gram.result(), np.ascontiguousarray(XtL.T)
 
 
 # ============================================================================ the homotopy

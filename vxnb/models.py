@@ -28,8 +28,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .utils import (atomic_torch_save, atomic_write_json, describe, eval_mode, get_device, model_device, read_json,
-                    seed_everything)
+from ._store import fault_point
+from .utils import (atomic_torch_save, atomic_write_json, describe, eval_mode, get_device, json_ready, model_device,
+                    read_json, seed_everything)
 
 __all__ = [
     "MnistNet",
@@ -330,6 +331,7 @@ def _train_epoch(model: nn.Module, loader: Any, opt: Any, sched: Any, dev: torch
         seen += len(y)
         bar.update(1)
         bar.set_postfix(epoch=epoch + 1, loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+        fault_point("train")
     return total_loss / seen, correct / seen
 
 
@@ -455,8 +457,10 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, meta: dict[str
 
     ``arch``/``kwargs`` default to what :func:`build_model` (or the reference class) recorded on
     the model. ``meta`` (JSON-serialisable: classes, data configuration, test accuracy, …) is
-    stored together with ``arch``, ``kwargs`` and the parameter count. Both files are written
-    atomically. Returns ``run_dir``.
+    stored together with ``arch``, ``kwargs`` and the parameter count, inside ``model.pt`` (one
+    file, written atomically: weights and metadata cannot come from two different saves) and as a
+    readable copy in ``meta.json``; :func:`load_checkpoint` trusts the copy inside ``model.pt``.
+    Returns ``run_dir``.
     """
     if not isinstance(run_dir, (str, os.PathLike)):
         raise TypeError(f"run_dir: expected a folder path, got {describe(run_dir)}")
@@ -480,7 +484,9 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, meta: dict[str
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     full_meta = dict(meta or {})
     full_meta.update(arch=arch, kwargs=kwargs, num_parameters=int(sum(p.numel() for p in model.parameters())))
-    atomic_torch_save({"format": 1, "arch": arch, "kwargs": kwargs, "state_dict": state}, run_dir / MODEL_FILE)
+    full_meta = json_ready(full_meta)  # plain JSON data, as meta.json holds
+    atomic_torch_save({"format": 2, "arch": arch, "kwargs": kwargs, "state_dict": state, "meta": full_meta},
+                      run_dir / MODEL_FILE)
     atomic_write_json(full_meta, run_dir / META_FILE)
     return run_dir
 
@@ -504,7 +510,10 @@ def load_checkpoint(run_dir: str | os.PathLike, device: str | torch.device | Non
         raise ValueError(f"{path}: not a vxnb checkpoint (expected keys arch, kwargs, state_dict)")
     model = build_model(ckpt["arch"], **ckpt["kwargs"])
     _load_state(model, ckpt["state_dict"], str(path))
-    meta = read_json(run_dir / META_FILE) if (run_dir / META_FILE).is_file() else {}
+    if "meta" in ckpt:  # format 2: the metadata saved in the same file as the weights
+        meta = ckpt["meta"]
+    else:
+        meta = read_json(run_dir / META_FILE) if (run_dir / META_FILE).is_file() else {}
     model.to(get_device(device)).eval()
     return model, meta
 

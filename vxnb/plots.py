@@ -19,8 +19,12 @@ KIND_COLORS = {"conv": "#2ca02c", "fc": "#e377c2", "other": "#7f7f7f"}
 def setup_notebook() -> None:
     """Render figures natively in JupyterLab and as self-contained HTML in exported pages."""
     import plotly.io as pio
+    from plotly.offline import init_notebook_mode
 
     pio.renderers.default = "plotly_mimetype+notebook"
+    # plotly.js now, not at the first figure: HTML figures shown earlier (widgets.panel and
+    # offline_panel outputs) draw with window.Plotly, in JupyterLab and in the report pages
+    init_notebook_mode(connected=False)
 
 
 def to_uint8_rgb(image) -> np.ndarray:
@@ -305,6 +309,14 @@ def _message_figure(text: str, title: str | None = None):
     fig.update_layout(title=title, height=140 if title else 100, width=700, margin=dict(l=10, r=10, t=40 if title else 10, b=10),
                       plot_bgcolor="white")
     return fig
+
+
+__all__ += ["message_figure"]
+
+
+def message_figure(text: str, title: str | None = None):
+    """A figure that says ``text`` (a panel state with nothing to show), never an empty plot."""
+    return _message_figure(text, title)
 
 
 def average_image_grid(average_images, klass, *, classes: Sequence[str] | None = None,

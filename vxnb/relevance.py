@@ -246,8 +246,7 @@ def top_features(W: Any, x: Any, cls: Any, columns: pd.DataFrame, k: int = 5) ->
     ``image`` (0 for a single x), ``rank`` (0 = strongest), ``class``, ``feature, layer,
     layer_number, kind, channel, weight, x, response``.
     """
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k: expected a positive int, got {k!r}")
+    check_positive_int(k, "k")
     r = responses(W, x, cls)
     Wn = _as_matrix(W)
     columns = _check_columns(columns, Wn.shape[0])

@@ -32,11 +32,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from ._store import fault_point
 from .paths import HOME_ENV, notebooks_dir, work_dir, work_home
 from .utils import atomic_path
+from .widgets import OFFLINE_ENV, OFFLINE_MARK
 
 __all__ = ["find_notebooks", "notebook_summary", "run_notebook", "export_html", "fetch_static", "copy_static",
-           "prepare_static",
+           "prepare_static", "find_chromium", "add_static_figures",
            "build_report", "write_index", "main"]
 
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
@@ -266,13 +268,17 @@ def _drop_hidden_widgets(nb: Any) -> int:
     return dropped
 
 
-def export_html(executed: Path, html_path: Path, *, static_url: str | None = STATIC_DIRNAME) -> Path:
+def export_html(executed: Path, html_path: Path, *, static_url: str | None = STATIC_DIRNAME,
+                no_input: bool = False) -> Path:
     """An HTML page of an executed notebook (plotly.js embedded, widget state as saved by nbclient).
 
     ``static_url``: the URL (relative to the page) of the folder made by :func:`copy_static`,
     from which the page loads require.js and the widget manager; ``None``: their CDN URLs.
     MathJax and mermaid.js are never loaded, and finished progress bars (widgets whose saved
-    layout is hidden) are left out.
+    layout is hidden) are left out. ``no_input``: the code cells' input is hidden (nbconvert's
+    ``exclude_input``), for an audience. Offline panels (``vxnb.widgets.offline_panel``) replace
+    the frozen controls of the live panel above them, and a ``<noscript>`` note says what a
+    reader without JavaScript sees.
     """
     import jinja2
     import nbformat
@@ -284,17 +290,138 @@ def export_html(executed: Path, html_path: Path, *, static_url: str | None = STA
     nb = nbformat.read(str(executed), as_version=4)
     _strip_mathjax(nb)
     _drop_hidden_widgets(nb)
+    _drop_frozen_controls(nb)
     urls = {}
     if static_url is not None:
         base = static_url.rstrip("/")
         urls = {"require_js_url": f"{base}/require.js", "widget_renderer_url": f"{base}/embed-amd.js"}
     exporter = HTMLExporter(template_name="lab", template_file=_OFFLINE_TEMPLATE, mathjax_url="",
                             extra_loaders=[jinja2.DictLoader({_OFFLINE_TEMPLATE: _OFFLINE_TEMPLATE_SOURCE})],
-                            **urls)
+                            exclude_input=bool(no_input), exclude_input_prompt=bool(no_input),
+                            exclude_output_prompt=bool(no_input), **urls)
     body, _ = exporter.from_notebook_node(nb)
+    body = _add_noscript_note(body)
     with atomic_path(html_path) as tmp:
         tmp.write_text(body, encoding="utf-8")
+        fault_point("html")
     return html_path
+
+
+# --- offline panels, pages without code, pages without JavaScript ------------------------------
+NO_INPUT_SUFFIX = ".no-input.html"
+_NOSCRIPT_NOTE = ("<noscript><p class=\"vxnb-noscript\" style=\"border:1px solid #c90;background:#fff8e0;"
+                  "padding:.6em;margin:1em\"><b>JavaScript is off.</b> The figures below are static images of "
+                  "their first state; the sliders and drop-downs need JavaScript (no kernel, no network).</p>"
+                  "</noscript>")
+
+
+def _drop_frozen_controls(nb: Any) -> int:
+    """Remove the saved ipywidgets controls of a live panel that an offline panel (the next code
+    cell's output marked by ``vxnb.widgets.offline_panel``) stands in for: in a static page
+    they would not answer. Returns how many outputs were removed."""
+    dropped, previous = 0, None
+    for cell in nb.cells:
+        if cell.get("cell_type") != "code":
+            continue
+        if previous is not None and any(o.get("metadata", {}).get(OFFLINE_MARK) for o in cell.get("outputs", [])):
+            keep = [o for o in previous.get("outputs", []) if _WIDGET_VIEW not in o.get("data", {})]
+            dropped += len(previous.get("outputs", [])) - len(keep)
+            previous["outputs"] = keep
+        previous = cell
+    return dropped
+
+
+def _add_noscript_note(body: str) -> str:
+    """The note a reader without JavaScript sees, at the top of the page's body."""
+    m = re.search(r"<body[^>]*>", body)
+    if not m:
+        return body
+    return body[:m.end()] + _NOSCRIPT_NOTE + body[m.end():]
+
+
+def find_chromium() -> str | None:
+    """The Chromium (or Chrome) binary the report and the browser tests drive with Playwright:
+    ``$VXNB_CHROMIUM``, else ``/usr/bin/chromium`` (Debian's package), else one on the PATH."""
+    for cand in (os.environ.get("VXNB_CHROMIUM"), "/usr/bin/chromium"):
+        if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
+            return cand
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+#: A plotly figure's div, either attribute order (plotly's to_html and the notebook renderer differ).
+_PLOT_DIV = re.compile(r'<div (?:id="([\w-]+)" class="plotly-graph-div"|class="plotly-graph-div" id="([\w-]+)")')
+
+
+def add_static_figures(pages: list[Path], *, chromium: str | None = None, timeout_s: float = 60.0) -> int:
+    """Put a static PNG of every plotly figure in ``pages`` before its div, inside ``<noscript>``,
+    so a reader without JavaScript sees the figures. Renders each page offline in Chromium
+    (Playwright) and screenshots each figure; pages are rewritten atomically. Returns the number
+    of figures added; raises RuntimeError when Chromium or Playwright is missing."""
+    import base64
+
+    chromium = chromium or find_chromium()
+    if chromium is None:
+        raise RuntimeError("no Chromium found (install Debian's chromium or set VXNB_CHROMIUM)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as err:
+        raise RuntimeError(f"playwright is not installed: {err}") from err
+    added = 0
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 900})
+            context.set_offline(True)
+            page = context.new_page()
+            for path in pages:
+                text = Path(path).read_text(encoding="utf-8")
+                ids = [a or b for a, b in _PLOT_DIV.findall(text)]
+                if not ids:
+                    continue
+                page.goto(Path(path).resolve().as_uri(), wait_until="load", timeout=timeout_s * 1000)
+                images = {}
+                for plot_id in ids:
+                    loc = page.locator(f'[id="{plot_id}"] .main-svg').first
+                    try:
+                        loc.wait_for(timeout=timeout_s * 1000)
+                        png = page.locator(f'[id="{plot_id}"]').screenshot(animations="disabled")
+                    except Exception as err:  # a figure that does not render: say so, keep the others
+                        warnings.warn(f"{Path(path).name}: figure {plot_id} not rendered ({type(err).__name__})",
+                                      RuntimeWarning, stacklevel=2)
+                        continue
+                    images[plot_id] = base64.b64encode(png).decode("ascii")
+                def with_image(m):
+                    b64 = images.get(m.group(1) or m.group(2))
+                    return m.group(0) if b64 is None else (f'<noscript><img class="vxnb-static" alt="static figure" '
+                                                          f'src="data:image/png;base64,{b64}"></noscript>{m.group(0)}')
+
+                text = _PLOT_DIV.sub(with_image, text)
+                added += len(images)
+                with atomic_path(Path(path)) as tmp:
+                    tmp.write_text(text, encoding="utf-8")
+        finally:
+            browser.close()
+    return added
+
+
+SCREENSHOTS_DIRNAME = "screenshots"
+
+
+def _screenshots_section(out_dir: Path) -> str:
+    """The screenshots of the live notebooks (saved by the browser tests under
+    ``screenshots/``), shown in the index with their file names as captions."""
+    shots = sorted((Path(out_dir) / SCREENSHOTS_DIRNAME).glob("*.png"))
+    if not shots:
+        return ""
+    figs = "".join(f'<figure><img src="{SCREENSHOTS_DIRNAME}/{html.escape(p.name)}" style="max-width:100%;'
+                   f'border:1px solid #ccc"><figcaption>{html.escape(p.stem.replace("_", " "))}</figcaption></figure>'
+                   for p in shots)
+    return ("<h2>The live notebooks in JupyterLab</h2><p>Screenshots taken by the browser tests "
+            f"(<code>tests/test_browser.py</code>) before and after moving a control.</p>{figs}")
 
 
 def write_index(out_dir: Path, entries: list[dict[str, Any]], *, quick: bool) -> Path:
@@ -302,8 +429,10 @@ def write_index(out_dir: Path, entries: list[dict[str, Any]], *, quick: bool) ->
     rows = []
     for e in entries:
         status = "" if e["ok"] else ' <b style="color:#b00">failed</b>'
+        plain = e.get("html_no_input")
+        plain = f' · <a href="{html.escape(plain)}">without code</a>' if plain and (out_dir / plain).is_file() else ""
         rows.append(
-            f'<li><a href="{html.escape(e["html"])}">{html.escape(e["title"])}</a>{status}'
+            f'<li><a href="{html.escape(e["html"])}">{html.escape(e["title"])}</a>{plain}{status}'
             f' <span class="t">({e["seconds"]:.0f} s)</span><br>{html.escape(e["description"])}</li>')
     mode = "quick parameters (CI setting)" if quick else "full parameters"
     page = f"""<!doctype html>
@@ -314,7 +443,7 @@ li{{margin-bottom:1em}} .t{{color:#777;font-size:90%}}</style></head>
 <p>Notebooks executed with {mode} on {time.strftime('%Y-%m-%d %H:%M')}. Each page opens offline.</p>
 <ol>
 {chr(10).join(rows)}
-</ol></body></html>
+</ol>{_screenshots_section(out_dir)}</body></html>
 """
     index = out_dir / "index.html"
     with atomic_path(index) as tmp:
@@ -336,10 +465,24 @@ def _environ(name: str, value: str) -> Iterator[None]:
             os.environ[name] = old
 
 
+def _static_figures_or_warn(pages: list[Path]) -> None:
+    try:
+        add_static_figures(pages)
+    except RuntimeError as err:
+        warnings.warn(f"pages without static figures for readers without JavaScript: {err}", RuntimeWarning,
+                      stacklevel=2)
+
+
 def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
                  notebooks: str | Path | None = None, parameters: dict[str, Any] | None = None,
-                 progress: bool = True, stop_on_error: bool = True, raise_on_error: bool = True) -> dict[str, Any]:
+                 progress: bool = True, stop_on_error: bool = True, raise_on_error: bool = True,
+                 no_input: bool = False, static_figures: bool = True) -> dict[str, Any]:
     """Run every numbered notebook and write the report; returns {index, entries}.
+
+    The kernels run with ``VXNB_OFFLINE_FRAMES=1``, so each live panel gets its precomputed
+    offline stand-in (``vxnb.widgets.offline_panel``). ``no_input``: also write each page
+    without its code (``NN_name.no-input.html``). ``static_figures``: put a PNG of every figure
+    in each page for readers without JavaScript (needs Chromium; a warning when it is missing).
 
     A failing notebook is recorded in its entry (``ok``, ``error``) and in the index; with
     ``stop_on_error`` the later notebooks are not run; with ``raise_on_error`` a RuntimeError
@@ -363,14 +506,19 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
         print(f"[{i}/{len(paths)}] {nb.name}: {title}", flush=True)
         t0 = time.perf_counter()
         ok, error = True, None
+        pages = [out / (nb.stem + ".html")] + ([out / (nb.stem + NO_INPUT_SUFFIX)] if no_input else [])
         try:
-            with _environ(HOME_ENV, str(home)):
+            with _environ(HOME_ENV, str(home)), _environ(OFFLINE_ENV, "1"):  # offline panels get their frames
                 executed = run_notebook(nb, out, params, progress=progress, cwd=cwd)
-            export_html(executed, out / (nb.stem + ".html"), static_url=static_url)
+            for page in pages:
+                export_html(executed, page, static_url=static_url, no_input=page.name.endswith(NO_INPUT_SUFFIX))
+            if static_figures:
+                _static_figures_or_warn(pages)
         except Exception as err:  # record, write the index, then re-raise
             ok, error = False, f"{type(err).__name__}: {err}"
         entries.append({"notebook": nb.name, "html": nb.stem + ".html", "title": title, "description": desc,
-                        "seconds": time.perf_counter() - t0, "ok": ok, "error": error})
+                        "seconds": time.perf_counter() - t0, "ok": ok, "error": error,
+                        "html_no_input": nb.stem + NO_INPUT_SUFFIX if no_input else None})
         print(f"      {'done' if ok else 'FAILED'} in {entries[-1]['seconds']:.0f} s", flush=True)
         if not ok and stop_on_error:
             break
@@ -392,6 +540,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m vxnb.report") -> 
                         help="a folder of your own numbered notebooks NN_name.ipynb (default: the ones shipped "
                              "with vxnb)")
     parser.add_argument("--prepare-data", action="store_true", help="only render/fetch the datasets")
+    parser.add_argument("--no-input", action="store_true",
+                        help="also write each page without its code cells (NN_name.no-input.html), for an audience")
     args = parser.parse_args(argv)
     if args.prepare_data:
         from .studies.runs import RunConfig, load_data
@@ -401,7 +551,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m vxnb.report") -> 
             print(f"{cfg.dataset}: {len(train)} train / {len(test)} test images, {len(classes)} classes")
         return 0
     t0 = time.perf_counter()
-    result = build_report(quick=args.quick, out_dir=args.out, notebooks=args.notebooks)
+    result = build_report(quick=args.quick, out_dir=args.out, notebooks=args.notebooks, no_input=args.no_input)
     print(f"report written in {time.perf_counter() - t0:.0f} s: {result['index']}")
     return 0
 

@@ -22,6 +22,7 @@ __all__ = [
     "atomic_torch_save",
     "atomic_savez",
     "read_json",
+    "json_ready",
     "get_module",
     "check_layer_names",
     "check_image_batch",
@@ -93,6 +94,12 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: corrupt JSON file ({err}); delete it to recompute") from err
+
+
+def json_ready(obj: Any) -> Any:
+    """``obj`` as plain JSON data (numpy scalars and arrays, paths converted), as
+    :func:`atomic_write_json` would write it."""
+    return json.loads(json.dumps(obj, default=_json_default))
 
 
 def _json_default(o: Any) -> Any:

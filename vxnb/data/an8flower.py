@@ -79,6 +79,8 @@ from scipy import sparse
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .._checks import check_nonnegative_int
+from .._store import fault_point
 from ..utils import atomic_write_json, describe, read_json
 
 __all__ = [
@@ -213,9 +215,7 @@ def _check_size(size: Any) -> int:
 
 
 def _check_seed(seed: Any) -> int:
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)) or int(seed) < 0:
-        raise ValueError(f"seed: expected a non-negative int, got {describe(seed)}")
-    return int(seed)
+    return check_nonnegative_int(seed, "seed")
 
 
 def _check_root(root: Any) -> Path:
@@ -809,6 +809,7 @@ def _generate_into(folder: Path, variant: str, size: int, seed: int, progress: b
                 if len(pending) > 64:  # collect finished writes: errors surface early, memory stays flat
                     _collect(pending, crcs)
                 bar.update(1)
+                fault_point("render")
             _collect(pending, crcs)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -879,10 +880,21 @@ def generate(root: str | os.PathLike, variant: str = "single-6c", size: int = 12
 
 
 def _generate_cache(root, variant: str, size: int, seed: int, progress: bool, overwrite: bool) -> Path:
+    from filelock import FileLock
+
     target = cache_dir(root, variant, size, seed)
     if not overwrite and _trusted(target, variant, size, seed) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    locks = target.parent.parent / ".vxnb-store" / "locks"  # beside the data, not in its folder
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"an8flower-{target.name}.lock")):  # a concurrent process waits, then reads
+        if not overwrite and _trusted(target, variant, size, seed) is None:
+            return target
+        return _render_cache(target, variant, size, seed, progress)
+
+
+def _render_cache(target: Path, variant: str, size: int, seed: int, progress: bool) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         _generate_into(tmp, variant, size, seed, progress)

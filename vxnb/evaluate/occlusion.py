@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vxnb._checks import check_model, check_positive_int
+from vxnb._checks import check_model, check_nonnegative_int, check_positive_int
 from vxnb.evaluate.iou import check_heatmaps, normalize_flat
 from vxnb.utils import check_image_batch, eval_mode, model_device
 
@@ -240,8 +240,7 @@ def box_occlusion_curve(
     elif isinstance(fill, bool) or not isinstance(fill, (int, float, np.integer, np.floating)) \
             or not math.isfinite(float(fill)):
         raise ValueError(f"fill: expected 'mean', 'zero' or a finite number, got {fill!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    check_nonnegative_int(seed, "seed")
     device = model_device(model) if device is None else torch.device(device)
 
     images_cpu = images.detach().cpu()

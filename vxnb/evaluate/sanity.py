@@ -29,7 +29,7 @@ from scipy.stats import rankdata
 from torch import nn
 from tqdm.auto import tqdm
 
-from vxnb._checks import check_model, check_positive_int
+from vxnb._checks import check_model, check_nonnegative_int, check_positive_int
 from vxnb.evaluate.iou import normalize_flat, to_numpy
 from vxnb.evaluate.occlusion import (
     batched_logits,
@@ -383,8 +383,7 @@ def randomize_cascade(
         raise ValueError(f"mode: expected 'cascade' or 'independent', got {mode!r}")
     if not (isinstance(std, (int, float)) and std > 0):
         raise ValueError(f"std: expected a positive number, got {std!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    check_nonnegative_int(seed, "seed")
     if init == "reset":  # fail now rather than half-way
         for n in names:
             for sub in dict(model.named_modules())[n].modules():

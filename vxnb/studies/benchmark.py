@@ -42,14 +42,14 @@ Table 1 reports the area under the IoU curve (percent), mean ± std over the fol
 (``std`` with ``ddof=1``, the sample standard deviation; NaN for a single fold).
 
 Resumption: each finished fold writes ``benchmark-<key>.json`` atomically into its fold's run
-folder (``<key>`` hashes the settings and the checkpoint's bytes); the next run reads it back
-instead of recomputing. A fold interrupted before that file is written has no file and is
+folder through :mod:`vxnb._store` (``<key>`` hashes the settings, the checkpoint's key — its
+training settings and the dataset's manifest — and the result format); the next run reads it
+back instead of recomputing. A fold interrupted before that file is written has no file and is
 recomputed (its trained checkpoint, written atomically by ``get_model``, is reused).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -65,8 +65,9 @@ from vxnb._checks import check_choice
 from vxnb.baselines import METHOD_LABELS as _BASE_LABELS
 from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, iou_auc, iou_curve, iou_per_image
 from vxnb.evaluate.occlusion import DEFAULT_COVERAGE, mean_confidence_difference, occlusion_study
+from vxnb import _store
 from vxnb.explanations import COMBINES
-from vxnb.utils import atomic_write_json, describe
+from vxnb.utils import describe, json_ready
 from vxnb.studies import runs
 
 __all__ = [
@@ -132,6 +133,8 @@ PAPER_TABLE1: dict[str, dict[str, tuple[float, float]]] = {
 }
 
 _RESULT_VERSION = 2
+#: The format version of a fold's result file (public: part of the artifact store's keys).
+RESULT_VERSION = _RESULT_VERSION
 
 
 def row_name(method: str, combine: str | None) -> str:
@@ -360,13 +363,16 @@ def _settings(methods, mu, k, n_test_images, occlusion, occlusion_images, covera
             "combine": list(combine), "quantus": bool(quantus), "quantus_images": quantus_images}
 
 
-def _result_file(folder: Path, settings: dict, checkpoint: Path) -> tuple[Path, str]:
-    h = hashlib.sha1()
-    h.update(json.dumps({"version": _RESULT_VERSION, **settings}, sort_keys=True).encode())
-    if checkpoint.exists():
-        h.update(checkpoint.read_bytes())
-    key = h.hexdigest()[:12]
+def _result_file(folder: Path, settings: dict, checkpoint_key: str) -> tuple[Path, str]:
+    key = _store.key("benchmark-fold", settings, {"checkpoint": checkpoint_key}, _RESULT_VERSION)
     return folder / f"benchmark-{key}.json", key
+
+
+def _read_fold(file: Path, key: str) -> dict:
+    res = json.loads(file.read_text())
+    if res.get("version") != _RESULT_VERSION or res.get("key") != key:
+        raise ValueError(f"it holds version {res.get('version')} key {res.get('key')}, expected {key}")
+    return res
 
 
 def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.0, k: int = 5,
@@ -404,7 +410,7 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     data = runs.load_data(cfg, progress=progress)
-    trained_now = not (runs.run_dir(cfg) / "model.pt").exists()
+    trained_now = not runs.checkpoint_dir(cfg).exists()
     model, meta = runs.get_model(cfg, data=data, progress=progress)
     model.eval()
     seconds["model"] = time.perf_counter() - t0
@@ -441,6 +447,7 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
         else:
             heatmaps[method] = method_heatmaps(method, model, images, preds, layer=layer, batch_size=batch_size)
         seconds[method] = time.perf_counter() - t0
+        _store.fault_point("benchmark-fold")
     bar.close()
     auc: dict[str, float] = {}
     curve: dict[str, list[float]] = {}
@@ -503,7 +510,7 @@ def _grid_per_image(model, images, hk, feats, strides, grid_score, total_stride)
 def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **options: Any) -> dict:
     """:func:`evaluate_fold` with its result cached in the fold's run folder.
 
-    The file ``benchmark-<key>.json`` (key: the settings and the checkpoint's bytes) is written
+    The file ``benchmark-<key>.json`` (key: the settings and the checkpoint's key) is written
     atomically once the fold is finished and read back by later calls (``"cached": True`` in the
     returned dict). A fold interrupted before that has no file and is recomputed.
     """
@@ -527,22 +534,19 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
                          opts["occlusion_images"], opts["coverage"], opts["layer"], thr, opts["combine"],
                          opts["quantus"], opts["quantus_images"])
     folder = runs.run_dir(cfg)
-    file, key = _result_file(folder, settings, folder / "model.pt")
-    if file.exists() and not recompute:
-        try:
-            res = json.loads(file.read_text())
-            if res.get("version") == _RESULT_VERSION and res.get("settings") == settings:
-                res["cached"] = True
-                return res
-        except (OSError, json.JSONDecodeError):
-            pass  # a damaged file is recomputed, never trusted
-    res = evaluate_fold(cfg, progress=progress, **opts)
-    res["settings"] = settings
-    # the checkpoint may have been trained just now: key the file by the checkpoint that was used
-    file, key = _result_file(folder, settings, folder / "model.pt")
-    res["key"] = key
-    atomic_write_json(res, file)
-    res["cached"] = False
+    ckey = runs.checkpoint_key(cfg)
+    file, key = _result_file(folder, settings, ckey)
+
+    def compute() -> dict:
+        return json_ready({**evaluate_fold(cfg, progress=progress, **opts), "settings": settings, "key": key})
+
+    res, hit = _store.load_or_compute(
+        file, key, "benchmark-fold", compute, load=lambda f: _read_fold(f, key),
+        save=lambda r, tmp: tmp.write_text(json.dumps(r, indent=2, sort_keys=True)), recompute=recompute,
+        settings=settings, inputs={"checkpoint": ckey}, upstream=[ckey], version=_RESULT_VERSION,
+        root=cfg.runs_dir)
+    res = dict(res)
+    res["cached"] = hit
     return res
 
 

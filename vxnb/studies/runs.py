@@ -1,10 +1,16 @@
 """Run folders: the artifacts one notebook hands to the next.
 
 A run is one (dataset, variant, size, seed, training setting). Everything it produces lives
-in ``runs/<name>/`` — the checkpoint and its ``meta.json`` (``vxnb.models``), the feature
-statistics (``vxnb.features``), the μ-lasso paths (``vxnb.lasso``) and result tables — so
-each notebook can run on its own once its inputs exist, and nothing passes through hidden
-global state. Every step below is "load if present, else compute and save atomically".
+in ``runs/<name>/`` — the checkpoint with its ``meta.json`` (``checkpoint-<key>/``), the
+feature statistics (``features/features-<key>.npz``), the μ-lasso paths
+(``lasso-<tag>-mu<μ>-<key>.npz``), benchmark folds and result tables — so each notebook can
+run on its own once its inputs exist, and nothing passes through hidden global state.
+
+The folder name is for people. Every artifact goes through :mod:`vxnb._store`: it is read back
+only under its content key (its settings, the fingerprints of its inputs — the dataset's
+manifest or file hashes, the upstream artifacts' keys — and its format version), computed by
+one process at a time under a file lock, written atomically and indexed, so
+``python -m vxnb.studies.runs gc`` can remove what no current key reaches.
 
 >>> cfg = RunConfig(dataset="an8flower", variant="single-6c", size=128)
 >>> model, meta = get_model(cfg)          # trains once, then loads the checkpoint
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +32,16 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Subset
 
+from .. import _store
 from ..paths import work_dir
 from ..utils import atomic_write_json, read_json, seed_everything
 
 __all__ = ["RunConfig", "DATASETS", "load_data", "get_model", "get_features", "get_lasso_path",
-           "run_dir"]
+           "run_dir", "data_record", "split_key", "checkpoint_key", "checkpoint_dir", "save_table", "gc"]
+
+#: Format versions of the artifacts this module writes (part of their keys).
+CHECKPOINT_VERSION = 2
+TABLE_VERSION = 1
 
 DATASETS = ("an8flower", "mnist")
 #: The quick (CI) setting: image size and number of training images.
@@ -42,6 +54,27 @@ MIN_TRAIN_ACCURACY = 0.5
 TRAIN_ATTEMPTS = 3
 #: Runs of fewer epochs are not retried: a low accuracy there is under-training, not a stall.
 MIN_EPOCHS_TO_RETRY = 3
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_int(value: Any, arg: str, low: int | None, high: int | None, extra: str = "") -> None:
+    """An int (not a bool or a float) within [low, high]: TypeError / ValueError naming ``arg``."""
+    want = f"an int{f' >= {low}' if high is None and low is not None else ''}" + \
+        (f" in {low}..{high}" if high is not None else "") + (f" {extra}" if extra else "")
+    if not _is_int(value):
+        raise TypeError(f"{arg}: expected {want}, got {type(value).__name__} {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{arg}: expected {want}, got {value!r}")
+
+
+def _check_variant(variant: Any) -> None:
+    from ..data.an8flower import VARIANTS
+
+    if not isinstance(variant, str) or variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {tuple(VARIANTS)}, got {variant!r}")
 
 
 @dataclass
@@ -77,16 +110,29 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset: expected one of {DATASETS}, got {self.dataset!r}")
+        _check_variant(self.variant)
         if self.dataset == "mnist":
             self.size = 28
-        if not isinstance(self.size, int) or self.size < 32 and self.dataset == "an8flower":
+        if not _is_int(self.size) or self.size < 32 and self.dataset == "an8flower":
             raise ValueError(f"size: expected an int >= 32 for an8Flower, got {self.size!r}")
-        if not 0 <= self.test_fold < 5:
-            raise ValueError(f"test_fold: expected 0..4, got {self.test_fold!r}")
+        _check_int(self.test_fold, "test_fold", 0, 4)
+        _check_int(self.seed, "seed", 0, None)
         if self.folds not in ("views", "blocks"):
             raise ValueError(f"folds: expected one of 'views', 'blocks', got {self.folds!r}")
-        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
+        if self.epochs is not None and (not _is_int(self.epochs) or self.epochs < 1):
             raise ValueError(f"epochs: expected a positive int or None, got {self.epochs!r}")
+        if self.train_limit is not None:
+            _check_int(self.train_limit, "train_limit", 1, None, "or None (all images)")
+        if not isinstance(self.quick, bool):
+            raise TypeError(f"quick: expected a bool, got {type(self.quick).__name__} {self.quick!r}")
+        for arg in ("data_root", "runs_root"):
+            value = getattr(self, arg)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise TypeError(f"{arg}: expected a folder path (str or Path) or None, got "
+                                f"{type(value).__name__} {value!r}")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name or "/" in self.name
+                                      or self.name.startswith(".")):
+            raise ValueError(f"name: expected a folder name without '/' or a leading '.', or None, got {self.name!r}")
 
     @classmethod
     def from_params(cls, quick: bool = False, **params: Any) -> "RunConfig":
@@ -129,9 +175,104 @@ class RunConfig:
 
 
 def run_dir(cfg: RunConfig) -> Path:
+    """``runs_root/<run name>/`` (made if missing; the runs root gets its artifact index)."""
     path = cfg.runs_dir / cfg.run_name
     path.mkdir(parents=True, exist_ok=True)
+    (cfg.runs_dir / _store.STORE_DIR).mkdir(exist_ok=True)
     return path
+
+
+# ---------------------------------------------------------------------------- content keys
+def _data_spec(cfg: RunConfig) -> dict[str, Any]:
+    spec: dict[str, Any] = {"dataset": cfg.dataset, "root": str(cfg.data_dir.resolve())}
+    if cfg.dataset == "an8flower":
+        spec.update(variant=cfg.variant, size=cfg.size, seed=cfg.seed)
+    return spec
+
+
+def _data_fingerprint(spec: dict[str, Any]) -> str | None:
+    """The fingerprint of the data a spec names as it is on disk now; None when it is not there.
+    an8Flower: its manifest (render version, settings, CRC of the index of every image and
+    mask); MNIST: the sha256 of each IDX file."""
+    if spec["dataset"] == "an8flower":
+        from ..data.an8flower import cache_dir
+
+        man = cache_dir(spec["root"], spec["variant"], spec["size"], spec["seed"]) / "manifest.json"
+        if not man.is_file():
+            return None
+        try:
+            return _store.key("an8flower-manifest", read_json(man))
+        except ValueError:
+            return None
+    if spec["dataset"] == "mnist":
+        from ..data.mnist import mnist_files
+
+        files = mnist_files(spec["root"])
+        if not files:
+            return None
+        return _store.key("mnist-files", {k: [_store.file_fingerprint(p) for p in pair]
+                                          for k, pair in sorted(files.items())})
+    return None
+
+
+def data_record(cfg: RunConfig) -> dict[str, Any]:
+    """What a run's dataset is, with the fingerprint of its files as they are now (the data is
+    rendered or fetched first when missing)."""
+    spec = _data_spec(cfg)
+    fp = _data_fingerprint(spec)
+    if fp is None:
+        load_data(cfg, progress=False)
+        fp = _data_fingerprint(spec)
+    if fp is None:
+        raise RuntimeError(f"data: no {cfg.dataset} data under {cfg.data_dir} after preparing it")
+    return {**spec, "fingerprint": fp}
+
+
+def _data_record_now(cfg: RunConfig) -> dict[str, Any]:
+    """The data record as the files are now, without rendering or fetching (fingerprint None
+    when the data is not there)."""
+    spec = _data_spec(cfg)
+    return {**spec, "fingerprint": _data_fingerprint(spec)}
+
+
+def _data_ok(record: dict[str, Any]) -> bool:
+    try:
+        return _data_fingerprint(record) == record.get("fingerprint")
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def split_key(cfg: RunConfig, split: str, dataset: Any) -> str:
+    """The content key of a split: the fingerprint of the run's dataset on disk (its manifest or
+    files' hashes) and the split's image indices; for a dataset that is not on disk (built in
+    memory), the bytes of every item of the split."""
+    indices = np.asarray(getattr(dataset, "indices", np.arange(len(dataset))), dtype=np.int64)
+    fp = _data_record_now(cfg)["fingerprint"]
+    if fp is None:
+        fp = _store.items_fingerprint(dataset)
+    return _store.key("split", {"split": split}, {"data": fp, "indices": _store.array_fingerprint(indices)})
+
+
+def _checkpoint_settings(cfg: RunConfig) -> dict[str, Any]:
+    from .. import models
+
+    s = {"dataset": cfg.dataset, "seed": cfg.seed, "train_limit": cfg.train_limit,
+         "epochs": cfg.epochs or models.default_epochs(cfg.dataset, quick=cfg.quick),
+         "min_train_accuracy": MIN_TRAIN_ACCURACY, "train_attempts": TRAIN_ATTEMPTS}
+    if cfg.dataset == "an8flower":
+        s.update(variant=cfg.variant, size=cfg.size, test_fold=cfg.test_fold)
+    return s
+
+
+def checkpoint_key(cfg: RunConfig) -> str:
+    """The content key of a run's trained model: its training settings and its data."""
+    return _store.key("checkpoint", _checkpoint_settings(cfg), {"data": data_record(cfg)["fingerprint"]},
+                      CHECKPOINT_VERSION)
+
+
+def checkpoint_dir(cfg: RunConfig) -> Path:
+    """The folder of a run's checkpoint (``model.pt`` + ``meta.json``, renamed into place as one)."""
+    return run_dir(cfg) / f"checkpoint-{checkpoint_key(cfg)}"
 
 
 # ---------------------------------------------------------------------------- data
@@ -182,10 +323,25 @@ def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
     with a warning, and the best attempt is kept; ``meta["train_attempts"]`` lists them all."""
     from .. import models
 
-    folder = run_dir(cfg)
-    if not retrain and (folder / "model.pt").exists() and (folder / "meta.json").exists():
-        return models.load_checkpoint(folder)
-    train, test, classes = data if data is not None else load_data(cfg, progress=progress)
+    record = data_record(cfg)
+    ckey = checkpoint_key(cfg)
+    folder = checkpoint_dir(cfg)
+
+    def train_and_save():
+        return _train(cfg, data if data is not None else load_data(cfg, progress=progress), progress)
+
+    (model, meta), hit = _store.load_or_compute(
+        folder, ckey, "checkpoint", train_and_save, load=models.load_checkpoint,
+        save=lambda mm, tmp: models.save_checkpoint(tmp, mm[0], mm[1]), directory=True, recompute=retrain,
+        settings=_checkpoint_settings(cfg), inputs={"data": record["fingerprint"]}, data=[record],
+        version=CHECKPOINT_VERSION, root=cfg.runs_dir)
+    return (model, meta) if hit else models.load_checkpoint(folder)  # fresh: as a later load gives it
+
+
+def _train(cfg: RunConfig, data, progress: bool):
+    from .. import models
+
+    train, test, classes = data
     epochs = cfg.epochs or models.default_epochs(cfg.dataset, quick=cfg.quick)
     attempts: list[dict[str, Any]] = []
     best = None
@@ -208,6 +364,7 @@ def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
                                                        if attempt + 1 < TRAIN_ATTEMPTS else
                                                        f"keeping the best of {TRAIN_ATTEMPTS} attempts"))
     seed, model, history = best
+    model.eval()
     meta = {
         "config": cfg.to_dict(),
         "classes": classes,
@@ -218,8 +375,7 @@ def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
         "n_test": len(test),
         "train_attempts": attempts,
     }
-    models.save_checkpoint(folder, model, meta)
-    return models.load_checkpoint(folder)
+    return model, meta
 
 
 # ---------------------------------------------------------------------------- features
@@ -232,40 +388,61 @@ def get_features(cfg: RunConfig, model: torch.nn.Module, split: str = "train", *
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
     train, test, classes = data if data is not None else load_data(cfg, progress=progress)
     dataset = train if split == "train" else test
-    return extract_features(model, dataset, only_conv=only_conv, n_classes=len(classes),
-                            cache_dir=run_dir(cfg) / "features",
-                            data_key=f"{cfg.run_name}/{split}/{len(dataset)}", progress=progress, **kwargs)
+    feats = extract_features(model, dataset, only_conv=only_conv, n_classes=len(classes),
+                             cache_dir=run_dir(cfg) / "features", data_key=split_key(cfg, split, dataset),
+                             progress=progress, **kwargs)
+    fkey = feats.meta.get("store_key")
+    if fkey:  # index it with the dataset it came from, so gc drops it when the data changes
+        from ..features import FORMAT_VERSION
+
+        _store.register(cfg.runs_dir, "features", fkey, run_dir(cfg) / "features" / f"features-{fkey}.npz",
+                        settings=feats.meta.get("key") or {}, data=[_data_record_now(cfg)], version=FORMAT_VERSION)
+    return feats
 
 
 def get_lasso_path(cfg: RunConfig, features, *, mu_max: float = 50.0, tag: str | None = None):
     """The μ-lasso path of every class up to ``mu_max``, cached as
-    ``lasso-<tag>-mu<mu_max>-<key>.npz``; the key fingerprints the statistics it was solved
-    from (XᵀL and the diagonal of XᵀX), so a retrained model never reads another's path."""
-    import hashlib
-
-    from ..lasso import LassoPath, lasso_path
+    ``lasso-<tag>-mu<mu_max>-<key>.npz``; the key holds the settings and a fingerprint of the
+    statistics it was solved from (XᵀL and XᵀX), so a retrained model never reads another's
+    path. A damaged file is recomputed with a warning."""
+    from ..lasso import PATH_FORMAT_VERSION, LassoPath, lasso_path
 
     tag = tag or ("conv" if all(k == "conv" for k in features.columns["kind"]) else "all")
-    digest = hashlib.sha1(np.ascontiguousarray(features.XtL, dtype=np.float64).tobytes())
-    digest.update(np.ascontiguousarray(np.diagonal(features.G), dtype=np.float64).tobytes())
-    file = run_dir(cfg) / f"lasso-{tag}-mu{mu_max:g}-{digest.hexdigest()[:12]}.npz"
-    if file.exists():
-        try:
-            return LassoPath.load(file)
-        except Exception as err:  # a stale or corrupt file is recomputed, never trusted
-            file.unlink()
-    path = lasso_path(features.G, features.XtL, mu_max=mu_max, tol=getattr(features, "lasso_tol", None))
-    path.save(file)
+    tol = getattr(features, "lasso_tol", None)
+    settings = {"tag": tag, "mu_max": float(mu_max), "tol": tol}
+    inputs = {"features": _store.array_fingerprint(np.asarray(features.XtL, dtype=np.float64),
+                                                   np.asarray(features.G, dtype=np.float64))}
+    key = _store.key("lasso-path", settings, inputs, PATH_FORMAT_VERSION)
+    file = run_dir(cfg) / f"lasso-{tag}-mu{mu_max:g}-{key}.npz"
+    upstream = [k for k in [(getattr(features, "meta", None) or {}).get("store_key")] if k]
+    path, _ = _store.load_or_compute(
+        file, key, "lasso-path", lambda: lasso_path(features.G, features.XtL, mu_max=mu_max, tol=tol),
+        load=LassoPath.load, save=lambda p, tmp: p.save(tmp), settings=settings, inputs=inputs,
+        upstream=upstream, version=PATH_FORMAT_VERSION, root=cfg.runs_dir)
     return path
 
 
 def save_table(cfg: RunConfig, name: str, frame) -> Path:
-    """Write a result table (pandas DataFrame) as CSV into the run folder, atomically."""
-    from ..utils import atomic_path
-
+    """Write a result table (pandas DataFrame) as ``<name>.csv`` into the run folder: under its
+    lock, atomically (not at all when the same table is there), indexed with the run's dataset
+    (so gc removes it when the data it was computed from changes)."""
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise ValueError(f"name: expected a file stem without '/' or a leading '.', got {name!r}")
+    if not isinstance(frame, pd.DataFrame):
+        raise TypeError(f"frame: expected a pandas DataFrame, got {type(frame).__name__}")
     file = run_dir(cfg) / f"{name}.csv"
-    with atomic_path(file) as tmp:
-        frame.to_csv(tmp, index=False)
+    record = _data_record_now(cfg)  # a table is no reason to render or fetch data
+    text = frame.to_csv(index=False)
+    key = _store.key("table", {"name": name, "run": cfg.run_name}, {"data": record["fingerprint"]}, TABLE_VERSION)
+
+    def same(path: Path) -> bool:  # the same table is there already: nothing to write
+        if path.read_text() != text:
+            raise ValueError("another version of the table")
+        return True
+
+    _store.load_or_compute(file, key, "table", lambda: text, load=same, save=lambda t, tmp: tmp.write_text(t),
+                           settings={"name": name}, data=[record], version=TABLE_VERSION, root=cfg.runs_dir,
+                           quiet=True)
     return file
 
 
@@ -302,3 +479,63 @@ def relevance_study(cfg: RunConfig, *, mu: float = 10.0, mu_max: float = 50.0, n
     save_table(cfg, "class-reconstruction", recon)
     return {"model": model, "data": data, "features": feats, "paths": paths, "relevant": relevant,
             "counts": counts, "ablation": ablation, "reconstruction": recon}
+
+
+# ---------------------------------------------------------------------------- gc
+#: Files older versions wrote without a content key; gc removes them when no index entry has them.
+_LEGACY = ("model.pt", "meta.json", "features-*.npz", "lasso-*.npz", "benchmark-*.json", "top_patches-*.csv")
+
+
+def _current_versions() -> dict[str, int]:
+    from .benchmark import RESULT_VERSION
+    from ..features import FORMAT_VERSION
+    from ..interpret import TOP_PATCHES_VERSION
+    from ..lasso import PATH_FORMAT_VERSION
+
+    return {"checkpoint": CHECKPOINT_VERSION, "features": FORMAT_VERSION, "lasso-path": PATH_FORMAT_VERSION,
+            "top-patches": TOP_PATCHES_VERSION, "benchmark-fold": RESULT_VERSION, "table": TABLE_VERSION}
+
+
+def gc(runs_root: str | Path | None = None, *, dry_run: bool = False) -> dict[str, Any]:
+    """Remove (``dry_run``: only list) the artifacts under ``runs_root`` that no current key
+    reaches: made by an older format, from data that has changed since (e.g. a new an8Flower
+    render version) or from an upstream artifact that is itself gone; temporary files of killed
+    writers; unkeyed files of older vxnb versions. Returns :func:`vxnb._store.gc`'s summary."""
+    root = Path(runs_root) if runs_root is not None else RunConfig().runs_dir
+    if not root.is_dir():
+        raise ValueError(f"runs_root: no folder at {root}")
+    return _store.gc(root, versions=_current_versions(), data_ok=_data_ok, legacy=_LEGACY, dry_run=dry_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m vxnb.studies.runs", description="Run folders and their artifacts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("gc", help="list and remove artifacts that no current key reaches")
+    g.add_argument("--runs-root", default=None, help="the runs folder (default: the repository's runs/)")
+    g.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    args = parser.parse_args(argv)
+    try:
+        res = gc(args.runs_root, dry_run=args.dry_run)
+    except ValueError as err:
+        parser.error(str(err))
+    for path, size in res["removed"]:
+        print(f"{'would remove' if args.dry_run else 'removed'} {path} ({_human(size)})")
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{len(res['removed'])} path(s), {verb} {_human(res['freed'])}; {res['kept']} artifact(s) kept")
+    return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

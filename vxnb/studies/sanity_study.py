@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from vxnb._checks import check_nonnegative_int, check_positive_int
 from vxnb.baselines import METHOD_LABELS
 from vxnb.evaluate.sanity import class_sensitivity, randomization_curve
 from vxnb.utils import check_image_batch, describe, eval_mode
@@ -266,14 +267,6 @@ def sanity_study(explain_fns: Mapping[str, ExplainFn], model: nn.Module, images:
 
 
 # ============================================================================ on a run folder
-def _check_int(value: Any, arg: str, minimum: int = 1, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{arg}: expected an int >= {minimum}{' or None' if allow_none else ''}, got {value!r}")
-    return int(value)
-
-
 def run_study(cfg: Any, *, mu: float = 10.0, k: int = 5, n_images: int | None = 60,
               methods: Sequence[str] = SANITY_METHODS, randomize: bool = True, data: Any = None,
               seed: int | None = None, save: bool = True, progress: bool = True) -> dict[str, Any]:
@@ -299,9 +292,9 @@ def run_study(cfg: Any, *, mu: float = 10.0, k: int = 5, n_images: int | None = 
         raise TypeError(f"cfg: expected a vxnb.studies.runs.RunConfig, got {describe(cfg)}")
     if isinstance(mu, bool) or not isinstance(mu, (int, float, np.floating)) or not mu > 0:
         raise ValueError(f"mu: expected a positive number, got {mu!r}")
-    k = _check_int(k, "k")
-    n_images = _check_int(n_images, "n_images", allow_none=True)
-    seed = cfg.seed if seed is None else _check_int(seed, "seed", minimum=0)
+    k = check_positive_int(k, "k")
+    n_images = None if n_images is None else check_positive_int(n_images, "n_images", "or None")
+    seed = cfg.seed if seed is None else check_nonnegative_int(seed, "seed")
     data = data if data is not None else runs.load_data(cfg, progress=progress)
     train, test, classes = data
     model, _ = runs.get_model(cfg, data=data, progress=progress)

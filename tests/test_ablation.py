@@ -195,3 +195,39 @@ def test_class_reconstruction_default_solver_matches_stand_in(trained):
     ours = class_reconstruction(ftr, fte, mus, progress=False)
     ref = class_reconstruction(ftr, fte, mus, solver=pg_mu_lasso, progress=False)
     np.testing.assert_allclose(ours["mean_auc"], ref["mean_auc"], atol=2e-3)
+
+
+def test_random_union_draws_from_all_channels_of_the_sets_layers():
+    widths = {"a": 4, "b": 3, "c": 5}
+    seen = []
+
+    def config(pairs):
+        seen.append(pairs)
+        return len(seen) - 1
+
+    plan = ab._random_union_plan(["a", "c"], [0, 2, 5, 9], widths, n_random=400, seed=3, config=config)
+    assert [(m, n) for m, n, _ in plan[:4]] == [("Random (union)", n) for n in (0, 2, 5, 9)]
+    pool = {(l, c) for l in ("a", "c") for c in range(widths[l])}
+    firsts = {}
+    for d in range(400):
+        sets = [seen[plan[d * 4 + i][2]] for i in range(4)]
+        assert [len(s) for s in sets] == [0, 2, 5, 9]
+        for small, big in zip(sets, sets[1:]):
+            assert set(small) <= set(big) and set(big) <= pool  # nested, only the sets' layers
+        firsts[sets[1][0]] = firsts.get(sets[1][0], 0) + 1
+    # uniform over the 9 channels of the pool (not per layer): each first pick ~ 400/9 = 44
+    assert set(firsts) == pool and max(firsts.values()) < 80
+
+
+def test_ablation_curve_both_random_controls(trained):
+    net, train, test = trained
+    f = extract_features(net, train, progress=False)
+    rel_all = relevant_features(mu_lasso_gram(f.G, f.XtL, 1.0, progress=False), f.columns)
+    curve = ablation_curve(net, test, rel_all, counts=[0, 1, 2], n_random=3, random=("matched", "union"),
+                           progress=False)
+    assert curve["method"].unique().tolist() == ["intact", "All", "Random", "Random (union)"]
+    union = curve[curve["method"] == "Random (union)"]
+    assert (union["n_draws"] == 3).all() and union["n_ablated"].tolist() == [0, 1, 2]
+    assert union.loc[union["n_ablated"] == 0, "mca"].item() == curve.loc[curve["method"] == "intact", "mca"].iloc[0]
+    with pytest.raises(ValueError, match="random: expected one or both of 'matched', 'union', got str 'all'"):
+        ablation_curve(net, test, rel_all, random="all", progress=False)

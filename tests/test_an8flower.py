@@ -130,6 +130,28 @@ def test_folds_grouped_by_viewpoint(datasets, variant):
     assert (seen == 1).all()
 
 
+@pytest.mark.parametrize("variant", ON_DISK)
+def test_block_folds_share_no_viewpoint(datasets, variant):
+    ds = datasets[variant]
+    idx = ds.index
+    seen = np.zeros(len(ds), int)
+    for f in range(5):
+        train, test = ds.fold_indices(f, folds="blocks")
+        views_test, views_train = set(idx["view"].iloc[test]), set(idx["view"].iloc[train])
+        assert views_test == set(range(8 * f, 8 * f + 8))  # eight neighbouring views
+        assert not views_test & views_train and views_test | views_train == set(range(N_VIEWS))
+        assert len(test) == 200 * len(ds.classes) and not set(train) & set(test)
+        # only the two views at the block's ends touch the training views (9° away); the
+        # interleaved split puts a training view 9° from every test view
+        gaps = [min(min(abs(v - w), N_VIEWS - abs(v - w)) for w in views_train) for v in views_test]
+        assert sorted(gaps) == [1, 1, 2, 2, 3, 3, 4, 4]
+        seen[test] += 1
+    assert (seen == 1).all()
+    assert np.array_equal(A.fold_of_view(np.arange(N_VIEWS), "blocks"), np.repeat(np.arange(5), 8))
+    with pytest.raises(ValueError, match="folds: expected one of 'views', 'blocks', got str 'random'"):
+        ds.fold_indices(0, folds="random")
+
+
 # ---------------------------------------------------------------------------------------------
 # items
 # ---------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def test_top_k_is_argmax_of_response_by_hand(model, images, rel, columns):
 
 
 def test_combined_is_the_documented_weighted_sum(model, images, rel):
-    e = E.explain(model, rel, images[0], k=5, target=0)
+    e = E.explain(model, rel, images[0], k=5, target=0, combine="weighted")
     assert e.k >= 3 and e.heatmaps.shape == (e.k, 16, 16) and e.rgb.shape == (e.k, 3, 16, 16)
     c = torch.zeros(16, 16, dtype=torch.float64)
     for i, f in e.features.iterrows():
@@ -90,6 +90,10 @@ def test_combined_is_the_documented_weighted_sum(model, images, rel):
     c = (c - c.min()) / (c.max() - c.min())
     torch.testing.assert_close(e.combined.double(), c, atol=1e-5, rtol=1e-5)
     assert float(e.combined.min()) == 0.0 and float(e.combined.max()) == pytest.approx(1.0)
+    # the default is the pixel-wise maximum (what Table 1's numbers support)
+    m = E.explain(model, rel, images[0], k=5, target=0).combined
+    mx = e.heatmaps.amax(0)
+    torch.testing.assert_close(m, (mx - mx.min()) / (mx.max() - mx.min()), atol=1e-6, rtol=1e-6)
     # resample=False gives the plain DeconvNet maps
     ep = E.explain(model, rel, images[0], k=5, target=0, resample=False)
     f = e.features.iloc[0]
@@ -230,3 +234,99 @@ def test_total_stride_and_comparison(model, images, rel):
     for m in E.COMPARISON_METHODS:
         for h in cmp.maps[m]:
             assert h is None or (h.shape == (16, 16) and 0 <= float(h.min()) and float(h.max()) <= 1)
+
+
+# ----------------------------------------------------------------------------- Table 1's rows, combine
+def _minmax_np(a: np.ndarray) -> np.ndarray:
+    span = a.max() - a.min()
+    return (a - a.min()) / span if span > 0 else np.zeros_like(a)
+
+
+def _combine_by_hand(maps: list, responses: list, combine: str, shape) -> np.ndarray:
+    """Explicit loops over the pixels: Σ r_i h_i, or the max over the maps with r_i > 0."""
+    out = np.zeros(shape)
+    for y in range(shape[0]):
+        for x in range(shape[1]):
+            vals = [float(h[y, x]) for h, r in zip(maps, responses) if r > 0]
+            if combine == "weighted":
+                out[y, x] = sum(float(h[y, x]) * r for h, r in zip(maps, responses))
+            else:
+                out[y, x] = max(vals) if vals else 0.0
+    return _minmax_np(out)
+
+
+def test_combine_max_and_weighted_by_hand():
+    h = torch.tensor([[[0.0, 1.0], [0.5, 0.2]],
+                      [[1.0, 0.0], [0.0, 0.0]],     # response 0: left out of both
+                      [[0.3, 0.4], [1.0, 0.0]]])
+    r = torch.tensor([0.5, 0.0, 2.0])
+    # max: [[0.3, 1.0], [1.0, 0.2]] -> min 0.2, span 0.8
+    want_max = torch.tensor([[0.125, 1.0], [1.0, 0.0]])
+    torch.testing.assert_close(E.combine_heatmaps(h, r, "max"), want_max)
+    # weighted: 0.5 h0 + 2 h2 = [[0.6, 1.3], [2.25, 0.1]] -> min 0.1, span 2.15
+    want_w = (torch.tensor([[0.6, 1.3], [2.25, 0.1]]) - 0.1) / 2.15
+    torch.testing.assert_close(E.combine_heatmaps(h, r, "weighted"), want_w)
+    torch.testing.assert_close(E.combine_heatmaps(h, r), want_max)  # the default
+    assert (E.combine_heatmaps(h, torch.zeros(3), "max") == 0).all()  # nothing responds: zeros
+    with pytest.raises(ValueError, match="combine: expected one of 'weighted', 'max', got str 'mean'"):
+        E.combine_heatmaps(h, r, "mean")
+
+
+def test_bad_draw_and_combine_name_the_choices(model, images, rel):
+    with pytest.raises(ValueError, match="draw: expected one of 'resampled', 'deconv', 'upsampled'"):
+        E.feature_heatmaps(model, rel, images, draw="bilinear")
+    with pytest.raises(ValueError, match="combine: expected one of 'weighted', 'max'"):
+        E.explain_batch(model, rel, images, combine="sum")
+    with pytest.raises(ValueError, match="combine: expected one of 'weighted', 'max'"):
+        E.explain(model, rel, images[0], combine=None)
+
+
+@pytest.mark.parametrize("combine", ["weighted", "max"])
+def test_ours_deconv_and_ours_are_the_same_top_k_drawn_by_visualize(model, images, rel, combine):
+    from vxnb.studies import benchmark as B
+
+    targets = torch.tensor([0, 0, 1, 0, 1])
+    for method, resample in (("ours_deconv", False), ("ours", True)):
+        got = B.method_heatmaps(method, model, images, targets, relevant=rel, k=4, combine=combine)
+        batch = E.explain_batch(model, rel, images, k=4, targets=targets, resample=resample, combine=combine)
+        torch.testing.assert_close(got, batch.float())
+        for b in range(len(images)):
+            e = E.explain(model, rel, images[b], k=4, target=int(targets[b]), resample=resample)
+            maps = [heatmap(visualize(model, images[b:b + 1], l, [int(c)], resample=resample))[0, 0].numpy()
+                    for l, c in zip(e.features["layer"], e.features["channel"])]
+            want = _combine_by_hand(maps, e.features["response"].tolist(), combine, (16, 16))
+            np.testing.assert_allclose(got[b].numpy(), want, atol=1e-5)
+
+
+def test_ours_upsampled_is_bilinear_upsampling_of_the_same_channels(model, images, rel):
+    from vxnb.studies import benchmark as B
+
+    acts = {}
+    hooks = [dict(model.named_modules())[n].register_forward_hook(
+        lambda mod, i, o, n=n: acts.__setitem__(n, o.detach())) for n in ("relu1", "relu2", "relu3")]
+    with torch.no_grad():
+        model(images)
+    for h in hooks:
+        h.remove()
+    got = B.method_heatmaps("ours_upsampled", model, images, 0, relevant=rel, k=4)
+    hk, r, feats = E.feature_heatmaps(model, rel, images, k=4, targets=0, draw="upsampled")
+    assert (feats["drawn"] == (feats["kind"] != "fc")).all()  # FC features: left out, counted
+    n_fc = int((feats["kind"] == "fc").sum())
+    assert n_fc > 0 and int((~feats["drawn"]).sum()) == n_fc
+    for b in range(len(images)):
+        e = E.explain(model, rel, images[b], k=4, target=0)
+        fb = feats[feats["image"] == b]
+        assert fb["channel"].tolist() == e.features["channel"].tolist()  # the same top-k as ours
+        maps, resp = [], []
+        for l, c, rr in zip(e.features["layer"], e.features["channel"], e.features["response"]):
+            a = acts[l][b]
+            if a.dim() != 3:  # an FC feature has no activation map
+                maps.append(np.zeros((16, 16)))
+                resp.append(0.0)
+                continue
+            up = torch.nn.functional.interpolate(a[int(c)].clamp_min(0)[None, None], size=(16, 16),
+                                                 mode="bilinear", align_corners=False)[0, 0].numpy()
+            maps.append(_minmax_np(up))
+            resp.append(float(rr))
+        want = _combine_by_hand(maps, resp, "weighted", (16, 16))
+        np.testing.assert_allclose(got[b].numpy(), want, atol=1e-5)

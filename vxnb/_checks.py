@@ -13,7 +13,7 @@ from torch import nn
 
 from .utils import describe
 
-__all__ = ["check_model", "check_positive_int", "check_nonnegative_int", "check_class"]
+__all__ = ["check_model", "check_positive_int", "check_nonnegative_int", "check_class", "check_choice"]
 
 
 def check_model(model: Any, arg: str = "model") -> nn.Module:
@@ -46,3 +46,10 @@ def check_class(j: Any, C: int, arg: str) -> int:
     if not 0 <= int(j) < C:
         raise ValueError(f"{arg}: class {int(j)} is out of range for {C} classes (valid: 0..{C - 1})")
     return int(j)
+
+
+def check_choice(value: Any, arg: str, choices: tuple[str, ...]) -> str:
+    """``value`` must be one of the strings ``choices`` (the message lists them)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{arg}: expected one of {', '.join(map(repr, choices))}, got {describe(value)}")
+    return value

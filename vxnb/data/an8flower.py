@@ -89,6 +89,8 @@ __all__ = [
     "CROPS",
     "ANGLES",
     "N_FOLDS",
+    "FOLD_SPLITS",
+    "fold_of_view",
     "GALLERY_VIEW",
     "RENDER_VERSION",
     "COLOURS",
@@ -111,6 +113,10 @@ CROPS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right"
 ANGLES: tuple[int, ...] = (5, 10, 15, 20, 25)
 #: Folds, grouped by viewpoint (``fold = view % N_FOLDS``).
 N_FOLDS = 5
+#: How viewpoints are split into folds (:func:`fold_of_view`): ``"views"`` interleaved
+#: (``view % 5``; every test view has training views 9° away on both sides), ``"blocks"``
+#: contiguous (eight neighbouring views per fold, ``view // 8``).
+FOLD_SPLITS: tuple[str, ...] = ("views", "blocks")
 #: The viewpoint where the flower head faces the camera (the first one :func:`gallery` shows).
 GALLERY_VIEW = 30
 #: Bumped whenever the pictures change; a cache written by another version is not trusted.
@@ -914,6 +920,17 @@ def _render_cache(target: Path, variant: str, size: int, seed: int, progress: bo
 # --------------------------------------------------------------------------------------------
 # Dataset
 # --------------------------------------------------------------------------------------------
+def fold_of_view(view: Any, folds: str = "views") -> np.ndarray:
+    """The fold (0..4) of each viewpoint (0..39) under the split ``folds`` (:data:`FOLD_SPLITS`):
+    ``"views"``: ``view % 5``; ``"blocks"``: ``view // 8`` (views 0-7, 8-15, ... 32-39)."""
+    if not isinstance(folds, str) or folds not in FOLD_SPLITS:
+        raise ValueError(f"folds: expected one of {', '.join(map(repr, FOLD_SPLITS))}, got {describe(folds)}")
+    v = np.asarray(view)
+    if not np.issubdtype(v.dtype, np.integer) or ((v < 0) | (v >= N_VIEWS)).any():
+        raise ValueError(f"view: expected viewpoints (ints) in 0..{N_VIEWS - 1}, got {describe(view)}")
+    return v % N_FOLDS if folds == "views" else v // (N_VIEWS // N_FOLDS)
+
+
 class An8Flower(Dataset):
     """The an8Flower dataset (rendered here on first use and cached on disk).
 
@@ -1017,11 +1034,13 @@ class An8Flower(Dataset):
             image = self.transform(image)
         return image, int(self.targets[i]), torch.from_numpy(mask.astype(bool))
 
-    def fold_indices(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(train_idx, test_idx)`` of fold ``fold`` in 0..4: test = the items of views ``v % 5 == fold``."""
+    def fold_indices(self, fold: int, folds: str = "views") -> tuple[np.ndarray, np.ndarray]:
+        """``(train_idx, test_idx)`` of fold ``fold`` in 0..4: test = the items of the views of that
+        fold under the split ``folds`` (:func:`fold_of_view`: ``"views"`` ``v % 5 == fold``,
+        ``"blocks"`` ``v // 8 == fold``)."""
         if not isinstance(fold, (int, np.integer)) or isinstance(fold, bool) or not 0 <= int(fold) < N_FOLDS:
             raise ValueError(f"fold: expected an int in 0..{N_FOLDS - 1}, got {describe(fold)}")
-        test = self.index["fold"].to_numpy() == int(fold)
+        test = fold_of_view(self.index["view"].to_numpy(), folds) == int(fold)
         return np.flatnonzero(~test), np.flatnonzero(test)
 
     def __repr__(self) -> str:

@@ -22,7 +22,9 @@ from ..utils import check_layer_names, describe, eval_mode
 
 __all__ = ["ablation_curve", "class_reconstruction", "ranked_pairs", "mean_class_accuracy_from_counts"]
 
-METHODS = ("intact", "All", "OnlyConv", "Random")
+METHODS = ("intact", "All", "OnlyConv", "Random", "Random (union)")
+#: How the Random control draws its channels (see :func:`ablation_curve`).
+RANDOM_DRAWS = ("matched", "union")
 
 
 def ranked_pairs(features: Any, rank_by: str = "max", arg: str = "features") -> list[tuple[str, int]]:
@@ -58,6 +60,7 @@ def _check_counts(counts: Any, n_max: int) -> list[int]:
 
 def ablation_curve(model: nn.Module, data: Any, features_all: Any, features_onlyconv: Any = None, *,
                    counts: Sequence[int] | None = None, n_random: int = 5, seed: int = 0, rank_by: str = "max",
+                   random: str | Sequence[str] = "matched",
                    batch_size: int = 64, num_workers: int = 0, device: str | torch.device | None = None,
                    progress: bool = True) -> pd.DataFrame:
     """mCA of ``model`` on ``data`` with the top-n relevant features ablated (Fig. 4).
@@ -76,6 +79,11 @@ def ablation_curve(model: nn.Module, data: Any, features_all: Any, features_only
             top-n of the All set has there, chosen uniformly at random among all channels of
             that layer (relevant ones included); draws are nested in n (one random
             permutation of each layer's channels per draw, seeded by ``(seed, d)``).
+        random: which Random control(s): ``"matched"`` (above, method ``"Random"``) and/or
+            ``"union"`` — the paper's draw "from the layers indicated in the sets a) and b)":
+            n channels uniformly among all channels of the layers of the All and OnlyConv sets
+            together (method ``"Random (union)"``; nested in n, one permutation of that pool
+            per draw, seeded by ``(seed, d, 1)``).
         seed: seed of the random draws.
         batch_size, num_workers, device, progress: as in :func:`vxnb.features.extract_features`.
 
@@ -93,6 +101,9 @@ def ablation_curve(model: nn.Module, data: Any, features_all: Any, features_only
         raise ValueError(f"n_random: expected an int ≥ 0, got {n_random!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed: expected an int, got {describe(seed)}")
+    draws = (random,) if isinstance(random, str) else tuple(random) if isinstance(random, (list, tuple)) else None
+    if not draws or any(d not in RANDOM_DRAWS for d in draws) or len(set(draws)) != len(draws):
+        raise ValueError(f"random: expected one or both of {', '.join(map(repr, RANDOM_DRAWS))}, got {describe(random)}")
     ranked_all = ranked_pairs(features_all, rank_by, "features_all")
     ranked_conv = ranked_pairs(features_onlyconv, rank_by, "features_onlyconv") if features_onlyconv is not None else None
     layers_all = list(dict.fromkeys(l for l, _ in ranked_all))
@@ -143,7 +154,7 @@ def ablation_curve(model: nn.Module, data: Any, features_all: Any, features_only
                 if first:  # the widths of the ablated layers, for the random draws
                     probe = {}
                     handles = [dict(model.named_modules())[l].register_forward_hook(
-                        lambda mod, inp, out, l=l: probe.__setitem__(l, out.shape[1])) for l in layers_all]
+                        lambda mod, inp, out, l=l: probe.__setitem__(l, out.shape[1])) for l in hooked]
                     try:
                         ablator.set([])
                         model(x)
@@ -151,7 +162,11 @@ def ablation_curve(model: nn.Module, data: Any, features_all: Any, features_only
                         for h in handles:
                             h.remove()
                     widths.update(probe)
-                    plan += _random_plan(ranked_all, counts, widths, n_random, seed, config)
+                    if "matched" in draws:
+                        plan += _random_plan(ranked_all, counts, widths, n_random, seed, config)
+                    if "union" in draws:
+                        plan += _random_union_plan(hooked, [n for n in counts if n <= n_max], widths, n_random,
+                                                   seed, config)
                     first = False
                 for cid, pairs in enumerate(config_pairs):
                     ablator.set(pairs)
@@ -179,16 +194,19 @@ def ablation_curve(model: nn.Module, data: Any, features_all: Any, features_only
     rows = []
     frame = pd.DataFrame(plan, columns=["method", "n_ablated", "config"])
     for (method, n), g in frame.groupby(["method", "n_ablated"], sort=False):
-        vals = mca[g["config"].to_numpy()] if method == "Random" else mca[g["config"].to_numpy()[:1]]
+        rnd = method.startswith("Random")
+        vals = mca[g["config"].to_numpy()] if rnd else mca[g["config"].to_numpy()[:1]]
         rows.append(dict(method=method, n_ablated=int(n), mca=float(np.mean(vals)),
-                         mca_std=float(np.std(vals, ddof=1)) if method == "Random" and len(vals) > 1 else float("nan"),
-                         n_draws=int(len(g)) if method == "Random" else 1))
+                         mca_std=float(np.std(vals, ddof=1)) if rnd and len(vals) > 1 else float("nan"),
+                         n_draws=int(len(g)) if rnd else 1))
     out = pd.DataFrame(rows, columns=["method", "n_ablated", "mca", "mca_std", "n_draws"])
     order = {m: i for i, m in enumerate(METHODS)}
     out = out.sort_values(["method", "n_ablated"], key=lambda s: s.map(order) if s.name == "method" else s,
                           kind="mergesort").reset_index(drop=True)
     out.attrs["random"] = ("per layer, as many channels as All's top-n has there, uniformly among all channels "
                            f"of the layer; {n_random} nested draws, seed {seed}")
+    out.attrs["random_union"] = (f"n channels uniformly among all channels of the layers {hooked} (All ∪ OnlyConv); "
+                                 f"{n_random} nested draws, seed {seed}")
     return out
 
 
@@ -210,6 +228,18 @@ def _random_plan(ranked_all: list[tuple[str, int]], counts: list[int], widths: d
                 per_layer[l] = per_layer.get(l, 0) + 1
             pairs = [(l, int(c)) for l in layers for c in perm[l][: per_layer.get(l, 0)]]
             plan.append(("Random", n, config(pairs)))
+    return plan
+
+
+def _random_union_plan(layers: list[str], counts: list[int], widths: dict[str, int], n_random: int, seed: int,
+                       config: Callable[[list[tuple[str, int]]], int]) -> list[tuple[str, int, int]]:
+    """Random (union): the first n of one permutation per draw of every (layer, channel) of ``layers``."""
+    pool = [(l, c) for l in layers for c in range(widths[l])]
+    plan = []
+    for d in range(n_random):
+        perm = np.random.default_rng([int(seed), d, 1]).permutation(len(pool))
+        for n in counts:
+            plan.append(("Random (union)", n, config([pool[i] for i in perm[:min(n, len(pool))]])))
     return plan
 
 

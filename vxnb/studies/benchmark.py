@@ -20,11 +20,23 @@ for every variant and every fold ``f``
    subset of those images: the confidence of the predicted class as patches sampled from each
    heatmap cover 0, 5, …, 30 % of the image.
 
-Methods (:data:`METHODS`): upsampled activation maps, Deconv+GB, Grad-CAM, Guided Grad-CAM,
-Grad-CAM++, Guided Grad-CAM++ (all :func:`vxnb.baselines.attribution`, the layer-based ones at
-the last convolutional layer's ReLU) and ``"ours"``: :func:`vxnb.explanations.explain_batch` —
-the resampled DeconvNet+GB heatmaps of the top-``k`` relevant features by response
-r = w_ĵ ∘ x, combined into one map per image (default k = 5).
+Methods (:data:`METHODS`), as the paper defines Table 1's rows (Sec. 4.3): ``"ours_upsampled"``
+("Upsam. Act."), ``"ours_deconv"`` ("Deconv+GB") and ``"ours"`` are the **same** top-``k``
+μ-lasso-selected features of the predicted class (largest responses r = w_ĵ ∘ x, default
+k = 5), drawn three ways (:func:`vxnb.explanations.feature_heatmaps`): upsampled activation maps,
+plain DeconvNet+GB and resampled DeconvNet+GB, then combined into one map per image by
+``combine`` (:func:`vxnb.explanations.combine_heatmaps`: ``"weighted"`` response-weighted sum,
+``"max"`` pixel-wise maximum as in the authors' code; both can be scored in one run, the
+features are drawn once). Upsampled activation maps of fully connected features do not exist:
+they are left out of that row's combination and counted (``n_left_out``). The class-level
+baselines are Grad-CAM, Guided Grad-CAM, Grad-CAM++ and Guided Grad-CAM++; two more
+class-level maps stay as extra rows with their own labels and no paper number beside them:
+``"activation"`` (channel mean of the last conv layer's activation) and ``"deconv_gb"``
+(guided backprop from the logit), all :func:`vxnb.baselines.attribution`.
+
+Second judge: Quantus's localisation metrics on the same heatmaps and masks
+(:mod:`vxnb.evaluate.quantus_metrics`). The resampling's own effect (``ours`` −
+``ours_deconv``) with a paired Wilcoxon test over images: :meth:`BenchmarkResult.resampling_effect`.
 
 Table 1 reports the area under the IoU curve (percent), mean ± std over the folds
 (``std`` with ``ddof=1``, the sample standard deviation; NaN for a single fold).
@@ -49,16 +61,20 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from vxnb.baselines import METHOD_LABELS
-from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, iou_curve
+from vxnb._checks import check_choice
+from vxnb.baselines import METHOD_LABELS as _BASE_LABELS
+from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, iou_auc, iou_curve, iou_per_image
 from vxnb.evaluate.occlusion import DEFAULT_COVERAGE, mean_confidence_difference, occlusion_study
 from vxnb import _store
+from vxnb.explanations import COMBINES
 from vxnb.utils import describe, json_ready
 from vxnb.studies import runs
 
 __all__ = [
     "METHODS",
     "BASELINE_METHODS",
+    "OURS_METHODS",
+    "COMBINES",
     "METHOD_LABELS",
     "VARIANTS",
     "N_FOLDS",
@@ -79,34 +95,61 @@ __all__ = [
     "masks_note",
     "compare_with_paper",
     "format_table",
+    "tables_with_paper",
+    "row_name",
+    "part_reliance",
+    "fold_diagnosis",
 ]
 
-#: The baselines of Table 1 (names of :func:`vxnb.baselines.attribution`).
+#: The class-level maps (names of :func:`vxnb.baselines.attribution`).
 BASELINE_METHODS: tuple[str, ...] = ("activation", "deconv_gb", "gradcam", "guided_gradcam", "gradcampp",
                                      "guided_gradcampp")
-#: Every method of the benchmark, in the paper's row order; ``"ours"`` last.
-METHODS: tuple[str, ...] = BASELINE_METHODS + ("ours",)
+#: Our top-k features drawn three ways (:data:`vxnb.explanations.DRAWS`).
+OURS_METHODS: tuple[str, ...] = ("ours_upsampled", "ours_deconv", "ours")
+_DRAW = {"ours_upsampled": "upsampled", "ours_deconv": "deconv", "ours": "resampled"}
+#: Every method of the benchmark: the paper's row order, then the two extra class-level rows.
+METHODS: tuple[str, ...] = ("ours_upsampled", "ours_deconv", "gradcam", "guided_gradcam", "gradcampp",
+                            "guided_gradcampp", "ours", "activation", "deconv_gb")
+
+#: Display names: the paper's for its rows; the class-level extras say what they are.
+METHOD_LABELS: dict[str, str] = {**_BASE_LABELS, "ours_upsampled": "Upsam. Act.", "ours_deconv": "Deconv+GB",
+                                 "ours": "Ours", "activation": "Last-conv act. (class)",
+                                 "deconv_gb": "GB from logit (class)"}
 VARIANTS: tuple[str, ...] = ("single-6c", "double-12c", "part-2c")
 N_FOLDS = 5
 
-#: Table 1 of the paper: area under the IoU curve (%), mean and std over 5 folds.
+#: Table 1 of the paper: area under the IoU curve (%), mean and std over 5 folds, keyed by the
+#: method that computes each row ("Upsam. Act." and "Deconv+GB" draw our selected features).
 #: The paper reports no part-2c row.
 PAPER_TABLE1: dict[str, dict[str, tuple[float, float]]] = {
     "single-6c": {
-        "activation": (16.8, 2.63), "deconv_gb": (21.3, 0.77), "gradcam": (17.5, 0.25),
+        "ours_upsampled": (16.8, 2.63), "ours_deconv": (21.3, 0.77), "gradcam": (17.5, 0.25),
         "guided_gradcam": (19.9, 0.61), "gradcampp": (15.6, 0.57), "guided_gradcampp": (19.6, 0.65),
         "ours": (22.5, 0.82),
     },
     "double-12c": {
-        "activation": (16.1, 1.30), "deconv_gb": (21.9, 0.72), "gradcam": (14.8, 0.16),
+        "ours_upsampled": (16.1, 1.30), "ours_deconv": (21.9, 0.72), "gradcam": (14.8, 0.16),
         "guided_gradcam": (19.4, 0.34), "gradcampp": (14.6, 0.12), "guided_gradcampp": (19.7, 0.27),
         "ours": (23.2, 0.60),
     },
 }
 
-_RESULT_VERSION = 1
+_RESULT_VERSION = 2
 #: The format version of a fold's result file (public: part of the artifact store's keys).
 RESULT_VERSION = _RESULT_VERSION
+
+
+def row_name(method: str, combine: str | None) -> str:
+    """The key of one result row: the method, and for our methods the combination, ``"ours[max]"``."""
+    return f"{method}[{combine}]" if method in OURS_METHODS else method
+
+
+def _check_combines(combine: Any) -> tuple[str, ...]:
+    return _check_names(combine, "combine", COMBINES, _check_combine, "a combination or a sequence of them")
+
+
+def _check_combine(value: Any, arg: str = "combine") -> str:
+    return check_choice(value, arg, COMBINES)
 
 
 # ============================================================================ checks
@@ -184,7 +227,7 @@ def _check_mu(mu: Any) -> float:
 # ============================================================================ heatmaps
 def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, targets: Any, *,
                     relevant: Any = None, k: int = 5, layer: str | None = None,
-                    batch_size: int = 32) -> torch.Tensor:
+                    batch_size: int = 32, combine: str = "weighted") -> torch.Tensor:
     """One heatmap per image for ``targets`` by one benchmark method: (N, H, W) float32 on the CPU.
 
     Args:
@@ -192,11 +235,13 @@ def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, t
         model: the classifier (left as it was).
         images: (N, C, H, W) float images.
         targets: (N,) class per image (the benchmark passes the predicted classes), or an int.
-        relevant: ``"ours"`` only: the relevant features, a :class:`vxnb.relevance.Relevance`
-            (:func:`fold_relevant`) or the DataFrame of :func:`vxnb.relevance.relevant_features`.
-        k: ``"ours"`` only: the number of top-responding relevant features combined.
+        relevant: our methods only (:data:`OURS_METHODS`): the relevant features, a
+            :class:`vxnb.relevance.Relevance` (:func:`fold_relevant`) or the DataFrame of
+            :func:`vxnb.relevance.relevant_features`.
+        k: our methods only: the number of top-responding relevant features combined.
         layer: the layer of the activation / Grad-CAM family (default: the last conv's ReLU).
         batch_size: images per call.
+        combine: our methods only: ``"weighted"`` or ``"max"`` (:func:`vxnb.explanations.combine_heatmaps`).
     """
     method = _check_method(method)
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
@@ -208,12 +253,13 @@ def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, t
     targets = torch.as_tensor(np.asarray(targets) if not isinstance(targets, torch.Tensor) else targets)
     if targets.shape != (n,) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise ValueError(f"targets: expected ({n},) integer classes (one per image), got {describe(targets)}")
-    if method == "ours":
-        from vxnb.explanations import explain_batch
+    combine = _check_combine(combine)
+    if method in OURS_METHODS:
+        from vxnb.explanations import combine_heatmaps, feature_heatmaps
         from vxnb.relevance import Relevance
 
         if not isinstance(relevant, (Relevance, pd.DataFrame)):
-            raise ValueError("relevant: method 'ours' needs the relevant features (a vxnb.relevance.Relevance or "
+            raise ValueError(f"relevant: method {method!r} needs the relevant features (a vxnb.relevance.Relevance or "
                              f"the DataFrame of vxnb.relevance.relevant_features), got {describe(relevant)}")
         k = _check_positive_int(k, "k")
     else:
@@ -222,8 +268,9 @@ def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, t
     for start in range(0, n, batch_size):
         x = images[start:start + batch_size]
         t = targets[start:start + batch_size]
-        if method == "ours":
-            h = explain_batch(model, relevant, x, k=k, targets=t)
+        if method in OURS_METHODS:
+            hk, r, _ = feature_heatmaps(model, relevant, x, k, t, draw=_DRAW[method], batch_size=batch_size)
+            h = combine_heatmaps(hk, r, combine)
         else:
             h = attribution(method, model, x, t, layer=layer)
         h = torch.as_tensor(h).detach().float().cpu()
@@ -312,11 +359,13 @@ def fold_relevant(cfg: Any, model: torch.nn.Module, mu: float = 10.0, *, data=No
 
 
 # ============================================================================ one fold
-def _settings(methods, mu, k, n_test_images, occlusion, occlusion_images, coverage, layer, thresholds) -> dict:
+def _settings(methods, mu, k, n_test_images, occlusion, occlusion_images, coverage, layer, thresholds,
+              combine=("weighted",), quantus=False, quantus_images=100) -> dict:
     return {"methods": list(methods), "mu": float(mu), "k": int(k), "n_test_images": n_test_images,
             "occlusion": bool(occlusion), "occlusion_images": occlusion_images,
             "coverage": [float(c) for c in coverage], "layer": layer,
-            "thresholds": [float(t) for t in np.asarray(thresholds)]}
+            "thresholds": [float(t) for t in np.asarray(thresholds)],
+            "combine": list(combine), "quantus": bool(quantus), "quantus_images": quantus_images}
 
 
 def _result_file(folder: Path, settings: dict, checkpoint_key: str) -> tuple[Path, str]:
@@ -334,18 +383,32 @@ def _read_fold(file: Path, key: str) -> dict:
 def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.0, k: int = 5,
                   n_test_images: int | None = 300, occlusion: bool = True, occlusion_images: int | None = 100,
                   coverage: Sequence[float] = DEFAULT_COVERAGE, layer: str | None = None,
-                  thresholds: Any = None, batch_size: int = 32, progress: bool = True) -> dict:
+                  thresholds: Any = None, batch_size: int = 32, combine: Sequence[str] = ("weighted",),
+                  quantus: bool = False, quantus_images: int | None = 100, progress: bool = True) -> dict:
     """Run one fold of the protocol (no caching; :func:`run_fold` caches). Returns a JSON-ready dict.
 
-    Keys: ``variant, fold, run, n_images, accuracy`` (of the model on the evaluated images),
-    ``model_test_accuracy`` (on the whole held-out fold, from training), ``n_relevant``,
-    ``thresholds``, ``auc`` {method: %}, ``curve`` {method: IoU per threshold},
-    ``occlusion`` (records: method, level, coverage, confidence, confidence_std, n_images),
+    Keys: ``variant, fold, run, folds`` (the split), ``n_images, accuracy`` (of the model on the
+    evaluated images), ``model_test_accuracy`` (on the whole held-out fold, from training),
+    ``n_relevant``, ``thresholds``; per result row (:func:`row_name`: the method, for our
+    methods with the combination, e.g. ``"ours[max]"``): ``auc`` {row: %}, ``curve`` {row:
+    IoU per threshold}, ``image_auc`` {row: area per image}, ``quantus`` {row:
+    :func:`vxnb.evaluate.quantus_metrics.localisation_metrics`} (with ``quantus=True``, on a
+    class-stratified subset of ``quantus_images`` of the evaluated images: Quantus scores
+    image by image, ~0.03 s per image and metric);
+    per draw of our features: ``grid`` {method: mean grid score of each image's drawn maps,
+    at each feature's layer's total stride (NaN: no feature)}; ``top_features`` (records:
+    class, layer, kind, channel, n (images where it is in the top-k), mean_response);
+    ``n_top`` (top-k features over all images), ``n_left_out`` (of them, the fully connected
+    ones "ours_upsampled" cannot draw); ``occlusion`` (records: method, level, coverage,
+    confidence, confidence_std, n_images; our rows with the first combination);
     ``seconds`` {phase: s} (``model``: loading, or training when ``trained_now``),
     ``training_seconds`` (the checkpoint's recorded training time).
     """
+    from vxnb.deconv import grid_score
+    from vxnb.explanations import combine_heatmaps, feature_heatmaps, total_stride
 
     methods = _check_methods(methods)
+    combines = _check_combines(combine)
     mu = _check_mu(mu)
     k = _check_positive_int(k, "k")
     t = np.array(DEFAULT_THRESHOLDS) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
@@ -357,7 +420,7 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
     model.eval()
     seconds["model"] = time.perf_counter() - t0
     relevant = None
-    if "ours" in methods:
+    if any(m in OURS_METHODS for m in methods):
         t0 = time.perf_counter()
         relevant = fold_relevant(cfg, model, mu, data=data, progress=progress)
         seconds["features+lasso"] = time.perf_counter() - t0
@@ -366,41 +429,87 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
 
     preds = batched_logits(model, images, batch_size=64).argmax(1)
     heatmaps: dict[str, torch.Tensor] = {}
-    auc: dict[str, float] = {}
-    curve: dict[str, list[float]] = {}
-    bar = tqdm(methods, desc=f"{FOLDER if cfg.dataset == 'folder' else cfg.variant} fold {cfg.test_fold}: methods", leave=False,
-               disable=None if progress else True)
+    grid: dict[str, list[float]] = {}
+    extra: dict[str, Any] = {}
+    strides: dict[str, int] = {}
+    bar = tqdm(methods, desc=f"{FOLDER if cfg.dataset == 'folder' else cfg.variant} fold {cfg.test_fold}: methods",
+               leave=False, disable=None if progress else True)
     for method in bar:
         bar.set_postfix(method=method)
         t0 = time.perf_counter()
-        h = method_heatmaps(method, model, images, preds, relevant=relevant, k=k, layer=layer,
-                            batch_size=batch_size)
+        if method in OURS_METHODS:  # drawn once, combined each way
+            hk, r, feats = feature_heatmaps(model, relevant, images, k, preds, draw=_DRAW[method],
+                                            batch_size=batch_size)
+            for c in combines:
+                heatmaps[row_name(method, c)] = combine_heatmaps(hk, r, c).float().cpu()
+            if method == "ours_upsampled":
+                extra["n_top"], extra["n_left_out"] = int(len(feats)), int((~feats["drawn"]).sum())
+            else:
+                grid[method] = _grid_per_image(model, images, hk, feats, strides, grid_score, total_stride)
+            if "top_features" not in extra and len(feats):
+                g = feats.groupby(["class", "layer", "kind", "channel"], sort=True)["response"]
+                extra["top_features"] = g.agg(n="size", mean_response="mean").reset_index().to_dict("records")
+        else:
+            heatmaps[method] = method_heatmaps(method, model, images, preds, layer=layer, batch_size=batch_size)
         seconds[method] = time.perf_counter() - t0
-        thr, c = iou_curve(h, masks, t)
-        heatmaps[method] = h
-        curve[method] = c.tolist()
-        auc[method] = float(100.0 * np.trapezoid(c, thr) / (thr[-1] - thr[0]))
         _store.fault_point("benchmark-fold")
     bar.close()
+    auc: dict[str, float] = {}
+    curve: dict[str, list[float]] = {}
+    image_auc: dict[str, list[float]] = {}
+    quantus_res: dict[str, dict] = {}
+    qsel = stratified_indices(labels.numpy(), quantus_images, seed=cfg.seed + 11) if quantus else None
+    t0 = time.perf_counter()
+    for name, h in heatmaps.items():
+        thr, c = iou_curve(h, masks, t)
+        curve[name] = c.tolist()
+        auc[name] = float(100.0 * np.trapezoid(c, thr) / (thr[-1] - thr[0]))
+        per = iou_per_image(h, masks, t)
+        image_auc[name] = (100.0 * np.trapezoid(per, thr, axis=1) / (thr[-1] - thr[0])).tolist()
+        if quantus:
+            from vxnb.evaluate.quantus_metrics import localisation_metrics
+
+            quantus_res[name] = localisation_metrics(h[qsel], masks[qsel])
+    seconds["scores"] = time.perf_counter() - t0
     occ_records: list[dict] = []
     if occlusion:
         t0 = time.perf_counter()
         sel = stratified_indices(labels.numpy(), occlusion_images, seed=cfg.seed + 7)
-        study = occlusion_study(model, images[sel], {m: heatmaps[m][sel] for m in methods}, target=preds[sel],
-                                coverage=coverage, seed=cfg.seed, progress=False)
+        study = occlusion_study(model, images[sel], {m: heatmaps[row_name(m, combines[0])][sel] for m in methods},
+                                target=preds[sel], coverage=coverage, seed=cfg.seed, progress=False)
         occ_records = study.to_dict("records")
         seconds["occlusion"] = time.perf_counter() - t0
     return {
         "version": _RESULT_VERSION,
-        "variant": FOLDER if cfg.dataset == "folder" else cfg.variant, "fold": int(cfg.test_fold), "run": cfg.run_name,
+        "variant": FOLDER if cfg.dataset == "folder" else cfg.variant, "fold": int(cfg.test_fold),
+        "folds": getattr(cfg, "folds", "views"), "run": cfg.run_name,
         "n_images": int(images.shape[0]),
         "accuracy": float((preds == labels).float().mean()),
         "model_test_accuracy": meta.get("test_accuracy"),
         "trained_now": trained_now,
         "training_seconds": (meta.get("history") or {}).get("seconds"),
         "n_relevant": None if relevant is None else int(np.count_nonzero(relevant.W)),
-        "thresholds": t.tolist(), "auc": auc, "curve": curve, "occlusion": occ_records, "seconds": seconds,
+        "combine": list(combines),
+        "thresholds": t.tolist(), "auc": auc, "curve": curve, "image_auc": image_auc, "grid": grid,
+        "quantus": quantus_res, "top_features": extra.get("top_features", []),
+        "n_top": extra.get("n_top"), "n_left_out": extra.get("n_left_out"),
+        "occlusion": occ_records, "seconds": seconds,
     }
+
+
+def _grid_per_image(model, images, hk, feats, strides, grid_score, total_stride) -> list[float]:
+    """Per image: the mean grid score of its drawn top-k maps, each at its layer's total stride."""
+    out = np.full(images.shape[0], np.nan)
+    if len(feats) == 0:
+        return out.tolist()
+    scores = np.empty(len(feats))
+    for i, (b, rk, layer) in enumerate(zip(feats["image"], feats["rank"], feats["layer"])):
+        if layer not in strides:
+            strides[layer] = total_stride(model, images[:1], layer)
+        scores[i] = float(grid_score(hk[int(b), int(rk)], strides[layer]))
+    per = pd.Series(scores).groupby(feats["image"].to_numpy()).mean()
+    out[per.index.to_numpy()] = per.to_numpy()
+    return out.tolist()
 
 
 def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **options: Any) -> dict:
@@ -412,19 +521,23 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
     """
 
     defaults = dict(methods=METHODS, mu=10.0, k=5, n_test_images=300, occlusion=True, occlusion_images=100,
-                    coverage=DEFAULT_COVERAGE, layer=None, thresholds=None)
+                    coverage=DEFAULT_COVERAGE, layer=None, thresholds=None, combine=("weighted",), quantus=False,
+                    quantus_images=100)
     unknown = set(options) - set(defaults) - {"batch_size"}
     if unknown:
         raise TypeError(f"run_fold: unexpected option(s) {sorted(unknown)}; known: {sorted(defaults)}")
     opts = {**defaults, **options}
     opts["methods"] = _check_methods(opts["methods"])
+    opts["combine"] = _check_combines(opts["combine"])
     _check_mu(opts["mu"])
     _check_positive_int(opts["k"], "k")
     _check_positive_int(opts["n_test_images"], "n_test_images", allow_none=True)
     _check_positive_int(opts["occlusion_images"], "occlusion_images", allow_none=True)
+    _check_positive_int(opts["quantus_images"], "quantus_images", allow_none=True)
     thr = DEFAULT_THRESHOLDS if opts["thresholds"] is None else opts["thresholds"]
     settings = _settings(opts["methods"], opts["mu"], opts["k"], opts["n_test_images"], opts["occlusion"],
-                         opts["occlusion_images"], opts["coverage"], opts["layer"], thr)
+                         opts["occlusion_images"], opts["coverage"], opts["layer"], thr, opts["combine"],
+                         opts["quantus"], opts["quantus_images"])
     folder = runs.run_dir(cfg)
     ckey = runs.checkpoint_key(cfg)
     file, key = _result_file(folder, settings, ckey)
@@ -447,8 +560,12 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
 class BenchmarkResult:
     """What :func:`run_benchmark` returns: tidy frames over variants and folds.
 
-    ``per_fold``: variant, fold, method, label, auc, n_images, accuracy, cached.
-    ``curves``: variant, fold, method, label, threshold, iou.
+    ``per_fold``: variant, fold, method, combine ("" for class-level maps), label, auc,
+    n_images, accuracy, model_test_accuracy, n_relevant, n_top, n_left_out, cached.
+    ``curves``: variant, fold, method, combine, label, threshold, iou.
+    ``per_image``: variant, fold, method, combine, image, auc, grid (our draws' mean grid score).
+    ``quantus``: variant, fold, method, combine, label, the Quantus metrics, n_scored, n_refused.
+    ``top_features``: variant, fold, class, layer, kind, channel, n, mean_response.
     ``occlusion``: variant, fold, method, label, level, coverage, confidence.
     ``timings``: variant, fold, phase, seconds (cached folds: the time of the run that made them).
     ``files``: CSV files written (name → path).
@@ -460,12 +577,62 @@ class BenchmarkResult:
     timings: pd.DataFrame
     settings: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)
+    per_image: pd.DataFrame = field(default_factory=pd.DataFrame)
+    quantus: pd.DataFrame = field(default_factory=pd.DataFrame)
+    top_features: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def summary(self) -> pd.DataFrame:
-        """Per variant and method: ``mean``, ``std`` (ddof=1) of the area over folds, ``n_folds``."""
-        g = self.per_fold.groupby(["variant", "method"], sort=False)["auc"]
+        """Per variant, method and combination: ``mean``, ``std`` (ddof=1) of the area over folds,
+        ``n_folds``."""
+        g = self.per_fold.groupby(["variant", "method", "combine"], sort=False)["auc"]
         out = g.agg(mean="mean", std="std", n_folds="count").reset_index()
-        out.insert(2, "label", out["method"].map(METHOD_LABELS))
+        out.insert(3, "label", _labels(out))
+        return out
+
+    def resampling_effect(self) -> pd.DataFrame:
+        """The resampling's own effect: ``ours`` − ``ours_deconv`` (same features, same combination).
+
+        Per variant and combination: ``mean_diff``, ``std_diff`` (ddof=1) of the per-fold areas'
+        difference (points of %), ``n_folds``; ``p_area``: Wilcoxon signed-rank test (two-sided,
+        ``scipy.stats.wilcoxon``) on the per-image areas, paired over all evaluated images of
+        those folds (``n_images``); the grid score of the drawn maps, plain vs resampled, mean
+        over images (``grid_deconv``, ``grid_ours``) and its Wilcoxon ``p_grid``.
+        """
+        from scipy.stats import wilcoxon
+
+        rows = []
+        pf, pi = self.per_fold, self.per_image
+        for (variant, combine), g in pf[pf["method"].isin(["ours", "ours_deconv"])].groupby(
+                ["variant", "combine"], sort=False):
+            w = g.pivot(index="fold", columns="method", values="auc")
+            if not {"ours", "ours_deconv"} <= set(w.columns):
+                continue
+            d = (w["ours"] - w["ours_deconv"]).dropna()
+            img = pi[(pi["variant"] == variant) & (pi["combine"] == combine)]
+            p = img.pivot_table(index=["fold", "image"], columns="method", values=["auc", "grid"])
+            a_o, a_d = p[("auc", "ours")].to_numpy(), p[("auc", "ours_deconv")].to_numpy()
+            ok = np.isfinite(a_o) & np.isfinite(a_d)
+            g_o, g_d = p[("grid", "ours")].to_numpy(), p[("grid", "ours_deconv")].to_numpy()
+            okg = np.isfinite(g_o) & np.isfinite(g_d)
+            rows.append({"variant": variant, "combine": combine, "mean_diff": float(d.mean()),
+                         "std_diff": float(d.std(ddof=1)) if len(d) > 1 else float("nan"), "n_folds": int(len(d)),
+                         "n_images": int(ok.sum()), "p_area": _wilcoxon_p(wilcoxon, a_o[ok], a_d[ok]),
+                         "grid_deconv": float(np.mean(g_d[okg])) if okg.any() else float("nan"),
+                         "grid_ours": float(np.mean(g_o[okg])) if okg.any() else float("nan"),
+                         "p_grid": _wilcoxon_p(wilcoxon, g_o[okg], g_d[okg])})
+        return pd.DataFrame(rows, columns=["variant", "combine", "mean_diff", "std_diff", "n_folds", "n_images",
+                                           "p_area", "grid_deconv", "grid_ours", "p_grid"])
+
+    def quantus_summary(self) -> pd.DataFrame:
+        """Quantus's metrics per variant, method and combination: the mean over folds, and the
+        refused (constant) maps summed over folds."""
+        from vxnb.evaluate.quantus_metrics import QUANTUS_METRICS
+
+        if self.quantus.empty:
+            return self.quantus.copy()
+        g = self.quantus.groupby(["variant", "method", "combine"], sort=False)
+        out = g.agg({**{m: "mean" for m in QUANTUS_METRICS}, "n_scored": "sum", "n_refused": "sum"}).reset_index()
+        out.insert(3, "label", _labels(out))
         return out
 
     def table(self) -> pd.DataFrame:
@@ -473,10 +640,10 @@ class BenchmarkResult:
         return format_table(self.summary())
 
     def mean_curves(self) -> pd.DataFrame:
-        """IoU curves averaged over folds: variant, method, label, threshold, iou, iou_std."""
-        g = self.curves.groupby(["variant", "method", "threshold"], sort=False)["iou"]
+        """IoU curves averaged over folds: variant, method, combine, label, threshold, iou, iou_std."""
+        g = self.curves.groupby(["variant", "method", "combine", "threshold"], sort=False)["iou"]
         out = g.agg(iou="mean", iou_std="std").reset_index()
-        out.insert(2, "label", out["method"].map(METHOD_LABELS))
+        out.insert(3, "label", _labels(out))
         return out
 
     def occlusion_curves(self) -> pd.DataFrame:
@@ -489,7 +656,7 @@ class BenchmarkResult:
         out.insert(2, "label", out["method"].map(METHOD_LABELS))
         return out
 
-    def occlusion_differences(self, reference: str = "deconv_gb") -> pd.DataFrame:
+    def occlusion_differences(self, reference: str = "ours_deconv") -> pd.DataFrame:
         """Mean over the coverage levels > 0 of confidence(method) − confidence(reference), per
         variant and method (a fraction; the paper reports about 0.02 for ours vs Deconv+GB)."""
         curves = self.occlusion_curves()
@@ -510,15 +677,38 @@ class BenchmarkResult:
         return compare_with_paper(self.summary())
 
 
+def _labels(frame: pd.DataFrame) -> list[str]:
+    """Display name of each row: the method's, with the combination for our methods."""
+    combine = frame["combine"] if "combine" in frame.columns else pd.Series([""] * len(frame), index=frame.index)
+    return [METHOD_LABELS[m] + (f" ({c})" if c else "") for m, c in zip(frame["method"], combine)]
+
+
+def _wilcoxon_p(wilcoxon: Callable, a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided p-value of the Wilcoxon signed-rank test of a − b (NaN: too few or all-zero differences)."""
+    d = np.asarray(a) - np.asarray(b)
+    if d.size < 2 or not np.any(d != 0):
+        return float("nan")
+    return float(wilcoxon(a, b).pvalue)
+
+
+def _row_order(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    combos = list(dict.fromkeys(frame["combine"])) if "combine" in frame.columns else [""]
+    rank = {c: i for i, c in enumerate(("", *COMBINES))}
+    keys = {(m, c) for m, c in zip(frame["method"], frame["combine"] if "combine" in frame.columns else [""] * len(frame))}
+    return sorted(keys, key=lambda mc: (METHODS.index(mc[0]), rank.get(mc[1], len(rank)), combos.index(mc[1])))
+
+
 def format_table(summary: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
-    """A :meth:`BenchmarkResult.summary`-like frame (variant, method, mean, std) in Table 1's layout."""
+    """A :meth:`BenchmarkResult.summary`-like frame (variant, method[, combine], mean, std) in Table 1's
+    layout: one row per method (and combination), one column per variant, 'mean ± std'."""
+    summary = summary if "combine" in summary.columns else summary.assign(combine="")
     cells = summary.assign(cell=[f"{m:.{digits}f} ± {s:.2f}" if np.isfinite(s) else f"{m:.{digits}f}"
                                  for m, s in zip(summary["mean"], summary["std"])])
-    table = cells.pivot(index="method", columns="variant", values="cell")
-    order = [m for m in METHODS if m in table.index]
+    table = cells.pivot(index=["method", "combine"], columns="variant", values="cell")
+    order = _row_order(summary)
     cols = [v for v in VARIANTS if v in table.columns]
     table = table.loc[order, cols]
-    table.index = [METHOD_LABELS[m] for m in order]
+    table.index = _labels(pd.DataFrame(order, columns=["method", "combine"]))
     table.index.name = "method"
     table.columns.name = None
     return table
@@ -532,26 +722,38 @@ def paper_table() -> pd.DataFrame:
 
 
 def compare_with_paper(summary: pd.DataFrame) -> pd.DataFrame:
-    """Our areas next to the paper's, per variant and method.
+    """Our areas next to the paper's, per variant, method and combination.
 
-    Columns: variant, method, label, mean, std, rank (1 = largest area within the variant),
-    gap_to_deconv_gb (mean − Deconv+GB's mean), paper_mean, paper_std, paper_rank,
-    paper_gap_to_deconv_gb (NaN where the paper has no number, e.g. part-2c).
+    The paper's number stands beside the method that computes its row (:data:`PAPER_TABLE1`),
+    for every combination; the class-level extras ("activation", "deconv_gb") get none.
+    Columns: variant, method, combine, label, mean, std, rank (1 = largest area within the
+    variant and combination, class-level rows ranked with each), gap_to_deconv_gb (mean −
+    "ours_deconv"'s mean, same combination; class-level rows: the first combination's),
+    paper_mean, paper_std, paper_rank, paper_gap_to_deconv_gb (NaN where the paper has no
+    number, e.g. part-2c).
     """
     if not isinstance(summary, pd.DataFrame) or not {"variant", "method", "mean", "std"} <= set(summary.columns):
         raise ValueError("summary: expected a DataFrame with columns variant, method, mean, std "
                          "(BenchmarkResult.summary())")
-    ours = summary[["variant", "method", "mean", "std"]].copy()
+    summary = summary if "combine" in summary.columns else summary.assign(combine="")
+    ours = summary[["variant", "method", "combine", "mean", "std"]].copy()
     paper = paper_table()[["variant", "method", "mean", "std"]].rename(
         columns={"mean": "paper_mean", "std": "paper_std"})
     out = ours.merge(paper, on=["variant", "method"], how="left")
-    out.insert(2, "label", out["method"].map(METHOD_LABELS))
-    out["rank"] = out.groupby("variant")["mean"].rank(ascending=False, method="min").astype(int)
-    out["paper_rank"] = out.groupby("variant")["paper_mean"].rank(ascending=False, method="min")
-    for col, src in (("gap_to_deconv_gb", "mean"), ("paper_gap_to_deconv_gb", "paper_mean")):
-        ref = out[out["method"] == "deconv_gb"].set_index("variant")[src]
-        out[col] = out[src] - out["variant"].map(ref)
-    return out[["variant", "method", "label", "mean", "std", "rank", "gap_to_deconv_gb", "paper_mean",
+    out.insert(3, "label", _labels(out))
+    parts = []
+    for variant, g in out.groupby("variant", sort=False):
+        combos = [c for c in dict.fromkeys(g["combine"]) if c] or [""]
+        for c in combos:
+            sub = g[(g["combine"] == c) | (g["combine"] == "")].copy()
+            sub["rank"] = sub["mean"].rank(ascending=False, method="min").astype(int)
+            sub["paper_rank"] = sub["paper_mean"].rank(ascending=False, method="min")
+            ref = sub[sub["method"] == "ours_deconv"]
+            sub["gap_to_deconv_gb"] = sub["mean"] - (ref["mean"].iloc[0] if len(ref) else np.nan)
+            sub["paper_gap_to_deconv_gb"] = sub["paper_mean"] - (ref["paper_mean"].iloc[0] if len(ref) else np.nan)
+            parts.append(sub if c == combos[0] else sub[sub["combine"] == c])
+    out = pd.concat(parts, ignore_index=True)
+    return out[["variant", "method", "combine", "label", "mean", "std", "rank", "gap_to_deconv_gb", "paper_mean",
                 "paper_std", "paper_rank", "paper_gap_to_deconv_gb"]]
 
 
@@ -596,10 +798,11 @@ def _folds_by_variant(variants: Any, folds: Any) -> dict[str, tuple[int, ...]]:
 
 
 def benchmark_config(config: Any):
-    """The run folder of the aggregated tables: ``benchmark-an8flower-s<size>-seed<seed>[-quick]``."""
-    tag = "-quick" if config.quick else ""
+    """The run folder of the aggregated tables:
+    ``benchmark-an8flower-s<size>-seed<seed>[-blocks][-quick]``."""
     if config.dataset == "folder":
         return dataclasses.replace(config, name=f"benchmark-{config.run_name}")
+    tag = ("-blocks" if getattr(config, "folds", "views") == "blocks" else "") + ("-quick" if config.quick else "")
     return dataclasses.replace(config, name=f"benchmark-an8flower-s{config.size}-seed{config.seed}{tag}",
                                test_fold=0)
 
@@ -609,12 +812,15 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
                   methods: Sequence[str] = METHODS, mu: float = 10.0, k: int = 5,
                   n_test_images: int | None = 300, occlusion: bool = True, occlusion_images: int | None = 100,
                   coverage: Sequence[float] = DEFAULT_COVERAGE, layer: str | None = None,
+                  combine: str | Sequence[str] = ("weighted", "max"), quantus: bool = True,
+                  quantus_images: int | None = 100,
                   recompute: bool = False, save: bool = True, progress: bool = True) -> BenchmarkResult:
     """The five-fold an8Flower benchmark (Table 1) and the box-occlusion study.
 
     Args:
         config: a :class:`vxnb.studies.runs.RunConfig` template (size, epochs, train_limit, seed, quick,
-            data_root, runs_root); its variant and test fold are replaced per fold. Default:
+            folds (the split: "views" or "blocks"), data_root, runs_root); its variant and test
+            fold are replaced per fold. Default:
             ``RunConfig()`` (size 128, the default epochs).
         variants: one or several of :data:`VARIANTS`.
         folds: the folds to run (0..4), or ``{variant: folds}``.
@@ -624,6 +830,9 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
             held-out fold; None: all of it, 200 images per class).
         occlusion: also run the box-occlusion study, on ``occlusion_images`` of those images.
         coverage: occlusion levels. layer: layer of the activation / Grad-CAM family.
+        combine: how our top-k maps combine, one or both of "weighted", "max" (each is a row).
+        quantus: also score every row with Quantus's localisation metrics, on ``quantus_images``
+            of the evaluated images (a seeded class-stratified subset; None: all).
         recompute: ignore finished folds' cached results.
         save: write per_fold, table1, curves, occlusion and timings as CSV into the benchmark's
             run folder (:func:`benchmark_config`) with :func:`vxnb.studies.runs.save_table`.
@@ -645,21 +854,35 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
                    n_test_images=_check_positive_int(n_test_images, "n_test_images", allow_none=True),
                    occlusion=bool(occlusion),
                    occlusion_images=_check_positive_int(occlusion_images, "occlusion_images", allow_none=True),
-                   coverage=tuple(coverage), layer=layer)
+                   coverage=tuple(coverage), layer=layer, combine=_check_combines(combine), quantus=bool(quantus),
+                   quantus_images=_check_positive_int(quantus_images, "quantus_images", allow_none=True))
     jobs = [(v, f) for v, fs in plan.items() for f in fs]
-    per_fold, curves, occ, timings = [], [], [], []
+    per_fold, curves, occ, timings, per_image, qrows, tops = [], [], [], [], [], [], []
     bar = tqdm(jobs, desc="an8Flower folds", disable=None if progress else True)
     for variant, fold in bar:
         bar.set_postfix(variant=variant, fold=fold)
         cfg = fold_config(config, variant, fold)
         res = run_fold(cfg, recompute=recompute, progress=progress, **options)
         for m in methods:
-            per_fold.append({"variant": variant, "fold": fold, "method": m, "label": METHOD_LABELS[m],
-                             "auc": res["auc"][m], "n_images": res["n_images"], "accuracy": res["accuracy"],
-                             "model_test_accuracy": res.get("model_test_accuracy"),
-                             "n_relevant": res.get("n_relevant"), "cached": res["cached"]})
-            curves.append(pd.DataFrame({"variant": variant, "fold": fold, "method": m, "label": METHOD_LABELS[m],
-                                        "threshold": res["thresholds"], "iou": res["curve"][m]}))
+            for c in (options["combine"] if m in OURS_METHODS else ("",)):
+                name = row_name(m, c)
+                label = _labels(pd.DataFrame({"method": [m], "combine": [c]}))[0]
+                base = {"variant": variant, "fold": fold, "method": m, "combine": c}
+                per_fold.append({**base, "label": label, "auc": res["auc"][name], "n_images": res["n_images"],
+                                 "accuracy": res["accuracy"], "model_test_accuracy": res.get("model_test_accuracy"),
+                                 "n_relevant": res.get("n_relevant"), "n_top": res.get("n_top"),
+                                 "n_left_out": res.get("n_left_out") if m == "ours_upsampled" else None,
+                                 "cached": res["cached"]})
+                curves.append(pd.DataFrame({**base, "label": label, "threshold": res["thresholds"],
+                                            "iou": res["curve"][name]}))
+                areas = res["image_auc"][name]
+                per_image.append(pd.DataFrame({**base, "image": np.arange(len(areas)), "auc": areas,
+                                               "grid": res["grid"].get(m, [np.nan] * len(areas))}))
+                if name in res.get("quantus", {}):
+                    q = res["quantus"][name]
+                    qrows.append({**base, "label": label, **{k_: v_ for k_, v_ in q.items() if not isinstance(v_, dict)}})
+        if res.get("top_features"):
+            tops.append(pd.DataFrame(res["top_features"]).assign(variant=variant, fold=fold))
         if res["occlusion"]:
             o = pd.DataFrame(res["occlusion"])
             o.insert(0, "fold", fold)
@@ -675,6 +898,9 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
         curves=pd.concat(curves, ignore_index=True),
         occlusion=pd.concat(occ, ignore_index=True) if occ else pd.DataFrame(columns=occ_cols),
         timings=pd.DataFrame(timings),
+        per_image=pd.concat(per_image, ignore_index=True) if per_image else pd.DataFrame(),
+        quantus=pd.DataFrame(qrows),
+        top_features=pd.concat(tops, ignore_index=True) if tops else pd.DataFrame(),
         settings={"config": config.to_dict(), "folds": {v: list(f) for v, f in plan.items()},
                   **{k_: (list(v_) if isinstance(v_, tuple) else v_) for k_, v_ in options.items()}},
     )
@@ -687,6 +913,10 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
             "curves": runs.save_table(bcfg, f"iou-curves-{tag}", result.mean_curves()),
             "timings": runs.save_table(bcfg, f"timings-{tag}", result.timings),
         }
+        if not result.quantus.empty:
+            result.files["quantus"] = runs.save_table(bcfg, f"quantus-{tag}", result.quantus_summary())
+        if not result.per_image.empty:
+            result.files["resampling"] = runs.save_table(bcfg, f"resampling-{tag}", result.resampling_effect())
         if not result.occlusion.empty:
             result.files["occlusion"] = runs.save_table(bcfg, f"occlusion-{tag}", result.occlusion_curves())
     return result
@@ -695,7 +925,7 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
 # ============================================================================ examples (figures)
 def explain_examples(config: Any, variant: str, fold: int, positions: Sequence[int] | None = None, *,
                      n: int = 6, methods: Sequence[str] = METHODS, mu: float = 10.0, k: int = 5,
-                     layer: str | None = None, progress: bool = False) -> dict:
+                     layer: str | None = None, combine: str = "weighted", progress: bool = False) -> dict:
     """Heatmaps of every method for a few held-out images of one fold (Fig. 8, centre).
 
     ``positions``: indices into the fold's test split (default: ``n`` class-stratified ones).
@@ -719,9 +949,109 @@ def explain_examples(config: Any, variant: str, fold: int, positions: Sequence[i
         raise ValueError(f"positions: expected indices in 0..{len(test) - 1} of fold {fold}'s test split, got {bad}")
     items = [test[p] for p in positions]
     images = torch.stack([it[0] for it in items])
-    relevant = fold_relevant(cfg, model, mu, data=data, progress=progress) if "ours" in methods else None
+    relevant = (fold_relevant(cfg, model, mu, data=data, progress=progress)
+                if any(m in OURS_METHODS for m in methods) else None)
     preds = batched_logits(model, images).argmax(1)
-    heat = {m: method_heatmaps(m, model, images, preds, relevant=relevant, k=k, layer=layer) for m in methods}
+    heat = {m: method_heatmaps(m, model, images, preds, relevant=relevant, k=k, layer=layer, combine=combine)
+            for m in methods}
     return {"images": images, "masks": torch.stack([torch.as_tensor(it[2]).bool() for it in items]),
             "labels": np.array([int(it[1]) for it in items]), "preds": preds.numpy(), "classes": list(data[2]),
             "positions": positions, "heatmaps": heat}
+
+
+# ============================================================================ why a fold fails
+def part_reliance(model: torch.nn.Module, images: torch.Tensor, labels: Any, masks: torch.Tensor) -> pd.DataFrame:
+    """Is the model right for the right reason? Its accuracy on ``images`` as they are, with the
+    class-defining part (``masks``) filled with the image's mean colour ("part removed"), and
+    with everything but the part so filled ("only the part"). A model that reads the part drops
+    to chance without it and stays accurate on it alone.
+
+    Returns one row per condition: ``condition, accuracy, n_images`` and ``accuracy[<c>]`` per
+    class label c present (a two-class model may recognise one class by the *absence* of the
+    other's part: then its accuracy does not drop without its own part).
+    """
+    from vxnb.evaluate.occlusion import batched_logits
+
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images: expected a (N, C, H, W) tensor, got {describe(images)}")
+    masks = torch.as_tensor(masks).bool()
+    if masks.shape != (images.shape[0], *images.shape[2:]):
+        raise ValueError(f"masks: expected shape {(images.shape[0], *images.shape[2:])}, got {tuple(masks.shape)}")
+    labels = torch.as_tensor(labels).long()
+    mean = images.mean(dim=(2, 3), keepdim=True).expand_as(images)
+    m = masks[:, None].expand_as(images)
+    rows = []
+    for name, x in (("as is", images), ("part removed", torch.where(m, mean, images)),
+                    ("only the part", torch.where(m, images, mean))):
+        hit = (batched_logits(model, x).argmax(1) == labels).float()
+        rows.append({"condition": name, "accuracy": float(hit.mean()), "n_images": int(len(labels)),
+                     **{f"accuracy[{int(c)}]": float(hit[labels == c].mean()) for c in torch.unique(labels)}})
+    return pd.DataFrame(rows)
+
+
+def fold_diagnosis(config: Any, variant: str, fold: int, *, mu: float = 10.0, k: int = 5,
+                   n_test_images: int | None = 300, progress: bool = False) -> dict:
+    """Why "ours" scores what it scores on one fold: which features are selected, where they
+    respond, and whether the model is right for the right reason.
+
+    Returns ``{"relevant"``: the selected features per class (``Relevance.frame``),
+    ``"top"``: per top-k feature (class, layer, kind, channel): ``n`` (images where it is in the
+    top-k of the predicted class), ``mean_response``, ``in_mask`` (mean share of its resampled
+    heatmap's mass inside the image's part mask) and ``mask_share`` (the mask's share of the
+    image, what a map spread uniformly would get), ``"reliance"``: :func:`part_reliance`,
+    ``"auc"``: the area of ours and of Deconv+GB from the logit on these images}``.
+    """
+    from vxnb.evaluate.occlusion import batched_logits
+    from vxnb.explanations import combine_heatmaps, feature_heatmaps
+
+    cfg = fold_config(config, variant, fold)
+    data = runs.load_data(cfg, progress=progress)
+    model, _ = runs.get_model(cfg, data=data, progress=progress)
+    model.eval()
+    relevant = fold_relevant(cfg, model, mu, data=data, progress=progress)
+    images, labels, masks, _ = fold_data(cfg, n_test_images, data=data, progress=progress)
+    preds = batched_logits(model, images).argmax(1)
+    hk, r, feats = feature_heatmaps(model, relevant, images, k, preds, draw="resampled")
+    mk = masks.float()
+    mass = hk.sum(dim=(-2, -1)).clamp_min(1e-12)
+    inside = (hk * mk[:, None]).sum(dim=(-2, -1)) / mass                     # (N, k)
+    img = torch.as_tensor(feats["image"].to_numpy(dtype=np.int64).copy())
+    rank = torch.as_tensor(feats["rank"].to_numpy(dtype=np.int64).copy())
+    feats = feats.assign(in_mask=inside[img, rank].numpy(), mask_share=mk.mean(dim=(1, 2))[img].numpy())
+    top = (feats.groupby(["class", "layer", "kind", "channel"], sort=True)
+           .agg(n=("response", "size"), mean_response=("response", "mean"), in_mask=("in_mask", "mean"),
+                mask_share=("mask_share", "mean")).reset_index().sort_values(["class", "n"], ascending=[True, False]))
+    top.insert(1, "class_name", [data[2][int(j)] for j in top["class"]])
+    ours = combine_heatmaps(hk, r, "weighted")
+    gb = method_heatmaps("deconv_gb", model, images, preds)
+    frame = relevant.frame.assign(class_name=lambda f: [data[2][int(j)] for j in f["class"]])
+    return {"relevant": frame, "top": top.reset_index(drop=True),
+            "reliance": part_reliance(model, images, labels, masks),
+            "auc": {"ours": float(iou_auc(ours, masks)), "deconv_gb": float(iou_auc(gb, masks))},
+            "accuracy": float((preds == labels).float().mean()), "n_relevant": int(np.count_nonzero(relevant.W))}
+
+
+def tables_with_paper(results: Mapping[str, "BenchmarkResult"], digits: int = 1) -> pd.DataFrame:
+    """Table 1 under several fold splits next to the paper's: ``{split: BenchmarkResult}`` →
+    one row per method (and combination), columns (variant, split) and (variant, "paper");
+    the paper's number stands beside the method that computes its row, "—" where it has none."""
+    if not isinstance(results, Mapping) or not results or \
+            not all(isinstance(r, BenchmarkResult) for r in results.values()):
+        raise TypeError(f"results: expected a non-empty {{split: BenchmarkResult}} dict, got {describe(results)}")
+    summ = pd.concat([r.summary().assign(split=s) for s, r in results.items()], ignore_index=True)
+    summ["cell"] = [f"{m:.{digits}f} ± {s:.2f}" if np.isfinite(s) else f"{m:.{digits}f}"
+                    for m, s in zip(summ["mean"], summ["std"])]
+    wide = summ.pivot(index=["method", "combine"], columns=["variant", "split"], values="cell")
+    order = _row_order(summ)
+    cols = []
+    for v in [v for v in VARIANTS if v in set(summ["variant"])]:
+        cols += [(v, s) for s in results if (v, s) in wide.columns]
+        paper = [PAPER_TABLE1.get(v, {}).get(m) for m, _ in order]
+        wide[(v, "paper")] = pd.Series([f"{p[0]:.{digits}f} ± {p[1]:.2f}" if p else "—" for p in paper],
+                                       index=pd.MultiIndex.from_tuples(order))
+        cols.append((v, "paper"))
+    out = wide.loc[order, cols].fillna("")
+    out.index = _labels(pd.DataFrame(order, columns=["method", "combine"]))
+    out.index.name = "method"
+    out.columns.names = ["variant", "folds"]
+    return out

@@ -87,6 +87,8 @@ class RunConfig:
     size: an8Flower image size in pixels (MNIST is always 28; a folder run uses ``image_size``).
     epochs: training epochs (None: the model's default for the dataset and mode).
     test_fold: the an8Flower fold held out for testing (folds are grouped by viewpoint).
+    folds: how an8Flower's viewpoints form folds: "views" (interleaved, ``view % 5``) or
+        "blocks" (eight neighbouring views per fold); see ``vxnb.data.an8flower.fold_of_view``.
     train_limit: use at most this many training images (None: all) — the quick setting.
     seed: seeds rendering, splitting, training and random baselines.
     data_root: an8Flower/MNIST: where generated data is cached (default: data/ in the working
@@ -113,6 +115,7 @@ class RunConfig:
     size: int = 128
     epochs: int | None = None
     test_fold: int = 0
+    folds: str = "views"
     train_limit: int | None = None
     seed: int = 0
     quick: bool = False
@@ -142,6 +145,8 @@ class RunConfig:
             raise ValueError(f"size: expected an int >= 32 for an8Flower, got {self.size!r}")
         _check_int(self.test_fold, "test_fold", 0, 4)
         _check_int(self.seed, "seed", 0, None)
+        if self.folds not in ("views", "blocks"):
+            raise ValueError(f"folds: expected one of 'views', 'blocks', got {self.folds!r}")
         if self.epochs is not None and (not _is_int(self.epochs) or self.epochs < 1):
             raise ValueError(f"epochs: expected a positive int or None, got {self.epochs!r}")
         if self.train_limit is not None:
@@ -243,6 +248,8 @@ class RunConfig:
                     f"{hashlib.sha1(settings.encode()).hexdigest()[:6]}")
         else:
             base = f"an8flower-{self.variant}-s{self.size}-f{self.test_fold}"
+            if self.folds != "views":
+                base += f"-{self.folds}"
         tag = "-quick" if self.quick else ""
         # settings that change the trained model are part of the name, so a run folder never
         # hands one setting's checkpoint to another
@@ -416,9 +423,7 @@ def load_data(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, Dataset, 
         from ..data.an8flower import An8Flower
 
         full = An8Flower(cfg.data_dir, variant=cfg.variant, size=cfg.size, generate=True, seed=cfg.seed)
-        folds = full.index["fold"].to_numpy()
-        train_idx = np.flatnonzero(folds != cfg.test_fold)
-        test_idx = np.flatnonzero(folds == cfg.test_fold)
+        train_idx, test_idx = full.fold_indices(cfg.test_fold, cfg.folds)
         labels = full.index["label"].to_numpy()
         classes = list(full.classes)
     else:
@@ -697,10 +702,13 @@ def save_table(cfg: RunConfig, name: str, frame) -> Path:
 
 # ---------------------------------------------------------------------------- relevance study
 def relevance_study(cfg: RunConfig, *, mu: float = 10.0, mu_max: float = 50.0, n_random: int = 5,
-                    mus: tuple[float, ...] = (0.1, 0.5, 1, 2, 5, 10, 20, 50), progress: bool = True) -> dict[str, Any]:
+                    mus: tuple[float, ...] = (0.1, 0.5, 1, 2, 5, 10, 20, 50),
+                    random: tuple[str, ...] = ("matched", "union"), progress: bool = True) -> dict[str, Any]:
     """Sec. 4.1 for one run: relevant features of the All and OnlyConv pools at ``mu``, their
-    counts, the ablation curves on the test split (Fig. 4) and the class reconstruction over
-    ``mus`` (supplementary Fig. 10). Tables are saved as CSV in the run folder.
+    counts, the ablation curves on the test split (Fig. 4; ``random``: the Random control(s) of
+    ``vxnb.evaluate.ablation.ablation_curve``, per-layer matched and the paper's draw from the
+    union of the sets' layers) and the class reconstruction over ``mus`` (supplementary
+    Fig. 10). Tables are saved as CSV in the run folder.
 
     Returns ``{model, data, features, paths, relevant, counts, ablation, reconstruction}``.
     """
@@ -716,7 +724,7 @@ def relevance_study(cfg: RunConfig, *, mu: float = 10.0, mu_max: float = 50.0, n
     relevant = {k: relevant_features(p.coef(mu), feats[k].columns, classes) for k, p in paths.items()}
     counts = {k: feature_counts(r) for k, r in relevant.items()}
     ablation = ablation_curve(model, data[1], relevant["All"], relevant["OnlyConv"], n_random=n_random,
-                              seed=cfg.seed, progress=progress)
+                              seed=cfg.seed, random=random, progress=progress)
     test_feats = get_features(cfg, model, "test", data=data, progress=progress, keep_X=True)
     recon = pd.concat([class_reconstruction(feats[k], test_feats.select(kind="conv") if k == "OnlyConv" else test_feats,
                                             mus=mus, progress=progress).assign(pool=k) for k in feats],

@@ -24,24 +24,25 @@ import torch
 from PIL import Image
 
 from vxnb.data import an8flower as A
+from vxnb.data.an8flower import render as R
 
 GOAL_S = 60.0
 
 
 def reference_seconds(size: int, views: list[int], variant: str = "single-6c") -> float:
     """Seconds of the straightforward pipeline on ``views`` (all classes, 25 items each)."""
-    specs = A._class_specs(variant)
-    scene = A._flower(0, "base")
+    specs = R.class_specs(variant)
+    scene = R._flower(0, "base")
     ss = A.SUPERSAMPLE
     t0 = time.perf_counter()
     for view in views:
-        part, shade, _ = A._render_view(scene, view, 300 * ss)
-        head = np.isin(part, [A._P["petal"], A._P["disc"]]).reshape(300, ss, 300, ss).any(axis=(1, 3))
+        part, shade, _ = R._render_view(scene, view, 300 * ss)
+        head = np.isin(part, [R._P["petal"], R._P["disc"]]).reshape(300, ss, 300, ss).any(axis=(1, 3))
         mask_img = Image.fromarray(head.astype(np.uint8) * 255)
         for spec in specs:
             rgb = np.zeros(part.shape + (3,), np.float32)
-            for p, name in enumerate(A._PARTS):
-                col = A._BACKGROUND if p == 0 else spec.albedo.get(name, A._DEFAULT_ALBEDO.get(name))
+            for p, name in enumerate(R._PARTS):
+                col = R._BACKGROUND if p == 0 else spec.albedo.get(name, R._DEFAULT_ALBEDO.get(name))
                 if col is None:
                     continue
                 rgb += ((shade if p else 1.0) * (part == p))[..., None] * np.asarray(col, np.float32)
@@ -50,7 +51,7 @@ def reference_seconds(size: int, views: list[int], variant: str = "single-6c") -
             for box in [(0, 0), (50, 0), (0, 50), (50, 50), (25, 25)]:
                 crop_box = (box[0], box[1], box[0] + 250, box[1] + 250)
                 for angle in A.ANGLES:
-                    for im, fill in ((frame, tuple(int(c * 255) for c in A._BACKGROUND)), (mask_img, 0)):
+                    for im, fill in ((frame, tuple(int(c * 255) for c in R._BACKGROUND)), (mask_img, 0)):
                         out = im.crop(crop_box).rotate(angle, resample=Image.BILINEAR, fillcolor=fill)
                         out = out.resize((size, size), Image.BILINEAR)
                         out.save(io.BytesIO(), format="PNG")

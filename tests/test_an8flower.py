@@ -19,6 +19,10 @@ from PIL import Image
 
 from vxnb.data import an8flower as A
 from vxnb.data.an8flower import ANGLES, CROPS, N_VIEWS, VARIANTS, An8Flower, cache_dir, gallery
+from vxnb.data.an8flower import dataset as D
+from vxnb.data.an8flower import png as PNG
+from vxnb.data.an8flower import render as R
+from vxnb.utils import atomic_write_json, read_json
 
 # one xdist worker runs this module, so the module-scoped datasets are rendered once
 pytestmark = pytest.mark.xdist_group("an8flower")
@@ -54,10 +58,10 @@ def arrays():
     masks (C, 1000, S, S), items in the dataset's order (view, crop, angle)."""
     out = {}
     for v in VARIANTS:
-        specs = A._class_specs(v)
+        specs = R.class_specs(v)
         imgs = np.empty((len(specs), N_VIEWS, 25, 3, SIZE, SIZE), np.uint8)
         masks = np.empty((len(specs), N_VIEWS, 25, SIZE, SIZE), bool)
-        for view, images, regions in A._iter_views(v, SIZE, 0):
+        for view, images, regions in R.iter_views(v, SIZE, 0):
             for label, arr in images.items():
                 imgs[label, view] = arr.transpose(0, 3, 1, 2)
                 masks[label, view] = regions[specs[label].region]
@@ -219,7 +223,7 @@ def test_masks_are_tight_and_on_the_right_part(arrays):
     palette = np.array([A.COLOURS[n] for n in names])
     for k in range(12):
         other = (k + 6) % 12  # same colour on the other part: this part is neutral there
-        neutral = np.array(A._DEFAULT_ALBEDO["petal" if k < 6 else "stem"])
+        neutral = np.array(R._DEFAULT_ALBEDO["petal" if k < 6 else "stem"])
         ref = palette - neutral
         ref /= np.linalg.norm(ref, axis=1, keepdims=True)
         region = masks[k] & (imgs[k] != imgs[other]).any(1)
@@ -273,8 +277,8 @@ def test_crop_rotation_matches_pil(crop, angle):
     rsize = A.render_size(size)
     yy, xx = np.mgrid[0:rsize, 0:rsize]
     img = (np.sin(xx / 5.0) + np.cos(yy / 7.0) + 0.3 * xx / rsize).astype(np.float32)
-    off = A._crop_offsets(size)[crop]
-    idx, w = A._rotation_gather(size, rsize, off, angle)
+    off = R._crop_offsets(size)[crop]
+    idx, w = R._rotation_gather(size, rsize, off, angle)
     ours = (w * np.append(img.ravel(), 0)[idx]).sum(0).reshape(size, size)
     cropped = img[off[0]:off[0] + size, off[1]:off[1] + size]
     pil = np.asarray(Image.fromarray(cropped, mode="F").rotate(angle, resample=Image.BILINEAR))
@@ -283,15 +287,31 @@ def test_crop_rotation_matches_pil(crop, angle):
     assert np.abs(ours - cropped)[inner, inner].max() > 0.05  # it did rotate
     # the generator applies all 25 items as one sparse matrix: the same numbers
     k = CROPS.index(crop) * len(ANGLES) + ANGLES.index(angle)
-    rows = A._transform_matrix(size)[k * size * size:(k + 1) * size * size]
+    rows = R._transform_matrix(size)[k * size * size:(k + 1) * size * size]
     np.testing.assert_allclose(rows @ np.append(img.ravel(), 0), ours.ravel(), atol=1e-5)
 
 
 def test_crop_offsets():
-    offs = A._crop_offsets(128)
+    offs = R._crop_offsets(128)
     assert A.render_size(128) == 154
     assert offs == {"top-left": (0, 0), "top-right": (0, 26), "bottom-left": (26, 0),
                     "bottom-right": (26, 26), "center": (13, 13)}
+
+
+def test_package_reexports_its_modules_and_imports_point_down():
+    """``vxnb.data.an8flower`` is render -> png -> dataset; the package re-exports the owners' objects."""
+    import ast
+    import inspect
+
+    for name in A.__all__:
+        owner = R if name in R.__all__ else D
+        assert name in owner.__all__ and getattr(A, name) is getattr(owner, name), name
+    assert {"An8Flower", "generate", "render_view", "fold_of_view", "RENDER_VERSION"} <= set(A.__all__)
+    for module, below in ((R, set()), (PNG, set()), (D, {"render", "png"})):
+        tree = ast.parse(inspect.getsource(module))
+        siblings = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+        assert siblings <= below, (module.__name__, siblings)
+    assert D.decode_png is PNG.decode_png and D.iter_views is R.iter_views
 
 
 def test_png_codec_round_trips_through_pil():
@@ -299,36 +319,36 @@ def test_png_codec_round_trips_through_pil():
     rng = np.random.default_rng(0)
     for shape in [(32, 32, 3), (17, 45, 3)]:
         a = rng.integers(0, 256, shape, dtype=np.uint8)
-        data = A._png_bytes(a)
+        data = PNG.encode_png(a)
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), a)
-        np.testing.assert_array_equal(A._png_decode(data), a)
+        np.testing.assert_array_equal(PNG.decode_png(data), a)
     for shape in [(32, 32), (13, 37)]:
         m = rng.random(shape) > 0.5
-        data = A._png_bytes(m)
+        data = PNG.encode_png(m)
         back = np.asarray(Image.open(io.BytesIO(data)))
         assert back.dtype == bool
         np.testing.assert_array_equal(back, m)
-        np.testing.assert_array_equal(A._png_decode(data), m)
+        np.testing.assert_array_equal(PNG.decode_png(data), m)
     # a PNG laid out otherwise (PIL's own filters) is left to PIL
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(buf, format="PNG")
-    assert A._png_decode(buf.getvalue()) is None
+    assert PNG.decode_png(buf.getvalue()) is None
     with pytest.raises(ValueError, match="array"):
-        A._png_bytes(np.zeros((4, 4), np.float32))
+        PNG.encode_png(np.zeros((4, 4), np.float32))
 
 
 def test_renderer_deterministic_and_seeded():
     n = 3 * A.render_size(32)
-    a = A._render_view(A._flower(0, "base"), 7, n)
-    b = A._render_view(A._flower(0, "base"), 7, n)
+    a = R._render_view(R._flower(0, "base"), 7, n)
+    b = R._render_view(R._flower(0, "base"), 7, n)
     for x, y in zip(a, b):
         assert x.tobytes() == y.tobytes()
-    c = A._render_view(A._flower(1, "base"), 7, n)
+    c = R._render_view(R._flower(1, "base"), 7, n)
     assert a[1].tobytes() != c[1].tobytes()  # another seed: another light / petals
     part = a[0]
     assert set(np.unique(part)) == {0, 1, 2, 3, 4}  # background, stem, leaf, petal, disc
     # the flower is not rotationally symmetric: the views differ from each other
-    parts = [A._render_view(A._flower(0, "base"), v, n)[0] for v in (0, 10, 20, 30)]
+    parts = [R._render_view(R._flower(0, "base"), v, n)[0] for v in (0, 10, 20, 30)]
     for p, q in itertools.combinations(parts, 2):
         assert (p != q).mean() > 0.01
 
@@ -386,7 +406,7 @@ def test_same_seed_same_bytes(fresh_root, datasets):
 def test_cache_layout_and_reuse(root, datasets, monkeypatch):
     ds = datasets["part-2c"]
     assert ds.folder == cache_dir(root, "part-2c", SIZE, 0) == root / "an8flower" / "part-2c-32-seed0"
-    manifest = A.read_json(ds.folder / "manifest.json")
+    manifest = read_json(ds.folder / "manifest.json")
     assert manifest["version"] == A.RENDER_VERSION and manifest["variant"] == "part-2c"
     assert manifest["size"] == SIZE and manifest["seed"] == 0 and manifest["n_items"] == 2000
     stamp = (ds.folder / "index.csv").stat().st_mtime_ns
@@ -394,7 +414,7 @@ def test_cache_layout_and_reuse(root, datasets, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the renderer ran although the cache is complete")
 
-    monkeypatch.setattr(A, "_render_view", boom)
+    monkeypatch.setattr(R, "_render_view", boom)
     again = An8Flower(root, "part-2c", size=SIZE, progress=False)
     assert (ds.folder / "index.csv").stat().st_mtime_ns == stamp
     assert torch.equal(again[3][0], ds[3][0])
@@ -402,7 +422,7 @@ def test_cache_layout_and_reuse(root, datasets, monkeypatch):
 
 
 def test_interrupted_generation_leaves_no_trusted_cache(fresh_root, monkeypatch):
-    real = A._render_view
+    real = R._render_view
     calls = []
 
     def flaky(*args, **kwargs):
@@ -411,7 +431,7 @@ def test_interrupted_generation_leaves_no_trusted_cache(fresh_root, monkeypatch)
             raise KeyboardInterrupt("simulated interruption")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(A, "_render_view", flaky)
+    monkeypatch.setattr(R, "_render_view", flaky)
     with pytest.raises(KeyboardInterrupt):
         An8Flower(fresh_root, "part-2c", size=SIZE, progress=False)
     assert len(calls) == 30
@@ -423,22 +443,22 @@ def test_interrupted_generation_leaves_no_trusted_cache(fresh_root, monkeypatch)
     # a folder without manifest (e.g. a copy interrupted by a crash) is not trusted either
     (target / "images").mkdir(parents=True)
     (target / "index.csv").write_text("label\n0\n")
-    assert "manifest" in A._trusted(target, "part-2c", SIZE, 0)
+    assert "manifest" in D._trusted(target, "part-2c", SIZE, 0)
     with pytest.raises(FileNotFoundError, match="generate=True"):
         An8Flower(fresh_root, "part-2c", size=SIZE, generate=False)
 
 
 def test_manifest_mismatch_is_not_trusted(tmp_path, datasets):
     dst = _copy_cache(datasets["part-2c"], tmp_path)
-    assert A._trusted(dst, "part-2c", SIZE, 0) is None
-    man = A.read_json(dst / "manifest.json")
-    A.atomic_write_json({**man, "version": A.RENDER_VERSION - 1}, dst / "manifest.json")
-    assert "version" in A._trusted(dst, "part-2c", SIZE, 0)
+    assert D._trusted(dst, "part-2c", SIZE, 0) is None
+    man = read_json(dst / "manifest.json")
+    atomic_write_json({**man, "version": A.RENDER_VERSION - 1}, dst / "manifest.json")
+    assert "version" in D._trusted(dst, "part-2c", SIZE, 0)
     with pytest.raises(FileNotFoundError, match="generate=True"):
         An8Flower(tmp_path, "part-2c", size=SIZE, generate=False)
-    A.atomic_write_json(man, dst / "manifest.json")
+    atomic_write_json(man, dst / "manifest.json")
     (dst / "index.csv").write_text((dst / "index.csv").read_text()[:-200])  # damaged index
-    assert "index.csv" in A._trusted(dst, "part-2c", SIZE, 0)
+    assert "index.csv" in D._trusted(dst, "part-2c", SIZE, 0)
 
 
 def test_corrupt_png_raises_naming_the_file(tmp_path, datasets):

@@ -1,4 +1,4 @@
-"""an8Flower: a synthetic flower dataset whose class-defining region is known pixel for pixel.
+"""an8Flower renderer: a synthetic flower whose class-defining region is known pixel for pixel.
 
 The original an8Flower renders (Oramas et al., ICLR 2019, supplementary "an8Flower Dataset")
 are no longer available, so this module renders its own following the paper's protocol:
@@ -45,62 +45,38 @@ is 250/300 of the frame up to the rounding of ``round(size / 10)``).
 The seed jitters the petal lengths, the leaves' angles and the light direction slightly; the
 same arguments always give the same bytes on disk.
 
-Files: ``root/an8flower/<variant>-<size>-seed<seed>/`` holds ``images/<class>/*.png`` (RGB),
-``masks/<region>/*.png`` (1-bit; one file shared by the classes with the same part, e.g. the
-six head colours), ``index.csv`` and ``manifest.json`` (format version and parameters). A
-generation writes into a hidden temporary folder beside it and renames it into place when
-everything is written, so an interrupted generation never leaves a folder that a later run
-trusts. ``index.csv`` stores a CRC-32 of every file, checked on every read: a damaged file
-raises an error naming it.
-
-Entry points: :class:`An8Flower` (the dataset), :func:`generate` (write a cache),
-:func:`render_view` (one viewpoint's items in memory, no files), :func:`gallery` (a few items
-per class for a figure).
+Entry points: :func:`render_view` (one viewpoint's items in memory, no files), :func:`iter_views`
+(every view of a variant, as :mod:`.dataset` writes them).
 """
 from __future__ import annotations
 
 import functools
-import io
-import os
-import shutil
-import struct
-import tempfile
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import pandas as pd
-import torch
-from PIL import Image
 from scipy import sparse
-from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
-from .._checks import check_nonnegative_int
-from .._store import fault_point
-from ..utils import atomic_write_json, describe, read_json
+from ..._checks import check_nonnegative_int
+from ...utils import describe
 
 __all__ = [
     "VARIANTS",
     "N_VIEWS",
     "CROPS",
     "ANGLES",
-    "N_FOLDS",
-    "FOLD_SPLITS",
-    "fold_of_view",
-    "GALLERY_VIEW",
     "RENDER_VERSION",
     "COLOURS",
+    "ClassSpec",
+    "class_specs",
     "variant_classes",
+    "check_variant",
+    "check_size",
+    "check_seed",
     "render_size",
-    "cache_dir",
-    "generate",
+    "geometries",
+    "iter_views",
     "render_view",
-    "An8Flower",
-    "gallery",
 ]
 
 #: The dataset variants of the paper.
@@ -111,14 +87,6 @@ N_VIEWS = 40
 CROPS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right", "center")
 #: Counter-clockwise rotations applied to every crop, in degrees.
 ANGLES: tuple[int, ...] = (5, 10, 15, 20, 25)
-#: Folds, grouped by viewpoint (``fold = view % N_FOLDS``).
-N_FOLDS = 5
-#: How viewpoints are split into folds (:func:`fold_of_view`): ``"views"`` interleaved
-#: (``view % 5``; every test view has training views 9° away on both sides), ``"blocks"``
-#: contiguous (eight neighbouring views per fold, ``view // 8``).
-FOLD_SPLITS: tuple[str, ...] = ("views", "blocks")
-#: The viewpoint where the flower head faces the camera (the first one :func:`gallery` shows).
-GALLERY_VIEW = 30
 #: Bumped whenever the pictures change; a cache written by another version is not trusted.
 RENDER_VERSION = 1
 #: Accepted image sides (the renders grow with the square of the side).
@@ -158,15 +126,13 @@ _FILL = 0.20  # a light at the camera: every visible surface gets some
 # _AMBIENT + _DIFFUSE + _FILL <= 1: no clipping needed
 _THIN = ("petal", "leaf")  # lit from either side (thin, translucent)
 _ELEVATION_DEG = 15.0
-_MANIFEST = "manifest.json"
-_INDEX = "index.csv"
 
 
 # --------------------------------------------------------------------------------------------
 # Classes of each variant
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _ClassSpec:
+class ClassSpec:
     name: str
     geometry: str  # "base", "balls" or "thorns"
     albedo: dict  # part name -> rgb, overriding the defaults
@@ -174,39 +140,39 @@ class _ClassSpec:
     region: str
 
 
-def _class_specs(variant: str) -> list[_ClassSpec]:
+def class_specs(variant: str) -> list[ClassSpec]:
     head = [
-        _ClassSpec(f"{c}-head", "base",
+        ClassSpec(f"{c}-head", "base",
                    {"petal": rgb, "disc": tuple(_DISC_SHADE * v for v in rgb)}, ("petal", "disc"), "head")
         for c, rgb in COLOURS.items()
     ]
     if variant == "single-6c":
         return head
     if variant == "double-12c":
-        stem = [_ClassSpec(f"{c}-stem", "base", {"stem": rgb}, ("stem",), "stem") for c, rgb in COLOURS.items()]
+        stem = [ClassSpec(f"{c}-stem", "base", {"stem": rgb}, ("stem",), "stem") for c, rgb in COLOURS.items()]
         return head + stem
     if variant == "part-2c":
-        return [_ClassSpec("balls", "balls", {}, ("ball",), "balls"),
-                _ClassSpec("thorns", "thorns", {}, ("thorn",), "thorns")]
+        return [ClassSpec("balls", "balls", {}, ("ball",), "balls"),
+                ClassSpec("thorns", "thorns", {}, ("thorn",), "thorns")]
     raise ValueError(f"variant: expected one of {', '.join(map(repr, VARIANTS))}, got {variant!r}")
 
 
 def variant_classes(variant: str) -> list[str]:
     """The class names of ``variant`` in label order."""
-    _check_variant(variant)
-    return [s.name for s in _class_specs(variant)]
+    check_variant(variant)
+    return [s.name for s in class_specs(variant)]
 
 
 # --------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------
-def _check_variant(variant: Any) -> str:
+def check_variant(variant: Any) -> str:
     if not isinstance(variant, str) or variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {', '.join(map(repr, VARIANTS))}, got {describe(variant)}")
     return variant
 
 
-def _check_size(size: Any) -> int:
+def check_size(size: Any) -> int:
     if not isinstance(size, (int, np.integer)) or isinstance(size, (bool, np.bool_)):
         raise ValueError(f"size: expected an int between {MIN_SIZE} and {MAX_SIZE}, got {describe(size)}")
     if not MIN_SIZE <= int(size) <= MAX_SIZE:
@@ -214,30 +180,19 @@ def _check_size(size: Any) -> int:
     return int(size)
 
 
-def _check_seed(seed: Any) -> int:
+def check_seed(seed: Any) -> int:
     return check_nonnegative_int(seed, "seed")
 
-
-def _check_root(root: Any) -> Path:
-    if not isinstance(root, (str, os.PathLike)):
-        raise TypeError(f"root: expected a folder path (str or os.PathLike), got {describe(root)}")
-    return Path(root)
 
 
 def render_size(size: int) -> int:
     """Side of the square render from which ``size x size`` crops are cut: ``size + 2*round(size/10)``."""
-    size = _check_size(size)
+    size = check_size(size)
     return size + 2 * _margin(size)
 
 
 def _margin(size: int) -> int:
     return int(round(size / 10))
-
-
-def cache_dir(root: str | os.PathLike, variant: str = "single-6c", size: int = 128, seed: int = 0) -> Path:
-    """The folder holding the files of one dataset: ``root/an8flower/<variant>-<size>-seed<seed>``."""
-    root = _check_root(root)
-    return root / "an8flower" / f"{_check_variant(variant)}-{_check_size(size)}-seed{_check_seed(seed)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -619,7 +574,7 @@ def _view_maps(scene: _Scene, view: int, size: int, fixed: list[int], varying: l
     return base_out.astype(np.float32), shading, masks
 
 
-def _compose(spec: _ClassSpec, base: np.ndarray, shading: dict, varying: list[int], size: int) -> np.ndarray:
+def _compose(spec: ClassSpec, base: np.ndarray, shading: dict, varying: list[int], size: int) -> np.ndarray:
     """uint8 images (25, S, S, 3) of one class: the base plus the parts whose colour changes.
 
     Every class adds the same parts in the same order, so a pixel that none of these parts
@@ -637,77 +592,8 @@ def _compose(spec: _ClassSpec, base: np.ndarray, shading: dict, varying: list[in
     return np.ascontiguousarray(out.reshape(3, -1, size, size).transpose(1, 2, 3, 0))
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-
-def _png_bytes(array: np.ndarray) -> bytes:
-    """A PNG file of an (H, W, 3) uint8 image (8-bit RGB) or an (H, W) bool mask (1-bit grey).
-
-    A small direct encoder (every row with the PNG "Up" filter, zlib run-length strategy): several times
-    faster than going through PIL for thousands of small images; PIL reads the files.
-    """
-    if array.dtype == np.bool_ and array.ndim == 2:
-        h, w = array.shape
-        rows = np.packbits(array, axis=1)
-        header = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
-    elif array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3:
-        h, w = array.shape[:2]
-        rows = array.reshape(h, w * 3)
-        header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    else:
-        raise ValueError(f"array: expected (H, W, 3) uint8 or (H, W) bool, got {describe(array)}")
-    up = rows.copy()
-    up[1:] -= rows[:-1]  # uint8 arithmetic wraps modulo 256, as the filter wants
-    raw = np.concatenate([np.full((h, 1), 2, np.uint8), up], axis=1)
-    z = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", z.compress(raw.tobytes()) + z.flush()) + _png_chunk(b"IEND", b""))
-
-
-def _png_decode(data: bytes) -> np.ndarray | None:
-    """Decode a PNG written by :func:`_png_bytes` (fast path); ``None`` for any other layout."""
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        return None
-    pos, idat, header = 8, [], None
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
-        if kind == b"IHDR":
-            header = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            idat.append(body)
-        elif kind == b"IEND":
-            break
-        pos += 12 + length
-    if header is None or header[4:] != (0, 0, 0) or header[2:4] not in ((8, 2), (1, 0)):
-        return None
-    w, h, depth = header[0], header[1], header[2]
-    stride = w * 3 if depth == 8 else (w + 7) // 8
-    raw = np.frombuffer(zlib.decompress(b"".join(idat)), np.uint8)
-    if raw.size != h * (stride + 1):
-        return None
-    raw = raw.reshape(h, stride + 1)
-    if (raw[:, 0] != 2).any():
-        return None
-    rows = np.cumsum(raw[:, 1:], axis=0, dtype=np.uint8)  # undo "Up" (modulo 256)
-    if depth == 8:
-        return rows.reshape(h, w, 3)
-    return np.unpackbits(rows, axis=1)[:, :w].astype(bool)
-
-
-def _write_many(folder: Path, rels: list[str], arrays: np.ndarray) -> list[int]:
-    """Write ``arrays[k]`` as PNG to ``folder / rels[k]``; return the CRC-32 of every file's bytes."""
-    crcs = []
-    for rel, array in zip(rels, arrays):
-        data = _png_bytes(array)
-        with open(folder / rel, "wb") as f:
-            f.write(data)
-        crcs.append(zlib.crc32(data))
-    return crcs
-
-
-def _geometries(specs: list[_ClassSpec]) -> list[str]:
+def geometries(specs: list[ClassSpec]) -> list[str]:
     out: list[str] = []
     for s in specs:
         if s.geometry not in out:
@@ -715,7 +601,7 @@ def _geometries(specs: list[_ClassSpec]) -> list[str]:
     return out
 
 
-def _iter_views(variant: str, size: int, seed: int, views: Sequence[int] | None = None):
+def iter_views(variant: str, size: int, seed: int, views: Sequence[int] | None = None):
     """Render ``variant`` view by view, geometry by geometry (each geometry's scene built once).
 
     Yields ``(view, images, masks)``: ``images`` maps each label drawn on the current geometry to
@@ -723,10 +609,10 @@ def _iter_views(variant: str, size: int, seed: int, views: Sequence[int] | None 
     ``"balls"``, ``"thorns"``) to bool (25, S, S) -- one array shared by every class of that
     region. The 25 items run over :data:`CROPS` (outer) and :data:`ANGLES` (inner).
     """
-    specs = _class_specs(variant)
+    specs = class_specs(variant)
     transform = _transform_matrix(size)
     views = range(N_VIEWS) if views is None else views
-    for geom in _geometries(specs):
+    for geom in geometries(specs):
         scene = _flower(seed, geom)
         members = [(label, s) for label, s in enumerate(specs) if s.geometry == geom]
         parts = sorted({0, *(_P[n] for n in ("stem", "leaf", "petal", "disc"))}
@@ -756,321 +642,15 @@ def render_view(variant: str = "single-6c", view: int = 0, size: int = 128, seed
     C classes in label order, the 25 items over :data:`CROPS` (outer) and :data:`ANGLES`
     (inner) -- exactly the pixels :class:`An8Flower` stores for those items.
     """
-    variant, size, seed = _check_variant(variant), _check_size(size), _check_seed(seed)
+    variant, size, seed = check_variant(variant), check_size(size), check_seed(seed)
     if not isinstance(view, (int, np.integer)) or isinstance(view, bool) or not 0 <= view < N_VIEWS:
         raise ValueError(f"view: expected an int in 0..{N_VIEWS - 1}, got {describe(view)}")
-    specs = _class_specs(variant)
+    specs = class_specs(variant)
     images = np.empty((len(specs), len(CROPS) * len(ANGLES), size, size, 3), np.uint8)
     masks = np.empty(images.shape[:4], bool)
-    for _, imgs, regs in _iter_views(variant, size, seed, views=[view]):
+    for _, imgs, regs in iter_views(variant, size, seed, views=[view]):
         for label, arr in imgs.items():
             images[label] = arr
             masks[label] = regs[specs[label].region]
     return images, masks
 
-
-def _generate_into(folder: Path, variant: str, size: int, seed: int, progress: bool) -> None:
-    """Render every item of ``variant`` into ``folder`` (images, masks, index.csv, manifest.json).
-
-    Masks are shared: all classes drawn on the same geometry with the same class part (e.g.
-    the six head colours) point to one mask file ``masks/<region>/<item>.png``.
-    """
-    specs = _class_specs(variant)
-    rows: list[dict] = []
-    for spec in specs:
-        (folder / "images" / spec.name).mkdir(parents=True)
-        (folder / "masks" / spec.region).mkdir(parents=True, exist_ok=True)
-    items = [(c, a) for c in CROPS for a in ANGLES]
-    crcs: dict[str, int] = {}
-    pending: list = []
-
-    def submit(rels: list[str], arrays: np.ndarray) -> None:  # one task per 25 files
-        pending.append((rels, pool.submit(_write_many, folder, rels, arrays)))
-
-    pool = ThreadPoolExecutor(max_workers=2)
-    try:
-        with tqdm(total=len(_geometries(specs)) * N_VIEWS, desc=f"an8Flower {variant} {size}px", unit="view",
-                  disable=None if progress else True) as bar:
-            for view, images, masks in _iter_views(variant, size, seed):
-                for region, mask in masks.items():
-                    for k, (crop, angle) in enumerate(items):
-                        if not mask[k].any():
-                            raise RuntimeError(f"an8Flower: empty {region} mask at view {view}, crop {crop}, "
-                                               f"angle {angle} (a bug of the flower's geometry)")
-                    submit([f"masks/{region}/{_item_name(view, c, a)}" for c, a in items], mask)
-                for label, imgs in images.items():
-                    spec = specs[label]
-                    submit([f"images/{spec.name}/{_item_name(view, c, a)}" for c, a in items], imgs)
-                    for crop, angle in items:
-                        name = _item_name(view, crop, angle)
-                        rows.append({"label": label, "class": spec.name, "view": view, "crop": crop,
-                                     "angle": angle, "fold": view % N_FOLDS, "path": f"images/{spec.name}/{name}",
-                                     "mask_path": f"masks/{spec.region}/{name}"})
-                if len(pending) > 64:  # collect finished writes: errors surface early, memory stays flat
-                    _collect(pending, crcs)
-                bar.update(1)
-                fault_point("render")
-            _collect(pending, crcs)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    index = pd.DataFrame(rows)
-    index["crc32"] = index["path"].map(crcs).astype(np.int64)
-    index["mask_crc32"] = index["mask_path"].map(crcs).astype(np.int64)
-    index = index.sort_values(["label", "view", "crop", "angle"], key=_sort_key).reset_index(drop=True)
-    index.to_csv(folder / _INDEX, index=False)
-    manifest = _manifest(variant, size, seed)
-    manifest["n_items"] = len(index)
-    manifest["index_crc32"] = zlib.crc32((folder / _INDEX).read_bytes())
-    atomic_write_json(manifest, folder / _MANIFEST)
-
-
-def _item_name(view: int, crop: str, angle: int) -> str:
-    return f"v{view:02d}-{crop}-a{angle:02d}.png"
-
-
-def _sort_key(col: pd.Series) -> pd.Series:
-    if col.name == "crop":
-        return col.map({c: i for i, c in enumerate(CROPS)})
-    return col
-
-
-def _collect(pending: list, crcs: dict) -> None:
-    for rels, fut in pending:
-        crcs.update(zip(rels, fut.result()))
-    pending.clear()
-
-
-def _manifest(variant: str, size: int, seed: int) -> dict:
-    return {"dataset": "an8flower", "version": RENDER_VERSION, "variant": variant, "size": size, "seed": seed,
-            "render_size": render_size(size), "supersample": SUPERSAMPLE, "n_views": N_VIEWS,
-            "crops": list(CROPS), "angles": list(ANGLES), "classes": variant_classes(variant)}
-
-
-def _trusted(folder: Path, variant: str, size: int, seed: int) -> str | None:
-    """None when ``folder`` holds a complete cache for these arguments, else why not."""
-    man = folder / _MANIFEST
-    if not man.is_file():
-        return "it has no manifest.json (an unfinished or foreign folder)"
-    try:
-        manifest = read_json(man)
-    except ValueError as err:
-        return str(err)
-    expected = _manifest(variant, size, seed)
-    for key, value in expected.items():
-        if manifest.get(key) != value:
-            return f"its manifest says {key}={manifest.get(key)!r}, expected {value!r}"
-    index = folder / _INDEX
-    if not index.is_file() or zlib.crc32(index.read_bytes()) != manifest.get("index_crc32"):
-        return f"{index} is missing or damaged"
-    return None
-
-
-def generate(root: str | os.PathLike, variant: str = "single-6c", size: int = 128, seed: int = 0, *,
-             progress: bool = True, overwrite: bool = False) -> Path:
-    """Render one variant into ``cache_dir(root, variant, size, seed)`` and return that folder.
-
-    Does nothing when a complete cache for these arguments is there already (unless
-    ``overwrite``). The files are written into a temporary folder beside the target and renamed
-    into place at the end; on an error the temporary folder is removed.
-    """
-    variant, size, seed = _check_variant(variant), _check_size(size), _check_seed(seed)
-    if not isinstance(overwrite, (bool, np.bool_)):
-        raise TypeError(f"overwrite: expected a bool, got {describe(overwrite)}")
-    return _generate_cache(root, variant, size, seed, progress, overwrite)
-
-
-def _generate_cache(root, variant: str, size: int, seed: int, progress: bool, overwrite: bool) -> Path:
-    from filelock import FileLock
-
-    target = cache_dir(root, variant, size, seed)
-    if not overwrite and _trusted(target, variant, size, seed) is None:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    locks = target.parent.parent / ".vxnb-store" / "locks"  # beside the data, not in its folder
-    locks.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(locks / f"an8flower-{target.name}.lock")):  # a concurrent process waits, then reads
-        if not overwrite and _trusted(target, variant, size, seed) is None:
-            return target
-        return _render_cache(target, variant, size, seed, progress)
-
-
-def _render_cache(target: Path, variant: str, size: int, seed: int, progress: bool) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        _generate_into(tmp, variant, size, seed, progress)
-        if target.exists():  # stale or unfinished: move it aside, then replace it
-            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".stale", dir=target.parent))
-            try:
-                os.replace(target, stale / "old")
-            except FileNotFoundError:
-                pass
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # another process finished the same cache first: keep theirs if it is complete
-            if _trusted(target, variant, size, seed) is not None:
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-# --------------------------------------------------------------------------------------------
-# Dataset
-# --------------------------------------------------------------------------------------------
-def fold_of_view(view: Any, folds: str = "views") -> np.ndarray:
-    """The fold (0..4) of each viewpoint (0..39) under the split ``folds`` (:data:`FOLD_SPLITS`):
-    ``"views"``: ``view % 5``; ``"blocks"``: ``view // 8`` (views 0-7, 8-15, ... 32-39)."""
-    if not isinstance(folds, str) or folds not in FOLD_SPLITS:
-        raise ValueError(f"folds: expected one of {', '.join(map(repr, FOLD_SPLITS))}, got {describe(folds)}")
-    v = np.asarray(view)
-    if not np.issubdtype(v.dtype, np.integer) or ((v < 0) | (v >= N_VIEWS)).any():
-        raise ValueError(f"view: expected viewpoints (ints) in 0..{N_VIEWS - 1}, got {describe(view)}")
-    return v % N_FOLDS if folds == "views" else v // (N_VIEWS // N_FOLDS)
-
-
-class An8Flower(Dataset):
-    """The an8Flower dataset (rendered here on first use and cached on disk).
-
-    Args:
-        root: folder holding ``an8flower/`` (e.g. the repository's ``data/``).
-        variant: one of :data:`VARIANTS`.
-        size: side of the square images (int, 32 to 1024).
-        generate: render the dataset when no complete cache is there; with ``False`` a missing
-            cache is an error.
-        seed: the renderer's seed (jitters petal lengths, leaf angles and the light slightly).
-        transform: applied to the image tensor only (photometric transforms / normalisation;
-            a geometric transform would no longer match the mask).
-        progress: show a progress bar while rendering.
-
-    Items are ``(image, label, mask)``: image float32 (3, size, size) in [0, 1], label int,
-    mask bool (size, size), True on the part that defines the item's class.
-
-    Attributes: ``classes`` (names in label order), ``class_to_idx``, ``regions`` (the part each
-    class's mask covers), ``index`` (DataFrame, one row per item: label, class, view, crop,
-    angle, fold, path, mask_path, crc32, mask_crc32), ``targets`` (int64 array), ``folder``.
-    """
-
-    def __init__(self, root: str | os.PathLike, variant: str = "single-6c", size: int = 128,
-                 generate: bool = True, seed: int = 0, transform: Callable | None = None, *,
-                 progress: bool = True):
-        root = _check_root(root)
-        self.variant, self.size, self.seed = _check_variant(variant), _check_size(size), _check_seed(seed)
-        if not isinstance(generate, (bool, np.bool_)):
-            raise TypeError(f"generate: expected a bool, got {describe(generate)}")
-        if transform is not None and not callable(transform):
-            raise TypeError(f"transform: expected a callable or None, got {describe(transform)}")
-        self.root, self.transform = root, transform
-        folder = cache_dir(root, variant, size, seed)
-        why = _trusted(folder, self.variant, self.size, self.seed)
-        if why is not None:
-            if not generate:
-                raise FileNotFoundError(
-                    f"an8Flower {variant} (size {size}, seed {seed}) is not in {folder}: {why}. "
-                    "Pass generate=True to render it (seconds at size 128).")
-            _generate_cache(root, self.variant, self.size, self.seed, bool(progress), False)
-        self.folder = folder
-        specs = _class_specs(self.variant)
-        self.classes: list[str] = [s.name for s in specs]
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self.regions: list[str] = [s.region for s in specs]
-        index = pd.read_csv(folder / _INDEX)
-        expected_cols = {"label", "class", "view", "crop", "angle", "fold", "path", "mask_path", "crc32", "mask_crc32"}
-        if not expected_cols <= set(index.columns) or len(index) != N_VIEWS * len(CROPS) * len(ANGLES) * len(specs):
-            raise RuntimeError(f"{folder / _INDEX}: unexpected content; delete {folder} and construct again")
-        self.index: pd.DataFrame = index
-        self.targets: np.ndarray = index["label"].to_numpy(dtype=np.int64)
-        # plain lists for fast item access (DataFrame row access costs ~0.1 ms)
-        self._files = list(zip(index["path"], index["crc32"].astype(np.int64).tolist(),
-                               index["mask_path"], index["mask_crc32"].astype(np.int64).tolist()))
-
-    @property
-    def labels(self) -> np.ndarray:
-        """Alias of ``targets``."""
-        return self.targets
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def _read(self, rel: str, crc: int) -> np.ndarray:
-        path = self.folder / rel
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            raise RuntimeError(f"an8Flower: cannot read {path} ({err}); delete {self.folder} to regenerate") from err
-        if zlib.crc32(data) != int(crc):
-            raise RuntimeError(f"an8Flower: corrupt file {path} (checksum mismatch); "
-                               f"delete {self.folder} and construct the dataset again to regenerate it")
-        try:
-            fast = _png_decode(data)
-            if fast is not None:
-                return fast
-            with Image.open(io.BytesIO(data)) as im:
-                return np.asarray(im)
-        except (OSError, SyntaxError, ValueError, zlib.error, struct.error) as err:
-            raise RuntimeError(f"an8Flower: cannot decode {path} ({err}); "
-                               f"delete {self.folder} and construct the dataset again to regenerate it") from err
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
-        if not isinstance(i, (int, np.integer)) or isinstance(i, (bool, np.bool_)):
-            raise TypeError(f"index: expected an int, got {describe(i)}")
-        n = len(self)
-        if not -n <= int(i) < n:
-            raise IndexError(f"index: {i} out of range for {n} items")
-        i = int(i) % n
-        path, crc, mask_path, mask_crc = self._files[i]
-        img = self._read(path, crc)
-        mask = self._read(mask_path, mask_crc)
-        if img.shape != (self.size, self.size, 3) or img.dtype != np.uint8:
-            raise RuntimeError(f"an8Flower: {self.folder / path} holds {describe(img)}, "
-                               f"expected ({self.size}, {self.size}, 3) uint8")
-        if mask.shape != (self.size, self.size):
-            raise RuntimeError(f"an8Flower: {self.folder / mask_path} holds {describe(mask)}, "
-                               f"expected ({self.size}, {self.size})")
-        image = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(255)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.targets[i]), torch.from_numpy(mask.astype(bool))
-
-    def fold_indices(self, fold: int, folds: str = "views") -> tuple[np.ndarray, np.ndarray]:
-        """``(train_idx, test_idx)`` of fold ``fold`` in 0..4: test = the items of the views of that
-        fold under the split ``folds`` (:func:`fold_of_view`: ``"views"`` ``v % 5 == fold``,
-        ``"blocks"`` ``v // 8 == fold``)."""
-        if not isinstance(fold, (int, np.integer)) or isinstance(fold, bool) or not 0 <= int(fold) < N_FOLDS:
-            raise ValueError(f"fold: expected an int in 0..{N_FOLDS - 1}, got {describe(fold)}")
-        test = fold_of_view(self.index["view"].to_numpy(), folds) == int(fold)
-        return np.flatnonzero(~test), np.flatnonzero(test)
-
-    def __repr__(self) -> str:
-        return (f"An8Flower(variant={self.variant!r}, size={self.size}, seed={self.seed}, "
-                f"items={len(self)}, classes={len(self.classes)}, folder='{self.folder}')")
-
-
-def gallery(dataset: An8Flower, per_class: int = 1, *, crop: str = "center", angle: int = 5
-            ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """A few items of every class for a figure: ``(images (K,3,S,S), masks (K,S,S), labels (K,))``.
-
-    Takes ``per_class`` viewpoints spread evenly over the circle from :data:`GALLERY_VIEW` (the
-    flower head facing the camera), at the given crop and angle, the same viewpoints for every
-    class (K = per_class * number of classes, ordered by class, then viewpoint).
-    """
-    if not isinstance(dataset, An8Flower):
-        raise TypeError(f"dataset: expected an An8Flower, got {describe(dataset)}")
-    if not isinstance(per_class, (int, np.integer)) or isinstance(per_class, bool) or not 1 <= per_class <= N_VIEWS:
-        raise ValueError(f"per_class: expected an int in 1..{N_VIEWS}, got {describe(per_class)}")
-    if crop not in CROPS:
-        raise ValueError(f"crop: expected one of {CROPS}, got {describe(crop)}")
-    if angle not in ANGLES:
-        raise ValueError(f"angle: expected one of {ANGLES}, got {describe(angle)}")
-    views = [(GALLERY_VIEW + k * N_VIEWS // per_class) % N_VIEWS for k in range(per_class)]
-    idx = dataset.index
-    picks = []
-    for label in range(len(dataset.classes)):
-        for view in views:
-            sel = idx.index[(idx["label"] == label) & (idx["view"] == view) & (idx["crop"] == crop) & (idx["angle"] == angle)]
-            picks.append(int(sel[0]))
-    items = [dataset[i] for i in picks]
-    return (torch.stack([it[0] for it in items]), torch.stack([it[2] for it in items]),
-            np.array([it[1] for it in items], dtype=np.int64))

@@ -279,6 +279,9 @@ def test_notebook_02_mu_slider_and_class_change_the_figure(run, lab, browser):
     page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")  # free the core
     page.close()
     print(f"notebook 02 in JupyterLab: {time.perf_counter() - t0:.0f} s")
+    # in this test, not a later one: pytest-xdist may run other modules between this module's
+    # tests, which rebuilds the module's fixtures, so no test may rely on another's files
+    _index_shows_the_screenshots(run)
 
 
 def test_notebook_04_layer_and_channel_explorer(run, lab, browser):
@@ -384,9 +387,9 @@ def test_report_page_without_javascript_shows_static_figures_and_a_note(run, bro
     context.close()
 
 
-def test_index_shows_the_screenshots(run):
-    """After the live tests saved their screenshots, the index shows them (written again here,
-    as `make report` does on its next run)."""
+def _index_shows_the_screenshots(run):
+    """The index shows the screenshots the live test saved (written again here, as `make report`
+    does on its next run)."""
     shots = sorted(p.name for p in (run["reports"] / report.SCREENSHOTS_DIRNAME).glob("*.png"))
     assert {"02_live_before_moving_mu.png", "02_live_after_moving_mu.png"} <= set(shots), shots
     index = report.write_index(run["reports"], run["result"]["entries"], quick=True).read_text()

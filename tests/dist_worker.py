@@ -116,12 +116,16 @@ def main(argv=None) -> int:
                 print(f"RANK{rank} {case} ACCEPTED", flush=True)
             except Exception as err:  # noqa: BLE001 - the test reads the message
                 print(f"RANK{rank} {case} ERROR {type(err).__name__}: {err}", flush=True)
-        return 0
+        # leave without running the process group's C++ destructors: after a peer hung past the
+        # timeout, gloo's teardown can abort (SIGABRT) depending on when the peer dies, which is
+        # not what this worker tests (seen once in a full make test)
+        sys.stdout.flush()
+        os._exit(0)
     try:
         feats, tracker = run(kill=rank == args.kill_rank)
     except Exception as err:  # noqa: BLE001 - the test reads the message
         print(f"RANK{rank} ERROR {type(err).__name__}: {err}", flush=True)
-        return 3
+        os._exit(3)  # as above: no gloo teardown after a peer died
     top = tracker.to_frame()  # rank 0 writes OUT, the others OUT.rank<r>.npz
     out = args.out if rank == 0 else f"{args.out[:-4]}.rank{rank}.npz"
     if rank == 0 or args.every_rank:

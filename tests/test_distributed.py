@@ -247,9 +247,9 @@ def test_ranks_that_disagree_are_refused_and_a_hung_rank_times_out(tmp_path):
             assert found.group(1) != found.group(2)  # both values named
         assert "ACCEPTED" not in log
     (rc0, log0), (rc1, _) = logs
-    assert rc0 == 0 and rc1 == -9  # rank 1 slept past the timeout, then died
     assert re.search(r"RANK0 kill ERROR RuntimeError: torch.distributed: .* failed on rank 0 of 2 .*Timed out .*"
                      r"another rank died or did not answer within the process group's timeout", log0), log0
+    assert rc0 == 0 and rc1 == -9, (rc0, rc1, log0)  # rank 1 slept past the timeout, then died
     assert not list((tmp_path / "cache").glob("features-*.npz"))
 
 

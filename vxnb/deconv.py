@@ -243,6 +243,129 @@ class _ResampledAvgPool2d(torch.autograd.Function):
 _OUR_FUNCTIONS = (_GuidedReLU, _ResampledConv2d, _ResampledMaxPool2d, _ResampledAvgPool2d)
 
 
+# --------------------------------------------------------------------------------------
+# The fast path (issue 16): the same maps as the functions above (the *reference*, still
+# selected by :func:`_reference_mode`), computed with less work per backward. The K
+# signals of a call go back one after the other through one recorded forward
+# (``retain_graph``) on the CPU, where a batch of K is no faster per signal than K
+# batches of one (measured: slower at 224 px), and vmapped (``is_grads_batched``) elsewhere.
+# --------------------------------------------------------------------------------------
+
+#: True: rules, backward and explain() as before issue 16 (tests compare the two paths).
+_REFERENCE = False
+#: None: the K signals go back one by one on the CPU and vmapped elsewhere; True / False
+#: forces the vmapped / the one-by-one backward (tests run both).
+_BATCHED: bool | None = None
+#: stride-1 transposes as conv2d with flipped weights in channels-last layout (oneDNN's
+#: fastest form at 224 px / 64 channels); off: the conversions of the signal to and from
+#: the NCHW masks and pool inputs cost more than the conv saves (a channels-last forward
+#: would avoid them, but changes activations by rounding and flips ReLU masks).
+_CHANNELS_LAST = False
+
+
+@contextlib.contextmanager
+def _reference_mode(on: bool = True) -> Iterator[None]:
+    """Run the implementation as it was before the fast path (for tests and the benchmark)."""
+    global _REFERENCE
+    old, _REFERENCE = _REFERENCE, on
+    try:
+        yield
+    finally:
+        _REFERENCE = old
+
+
+def _flip_weight(weight: Tensor, groups: int) -> Tensor:
+    """The weight of the conv2d equal to the stride-1 ``conv_transpose2d`` with ``weight``:
+    flipped in space, in/out channels swapped within each group, (in, out / groups, kh, kw)."""
+    o, ig, kh, kw = weight.shape
+    wf = weight.detach().flip(-2, -1).reshape(groups, o // groups, ig, kh, kw).transpose(1, 2)
+    wf = wf.reshape(groups * ig, o // groups, kh, kw)
+    return wf.contiguous(memory_format=torch.channels_last) if _CHANNELS_LAST else wf.contiguous()
+
+
+def _fast_conv_ok(m: nn.Conv2d, resample: bool) -> bool:
+    """Conv2d modules :class:`_FastConv2d` carries back: zero padding given as numbers (or
+    'valid'), at stride 1, or strided with ``resample``; others keep autograd's transpose."""
+    if m.padding_mode != "zeros" or (isinstance(m.padding, str) and m.padding != "valid"):
+        return False
+    return resample or not _strided(m.stride)
+
+
+def _conv_transpose(m: nn.Conv2d, g: Tensor, in_size: tuple[int, int], resample: bool,
+                    cache: dict[str, Tensor], channels: Tensor | None = None) -> Tensor:
+    """The DeconvNet transpose of conv ``m`` (stride 1, or resampled when strided) applied to
+    ``g``; with ``channels`` (groups = 1), ``g`` holds only those output channels (the other
+    ones are zero): the same sums with the weight's slice. ``cache`` keeps the flipped weight
+    for the later signals of the same forward."""
+    padding, dilation = _conv_padding(m), _pair(m.dilation)
+    weight = m.weight.detach()
+    if _strided(m.stride):  # resampled: as _ResampledConv2d.backward
+        if channels is not None:
+            weight = weight.index_select(0, channels)
+        size = _stride1_size(in_size, _pair(m.kernel_size), padding, dilation)
+        runs = [_replication_runs(b, a) for b, a in zip(g.shape[-2:], size)]
+        if len(runs[0]) * len(runs[1]) <= _MAX_BOX_PIECES:
+            return _box_transpose(g, weight, runs, padding, dilation, m.groups, in_size)
+        return F.conv_transpose2d(_resize(g, size), weight, None, stride=1, padding=padding,
+                                  groups=m.groups, dilation=dilation)
+    kh, kw = weight.shape[-2:]
+    flipped_pad = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
+    if min(flipped_pad) < 0:  # padding wider than the kernel: the transpose as it is
+        if channels is not None:
+            weight = weight.index_select(0, channels)
+        return F.conv_transpose2d(g, weight, None, stride=1, padding=padding, groups=m.groups,
+                                  dilation=dilation)
+    wf = cache.get("flipped")
+    if wf is None:
+        wf = cache["flipped"] = _flip_weight(weight, m.groups)
+    if channels is not None:
+        wf = wf.index_select(1, channels)
+    if _CHANNELS_LAST and g.dim() == 4:
+        g = g.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(g, wf, None, 1, flipped_pad, dilation, m.groups)
+
+
+class _FastConv2d(torch.autograd.Function):
+    """Conv2d at stride 1 (or strided and resampled): the backward is :func:`_conv_transpose`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, module: nn.Conv2d, resample: bool) -> Tensor:  # type: ignore[override]
+        ctx.module, ctx.resample, ctx.cache = module, resample, {}
+        ctx.in_size = tuple(x.shape[-2:])
+        return module._conv_forward(x, module.weight, module.bias)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        return _conv_transpose(ctx.module, g, ctx.in_size, ctx.resample, ctx.cache), None, None
+
+
+class _FastMaxPool2d(torch.autograd.Function):
+    """Resampled MaxPool2d; the stride-1 switches are found once per forward (at the first
+    backward), not once per signal."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, module: nn.MaxPool2d) -> Tensor:  # type: ignore[override]
+        ctx.module, ctx.idx = module, None
+        ctx.save_for_backward(x)
+        return F.max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation,
+                            ceil_mode=module.ceil_mode)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        m: nn.MaxPool2d = ctx.module
+        (x,) = ctx.saved_tensors
+        k, p, d = _pair(m.kernel_size), _pair(m.padding), _pair(m.dilation)
+        size = _stride1_size(x.shape[-2:], k, p, d)
+        if ctx.idx is None:
+            ctx.idx = F.max_pool2d(x, k, 1, p, d, return_indices=True)[1]
+        gx = torch.ops.aten.max_pool2d_with_indices_backward(_resize(g, size), x, list(k), [1, 1],
+                                                             list(p), list(d), False, ctx.idx)
+        return gx, None
+
+
+_OUR_FUNCTIONS = _OUR_FUNCTIONS + (_FastConv2d, _FastMaxPool2d)
+
+
 def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
     if isinstance(m.padding, str):  # 'valid' (0); 'same' only exists at stride 1
         if m.padding == "valid":
@@ -303,6 +426,8 @@ class ConvRule(Rule):
             _conv_padding(module)
 
     def forward(self, module: nn.Module, resample: bool) -> Callable[[Tensor], Tensor] | None:
+        if not _REFERENCE and _fast_conv_ok(module, resample):
+            return lambda x: _FastConv2d.apply(x, module, resample)
         if resample and _strided(module.stride):
             return lambda x: _ResampledConv2d.apply(x, module)
         return None
@@ -318,6 +443,8 @@ class MaxPoolRule(Rule):
 
     def forward(self, module: nn.Module, resample: bool) -> Callable[[Tensor], Tensor] | None:
         if resample and _strided(module.stride):
+            if not _REFERENCE:
+                return lambda x: _FastMaxPool2d.apply(x, module)
             return lambda x: _ResampledMaxPool2d.apply(x, module)
         return None
 
@@ -558,8 +685,121 @@ def _check_channels(channels: Any) -> list[int]:
     return out
 
 
+class _Recording:
+    """One forward of ``model`` on ``x`` under the rules, kept to carry signals back from the
+    first output of any of ``layers`` (:meth:`backward`) as often as needed: the forward of
+    :func:`visualize` (stopped at its layer) or, in ``vxnb.explanations.explain``, the
+    prediction's own forward (run through :meth:`forward`), so the network runs once.
+
+    A layer whose output a later in-place operation changed (a ``+=`` after it) is not
+    served (:meth:`output` returns None): its seed would no longer be its output.
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, resample: bool, layers: Sequence[str]) -> None:
+        self.model, self.resample, self.layers = model, resample, list(layers)
+        self.tracer = _Tracer()
+        self.modules = dict(model.named_modules())
+        self.x_leaf = x.detach().requires_grad_(True)
+        self.outputs: dict[str, tuple[Tensor, Tensor | None, int]] = {}
+        self.checked: set[str] = set()
+
+    @contextlib.contextmanager
+    def forward(self) -> Iterator[Tensor]:
+        """Run the model on ``self.x_leaf`` (yielded) inside the block: rules applied, grad on,
+        the first output (and input) of each of ``layers`` kept."""
+        def hook(name: str) -> Callable[..., None]:
+            def fn(module: nn.Module, inp: Any, out: Any) -> None:
+                if name not in self.outputs and isinstance(out, Tensor):
+                    first = inp[0] if isinstance(inp, tuple) and inp and isinstance(inp[0], Tensor) else None
+                    self.outputs[name] = (out, first, out._version)
+            return fn
+
+        with torch.enable_grad(), applied_rules(self.model, resample=self.resample, _tracer=self.tracer):
+            handles = [self.modules[n].register_forward_hook(hook(n)) for n in dict.fromkeys(self.layers)]
+            try:
+                with self.tracer:
+                    yield self.x_leaf
+            finally:
+                for h in handles:
+                    h.remove()
+
+    def output(self, layer: str) -> Tensor | None:
+        """The output of ``layer`` (its graph checked), None if not recorded or changed in place."""
+        if layer not in self.outputs:
+            return None
+        a, _, version = self.outputs[layer]
+        if a._version != version:
+            return None
+        if a.grad_fn is None:
+            raise ValueError(f"layer: the output of {layer!r} does not depend on the input")
+        if layer not in self.checked:
+            _check_graph(a.grad_fn, self.x_leaf, self.tracer, self.modules, self.resample)
+            self.checked.add(layer)
+        return a
+
+    def _conv_step(self, layer: str, a: Tensor) -> tuple[nn.Conv2d, Tensor, Any] | None:
+        """(module, its input, node) where ``layer`` is a Conv2d carried back by
+        :class:`_FastConv2d` (groups 1) whose output is ``a``: the first transpose can then
+        use the seed's non-zero channels only."""
+        module = self.modules[layer]
+        node = a.grad_fn
+        _, inp, _ = self.outputs[layer]
+        if (inp is None or getattr(node, "_forward_cls", None) is not _FastConv2d or not isinstance(module, nn.Conv2d)
+                or module.groups != 1 or inp.grad_fn is None and inp is not self.x_leaf):
+            return None
+        return module, inp, node
+
+    def backward(self, layer: str, seed: Callable[[Tensor, int], Tensor], K: int,
+                 batched: bool | None = None) -> Tensor:
+        """(B, K, C, H, W): the K signals ``seed(a, k)`` at ``layer``'s output ``a`` carried back."""
+        a = self.output(layer)
+        if a is None:
+            raise ValueError(f"layer: module {layer!r} was not called during the forward pass, or its output "
+                             "was changed in place")
+        a_det = a.detach()
+        seeds = [seed(a_det, k) for k in range(K)]
+        if batched is None:
+            batched = _BATCHED if _BATCHED is not None else a.device.type != "cpu"
+        if batched and K > 1:
+            try:
+                (gx,) = torch.autograd.grad(a, self.x_leaf, torch.stack(seeds), is_grads_batched=True,
+                                            retain_graph=True)
+            except RuntimeError as err:
+                raise _VmapFailed(str(err)) from err
+            return gx.transpose(0, 1).contiguous()
+        step = self._conv_step(layer, a)
+        out = []
+        for g in seeds:
+            if step is None:
+                (gx,) = torch.autograd.grad(a, self.x_leaf, g, retain_graph=True)
+            else:
+                module, inp, node = step
+                nz = g.flatten(2).ne(0).any(2).any(0).nonzero().flatten() if g.dim() > 2 else None
+                if nz is None or nz.numel() == 0:
+                    g_in = _conv_transpose(module, g, node.in_size, node.resample, node.cache)
+                else:
+                    g_in = _conv_transpose(module, g.index_select(1, nz), node.in_size, node.resample, node.cache,
+                                           channels=nz)
+                gx = g_in if inp is self.x_leaf else torch.autograd.grad(inp, self.x_leaf, g_in, retain_graph=True)[0]
+            out.append(gx.contiguous())
+        return torch.stack(out, 1)
+
+
 def _backward(model: nn.Module, x: Tensor, layer: str | None, resample: bool,
               seed: Callable[[Tensor, int], Tensor], K: int, *, expand: bool = False) -> Tensor:
+    """Core: one forward to ``layer`` under the rules (a :class:`_Recording`), then the K
+    signals back (see :meth:`_Recording.backward`); the reference path (issue 16's
+    starting point) with :func:`_reference_mode` or ``expand``."""
+    if _REFERENCE or expand or layer is None:
+        return _backward_reference(model, x, layer, resample, seed, K, expand=expand)
+    rec = _Recording(model, x, resample, [layer])
+    with rec.forward() as x_leaf:
+        forward_to(model, x_leaf, layer)
+    return rec.backward(layer, seed, K)
+
+
+def _backward_reference(model: nn.Module, x: Tensor, layer: str | None, resample: bool,
+                        seed: Callable[[Tensor, int], Tensor], K: int, *, expand: bool = False) -> Tensor:
     """Core: forward to ``layer`` under the rules, check the graph, one batched backward.
 
     ``seed(a, k)`` gives the k-th signal (shape of ``a``) at the layer output ``a`` (B, ...).

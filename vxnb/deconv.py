@@ -256,11 +256,9 @@ _REFERENCE = False
 #: None: the K signals go back one by one on the CPU and vmapped elsewhere; True / False
 #: forces the vmapped / the one-by-one backward (tests run both).
 _BATCHED: bool | None = None
-#: stride-1 transposes as conv2d with flipped weights in channels-last layout (oneDNN's
-#: fastest form at 224 px / 64 channels); off: the conversions of the signal to and from
-#: the NCHW masks and pool inputs cost more than the conv saves (a channels-last forward
-#: would avoid them, but changes activations by rounding and flips ReLU masks).
-_CHANNELS_LAST = False
+# Measured and left out: channels-last signals (oneDNN's conv2d is faster on them at 224 px /
+# 64 channels, but converting them to and from the NCHW masks and pool inputs costs as much;
+# a channels-last forward rounds activations differently and flips ReLU masks: not exact).
 
 
 @contextlib.contextmanager
@@ -280,7 +278,7 @@ def _flip_weight(weight: Tensor, groups: int) -> Tensor:
     o, ig, kh, kw = weight.shape
     wf = weight.detach().flip(-2, -1).reshape(groups, o // groups, ig, kh, kw).transpose(1, 2)
     wf = wf.reshape(groups * ig, o // groups, kh, kw)
-    return wf.contiguous(memory_format=torch.channels_last) if _CHANNELS_LAST else wf.contiguous()
+    return wf.contiguous()
 
 
 def _fast_conv_ok(m: nn.Conv2d, resample: bool) -> bool:
@@ -291,12 +289,36 @@ def _fast_conv_ok(m: nn.Conv2d, resample: bool) -> bool:
     return resample or not _strided(m.stride)
 
 
+def _nonzero_channels(g: Tensor) -> Tensor | None:
+    """The channels of the signal ``g`` (B, C, H, W) that are not all zero, where at most half
+    are (the seed at a conv layer: one channel per filter), else None (all channels; also
+    inside the vmapped backward, whose tensors cannot be sliced by their values). Asked for
+    the seed only: guided ReLU zeroes 5-25 % of the channels of later signals (random-init
+    VGG-16), but finding them and slicing cost about what the smaller conv saves."""
+    if g.dim() != 4 or _is_batched(g):
+        return None
+    nz = g.flatten(2).ne(0).any(2).any(0).nonzero().flatten()
+    if 2 * nz.numel() > g.shape[1]:
+        return None
+    return nz if nz.numel() else nz.new_zeros(1)  # all zero: one (zero) channel gives the zeros
+
+
+def _is_batched(g: Tensor) -> bool:
+    try:
+        return bool(torch._C._functorch.is_batchedtensor(g))
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
 def _conv_transpose(m: nn.Conv2d, g: Tensor, in_size: tuple[int, int], resample: bool,
-                    cache: dict[str, Tensor], channels: Tensor | None = None) -> Tensor:
+                    cache: dict[str, Tensor], seed: bool = False) -> Tensor:
     """The DeconvNet transpose of conv ``m`` (stride 1, or resampled when strided) applied to
-    ``g``; with ``channels`` (groups = 1), ``g`` holds only those output channels (the other
-    ones are zero): the same sums with the weight's slice. ``cache`` keeps the flipped weight
-    for the later signals of the same forward."""
+    ``g``. With ``seed`` (``g`` is the seed at this conv's output), its all-zero channels are
+    left out (groups = 1; with the weight's slice: the same sums without the zero terms).
+    ``cache`` keeps the flipped weight for the later signals of the same forward."""
+    channels = _nonzero_channels(g) if seed and m.groups == 1 else None
+    if channels is not None:
+        g = g.index_select(1, channels)
     padding, dilation = _conv_padding(m), _pair(m.dilation)
     weight = m.weight.detach()
     if _strided(m.stride):  # resampled: as _ResampledConv2d.backward
@@ -320,8 +342,6 @@ def _conv_transpose(m: nn.Conv2d, g: Tensor, in_size: tuple[int, int], resample:
         wf = cache["flipped"] = _flip_weight(weight, m.groups)
     if channels is not None:
         wf = wf.index_select(1, channels)
-    if _CHANNELS_LAST and g.dim() == 4:
-        g = g.contiguous(memory_format=torch.channels_last)
     return F.conv2d(g, wf, None, 1, flipped_pad, dilation, m.groups)
 
 
@@ -330,13 +350,28 @@ class _FastConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, module: nn.Conv2d, resample: bool) -> Tensor:  # type: ignore[override]
-        ctx.module, ctx.resample, ctx.cache = module, resample, {}
+        ctx.module, ctx.resample, ctx.cache, ctx.seed = module, resample, {}, False
         ctx.in_size = tuple(x.shape[-2:])
         return module._conv_forward(x, module.weight, module.bias)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        return _conv_transpose(ctx.module, g, ctx.in_size, ctx.resample, ctx.cache), None, None
+        return _conv_transpose(ctx.module, g, ctx.in_size, ctx.resample, ctx.cache, ctx.seed), None, None
+
+
+class _FastGuidedReLU(torch.autograd.Function):
+    """Guided ReLU with the mask kept in the signal's dtype (a multiplication by a bool mask
+    converts it each time)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward((x > 0).to(x.dtype))
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return g.clamp_min(0).mul_(mask)
 
 
 class _FastMaxPool2d(torch.autograd.Function):
@@ -363,7 +398,7 @@ class _FastMaxPool2d(torch.autograd.Function):
         return gx, None
 
 
-_OUR_FUNCTIONS = _OUR_FUNCTIONS + (_FastConv2d, _FastMaxPool2d)
+_OUR_FUNCTIONS = _OUR_FUNCTIONS + (_FastConv2d, _FastMaxPool2d, _FastGuidedReLU)
 
 
 def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
@@ -407,7 +442,7 @@ class GuidedReLURule(Rule):
     ``inplace=True``: the replacement forward is out of place)."""
 
     def forward(self, module: nn.Module, resample: bool) -> Callable[[Tensor], Tensor]:
-        return _GuidedReLU.apply
+        return _GuidedReLU.apply if _REFERENCE else _FastGuidedReLU.apply
 
 
 def _strided(stride: Any) -> bool:
@@ -700,18 +735,17 @@ class _Recording:
         self.tracer = _Tracer()
         self.modules = dict(model.named_modules())
         self.x_leaf = x.detach().requires_grad_(True)
-        self.outputs: dict[str, tuple[Tensor, Tensor | None, int]] = {}
+        self.outputs: dict[str, tuple[Tensor, int]] = {}
         self.checked: set[str] = set()
 
     @contextlib.contextmanager
     def forward(self) -> Iterator[Tensor]:
         """Run the model on ``self.x_leaf`` (yielded) inside the block: rules applied, grad on,
-        the first output (and input) of each of ``layers`` kept."""
+        the first output of each of ``layers`` kept."""
         def hook(name: str) -> Callable[..., None]:
             def fn(module: nn.Module, inp: Any, out: Any) -> None:
                 if name not in self.outputs and isinstance(out, Tensor):
-                    first = inp[0] if isinstance(inp, tuple) and inp and isinstance(inp[0], Tensor) else None
-                    self.outputs[name] = (out, first, out._version)
+                    self.outputs[name] = (out, out._version)
             return fn
 
         with torch.enable_grad(), applied_rules(self.model, resample=self.resample, _tracer=self.tracer):
@@ -727,7 +761,7 @@ class _Recording:
         """The output of ``layer`` (its graph checked), None if not recorded or changed in place."""
         if layer not in self.outputs:
             return None
-        a, _, version = self.outputs[layer]
+        a, version = self.outputs[layer]
         if a._version != version:
             return None
         if a.grad_fn is None:
@@ -736,18 +770,6 @@ class _Recording:
             _check_graph(a.grad_fn, self.x_leaf, self.tracer, self.modules, self.resample)
             self.checked.add(layer)
         return a
-
-    def _conv_step(self, layer: str, a: Tensor) -> tuple[nn.Conv2d, Tensor, Any] | None:
-        """(module, its input, node) where ``layer`` is a Conv2d carried back by
-        :class:`_FastConv2d` (groups 1) whose output is ``a``: the first transpose can then
-        use the seed's non-zero channels only."""
-        module = self.modules[layer]
-        node = a.grad_fn
-        _, inp, _ = self.outputs[layer]
-        if (inp is None or getattr(node, "_forward_cls", None) is not _FastConv2d or not isinstance(module, nn.Conv2d)
-                or module.groups != 1 or inp.grad_fn is None and inp is not self.x_leaf):
-            return None
-        return module, inp, node
 
     def backward(self, layer: str, seed: Callable[[Tensor, int], Tensor], K: int,
                  batched: bool | None = None) -> Tensor:
@@ -758,6 +780,8 @@ class _Recording:
                              "was changed in place")
         a_det = a.detach()
         seeds = [seed(a_det, k) for k in range(K)]
+        if getattr(a.grad_fn, "_forward_cls", None) is _FastConv2d:
+            a.grad_fn.seed = True  # the seed's zero channels can be left out of the first transpose
         if batched is None:
             batched = _BATCHED if _BATCHED is not None else a.device.type != "cpu"
         if batched and K > 1:
@@ -767,20 +791,9 @@ class _Recording:
             except RuntimeError as err:
                 raise _VmapFailed(str(err)) from err
             return gx.transpose(0, 1).contiguous()
-        step = self._conv_step(layer, a)
         out = []
         for g in seeds:
-            if step is None:
-                (gx,) = torch.autograd.grad(a, self.x_leaf, g, retain_graph=True)
-            else:
-                module, inp, node = step
-                nz = g.flatten(2).ne(0).any(2).any(0).nonzero().flatten() if g.dim() > 2 else None
-                if nz is None or nz.numel() == 0:
-                    g_in = _conv_transpose(module, g, node.in_size, node.resample, node.cache)
-                else:
-                    g_in = _conv_transpose(module, g.index_select(1, nz), node.in_size, node.resample, node.cache,
-                                           channels=nz)
-                gx = g_in if inp is self.x_leaf else torch.autograd.grad(inp, self.x_leaf, g_in, retain_graph=True)[0]
+            (gx,) = torch.autograd.grad(a, self.x_leaf, g, retain_graph=True)
             out.append(gx.contiguous())
         return torch.stack(out, 1)
 
@@ -906,6 +919,23 @@ def visualize(model: nn.Module, x: Tensor, layer: str, channels: int | Sequence[
     device, dtype = model_device_dtype(model, x)
     x = x.to(device=device, dtype=dtype)
     out = run_backward(model, x, layer, resample, _channel_seed(chans, layer), len(chans))
+    return _check_finite(out, chans, layer)
+
+
+def _visualize_recorded(rec: _Recording, layer: str, channels: list[int]) -> Tensor | None:
+    """:func:`visualize` of ``rec``'s image (already checked) from its recorded forward; None
+    where the recording cannot serve ``layer`` (not called, changed in place, or the vmapped
+    backward failed): the caller then runs :func:`visualize`."""
+    if rec.output(layer) is None:
+        return None
+    try:
+        out = rec.backward(layer, _channel_seed(channels, layer), len(channels))
+    except _VmapFailed:
+        return None
+    return _check_finite(out, channels, layer)
+
+
+def _check_finite(out: Tensor, chans: list[int], layer: str) -> Tensor:
     bad = ~torch.isfinite(out).flatten(2).all(2)  # (B, K)
     if bool(bad.any()):
         b, k = (int(i) for i in bad.nonzero()[0])

@@ -720,7 +720,7 @@ def _check_channels(channels: Any) -> list[int]:
     return out
 
 
-class _Recording:
+class RecordedForward:
     """One forward of ``model`` on ``x`` under the rules, kept to carry signals back from the
     first output of any of ``layers`` (:meth:`backward`) as often as needed: the forward of
     :func:`visualize` (stopped at its layer) or, in ``vxnb.explanations.explain``, the
@@ -771,6 +771,18 @@ class _Recording:
             self.checked.add(layer)
         return a
 
+    def visualize(self, layer: str, channels: list[int]) -> Tensor | None:
+        """:func:`visualize` of the recorded image (already checked) at ``layer``; None where
+        the recording cannot serve ``layer`` (not called, changed in place, or the vmapped
+        backward failed): the caller then runs :func:`visualize`."""
+        if self.output(layer) is None:
+            return None
+        try:
+            out = self.backward(layer, _channel_seed(channels, layer), len(channels))
+        except _VmapFailed:
+            return None
+        return _check_finite(out, channels, layer)
+
     def backward(self, layer: str, seed: Callable[[Tensor, int], Tensor], K: int,
                  batched: bool | None = None) -> Tensor:
         """(B, K, C, H, W): the K signals ``seed(a, k)`` at ``layer``'s output ``a`` carried back."""
@@ -798,14 +810,20 @@ class _Recording:
         return torch.stack(out, 1)
 
 
+def record_forward(model: nn.Module, x: Tensor, resample: bool, layers: Sequence[str]) -> RecordedForward | None:
+    """A :class:`RecordedForward` of ``model`` on the checked batch ``x`` (None on the
+    reference path, :func:`_reference_mode`, where every visualisation runs its own forward)."""
+    return None if _REFERENCE else RecordedForward(model, x, resample, layers)
+
+
 def _backward(model: nn.Module, x: Tensor, layer: str | None, resample: bool,
               seed: Callable[[Tensor, int], Tensor], K: int, *, expand: bool = False) -> Tensor:
-    """Core: one forward to ``layer`` under the rules (a :class:`_Recording`), then the K
-    signals back (see :meth:`_Recording.backward`); the reference path (issue 16's
+    """Core: one forward to ``layer`` under the rules (a :class:`RecordedForward`), then the K
+    signals back (see :meth:`RecordedForward.backward`); the reference path (issue 16's
     starting point) with :func:`_reference_mode` or ``expand``."""
     if _REFERENCE or expand or layer is None:
         return _backward_reference(model, x, layer, resample, seed, K, expand=expand)
-    rec = _Recording(model, x, resample, [layer])
+    rec = RecordedForward(model, x, resample, [layer])
     with rec.forward() as x_leaf:
         forward_to(model, x_leaf, layer)
     return rec.backward(layer, seed, K)
@@ -920,19 +938,6 @@ def visualize(model: nn.Module, x: Tensor, layer: str, channels: int | Sequence[
     x = x.to(device=device, dtype=dtype)
     out = run_backward(model, x, layer, resample, _channel_seed(chans, layer), len(chans))
     return _check_finite(out, chans, layer)
-
-
-def _visualize_recorded(rec: _Recording, layer: str, channels: list[int]) -> Tensor | None:
-    """:func:`visualize` of ``rec``'s image (already checked) from its recorded forward; None
-    where the recording cannot serve ``layer`` (not called, changed in place, or the vmapped
-    backward failed): the caller then runs :func:`visualize`."""
-    if rec.output(layer) is None:
-        return None
-    try:
-        out = rec.backward(layer, _channel_seed(channels, layer), len(channels))
-    except _VmapFailed:
-        return None
-    return _check_finite(out, channels, layer)
 
 
 def _check_finite(out: Tensor, chans: list[int], layer: str) -> Tensor:

@@ -46,8 +46,8 @@ from tqdm.auto import tqdm
 
 from ._checks import check_choice, check_class, check_model, check_positive_int
 from ._graph import first_conv_in_channels, stride_at
-from . import deconv as _deconv
-from .deconv import _Recording, _visualize_recorded, grid_score, heatmap, run_backward, signed_rgb, visualize
+from .deconv import (RecordedForward, grid_score, heatmap, record_forward, run_backward, signed_rgb,
+                     visualize)
 from .features import default_layers, descriptors, layer_numbers
 from .relevance import Relevance, top_features
 from .utils import check_image_batch, describe, eval_mode, get_module
@@ -161,10 +161,10 @@ def _width_probe(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, 
 
 
 def _forward(model: nn.Module, x: Tensor, rel: Relevance, layers: Sequence[str],
-             rec: _Recording | None = None) -> tuple[Tensor, Tensor | None, np.ndarray]:
+             rec: RecordedForward | None = None) -> tuple[Tensor, Tensor | None, np.ndarray]:
     """One forward pass: logits (B, C), the descriptor of ``rel``'s columns restricted to
     ``layers`` (B, m_sub) (None without layers) and the rows of ``rel.columns`` it holds.
-    With ``rec`` (a ``vxnb.deconv._Recording`` of ``x``), the pass runs under the DeconvNet
+    With ``rec`` (a ``vxnb.deconv.RecordedForward`` of ``x``), the pass runs under the DeconvNet
     rules and is kept, so the visualisations need no second forward."""
     if not layers:
         with eval_mode(model), torch.no_grad():
@@ -175,7 +175,7 @@ def _forward(model: nn.Module, x: Tensor, rel: Relevance, layers: Sequence[str],
             desc, logits = descriptors(model, x, layers=list(layers), return_output=True)
         else:
             with rec.forward() as x_leaf:
-                desc, logits = descriptors(model, x_leaf, layers=list(layers), return_output=True, _grad=True)
+                desc, logits = descriptors(model, x_leaf, layers=list(layers), return_output=True, keep_graph=True)
             desc = desc.detach()
     logits = _check_logits(logits, x.shape[0])
     offsets, start = {}, 0
@@ -201,7 +201,7 @@ def _check_logits(logits: Any, B: int) -> Tensor:
     return logits.detach()
 
 
-def _top(rel: Relevance, model: nn.Module, x: Tensor, targets: Any, k: int, rec: _Recording | None = None
+def _top(rel: Relevance, model: nn.Module, x: Tensor, targets: Any, k: int, rec: RecordedForward | None = None
          ) -> tuple[Tensor, np.ndarray, np.ndarray, pd.DataFrame, Relevance]:
     """Forward + top-k. Returns logits, predicted (B,), explained classes (B,), the top-k
     frame (``image, rank, …``; see ``vxnb.relevance.top_features``) and the relevance used."""
@@ -228,7 +228,7 @@ def _top(rel: Relevance, model: nn.Module, x: Tensor, targets: Any, k: int, rec:
 
 # ============================================================================ maps
 def _layer_maps(model: nn.Module, x: Tensor, layer: str, chans: list[list[int]], resample: bool,
-                rec: _Recording | None = None) -> Tensor:
+                rec: RecordedForward | None = None) -> Tensor:
     """(B, K, C, H, W): image b's channels ``chans[b]`` (padded with zero maps to K) at ``layer``.
 
     One image: ``vxnb.deconv.visualize`` with all its channels in one batched backward.
@@ -236,7 +236,7 @@ def _layer_maps(model: nn.Module, x: Tensor, layer: str, chans: list[list[int]],
     carries the activation map of channel ``chans[b][i]``)."""
     K = max(len(c) for c in chans)
     if x.shape[0] == 1:
-        out = _visualize_recorded(rec, layer, chans[0]) if rec is not None else None
+        out = rec.visualize(layer, chans[0]) if rec is not None else None
         return out if out is not None else visualize(model, x, layer, chans[0], resample=resample)
     B = x.shape[0]
     pad = [c + [-1] * (K - len(c)) for c in chans]
@@ -326,7 +326,7 @@ def _activation_maps_for_top(model: nn.Module, x: Tensor, top: pd.DataFrame, k: 
 
 
 def _maps_for_top(model: nn.Module, x: Tensor, top: pd.DataFrame, k: int, resample: bool,
-                  rec: _Recording | None = None) -> tuple[Tensor, Tensor]:
+                  rec: RecordedForward | None = None) -> tuple[Tensor, Tensor]:
     """Visualisations (B, k, C, H, W) by rank (zero where an image has fewer features) and
     the responses (B, k); ``rec``: the recorded forward of the one image ``x``."""
     B, C, H, W = x.shape
@@ -447,7 +447,7 @@ def explain(model: nn.Module, relevant: Relevance | pd.DataFrame, image: Tensor,
         with eval_mode(model), torch.no_grad():
             rel = rel._padded(max(rel.n_classes, _check_logits(model(x), 1).shape[1]))
     # the prediction's forward is recorded under the rules and carries the signals back
-    rec = None if _deconv._REFERENCE else _Recording(model, x, resample, rel.layers)
+    rec = record_forward(model, x, resample, rel.layers)
     logits, predicted, cls, top, rel = _top(rel, model, x, target, k, rec)
     j = int(cls[0])
     probs = torch.softmax(logits[0].double(), 0).cpu().numpy()

@@ -304,10 +304,10 @@ def _nonzero_channels(g: Tensor) -> Tensor | None:
 
 
 def _is_batched(g: Tensor) -> bool:
-    try:
-        return bool(torch._C._functorch.is_batchedtensor(g))
-    except AttributeError:  # pragma: no cover - older torch
-        return False
+    """Whether ``g`` is a vmapped tensor (``is_grads_batched`` uses the legacy batching)."""
+    fn = torch._C._functorch
+    return any(bool(getattr(fn, name)(g)) for name in ("is_batchedtensor", "is_legacy_batchedtensor")
+               if hasattr(fn, name))
 
 
 def _conv_transpose(m: nn.Conv2d, g: Tensor, in_size: tuple[int, int], resample: bool,
@@ -792,8 +792,6 @@ class RecordedForward:
                              "was changed in place")
         a_det = a.detach()
         seeds = [seed(a_det, k) for k in range(K)]
-        if getattr(a.grad_fn, "_forward_cls", None) is _FastConv2d:
-            a.grad_fn.seed = True  # the seed's zero channels can be left out of the first transpose
         if batched is None:
             batched = _BATCHED if _BATCHED is not None else a.device.type != "cpu"
         if batched and K > 1:
@@ -803,6 +801,8 @@ class RecordedForward:
             except RuntimeError as err:
                 raise _VmapFailed(str(err)) from err
             return gx.transpose(0, 1).contiguous()
+        if getattr(a.grad_fn, "_forward_cls", None) is _FastConv2d:
+            a.grad_fn.seed = True  # the seed's zero channels can be left out of the first transpose
         out = []
         for g in seeds:
             (gx,) = torch.autograd.grad(a, self.x_leaf, g, retain_graph=True)

@@ -30,6 +30,14 @@ layer), a module or functional call with a nonlinearity (``nn.Sigmoid``, ``nn.GE
 signals (gating, attention), and -- with ``resample=True`` -- a *functional* strided
 convolution or pooling (``F.conv2d(x, w, stride=2)``), which would escape resampling.
 This is checked on the autograd graph of each call (see :func:`visualize`).
+
+Speed (issue 16; the same maps as before to float rounding, tested against the earlier
+implementation kept behind ``_reference_mode``): stride-1 transposes run as ``conv2d`` with
+the flipped, channel-swapped weight (flipped once per forward, so a model changed in place
+is never served stale weights); the first transpose at a conv seed uses only the seed's
+non-zero channel; the resampled max-pool's stride-1 switches are found once per forward; the
+K signals reuse one recorded forward (:class:`RecordedForward`), which
+``vxnb.explanations.explain`` shares with its prediction.
 """
 from __future__ import annotations
 
@@ -831,7 +839,8 @@ def _backward(model: nn.Module, x: Tensor, layer: str | None, resample: bool,
 
 def _backward_reference(model: nn.Module, x: Tensor, layer: str | None, resample: bool,
                         seed: Callable[[Tensor, int], Tensor], K: int, *, expand: bool = False) -> Tensor:
-    """Core: forward to ``layer`` under the rules, check the graph, one batched backward.
+    """The reference core (before issue 16's fast path; also the B*K ``expand`` fallback and
+    ``layer=None``): forward to ``layer`` under the rules, check the graph, one batched backward.
 
     ``seed(a, k)`` gives the k-th signal (shape of ``a``) at the layer output ``a`` (B, ...).
     Returns (B, K, C, H, W). With ``expand`` the batch is expanded to B*K at the input
@@ -909,9 +918,10 @@ def visualize(model: nn.Module, x: Tensor, layer: str, channels: int | Sequence[
 
     Returns:
         (B, K, C, H, W) tensor on the model's device: the input-space visualisation of
-        each of the K channels for each image. All K travel back in one batched backward
-        after a single forward (``is_grads_batched``; if the backward cannot be vmapped it
-        falls back to expanding the batch to B*K at the input).
+        each of the K channels for each image. All K travel back through a single forward:
+        on the CPU one after the other (``retain_graph``; a batch of K is no faster per
+        signal there), elsewhere in one vmapped backward (``is_grads_batched``; if it cannot
+        be vmapped, the batch is expanded to B*K at the input instead).
 
     Raises:
         TypeError: ``x`` is not a float tensor; ``channels`` are not ints.

@@ -231,7 +231,8 @@ def _layer_maps(model: nn.Module, x: Tensor, layer: str, chans: list[list[int]],
                 rec: RecordedForward | None = None) -> Tensor:
     """(B, K, C, H, W): image b's channels ``chans[b]`` (padded with zero maps to K) at ``layer``.
 
-    One image: ``vxnb.deconv.visualize`` with all its channels in one batched backward.
+    One image: ``vxnb.deconv.visualize`` with all its channels after one forward (or
+    ``rec.visualize``: through ``rec``, the recorded prediction forward of :func:`explain`).
     Several: one forward and one batched backward with a per-image seed (image b, slot i
     carries the activation map of channel ``chans[b][i]``)."""
     K = max(len(c) for c in chans)
@@ -405,14 +406,17 @@ def explain(model: nn.Module, relevant: Relevance | pd.DataFrame, image: Tensor,
 
     One forward pass gives the prediction ĵ (explained unless ``target`` is given) and the
     descriptor x on the layers holding relevant features; the response r = w_target ∘ x
-    ranks the relevant features; the k strongest with r > 0 are visualised with
-    ``vxnb.deconv.visualize`` (all channels of one layer in one batched backward) and turned
-    into heatmaps (``vxnb.deconv.heatmap``). The **combined heatmap** is their pixel-wise
+    ranks the relevant features; the k strongest with r > 0 are visualised as
+    ``vxnb.deconv.visualize`` does, carried back through that same forward (recorded under
+    the DeconvNet rules: the network runs once), and turned into heatmaps
+    (``vxnb.deconv.heatmap``). The **combined heatmap** is their pixel-wise
     maximum (``combine="max"``, default) or their response-weighted sum ``c = Σ_i r_i h_i``
     (``"weighted"``), renormalised to [0, 1] — the map the an8Flower benchmark scores as "ours".
 
     Args:
-        model: the classifier (logits (B, C)); left as it was.
+        model: the classifier (logits (B, C)); left as it was. Its forward runs under the
+            DeconvNet rules, which compute the same outputs (a ``ReLU(inplace=True)`` then
+            runs out of place: a forward that relies on its side effect is not supported).
         relevant: a :class:`Relevance` (e.g. ``Relevance.from_path(path, features, mu)``) or
             the DataFrame of ``vxnb.relevance.relevant_features``.
         image: float (C, H, W) or (1, C, H, W), C matching the model.

@@ -20,7 +20,10 @@ least-squares fit is reached, the constraint is inactive) the last solution is r
 
 Only XᵀX and XᵀL are needed, so X never has to be in memory (``vxnb.features`` streams
 them); :func:`gram_statistics` forms them from an X that is (for large X with float32
-products, which moves the objective by ~1e-14 relative: see ``precision``).
+products, which moves the objective by ~1e-14 relative: see ``precision``). From an X in
+memory, large problems need not form all of XᵀX: the homotopy reads only the rows of the
+variables entering its active set, so ``gram="rows"`` forms just those, on demand
+(:class:`_RowGram`; a fraction of the full product's cost, the same paths).
 
 Degenerate designs are handled: all-zero columns never enter; a column linearly dependent
 on the active set (a duplicate, or the rank min(N, m) reached) is held at zero (SPAMS stops

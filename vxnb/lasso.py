@@ -347,13 +347,20 @@ def _check_finite_diag(diag: np.ndarray, X: np.ndarray, precision: str, column_n
     raise ValueError(f"X: NaN or inf in {_column_label(j, column_names)} (row {i}: {X[i, j].item()!r})")
 
 
-def _resolve_precision(precision: Any, shape: tuple[int, int]) -> str:
-    if precision not in ("auto", "single", "double"):
-        raise ValueError(f"precision: expected 'auto', 'single' or 'double', got {precision!r}")
-    if precision == "auto":
+def _resolve_by_size(arg: str, value: Any, large: str, small: str, shape: tuple[int, int],
+                     listed: tuple[str, str]) -> str:
+    """``value`` checked against ("auto", *listed); "auto" → ``large`` when N·m² (XᵀX's flops)
+    exceeds ``_AUTO_SINGLE_FLOPS``, else ``small``."""
+    if value not in ("auto", large, small):
+        raise ValueError(f"{arg}: expected 'auto', '{listed[0]}' or '{listed[1]}', got {value!r}")
+    if value == "auto":
         N, m = shape
-        return "single" if N * m * m > _AUTO_SINGLE_FLOPS else "double"
-    return precision
+        return large if N * m * m > _AUTO_SINGLE_FLOPS else small
+    return value
+
+
+def _resolve_precision(precision: Any, shape: tuple[int, int]) -> str:
+    return _resolve_by_size("precision", precision, "single", "double", shape, ("single", "double"))
 
 
 def _gram(X: np.ndarray, Ls: sp.csr_matrix, precision: str, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1016,12 +1023,7 @@ class LassoPath:
 
 # ============================================================================ public entry points
 def _resolve_gram(gram: Any, shape: tuple[int, int]) -> str:
-    if gram not in ("auto", "full", "rows"):
-        raise ValueError(f"gram: expected 'auto', 'full' or 'rows', got {gram!r}")
-    if gram == "auto":
-        N, m = shape
-        return "rows" if N * m * m > _AUTO_SINGLE_FLOPS else "full"
-    return gram
+    return _resolve_by_size("gram", gram, "rows", "full", shape, ("full", "rows"))
 
 
 def _gram_block(G: Any, idx: np.ndarray) -> np.ndarray:

@@ -398,3 +398,15 @@ def test_explain_vgg16_seed_at_a_conv_equals_reference():
     fast, ref = _explain_both(vgg, relv, image, k=4)
     assert fast.k == 4
     _assert_same_explanation(fast, ref)
+
+
+def test_explain_batch_fast_path_equals_reference(model, images, rel):
+    """Several images per layer: one forward and the per-image seeds one by one."""
+    from vxnb.deconv import _reference_mode
+
+    for resample in (True, False):
+        fast = E.explain_batch(model, rel, images, k=4, targets=[0, 1, 0, 2, 0], resample=resample)
+        with _reference_mode():
+            ref = E.explain_batch(model, rel, images, k=4, targets=[0, 1, 0, 2, 0], resample=resample)
+        assert fast.abs().max() > 0
+        assert (fast - ref).abs().max() <= 1e-6

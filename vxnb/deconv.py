@@ -368,18 +368,19 @@ class _FastConv2d(torch.autograd.Function):
 
 
 class _FastGuidedReLU(torch.autograd.Function):
-    """Guided ReLU with the mask kept in the signal's dtype (a multiplication by a bool mask
-    converts it each time)."""
+    """Guided ReLU selecting with the bool mask (``where``) instead of multiplying by it,
+    which converts the mask to the signal's dtype each time (a float mask, kept instead,
+    measured no faster and takes 4x the memory)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward((x > 0).to(x.dtype))
+        ctx.save_for_backward(x > 0)
         return x.clamp_min(0)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
         (mask,) = ctx.saved_tensors
-        return g.clamp_min(0).mul_(mask)
+        return torch.where(mask, g, 0).clamp_min_(0)
 
 
 class _FastMaxPool2d(torch.autograd.Function):

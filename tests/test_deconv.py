@@ -701,3 +701,19 @@ def test_recorded_forward_refuses_an_output_changed_in_place():
     assert rec.visualize("conv1", [0, 2]) is None  # its seed would not be its output any more
     torch.testing.assert_close(rec.visualize("conv2", [1]), visualize(model, x, "conv2", [1]), atol=1e-6, rtol=1e-5)
     assert hooks_left(model) == {}
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,ceil", [(2, 2, 0, 1, False), (2, 1, 0, 1, False),
+                                                                 (3, 2, 1, 1, True), (3, 1, 1, 2, False),
+                                                                 (3, 2, 0, 1, True)])
+def test_channels_last_max_pool_has_the_same_maxima_and_switches(kernel, stride, padding, dilation, ceil):
+    """Ties everywhere (a ReLU output, quantised): the first maximum of each window either way."""
+    from vxnb.deconv import _max_pool2d
+
+    x = (torch.randn(2, 16, 23, 20, generator=torch.Generator().manual_seed(0)) * 2).round().clamp_min(0)
+    out, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil, return_indices=True)
+    got, got_idx = _max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil, return_indices=True)
+    assert torch.equal(got, out) and torch.equal(got_idx, idx)
+    assert got.is_contiguous() and got_idx.is_contiguous()
+    assert torch.equal(_max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil),
+                       F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil))

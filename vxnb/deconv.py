@@ -35,7 +35,8 @@ Speed (issue 16; the same maps as before to float rounding, tested against the e
 implementation kept behind ``_reference_mode``): stride-1 transposes run as ``conv2d`` with
 the flipped, channel-swapped weight (flipped once per forward, so a model changed in place
 is never served stale weights); the first transpose at a conv seed uses only the seed's
-non-zero channel; the resampled max-pool's stride-1 switches are found once per forward; the
+non-zero channel; the resampled max-pool's stride-1 switches are found once per forward (and its
+poolings run on a channels-last copy: the same maxima and switches, faster); the
 K signals reuse one recorded forward (:class:`RecordedForward`), which
 ``vxnb.explanations.explain`` shares with its prediction.
 """
@@ -383,6 +384,16 @@ class _FastGuidedReLU(torch.autograd.Function):
         return torch.where(mask, g, 0).clamp_min_(0)
 
 
+def _max_pool2d(x: Tensor, *args: Any, **kwargs: Any) -> Any:
+    """``F.max_pool2d`` computed on a channels-last copy of an NCHW ``x`` and returned in NCHW:
+    the same maxima and switches (first maximum of each window), 2-4x faster on one CPU
+    thread for VGG-16's pools (the channels-last kernel runs along the channels)."""
+    if x.dim() != 4 or x.device.type != "cpu" or not x.is_contiguous():
+        return F.max_pool2d(x, *args, **kwargs)
+    out = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), *args, **kwargs)
+    return tuple(t.contiguous() for t in out) if isinstance(out, tuple) else out.contiguous()
+
+
 class _FastMaxPool2d(torch.autograd.Function):
     """Resampled MaxPool2d; the stride-1 switches are found once per forward (at the first
     backward), not once per signal."""
@@ -391,8 +402,8 @@ class _FastMaxPool2d(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, module: nn.MaxPool2d) -> Tensor:  # type: ignore[override]
         ctx.module, ctx.idx = module, None
         ctx.save_for_backward(x)
-        return F.max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation,
-                            ceil_mode=module.ceil_mode)
+        return _max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation,
+                           ceil_mode=module.ceil_mode)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
@@ -401,7 +412,7 @@ class _FastMaxPool2d(torch.autograd.Function):
         k, p, d = _pair(m.kernel_size), _pair(m.padding), _pair(m.dilation)
         size = _stride1_size(x.shape[-2:], k, p, d)
         if ctx.idx is None:
-            ctx.idx = F.max_pool2d(x, k, 1, p, d, return_indices=True)[1]
+            ctx.idx = _max_pool2d(x, k, 1, p, d, return_indices=True)[1]
         gx = torch.ops.aten.max_pool2d_with_indices_backward(_resize(g, size), x, list(k), [1, 1],
                                                              list(p), list(d), False, ctx.idx)
         return gx, None

@@ -717,3 +717,23 @@ def test_channels_last_max_pool_has_the_same_maxima_and_switches(kernel, stride,
     assert got.is_contiguous() and got_idx.is_contiguous()
     assert torch.equal(_max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil),
                        F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil))
+
+
+@pytest.mark.parametrize("where", ["seed_relu", "other_filter_weight"])
+def test_non_finite_values_show_on_the_fast_path_as_before(where):
+    """The fast path drops nothing non-finite: a NaN activation under a closed ReLU and a NaN
+    weight of another filter of the seed conv (0 x NaN in the full transpose) still raise."""
+    from vxnb.deconv import _reference_mode
+
+    torch.manual_seed(0)
+    model = seq(("conv1", nn.Conv2d(3, 4, 3, padding=1)), ("relu1", nn.ReLU()), ("conv2", nn.Conv2d(4, 6, 3)))
+    x = torch.rand(1, 3, 10, 10)
+    layer = "relu1" if where == "seed_relu" else "conv2"
+    with torch.no_grad():
+        if where == "seed_relu":
+            model.conv1.bias[2] = float("nan")
+        else:
+            model.conv2.weight[4, 1, 0, 0] = float("nan")
+    for ref in (False, True):
+        with _reference_mode(ref), pytest.raises(ValueError, match="NaN"):
+            visualize(model, x, layer, [2 if where == "seed_relu" else 0])

@@ -319,17 +319,26 @@ def _is_batched(g: Tensor) -> bool:
                if hasattr(fn, name))
 
 
+def _finite(weight: Tensor, cache: dict[str, Tensor]) -> bool:
+    """Whether ``weight`` is all finite (once per forward): a non-finite weight times a zero
+    channel of the signal is NaN in the full transpose, which must then show, not be sliced
+    away."""
+    if "finite" not in cache:
+        cache["finite"] = torch.isfinite(weight).all()
+    return bool(cache["finite"])
+
+
 def _conv_transpose(m: nn.Conv2d, g: Tensor, in_size: tuple[int, int], resample: bool,
                     cache: dict[str, Tensor], seed: bool = False) -> Tensor:
     """The DeconvNet transpose of conv ``m`` (stride 1, or resampled when strided) applied to
     ``g``. With ``seed`` (``g`` is the seed at this conv's output), its all-zero channels are
     left out (groups = 1; with the weight's slice: the same sums without the zero terms).
     ``cache`` keeps the flipped weight for the later signals of the same forward."""
-    channels = _nonzero_channels(g) if seed and m.groups == 1 else None
+    weight = m.weight.detach()
+    channels = _nonzero_channels(g) if seed and m.groups == 1 and _finite(weight, cache) else None
     if channels is not None:
         g = g.index_select(1, channels)
     padding, dilation = _conv_padding(m), _pair(m.dilation)
-    weight = m.weight.detach()
     if _strided(m.stride):  # resampled: as _ResampledConv2d.backward
         if channels is not None:
             weight = weight.index_select(0, channels)
@@ -368,20 +377,7 @@ class _FastConv2d(torch.autograd.Function):
         return _conv_transpose(ctx.module, g, ctx.in_size, ctx.resample, ctx.cache, ctx.seed), None, None
 
 
-class _FastGuidedReLU(torch.autograd.Function):
-    """Guided ReLU selecting with the bool mask (``where``) instead of multiplying by it,
-    which converts the mask to the signal's dtype each time (a float mask, kept instead,
-    measured no faster and takes 4x the memory)."""
 
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x > 0)
-        return x.clamp_min(0)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return torch.where(mask, g, 0).clamp_min_(0)
 
 
 def _max_pool2d(x: Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -418,7 +414,7 @@ class _FastMaxPool2d(torch.autograd.Function):
         return gx, None
 
 
-_OUR_FUNCTIONS = _OUR_FUNCTIONS + (_FastConv2d, _FastMaxPool2d, _FastGuidedReLU)
+_OUR_FUNCTIONS = _OUR_FUNCTIONS + (_FastConv2d, _FastMaxPool2d)
 
 
 def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
@@ -462,7 +458,7 @@ class GuidedReLURule(Rule):
     ``inplace=True``: the replacement forward is out of place)."""
 
     def forward(self, module: nn.Module, resample: bool) -> Callable[[Tensor], Tensor]:
-        return _GuidedReLU.apply if _REFERENCE else _FastGuidedReLU.apply
+        return _GuidedReLU.apply
 
 
 def _strided(stride: Any) -> bool:

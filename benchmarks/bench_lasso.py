@@ -202,14 +202,31 @@ def main() -> None:
                         help="for C above this, SPAMS solves this many classes and its solve time is "
                              "extrapolated linearly (default 200)")
     parser.add_argument("--spams-direct", action="store_true", help="also time spams.lasso(L, D=X)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time one float32 syrk and one float32 GEMM of the same X (what all of XᵀX costs at best)")
     args = parser.parse_args()
     if args.quick:
         widths = tuple(max(4, w // 10) for w in VGGF_WIDTHS)
         N, classes = args.n or 2000, args.classes or [20]
     else:
         widths, N, classes = VGGF_WIDTHS, args.n or 20000, args.classes or [100, 1000]
+    if args.floor:
+        floor(N, widths)
     for C in classes:
         run(N, widths, C, args.mu, args.repeats, args.spams_classes, args.spams_direct)
+
+
+def floor(N: int, widths: tuple[int, ...]) -> None:
+    """The cost of all of XᵀX at best: one float32 syrk (one triangle) and one float32 GEMM
+    (both; X times a copy of itself, which numpy cannot turn into a syrk)."""
+    from scipy.linalg.blas import ssyrk
+
+    X = np.ascontiguousarray(make_responses(N, widths, 2)[0], dtype=np.float32)
+    Y = X.copy()
+    t_syrk = _timed(lambda: ssyrk(1.0, X.T, trans=0, lower=0))
+    t_gemm = _timed(lambda: X.T @ Y)
+    print(f"\n== floor, N={N}, m={X.shape[1]}: float32 syrk {t_syrk:.2f} s, float32 GEMM {t_gemm:.2f} s "
+          f"(GEMM / syrk {t_gemm / t_syrk:.2f}); {load()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -218,16 +218,19 @@ class _ResampledMaxPool2d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        m: nn.MaxPool2d = ctx.module
         (x,) = ctx.saved_tensors
-        k, p, d = _pair(m.kernel_size), _pair(m.padding), _pair(m.dilation)
-        size = _stride1_size(x.shape[-2:], k, p, d)
-        # switches of the stride-1 max-pooling of the same forward input; overlapping
-        # windows that share a maximum add up (the transpose of the selection)
-        _, idx = F.max_pool2d(x, k, 1, p, d, return_indices=True)
-        gx = torch.ops.aten.max_pool2d_with_indices_backward(_resize(g, size), x, list(k), [1, 1],
-                                                             list(p), list(d), False, idx)
-        return gx, None
+        return _stride1_pool_backward(ctx.module, x, g, lambda *a: F.max_pool2d(*a, return_indices=True)[1]), None
+
+
+def _stride1_pool_backward(m: nn.MaxPool2d, x: Tensor, g: Tensor, switches: Callable[..., Tensor]) -> Tensor:
+    """The resampled max-pool backward: ``g`` resized to the stride-1 pooling's size, carried
+    to the switches ``switches(x, k, 1, p, d)`` of the stride-1 max-pooling of the same forward
+    input; overlapping windows that share a maximum add up (the transpose of the selection)."""
+    k, p, d = _pair(m.kernel_size), _pair(m.padding), _pair(m.dilation)
+    size = _stride1_size(x.shape[-2:], k, p, d)
+    idx = switches(x, k, 1, p, d)
+    return torch.ops.aten.max_pool2d_with_indices_backward(_resize(g, size), x, list(k), [1, 1],
+                                                           list(p), list(d), False, idx)
 
 
 class _ResampledAvgPool2d(torch.autograd.Function):
@@ -377,9 +380,6 @@ class _FastConv2d(torch.autograd.Function):
         return _conv_transpose(ctx.module, g, ctx.in_size, ctx.resample, ctx.cache, ctx.seed), None, None
 
 
-
-
-
 def _max_pool2d(x: Tensor, *args: Any, **kwargs: Any) -> Any:
     """``F.max_pool2d`` computed on a channels-last copy of an NCHW ``x`` and returned in NCHW:
     the same maxima and switches (first maximum of each window), 2-4x faster on one CPU
@@ -403,15 +403,14 @@ class _FastMaxPool2d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        m: nn.MaxPool2d = ctx.module
         (x,) = ctx.saved_tensors
-        k, p, d = _pair(m.kernel_size), _pair(m.padding), _pair(m.dilation)
-        size = _stride1_size(x.shape[-2:], k, p, d)
-        if ctx.idx is None:
-            ctx.idx = _max_pool2d(x, k, 1, p, d, return_indices=True)[1]
-        gx = torch.ops.aten.max_pool2d_with_indices_backward(_resize(g, size), x, list(k), [1, 1],
-                                                             list(p), list(d), False, ctx.idx)
-        return gx, None
+
+        def switches(*args: Any) -> Tensor:
+            if ctx.idx is None:
+                ctx.idx = _max_pool2d(*args, return_indices=True)[1]
+            return ctx.idx
+
+        return _stride1_pool_backward(ctx.module, x, g, switches), None
 
 
 _OUR_FUNCTIONS = _OUR_FUNCTIONS + (_FastConv2d, _FastMaxPool2d)

@@ -798,9 +798,14 @@ class _Gram:
     """
 
     def __init__(self, m: int, device: torch.device, dtype: torch.dtype = torch.float64, batch: int = 1,
-                 n_rows: int | None = None):
+                 n_rows: int | None = None, per_batch: bool = False):
         self.m, self.dtype = m, dtype
         self.rows = max(batch, min(_GRAM_BLOCK_ROWS, max(1, _GRAM_BLOCK_BYTES // (4 * m))))
+        if per_batch and device.type == "cpu" and _CPU_SYRK:
+            # overlap thread: one syrk per batch, so that the products run beside the forward pass
+            # (not in one block after the last batch); the pages of G are touched now, on that
+            # thread, not in the first fold (after the last batch, for N < FOLD_ROWS)
+            self.rows = max(1, batch)
         self.buf = torch.empty((self.rows, m), dtype=torch.float32, device=device)
         self.filled = 0
         self.started = False
@@ -808,6 +813,8 @@ class _Gram:
         self.scratch: Any = None
         if self.syrk:  # the one CPU Gram kernel (vxnb._gram), shared with vxnb.lasso
             self.kernel = SyrkGram(m, np.float64 if dtype == torch.float64 else np.float32)
+            if per_batch:
+                self.kernel.G.fill(0.0)
             return
         self.G = torch.empty((m, m), dtype=torch.float64, device=device)
         splits = max(1, min(_GRAM_MAX_SPLITS, m // _GRAM_MIN_SPLIT))
@@ -1071,6 +1078,8 @@ class _Stream:
         self.keep: bool | None = None if keep_X == "auto" else bool(keep_X)
         self.is_cuda = dev.type == "cuda"
         self.gram: _Gram | None = None
+        self.gram_args: tuple = ()
+        self.overlap = False
         self.S: torch.Tensor | None = None
         self.columns: pd.DataFrame | None = None
         self.widths: list[int] | None = None
@@ -1092,7 +1101,7 @@ class _Stream:
         m = len(self.columns)
         if isinstance(self.gram_dtype, str):  # "auto": needs m, known from the first batch
             self.gram_dtype = _auto_gram_dtype(self.dev, self.n_total, m)
-        self.gram = _Gram(m, self.dev, self.gram_dtype, bsz, self.n_expected)
+        self.gram_args = (m, self.dev, self.gram_dtype, bsz, self.n_expected, self.overlap)  # made by _add
         self.col_layer = _column_layers(self.widths, self.dev)
         self.S = torch.zeros((self.c_cap, m), dtype=torch.float64, device=self.dev)
         if self.keep is None and self.n_total is not None:
@@ -1103,6 +1112,8 @@ class _Stream:
         dev, S = self.dev, self.S
         raw, x, sums = _l1_normalise(raws, self.col_layer)
         bad = ~torch.isfinite(sums).all()  # (B, layers), not (B, m): a NaN or inf shows in its layer's sum
+        if self.gram is None:  # here, not in _setup: on the overlap thread it allocates G beside the forward
+            self.gram = _Gram(*self.gram_args)
         self.gram.add(x)
         # XᵀL: class sums
         ymax = int(labels.max())
@@ -1157,7 +1168,7 @@ class _Stream:
         except TypeError:
             pass
         pending: _Pending | None = None
-        overlap = overlap and not self.is_cuda
+        overlap = self.overlap = overlap and not self.is_cuda
         with contextlib.ExitStack() as stack:
             stack.enter_context(on_device(self.model, self.dev))
             stack.enter_context(eval_mode(self.model))

@@ -1062,7 +1062,9 @@ class _Stream:
     Per batch: the layers' outputs → descriptors x (B, m) → G += xᵀx (:class:`_Gram`),
     S[label] += x (XᵀL), the rows of X while they fit. The first batch fixes m (:meth:`_setup`).
     On CUDA the host copies of x and of the non-finite flag are asynchronous and finished one
-    batch later (:meth:`_finish`), so the device never waits for the host. Under
+    batch later (:meth:`_finish`), so the device never waits for the host. On the CPU with
+    ``overlap`` all of it runs on a :class:`_Worker` thread (:meth:`_accumulate`), the forward
+    pass of the next batch beside it. Under
     ``torch.distributed`` / with checkpoints (``shard``, ``vxnb.distributed.Shard``) it resumes
     from the checkpointed part, checkpoints as it goes and combines the ranks' parts.
     """
@@ -1306,13 +1308,19 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
             Dataset.
         overlap: on the CPU, accumulate each batch (descriptors, G, XᵀL, X) on a second thread,
             fed through a bounded queue (2 batches), while the forward pass of the next batch
-            runs; BLAS and torch release the GIL, so on ≥ 2 cores the G update is hidden behind
-            the forward pass. The results are the same numbers (the same operations in the same
-            order); an error in the accumulating thread is raised here, and the thread never
-            outlives the call. ``"auto"`` (default): on for a CPU pass when the process may use
-            ≥ 2 cores; off on CUDA (the device already runs the G update asynchronously to the
-            host) and on one core. True / False force it (True is ignored on CUDA). With the
-            overlap thread, numpy's BLAS gets the cores torch's threads leave (at least 1).
+            runs; torch and the BLAS syrk of ``vxnb._gram`` (called so that it releases the GIL)
+            run outside the GIL, so on ≥ 2 cores the G update is hidden behind the forward pass.
+            With the thread, G gets one syrk per batch (not one per ~1024 rows, which would leave
+            the last block's product after the last forward pass): the same sums rounded
+            differently, within the accuracy of ``gram_dtype`` (relative ~1e-7 for float32
+            products, float64 rounding otherwise); XᵀL, X, labels and index are bit-identical.
+            An error on the thread is raised here (the same exception), nothing is written, and
+            the thread never outlives the call (also on an exception or KeyboardInterrupt in the
+            forward pass). ``"auto"`` (default): on for a CPU pass when the process may use ≥ 2
+            cores; off on CUDA (the device already runs the G update asynchronously to the host;
+            not measured with the thread) and on one core. True / False force it (True is
+            ignored on CUDA). With the thread, numpy's BLAS gets the cores torch's threads leave
+            (at least 1). See ``benchmarks/bench_features.py`` for the measured effect.
 
     Under ``torch.distributed`` (an initialised process group, e.g. started by ``torchrun``) each
     rank streams its shard of ``data`` (a Dataset; every image counted once), the sums are

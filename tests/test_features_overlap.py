@@ -142,3 +142,18 @@ def test_worker_discards_items_after_an_error_and_closes():
     finally:
         w.close()
     assert done == [0] and not w.thread.is_alive()
+
+
+def test_worker_whose_context_fails_raises_instead_of_hanging():
+    def broken():
+        raise Boom("no context")
+
+    w = vf._Worker(lambda i: None, depth=1, context=broken)
+    try:
+        with pytest.raises(Boom, match="no context"):
+            for i in range(5):  # the queue keeps being consumed: submit never blocks for good
+                w.submit(i)
+            w.drain()
+    finally:
+        w.close()
+    assert not w.thread.is_alive()

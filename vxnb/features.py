@@ -1022,7 +1022,12 @@ class _Worker:
         self.thread.start()
 
     def _loop(self) -> None:
-        with self.context() if self.context is not None else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            try:
+                if self.context is not None:
+                    stack.enter_context(self.context())
+            except BaseException as err:  # noqa: BLE001 — raised by the next submit; the loop still consumes
+                self.error = err
             while True:
                 item = self.queue.get()
                 try:

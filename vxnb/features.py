@@ -795,6 +795,8 @@ class _Gram:
     mirrored once at the end. On CUDA, where there is no syrk in torch, only the column
     blocks on and above the diagonal are multiplied (up to 6 blocks: ~40 % fewer flops than
     XᵀX) and mirrored likewise. The first block overwrites G, so G is never zero-filled.
+    ``per_batch`` (the overlap thread of :func:`extract_features`): one syrk per batch and G's
+    pages touched at once (zero-filled), both on that thread while the forward pass runs.
     """
 
     def __init__(self, m: int, device: torch.device, dtype: torch.dtype = torch.float64, batch: int = 1,

@@ -1,6 +1,6 @@
 """Benchmark of vxnb.deconv: speed against Captum, and the grid artifact (plain vs resampled).
 
-    python benchmarks/bench_deconv.py [--quick] [--repeats N] [--figure PATH] [--threads N]
+    python benchmarks/bench_deconv.py [--quick] [--repeats N] [--figure PATH] [--threads N] [--profile]
 
 1. Speed: the top-5 filters (largest activation-map L2 norm) of one 224x224 image at a layer
    of a random-init torchvision network, as resampled heatmaps, against Captum's
@@ -15,6 +15,13 @@
    ``features.17``) against one Captum guided-backprop call for one filter plus one forward
    of the model; goal ≤ 1.5x. Process CPU time, alternating, median.
 4. ``--figure PATH``: plain vs resampled heatmaps of a few lower-layer filters.
+5. ``--profile``: where the time of the top-5 VGG-16 heatmaps (ours, ours before issue 16's
+   fast path, Captum) and of ``explain()`` goes: the backward per autograd node type (conv
+   transposes, max-pool, ReLU), the forward and the rest; explain() by phase.
+
+Speed and latency also time the implementation before the fast path (``_reference_mode``:
+the K signals vmapped through autograd's own conv backward, the stride-1 max-pool switches
+found per signal, a second forward in explain()) in the same run: the "before" columns.
 
 Goals: resampled ≤ 1.0x Captum on every model, ≤ 0.5x on VGG-16. ``--threads 1`` (default)
 on a shared machine: timings there are CPU time of this process, medians of alternating runs.
@@ -32,7 +39,7 @@ import torchvision
 from torch import nn
 
 from vxnb._graph import forward_to
-from vxnb.deconv import grid_score, heatmap, visualize
+from vxnb.deconv import _reference_mode, grid_score, heatmap, visualize
 from vxnb.utils import atomic_path
 
 
@@ -92,7 +99,7 @@ def speed(repeats: int) -> None:
     x = flower(224)
     print(f"\n== speed: top-5 filters, one 224x224 image, median CPU time over {repeats} alternating runs ==")
     print(f"{'model':<10} {'layer':<12} {'captum s':>9} {'resampled s':>12} {'ratio':>6} {'goal':>6} "
-          f"{'plain s':>8} {'ratio':>6}")
+          f"{'plain s':>8} {'ratio':>6} {'before s':>9} {'ratio':>6} {'after/before':>12}")
     for arch, layer in [("vgg16", "features.17"), ("alexnet", "features.10"), ("resnet50", "layer2.0")]:
         torch.manual_seed(0)
         model = getattr(torchvision.models, arch)().eval()
@@ -101,14 +108,23 @@ def speed(repeats: int) -> None:
         plain = heatmap(visualize(model, x, layer, chans, resample=False))
         assert torch.allclose(plain, ref, atol=1e-5), "plain mode differs from Captum"
         heatmap(visualize(model, x, layer, chans))
-        tc, tr, tp = [], [], []
+        with _reference_mode():
+            assert (heatmap(visualize(model, x, layer, chans)) - heatmap(visualize(model, x, layer, chans))
+                    ).abs().max() <= 1e-6
+
+        def before() -> None:
+            with _reference_mode():
+                heatmap(visualize(model, x, layer, chans))
+
+        tc, tr, tp, tb = [], [], [], []
         for _ in range(repeats):
             tc.append(timed(lambda: captum_heatmaps(model, x, layer, chans)))
             tr.append(timed(lambda: heatmap(visualize(model, x, layer, chans))))
             tp.append(timed(lambda: heatmap(visualize(model, x, layer, chans, resample=False))))
-        c, r, p = (statistics.median(t) for t in (tc, tr, tp))
+            tb.append(timed(before))
+        c, r, p, b = (statistics.median(t) for t in (tc, tr, tp, tb))
         print(f"{arch:<10} {layer:<12} {c:9.3f} {r:12.3f} {r / c:6.2f} {'≤' + str(GOALS[arch]):>6} "
-              f"{p:8.3f} {p / c:6.2f}", flush=True)
+              f"{p:8.3f} {p / c:6.2f} {b:9.3f} {b / c:6.2f} {r / b:12.2f}", flush=True)
 
 
 def latency(repeats: int, k: int = 5, layer: str = "features.17") -> None:
@@ -137,16 +153,119 @@ def latency(repeats: int, k: int = 5, layer: str = "features.17") -> None:
         e = explain(model, rel, x[0], k=k)
         assert len(e.features) == k
 
-    reference(), ours()
-    tr, to = [], []
+    def before() -> None:
+        with _reference_mode():
+            ours()
+
+    reference(), ours(), before()
+    tr, to, tb = [], [], []
     for _ in range(repeats):
         tr.append(timed(reference))
         to.append(timed(ours))
-    r, o = statistics.median(tr), statistics.median(to)
+        tb.append(timed(before))
+    r, o, b = statistics.median(tr), statistics.median(to), statistics.median(tb)
     print(f"\n== latency: explain() on VGG-16, one 224x224 image, k={k} ({layer}), median CPU time over "
           f"{repeats} alternating runs ==")
     print(f"one Captum GB call (one filter) + a forward: {r:.3f} s | explain(): {o:.3f} s | "
-          f"ratio {o / r:.2f} (goal ≤ 1.5)", flush=True)
+          f"ratio {o / r:.2f} (goal ≤ 1.5) | before the fast path: {b:.3f} s, ratio {b / r:.2f}; "
+          f"after/before {o / b:.2f}", flush=True)
+
+
+#: autograd node names (without "Backward<n>") -> what they carry back
+_NODE_KINDS = {"conv transpose": ("_FastConv2d", "_ResampledConv2d", "Convolution"),
+               "max-pool": ("_FastMaxPool2d", "_ResampledMaxPool2d", "MaxPool2DWithIndices"),
+               "ReLU (guided)": ("_FastGuidedReLU", "_GuidedReLU", "Relu", "Threshold", "BackwardHookFunction")}
+
+
+def _breakdown(fn) -> tuple[float, dict[str, float]]:
+    """Wall time of ``fn()`` (profiler on) and the backward's time per kind of autograd node
+    (the profiler's event durations are wall times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        total = time.perf_counter() - t0
+    kinds = dict.fromkeys([*_NODE_KINDS, "other backward nodes"], 0.0)
+    prefix = "autograd::engine::evaluate_function: "
+    for ev in prof.key_averages():
+        if not ev.key.startswith(prefix):
+            continue
+        node = ev.key[len(prefix):].split("Backward")[0]
+        kind = next((k for k, names in _NODE_KINDS.items() if node in names), "other backward nodes")
+        kinds[kind] += ev.cpu_time_total / 1e6
+    return total, kinds
+
+
+def profile_vgg(k: int = 5, layer: str = "features.17") -> None:
+    """Where the time goes: top-5 heatmaps at VGG-16 features.17 (ours, before, Captum) by
+    autograd node kind, and explain() by phase."""
+    import pandas as pd
+
+    from vxnb import deconv, explanations
+    from vxnb.explanations import explain
+    from vxnb.relevance import Relevance
+
+    x = flower(224)
+    torch.manual_seed(0)
+    model = torchvision.models.vgg16().eval()
+    chans = top_channels(model, x, layer, k)
+
+    def before() -> None:
+        with _reference_mode():
+            heatmap(visualize(model, x, layer, chans))
+
+    runs = {"ours": lambda: heatmap(visualize(model, x, layer, chans)), "before": before,
+            "captum": lambda: captum_heatmaps(model, x, layer, chans)}
+    for fn in runs.values():
+        fn()
+    print(f"\n== profile: top-{k} heatmaps, VGG-16 {layer}, one 224x224 image, wall s with the profiler on "
+          "(backward: the autograd nodes' time by kind; the rest: forward, seeds, heatmaps, Python) ==")
+    rows = {name: _breakdown(fn) for name, fn in runs.items()}
+    kinds = [*_NODE_KINDS, "other backward nodes"]
+    print(f"{'':<22}" + "".join(f"{n:>10}" for n in rows))
+    print(f"{'total':<22}" + "".join(f"{t:10.3f}" for t, _ in rows.values()))
+    for kind in kinds:
+        print(f"{'  ' + kind:<22}" + "".join(f"{d[kind]:10.3f}" for _, d in rows.values()))
+    print(f"{'  rest (forward, ...)':<22}" + "".join(f"{t - sum(d.values()):10.3f}" for t, d in rows.values()))
+
+    frame = pd.DataFrame([dict(**{"class": j}, layer=layer, layer_number=1, kind="conv", channel=q, weight=1.0)
+                          for j in range(1000) for q in chans])
+    rel = Relevance.from_frame(frame, n_classes=1000)
+    phases: dict[str, float] = {}
+
+    def timed_attr(obj, name: str, label: str):
+        f = getattr(obj, name)
+
+        def g(*a, **kw):
+            t0 = time.process_time()
+            try:
+                return f(*a, **kw)
+            finally:
+                phases[label] = phases.get(label, 0.0) + time.process_time() - t0
+        return f, g
+
+    patches = [(explanations, "_top", "prediction forward + descriptors + top-k"),
+               (explanations, "_forward", "  of which the forward (recorded)"),
+               (deconv.RecordedForward, "output", "graph check"),
+               (deconv.RecordedForward, "backward", f"{k} backwards")]
+    explain(model, rel, x[0], k=k)
+    saved = []
+    try:
+        for obj, name, label in patches:
+            f, g = timed_attr(obj, name, label)
+            saved.append((obj, name, f))
+            setattr(obj, name, g)
+        total = timed(lambda: explain(model, rel, x[0], k=k))
+    finally:
+        for obj, name, f in saved:
+            setattr(obj, name, f)
+    print(f"\nexplain() on the same image, k={k}, by phase (CPU s): total {total:.3f}")
+    for label in [p[2] for p in patches]:
+        print(f"  {label:<44} {phases.get(label, 0.0):.3f}")
+    inner = phases.get(f"{k} backwards", 0.0) + phases.get("graph check", 0.0)
+    print(f"  {'the rest (maps -> heatmaps, rgb, combined)':<44} "
+          f"{total - phases.get('prediction forward + descriptors + top-k', 0.0) - inner:.3f}", flush=True)
 
 
 def grid_table(size: int, k: int) -> None:
@@ -206,11 +325,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared machine)")
     p.add_argument("--only", choices=["speed", "latency", "grid"], nargs="+", default=None,
                    help="run only these parts (default: all)")
+    p.add_argument("--profile", action="store_true", help="print where the VGG-16 time goes (see 5. above)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
     warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
-    parts = args.only or ["speed", "latency", "grid"]
+    parts = args.only or ([] if args.profile else ["speed", "latency", "grid"])  # --profile alone: only it
     if "speed" in parts:
         speed(args.repeats or (1 if args.quick else 3))
     if "latency" in parts:
@@ -219,6 +339,8 @@ def main() -> None:
         grid_table(128 if args.quick else 224, 4 if args.quick else 8)
     if args.figure:
         figure(args.figure)
+    if args.profile:
+        profile_vgg()
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ ROWS = [
     ("mu-lasso-mu", lambda: mu_lasso(X, L, -1.0), ValueError, "mu"),
     ("mu-lasso-shape", lambda: mu_lasso(X, L[:5], 1.0), ValueError, "L"),
     ("mu-lasso-x-nan", lambda: mu_lasso(np.full((10, 4), np.nan), L, 1.0), ValueError, "X"),
+    ("mu-lasso-gram", lambda: mu_lasso(X, L, 1.0, gram="partial"), ValueError, "gram"),
     ("lasso-path-mu-max", lambda: lasso_path(X.T @ X, X.T @ L, mu_max=0.0), ValueError, "mu_max"),
     # relevance
     ("relevant-features-columns", lambda: relevant_features(np.zeros((4, 2)), COLUMNS.iloc[:3]), ValueError,

@@ -491,7 +491,15 @@ def test_functional_pool_with_default_stride_refused_when_resampling():
     assert visualize(model, x, "conv2", [0], resample=False).shape == (1, 1, 3, 18, 18)
 
 
-def test_falls_back_to_expanded_batch_when_vmap_fails(monkeypatch):
+@pytest.mark.parametrize("path", ["batched", "reference"])
+def test_falls_back_to_expanded_batch_when_vmap_fails(monkeypatch, path):
+    """The vmapped backward (the default off the CPU; forced here), and the reference path."""
+    import vxnb.deconv as deconv
+
+    if path == "batched":
+        monkeypatch.setattr(deconv, "_BATCHED", True)
+    else:
+        monkeypatch.setattr(deconv, "_REFERENCE", True)
     model = randomise_bn(strided_net()).eval()
     x = torch.rand(2, 3, 45, 53)
     expected = visualize(model, x, "relu3", [1, 4])
@@ -532,7 +540,7 @@ def test_strided_fast_path_equals_resize_path(arch, layer, size, n_fast, monkeyp
     fast = visualize(model, x, layer, chans)
     monkeypatch.setattr(deconv, "_MAX_BOX_PIECES", 0)  # every conv back on the resize + stride-1 path
     slow = visualize(model, x, layer, chans)
-    assert len(calls) == n_fast  # one batched backward: each strided conv on the path once
+    assert len(calls) == n_fast * len(chans)  # the K signals go back one by one on the CPU
     scale = slow.abs().max()
     assert scale > 0
     assert (fast - slow).abs().max() <= 1e-6 * scale
@@ -555,3 +563,177 @@ def test_replication_runs_match_interpolate(n_in, n_out):
             for c in range(r):
                 rebuilt[o + i * r + c] = b0 + i
     assert rebuilt == src
+
+
+# --------------------------------------------------------------------------------------
+# issue 16's fast path (stride-1 transposes as conv2d with flipped weights, max-pool switches
+# once per forward, the K signals one by one through one recorded forward, the seed's zero
+# channels left out) = the implementation before it (``_reference_mode``)
+# --------------------------------------------------------------------------------------
+
+def _both_paths(model, x, layer, chans, resample):
+    from vxnb.deconv import _reference_mode
+
+    fast = visualize(model, x, layer, chans, resample=resample)
+    with _reference_mode():
+        ref = visualize(model, x, layer, chans, resample=resample)
+    return fast, ref
+
+
+def _assert_same_maps(fast, ref):
+    scale = ref.abs().max()
+    assert scale > 0
+    assert (fast - ref).abs().max() <= 1e-6 * scale
+    assert (heatmap(fast) - heatmap(ref)).abs().max() <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def tv_models():
+    torch.manual_seed(0)
+    return {arch: randomise_bn(getattr(torchvision.models, arch)(num_classes=10)).eval()
+            for arch in ("alexnet", "vgg16", "resnet50")}
+
+
+@pytest.mark.parametrize("resample", [True, False])
+@pytest.mark.parametrize("arch,layer,size", [
+    ("alexnet", "features.10", 99),   # strided conv (stride 4) and overlapping pools on the way; seed at a conv
+    ("alexnet", "features.2", 83),    # seed at a max-pool layer
+    ("vgg16", "features.17", 48),     # three max-pools, stride-1 convs; seed at a conv
+    ("vgg16", "features.23", 40),     # seed at a max-pool
+    ("resnet50", "layer2.0", 48),     # strided 1x1 / 3x3 convs, BN, additions
+    ("resnet50", "layer1.2.conv3", 45),
+])
+def test_fast_path_equals_reference(tv_models, arch, layer, size, resample):
+    model = tv_models[arch]
+    x = torch.rand(2, 3, size, size + 3, generator=torch.Generator().manual_seed(size))
+    fast, ref = _both_paths(model, x, layer, [0, 5, 7], resample)
+    _assert_same_maps(fast, ref)
+    assert hooks_left(model) == {}
+
+
+def test_fast_path_equals_captum_in_plain_mode(tv_models):
+    model = tv_models["vgg16"]
+    x = torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(3))
+    ours = visualize(model, x, "features.17", [2, 9], resample=False)
+    torch.testing.assert_close(ours, captum_reference(model, x, "features.17", [2, 9]), atol=1e-5, rtol=1e-5)
+
+
+def test_one_by_one_batched_and_single_calls_agree(monkeypatch):
+    """The K signals one by one (CPU default), vmapped in one batch of K, and K calls of one."""
+    import vxnb.deconv as deconv
+
+    model = randomise_bn(strided_net()).eval()
+    x = torch.rand(2, 3, 45, 53, generator=torch.Generator().manual_seed(0))
+    for layer, chans in [("relu3", [1, 4, 9]), ("conv3", [0, 15, 2]), ("pool1", [3, 1])]:
+        for resample in (True, False):
+            one_by_one = visualize(model, x, layer, chans, resample=resample)
+            monkeypatch.setattr(deconv, "_BATCHED", True)
+            batched = visualize(model, x, layer, chans, resample=resample)
+            monkeypatch.setattr(deconv, "_BATCHED", None)
+            singles = torch.cat([visualize(model, x, layer, q, resample=resample) for q in chans], dim=1)
+            _assert_same_maps(one_by_one, batched)
+            _assert_same_maps(one_by_one, singles)
+
+
+@pytest.mark.parametrize("padding,dilation,groups,kernel", [(1, 1, 1, 3), (0, 1, 1, 3), (2, 2, 1, 3), (1, 1, 4, 3),
+                                                            (3, 1, 1, 3), (2, 1, 2, 5), (0, 1, 1, 1)])
+def test_flipped_conv2d_is_the_transpose(padding, dilation, groups, kernel):
+    """``_conv_transpose`` at stride 1 (conv2d with the flipped, channel-swapped weight; the
+    transpose itself where the padding is wider than the kernel) = autograd's input gradient."""
+    from vxnb.deconv import _conv_transpose
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, kernel, padding=padding, dilation=dilation, groups=groups).double()
+    x = torch.rand(2, 8, 13, 11, dtype=torch.float64, requires_grad=True)
+    y = conv(x)
+    g = torch.randn_like(y)
+    (expected,) = torch.autograd.grad(y, x, g, retain_graph=True)
+    got = _conv_transpose(conv, g, tuple(x.shape[-2:]), False, {})
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+    # a seed with one non-zero channel: the weight's slice
+    seed = torch.zeros_like(g)
+    seed[:, 5] = g[:, 5]
+    (expected,) = torch.autograd.grad(y, x, seed)
+    torch.testing.assert_close(_conv_transpose(conv, seed, tuple(x.shape[-2:]), False, {}, seed=True), expected,
+                               atol=1e-12, rtol=1e-10)
+
+
+def test_weights_changed_in_place_are_not_served_stale():
+    """The flipped weights live with one forward: a model changed in place gives the new maps."""
+    torch.manual_seed(0)
+    model = seq(("conv1", nn.Conv2d(3, 8, 3, padding=1)), ("relu1", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),
+                ("conv2", nn.Conv2d(8, 8, 3, padding=1)), ("relu2", nn.ReLU()), ("conv3", nn.Conv2d(8, 6, 3)))
+    x = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    before = visualize(model, x, "conv3", [0, 4])
+    with torch.no_grad():
+        model.conv2.weight.mul_(-1.0).add_(0.05)
+        model.conv1.weight[:2].mul_(2.0)
+    after = visualize(model, x, "conv3", [0, 4])
+    assert (after - before).abs().max() > 1e-3 * before.abs().max()
+    fast, ref = _both_paths(model, x, "conv3", [0, 4], True)
+    _assert_same_maps(after, ref)
+    _assert_same_maps(fast, ref)
+
+
+class InPlaceAfter(nn.Module):
+    """conv1's output is changed in place after conv2 used it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.relu, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        a = self.conv1(x)
+        b = self.conv2(self.relu(a))
+        a += 1.0
+        return b + a
+
+
+def test_recorded_forward_refuses_an_output_changed_in_place():
+    from vxnb.deconv import record_forward
+
+    torch.manual_seed(0)
+    model = InPlaceAfter().eval()
+    x = torch.rand(1, 3, 12, 12)
+    rec = record_forward(model, x, True, ["conv1", "conv2"])
+    with rec.forward() as x_leaf:
+        model(x_leaf)
+    assert rec.visualize("conv1", [0, 2]) is None  # its seed would not be its output any more
+    torch.testing.assert_close(rec.visualize("conv2", [1]), visualize(model, x, "conv2", [1]), atol=1e-6, rtol=1e-5)
+    assert hooks_left(model) == {}
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,ceil", [(2, 2, 0, 1, False), (2, 1, 0, 1, False),
+                                                                 (3, 2, 1, 1, True), (3, 1, 1, 2, False),
+                                                                 (3, 2, 0, 1, True)])
+def test_channels_last_max_pool_has_the_same_maxima_and_switches(kernel, stride, padding, dilation, ceil):
+    """Ties everywhere (a ReLU output, quantised): the first maximum of each window either way."""
+    from vxnb.deconv import _max_pool2d
+
+    x = (torch.randn(2, 16, 23, 20, generator=torch.Generator().manual_seed(0)) * 2).round().clamp_min(0)
+    out, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil, return_indices=True)
+    got, got_idx = _max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil, return_indices=True)
+    assert torch.equal(got, out) and torch.equal(got_idx, idx)
+    assert got.is_contiguous() and got_idx.is_contiguous()
+    assert torch.equal(_max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil),
+                       F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil))
+
+
+@pytest.mark.parametrize("where", ["seed_relu", "other_filter_weight"])
+def test_non_finite_values_show_on_the_fast_path_as_before(where):
+    """The fast path drops nothing non-finite: a NaN activation under a closed ReLU and a NaN
+    weight of another filter of the seed conv (0 x NaN in the full transpose) still raise."""
+    from vxnb.deconv import _reference_mode
+
+    torch.manual_seed(0)
+    model = seq(("conv1", nn.Conv2d(3, 4, 3, padding=1)), ("relu1", nn.ReLU()), ("conv2", nn.Conv2d(4, 6, 3)))
+    x = torch.rand(1, 3, 10, 10)
+    layer = "relu1" if where == "seed_relu" else "conv2"
+    with torch.no_grad():
+        if where == "seed_relu":
+            model.conv1.bias[2] = float("nan")
+        else:
+            model.conv2.weight[4, 1, 0, 0] = float("nan")
+    for ref in (False, True):
+        with _reference_mode(ref), pytest.raises(ValueError, match="NaN"):
+            visualize(model, x, layer, [2 if where == "seed_relu" else 0])

@@ -330,3 +330,83 @@ def test_ours_upsampled_is_bilinear_upsampling_of_the_same_channels(model, image
             resp.append(float(rr))
         want = _combine_by_hand(maps, resp, "weighted", (16, 16))
         np.testing.assert_allclose(got[b].numpy(), want, atol=1e-5)
+
+
+# ============================================================================ issue 16's fast path
+def _explain_both(model, rel, image, **kw):
+    from vxnb.deconv import _reference_mode
+
+    fast = E.explain(model, rel, image, **kw)
+    with _reference_mode():
+        ref = E.explain(model, rel, image, **kw)
+    return fast, ref
+
+
+def _assert_same_explanation(fast, ref):
+    assert fast.predicted == ref.predicted and fast.target == ref.target
+    np.testing.assert_array_equal(fast.probabilities, ref.probabilities)
+    assert fast.features.equals(ref.features)
+    for a, b in [(fast.heatmaps, ref.heatmaps), (fast.rgb, ref.rgb), (fast.combined, ref.combined)]:
+        assert a.shape == b.shape
+        assert a.numel() == 0 or (a - b).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("resample", [True, False])
+def test_explain_fast_path_equals_reference(model, images, rel, resample):
+    """explain() carries the signals back through its own prediction forward: the same
+    explanation as before (one forward for the prediction, one per layer for the maps)."""
+    drawn = 0
+    for b in range(len(images)):
+        for target in (None, 0, 1):
+            fast, ref = _explain_both(model, rel, images[b], k=4, target=target, resample=resample)
+            _assert_same_explanation(fast, ref)
+            drawn += fast.k
+    assert drawn >= 20
+
+
+def test_explain_runs_the_network_once(model, images, rel):
+    from vxnb.deconv import _reference_mode
+
+    calls = []
+    h = model.conv1.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        e = E.explain(model, rel, images[0], k=4, target=0)
+        assert len(set(e.features["layer"])) == 3 and len(calls) == 1
+        calls.clear()
+        with _reference_mode():
+            E.explain(model, rel, images[0], k=4, target=0)
+        assert len(calls) == 4  # the prediction, then one forward per layer
+    finally:
+        h.remove()
+    assert not any(m._forward_hooks or "forward" in m.__dict__ for m in model.modules())
+
+
+def test_explain_vgg16_seed_at_a_conv_equals_reference():
+    """VGG-16 as in benchmarks/bench_deconv.py's latency (features at a conv layer: the first
+    transpose uses the seed's channel only), on a small image."""
+    import pandas as pd
+    import torchvision
+
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg16(num_classes=10).eval()
+    frame = pd.DataFrame([{"class": j, "layer": layer, "layer_number": 1, "kind": "conv", "channel": q,
+                           "weight": 1.0 + 0.1 * q}
+                          for j in range(10) for layer, chans in [("features.17", [3, 40, 77]), ("features.12", [5])]
+                          for q in chans])
+    relv = E.Relevance.from_frame(frame, n_classes=10)
+    image = torch.rand(3, 48, 52, generator=torch.Generator().manual_seed(2))
+    fast, ref = _explain_both(vgg, relv, image, k=4)
+    assert fast.k == 4
+    _assert_same_explanation(fast, ref)
+
+
+def test_explain_batch_fast_path_equals_reference(model, images, rel):
+    """Several images per layer: one forward and the per-image seeds one by one."""
+    from vxnb.deconv import _reference_mode
+
+    for resample in (True, False):
+        fast = E.explain_batch(model, rel, images, k=4, targets=[0, 1, 0, 2, 0], resample=resample)
+        with _reference_mode():
+            ref = E.explain_batch(model, rel, images, k=4, targets=[0, 1, 0, 2, 0], resample=resample)
+        assert fast.abs().max() > 0
+        assert (fast - ref).abs().max() <= 1e-6

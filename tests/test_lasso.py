@@ -409,3 +409,94 @@ def test_bad_gram():
         mu_lasso_gram(G, XtL, 1.0, LtL=np.ones(5))
     with pytest.raises(ValueError, match="give G"):
         lasso_path(G)
+
+
+# ---------------------------------------------------------------------------- rows of G on demand
+def _paths_equal(p, q, mus, atol):
+    for mu in mus:
+        np.testing.assert_allclose(p.coef(mu), q.coef(mu), rtol=0, atol=atol)
+    assert p.status == q.status
+
+
+@pytest.mark.parametrize("prefetch", [16, 0])
+@pytest.mark.parametrize("precision, atol", [("double", 1e-11), ("single", 1e-6)])
+def test_rows_on_demand_equal_the_full_gram(precision, atol, prefetch, monkeypatch):
+    """gram="rows" (only the rows the homotopies visit) walks the same paths as all of XᵀX."""
+    import vxnb.lasso as la
+
+    monkeypatch.setattr(la, "_ROWS_PREFETCH", prefetch)   # 0: one pass per missing row
+    X, L = _responses(400, 600, 8, seed=11)
+    rows = lasso_path(X=X, L=L, mu_max=2.0, precision=precision, gram="rows")
+    full = lasso_path(X=X, L=L, mu_max=2.0, precision=precision, gram="full")
+    assert rows.gram_info["gram"] == "rows" and full.gram_info == {"gram": "full"}
+    # fewer rows than a quarter of m were formed, and every row a path holds at any
+    # breakpoint is among them (the homotopy reads no other)
+    visited = np.unique(rows.indices)
+    assert visited.size <= rows.gram_info["rows"] < 0.25 * 600
+    assert rows.gram_info["passes"] >= (1 if prefetch else visited.size // 8)
+    _paths_equal(rows, full, (0.05, 0.5, 1.0, 2.0), atol)
+    W = rows.coef(2.0)
+    f_ref = _obj(X, L, _spams(X, L, 2.0))
+    assert np.all(_obj(X, L, W) <= f_ref * (1 + 1e-9))
+    np.testing.assert_allclose(mu_lasso(X, L, 2.0, precision=precision, gram="rows"), W, atol=atol)
+
+
+def test_rows_on_demand_degenerate_design_and_empty_class():
+    X, L = _gauss(60, 25, 3, seed=6)
+    Xd = np.hstack([X, X[:, [2, 7, 7]], np.zeros((60, 2))])   # duplicates and zero columns
+    Ld = np.hstack([L, np.zeros((60, 1))])                       # a class without positives
+    with pytest.warns(RuntimeWarning, match="positive"):
+        rows = lasso_path(X=Xd, L=Ld, mu_max=50.0, precision="double", gram="rows")
+    with pytest.warns(RuntimeWarning, match="positive"):
+        full = lasso_path(X=Xd, L=Ld, mu_max=50.0, precision="double", gram="full")
+    for mu in (0.2, 1.0, 50.0):
+        Wr, Wf = rows.coef(mu), full.coef(mu)
+        # rounding may pick the other copy of a duplicated column: fold the copies together
+        fold = lambda W: np.vstack([W[:2], W[2] + W[25], W[3:7], W[7] + W[26] + W[27], W[8:25]])  # noqa: E731
+        np.testing.assert_allclose(fold(Wr), fold(Wf), atol=1e-9)
+        np.testing.assert_allclose(_obj(Xd, Ld, Wr), _obj(Xd, Ld, Wf), rtol=1e-10)
+        assert np.all(Wr[-2:] == 0) and np.all(Wr[:, 3] == 0)
+    assert rows.status == full.status and rows.status[3] == "zero"
+
+
+def test_rows_on_demand_fall_back_to_the_full_gram(monkeypatch):
+    """Past _ROWS_MAX_SHARE·m rows all of XᵀX is formed (one syrk) and the paths go on."""
+    import vxnb.lasso as la
+
+    X, L = _responses(300, 500, 6, seed=12)
+    full = lasso_path(X=X, L=L, mu_max=4.0, gram="full", precision="double")
+    monkeypatch.setattr(la, "_ROWS_MAX_SHARE", 0.02)
+    rows = lasso_path(X=X, L=L, mu_max=4.0, gram="rows", precision="double")
+    assert rows.gram_info["gram"] == "full" and rows.gram_info["passes"] >= 2
+    _paths_equal(rows, full, (0.1, 1.0, 4.0), 1e-10)
+    # X too large to copy: converted block by block on every pass, same paths
+    monkeypatch.setattr(la, "_ROWS_MAX_SHARE", 0.25)
+    monkeypatch.setattr(la, "_ROWS_COPY_BYTES", 0)
+    monkeypatch.setattr(la, "_ROWS_WAVE", 2)     # classes in waves of two share the rows formed
+    uncopied = lasso_path(X=X, L=L, mu_max=4.0, gram="rows", precision="double")
+    assert uncopied.gram_info["gram"] == "rows"
+    _paths_equal(uncopied, full, (0.1, 1.0, 4.0), 1e-10)
+
+
+def test_rows_on_demand_estimator_objective_and_auto_rule():
+    X, L = _responses(300, 600, 4, seed=13)
+    est = MuLasso(mu=2.0, gram="rows").fit(X, L)
+    assert est.path_.gram_info["gram"] == "rows"
+    np.testing.assert_allclose(est.objective_, lasso_objective(X, L, est.coef_.T), rtol=1e-6)
+    # "auto" forms rows only where XᵀX dominates: N·m² > 2e9
+    assert lasso_path(X=X, L=L, mu_max=1.0).gram_info == {"gram": "full"}
+
+
+def test_rows_on_demand_bad_inputs():
+    X, L = _gauss(20, 6, 2)
+    with pytest.raises(ValueError, match="gram: expected 'auto', 'full' or 'rows', got 'fast'"):
+        mu_lasso(X, L, 1.0, gram="fast")
+    with pytest.raises(ValueError, match="gram: expected"):
+        lasso_path(X.T @ X, X.T @ L, mu_max=1.0, gram=None)
+    X[3, 4] = np.nan
+    with pytest.raises(ValueError, match="column 4"):
+        mu_lasso(X, L, 1.0, gram="rows")
+    X = np.ones((20, 6))
+    X[0, 2] = 1e30                         # finite, but its square overflows float32
+    with pytest.raises(ValueError, match="column 2.*overflows"):
+        mu_lasso(X, L, 1.0, precision="single", gram="rows")

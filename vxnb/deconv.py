@@ -30,6 +30,15 @@ layer), a module or functional call with a nonlinearity (``nn.Sigmoid``, ``nn.GE
 signals (gating, attention), and -- with ``resample=True`` -- a *functional* strided
 convolution or pooling (``F.conv2d(x, w, stride=2)``), which would escape resampling.
 This is checked on the autograd graph of each call (see :func:`visualize`).
+
+Speed (issue 16; the same maps as before to float rounding, tested against the earlier
+implementation kept behind ``_reference_mode``): stride-1 transposes run as ``conv2d`` with
+the flipped, channel-swapped weight (flipped once per forward, so a model changed in place
+is never served stale weights); the first transpose at a conv seed uses only the seed's
+non-zero channel; the resampled max-pool's stride-1 switches are found once per forward (and its
+poolings run on a channels-last copy: the same maxima and switches, faster); the
+K signals reuse one recorded forward (:class:`RecordedForward`), which
+``vxnb.explanations.explain`` shares with its prediction.
 """
 from __future__ import annotations
 
@@ -243,6 +252,171 @@ class _ResampledAvgPool2d(torch.autograd.Function):
 _OUR_FUNCTIONS = (_GuidedReLU, _ResampledConv2d, _ResampledMaxPool2d, _ResampledAvgPool2d)
 
 
+# --------------------------------------------------------------------------------------
+# The fast path (issue 16): the same maps as the functions above (the *reference*, still
+# selected by :func:`_reference_mode`), computed with less work per backward. The K
+# signals of a call go back one after the other through one recorded forward
+# (``retain_graph``) on the CPU, where a batch of K is no faster per signal than K
+# batches of one (measured: slower at 224 px), and vmapped (``is_grads_batched``) elsewhere.
+# --------------------------------------------------------------------------------------
+
+#: True: rules, backward and explain() as before issue 16 (tests compare the two paths).
+_REFERENCE = False
+#: None: the K signals go back one by one on the CPU and vmapped elsewhere; True / False
+#: forces the vmapped / the one-by-one backward (tests run both).
+_BATCHED: bool | None = None
+# Measured and left out: channels-last signals (oneDNN's conv2d is faster on them at 224 px /
+# 64 channels, but converting them to and from the NCHW masks and pool inputs costs as much;
+# a channels-last forward rounds activations differently and flips ReLU masks: not exact).
+
+
+@contextlib.contextmanager
+def _reference_mode(on: bool = True) -> Iterator[None]:
+    """Run the implementation as it was before the fast path (for tests and the benchmark)."""
+    global _REFERENCE
+    old, _REFERENCE = _REFERENCE, on
+    try:
+        yield
+    finally:
+        _REFERENCE = old
+
+
+def _flip_weight(weight: Tensor, groups: int) -> Tensor:
+    """The weight of the conv2d equal to the stride-1 ``conv_transpose2d`` with ``weight``:
+    flipped in space, in/out channels swapped within each group, (in, out / groups, kh, kw)."""
+    o, ig, kh, kw = weight.shape
+    wf = weight.detach().flip(-2, -1).reshape(groups, o // groups, ig, kh, kw).transpose(1, 2)
+    wf = wf.reshape(groups * ig, o // groups, kh, kw)
+    return wf.contiguous()
+
+
+def _fast_conv_ok(m: nn.Conv2d, resample: bool) -> bool:
+    """Conv2d modules :class:`_FastConv2d` carries back: zero padding given as numbers (or
+    'valid'), at stride 1, or strided with ``resample``; others keep autograd's transpose."""
+    if m.padding_mode != "zeros" or (isinstance(m.padding, str) and m.padding != "valid"):
+        return False
+    return resample or not _strided(m.stride)
+
+
+def _nonzero_channels(g: Tensor) -> Tensor | None:
+    """The channels of the signal ``g`` (B, C, H, W) that are not all zero, where at most half
+    are (the seed at a conv layer: one channel per filter), else None (all channels; also
+    inside the vmapped backward, whose tensors cannot be sliced by their values). Asked for
+    the seed only: guided ReLU zeroes 5-25 % of the channels of later signals (random-init
+    VGG-16), but finding them and slicing cost about what the smaller conv saves."""
+    if g.dim() != 4 or _is_batched(g):
+        return None
+    nz = g.flatten(2).ne(0).any(2).any(0).nonzero().flatten()
+    if 2 * nz.numel() > g.shape[1]:
+        return None
+    return nz if nz.numel() else nz.new_zeros(1)  # all zero: one (zero) channel gives the zeros
+
+
+def _is_batched(g: Tensor) -> bool:
+    """Whether ``g`` is a vmapped tensor (``is_grads_batched`` uses the legacy batching)."""
+    fn = torch._C._functorch
+    return any(bool(getattr(fn, name)(g)) for name in ("is_batchedtensor", "is_legacy_batchedtensor")
+               if hasattr(fn, name))
+
+
+def _finite(weight: Tensor, cache: dict[str, Tensor]) -> bool:
+    """Whether ``weight`` is all finite (once per forward): a non-finite weight times a zero
+    channel of the signal is NaN in the full transpose, which must then show, not be sliced
+    away."""
+    if "finite" not in cache:
+        cache["finite"] = torch.isfinite(weight).all()
+    return bool(cache["finite"])
+
+
+def _conv_transpose(m: nn.Conv2d, g: Tensor, in_size: tuple[int, int], resample: bool,
+                    cache: dict[str, Tensor], seed: bool = False) -> Tensor:
+    """The DeconvNet transpose of conv ``m`` (stride 1, or resampled when strided) applied to
+    ``g``. With ``seed`` (``g`` is the seed at this conv's output), its all-zero channels are
+    left out (groups = 1; with the weight's slice: the same sums without the zero terms).
+    ``cache`` keeps the flipped weight for the later signals of the same forward."""
+    weight = m.weight.detach()
+    channels = _nonzero_channels(g) if seed and m.groups == 1 and _finite(weight, cache) else None
+    if channels is not None:
+        g = g.index_select(1, channels)
+    padding, dilation = _conv_padding(m), _pair(m.dilation)
+    if _strided(m.stride):  # resampled: as _ResampledConv2d.backward
+        if channels is not None:
+            weight = weight.index_select(0, channels)
+        size = _stride1_size(in_size, _pair(m.kernel_size), padding, dilation)
+        runs = [_replication_runs(b, a) for b, a in zip(g.shape[-2:], size)]
+        if len(runs[0]) * len(runs[1]) <= _MAX_BOX_PIECES:
+            return _box_transpose(g, weight, runs, padding, dilation, m.groups, in_size)
+        return F.conv_transpose2d(_resize(g, size), weight, None, stride=1, padding=padding,
+                                  groups=m.groups, dilation=dilation)
+    kh, kw = weight.shape[-2:]
+    flipped_pad = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
+    if min(flipped_pad) < 0:  # padding wider than the kernel: the transpose as it is
+        if channels is not None:
+            weight = weight.index_select(0, channels)
+        return F.conv_transpose2d(g, weight, None, stride=1, padding=padding, groups=m.groups,
+                                  dilation=dilation)
+    wf = cache.get("flipped")
+    if wf is None:
+        wf = cache["flipped"] = _flip_weight(weight, m.groups)
+    if channels is not None:
+        wf = wf.index_select(1, channels)
+    return F.conv2d(g, wf, None, 1, flipped_pad, dilation, m.groups)
+
+
+class _FastConv2d(torch.autograd.Function):
+    """Conv2d at stride 1 (or strided and resampled): the backward is :func:`_conv_transpose`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, module: nn.Conv2d, resample: bool) -> Tensor:  # type: ignore[override]
+        ctx.module, ctx.resample, ctx.cache, ctx.seed = module, resample, {}, False
+        ctx.in_size = tuple(x.shape[-2:])
+        return module._conv_forward(x, module.weight, module.bias)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        return _conv_transpose(ctx.module, g, ctx.in_size, ctx.resample, ctx.cache, ctx.seed), None, None
+
+
+
+
+
+def _max_pool2d(x: Tensor, *args: Any, **kwargs: Any) -> Any:
+    """``F.max_pool2d`` computed on a channels-last copy of an NCHW ``x`` and returned in NCHW:
+    the same maxima and switches (first maximum of each window), 2-4x faster on one CPU
+    thread for VGG-16's pools (the channels-last kernel runs along the channels)."""
+    if x.dim() != 4 or x.device.type != "cpu" or not x.is_contiguous():
+        return F.max_pool2d(x, *args, **kwargs)
+    out = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), *args, **kwargs)
+    return tuple(t.contiguous() for t in out) if isinstance(out, tuple) else out.contiguous()
+
+
+class _FastMaxPool2d(torch.autograd.Function):
+    """Resampled MaxPool2d; the stride-1 switches are found once per forward (at the first
+    backward), not once per signal."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, module: nn.MaxPool2d) -> Tensor:  # type: ignore[override]
+        ctx.module, ctx.idx = module, None
+        ctx.save_for_backward(x)
+        return _max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation,
+                           ceil_mode=module.ceil_mode)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        m: nn.MaxPool2d = ctx.module
+        (x,) = ctx.saved_tensors
+        k, p, d = _pair(m.kernel_size), _pair(m.padding), _pair(m.dilation)
+        size = _stride1_size(x.shape[-2:], k, p, d)
+        if ctx.idx is None:
+            ctx.idx = _max_pool2d(x, k, 1, p, d, return_indices=True)[1]
+        gx = torch.ops.aten.max_pool2d_with_indices_backward(_resize(g, size), x, list(k), [1, 1],
+                                                             list(p), list(d), False, ctx.idx)
+        return gx, None
+
+
+_OUR_FUNCTIONS = _OUR_FUNCTIONS + (_FastConv2d, _FastMaxPool2d)
+
+
 def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
     if isinstance(m.padding, str):  # 'valid' (0); 'same' only exists at stride 1
         if m.padding == "valid":
@@ -303,6 +477,8 @@ class ConvRule(Rule):
             _conv_padding(module)
 
     def forward(self, module: nn.Module, resample: bool) -> Callable[[Tensor], Tensor] | None:
+        if not _REFERENCE and _fast_conv_ok(module, resample):
+            return lambda x: _FastConv2d.apply(x, module, resample)
         if resample and _strided(module.stride):
             return lambda x: _ResampledConv2d.apply(x, module)
         return None
@@ -318,6 +494,8 @@ class MaxPoolRule(Rule):
 
     def forward(self, module: nn.Module, resample: bool) -> Callable[[Tensor], Tensor] | None:
         if resample and _strided(module.stride):
+            if not _REFERENCE:
+                return lambda x: _FastMaxPool2d.apply(x, module)
             return lambda x: _ResampledMaxPool2d.apply(x, module)
         return None
 
@@ -558,9 +736,119 @@ def _check_channels(channels: Any) -> list[int]:
     return out
 
 
+class RecordedForward:
+    """One forward of ``model`` on ``x`` under the rules, kept to carry signals back from the
+    first output of any of ``layers`` (:meth:`backward`) as often as needed: the forward of
+    :func:`visualize` (stopped at its layer) or, in ``vxnb.explanations.explain``, the
+    prediction's own forward (run through :meth:`forward`), so the network runs once.
+
+    A layer whose output a later in-place operation changed (a ``+=`` after it) is not
+    served (:meth:`output` returns None): its seed would no longer be its output.
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, resample: bool, layers: Sequence[str]) -> None:
+        self.model, self.resample, self.layers = model, resample, list(layers)
+        self.tracer = _Tracer()
+        self.modules = dict(model.named_modules())
+        self.x_leaf = x.detach().requires_grad_(True)
+        self.outputs: dict[str, tuple[Tensor, int]] = {}
+        self.checked: set[str] = set()
+
+    @contextlib.contextmanager
+    def forward(self) -> Iterator[Tensor]:
+        """Run the model on ``self.x_leaf`` (yielded) inside the block: rules applied, grad on,
+        the first output of each of ``layers`` kept."""
+        def hook(name: str) -> Callable[..., None]:
+            def fn(module: nn.Module, inp: Any, out: Any) -> None:
+                if name not in self.outputs and isinstance(out, Tensor):
+                    self.outputs[name] = (out, out._version)
+            return fn
+
+        with torch.enable_grad(), applied_rules(self.model, resample=self.resample, _tracer=self.tracer):
+            handles = [self.modules[n].register_forward_hook(hook(n)) for n in dict.fromkeys(self.layers)]
+            try:
+                with self.tracer:
+                    yield self.x_leaf
+            finally:
+                for h in handles:
+                    h.remove()
+
+    def output(self, layer: str) -> Tensor | None:
+        """The output of ``layer`` (its graph checked), None if not recorded or changed in place."""
+        if layer not in self.outputs:
+            return None
+        a, version = self.outputs[layer]
+        if a._version != version:
+            return None
+        if a.grad_fn is None:
+            raise ValueError(f"layer: the output of {layer!r} does not depend on the input")
+        if layer not in self.checked:
+            _check_graph(a.grad_fn, self.x_leaf, self.tracer, self.modules, self.resample)
+            self.checked.add(layer)
+        return a
+
+    def visualize(self, layer: str, channels: list[int]) -> Tensor | None:
+        """:func:`visualize` of the recorded image (already checked) at ``layer``; None where
+        the recording cannot serve ``layer`` (not called, changed in place, or the vmapped
+        backward failed): the caller then runs :func:`visualize`."""
+        if self.output(layer) is None:
+            return None
+        try:
+            out = self.backward(layer, _channel_seed(channels, layer), len(channels))
+        except _VmapFailed:
+            return None
+        return _check_finite(out, channels, layer)
+
+    def backward(self, layer: str, seed: Callable[[Tensor, int], Tensor], K: int,
+                 batched: bool | None = None) -> Tensor:
+        """(B, K, C, H, W): the K signals ``seed(a, k)`` at ``layer``'s output ``a`` carried back."""
+        a = self.output(layer)
+        if a is None:
+            raise ValueError(f"layer: module {layer!r} was not called during the forward pass, or its output "
+                             "was changed in place")
+        a_det = a.detach()
+        seeds = [seed(a_det, k) for k in range(K)]
+        if batched is None:
+            batched = _BATCHED if _BATCHED is not None else a.device.type != "cpu"
+        if batched and K > 1:
+            try:
+                (gx,) = torch.autograd.grad(a, self.x_leaf, torch.stack(seeds), is_grads_batched=True,
+                                            retain_graph=True)
+            except RuntimeError as err:
+                raise _VmapFailed(str(err)) from err
+            return gx.transpose(0, 1).contiguous()
+        if getattr(a.grad_fn, "_forward_cls", None) is _FastConv2d:
+            a.grad_fn.seed = True  # the seed's zero channels can be left out of the first transpose
+        out = []
+        for g in seeds:
+            (gx,) = torch.autograd.grad(a, self.x_leaf, g, retain_graph=True)
+            out.append(gx.contiguous())
+        return torch.stack(out, 1)
+
+
+def record_forward(model: nn.Module, x: Tensor, resample: bool, layers: Sequence[str]) -> RecordedForward | None:
+    """A :class:`RecordedForward` of ``model`` on the checked batch ``x`` (None on the
+    reference path, :func:`_reference_mode`, where every visualisation runs its own forward)."""
+    return None if _REFERENCE else RecordedForward(model, x, resample, layers)
+
+
 def _backward(model: nn.Module, x: Tensor, layer: str | None, resample: bool,
               seed: Callable[[Tensor, int], Tensor], K: int, *, expand: bool = False) -> Tensor:
-    """Core: forward to ``layer`` under the rules, check the graph, one batched backward.
+    """Core: one forward to ``layer`` under the rules (a :class:`RecordedForward`), then the K
+    signals back (see :meth:`RecordedForward.backward`); the reference path (issue 16's
+    starting point) with :func:`_reference_mode` or ``expand``."""
+    if _REFERENCE or expand or layer is None:
+        return _backward_reference(model, x, layer, resample, seed, K, expand=expand)
+    rec = RecordedForward(model, x, resample, [layer])
+    with rec.forward() as x_leaf:
+        forward_to(model, x_leaf, layer)
+    return rec.backward(layer, seed, K)
+
+
+def _backward_reference(model: nn.Module, x: Tensor, layer: str | None, resample: bool,
+                        seed: Callable[[Tensor, int], Tensor], K: int, *, expand: bool = False) -> Tensor:
+    """The reference core (before issue 16's fast path; also the B*K ``expand`` fallback and
+    ``layer=None``): forward to ``layer`` under the rules, check the graph, one batched backward.
 
     ``seed(a, k)`` gives the k-th signal (shape of ``a``) at the layer output ``a`` (B, ...).
     Returns (B, K, C, H, W). With ``expand`` the batch is expanded to B*K at the input
@@ -638,9 +926,10 @@ def visualize(model: nn.Module, x: Tensor, layer: str, channels: int | Sequence[
 
     Returns:
         (B, K, C, H, W) tensor on the model's device: the input-space visualisation of
-        each of the K channels for each image. All K travel back in one batched backward
-        after a single forward (``is_grads_batched``; if the backward cannot be vmapped it
-        falls back to expanding the batch to B*K at the input).
+        each of the K channels for each image. All K travel back through a single forward:
+        on the CPU one after the other (``retain_graph``; a batch of K is no faster per
+        signal there), elsewhere in one vmapped backward (``is_grads_batched``; if it cannot
+        be vmapped, the batch is expanded to B*K at the input instead).
 
     Raises:
         TypeError: ``x`` is not a float tensor; ``channels`` are not ints.
@@ -666,6 +955,10 @@ def visualize(model: nn.Module, x: Tensor, layer: str, channels: int | Sequence[
     device, dtype = model_device_dtype(model, x)
     x = x.to(device=device, dtype=dtype)
     out = run_backward(model, x, layer, resample, _channel_seed(chans, layer), len(chans))
+    return _check_finite(out, chans, layer)
+
+
+def _check_finite(out: Tensor, chans: list[int], layer: str) -> Tensor:
     bad = ~torch.isfinite(out).flatten(2).all(2)  # (B, K)
     if bool(bad.any()):
         b, k = (int(i) for i in bad.nonzero()[0])

@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 
 from ._checks import check_choice, check_class, check_model, check_positive_int
 from ._graph import first_conv_in_channels, stride_at
-from .deconv import grid_score, heatmap, run_backward, signed_rgb, visualize
+from .deconv import (RecordedForward, grid_score, heatmap, record_forward, run_backward, signed_rgb,
+                     visualize)
 from .features import default_layers, descriptors, layer_numbers
 from .relevance import Relevance, top_features
 from .utils import check_image_batch, describe, eval_mode, get_module
@@ -159,16 +160,23 @@ def _width_probe(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, 
             h.remove()
 
 
-def _forward(model: nn.Module, x: Tensor, rel: Relevance, layers: Sequence[str]
-             ) -> tuple[Tensor, Tensor | None, np.ndarray]:
+def _forward(model: nn.Module, x: Tensor, rel: Relevance, layers: Sequence[str],
+             rec: RecordedForward | None = None) -> tuple[Tensor, Tensor | None, np.ndarray]:
     """One forward pass: logits (B, C), the descriptor of ``rel``'s columns restricted to
-    ``layers`` (B, m_sub) (None without layers) and the rows of ``rel.columns`` it holds."""
+    ``layers`` (B, m_sub) (None without layers) and the rows of ``rel.columns`` it holds.
+    With ``rec`` (a ``vxnb.deconv.RecordedForward`` of ``x``), the pass runs under the DeconvNet
+    rules and is kept, so the visualisations need no second forward."""
     if not layers:
         with eval_mode(model), torch.no_grad():
             logits = model(x)
         return _check_logits(logits, x.shape[0]), None, np.zeros(0, dtype=np.int64)
     with _width_probe(model, layers) as widths:
-        desc, logits = descriptors(model, x, layers=list(layers), return_output=True)
+        if rec is None:
+            desc, logits = descriptors(model, x, layers=list(layers), return_output=True)
+        else:
+            with rec.forward() as x_leaf:
+                desc, logits = descriptors(model, x_leaf, layers=list(layers), return_output=True, keep_graph=True)
+            desc = desc.detach()
     logits = _check_logits(logits, x.shape[0])
     offsets, start = {}, 0
     for n in layers:
@@ -193,13 +201,13 @@ def _check_logits(logits: Any, B: int) -> Tensor:
     return logits.detach()
 
 
-def _top(rel: Relevance, model: nn.Module, x: Tensor, targets: Any, k: int
+def _top(rel: Relevance, model: nn.Module, x: Tensor, targets: Any, k: int, rec: RecordedForward | None = None
          ) -> tuple[Tensor, np.ndarray, np.ndarray, pd.DataFrame, Relevance]:
     """Forward + top-k. Returns logits, predicted (B,), explained classes (B,), the top-k
     frame (``image, rank, …``; see ``vxnb.relevance.top_features``) and the relevance used."""
     # layers of every class: the target is unknown before the forward (descriptors are cheap)
     layers = rel.layers
-    logits, xs, rows = _forward(model, x, rel, layers)
+    logits, xs, rows = _forward(model, x, rel, layers, rec)
     C = logits.shape[1]
     if rel.n_classes != C:
         raise ValueError(f"relevant: W has {rel.n_classes} classes but the model has {C} outputs; "
@@ -219,15 +227,18 @@ def _top(rel: Relevance, model: nn.Module, x: Tensor, targets: Any, k: int
 
 
 # ============================================================================ maps
-def _layer_maps(model: nn.Module, x: Tensor, layer: str, chans: list[list[int]], resample: bool) -> Tensor:
+def _layer_maps(model: nn.Module, x: Tensor, layer: str, chans: list[list[int]], resample: bool,
+                rec: RecordedForward | None = None) -> Tensor:
     """(B, K, C, H, W): image b's channels ``chans[b]`` (padded with zero maps to K) at ``layer``.
 
-    One image: ``vxnb.deconv.visualize`` with all its channels in one batched backward.
+    One image: ``vxnb.deconv.visualize`` with all its channels after one forward (or
+    ``rec.visualize``: through ``rec``, the recorded prediction forward of :func:`explain`).
     Several: one forward and one batched backward with a per-image seed (image b, slot i
     carries the activation map of channel ``chans[b][i]``)."""
     K = max(len(c) for c in chans)
     if x.shape[0] == 1:
-        return visualize(model, x, layer, chans[0], resample=resample)
+        out = rec.visualize(layer, chans[0]) if rec is not None else None
+        return out if out is not None else visualize(model, x, layer, chans[0], resample=resample)
     B = x.shape[0]
     pad = [c + [-1] * (K - len(c)) for c in chans]
     idx = torch.as_tensor(pad, dtype=torch.long, device=x.device)  # (B, K), -1 = no map
@@ -315,10 +326,10 @@ def _activation_maps_for_top(model: nn.Module, x: Tensor, top: pd.DataFrame, k: 
     return h, r, drawn
 
 
-def _maps_for_top(model: nn.Module, x: Tensor, top: pd.DataFrame, k: int, resample: bool
-                  ) -> tuple[Tensor, Tensor]:
+def _maps_for_top(model: nn.Module, x: Tensor, top: pd.DataFrame, k: int, resample: bool,
+                  rec: RecordedForward | None = None) -> tuple[Tensor, Tensor]:
     """Visualisations (B, k, C, H, W) by rank (zero where an image has fewer features) and
-    the responses (B, k)."""
+    the responses (B, k); ``rec``: the recorded forward of the one image ``x``."""
     B, C, H, W = x.shape
     v = torch.zeros((B, k, C, H, W), device=x.device, dtype=x.dtype)
     r = torch.zeros((B, k), device=x.device, dtype=x.dtype)
@@ -331,7 +342,7 @@ def _maps_for_top(model: nn.Module, x: Tensor, top: pd.DataFrame, k: int, resamp
         images = sorted(set(g["image"].tolist()))
         chans = [g.loc[g["image"] == b, "channel"].astype(int).tolist() for b in images]
         ranks = [g.loc[g["image"] == b, "rank"].astype(int).tolist() for b in images]
-        maps = _layer_maps(model, x[images], layer, chans, resample)  # (B', K, C, H, W)
+        maps = _layer_maps(model, x[images], layer, chans, resample, rec)  # (B', K, C, H, W)
         for i, b in enumerate(images):
             for slot, rk in enumerate(ranks[i]):
                 v[b, rk] = maps[i, slot]
@@ -395,14 +406,17 @@ def explain(model: nn.Module, relevant: Relevance | pd.DataFrame, image: Tensor,
 
     One forward pass gives the prediction ĵ (explained unless ``target`` is given) and the
     descriptor x on the layers holding relevant features; the response r = w_target ∘ x
-    ranks the relevant features; the k strongest with r > 0 are visualised with
-    ``vxnb.deconv.visualize`` (all channels of one layer in one batched backward) and turned
-    into heatmaps (``vxnb.deconv.heatmap``). The **combined heatmap** is their pixel-wise
+    ranks the relevant features; the k strongest with r > 0 are visualised as
+    ``vxnb.deconv.visualize`` does, carried back through that same forward (recorded under
+    the DeconvNet rules: the network runs once), and turned into heatmaps
+    (``vxnb.deconv.heatmap``). The **combined heatmap** is their pixel-wise
     maximum (``combine="max"``, default) or their response-weighted sum ``c = Σ_i r_i h_i``
     (``"weighted"``), renormalised to [0, 1] — the map the an8Flower benchmark scores as "ours".
 
     Args:
-        model: the classifier (logits (B, C)); left as it was.
+        model: the classifier (logits (B, C)); left as it was. Its forward runs under the
+            DeconvNet rules, which compute the same outputs (a ``ReLU(inplace=True)`` then
+            runs out of place: a forward that relies on its side effect is not supported).
         relevant: a :class:`Relevance` (e.g. ``Relevance.from_path(path, features, mu)``) or
             the DataFrame of ``vxnb.relevance.relevant_features``.
         image: float (C, H, W) or (1, C, H, W), C matching the model.
@@ -436,7 +450,9 @@ def explain(model: nn.Module, relevant: Relevance | pd.DataFrame, image: Tensor,
     if isinstance(relevant, pd.DataFrame):  # a frame does not know the number of classes
         with eval_mode(model), torch.no_grad():
             rel = rel._padded(max(rel.n_classes, _check_logits(model(x), 1).shape[1]))
-    logits, predicted, cls, top, rel = _top(rel, model, x, target, k)
+    # the prediction's forward is recorded under the rules and carries the signals back
+    rec = record_forward(model, x, resample, rel.layers)
+    logits, predicted, cls, top, rel = _top(rel, model, x, target, k, rec)
     j = int(cls[0])
     probs = torch.softmax(logits[0].double(), 0).cpu().numpy()
     H, W = x.shape[-2:]
@@ -456,7 +472,8 @@ def explain(model: nn.Module, relevant: Relevance | pd.DataFrame, image: Tensor,
                            features=top, heatmaps=z, rgb=torch.zeros((0, 3, H, W)), combined=torch.zeros((H, W)),
                            classes=list(rel.classes), resample=resample, message=message)
     kk = len(top)
-    v, r = _maps_for_top(model, x, top.assign(image=0), kk, resample)
+    v, r = _maps_for_top(model, x, top.assign(image=0), kk, resample, rec)
+    del rec  # the recorded graph
     h = heatmap(v[0])                                                   # (k', H, W)
     combined = combine_heatmaps(h, r[0], combine)
     return Explanation(image=x[0].detach().cpu(), predicted=int(predicted[0]), target=j, probabilities=probs,

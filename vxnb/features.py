@@ -418,7 +418,8 @@ def resolve_device(model: nn.Module, device: Any) -> torch.device:
 
 def descriptors(model: nn.Module, x: torch.Tensor, layers: Sequence[str] | str | None = None,
                 columns: pd.DataFrame | None = None, *, only_conv: bool = False,
-                return_output: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                return_output: bool = False, keep_graph: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The filter-wise responses x of one batch: (B, m) float32 on the model's device.
 
     x: images (B, C, H, W) (moved to the model's device). layers: the modules to describe
@@ -426,7 +427,9 @@ def descriptors(model: nn.Module, x: torch.Tensor, layers: Sequence[str] | str |
     metadata of a :class:`Features` — the result is then checked to have the same layers and
     channel counts, so that ``W`` learnt on it applies (``r = w_j ∘ x``). With
     ``return_output=True`` also returns the model output (logits) of the batch. The model runs
-    in eval mode (restored afterwards) under ``torch.no_grad``.
+    in eval mode (restored afterwards) under ``torch.no_grad`` (``keep_graph=True``: in the
+    caller's grad mode, for ``vxnb.explanations.explain``, which carries signals back through
+    this forward).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
@@ -447,7 +450,7 @@ def descriptors(model: nn.Module, x: torch.Tensor, layers: Sequence[str] | str |
     else:
         layers = _resolve_layers(model, layers, only_conv)
     device = model_device(model)
-    with eval_mode(model), torch.no_grad(), _Recorder(model, layers) as rec:
+    with eval_mode(model), contextlib.nullcontext() if keep_graph else torch.no_grad(), _Recorder(model, layers) as rec:
         out = model(x.to(device))
         raws = rec.collect(x.shape[0], widths)
     raw, desc, _ = _l1_normalise(raws)

@@ -20,7 +20,10 @@ least-squares fit is reached, the constraint is inactive) the last solution is r
 
 Only XᵀX and XᵀL are needed, so X never has to be in memory (``vxnb.features`` streams
 them); :func:`gram_statistics` forms them from an X that is (for large X with float32
-products, which moves the objective by ~1e-14 relative: see ``precision``).
+products, which moves the objective by ~1e-14 relative: see ``precision``). From an X in
+memory, large problems need not form all of XᵀX: the homotopy reads only the rows of the
+variables entering its active set, so ``gram="rows"`` forms just those, on demand
+(:class:`_RowGram`; a fraction of the full product's cost, the same paths).
 
 Degenerate designs are handled: all-zero columns never enter; a column linearly dependent
 on the active set (a duplicate, or the rank min(N, m) reached) is held at zero (SPAMS stops
@@ -42,7 +45,7 @@ from scipy.linalg.blas import get_blas_funcs
 from sklearn.base import BaseEstimator
 from tqdm.auto import tqdm
 
-from ._gram import SyrkGram
+from ._gram import FOLD_ROWS, SyrkGram
 from .utils import atomic_savez, describe
 
 __all__ = [
@@ -59,11 +62,23 @@ _FORMAT_VERSION = 1
 #: The format version of saved paths (public: part of the artifact store's keys).
 PATH_FORMAT_VERSION = _FORMAT_VERSION
 _AUTO_SINGLE_FLOPS = 2e9     # precision="auto": float32 products for XᵀX above this N·m²
+# gram="auto" with X given: rows of XᵀX formed on demand (only those the paths visit) above the
+# same N·m²; past _ROWS_MAX_SHARE·m rows, all of XᵀX (one syrk, half a GEMM's flops) is cheaper
+_ROWS_MAX_SHARE = 0.25
+_ROWS_PREFETCH = 16          # rows fetched ahead for each class that asks for a missing one
+_ROWS_WAVE = 64              # classes solved together (each holds its active rows of G)
+_ROWS_COPY_BYTES = 4 * 2**30  # X is copied once in the product dtype up to this size
 # a candidate whose squared Cholesky pivot is below tol·G_jj is linearly dependent on the active set
 _TOL_DOUBLE = 1e-10
 _TOL_SINGLE = 1e-5           # XᵀX from float32 products: relative error ~1e-7
 _L1_MARGIN = 1e-12           # coef() keeps ‖w_j‖₁ ≤ μ(1 − 1e-12): no summation order can cross μ
 _trsv = get_blas_funcs("trsv", dtype=np.float64)
+
+
+def _quiet() -> np.errstate:
+    """A fresh errstate ignoring divide/invalid/over (around the homotopy's steps)."""
+    return np.errstate(divide="ignore", invalid="ignore", over="ignore")
+
 _axpy = get_blas_funcs("axpy", dtype=np.float64)
 
 # status of a class's path
@@ -313,27 +328,39 @@ def gram_statistics(X: Any, L: Any, *, n_classes: int | None = None, precision: 
         raise ValueError(f"chunk_rows: expected a positive int or None, got {chunk_rows!r}")
     Ls = sp.csr_matrix(L)
     G, XtL = _gram(X, Ls, precision, int(chunk_rows))
-    diag = G.diagonal()
-    if not np.all(np.isfinite(diag)):
-        j = int(np.flatnonzero(~np.isfinite(diag))[0])
-        if np.all(np.isfinite(X[:, j])):
-            raise ValueError(f"X: {_column_label(j, column_names)} overflows "
-                             f"{'float32' if precision == 'single' else 'float64'} in XᵀX "
-                             f"(max |x| = {np.abs(X[:, j]).max():.3g}); rescale X"
-                             + (" or use precision='double'" if precision == "single" else ""))
-        i = int(np.flatnonzero(~np.isfinite(X[:, j]))[0])
-        raise ValueError(f"X: NaN or inf in {_column_label(j, column_names)} (row {i}: {X[i, j].item()!r})")
+    _check_finite_diag(G.diagonal(), X, precision, column_names)
     LtL = np.asarray(L.sum(axis=0), dtype=np.float64)
     return G, XtL, LtL
 
 
-def _resolve_precision(precision: Any, shape: tuple[int, int]) -> str:
-    if precision not in ("auto", "single", "double"):
-        raise ValueError(f"precision: expected 'auto', 'single' or 'double', got {precision!r}")
-    if precision == "auto":
+def _check_finite_diag(diag: np.ndarray, X: np.ndarray, precision: str, column_names: Any) -> None:
+    """A non-finite diagonal of XᵀX named by its column: NaN/inf in X, or an overflow."""
+    if np.all(np.isfinite(diag)):
+        return
+    j = int(np.flatnonzero(~np.isfinite(diag))[0])
+    if np.all(np.isfinite(X[:, j])):
+        raise ValueError(f"X: {_column_label(j, column_names)} overflows "
+                         f"{'float32' if precision == 'single' else 'float64'} in XᵀX "
+                         f"(max |x| = {np.abs(X[:, j]).max():.3g}); rescale X"
+                         + (" or use precision='double'" if precision == "single" else ""))
+    i = int(np.flatnonzero(~np.isfinite(X[:, j]))[0])
+    raise ValueError(f"X: NaN or inf in {_column_label(j, column_names)} (row {i}: {X[i, j].item()!r})")
+
+
+def _resolve_by_size(arg: str, value: Any, large: str, small: str, shape: tuple[int, int],
+                     listed: tuple[str, str]) -> str:
+    """``value`` checked against ("auto", *listed); "auto" → ``large`` when N·m² (XᵀX's flops)
+    exceeds ``_AUTO_SINGLE_FLOPS``, else ``small``."""
+    if value not in ("auto", large, small):
+        raise ValueError(f"{arg}: expected 'auto', '{listed[0]}' or '{listed[1]}', got {value!r}")
+    if value == "auto":
         N, m = shape
-        return "single" if N * m * m > _AUTO_SINGLE_FLOPS else "double"
-    return precision
+        return large if N * m * m > _AUTO_SINGLE_FLOPS else small
+    return value
+
+
+def _resolve_precision(precision: Any, shape: tuple[int, int]) -> str:
+    return _resolve_by_size("precision", precision, "single", "double", shape, ("single", "double"))
 
 
 def _gram(X: np.ndarray, Ls: sp.csr_matrix, precision: str, chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -355,12 +382,138 @@ def _gram(X: np.ndarray, Ls: sp.csr_matrix, precision: str, chunk_rows: int) -> 
     return gram.result(), np.ascontiguousarray(XtL.T)
 
 
+def _xtl(X: np.ndarray, Ls: sp.csr_matrix, chunk_rows: int) -> np.ndarray:
+    """XᵀL (m, C) float64, exact, chunk by chunk of rows."""
+    XtL = np.zeros((Ls.shape[1], X.shape[1]))
+    for i0 in range(0, X.shape[0], chunk_rows):
+        with np.errstate(over="ignore", invalid="ignore"):
+            XtL += Ls[i0:i0 + chunk_rows].T @ np.asarray(X[i0:i0 + chunk_rows], dtype=np.float64)
+    return np.ascontiguousarray(XtL.T)
+
+
+class _RowGram:
+    """G = XᵀX row by row, formed only when a homotopy asks for it (``fetch``).
+
+    The μ-lasso path of a class visits few variables (tens to hundreds of m), and the paths of
+    all classes share most of them: forming just those rows, Xᵀ X[:, J] (2·N·m·|J| flops), costs
+    a fraction of the full syrk (N·m² flops) — about a quarter for VGG-F-like data at μ = 10.
+    Rows are products in ``precision`` (float32: summed in float32 over at most
+    ``vxnb._gram.FOLD_ROWS`` rows, then in float64 — the accuracy of ``SyrkGram``); once more
+    than ``_ROWS_MAX_SHARE``·m rows are asked for, all of G is formed with ``SyrkGram`` and
+    served from then on. Exact in the same sense as the full G: a homotopy only ever reads the
+    rows of the variables that enter its active set.
+    """
+
+    def __init__(self, X: np.ndarray, precision: str, chunk_rows: int):
+        self.dtype = np.float32 if precision == "single" else np.float64
+        N, m = X.shape
+        self.shape = (m, m)
+        self.src = X
+        copy = N * m * np.dtype(self.dtype).itemsize <= _ROWS_COPY_BYTES
+        self.X = np.ascontiguousarray(X, dtype=self.dtype) if copy else None  # else converted per pass
+        self.chunk_rows = min(int(chunk_rows), FOLD_ROWS) if self.dtype == np.float32 else int(chunk_rows)
+        diag = np.zeros(m)
+        for Xb in self._blocks():
+            with np.errstate(over="ignore", invalid="ignore"):
+                diag += np.einsum("ij,ij->j", Xb, Xb, dtype=np.float64)
+        if self.dtype == np.float32:  # a square past float32's range overflows the products
+            diag[diag > np.finfo(np.float32).max] = np.inf
+        self.diag = diag
+        self.pos = np.full(m, -1, dtype=np.int64)   # row j of G is rows[pos[j]]
+        self.rows = np.empty((0, m))
+        self.n = 0
+        self.full: np.ndarray | None = None
+        self.passes = 0                             # passes over X (forming rows, or all of G)
+
+    def _blocks(self):
+        N = self.src.shape[0]
+        for i0 in range(0, N, self.chunk_rows):
+            if self.X is not None:
+                yield self.X[i0:i0 + self.chunk_rows]
+            else:
+                yield np.ascontiguousarray(self.src[i0:i0 + self.chunk_rows], dtype=self.dtype)
+
+    def row(self, j: int) -> np.ndarray | None:
+        if self.full is not None:
+            return self.full[j]
+        p = self.pos[j]
+        return self.rows[p] if p >= 0 else None
+
+    def missing(self, idx: np.ndarray) -> np.ndarray:
+        return idx[self.pos[idx] < 0] if self.full is None else idx[:0]
+
+    def fetch(self, need: np.ndarray, ahead: np.ndarray) -> None:
+        """Form rows ``need`` (and ``ahead`` as far as the share allows), or all of G."""
+        if self.full is not None:
+            return
+        m = self.shape[0]
+        need = np.unique(self.missing(need))
+        if self.n + need.size > _ROWS_MAX_SHARE * m:
+            self._form_full()
+            return
+        ahead = np.setdiff1d(np.unique(self.missing(ahead)), need)
+        room = (int(_ROWS_MAX_SHARE * m) - self.n - need.size) // 2   # guesses never take it all
+        J = np.concatenate([need, ahead[:max(room, 0)]]).astype(np.int64)
+        if not J.size:
+            return
+        acc = np.zeros((m, J.size))
+        with np.errstate(over="ignore", invalid="ignore"):
+            for Xb in self._blocks():
+                acc += Xb.T @ Xb[:, J]            # one GEMM per block: (m, |J|)
+        self.passes += 1
+        if self.n + J.size > self.rows.shape[0]:
+            grown = np.empty((max(2 * self.rows.shape[0], self.n + J.size, 256), m))
+            grown[:self.n] = self.rows[:self.n]
+            self.rows = grown
+        self.rows[self.n:self.n + J.size] = acc.T
+        self.pos[J] = np.arange(self.n, self.n + J.size)
+        self.n += J.size
+
+    def _form_full(self) -> None:
+        gram = SyrkGram(self.shape[0], self.dtype)
+        for Xb in self._blocks():
+            with np.errstate(over="ignore", invalid="ignore"):
+                gram.add(Xb)
+        self.full = gram.result()
+        self.passes += 1
+        self.rows, self.n = np.empty((0, self.shape[0])), 0
+        self.pos[:] = -1
+
+    def block(self, idx: np.ndarray) -> np.ndarray:
+        """G[idx][:, idx] for rows already formed."""
+        return np.stack([self.row(int(j))[idx] for j in idx]) if len(idx) else np.zeros((0, 0))
+
+    @property
+    def info(self) -> dict:
+        return {"gram": "full" if self.full is not None else "rows", "rows": int(self.n),
+                "passes": int(self.passes)}
+
+
 # ============================================================================ the homotopy
 def _homotopy(G: np.ndarray, q: np.ndarray, mu_max: float, max_iter: int, rtol: float = 1e-10,
               diag: np.ndarray | None = None, workspace: dict | None = None, keep_path: bool = True) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray], int]:
+    """:func:`_homotopy_steps` with every row of G at hand (G (m, m) in memory)."""
+    if diag is None:
+        diag = np.ascontiguousarray(G.diagonal())
+    steps = _homotopy_steps(q, mu_max, max_iter, rtol, diag, workspace, keep_path)
+    try:
+        with _quiet():
+            j, _ = next(steps)
+            while True:
+                j, _ = steps.send(G[j])
+    except StopIteration as done:
+        return done.value
+
+
+def _homotopy_steps(q: np.ndarray, mu_max: float, max_iter: int, rtol: float, diag: np.ndarray,
+                    workspace: dict | None = None, keep_path: bool = True):
     """LARS-lasso path of min ‖Xw − l‖² along ‖w‖₁ from 0 to ``mu_max`` (or its end).
 
-    G (m, m) = XᵀX, q (m,) = Xᵀl. Returns the breakpoints: λ (K,), ‖w‖₁ (K,), and for each
+    A generator: for each variable entering the active set it yields ``(j, ranking)`` and must
+    be sent row j of G = XᵀX (m,) (``ranking``, valid only until the row is sent: the inactive
+    variables' distance to entering, smaller first; lets a caller that forms rows of G on
+    demand fetch the likely next ones with it). q (m,) = Xᵀl; ``diag`` the diagonal of G.
+    Returns (as its StopIteration value) the breakpoints: λ (K,), ‖w‖₁ (K,), and for each
     breakpoint the indices and values of its non-zero weights; then a status code.
     The objective is ½‖Xw − l‖² + λ‖w‖₁ (λ = the common |correlation| of the active set).
     ``workspace`` (a dict, one per thread) keeps the large buffer of active rows of G
@@ -369,8 +522,6 @@ def _homotopy(G: np.ndarray, q: np.ndarray, mu_max: float, max_iter: int, rtol: 
     at mu_max alone, for direct solves (the full path is O(steps · active set) numbers).
     """
     m = q.shape[0]
-    if diag is None:
-        diag = np.ascontiguousarray(G.diagonal())
     c = np.array(q, dtype=np.float64)              # correlations Xᵀ(l − Xw)
     excl = np.zeros(m)                               # +inf: not a candidate to enter
     excl[~(diag > 0)] = np.inf                       # all-zero columns never enter
@@ -406,154 +557,156 @@ def _homotopy(G: np.ndarray, q: np.ndarray, mu_max: float, max_iter: int, rtol: 
     g1 = np.empty(m)
     g2 = np.empty(m)
     mask = np.empty(m, dtype=bool)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for it in range(max_iter):
-            if j_in >= 0:  # ---- add j_in to the active set
-                j = j_in
-                row = G[j]
-                if k:
-                    r = _trsv(R, row[A[:k]], trans=1)        # Rᵀ r = G_{A, j}
-                    piv2 = diag[j] - float(r @ r)
-                else:
-                    r = np.empty(0)
-                    piv2 = diag[j]
-                if piv2 <= rtol * diag[j]:
-                    # in the span of the active set (a duplicate column, or rank reached): it can
-                    # keep |c_j| = λ with w_j = 0; leave it out until the active set shrinks
-                    ignored.append(j)
-                    excl[j] = np.inf
-                    if d is None:  # pragma: no cover - the first variable has diag > 0
-                        raise RuntimeError("degenerate first variable")
-                else:
-                    if k == cap:
-                        cap *= 2
-                        A, s, w, slot = (np.resize(v, cap) for v in (A, s, w, slot))
-                        GA2 = np.empty((cap, m))
-                        GA2[:k] = GA[:k]
-                        GA = wsp["GA"] = GA2
-                    Rn = np.zeros((k + 1, k + 1), order="F")
-                    Rn[:k, :k] = R
-                    Rn[:k, k] = r
-                    Rn[k, k] = math.sqrt(piv2)
-                    R = Rn
-                    A[k] = j
-                    s[k] = 1.0 if c[j] > 0 else -1.0
-                    w[k] = 0.0
-                    slot[k] = k
-                    GA[k] = row
-                    excl[j] = np.inf
-                    k += 1
-                    d = None
-            if d is None:  # ---- direction: d = G_AA⁻¹ s, a = G_{:,A} d
-                d = _trsv(R, _trsv(R, s[:k], trans=1))
-                ds = np.empty(k)
-                ds[slot[:k]] = d
-                a = ds @ GA[:k]
-                sd = float(s[:k] @ d)
-            # ---- step length to the next event
-            # entering: c_j − γ a_j = ±(λ − γ) for an inactive j, i.e. γ = (λ ∓ c_j) / (1 ∓ a_j);
-            # a side whose denominator is ≤ 0 is never reached
-            np.subtract(1.0, a, out=one)
-            np.add(1.0, a, out=two)
-            np.subtract(lam, c, out=g1)
-            np.divide(g1, one, out=g1)
-            np.add(lam, c, out=g2)
-            np.divide(g2, two, out=g2)
-            np.less_equal(one, 1e-12, out=mask)
-            g1[mask] = np.inf
-            np.less_equal(two, 1e-12, out=mask)
-            g2[mask] = np.inf
-            if just_dropped >= 0:
-                # it left at c_j = ±λ: the root γ = 0 on that side is spurious; the other
-                # side (re-entry with the opposite sign) is a genuine event
-                (g1 if drop_sign > 0 else g2)[just_dropped] = np.inf
-            np.minimum(g1, g2, out=g1)
-            g1 += excl
-            j_cand = int(np.argmin(g1))
-            gam_in = float(g1[j_cand])
-            if not gam_in < np.inf:
-                j_cand = -1
-            # leaving: a weight crosses zero
-            ratio = -w[:k] / d
-            ratio[~(ratio > 0)] = np.inf
-            i_drop = int(np.argmin(ratio))
-            gam_drop = float(ratio[i_drop])
-            # target: ‖w + γ d‖₁ = mu_max (the signs hold along the segment)
-            l1 = float(np.abs(w[:k]).sum())
-            gam_mu = (mu_max - l1) / sd if mu_max < np.inf else np.inf
-            gam_lam = lam
-            gam = min(gam_mu, gam_lam, gam_drop, gam_in)
-            gam = max(gam, 0.0)
-            w[:k] += gam * d
-            c = _axpy(a, c, a=-gam)                             # c −= γ a (in place)
-            lam -= gam
-            just_dropped = -1
-            j_in = -1
-            if gam == gam_mu:
-                status = _REACHED_MU
-            elif gam == gam_lam or lam <= lam_end:
-                lam = 0.0
-                status = _PATH_END
-            elif gam == gam_drop:
-                i = i_drop
-                w[i] = 0.0
-                just_dropped = int(A[i])
-                drop_sign = s[i]
-                excl[just_dropped] = 0.0
-                # move the last GA row into the freed slot
-                si, last = slot[i], k - 1
-                if si != last:
-                    GA[si] = GA[last]
-                    slot[:k][slot[:k] == last] = si
-                keep = np.r_[0:i, i + 1:k]
-                A[:k - 1] = A[keep]
-                s[:k - 1] = s[keep]
-                w[:k - 1] = w[keep]
-                slot[:k - 1] = slot[keep]
-                k -= 1
-                # refactor G_AA (k³/3 flops; drops are rare): exact, and no drift
-                GAA = GA[np.ix_(slot[:k], A[:k])]
-                R = np.asfortranarray(np.linalg.cholesky(GAA).T) if k else np.zeros((0, 0), order="F")
-                for jj in ignored:   # the span shrank: degenerate candidates may enter again
-                    excl[jj] = 0.0
-                ignored.clear()
+    # (no np.errstate here: a generator resumed on another thread cannot leave a context
+    # entered elsewhere; the callers ignore divide/invalid/over around every step)
+    for it in range(max_iter):
+        if j_in >= 0:  # ---- add j_in to the active set
+            j = j_in
+            # row j of G, asked of the caller; with it the current ranking of the inactive
+            # variables (smaller: sooner to enter), for a caller that forms rows on demand
+            row = yield j, (g1 if d is not None else -score)
+            if k:
+                r = _trsv(R, row[A[:k]], trans=1)        # Rᵀ r = G_{A, j}
+                piv2 = diag[j] - float(r @ r)
+            else:
+                r = np.empty(0)
+                piv2 = diag[j]
+            if piv2 <= rtol * diag[j]:
+                # in the span of the active set (a duplicate column, or rank reached): it can
+                # keep |c_j| = λ with w_j = 0; leave it out until the active set shrinks
+                ignored.append(j)
+                excl[j] = np.inf
+                if d is None:  # pragma: no cover - the first variable has diag > 0
+                    raise RuntimeError("degenerate first variable")
+            else:
+                if k == cap:
+                    cap *= 2
+                    A, s, w, slot = (np.resize(v, cap) for v in (A, s, w, slot))
+                    GA2 = np.empty((cap, m))
+                    GA2[:k] = GA[:k]
+                    GA = wsp["GA"] = GA2
+                Rn = np.zeros((k + 1, k + 1), order="F")
+                Rn[:k, :k] = R
+                Rn[:k, k] = r
+                Rn[k, k] = math.sqrt(piv2)
+                R = Rn
+                A[k] = j
+                s[k] = 1.0 if c[j] > 0 else -1.0
+                w[k] = 0.0
+                slot[k] = k
+                GA[k] = row
+                excl[j] = np.inf
+                k += 1
                 d = None
-                if k == 0:  # pragma: no cover - ‖w‖₁ grows along the path, so one variable never leaves alone
-                    score = np.abs(c) - excl
-                    j_in = int(np.argmax(score))
-            else:
-                j_in = j_cand
-            if status != _MAX_ITER or it % 32 == 31:
-                # refresh the correlations from the weights (no drift over long paths)
-                ws = np.empty(k)
-                ws[slot[:k]] = w[:k]
-                c = q - ws @ GA[:k]
-            if not keep_path and status == _MAX_ITER and it < max_iter - 1:
-                continue
-            lams.append(lam)
-            if status == _REACHED_MU:
-                l1 = float(np.abs(w[:k]).sum())
-                if l1 > mu_max:  # rounding: never exceed the bound
-                    w[:k] *= mu_max / l1
-                mus.append(min(l1, mu_max))
-            else:
-                mus.append(float(np.abs(w[:k]).sum()))
-            nz = w[:k] != 0
-            idxs.append(A[:k][nz].copy())
-            vals.append(w[:k][nz].copy())
-            if status != _MAX_ITER:
-                break
-            if k == 0 and j_in < 0:  # pragma: no cover - cannot happen (λ > 0 has a candidate)
-                status = _PATH_END
-                break
+        if d is None:  # ---- direction: d = G_AA⁻¹ s, a = G_{:,A} d
+            d = _trsv(R, _trsv(R, s[:k], trans=1))
+            ds = np.empty(k)
+            ds[slot[:k]] = d
+            a = ds @ GA[:k]
+            sd = float(s[:k] @ d)
+        # ---- step length to the next event
+        # entering: c_j − γ a_j = ±(λ − γ) for an inactive j, i.e. γ = (λ ∓ c_j) / (1 ∓ a_j);
+        # a side whose denominator is ≤ 0 is never reached
+        np.subtract(1.0, a, out=one)
+        np.add(1.0, a, out=two)
+        np.subtract(lam, c, out=g1)
+        np.divide(g1, one, out=g1)
+        np.add(lam, c, out=g2)
+        np.divide(g2, two, out=g2)
+        np.less_equal(one, 1e-12, out=mask)
+        g1[mask] = np.inf
+        np.less_equal(two, 1e-12, out=mask)
+        g2[mask] = np.inf
+        if just_dropped >= 0:
+            # it left at c_j = ±λ: the root γ = 0 on that side is spurious; the other
+            # side (re-entry with the opposite sign) is a genuine event
+            (g1 if drop_sign > 0 else g2)[just_dropped] = np.inf
+        np.minimum(g1, g2, out=g1)
+        g1 += excl
+        j_cand = int(np.argmin(g1))
+        gam_in = float(g1[j_cand])
+        if not gam_in < np.inf:
+            j_cand = -1
+        # leaving: a weight crosses zero
+        ratio = -w[:k] / d
+        ratio[~(ratio > 0)] = np.inf
+        i_drop = int(np.argmin(ratio))
+        gam_drop = float(ratio[i_drop])
+        # target: ‖w + γ d‖₁ = mu_max (the signs hold along the segment)
+        l1 = float(np.abs(w[:k]).sum())
+        gam_mu = (mu_max - l1) / sd if mu_max < np.inf else np.inf
+        gam_lam = lam
+        gam = min(gam_mu, gam_lam, gam_drop, gam_in)
+        gam = max(gam, 0.0)
+        w[:k] += gam * d
+        c = _axpy(a, c, a=-gam)                             # c −= γ a (in place)
+        lam -= gam
+        just_dropped = -1
+        j_in = -1
+        if gam == gam_mu:
+            status = _REACHED_MU
+        elif gam == gam_lam or lam <= lam_end:
+            lam = 0.0
+            status = _PATH_END
+        elif gam == gam_drop:
+            i = i_drop
+            w[i] = 0.0
+            just_dropped = int(A[i])
+            drop_sign = s[i]
+            excl[just_dropped] = 0.0
+            # move the last GA row into the freed slot
+            si, last = slot[i], k - 1
+            if si != last:
+                GA[si] = GA[last]
+                slot[:k][slot[:k] == last] = si
+            keep = np.r_[0:i, i + 1:k]
+            A[:k - 1] = A[keep]
+            s[:k - 1] = s[keep]
+            w[:k - 1] = w[keep]
+            slot[:k - 1] = slot[keep]
+            k -= 1
+            # refactor G_AA (k³/3 flops; drops are rare): exact, and no drift
+            GAA = GA[np.ix_(slot[:k], A[:k])]
+            R = np.asfortranarray(np.linalg.cholesky(GAA).T) if k else np.zeros((0, 0), order="F")
+            for jj in ignored:   # the span shrank: degenerate candidates may enter again
+                excl[jj] = 0.0
+            ignored.clear()
+            d = None
+            if k == 0:  # pragma: no cover - ‖w‖₁ grows along the path, so one variable never leaves alone
+                score = np.abs(c) - excl
+                j_in = int(np.argmax(score))
+        else:
+            j_in = j_cand
+        if status != _MAX_ITER or it % 32 == 31:
+            # refresh the correlations from the weights (no drift over long paths)
+            ws = np.empty(k)
+            ws[slot[:k]] = w[:k]
+            c = q - ws @ GA[:k]
+        if not keep_path and status == _MAX_ITER and it < max_iter - 1:
+            continue
+        lams.append(lam)
+        if status == _REACHED_MU:
+            l1 = float(np.abs(w[:k]).sum())
+            if l1 > mu_max:  # rounding: never exceed the bound
+                w[:k] *= mu_max / l1
+            mus.append(min(l1, mu_max))
+        else:
+            mus.append(float(np.abs(w[:k]).sum()))
+        nz = w[:k] != 0
+        idxs.append(A[:k][nz].copy())
+        vals.append(w[:k][nz].copy())
+        if status != _MAX_ITER:
+            break
+        if k == 0 and j_in < 0:  # pragma: no cover - cannot happen (λ > 0 has a candidate)
+            status = _PATH_END
+            break
     return np.array(lams), np.array(mus), idxs, vals, status
 
 
 def _solve_paths(G: np.ndarray, XtL: np.ndarray, mu_max: float, *, n_jobs: int | None, max_iter: int | None,
                  progress: bool | None, tol: float | None = None, keep_path: bool = True) -> list[tuple]:
-    """One homotopy per class (columns of XtL), on ``n_jobs`` threads (numpy/BLAS release the GIL)."""
-    from threadpoolctl import threadpool_limits
-
+    """One homotopy per class (columns of XtL), on ``n_jobs`` threads (numpy/BLAS release the GIL);
+    G is XᵀX in memory, or a :class:`_RowGram` forming its rows on demand."""
     m, C = XtL.shape
     if max_iter is None:
         max_iter = 10 * m + 1000
@@ -564,37 +717,95 @@ def _solve_paths(G: np.ndarray, XtL: np.ndarray, mu_max: float, *, n_jobs: int |
         raise ValueError(f"tol: expected a number in (0, 1), got {tol!r}")
     jobs = min(_n_jobs(n_jobs), C)
     cols = [np.ascontiguousarray(XtL[:, j]) for j in range(C)]
-
-    diag = np.ascontiguousarray(G.diagonal())
-    local = threading.local()
-
-    def one(j: int) -> tuple:
-        if not hasattr(local, "ws"):
-            local.ws = {}
-        return _homotopy(G, cols[j], mu_max, int(max_iter), rtol=tol, diag=diag, workspace=local.ws,
-                         keep_path=keep_path)
-
     bar = tqdm(total=C, desc="μ-lasso path", unit="class", disable=None if progress is None else not progress,
                leave=False)
-    out: list[tuple] = []
     try:
-        # each step is a small matrix-vector product: multi-threaded BLAS only adds overhead there
-        with threadpool_limits(limits=1, user_api="blas"):
-            if jobs == 1:
-                for j in range(C):
-                    out.append(one(j))
-                    bar.update()
-            else:
-                with ThreadPoolExecutor(jobs) as ex:
-                    for res in ex.map(one, range(C)):
-                        out.append(res)
-                        bar.update()
+        if isinstance(G, _RowGram):
+            out = _solve_on_rows(G, cols, mu_max, int(max_iter), tol, keep_path, jobs, bar)
+        else:
+            out = _solve_on_gram(G, cols, mu_max, int(max_iter), tol, keep_path, jobs, bar)
     finally:
         bar.close()
     hit = [j for j, r in enumerate(out) if r[4] == _MAX_ITER]
     if hit:
         _warn(f"lasso_path: classes {hit} stopped after max_iter={max_iter} homotopy steps before reaching "
               f"mu_max; their path ends early (raise max_iter)")
+    return out
+
+
+def _solve_on_rows(G: "_RowGram", cols: list[np.ndarray], mu_max: float, max_iter: int, tol: float,
+                   keep_path: bool, jobs: int, bar: Any) -> list[tuple]:
+    """The homotopies of all classes on rows of G formed on demand, in rounds: every class
+    runs until it needs a row not yet formed; the rows asked for (with each asking class's
+    ``_ROWS_PREFETCH`` likeliest next ones) are formed in one pass over X; repeat. Classes
+    go in waves of ``_ROWS_WAVE`` (each holds its own active rows)."""
+    from threadpoolctl import threadpool_limits
+
+    out: list[Any] = [None] * len(cols)
+
+    def advance(state: list) -> tuple | None:
+        steps, asked = state          # asked: the row this class waits for (None: not started)
+        try:
+            with _quiet():
+                j, rank = next(steps) if asked is None else steps.send(G.row(asked))
+                while True:
+                    row = G.row(j)
+                    if row is None:
+                        state[1] = j
+                        top = np.argpartition(rank, min(_ROWS_PREFETCH, rank.size - 1))[:_ROWS_PREFETCH]
+                        return j, G.missing(top[np.isfinite(rank[top])])
+                    j, rank = steps.send(row)
+        except StopIteration as done:
+            state[0] = done.value
+            return None
+
+    with ThreadPoolExecutor(jobs) as ex:
+        for w0 in range(0, len(cols), _ROWS_WAVE):
+            live = {c: [_homotopy_steps(cols[c], mu_max, max_iter, tol, G.diag, None, keep_path), None]
+                    for c in range(w0, min(len(cols), w0 + _ROWS_WAVE))}
+            while live:
+                with threadpool_limits(limits=1, user_api="blas"):
+                    asks = list(ex.map(lambda c: advance(live[c]), list(live)))
+                need, ahead = [], []
+                for c, ask in zip(list(live), asks):
+                    if ask is None:
+                        out[c] = live.pop(c)[0]
+                        bar.update()
+                    else:
+                        need.append(ask[0])
+                        ahead.append(ask[1])
+                if need:
+                    G.fetch(np.array(need, dtype=np.int64), np.concatenate(ahead).astype(np.int64))
+    return out
+
+
+def _solve_on_gram(G: np.ndarray, cols: list[np.ndarray], mu_max: float, max_iter: int, tol: float,
+                   keep_path: bool, jobs: int, bar: Any) -> list[tuple]:
+    """The homotopies of all classes on G (m, m) in memory, classes on ``jobs`` threads."""
+    from threadpoolctl import threadpool_limits
+
+    C = len(cols)
+    diag = np.ascontiguousarray(G.diagonal())
+    local = threading.local()
+
+    def one(j: int) -> tuple:
+        if not hasattr(local, "ws"):
+            local.ws = {}
+        return _homotopy(G, cols[j], mu_max, max_iter, rtol=tol, diag=diag, workspace=local.ws,
+                         keep_path=keep_path)
+
+    out: list[tuple] = []
+    # each step is a small matrix-vector product: multi-threaded BLAS only adds overhead there
+    with threadpool_limits(limits=1, user_api="blas"):
+        if jobs == 1:
+            for j in range(C):
+                out.append(one(j))
+                bar.update()
+        else:
+            with ThreadPoolExecutor(jobs) as ex:
+                for res in ex.map(one, range(C)):
+                    out.append(res)
+                    bar.update()
     return out
 
 
@@ -811,10 +1022,19 @@ class LassoPath:
 
 
 # ============================================================================ public entry points
+def _resolve_gram(gram: Any, shape: tuple[int, int]) -> str:
+    return _resolve_by_size("gram", gram, "rows", "full", shape, ("full", "rows"))
+
+
+def _gram_block(G: Any, idx: np.ndarray) -> np.ndarray:
+    """G[idx][:, idx] of XᵀX in memory or of a :class:`_RowGram`."""
+    return G.block(idx) if isinstance(G, _RowGram) else G[np.ix_(idx, idx)]
+
+
 def _fit(G: Any, XtL: Any, LtL: Any, X: Any, L: Any, *, mu_max: float, n_classes: int | None, column_names: Any,
          precision: str, n_jobs: int | None, max_iter: int | None, progress: bool | None, tol: float | None,
-         check_input: bool = True, keep_path: bool = True
-         ) -> tuple[LassoPath, np.ndarray, np.ndarray, np.ndarray | None]:
+         check_input: bool = True, keep_path: bool = True, gram: str = "auto"
+         ) -> tuple[LassoPath, Any, np.ndarray, np.ndarray | None]:
     if X is not None or L is not None:
         if G is not None or XtL is not None or LtL is not None:
             raise ValueError("lasso_path: give either (G, XtL[, LtL]) or (X=, L=), not both")
@@ -822,23 +1042,36 @@ def _fit(G: Any, XtL: Any, LtL: Any, X: Any, L: Any, *, mu_max: float, n_classes
             raise ValueError("lasso_path: X and L must be given together")
         X = _check_X(X)
         precision = _resolve_precision(precision, X.shape)
-        G, XtL, LtL = gram_statistics(X, L, n_classes=n_classes, precision=precision, column_names=column_names)
+        if _resolve_gram(gram, X.shape) == "rows":
+            L = _check_labels(L, X.shape[0], n_classes, X.shape)
+            column_names = _check_column_names(column_names, X.shape[1])
+            chunk_rows = max(4096, 2**30 // (4 * X.shape[1]))
+            G = _RowGram(X, precision, chunk_rows)
+            _check_finite_diag(G.diag, X, precision, column_names)
+            XtL = _xtl(X, sp.csr_matrix(L), chunk_rows)
+            LtL = np.asarray(L.sum(axis=0), dtype=np.float64)
+        else:
+            G, XtL, LtL = gram_statistics(X, L, n_classes=n_classes, precision=precision,
+                                          column_names=column_names)
         if tol is None:
             tol = _TOL_SINGLE if precision == "single" else _TOL_DOUBLE
     else:
         if G is None or XtL is None:
             raise ValueError("lasso_path: give G (XᵀX) and XtL (XᵀL), or X= and L=")
+        _resolve_gram(gram, (0, 0))   # only the argument's check: G is in memory already
         G, XtL, LtL = _check_gram(G, XtL, LtL, check_symmetric=check_input)
     _warn_empty_classes(XtL, LtL)
     results = _solve_paths(G, XtL, mu_max, n_jobs=n_jobs, max_iter=max_iter, progress=progress, tol=tol,
                            keep_path=keep_path)
-    return LassoPath._from_results(results, mu_max, G.shape[0], LtL, complete=keep_path), G, XtL, LtL
+    path = LassoPath._from_results(results, mu_max, G.shape[0], LtL, complete=keep_path)
+    path.gram_info = G.info if isinstance(G, _RowGram) else {"gram": "full"}
+    return path, G, XtL, LtL
 
 
 def lasso_path(G: Any = None, XtL: Any = None, *, mu_max: float | None = None, LtL: Any = None, X: Any = None,
                L: Any = None, n_classes: int | None = None, column_names: Any = None, precision: str = "auto",
-               n_jobs: int | None = None, max_iter: int | None = None, tol: float | None = None,
-               check_input: bool = True, progress: bool | None = None) -> LassoPath:
+               gram: str = "auto", n_jobs: int | None = None, max_iter: int | None = None,
+               tol: float | None = None, check_input: bool = True, progress: bool | None = None) -> LassoPath:
     """The μ-lasso path of every class, from w = 0 to ‖w_j‖₁ = ``mu_max``.
 
     Give either the statistics ``G`` = XᵀX (m, m) and ``XtL`` = XᵀL (m, C) (``LtL``, LᵀL or
@@ -847,6 +1080,13 @@ def lasso_path(G: Any = None, XtL: Any = None, *, mu_max: float | None = None, L
     ``precision`` and ``column_names``.
 
     Args:
+        gram: with X given, how XᵀX is formed: ``"full"`` all of it (:func:`gram_statistics`);
+            ``"rows"`` only the rows the homotopies visit, formed on demand in a few passes
+            over X (a path at moderate μ visits a few hundred of m variables, so this costs a
+            fraction of the full product; past a quarter of m rows it forms all of XᵀX
+            instead); ``"auto"`` (default): rows when N·m² > 2·10⁹, else full. The solution is
+            the same either way (the homotopy reads only rows of variables entering its
+            active set). ``path.gram_info`` says which route ran, how many rows and passes.
         mu_max: the largest μ the path must answer; None runs each path to its end (the
             least-squares fit; up to min(N, m) active features: slow for large m).
         n_jobs: threads solving classes in parallel (default: all cores).
@@ -864,7 +1104,7 @@ def lasso_path(G: Any = None, XtL: Any = None, *, mu_max: float | None = None, L
     mu_max = _check_mu_max(mu_max)
     return _fit(G, XtL, LtL, X, L, mu_max=mu_max, n_classes=n_classes, column_names=column_names,
                 precision=precision, n_jobs=n_jobs, max_iter=max_iter, progress=progress, tol=tol,
-                check_input=check_input)[0]
+                check_input=check_input, gram=gram)[0]
 
 
 def mu_lasso_gram(G: Any, XtL: Any, mu: float, LtL: Any = None, *, n_jobs: int | None = None,
@@ -883,7 +1123,7 @@ def mu_lasso_gram(G: Any, XtL: Any, mu: float, LtL: Any = None, *, n_jobs: int |
 
 
 def mu_lasso(X: Any, L: Any, mu: float, *, n_classes: int | None = None, column_names: Any = None,
-             precision: str = "auto", n_jobs: int | None = None, max_iter: int | None = None,
+             precision: str = "auto", gram: str = "auto", n_jobs: int | None = None, max_iter: int | None = None,
              tol: float | None = None, progress: bool | None = None) -> np.ndarray:
     """W (m, C) float64 minimising ‖XW − L‖²_F subject to ‖w_j‖₁ ≤ μ for every class j.
 
@@ -893,13 +1133,13 @@ def mu_lasso(X: Any, L: Any, mu: float, *, n_classes: int | None = None, column_
             (one-hot over ``n_classes``, default max + 1).
         mu: the bound on ‖w_j‖₁ (> 0).
         column_names: names of X's columns (or ``Features.columns``) for error messages.
-        precision: how XᵀX is formed, see :func:`gram_statistics`; other arguments as in
-            :func:`lasso_path`.
+        precision: the products of XᵀX, see :func:`gram_statistics`; ``gram``: all of XᵀX or
+            only the rows the paths visit, see :func:`lasso_path`; other arguments as there.
     """
     mu = _check_mu(mu)
     return _fit(None, None, None, X, L, mu_max=mu, n_classes=n_classes, column_names=column_names,
                 precision=precision, n_jobs=n_jobs, max_iter=max_iter, progress=progress, tol=tol,
-                keep_path=False)[0].coef(mu)
+                keep_path=False, gram=gram)[0].coef(mu)
 
 
 def lasso_objective(X: Any, L: Any, W: Any, *, n_classes: int | None = None) -> np.ndarray:
@@ -925,6 +1165,8 @@ class MuLasso(BaseEstimator):
         mu: the bound on ‖w_j‖₁ for every class.
         precision: how XᵀX is formed from X (``"auto"``, ``"single"`` or ``"double"``, see
             :func:`gram_statistics`).
+        gram: all of XᵀX (``"full"``) or only the rows the paths visit (``"rows"``);
+            ``"auto"``: see :func:`lasso_path`.
         n_jobs: threads (classes in parallel); None: all cores.
         progress: tqdm progress bar (None: only on a terminal).
 
@@ -935,10 +1177,11 @@ class MuLasso(BaseEstimator):
         objective_: (C,) ‖X w_j − l_j‖² (None after ``fit_gram`` without ``LtL``).
     """
 
-    def __init__(self, mu: float = 10.0, *, precision: str = "auto", n_jobs: int | None = None,
-                 progress: bool | None = None):
+    def __init__(self, mu: float = 10.0, *, precision: str = "auto", gram: str = "auto",
+                 n_jobs: int | None = None, progress: bool | None = None):
         self.mu = mu
         self.precision = precision
+        self.gram = gram
         self.n_jobs = n_jobs
         self.progress = progress
 
@@ -952,7 +1195,7 @@ class MuLasso(BaseEstimator):
         type_of_target(y, input_name="y", raise_unknown=True)  # class indices or 0/1 columns
         self.path_, G, XtL, LtL = _fit(None, None, None, X, y, mu_max=mu, n_classes=n_classes,
                                        column_names=column_names, precision=self.precision, n_jobs=self.n_jobs,
-                                       max_iter=None, progress=self.progress, tol=None)
+                                       max_iter=None, progress=self.progress, tol=None, gram=self.gram)
         return self._finish(G, XtL, LtL)
 
     def fit_gram(self, G: Any, XtL: Any, LtL: Any = None) -> "MuLasso":
@@ -972,7 +1215,7 @@ class MuLasso(BaseEstimator):
             quad = np.empty(W.shape[1])
             for j in range(W.shape[1]):
                 nz = np.flatnonzero(W[:, j])
-                quad[j] = W[nz, j] @ G[np.ix_(nz, nz)] @ W[nz, j]
+                quad[j] = W[nz, j] @ _gram_block(G, nz) @ W[nz, j]
             self.objective_ = quad - 2 * np.einsum("ij,ij->j", W, XtL) + LtL
         else:
             self.objective_ = None

@@ -71,3 +71,25 @@ def test_empty_and_bad_input():
         SyrkGram(3, fold_rows=0)
     with pytest.raises(ValueError, match=r"block: expected \(rows, 3\)"):
         SyrkGram(3).add(np.zeros((2, 4), np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_syrk_upper_is_scipys_syrk_bit_for_bit_and_releases_the_gil(dtype):
+    from scipy.linalg import blas
+
+    from vxnb._gram import _SYRK, _syrk_function, syrk_upper
+
+    rng = np.random.default_rng(0)
+    b1, b2 = (rng.standard_normal((n, 29)).astype(dtype) for n in (17, 5))
+    ref = np.zeros((29, 29), dtype, order="F")
+    got = np.full((29, 29), 7.0, dtype, order="F")  # beta = 0 ignores what was there
+    f = blas.ssyrk if dtype == np.float32 else blas.dsyrk
+    for b, beta in ((b1, 0.0), (b2, 1.0)):
+        f(1.0, b.T, beta=beta, c=ref, trans=0, lower=0, overwrite_c=1)
+        syrk_upper(b, beta, got)
+    assert np.array_equal(np.triu(got), np.triu(ref))
+    assert np.all(got[np.tril_indices(29, -1)] == 7.0)  # the lower triangle untouched
+    name = "ssyrk" if dtype == np.float32 else "dsyrk"
+    assert _SYRK[name] is _syrk_function(name) and _SYRK[name].releases_gil  # ctypes, not the f2py wrapper
+    with pytest.raises(ValueError, match="syrk_upper: expected"):
+        syrk_upper(b1, 0.0, np.zeros((29, 29), dtype))  # C-ordered c

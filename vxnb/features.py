@@ -35,7 +35,9 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import re
+import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -796,12 +798,19 @@ class _Gram:
     mirrored once at the end. On CUDA, where there is no syrk in torch, only the column
     blocks on and above the diagonal are multiplied (up to 6 blocks: ~40 % fewer flops than
     XᵀX) and mirrored likewise. The first block overwrites G, so G is never zero-filled.
+    ``per_batch`` (the overlap thread of :func:`extract_features`): one syrk per batch and G's
+    pages touched at once (zero-filled), both on that thread while the forward pass runs.
     """
 
     def __init__(self, m: int, device: torch.device, dtype: torch.dtype = torch.float64, batch: int = 1,
-                 n_rows: int | None = None):
+                 n_rows: int | None = None, per_batch: bool = False):
         self.m, self.dtype = m, dtype
         self.rows = max(batch, min(_GRAM_BLOCK_ROWS, max(1, _GRAM_BLOCK_BYTES // (4 * m))))
+        if per_batch and device.type == "cpu" and _CPU_SYRK:
+            # overlap thread: one syrk per batch, so that the products run beside the forward pass
+            # (not in one block after the last batch); the pages of G are touched now, on that
+            # thread, not in the first fold (after the last batch, for N < FOLD_ROWS)
+            self.rows = max(1, batch)
         self.buf = torch.empty((self.rows, m), dtype=torch.float32, device=device)
         self.filled = 0
         self.started = False
@@ -809,6 +818,8 @@ class _Gram:
         self.scratch: Any = None
         if self.syrk:  # the one CPU Gram kernel (vxnb._gram), shared with vxnb.lasso
             self.kernel = SyrkGram(m, np.float64 if dtype == torch.float64 else np.float32)
+            if per_batch:
+                self.kernel.G.fill(0.0)
             return
         self.G = torch.empty((m, m), dtype=torch.float64, device=device)
         splits = max(1, min(_GRAM_MAX_SPLITS, m // _GRAM_MIN_SPLIT))
@@ -977,13 +988,93 @@ def _cached_features(cache_path: Path, key: str, callbacks: list, shard: Any) ->
     return None
 
 
+#: overlap: batches of descriptors waiting for the accumulating thread (bounded: the forward
+#: pass runs at most this many batches ahead of the G update, and their (B, m) rows are all
+#: the extra memory).
+_OVERLAP_DEPTH = 2
+_STOP = object()
+
+
+def _cpu_cores() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def _resolve_overlap(overlap: Any, device: torch.device) -> bool:
+    """``overlap="auto"``: on for a CPU pass on a machine with ≥ 2 cores (the G update then runs
+    beside the forward pass), off on CUDA (the device already runs asynchronously to the host;
+    not measured) and on one core (the two threads would only take turns)."""
+    if overlap is True or overlap is False:
+        return overlap
+    return device.type == "cpu" and _cpu_cores() >= 2
+
+
+class _Worker:
+    """One thread applying ``fn(*item)`` to the items :meth:`submit` hands it, in order, through
+    a bounded queue (``submit`` blocks while ``depth`` items wait).
+
+    An exception raised by ``fn`` is kept and raised — the same exception object, with its
+    message and traceback — by the next :meth:`submit` or :meth:`drain` in the caller's thread;
+    the items after it are discarded. :meth:`close` (always called, also when the caller fails
+    or is interrupted) drops what is still queued and joins the thread, so no thread outlives
+    the pass."""
+
+    def __init__(self, fn: Callable[..., None], depth: int = _OVERLAP_DEPTH, context: Callable[[], Any] | None = None):
+        self.fn, self.context = fn, context
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.thread = threading.Thread(target=self._loop, name="vxnb-features-accumulate", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        with contextlib.ExitStack() as stack:
+            try:
+                if self.context is not None:
+                    stack.enter_context(self.context())
+            except BaseException as err:  # noqa: BLE001 — raised by the next submit; the loop still consumes
+                self.error = err
+            while True:
+                item = self.queue.get()
+                try:
+                    if item is _STOP:
+                        return
+                    if self.error is None and not self.cancelled:
+                        self.fn(*item)
+                except BaseException as err:  # noqa: BLE001 — handed to the caller's thread
+                    self.error = err
+                finally:
+                    self.queue.task_done()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            self.cancelled = True  # nothing after a failed item is applied
+            raise err
+
+    def submit(self, *item: Any) -> None:
+        self._raise()
+        self.queue.put(item)
+
+    def drain(self) -> None:
+        """Wait until every submitted item is applied; raise the first error."""
+        self.queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        self.cancelled = True
+        self.queue.put(_STOP)  # the loop keeps consuming, so this cannot block for long
+        self.thread.join()
+
+
 class _Stream:
     """The pass of :func:`extract_features` over the data and what it accumulates.
 
     Per batch: the layers' outputs → descriptors x (B, m) → G += xᵀx (:class:`_Gram`),
     S[label] += x (XᵀL), the rows of X while they fit. The first batch fixes m (:meth:`_setup`).
     On CUDA the host copies of x and of the non-finite flag are asynchronous and finished one
-    batch later (:meth:`_finish`), so the device never waits for the host. Under
+    batch later (:meth:`_finish`), so the device never waits for the host. On the CPU with
+    ``overlap`` all of it runs on a :class:`_Worker` thread (:meth:`_accumulate`), the forward
+    pass of the next batch beside it. Under
     ``torch.distributed`` / with checkpoints (``shard``, ``vxnb.distributed.Shard``) it resumes
     from the checkpointed part, checkpoints as it goes and combines the ranks' parts.
     """
@@ -999,6 +1090,8 @@ class _Stream:
         self.keep: bool | None = None if keep_X == "auto" else bool(keep_X)
         self.is_cuda = dev.type == "cuda"
         self.gram: _Gram | None = None
+        self.gram_args: tuple = ()
+        self.overlap = False
         self.S: torch.Tensor | None = None
         self.columns: pd.DataFrame | None = None
         self.widths: list[int] | None = None
@@ -1020,7 +1113,7 @@ class _Stream:
         m = len(self.columns)
         if isinstance(self.gram_dtype, str):  # "auto": needs m, known from the first batch
             self.gram_dtype = _auto_gram_dtype(self.dev, self.n_total, m)
-        self.gram = _Gram(m, self.dev, self.gram_dtype, bsz, self.n_expected)
+        self.gram_args = (m, self.dev, self.gram_dtype, bsz, self.n_expected, self.overlap)  # made by _add
         self.col_layer = _column_layers(self.widths, self.dev)
         self.S = torch.zeros((self.c_cap, m), dtype=torch.float64, device=self.dev)
         if self.keep is None and self.n_total is not None:
@@ -1031,6 +1124,8 @@ class _Stream:
         dev, S = self.dev, self.S
         raw, x, sums = _l1_normalise(raws, self.col_layer)
         bad = ~torch.isfinite(sums).all()  # (B, layers), not (B, m): a NaN or inf shows in its layer's sum
+        if self.gram is None:  # here, not in _setup: on the overlap thread it allocates G beside the forward
+            self.gram = _Gram(*self.gram_args)
         self.gram.add(x)
         # XᵀL: class sums
         ymax = int(labels.max())
@@ -1069,21 +1164,38 @@ class _Stream:
                 self.x_rows = None
                 warnings.warn(f"keep_X='auto': X exceeds max_bytes={self.max_bytes}; only G and XtL are kept")
 
-    def run(self, loader: Iterable, callbacks: list, progress: bool) -> None:
-        """One pass over ``loader``: hooks on, model on the device in eval mode, all undone after."""
+    def _accumulate(self, raws: Sequence[torch.Tensor], labels: torch.Tensor, index: torch.Tensor) -> None:
+        """A CPU batch, whole: :meth:`_add` and :meth:`_finish` (on the overlap thread)."""
+        self._finish(self._add(raws, labels, index))
+
+    def run(self, loader: Iterable, callbacks: list, progress: bool, overlap: bool = False) -> None:
+        """One pass over ``loader``: hooks on, model on the device in eval mode, all undone after.
+
+        ``overlap`` (CPU only): everything after the hooks — descriptors, G, XᵀL, X — runs on a
+        :class:`_Worker` thread while the forward pass of the next batches goes on; it is drained
+        before a checkpoint is written and before G is read, and closed whatever happens."""
         total = None
         try:
             total = len(loader)  # type: ignore[arg-type]
         except TypeError:
             pass
         pending: _Pending | None = None
+        overlap = self.overlap = overlap and not self.is_cuda
         with contextlib.ExitStack() as stack:
             stack.enter_context(on_device(self.model, self.dev))
             stack.enter_context(eval_mode(self.model))
             rec = stack.enter_context(_Recorder(self.model, self.layers, keep_outputs=bool(callbacks)))
             stack.enter_context(torch.inference_mode())
             if self.dev.type == "cpu":  # syrk runs in numpy's BLAS: as many threads as torch uses
-                stack.enter_context(threadpool_limits(limits=torch.get_num_threads(), user_api="blas"))
+                # (with the overlap thread: beside the forward's threads, on the cores they leave, ≥ 1)
+                blas = torch.get_num_threads()
+                if overlap:
+                    blas = max(1, min(blas, _cpu_cores() - blas))
+                stack.enter_context(threadpool_limits(limits=blas, user_api="blas"))
+            worker = None
+            if overlap:  # closed (queue dropped, thread joined) on any exit, the worker's errors raised
+                worker = _Worker(self._accumulate, context=torch.inference_mode)
+                stack.callback(worker.close)
             for index, batch in tqdm(loader, total=total, desc="features", disable=None if progress else True,
                                      leave=False):
                 images, labels = split_batch(batch, self.n_classes)
@@ -1098,20 +1210,29 @@ class _Stream:
                 raws = rec.collect(bsz, self.widths)
                 if self.widths is None:
                     self._setup(raws, bsz)
-                added = self._add(raws, labels, index)
+                if worker is not None:
+                    worker.submit(raws, labels, index)
+                else:
+                    added = self._add(raws, labels, index)
                 for cb in callbacks:
                     cb(dict(rec.outputs), index)
-                if pending is not None:
-                    self._finish(pending)
-                pending = added
+                if worker is None:
+                    if pending is not None:
+                        self._finish(pending)
+                    pending = added
                 _store.fault_point("extract")
                 if self.shard is not None and self.shard.due():  # a checkpoint: everything up to this batch
-                    self._finish(pending)
+                    if worker is not None:
+                        worker.drain()
+                    if pending is not None:
+                        self._finish(pending)
                     pending = None
                     self.gram.flush()
                     self.shard.save(self.gram.result(), self.S, self.label_chunks, self.index_chunks,
                                     None if self.x_rows is None else self.x_rows.result(), self.widths,
                                     self.gram_dtype, callbacks)
+            if worker is not None:
+                worker.drain()
             if pending is not None:
                 self._finish(pending)
             if self.gram is None and self.shard is None:
@@ -1150,7 +1271,7 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
                      data_key: str | None = None, gram_dtype: torch.dtype | str = "auto",
                      callbacks: Sequence[Callable[[dict[str, torch.Tensor], torch.Tensor], Any]] = (),
                      progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
-                     checkpoint_every: int = 100) -> Features:
+                     checkpoint_every: int = 100, overlap: bool | str = "auto") -> Features:
     """Filter-wise responses x of every image of ``data`` and the statistics G = XᵀX, XᵀL.
 
     Args:
@@ -1195,6 +1316,21 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
             states) to ``checkpoint_dir`` every ``checkpoint_every`` batches, atomically; a
             restarted pass resumes from them (see ``vxnb.distributed``). ``data`` must then be a
             Dataset.
+        overlap: on the CPU, accumulate each batch (descriptors, G, XᵀL, X) on a second thread,
+            fed through a bounded queue (2 batches), while the forward pass of the next batch
+            runs; torch and the BLAS syrk of ``vxnb._gram`` (called so that it releases the GIL)
+            run outside the GIL, so on ≥ 2 cores the G update is hidden behind the forward pass.
+            With the thread, G gets one syrk per batch (not one per ~1024 rows, which would leave
+            the last block's product after the last forward pass): the same sums rounded
+            differently, within the accuracy of ``gram_dtype`` (relative ~1e-7 for float32
+            products, float64 rounding otherwise); XᵀL, X, labels and index are bit-identical.
+            An error on the thread is raised here (the same exception), nothing is written, and
+            the thread never outlives the call (also on an exception or KeyboardInterrupt in the
+            forward pass). ``"auto"`` (default): on for a CPU pass when the process may use ≥ 2
+            cores; off on CUDA (the device already runs the G update asynchronously to the host;
+            not measured with the thread) and on one core. True / False force it (True is
+            ignored on CUDA). With the thread, numpy's BLAS gets the cores torch's threads leave
+            (at least 1). See ``benchmarks/bench_features.py`` for the measured effect.
 
     Under ``torch.distributed`` (an initialised process group, e.g. started by ``torchrun``) each
     rank streams its shard of ``data`` (a Dataset; every image counted once), the sums are
@@ -1208,6 +1344,8 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     Memory: G takes m²·8 bytes (m = number of channels described; e.g. ~1 GB for VGG-11 with its
     two 4096-unit FC layers).
     """
+    if not (overlap is True or overlap is False or (isinstance(overlap, str) and overlap == "auto")):
+        raise ValueError(f"overlap: expected True, False or 'auto', got {overlap!r}")
     analysis, layers, callbacks = _check_extract_args(model, layers, only_conv, keep_X, max_bytes, n_classes,
                                                       gram_dtype, callbacks, data_key)
     dev = resolve_device(model, device)
@@ -1232,7 +1370,7 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
         def compute() -> Features:
             f = extract_features(model, data, layers, batch_size=batch_size, num_workers=num_workers, device=device,
                                  keep_X=keep_X, max_bytes=max_bytes, n_classes=n_classes, gram_dtype=gram_dtype,
-                                 callbacks=callbacks, progress=progress)  # the layers are resolved already
+                                 callbacks=callbacks, progress=progress, overlap=overlap)  # layers resolved already
             f.meta["only_conv"] = bool(only_conv)
             return f
 
@@ -1250,7 +1388,7 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
             return cached
     stream = _Stream(model, layers, analysis, dev, n_expected, n_total, n_classes, classes, keep_X, max_bytes,
                      gram_dtype, shard, callbacks)
-    stream.run(loader, callbacks, progress)
+    stream.run(loader, callbacks, progress, _resolve_overlap(overlap, dev))
     feats = stream.features(only_conv, index_known, key_info)
     if cache_path is not None and shard.rank == 0:  # a shard's result: rank 0 writes it for all
         feats.meta["store_key"] = key

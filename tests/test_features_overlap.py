@@ -59,7 +59,7 @@ def test_overlap_with_checkpoints_gives_the_same_numbers(small_blocks, tmp_path)
 def vxnb_threads():
     # the accumulating thread must be joined; other libraries' threads (tqdm's monitor, started by the
     # first bar any earlier test opened) are not ours to count
-    return [t.name for t in threading.enumerate() if t.name.startswith("vxnb-")]
+    return [t.name for t in threading.enumerate() if t.name == vxnb.features.WORKER_NAME]
 
 
 class Boom(RuntimeError):

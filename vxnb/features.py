@@ -1008,6 +1008,9 @@ def _resolve_overlap(overlap: Any, device: torch.device) -> bool:
     return device.type == "cpu" and _cpu_cores() >= 2
 
 
+#: the name of the accumulating thread (tests check that none is left behind)
+WORKER_NAME = "vxnb-features-accumulate"
+
 class _Worker:
     """One thread applying ``fn(*item)`` to the items :meth:`submit` hands it, in order, through
     a bounded queue (``submit`` blocks while ``depth`` items wait).
@@ -1023,7 +1026,7 @@ class _Worker:
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
         self.error: BaseException | None = None
         self.cancelled = False
-        self.thread = threading.Thread(target=self._loop, name="vxnb-features-accumulate", daemon=True)
+        self.thread = threading.Thread(target=self._loop, name=WORKER_NAME, daemon=True)
         self.thread.start()
 
     def _loop(self) -> None:

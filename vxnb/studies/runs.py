@@ -10,7 +10,7 @@ The folder name is for people. Every artifact goes through :mod:`vxnb._store`: i
 only under its content key (its settings, the fingerprints of its inputs — the dataset's
 manifest or file hashes, the upstream artifacts' keys — and its format version), computed by
 one process at a time under a file lock, written atomically and indexed, so
-``python -m vxnb.studies.runs gc`` can remove what no current key reaches.
+``vxnb gc`` (:mod:`vxnb.studies.gc`) can remove what no current key reaches.
 
 >>> cfg = RunConfig(dataset="an8flower", variant="single-6c", size=128)
 >>> model, meta = get_model(cfg)          # trains once, then loads the checkpoint
@@ -38,11 +38,44 @@ from ..utils import atomic_write_json, read_json, seed_everything
 
 __all__ = ["RunConfig", "DATASETS", "load_data", "get_model", "get_features", "get_lasso_path",
            "run_dir", "user_model", "gram_memory_check", "describe_model",
-           "data_record", "split_key", "checkpoint_key", "checkpoint_dir", "save_table", "gc"]
+           "data_record", "split_key", "checkpoint_key", "checkpoint_dir", "save_table", "data_ok",
+           "ARTIFACT_VERSIONS", "register_artifact", "artifact_versions"]
 
 #: Format versions of the artifacts this module writes (part of their keys).
 CHECKPOINT_VERSION = 2
 TABLE_VERSION = 1
+
+#: The current format version of every artifact kind the studies write, by kind. A study adds
+#: its kinds with :func:`register_artifact` when it is imported; :func:`vxnb.studies.gc.gc`
+#: reads this (an artifact of a kind not registered here is judged dead).
+ARTIFACT_VERSIONS: dict[str, int] = {}
+
+
+def register_artifact(kind: str, version: int) -> None:
+    """Declare that the studies write artifacts of ``kind`` in format ``version`` (gc keeps them)."""
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"kind: expected a non-empty artifact kind name, got {kind!r}")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise TypeError(f"version: expected an int format version, got {version!r}")
+    old = ARTIFACT_VERSIONS.get(kind)
+    if old is not None and old != version:
+        raise ValueError(f"kind: {kind!r} is already registered with version {old}, got {version}")
+    ARTIFACT_VERSIONS[kind] = version
+
+
+register_artifact("checkpoint", CHECKPOINT_VERSION)
+register_artifact("table", TABLE_VERSION)
+
+
+def artifact_versions() -> dict[str, int]:
+    """Every kind's current format version: those of the layers below (features, μ-lasso paths,
+    top patches; imported here, on demand) and the registered ones (:data:`ARTIFACT_VERSIONS`)."""
+    from ..features import FORMAT_VERSION
+    from ..interpret import TOP_PATCHES_VERSION
+    from ..lasso import PATH_FORMAT_VERSION
+
+    return {"features": FORMAT_VERSION, "lasso-path": PATH_FORMAT_VERSION, "top-patches": TOP_PATCHES_VERSION,
+            **ARTIFACT_VERSIONS}
 
 DATASETS = ("an8flower", "mnist", "folder")
 #: The quick (CI) setting: image size and number of training images.
@@ -351,7 +384,8 @@ def _data_record_now(cfg: RunConfig) -> dict[str, Any]:
     return {**spec, "fingerprint": _data_fingerprint(spec)}
 
 
-def _data_ok(record: dict[str, Any]) -> bool:
+def data_ok(record: dict[str, Any]) -> bool:
+    """Whether the dataset a stored data record describes still has the fingerprint it recorded."""
     try:
         return _data_fingerprint(record) == record.get("fingerprint")
     except (OSError, ValueError, KeyError):
@@ -734,62 +768,3 @@ def relevance_study(cfg: RunConfig, *, mu: float = 10.0, mu_max: float = 50.0, n
     return {"model": model, "data": data, "features": feats, "paths": paths, "relevant": relevant,
             "counts": counts, "ablation": ablation, "reconstruction": recon}
 
-
-# ---------------------------------------------------------------------------- gc
-#: Files older versions wrote without a content key; gc removes them when no index entry has them.
-_LEGACY = ("model.pt", "meta.json", "features-*.npz", "lasso-*.npz", "benchmark-*.json", "top_patches-*.csv")
-
-
-def _current_versions() -> dict[str, int]:
-    from .benchmark import RESULT_VERSION
-    from ..features import FORMAT_VERSION
-    from ..interpret import TOP_PATCHES_VERSION
-    from ..lasso import PATH_FORMAT_VERSION
-
-    return {"checkpoint": CHECKPOINT_VERSION, "features": FORMAT_VERSION, "lasso-path": PATH_FORMAT_VERSION,
-            "top-patches": TOP_PATCHES_VERSION, "benchmark-fold": RESULT_VERSION, "table": TABLE_VERSION}
-
-
-def gc(runs_root: str | Path | None = None, *, dry_run: bool = False) -> dict[str, Any]:
-    """Remove (``dry_run``: only list) the artifacts under ``runs_root`` that no current key
-    reaches: made by an older format, from data that has changed since (e.g. a new an8Flower
-    render version) or from an upstream artifact that is itself gone; temporary files of killed
-    writers; unkeyed files of older vxnb versions. Returns :func:`vxnb._store.gc`'s summary."""
-    root = Path(runs_root) if runs_root is not None else RunConfig().runs_dir
-    if not root.is_dir():
-        raise ValueError(f"runs_root: no folder at {root}")
-    return _store.gc(root, versions=_current_versions(), data_ok=_data_ok, legacy=_LEGACY, dry_run=dry_run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m vxnb.studies.runs", description="Run folders and their artifacts.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("gc", help="list and remove artifacts that no current key reaches")
-    g.add_argument("--runs-root", default=None, help="the runs folder (default: the repository's runs/)")
-    g.add_argument("--dry-run", action="store_true", help="only list what would be removed")
-    args = parser.parse_args(argv)
-    try:
-        res = gc(args.runs_root, dry_run=args.dry_run)
-    except ValueError as err:
-        parser.error(str(err))
-    for path, size in res["removed"]:
-        print(f"{'would remove' if args.dry_run else 'removed'} {path} ({_human(size)})")
-    verb = "would free" if args.dry_run else "freed"
-    print(f"{len(res['removed'])} path(s), {verb} {_human(res['freed'])}; {res['kept']} artifact(s) kept")
-    return 0
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -94,7 +94,8 @@ def test_every_module_of_the_package_has_a_layer():
 def test_every_study_module_has_a_layer_inside_studies():
     """``vxnb.studies`` has its own contract (gc over the studies over Table 1 and run folders)."""
     listed = set(_layers("vxnb.studies"))
-    here = {f"vxnb.studies.{p.stem}" for p in (PKG / "studies").glob("*.py") if p.stem != "__init__"}
+    here = {f"vxnb.studies.{p.stem if p.is_file() else p.name}" for p in (PKG / "studies").iterdir()
+            if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file()}
     assert sorted(here - listed) == [], "add these to the vxnb.studies contract in pyproject.toml"
 
 

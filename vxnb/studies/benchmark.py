@@ -61,14 +61,14 @@ import torch
 from tqdm.auto import tqdm
 
 from vxnb._checks import check_choice
-from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, iou_auc, iou_curve, iou_per_image
+from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, curve_area, iou_auc, iou_curve, iou_per_image
 from vxnb.evaluate.occlusion import DEFAULT_COVERAGE, occlusion_study
 from vxnb import _store
 from vxnb.explanations import COMBINES
 from vxnb.utils import describe, json_ready
 from vxnb.studies import runs
-from vxnb.studies.table1 import (BASELINE_METHODS, METHOD_LABELS, METHODS, OURS_METHODS, PAPER_TABLE1, VARIANTS,
-                                 BenchmarkResult, compare_with_paper, format_table, paper_table, row_labels, row_name,
+from vxnb.studies import table1
+from vxnb.studies.table1 import (METHOD_LABELS, PAPER_TABLE1, VARIANTS, BenchmarkResult, compare_with_paper, format_table, paper_table, row_labels, row_name,
                                  tables_with_paper)
 
 __all__ = [
@@ -102,12 +102,19 @@ __all__ = [
     "fold_diagnosis",
 ]
 
-#: How each of our methods draws the top-k features (:data:`vxnb.explanations.DRAWS`).
-_DRAW = {"ours_upsampled": "upsampled", "ours_deconv": "deconv", "ours": "resampled"}
 #: an8Flower's folds (grouped by viewpoint).
 N_FOLDS = 5
 
 _RESULT_VERSION = 2
+
+
+def __getattr__(name: str):
+    """``METHODS``, ``OURS_METHODS``, ``BASELINE_METHODS``: read from the method registry
+    (:data:`vxnb.studies.table1.METHOD_REGISTRY`) when asked, so a method registered later is in them."""
+    if name in ("METHODS", "OURS_METHODS", "BASELINE_METHODS"):
+        return getattr(table1, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 #: The format version of a fold's result file (public: part of the artifact store's keys).
 RESULT_VERSION = _RESULT_VERSION
 runs.register_artifact("benchmark-fold", RESULT_VERSION)
@@ -123,8 +130,8 @@ def _check_combine(value: Any, arg: str = "combine") -> str:
 
 # ============================================================================ checks
 def _check_method(method: Any, arg: str = "method") -> str:
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"{arg}: expected one of {', '.join(METHODS)}; got {describe(method)}")
+    if not isinstance(method, str) or method not in table1.METHOD_REGISTRY:
+        raise ValueError(f"{arg}: expected one of {', '.join(table1.METHODS)}; got {describe(method)}")
     return method
 
 
@@ -147,7 +154,9 @@ def _check_names(values: Any, arg: str, known: Sequence[str], check_one: Callabl
 
 
 def _check_methods(methods: Any) -> tuple[str, ...]:
-    return _check_names(methods, "methods", METHODS, _check_method, "a sequence of method names")
+    if methods is None:
+        return table1.METHODS
+    return _check_names(methods, "methods", table1.METHODS, _check_method, "a sequence of method names")
 
 
 def _check_variant(variant: Any, arg: str = "variant") -> str:
@@ -223,7 +232,8 @@ def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, t
     if targets.shape != (n,) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise ValueError(f"targets: expected ({n},) integer classes (one per image), got {describe(targets)}")
     combine = _check_combine(combine)
-    if method in OURS_METHODS:
+    spec = table1.METHOD_REGISTRY[method]
+    if spec.ours:
         from vxnb.explanations import combine_heatmaps, feature_heatmaps
         from vxnb.relevance import Relevance
 
@@ -237,9 +247,11 @@ def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, t
     for start in range(0, n, batch_size):
         x = images[start:start + batch_size]
         t = targets[start:start + batch_size]
-        if method in OURS_METHODS:
-            hk, r, _ = feature_heatmaps(model, relevant, x, k, t, draw=_DRAW[method], batch_size=batch_size)
+        if spec.ours:
+            hk, r, _ = feature_heatmaps(model, relevant, x, k, t, draw=spec.draw, batch_size=batch_size)
             h = combine_heatmaps(hk, r, combine)
+        elif spec.heatmaps is not None:
+            h = spec.heatmaps(model, x, t, layer=layer)
         else:
             h = attribution(method, model, x, t, layer=layer)
         h = torch.as_tensor(h).detach().float().cpu()
@@ -276,11 +288,11 @@ def fold_config(config: Any, variant: str, fold: int):
 
     if not isinstance(config, runs.RunConfig):
         raise TypeError(f"config: expected a vxnb.studies.runs.RunConfig, got {describe(config)}")
-    if config.dataset == "folder" and variant == FOLDER and config.has_masks:
+    _check_benchmarkable(config)
+    if config.spec.benchmark == "split" and variant == FOLDER:
         return config  # your images: one split, the validation split
-    if config.dataset != "an8flower":
-        raise ValueError(f"config: the benchmark needs dataset='an8flower' or a folder with mask_root, "
-                         f"got {config.dataset!r}")
+    if config.spec.benchmark != "folds":
+        raise ValueError(f"variant: a {config.dataset!r} run has one split, the variant {FOLDER!r}; got {variant!r}")
     return dataclasses.replace(config, variant=_check_variant(variant), test_fold=_check_fold(fold), name=None)
 
 
@@ -349,7 +361,7 @@ def _read_fold(file: Path, key: str) -> dict:
     return res
 
 
-def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.0, k: int = 5,
+def evaluate_fold(cfg: Any, *, methods: Sequence[str] | None = None, mu: float = 10.0, k: int = 5,
                   n_test_images: int | None = 300, occlusion: bool = True, occlusion_images: int | None = 100,
                   coverage: Sequence[float] = DEFAULT_COVERAGE, layer: str | None = None,
                   thresholds: Any = None, batch_size: int = 32, combine: Sequence[str] = ("weighted",),
@@ -384,12 +396,12 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     data = runs.load_data(cfg, progress=progress)
-    trained_now = cfg.dataset != "folder" and not runs.checkpoint_dir(cfg).exists()
+    trained_now = cfg.spec.reference_model is not None and not runs.checkpoint_dir(cfg).exists()
     model, meta = runs.get_model(cfg, data=data, progress=progress)
     model.eval()
     seconds["model"] = time.perf_counter() - t0
     relevant = None
-    if any(m in OURS_METHODS for m in methods):
+    if any(m in table1.OURS_METHODS for m in methods):
         t0 = time.perf_counter()
         relevant = fold_relevant(cfg, model, mu, data=data, progress=progress)
         seconds["features+lasso"] = time.perf_counter() - t0
@@ -401,17 +413,18 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
     grid: dict[str, list[float]] = {}
     extra: dict[str, Any] = {}
     strides: dict[str, int] = {}
-    bar = tqdm(methods, desc=f"{FOLDER if cfg.dataset == 'folder' else cfg.variant} fold {cfg.test_fold}: methods",
+    bar = tqdm(methods, desc=f"{_variant_of(cfg)} fold {cfg.test_fold}: methods",
                leave=False, disable=None if progress else True)
     for method in bar:
         bar.set_postfix(method=method)
         t0 = time.perf_counter()
-        if method in OURS_METHODS:  # drawn once, combined each way
-            hk, r, feats = feature_heatmaps(model, relevant, images, k, preds, draw=_DRAW[method],
+        draw = table1.METHOD_REGISTRY[method].draw
+        if draw is not None:  # our features: drawn once, combined each way
+            hk, r, feats = feature_heatmaps(model, relevant, images, k, preds, draw=draw,
                                             batch_size=batch_size)
             for c in combines:
                 heatmaps[row_name(method, c)] = combine_heatmaps(hk, r, c).float().cpu()
-            if method == "ours_upsampled":
+            if draw == "upsampled":
                 extra["n_top"], extra["n_left_out"] = int(len(feats)), int((~feats["drawn"]).sum())
             else:
                 grid[method] = _grid_per_image(model, images, hk, feats, strides, grid_score, total_stride)
@@ -432,9 +445,8 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
     for name, h in heatmaps.items():
         thr, c = iou_curve(h, masks, t)
         curve[name] = c.tolist()
-        auc[name] = float(100.0 * np.trapezoid(c, thr) / (thr[-1] - thr[0]))
-        per = iou_per_image(h, masks, t)
-        image_auc[name] = (100.0 * np.trapezoid(per, thr, axis=1) / (thr[-1] - thr[0])).tolist()
+        auc[name] = curve_area(c, thr)
+        image_auc[name] = curve_area(iou_per_image(h, masks, t), thr).tolist()
         if quantus:
             from vxnb.evaluate.quantus_metrics import localisation_metrics
 
@@ -450,7 +462,7 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
         seconds["occlusion"] = time.perf_counter() - t0
     return {
         "version": _RESULT_VERSION,
-        "variant": FOLDER if cfg.dataset == "folder" else cfg.variant, "fold": int(cfg.test_fold),
+        "variant": _variant_of(cfg), "fold": int(cfg.test_fold),
         "folds": getattr(cfg, "folds", "views"), "run": cfg.run_name,
         "n_images": int(images.shape[0]),
         "accuracy": float((preds == labels).float().mean()),
@@ -489,7 +501,7 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
     returned dict). A fold interrupted before that has no file and is recomputed.
     """
 
-    defaults = dict(methods=METHODS, mu=10.0, k=5, n_test_images=300, occlusion=True, occlusion_images=100,
+    defaults = dict(methods=None, mu=10.0, k=5, n_test_images=300, occlusion=True, occlusion_images=100,
                     coverage=DEFAULT_COVERAGE, layer=None, thresholds=None, combine=("weighted",), quantus=False,
                     quantus_images=100)
     unknown = set(options) - set(defaults) - {"batch_size"}
@@ -524,23 +536,37 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
     return res
 
 
-#: The "variant" of a folder run with masks: one split (train / validation) instead of folds.
+#: The "variant" of a run on one split (train / validation) instead of folds: your images with masks.
 FOLDER = "folder"
+
+
+def _variant_of(cfg: Any) -> str:
+    """The variant a fold's results are filed under: an8Flower's, or :data:`FOLDER` for one split."""
+    return FOLDER if cfg.spec.benchmark == "split" else cfg.variant
+
+
+def _check_benchmarkable(config: Any) -> None:
+    if not isinstance(config, runs.RunConfig):
+        raise TypeError(f"config: expected a vxnb.studies.runs.RunConfig, got {describe(config)}")
+    ok = [n for n, s in runs.DATASET_SPECS.items() if s.benchmark]
+    if config.spec.benchmark is None or not config.has_masks:
+        raise ValueError(f"config: the benchmark needs ground-truth masks: {' or '.join(f'dataset={n!r}' for n in ok)} "
+                         f"(a folder needs mask_root), got dataset={config.dataset!r}")
 
 
 def folder_plan(config: Any, variants: Sequence[str], plan: Mapping[str, Sequence[int]]
                 ) -> tuple[list[str], dict[str, list[int]]]:
     """Notebook 05's ``(variants, plan)``: unchanged for an8Flower; for a folder run
     ``(["folder"], {"folder": [0]})``, the one split of your images."""
-    if config.dataset == "folder":
+    if config.spec.benchmark == "split":
         return [FOLDER], {FOLDER: [0]}
     return list(variants), {v: list(f) for v, f in plan.items()}
 
 
 def masks_note(config: Any) -> str:
     """A Markdown paragraph on what the benchmark measures with this run's data, or what it needs."""
-    if config.dataset == "an8flower":
-        return "an8Flower has a ground-truth mask of the class-defining part for every image."
+    if config.spec.masks_note:
+        return config.spec.masks_note
     if config.has_masks:
         return (f"**Your images.** Every method is scored against your masks (`mask_root = {config.mask_root}`) "
                 "on the validation split: one split instead of the paper's five folds, so no ± over folds. "
@@ -567,7 +593,7 @@ def _folds_by_variant(variants: Any, folds: Any) -> dict[str, tuple[int, ...]]:
 def benchmark_config(config: Any):
     """The run folder of the aggregated tables:
     ``benchmark-an8flower-s<size>-seed<seed>[-blocks][-quick]``."""
-    if config.dataset == "folder":
+    if config.spec.benchmark == "split":
         return dataclasses.replace(config, name=f"benchmark-{config.run_name}")
     tag = ("-blocks" if getattr(config, "folds", "views") == "blocks" else "") + ("-quick" if config.quick else "")
     return dataclasses.replace(config, name=f"benchmark-an8flower-s{config.size}-seed{config.seed}{tag}",
@@ -576,7 +602,7 @@ def benchmark_config(config: Any):
 
 def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("single-6c",),
                   folds: Sequence[int] | Mapping[str, Sequence[int]] = (0, 1, 2, 3, 4),
-                  methods: Sequence[str] = METHODS, mu: float = 10.0, k: int = 5,
+                  methods: Sequence[str] | None = None, mu: float = 10.0, k: int = 5,
                   n_test_images: int | None = 300, occlusion: bool = True, occlusion_images: int | None = 100,
                   coverage: Sequence[float] = DEFAULT_COVERAGE, layer: str | None = None,
                   combine: str | Sequence[str] = ("weighted", "max"), quantus: bool = True,
@@ -608,12 +634,8 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
 
     if config is None:
         config = runs.RunConfig()
-    if not isinstance(config, runs.RunConfig):
-        raise TypeError(f"config: expected a vxnb.studies.runs.RunConfig, got {describe(config)}")
-    if config.dataset != "an8flower" and not (config.dataset == "folder" and config.has_masks):
-        raise ValueError(f"config: the benchmark needs dataset='an8flower' or a folder with mask_root, "
-                         f"got {config.dataset!r}")
-    if config.dataset == "folder":
+    _check_benchmarkable(config)
+    if config.spec.benchmark == "split":
         variants = [FOLDER]
     plan = _folds_by_variant(variants, folds)
     methods = _check_methods(methods)
@@ -631,14 +653,14 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
         cfg = fold_config(config, variant, fold)
         res = run_fold(cfg, recompute=recompute, progress=progress, **options)
         for m in methods:
-            for c in (options["combine"] if m in OURS_METHODS else ("",)):
+            for c in (options["combine"] if m in table1.OURS_METHODS else ("",)):
                 name = row_name(m, c)
                 label = row_labels(pd.DataFrame({"method": [m], "combine": [c]}))[0]
                 base = {"variant": variant, "fold": fold, "method": m, "combine": c}
                 per_fold.append({**base, "label": label, "auc": res["auc"][name], "n_images": res["n_images"],
                                  "accuracy": res["accuracy"], "model_test_accuracy": res.get("model_test_accuracy"),
                                  "n_relevant": res.get("n_relevant"), "n_top": res.get("n_top"),
-                                 "n_left_out": res.get("n_left_out") if m == "ours_upsampled" else None,
+                                 "n_left_out": res.get("n_left_out") if table1.METHOD_REGISTRY[m].draw == "upsampled" else None,
                                  "cached": res["cached"]})
                 curves.append(pd.DataFrame({**base, "label": label, "threshold": res["thresholds"],
                                             "iou": res["curve"][name]}))
@@ -691,7 +713,7 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
 
 # ============================================================================ examples (figures)
 def explain_examples(config: Any, variant: str, fold: int, positions: Sequence[int] | None = None, *,
-                     n: int = 6, methods: Sequence[str] = METHODS, mu: float = 10.0, k: int = 5,
+                     n: int = 6, methods: Sequence[str] | None = None, mu: float = 10.0, k: int = 5,
                      layer: str | None = None, combine: str = "weighted", progress: bool = False) -> dict:
     """Heatmaps of every method for a few held-out images of one fold (Fig. 8, centre).
 
@@ -717,7 +739,7 @@ def explain_examples(config: Any, variant: str, fold: int, positions: Sequence[i
     items = [test[p] for p in positions]
     images = torch.stack([it[0] for it in items])
     relevant = (fold_relevant(cfg, model, mu, data=data, progress=progress)
-                if any(m in OURS_METHODS for m in methods) else None)
+                if any(m in table1.OURS_METHODS for m in methods) else None)
     preds = batched_logits(model, images).argmax(1)
     heat = {m: method_heatmaps(m, model, images, preds, relevant=relevant, k=k, layer=layer, combine=combine)
             for m in methods}

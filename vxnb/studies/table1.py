@@ -15,27 +15,103 @@ import pandas as pd
 
 from vxnb.baselines import METHOD_LABELS as _BASE_LABELS
 from vxnb.evaluate.occlusion import mean_confidence_difference
+from vxnb.data.an8flower import VARIANTS
 from vxnb.explanations import COMBINES
 from vxnb.utils import describe
 
-__all__ = ["METHODS", "BASELINE_METHODS", "OURS_METHODS", "COMBINES", "METHOD_LABELS", "VARIANTS", "PAPER_TABLE1",
+__all__ = ["BenchmarkMethod", "METHOD_REGISTRY", "register_method", "unregister_method", "METHODS", "BASELINE_METHODS", "OURS_METHODS", "COMBINES", "METHOD_LABELS", "VARIANTS", "PAPER_TABLE1",
            "row_name", "row_labels", "BenchmarkResult", "format_table", "paper_table", "compare_with_paper",
            "tables_with_paper"]
 
-#: The class-level maps (names of :func:`vxnb.baselines.attribution`).
-BASELINE_METHODS: tuple[str, ...] = ("activation", "deconv_gb", "gradcam", "guided_gradcam", "gradcampp",
-                                     "guided_gradcampp")
-#: Our top-k features drawn three ways (:data:`vxnb.explanations.DRAWS`).
-OURS_METHODS: tuple[str, ...] = ("ours_upsampled", "ours_deconv", "ours")
-#: Every method of the benchmark: the paper's row order, then the two extra class-level rows.
-METHODS: tuple[str, ...] = ("ours_upsampled", "ours_deconv", "gradcam", "guided_gradcam", "gradcampp",
-                            "guided_gradcampp", "ours", "activation", "deconv_gb")
+@dataclass(frozen=True)
+class BenchmarkMethod:
+    """One row of the benchmark and of Table 1.
 
+    ``draw``: our μ-lasso-selected top-k features drawn this way (``vxnb.explanations.DRAWS``);
+    None for a class-level map, computed by ``heatmaps(model, images, targets, layer=...)`` →
+    (N, H, W) (default: ``vxnb.baselines.attribution(name, ...)``).
+    """
+
+    name: str
+    label: str
+    draw: str | None = None
+    heatmaps: Callable | None = None
+
+    @property
+    def ours(self) -> bool:
+        return self.draw is not None
+
+
+#: The one method registry: every method the benchmark runs, in Table 1's row order (the
+#: paper's rows, then the extra class-level rows). ``METHODS``, ``OURS_METHODS``,
+#: ``BASELINE_METHODS`` and ``METHOD_LABELS`` are read from it; add a method with
+#: :func:`register_method` and it appears in the benchmark, Table 1 and the report.
+METHOD_REGISTRY: dict[str, BenchmarkMethod] = {}
+METHODS: tuple[str, ...] = ()
+OURS_METHODS: tuple[str, ...] = ()
+BASELINE_METHODS: tuple[str, ...] = ()
 #: Display names: the paper's for its rows; the class-level extras say what they are.
-METHOD_LABELS: dict[str, str] = {**_BASE_LABELS, "ours_upsampled": "Upsam. Act.", "ours_deconv": "Deconv+GB",
-                                 "ours": "Ours", "activation": "Last-conv act. (class)",
-                                 "deconv_gb": "GB from logit (class)"}
-VARIANTS: tuple[str, ...] = ("single-6c", "double-12c", "part-2c")
+METHOD_LABELS: dict[str, str] = dict(_BASE_LABELS)
+
+
+def register_method(name: str, label: str, *, draw: str | None = None, heatmaps: Callable | None = None,
+                    before: str | None = None) -> BenchmarkMethod:
+    """Add a benchmark method (a row of Table 1), at the end or ``before`` another method.
+
+    A class-level baseline needs ``heatmaps(model, images, targets, layer=None)`` → (N, H, W)
+    unless ``name`` is a method of :func:`vxnb.baselines.attribution`.
+    """
+    global METHODS, OURS_METHODS, BASELINE_METHODS
+    from vxnb.baselines import METHODS as ATTRIBUTIONS
+    from vxnb.explanations import DRAWS
+
+    if not isinstance(name, str) or not name or name in METHOD_REGISTRY or "[" in name:
+        raise ValueError(f"name: expected a new method name without '[' (taken: {', '.join(METHOD_REGISTRY)}), "
+                         f"got {name!r}")
+    if not isinstance(label, str) or not label:
+        raise ValueError(f"label: expected a non-empty display name, got {label!r}")
+    if draw is not None and draw not in DRAWS:
+        raise ValueError(f"draw: expected one of {DRAWS} or None, got {draw!r}")
+    if draw is None and heatmaps is None and name not in ATTRIBUTIONS:
+        raise ValueError(f"heatmaps: method {name!r} is not one of vxnb.baselines.attribution's "
+                         f"({', '.join(ATTRIBUTIONS)}); give heatmaps(model, images, targets, layer=None)")
+    if heatmaps is not None and not callable(heatmaps):
+        raise TypeError(f"heatmaps: expected a callable, got {describe(heatmaps)}")
+    if before is not None and before not in METHOD_REGISTRY:
+        raise ValueError(f"before: expected one of {', '.join(METHOD_REGISTRY)}, got {before!r}")
+    method = BenchmarkMethod(name, label, draw, heatmaps)
+    items = list(METHOD_REGISTRY.items())
+    at = len(items) if before is None else [n for n, _ in items].index(before)
+    items.insert(at, (name, method))
+    METHOD_REGISTRY.clear()
+    METHOD_REGISTRY.update(items)
+    METHODS = tuple(METHOD_REGISTRY)
+    OURS_METHODS = tuple(n for n, m in METHOD_REGISTRY.items() if m.ours)
+    BASELINE_METHODS = tuple(n for n, m in METHOD_REGISTRY.items() if not m.ours)
+    METHOD_LABELS[name] = label
+    return method
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method added with :func:`register_method` (tests, notebooks trying one out)."""
+    global METHODS, OURS_METHODS, BASELINE_METHODS
+    if name not in METHOD_REGISTRY:
+        raise ValueError(f"name: expected one of {', '.join(METHOD_REGISTRY)}, got {name!r}")
+    del METHOD_REGISTRY[name]
+    METHODS = tuple(METHOD_REGISTRY)
+    OURS_METHODS = tuple(n for n, m in METHOD_REGISTRY.items() if m.ours)
+    BASELINE_METHODS = tuple(n for n, m in METHOD_REGISTRY.items() if not m.ours)
+    METHOD_LABELS.pop(name, None)
+    METHOD_LABELS.update({k: v for k, v in _BASE_LABELS.items() if k not in METHOD_LABELS})
+
+
+for _name, _label, _draw in (
+        ("ours_upsampled", "Upsam. Act.", "upsampled"), ("ours_deconv", "Deconv+GB", "deconv"),
+        ("gradcam", _BASE_LABELS["gradcam"], None), ("guided_gradcam", _BASE_LABELS["guided_gradcam"], None),
+        ("gradcampp", _BASE_LABELS["gradcampp"], None), ("guided_gradcampp", _BASE_LABELS["guided_gradcampp"], None),
+        ("ours", "Ours", "resampled"), ("activation", "Last-conv act. (class)", None),
+        ("deconv_gb", "GB from logit (class)", None)):
+    register_method(_name, _label, draw=_draw)
 
 #: Table 1 of the paper: area under the IoU curve (%), mean and std over 5 folds, keyed by the
 #: method that computes each row ("Upsam. Act." and "Deconv+GB" draw our selected features).

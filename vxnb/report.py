@@ -533,11 +533,12 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
     kernels get that working folder as ``$VXNB_HOME``, so their ``data/`` and ``runs/`` are
     the caller's; the shipped notebooks run there, a folder of your own (``notebooks``) in itself.
     """
+    params = {"quick": bool(quick)}
+    params.update(parameters or {})
+    check_report_parameters(params, notebooks, quick=quick)  # before any work
     home = work_home()
     out = Path(out_dir) if out_dir else work_dir("reports")
     out.mkdir(parents=True, exist_ok=True)
-    params = {"quick": bool(quick)}
-    params.update(parameters or {})
     skip = skipped_tags(params)
     entries = []
     paths = find_notebooks(notebooks)
@@ -616,8 +617,22 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m vxnb.report
     return args
 
 
+def check_report_parameters(parameters: dict[str, Any], notebooks: str | Path | None = None, *,
+                            quick: bool = False) -> None:
+    """Refuse unknown names (naming the nearest valid one), bad values and collisions of the
+    report's parameters before any notebook starts (``vxnb.studies.parameters.check_parameters``)."""
+    from .studies.parameters import check_parameters
+
+    check_parameters(parameters, find_notebooks(notebooks), quick=quick)
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m vxnb.report") -> int:
     args = parse_args(argv, prog)
+    try:  # before any work: an unknown name, a bad value or a collision is refused here
+        check_report_parameters(args.parameters, args.notebooks, quick=args.quick)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
     if args.prepare_data:
         from .studies.runs import RunConfig, load_data
 

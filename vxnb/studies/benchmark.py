@@ -61,6 +61,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vxnb._checks import check_choice
+from vxnb.data.an8flower import N_FOLDS
 from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, curve_area, iou_auc, iou_curve, iou_per_image
 from vxnb.evaluate.occlusion import DEFAULT_COVERAGE, occlusion_study
 from vxnb import _store
@@ -102,8 +103,6 @@ __all__ = [
     "fold_diagnosis",
 ]
 
-#: an8Flower's folds (grouped by viewpoint).
-N_FOLDS = 5
 
 _RESULT_VERSION = 2
 

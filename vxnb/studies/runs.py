@@ -78,7 +78,7 @@ def artifact_versions() -> dict[str, int]:
     return {"features": FORMAT_VERSION, "lasso-path": PATH_FORMAT_VERSION, "top-patches": TOP_PATCHES_VERSION,
             **ARTIFACT_VERSIONS}
 
-#: The names of the datasets a run can use (``vxnb.studies.datasets.DATASET_SPECS``).
+#: The datasets shipped with vxnb; ``vxnb.studies.datasets.DATASET_SPECS`` also holds those added since.
 DATASETS = tuple(DATASET_SPECS)
 #: The quick (CI) setting: image size and number of training images.
 QUICK_SIZE = 64
@@ -324,10 +324,8 @@ def split_key(cfg: RunConfig, split: str, dataset: Any) -> str:
 
 
 def _checkpoint_settings(cfg: RunConfig) -> dict[str, Any]:
-    from .. import models
-
     s = {"dataset": cfg.dataset, "seed": cfg.seed, "train_limit": cfg.train_limit,
-         "epochs": cfg.epochs or models.default_epochs(cfg.dataset, quick=cfg.quick),
+         "epochs": cfg.spec.epochs(cfg),
          "min_train_accuracy": MIN_TRAIN_ACCURACY, "train_attempts": TRAIN_ATTEMPTS}
     s.update(cfg.spec.checkpoint_settings(cfg))
     return s
@@ -392,7 +390,7 @@ def _train(cfg: RunConfig, data, progress: bool):
     from .. import models
 
     train, test, classes = data
-    epochs = cfg.epochs or models.default_epochs(cfg.dataset, quick=cfg.quick)
+    epochs = cfg.spec.epochs(cfg)
     attempts: list[dict[str, Any]] = []
     best = None
     for attempt in range(TRAIN_ATTEMPTS):

@@ -130,3 +130,14 @@ def test_report_refuses_a_misspelt_parameter_before_any_work(tmp_path, monkeypat
     with pytest.raises(ValueError, match="mask_dir"):  # the Python entry point refuses it too
         report.build_report(quick=True, out_dir=out, parameters={"mask_dir": "x"})
     assert not out.exists()
+
+
+def test_papermill_is_quiet_about_run_settings_only(caplog):
+    import logging
+
+    report._quiet_run_settings()
+    log = logging.getLogger("papermill")
+    with caplog.at_level(logging.WARNING, logger="papermill"):
+        log.warning("Passed unknown parameter: dataset")
+        log.warning("Passed unknown parameter: zzz")
+    assert [r.getMessage() for r in caplog.records] == ["Passed unknown parameter: zzz"]

@@ -20,6 +20,7 @@ import contextlib
 import filecmp
 import html
 import json
+import logging
 import os
 import re
 import shutil
@@ -105,6 +106,25 @@ def _mark_skipped(path: Path, skip_tags: set[str], folder: Path) -> Path:
     return Path(name)
 
 
+class _RunSettingsFilter(logging.Filter):
+    """Drops papermill's "Passed unknown parameter" for the run's settings: the notebooks read
+    them through ``RunConfig.from_namespace`` rather than their parameters cells, and they are
+    checked before any notebook starts (:func:`check_report_parameters`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .studies.parameters import RUN_PARAMETERS
+
+        msg = record.getMessage()
+        prefix = "Passed unknown parameter: "
+        return not (msg.startswith(prefix) and msg[len(prefix):].strip() in RUN_PARAMETERS)
+
+
+def _quiet_run_settings() -> None:
+    log = logging.getLogger("papermill")
+    if not any(isinstance(f, _RunSettingsFilter) for f in log.filters):
+        log.addFilter(_RunSettingsFilter())
+
+
 def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any], *, progress: bool = True,
                  kernel_name: str = "python3", cwd: Path | None = None, skip_tags: set[str] = frozenset()) -> Path:
     """Execute one notebook with papermill into ``out_dir``; return the executed copy's path.
@@ -115,6 +135,7 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any], *, progr
     """
     import papermill as pm
 
+    _quiet_run_settings()
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / path.name
     failed = out_dir / (path.stem + ".failed.ipynb")

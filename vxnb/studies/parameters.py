@@ -17,9 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from vxnb.data.an8flower import FOLD_SPLITS, N_FOLDS, VARIANTS
-from vxnb.explanations import COMBINES
-
 from .runs import RunConfig
 
 __all__ = ["NotebookParameter", "NOTEBOOK_PARAMETERS", "RUN_PARAMETERS", "notebook_parameters",
@@ -29,11 +26,42 @@ __all__ = ["NotebookParameter", "NOTEBOOK_PARAMETERS", "RUN_PARAMETERS", "notebo
 @dataclass(frozen=True)
 class NotebookParameter:
     """A notebook's own parameter: its default (as the ``parameters`` cell writes it), what a
-    valid value is (``expected``, for messages) and the check (True: valid)."""
+    valid value is (``expected``, for messages; a callable is asked only then) and the check
+    (True: valid)."""
 
     default: Any
-    expected: str
+    expected: str | Callable[[], str]
     check: Callable[[Any], bool]
+
+    def describe(self) -> str:
+        return self.expected() if callable(self.expected) else self.expected
+
+
+# The names below come from modules that take a while to import (the an8Flower renderer, the
+# explanations): they are imported when a value is checked, not when the names are, so an
+# unknown name is refused in about the time ``import vxnb.report`` takes.
+def _variants() -> tuple[str, ...]:
+    from vxnb.data.an8flower import VARIANTS
+
+    return VARIANTS
+
+
+def _fold_splits() -> tuple[str, ...]:
+    from vxnb.data.an8flower import FOLD_SPLITS
+
+    return FOLD_SPLITS
+
+
+def _n_folds() -> int:
+    from vxnb.data.an8flower import N_FOLDS
+
+    return N_FOLDS
+
+
+def _combines() -> tuple[str, ...]:
+    from vxnb.explanations import COMBINES
+
+    return COMBINES
 
 
 def _int(v: Any) -> bool:
@@ -52,18 +80,21 @@ def _or_none(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or check(v)
 
 
-def _names(known: Iterable[str]) -> Callable[[Any], bool]:
-    known = tuple(known)
-    return lambda v: (isinstance(v, str) and v in known) or (
-        isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, str) and x in known for x in v))
+def _names(known: Callable[[], Iterable[str]]) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        names = tuple(known())
+        return (isinstance(v, str) and v in names) or (
+            isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, str) and x in names for x in v))
+    return check
 
 
 def _folds(v: Any) -> bool:
-    return isinstance(v, (list, tuple)) and len(v) > 0 and all(_int(f) and 0 <= f < N_FOLDS for f in v)
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(_int(f) and 0 <= f < _n_folds() for f in v)
 
 
 def _diagnose(v: Any) -> bool:
-    return isinstance(v, (list, tuple)) and len(v) == 2 and v[0] in VARIANTS and _int(v[1]) and 0 <= v[1] < N_FOLDS
+    return (isinstance(v, (list, tuple)) and len(v) == 2 and v[0] in _variants() and _int(v[1])
+            and 0 <= v[1] < _n_folds())
 
 
 def _mus(v: Any) -> bool:
@@ -94,16 +125,20 @@ NOTEBOOK_PARAMETERS: dict[str, dict[str, NotebookParameter]] = {
         "n_per_class": NotebookParameter(None, _POSITIVE_OR_NONE, _or_none(_positive_int)),
     },
     "05_an8flower_benchmark": {
-        "variants": NotebookParameter(None, f"None or a list of {', '.join(VARIANTS)}", _or_none(_names(VARIANTS))),
-        "single_folds": NotebookParameter(None, "None or a list of folds in 0..4", _or_none(_folds)),
-        "other_folds": NotebookParameter(None, "None or a list of folds in 0..4", _or_none(_folds)),
+        "variants": NotebookParameter(None, lambda: f"None or a list of {', '.join(_variants())}",
+                                      _or_none(_names(_variants))),
+        "single_folds": NotebookParameter(None, lambda: f"None or a list of folds in 0..{_n_folds() - 1}",
+                                          _or_none(_folds)),
+        "other_folds": NotebookParameter(None, lambda: f"None or a list of folds in 0..{_n_folds() - 1}",
+                                         _or_none(_folds)),
         "mu": _MU,
         "k": _K,
         "n_test_images": NotebookParameter(None, _POSITIVE_OR_NONE, _or_none(_positive_int)),
         "occlusion_images": NotebookParameter(None, _POSITIVE_OR_NONE, _or_none(_positive_int)),
-        "splits": NotebookParameter(None, "None, 'views', 'blocks' or a list of them", _or_none(_names(FOLD_SPLITS))),
-        "combine": NotebookParameter(None, f"None, {', '.join(map(repr, COMBINES))} or a list of them",
-                                     _or_none(_names(COMBINES))),
+        "splits": NotebookParameter(None, lambda: f"None, {', '.join(map(repr, _fold_splits()))} or a list of them",
+                                    _or_none(_names(_fold_splits))),
+        "combine": NotebookParameter(None, lambda: f"None, {', '.join(map(repr, _combines()))} or a list of them",
+                                     _or_none(_names(_combines))),
         "diagnose": NotebookParameter(None, "None or [variant, fold]", _or_none(_diagnose)),
         "diagnose_mus": NotebookParameter(None, "None or a list of positive numbers", _or_none(_mus)),
     },
@@ -186,7 +221,7 @@ def check_parameters(parameters: Mapping[str, Any], notebooks: Iterable[str | Pa
                              f"(known: {', '.join(known)})")
         for stem, p in own.get(name, ()):
             if p is not None and not p.check(value):
-                raise ValueError(f"{name}: expected {p.expected} (notebook {stem}), got {value!r}")
+                raise ValueError(f"{name}: expected {p.describe()} (notebook {stem}), got {value!r}")
     if "quick" in parameters and not isinstance(parameters["quick"], bool):
         raise ValueError(f"quick: expected True or False, got {parameters['quick']!r}")
     settings = {k: v for k, v in parameters.items() if k in RUN_PARAMETERS and k != "quick"}

@@ -20,17 +20,16 @@ one process at a time under a file lock, written atomically and indexed, so
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from .. import _store
 from ..paths import work_dir

@@ -105,12 +105,12 @@ def test_conv_descriptor_is_l2_over_space():
 @pytest.mark.parametrize("gram_dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("syrk,min_split", [(True, 4), (False, 4), (False, 10_000)])
 def test_streamed_gram_equals_dense(monkeypatch, gram_dtype, rtol, syrk, min_split):
-    monkeypatch.setattr(vf, "_GRAM_BLOCK_ROWS", 5)  # several partial row blocks
-    monkeypatch.setattr(vf, "_CPU_SYRK", syrk)  # BLAS syrk (the CPU path) or torch GEMM blocks (the CUDA path)
+    monkeypatch.setattr(vxnb._gram, "_GRAM_BLOCK_ROWS", 5)  # several partial row blocks
+    monkeypatch.setattr(vxnb._gram, "_CPU_SYRK", syrk)  # BLAS syrk (the CPU path) or torch GEMM blocks (the CUDA path)
     monkeypatch.setattr(vxnb._gram, "TILE", 4)  # syrk: upper triangle added and mirrored in 4 column blocks
     monkeypatch.setattr(vxnb._gram, "FOLD_ROWS", 7)  # float32 syrk: folded into float64 every 2 blocks
-    monkeypatch.setattr(vf, "_GRAM_MIN_SPLIT", min_split)  # GEMM: 3 column blocks (upper ones mirrored) or 1
-    monkeypatch.setattr(vf, "_GRAM_MIN_ROWS_SPLIT", 10)
+    monkeypatch.setattr(vxnb._gram, "_GRAM_MIN_SPLIT", min_split)  # GEMM: 3 column blocks (upper ones mirrored) or 1
+    monkeypatch.setattr(vxnb._gram, "_GRAM_MIN_ROWS_SPLIT", 10)
     net = small_net()
     feats = extract_features(net, random_data(23), batch_size=3, keep_X=True, gram_dtype=gram_dtype, progress=False)
     X = feats.X.astype(np.float64)
@@ -130,7 +130,7 @@ def test_streamed_gram_equals_dense(monkeypatch, gram_dtype, rtol, syrk, min_spl
 @pytest.mark.parametrize("threshold,expected", [(1e18, torch.float64), (10.0, torch.float32)])
 def test_auto_gram_dtype_follows_the_size_rule_and_sets_the_lasso_tolerance(monkeypatch, threshold, expected):
     # "auto" on the CPU: float32 products when N·m² exceeds the threshold (here 23·15² = 5175)
-    monkeypatch.setattr(vf, "_AUTO_SINGLE_FLOPS", threshold)
+    monkeypatch.setattr(vxnb._gram, "_AUTO_SINGLE_FLOPS", threshold)
     from vxnb.lasso import lasso_path
 
     feats = extract_features(small_net(), random_data(23), batch_size=4, keep_X=True, progress=False)
@@ -147,8 +147,8 @@ def test_auto_gram_dtype_follows_the_size_rule_and_sets_the_lasso_tolerance(monk
 
 
 def test_unknown_length_counts_as_large_for_auto():
-    assert vf._auto_gram_dtype(torch.device("cpu"), None, 10) == torch.float32
-    assert vf._auto_gram_dtype(torch.device("cpu"), 100, 10) == torch.float64
+    assert vxnb._gram.auto_gram_dtype(torch.device("cpu"), None, 10) == torch.float32
+    assert vxnb._gram.auto_gram_dtype(torch.device("cpu"), 100, 10) == torch.float64
 
 
 def test_keep_X_options_do_not_change_statistics():

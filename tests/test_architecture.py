@@ -100,7 +100,21 @@ def _lint_imports(config: Path) -> subprocess.CompletedProcess:
 def test_import_linter_layers_contract_is_kept():
     res = _lint_imports(ROOT / "pyproject.toml")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "1 kept, 0 broken" in res.stdout
+    n = len(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"]["contracts"])
+    assert f"{n} kept, 0 broken" in res.stdout
+
+
+def test_features_package_contract_breaks_when_a_part_imports_the_entry_point(tmp_path):
+    """The contract inside vxnb.features has teeth: with the stream placed above the extraction
+    entry point (which imports it), it breaks."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert '    "extraction",\n    "stream",\n' in text
+    config = tmp_path / "pyproject.toml"
+    config.write_text(text.replace('    "extraction",\n    "stream",\n', '    "stream",\n    "extraction",\n'),
+                      encoding="utf-8")
+    res = _lint_imports(config)
+    assert res.returncode != 0
+    assert "BROKEN" in res.stdout and "vxnb.features.extraction" in res.stdout
 
 
 def test_import_linter_contract_breaks_when_a_layer_imports_up(tmp_path):

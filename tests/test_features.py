@@ -409,6 +409,51 @@ def test_cache_reused_when_key_matches(tmp_path):
     assert not e.meta["cache_hit"] and seen  # callbacks need the pass
 
 
+
+def test_cache_options_and_the_old_keywords_name_the_same_file(tmp_path):
+    """CacheOptions, a bare folder and the keywords of earlier versions give one key and one file;
+    the cached pass runs the forward pass once (no second extract_features inside)."""
+    from vxnb.features import CacheOptions
+
+    net, data = small_net(), random_data(8)
+    passes = []
+    net.conv1.register_forward_hook(lambda m, i, o: passes.append(o.shape[0]))
+    a = extract_features(net, data, cache=CacheOptions(cache_dir=tmp_path, data_key="d8"), batch_size=8, progress=False)
+    assert passes == [8] and not a.meta["cache_hit"]
+    b = extract_features(net, data, cache_dir=tmp_path, data_key="d8", progress=False)
+    c = extract_features(net, data, cache=str(tmp_path), progress=False)  # a folder: the data fingerprinted
+    assert b.meta["cache_hit"] and b.meta["store_key"] == a.meta["store_key"] and passes == [8, 8]
+    assert not c.meta["cache_hit"] and c.meta["store_key"] != a.meta["store_key"]
+    assert len(list(tmp_path.glob("features-*.npz"))) == 2
+    np.testing.assert_array_equal(a.G, b.G)
+    np.testing.assert_array_equal(a.G, c.G)
+
+
+def test_option_objects_are_validated_at_the_boundary(tmp_path):
+    from vxnb.features import CacheOptions, DistOptions
+
+    with pytest.raises(TypeError, match="data_key: expected a str"):
+        CacheOptions(cache_dir=tmp_path, data_key=3)
+    with pytest.raises(TypeError, match="cache_dir: expected a folder path or None, got int"):
+        CacheOptions(cache_dir=5)
+    with pytest.raises(ValueError, match="checkpoint_every: expected a positive int .*got 0"):
+        DistOptions(checkpoint_dir=tmp_path, checkpoint_every=0)
+    with pytest.raises(TypeError, match="checkpoint_dir: expected a folder path or None"):
+        DistOptions(checkpoint_dir=1.5)
+    opts = CacheOptions(cache_dir=tmp_path)
+    with pytest.raises(AttributeError):
+        opts.data_key = "x"  # frozen
+    net, data = small_net(), random_data(4)
+    with pytest.raises(ValueError, match=r"cache: give either cache=CacheOptions\(...\) or \['cache_dir'\]"):
+        extract_features(net, data, cache=opts, cache_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"dist: give either dist=DistOptions\(...\) or \['checkpoint_every'\]"):
+        extract_features(net, data, dist=DistOptions(), checkpoint_every=3, progress=False)
+    with pytest.raises(TypeError, match="cache: expected a CacheOptions or None, got DistOptions"):
+        extract_features(net, data, cache=DistOptions(), progress=False)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['cache_folder'\]"):
+        extract_features(net, data, cache_folder=tmp_path, progress=False)
+
+
 def test_default_layers_reference_models():
     from vxnb import models
     mnist = models.MnistNet()

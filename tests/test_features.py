@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import vxnb._gram
 import vxnb.features as vf
 from vxnb.features import Features, default_layers, descriptors, extract_features, feature_columns, layer_numbers
+from nets import random_data, small_net
 
 
 # ---------------------------------------------------------------------------- tiny networks
@@ -42,21 +43,6 @@ def hand_net() -> nn.Sequential:
 IMAGES = torch.tensor([[[1.0, -5.0], [2.0, -7.0]], [[0.0, 0.0], [0.0, 0.0]], [[3.0, 3.0], [3.0, 3.0]]]).unsqueeze(1)
 LABELS = torch.tensor([0, 1, 0])
 EXPECTED = np.array([[1 / 3, 2 / 3, 0.8, 0.0, 0.2], [0, 0, 0, 0, 0], [1, 0, 0.7, 0, 0.3]])
-
-
-def small_net(num_classes: int = 3) -> nn.Sequential:
-    net = nn.Sequential()
-    for n, m in [("conv1", nn.Conv2d(1, 4, 3, padding=1)), ("bn1", nn.BatchNorm2d(4)), ("relu1", nn.ReLU()),
-                 ("pool1", nn.MaxPool2d(2)), ("conv2", nn.Conv2d(4, 6, 3, padding=1)), ("pool2", nn.MaxPool2d(2)),
-                 ("flat", nn.Flatten()), ("fc3", nn.Linear(6 * 2 * 2, 5)), ("relu3", nn.ReLU()),
-                 ("drop3", nn.Dropout()), ("fc4", nn.Linear(5, num_classes))]:
-        net.add_module(n, m)
-    return net
-
-
-def random_data(n: int = 23, classes: int = 3, size: int = 8) -> TensorDataset:
-    g = torch.Generator().manual_seed(1)
-    return TensorDataset(torch.rand(n, 1, size, size, generator=g), torch.randint(0, classes, (n,), generator=g))
 
 
 def no_hooks(model: nn.Module) -> bool:
@@ -407,7 +393,6 @@ def test_cache_reused_when_key_matches(tmp_path):
     seen = []
     e = extract_features(net, data, cache_dir=tmp_path, callbacks=[lambda o, i: seen.append(i)], progress=False)
     assert not e.meta["cache_hit"] and seen  # callbacks need the pass
-
 
 
 def test_cache_options_and_the_old_keywords_name_the_same_file(tmp_path):

@@ -8,11 +8,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import vxnb._gram
-import vxnb.features as vf
 import vxnb.features.stream as vfs
 from vxnb.features import extract_features
 
-from test_features import no_hooks, random_data, small_net
+from nets import random_data, small_net
+from test_features import no_hooks
 
 
 @pytest.fixture

@@ -4,6 +4,13 @@ For each selected layer the output of every channel is reduced to one number —
 over the spatial positions (conv maps (B, C, H, W); FC outputs (B, C) give ``|a|`` per unit) —
 the layer's descriptor is L1-normalised per image (a layer whose descriptor is all zero stays
 zero) and the layer descriptors are concatenated into ``x`` (m entries).
+
+Transformers (:func:`layout`): a token tensor (B, T, D) gives D features, each the L2 norm over
+the *patch* tokens — the class token and register tokens, which come first (torchvision's
+``VisionTransformer``: token 0 is the class token; timm-style models say how many in
+``num_prefix_tokens``), are excluded. A channels-last map (B, H, W, C) — Swin's blocks and patch
+merging, ``nn.LayerNorm``/``nn.Linear`` over the last axis, ConvNeXt's permuted MLP — gives C
+features, the L2 norm over H and W. Every other output is channels-first, as before.
 """
 from __future__ import annotations
 
@@ -19,11 +26,83 @@ from torch import nn
 from ..utils import check_layer_names, describe, eval_mode, get_module, model_device
 from .layers import check_columns, layers_of_columns, resolve_layers
 
-__all__ = ["descriptors", "Recorder", "l1_normalise", "column_layers", "check_nonfinite"]
+__all__ = ["descriptors", "layout", "prefix_tokens", "Recorder", "l1_normalise", "column_layers", "check_nonfinite"]
 
 
-def _channel_norms(out: Any, name: str) -> torch.Tensor:
-    """(B, C) float32: L2 norm of every channel over all positions; |a| for (B, C) outputs."""
+#: modules whose output is channels-first whatever their rank (conv, normalisation, pooling)
+_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+          nn.GroupNorm, nn.LocalResponseNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+          nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+#: the modules that neither move nor mix the channel axis: their layout is their input's
+_POINTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+              nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Dropout, nn.Identity)
+
+
+def _token_modules() -> tuple[type, ...]:
+    """Transformer blocks whose output is tokens / channels-last (torchvision's ViT and Swin)."""
+    from torchvision.models import swin_transformer as sw, vision_transformer as vt
+
+    return (vt.Encoder, vt.EncoderBlock, vt.MLPBlock, sw.SwinTransformerBlock, sw.SwinTransformerBlockV2,
+            sw.PatchMerging, sw.PatchMergingV2)
+
+
+def _module_layout(model: nn.Module, name: str) -> str | None:
+    """``"last"`` (channels-last: tokens (B, T, D), maps (B, H, W, C)), ``"first"`` or None (unknown)."""
+    m = get_module(model, name)
+    if isinstance(m, _FIRST) or type(m).__name__ == "LayerNorm2d":  # ConvNeXt's LayerNorm2d permutes back
+        return "first"
+    if type(m) in (nn.LayerNorm, nn.Linear) or isinstance(m, _token_modules()):
+        return "last"
+    if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+        layer = m if isinstance(m, nn.TransformerEncoderLayer) else m.layers[0]
+        return "last" if layer.self_attn.batch_first else None
+    dims = getattr(m, "dims", None)
+    if type(m).__name__ == "Permute" and isinstance(dims, (list, tuple)) and len(dims) >= 3:
+        return "last" if list(dims[-1:]) == [1] else "first" if dims[1] == len(dims) - 1 else None
+    if isinstance(m, nn.Sequential) and len(m):  # a stage: its last module's layout
+        last = list(m._modules)[-1]
+        return _module_layout(model, f"{name}.{last}" if name else last)
+    if isinstance(m, _POINTWISE) and name:  # a pointwise module in a Sequential: its predecessor's layout
+        parent_name, _, own = name.rpartition(".")
+        parent = get_module(model, parent_name) if parent_name else model
+        if isinstance(parent, nn.Sequential):
+            names = list(parent._modules)
+            i = names.index(own)
+            if i > 0:
+                return _module_layout(model, f"{parent_name}.{names[i - 1]}" if parent_name else names[i - 1])
+    return None
+
+
+def prefix_tokens(model: nn.Module) -> int:
+    """How many tokens precede the patch tokens (class and register tokens): ``num_prefix_tokens``
+    where the model says (timm), else the width of ``class_token``/``cls_token`` and of
+    ``register_tokens``/``reg_token`` (torchvision's ViT: 1), else 0."""
+    n = getattr(model, "num_prefix_tokens", None)
+    if isinstance(n, (int, np.integer)) and not isinstance(n, bool):
+        return int(n)
+    total = 0
+    for attr in ("class_token", "cls_token", "register_tokens", "reg_token"):
+        tok = getattr(model, attr, None)
+        if isinstance(tok, torch.Tensor) and tok.dim() == 3:
+            total += int(tok.shape[1])
+    return total
+
+
+def layout(model: nn.Module, name: str) -> tuple[str, int]:
+    """How the output of module ``name`` holds its channels: ``("first", 0)`` — (B, C, ...), the
+    norm over every axis after C; ``("last", p)`` — (B, T, D) tokens, the norm over the tokens after
+    the first ``p`` (class and register tokens), or (B, H, W, C), the norm over H and W. A 3-D
+    output of a module of unknown layout is tokens in a model with prefix tokens, else (B, C, L)."""
+    kind = _module_layout(model, name)
+    p = prefix_tokens(model)
+    if kind is None:
+        kind = "tokens?" if p else "first"
+    return kind, p
+
+
+def _channel_norms(out: Any, name: str, kind: str = "first", prefix: int = 0) -> torch.Tensor:
+    """(B, C) float32: L2 norm of every channel over all positions; |a| for (B, C) outputs; see
+    :func:`layout` for tokens and channels-last maps."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"layers: module {name!r} returns {describe(out)}, not a tensor; "
                         "choose a module whose output is a single (B, C, ...) tensor")
@@ -33,6 +112,13 @@ def _channel_norms(out: Any, name: str) -> torch.Tensor:
     out = out.detach()
     if out.dim() == 2:
         return out.abs().float()
+    if out.dim() == 3 and kind in ("last", "tokens?"):  # (B, T, D): the patch tokens only
+        if out.shape[1] <= prefix:
+            raise ValueError(f"layers: module {name!r} has {out.shape[1]} tokens, no patch token after the "
+                             f"{prefix} class/register token(s)")
+        return torch.linalg.vector_norm(out[:, prefix:], ord=2, dim=1, dtype=torch.float32)
+    if out.dim() == 4 and kind == "last":  # (B, H, W, C)
+        return torch.linalg.vector_norm(out, ord=2, dim=(1, 2), dtype=torch.float32)
     return torch.linalg.vector_norm(out, ord=2, dim=tuple(range(2, out.dim())), dtype=torch.float32)
 
 
@@ -63,6 +149,7 @@ class Recorder:
     def __init__(self, model: nn.Module, layers: Sequence[str], keep_outputs: bool = False):
         self.layers = list(layers)
         self.modules = {n: get_module(model, n) for n in self.layers}
+        self.layouts = {n: layout(model, n) for n in self.layers}
         self.keep_outputs = keep_outputs
         self.raw: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
@@ -72,7 +159,7 @@ class Recorder:
     def _hook(self, name: str) -> Callable:
         def fn(module: nn.Module, inputs: Any, output: Any) -> None:
             self.calls[name] += 1
-            self.raw[name] = _channel_norms(output, name)
+            self.raw[name] = _channel_norms(output, name, *self.layouts[name])
             if self.keep_outputs:
                 self.outputs[name] = output.detach().clone()
         return fn

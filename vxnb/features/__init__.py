@@ -8,6 +8,9 @@ images that gives the matrix X (N, m); the μ-lasso ``min ‖X W − L‖²_F s.
 needs ``G = XᵀX`` (m, m) and ``XᵀL`` (m, C), which :func:`extract_features` accumulates while
 streaming, so ImageNet-size datasets never need X in memory.
 
+Transformers: a token tensor (B, T, D) gives D features, the L2 norm over the patch tokens
+(class and register tokens excluded); channels-last maps (B, H, W, C) give C (:mod:`.hooks`).
+
 The package, one concept per module (imports point down this list):
 
 - :mod:`.extraction` — :func:`extract_features`, the one entry point, and its option objects

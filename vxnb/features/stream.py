@@ -251,9 +251,10 @@ class Stream:
     def run(self, loader: Iterable, callbacks: list, progress: bool, overlap: bool | str = False) -> None:
         """One pass over ``loader``: hooks on, model on the device in eval mode, all undone after.
 
-        ``overlap`` (CPU only; ``"auto"``: :func:`_resolve_overlap`): everything after the hooks — descriptors, G, XᵀL, X — runs on a
-        :class:`_Worker` thread while the forward pass of the next batches goes on; it is drained
-        before a checkpoint is written and before G is read, and closed whatever happens."""
+        ``overlap`` (CPU only; ``"auto"``: :func:`_resolve_overlap`): everything after the hooks —
+        descriptors, G, XᵀL, X — runs on a :class:`_Worker` thread while the forward pass of the
+        next batches goes on; it is drained before a checkpoint is written and before G is read,
+        and closed whatever happens."""
         total = None
         try:
             total = len(loader)  # type: ignore[arg-type]

@@ -94,6 +94,7 @@ __all__ = [
     "applied_rules",
     "Composite",
     "DEFAULT_COMPOSITE",
+    "as_composite",
     "Rule",
     "TransposeRule",
     "ParameterRule",
@@ -519,9 +520,13 @@ class OpRule:
 
     ``__call__(func, args, kwargs, ctx)`` computes the operation (the same forward values)
     so that its autograd backward is the rule; ``ctx`` tells ``resample``, where the call is
-    (``ctx.where()``) and which tensors are gates. Operations inside the rule's own
-    computation are vouched for by the rule.
+    (``ctx.where()``) and which tensors are gates. ``vouches``: the autograd nodes the rule's
+    own computation creates are its responsibility (True: a rule that computes the operation
+    itself, e.g. :class:`NormRule`), or each is checked like any other node (False: a rule
+    that returns one of this module's autograd Functions or hands the call on).
     """
+
+    vouches = False
 
     def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
         return func(*args, **kwargs)
@@ -629,6 +634,8 @@ class NormRule(OpRule):
     GroupNorm: y = (x - mean(x)) / sigma.detach() * w + b -- the standard deviation held
     constant, the centring kept (Ali et al., ICML 2022, "XAI for Transformers")."""
 
+    vouches = True
+
     def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
         x = args[0]
         if not _needs_rule(x):
@@ -678,6 +685,8 @@ class AttentionRule(OpRule):
     ``F.multi_head_attention_forward``): the softmax weights held constant, the signal flows
     through the values (Ali et al., ICML 2022). Computed as softmax(q k^T / sqrt(d) + mask) @ v
     (the same outputs to float rounding); dropout must be off (the call runs in eval mode)."""
+
+    vouches = True
 
     def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
         if not any(_needs_rule(t) for t in args[:3]):
@@ -891,7 +900,9 @@ def _default_composite() -> Composite:
 DEFAULT_COMPOSITE = _default_composite()
 
 
-def _check_composite(composite: Any) -> Composite:
+def as_composite(composite: Any) -> Composite:
+    """The :class:`Composite` a call uses: ``composite`` itself, a dict merged onto
+    :data:`DEFAULT_COMPOSITE`, or the default for None (else a TypeError naming the argument)."""
     if composite is None:
         return DEFAULT_COMPOSITE
     if isinstance(composite, Composite):
@@ -982,13 +993,13 @@ class _Tracer(TorchFunctionMode):
         key = _op_key(func)
         rule = self.ops.get(key)
         ruled = rule is not None and torch.is_grad_enabled()
+        vouch = ruled and bool(getattr(rule, "vouches", False))
         stop = {t.grad_fn for t in _tensors(args) + _tensors(kwargs)} if torch.is_grad_enabled() else set()
         out = rule(func, args, kwargs, self) if ruled else func(*args, **kwargs)
         if key in self.gate_producers or (key in _GATE_KEEPERS and args and self.is_gate(args[0])):
             self._mark_gate(out)
         if torch.is_grad_enabled():
-            self._record(out, stop, key if ruled else getattr(func, "__name__", str(func)),
-                         ruled)
+            self._record(out, stop, key if ruled else getattr(func, "__name__", str(func)), vouch)
         return out
 
 
@@ -1003,7 +1014,7 @@ def applied_rules(model: nn.Module, *, resample: bool = True, composite: Composi
     restored; parameters and ``requires_grad`` are never touched. No check of unruled
     operations happens here: :func:`visualize` does that on the autograd graph.
     """
-    composite = _check_composite(composite)
+    composite = as_composite(composite)
     modules = dict(model.named_modules())
     tracer = _tracer if _tracer is not None else _Tracer(composite, resample, modules)
     patched: list[tuple[nn.Module, bool, Any]] = []
@@ -1173,7 +1184,7 @@ class RecordedForward:
     def __init__(self, model: nn.Module, x: Tensor, resample: bool, layers: Sequence[str],
                  composite: Composite | Mapping | None = None) -> None:
         self.model, self.resample, self.layers = model, resample, list(layers)
-        self.composite = _check_composite(composite)
+        self.composite = as_composite(composite)
         self.modules = dict(model.named_modules())
         self.tracer = _Tracer(self.composite, resample, self.modules)
         self.x_leaf = x.detach().requires_grad_(True)
@@ -1346,7 +1357,7 @@ def visualize(model: nn.Module, x: Tensor, layer: str, channels: int | Sequence[
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(resample, bool):
         raise TypeError(f"resample: expected a bool, got {type(resample).__name__}")
-    composite = _check_composite(composite)
+    composite = as_composite(composite)
     get_module(model, layer)  # unknown layer -> ValueError listing the names
     chans = _check_channels(channels)
     x = check_image_batch(x, "x", channels=first_conv_in_channels(model))

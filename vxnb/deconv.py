@@ -95,6 +95,7 @@ __all__ = [
     "Composite",
     "DEFAULT_COMPOSITE",
     "as_composite",
+    "channel_dim",
     "Rule",
     "TransposeRule",
     "ParameterRule",
@@ -1297,17 +1298,28 @@ class _VmapFailed(Exception):
     """The vmapped (is_grads_batched) backward hit an op it cannot batch."""
 
 
+def channel_dim(a: Tensor) -> int:
+    """The dimension of a layer output that holds its channels (features): 1 for (B, C, H, W)
+    maps and (B, N) units; -1 for a token tensor (B, T, D) of a vision transformer, whose D
+    features each have a value per token (issue 25: a token tensor gives D features)."""
+    return -1 if a.dim() == 3 else 1
+
+
 def _channel_seed(channels: list[int], layer: str) -> Callable[[Tensor, int], Tensor]:
     def seed(a: Tensor, k: int) -> Tensor:
         if a.dim() < 2:
             raise ValueError(f"layer: expected the output of {layer!r} to be (B, C, ...), got shape {tuple(a.shape)}")
-        n = a.shape[1]
+        dim = channel_dim(a)
+        n = a.shape[dim]
         q = channels[k]
         if not 0 <= q < n:
             raise IndexError(f"channels: channel {q} is out of range for layer {layer!r}, which has "
                              f"{n} channels (valid: 0..{n - 1})")
         g = torch.zeros_like(a)
-        g[:, q] = a[:, q]
+        if dim == 1:
+            g[:, q] = a[:, q]
+        else:
+            g[..., q] = a[..., q]
         return g
     return seed
 
@@ -1332,7 +1344,8 @@ def visualize(model: nn.Module, x: Tensor, layer: str, channels: int | Sequence[
         x: float images (B, C, H, W); C must match the first Conv2d's ``in_channels``.
         layer: a name from ``model.named_modules()``; its output (B, C', ...) is the seed
             (an FC layer: ``channels`` are unit indices; a token tensor (B, T, D) of a
-            transformer: dim 1 is what ``channels`` index). For a module called several
+            transformer: the D features, each seeded with its value at every token; see
+            :func:`channel_dim`). For a module called several
             times the first call counts. The forward stops there.
         channels: an int or a sequence of K channel indices in [0, C').
         resample: use the paper's resampled (stride-1) backward for strided operations.

@@ -522,12 +522,13 @@ class OpRule:
     ``__call__(func, args, kwargs, ctx)`` computes the operation (the same forward values)
     so that its autograd backward is the rule; ``ctx`` tells ``resample``, where the call is
     (``ctx.where()``) and which tensors are gates. ``vouches``: the autograd nodes the rule's
-    own computation creates are its responsibility (True: a rule that computes the operation
-    itself, e.g. :class:`NormRule`), or each is checked like any other node (False: a rule
-    that returns one of this module's autograd Functions or hands the call on).
+    own computation creates are its responsibility (True, the default: a rule that computes
+    the operation itself, e.g. :class:`NormRule` or your own autograd Function), or each is
+    checked like any other node (False: a rule that hands the call on unchanged in some cases,
+    e.g. :class:`ConvRule` for a convolution it does not resample).
     """
 
-    vouches = False
+    vouches = True
 
     def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
         return func(*args, **kwargs)
@@ -555,6 +556,8 @@ class GuidedReLURule(OpRule):
     2015; the DeconvNet half max(g, 0) from Zeiler & Fergus 2014). In place where the caller
     asked for it (``x.relu_()``, ``F.relu(x, inplace=True)`` in a custom forward)."""
 
+    vouches = False
+
     def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
         if not _needs_rule(args[0]):
             return func(*args, **kwargs)
@@ -566,6 +569,8 @@ class GuidedActivationRule(OpRule):
     the same call (Springenberg et al. 2015's guided backprop, generalised: the signal's
     positive part through the positive part of the local slope; 1[x > 0] for ReLU).
     ``inplace_arg``: the position of the function's ``inplace`` argument (None: it has none)."""
+
+    vouches = False
 
     def __init__(self, inplace_arg: int | None = None) -> None:
         self.inplace_arg = inplace_arg
@@ -616,6 +621,8 @@ class HeldGateRule(OpRule):
     2022). Products of two signals neither of which is a gate keep autograd's backward, and
     the graph check refuses them."""
 
+    vouches = False
+
     def __init__(self, producers: Sequence[str] = ("sigmoid", "hardsigmoid", "softmax")) -> None:
         self.producers = tuple(producers)
 
@@ -634,8 +641,6 @@ class NormRule(OpRule):
     """LayerNorm (also torchvision's LayerNorm2d, which permutes around ``F.layer_norm``) and
     GroupNorm: y = (x - mean(x)) / sigma.detach() * w + b -- the standard deviation held
     constant, the centring kept (Ali et al., ICML 2022, "XAI for Transformers")."""
-
-    vouches = True
 
     def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
         x = args[0]
@@ -686,8 +691,6 @@ class AttentionRule(OpRule):
     ``F.multi_head_attention_forward``): the softmax weights held constant, the signal flows
     through the values (Ali et al., ICML 2022). Computed as softmax(q k^T / sqrt(d) + mask) @ v
     (the same outputs to float rounding); dropout must be off (the call runs in eval mode)."""
-
-    vouches = True
 
     def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
         if not any(_needs_rule(t) for t in args[:3]):
@@ -753,6 +756,8 @@ class ConvRule(OpRule):
     2014); with ``resample`` and stride S > 1 the stride-1 transpose of the nearest-neighbour
     resized signal (the paper's Sec. 3.3) -- patch embeddings included."""
 
+    vouches = False
+
     def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
         x = args[0]
         if not _needs_rule(x) or x.dim() != 4:
@@ -769,6 +774,8 @@ class PoolRule(OpRule):
     """max_pool2d / avg_pool2d (module or functional): the switches / the average transpose;
     with ``resample`` and stride S > 1 those of the stride-1 pooling of the same forward input
     on the nearest-neighbour resized signal (the paper's Sec. 3.3)."""
+
+    vouches = False
 
     def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
         x = args[0]

@@ -127,7 +127,6 @@ def latency(repeats: int, k: int = 5, models: list[str] | None = None) -> None:
     the same seeds (channel q of the layer's output, every other channel zero)."""
     import pandas as pd
 
-    from vxnb.deconv import channel_dim
     from vxnb.explanations import explain
     from vxnb.relevance import Relevance
 
@@ -143,8 +142,8 @@ def latency(repeats: int, k: int = 5, models: list[str] | None = None) -> None:
         model = getattr(torchvision.models, arch)().eval()
         with torch.no_grad():
             a = forward_to(model, x, layer)
-        dim = channel_dim(a)
-        chans = a.movedim(dim, 1).flatten(2).norm(dim=2)[0].topk(k).indices.tolist()
+        dim = 1  # vxnb.features' channels today (dim 1; ViT: the token index, the same cost)
+        chans = a.flatten(2).norm(dim=2)[0].topk(k).indices.tolist()
         frame = pd.DataFrame([dict(**{"class": j}, layer=layer, layer_number=1, kind="conv", channel=q, weight=1.0)
                               for j in range(1000) for q in chans])
         rel = Relevance.from_frame(frame, n_classes=1000)

@@ -330,3 +330,29 @@ def test_bad_composite():
         Composite({nn.ReLU: GuidedActivationRule()})
     with pytest.raises(TypeError, match="keys must be nn.Module subclasses or operation names"):
         Composite({3: TransposeRule()})
+
+
+def test_token_layout_seeds_the_feature_at_the_patch_tokens():
+    """layout=("last", p): channel q is feature q of a (B, T, D) token tensor, seeded at the
+    patch tokens only (the first p tokens, class/register, left out): the hand-built seed."""
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8,
+                                               mlp_dim=16, num_classes=2).double().eval()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    layer = "encoder.layers.encoder_layer_0"
+    got = visualize(vit, x, layer, [3, 5], layout=("last", 1))
+    assert got.shape == (2, 2, 3, 16, 16)
+    for i, q in enumerate([3, 5]):
+        # the same through the generic path: a seed written by hand for the token output
+        from vxnb.deconv import _backward
+
+        def seed(a, k, q=q):
+            g = torch.zeros_like(a)
+            g[:, 1:, q] = a[:, 1:, q]
+            return g
+
+        torch.testing.assert_close(got[:, i], _backward(vit, x, layer, True, seed, 1)[:, 0], atol=0, rtol=0)
+    with pytest.raises(IndexError, match="channel 8 is out of range.*8 channels"):
+        visualize(vit, x, layer, [8], layout=("last", 1))
+    with pytest.raises(ValueError, match="layout: expected"):
+        visualize(vit, x, layer, [0], layout=("middle", 0))

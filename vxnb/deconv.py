@@ -95,7 +95,6 @@ __all__ = [
     "Composite",
     "DEFAULT_COMPOSITE",
     "as_composite",
-    "channel_dim",
     "Rule",
     "TransposeRule",
     "ParameterRule",
@@ -1305,26 +1304,31 @@ class _VmapFailed(Exception):
     """The vmapped (is_grads_batched) backward hit an op it cannot batch."""
 
 
-def channel_dim(a: Tensor) -> int:
-    """The dimension of a layer output that holds its channels (features): 1 for (B, C, H, W)
-    maps and (B, N) units; -1 for a token tensor (B, T, D) of a vision transformer, whose D
-    features each have a value per token (issue 25: a token tensor gives D features)."""
-    return -1 if a.dim() == 3 else 1
+def _channel_seed(channels: list[int], layer: str, layout: tuple[str, int] | None = None
+                  ) -> Callable[[Tensor, int], Tensor]:
+    """The seed of channel ``channels[k]``: its activations at ``layer``'s output, every other
+    channel zero. ``layout`` (as ``vxnb.features`` names it): ``("first", 0)`` (default) --
+    channels in dim 1, (B, C, ...) maps and (B, N) units; ``("last", p)`` -- channels in the
+    last dim, (B, H, W, C) maps or (B, T, D) tokens whose first ``p`` (class and register)
+    tokens are left out of the seed, as they are left out of the feature."""
+    kind, prefix = layout if layout is not None else ("first", 0)
+    if kind not in ("first", "last") or not isinstance(prefix, int) or prefix < 0:
+        raise ValueError(f"layout: expected ('first', 0) or ('last', p) with p >= 0, got {layout!r}")
 
-
-def _channel_seed(channels: list[int], layer: str) -> Callable[[Tensor, int], Tensor]:
     def seed(a: Tensor, k: int) -> Tensor:
         if a.dim() < 2:
             raise ValueError(f"layer: expected the output of {layer!r} to be (B, C, ...), got shape {tuple(a.shape)}")
-        dim = channel_dim(a)
-        n = a.shape[dim]
+        last = kind == "last" and a.dim() > 2
+        n = a.shape[-1 if last else 1]
         q = channels[k]
         if not 0 <= q < n:
             raise IndexError(f"channels: channel {q} is out of range for layer {layer!r}, which has "
                              f"{n} channels (valid: 0..{n - 1})")
         g = torch.zeros_like(a)
-        if dim == 1:
+        if not last:
             g[:, q] = a[:, q]
+        elif a.dim() == 3:
+            g[:, prefix:, q] = a[:, prefix:, q]
         else:
             g[..., q] = a[..., q]
         return g
@@ -1333,7 +1337,8 @@ def _channel_seed(channels: list[int], layer: str) -> Callable[[Tensor, int], Te
 
 
 def visualize(model: nn.Module, x: Tensor, layer: str, channels: int | Sequence[int], *,
-              resample: bool = True, composite: Composite | Mapping | None = None) -> Tensor:
+              resample: bool = True, composite: Composite | Mapping | None = None,
+              layout: tuple[str, int] | None = None) -> Tensor:
     """DeconvNet + guided-backprop visualisation of filters ``channels`` at ``layer``.
 
     For each channel q the activation map ``a[:, q]`` of ``layer``'s output (every other
@@ -1350,14 +1355,17 @@ def visualize(model: nn.Module, x: Tensor, layer: str, channels: int | Sequence[
             was (mode, parameters, hooks), also when an error is raised.
         x: float images (B, C, H, W); C must match the first Conv2d's ``in_channels``.
         layer: a name from ``model.named_modules()``; its output (B, C', ...) is the seed
-            (an FC layer: ``channels`` are unit indices; a token tensor (B, T, D) of a
-            transformer: the D features, each seeded with its value at every token; see
-            :func:`channel_dim`). For a module called several
+            (an FC layer: ``channels`` are unit indices; see ``layout`` for tokens and
+            channels-last maps). For a module called several
             times the first call counts. The forward stops there.
         channels: an int or a sequence of K channel indices in [0, C').
         resample: use the paper's resampled (stride-1) backward for strided operations.
         composite: the rules (:class:`Composite`; a dict is merged onto
             :data:`DEFAULT_COMPOSITE`; None: the default).
+        layout: where ``layer``'s output holds its channels: None or ``("first", 0)``,
+            dim 1; ``("last", p)``, the last dim -- a token tensor (B, T, D) of a vision
+            transformer, seeded at its patch tokens (the first ``p``, class and register
+            tokens, left out), or a channels-last map (B, H, W, C) (Swin).
 
     Returns:
         (B, K, C, H, W) tensor on the model's device: the input-space visualisation of
@@ -1380,10 +1388,11 @@ def visualize(model: nn.Module, x: Tensor, layer: str, channels: int | Sequence[
     composite = as_composite(composite)
     get_module(model, layer)  # unknown layer -> ValueError listing the names
     chans = _check_channels(channels)
+    seed = _channel_seed(chans, layer, layout)
     x = check_image_batch(x, "x", channels=first_conv_in_channels(model))
     device, dtype = model_device_dtype(model, x)
     x = x.to(device=device, dtype=dtype)
-    out = run_backward(model, x, layer, resample, _channel_seed(chans, layer), len(chans), composite)
+    out = run_backward(model, x, layer, resample, seed, len(chans), composite)
     return _check_finite(out, chans, layer)
 
 

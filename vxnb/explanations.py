@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ._checks import check_choice, check_class, check_model, check_positive_int
 from ._graph import first_conv_in_channels, stride_at
-from .deconv import (RecordedForward, as_composite, channel_dim, grid_score, heatmap, record_forward, run_backward,
+from .deconv import (RecordedForward, as_composite, grid_score, heatmap, record_forward, run_backward,
                      signed_rgb, visualize)
 from .features import default_layers, descriptors, layer_numbers
 from .relevance import Relevance, top_features
@@ -248,15 +248,11 @@ def _layer_maps(model: nn.Module, x: Tensor, layer: str, chans: list[list[int]],
         g = torch.zeros_like(a)
         q = idx[:, i]
         keep = torch.nonzero(q >= 0).reshape(-1)
-        dim = channel_dim(a)
         if keep.numel():
-            if int(q[keep].max()) >= a.shape[dim]:
+            if int(q[keep].max()) >= a.shape[1]:
                 raise IndexError(f"channel {int(q[keep].max())} is out of range for layer {layer!r} "
-                                 f"({a.shape[dim]} channels)")
-            if dim == 1:
-                g[keep, q[keep]] = a[keep, q[keep]]
-            else:  # token tensor (B, T, D): feature q of image b at every token
-                g[keep, :, q[keep]] = a[keep, :, q[keep]]
+                                 f"({a.shape[1]} channels)")
+            g[keep, q[keep]] = a[keep, q[keep]]
         return g
 
     return run_backward(model, x, layer, resample, seed, K, composite)

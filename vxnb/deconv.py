@@ -216,6 +216,42 @@ class _GuidedActivation(torch.autograd.Function):
         return g.clamp_min(0).mul_(d), None, None
 
 
+class _HeldSigmaNorm(torch.autograd.Function):
+    """LayerNorm (``shape``) or GroupNorm (``groups``) forward (the fused kernels); backward with
+    sigma held constant, the centring kept: t = g * w / sigma, g_in = t - mean(t) over the
+    normalised elements (the transpose of x -> (x - mean(x)) w / sigma)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor | None, b: Tensor | None, eps: float,  # type: ignore[override]
+                shape: tuple[int, ...] | None, groups: int | None) -> Tensor:
+        if shape is not None:
+            y, _, rstd = torch.native_layer_norm(x, shape, w, b, eps)
+        else:
+            N, C = x.shape[:2]
+            y, _, rstd = torch.native_group_norm(x, w, b, N, C, x[0, 0].numel(), groups, eps)
+        ctx.save_for_backward(rstd, w)
+        ctx.shape, ctx.groups = shape, groups
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        rstd, w = ctx.saved_tensors
+        if ctx.shape is not None:
+            t = (g * w if w is not None else g) * rstd
+            dims = tuple(range(-len(ctx.shape), 0))
+            return t - t.mean(dims, keepdim=True), None, None, None, None, None
+        shape = g.shape
+        if w is not None:
+            g = g * w.reshape((1, -1) + (1,) * (g.dim() - 2))
+        t = g.reshape(shape[0], ctx.groups, -1) * rstd.unsqueeze(-1)
+        return (t - t.mean(-1, keepdim=True)).reshape(shape), None, None, None, None, None
+
+
+#: the resampled conv backward goes the strided way (:func:`_box_transpose`) when the
+#: nearest-neighbour resize splits into at most this many pieces (runs of rows x runs of
+#: columns replicated the same number of times); 1 where every row is replicated S times.
+#: (Not the resize: the stride-1 backward of ViT-B/16's 16x16 patch embedding on the resized
+#: 209 x 209 signal costs about 60x the strided one; the boxed kernels are kept per forward.)
 _MAX_BOX_PIECES = 64
 
 
@@ -243,31 +279,28 @@ def _replication_runs(n_in: int, n_out: int) -> tuple[tuple[int, int, int, int],
 
 def _box_transpose(g: Tensor, weight: Tensor, runs: list[tuple[tuple[int, int, int, int], ...]],
                    padding: tuple[int, int], dilation: tuple[int, int], groups: int,
-                   in_size: tuple[int, int]) -> Tensor:
+                   in_size: tuple[int, int], boxed: dict[tuple[int, int], Tensor] | None = None) -> Tensor:
     """``conv_transpose2d(resize(g), weight, stride=1)``, computed without the resize.
 
     Where the resize copies each of n consecutive rows r times, the stride-1 transpose of
     the copies is the stride-r transpose of those n rows with the kernel convolved by an
     r-long box (both sums run over the same products): the cost of the plain strided
     backward. Each (row run, column run) piece is one such transpose, placed at its output
-    offset; the pieces add up (one piece when every row is copied S times).
+    offset; the pieces add up (one piece when every row is copied S times). ``boxed`` keeps
+    the boxed kernels for the later signals of the same forward.
     """
     (ph, pw), (dh, dw) = padding, dilation
     kh, kw = weight.shape[-2:]
     Mh, Mw = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    dense = weight.new_zeros(*weight.shape[:2], Mh, Mw)
-    dense[..., ::dh, ::dw] = weight
-    boxed: dict[tuple[int, int], Tensor] = {}
+    boxed = {} if boxed is None else boxed
     out = None
     for b0, nb, rh, oh in runs[0]:
         for c0, nc, rw, ow in runs[1]:
             k = boxed.get((rh, rw))
             if k is None:
-                k = weight.new_zeros(*weight.shape[:2], Mh + rh - 1, Mw + rw - 1)
-                for s in range(rh):
-                    for t in range(rw):
-                        k[..., s:s + Mh, t:t + Mw] += dense
-                boxed[(rh, rw)] = k
+                dense = weight.new_zeros(*weight.shape[:2], Mh, Mw, dtype=torch.float64)
+                dense[..., ::dh, ::dw] = weight
+                k = boxed[(rh, rw)] = _box_sum(_box_sum(dense, rh, -2), rw, -1).to(weight.dtype)
             if len(runs[0]) == 1 and len(runs[1]) == 1:  # the whole signal: padding crops
                 return F.conv_transpose2d(g, k, None, stride=(rh, rw), padding=(ph, pw), groups=groups)
             piece = _window(g, b0, nb, c0, nc)
@@ -276,6 +309,16 @@ def _box_transpose(g: Tensor, weight: Tensor, runs: list[tuple[tuple[int, int, i
                 out = z.new_zeros(*z.shape[:-2], in_size[0] + 2 * ph, in_size[1] + 2 * pw)
             _window(out, oh, z.shape[-2], ow, z.shape[-1]).add_(z)
     return _window(out, ph, in_size[0], pw, in_size[1])
+
+
+def _box_sum(t: Tensor, r: int, dim: int) -> Tensor:
+    """out[i] = sum_{s < r} t[i - s] along ``dim`` (length n + r - 1): the kernel convolved by
+    an r-long box, as a difference of cumulative sums (two passes, not r; float64 callers)."""
+    if r == 1:
+        return t
+    n = t.shape[dim]
+    c = F.pad(t, (r, r - 1) if dim == -1 else (0, 0, r, r - 1)).cumsum(dim)
+    return c.narrow(dim, r, n + r - 1) - c.narrow(dim, 0, n + r - 1)
 
 
 def _window(t: Tensor, r0: int, nr: int, c0: int, nc: int) -> Tensor:
@@ -396,10 +439,20 @@ def _conv_transpose(m: Any, g: Tensor, in_size: tuple[int, int], resample: bool,
             weight = weight.index_select(0, channels)
         size = _stride1_size(in_size, tuple(weight.shape[-2:]), padding, dilation)
         runs = [_replication_runs(b, a) for b, a in zip(g.shape[-2:], size)]
-        if len(runs[0]) * len(runs[1]) <= _MAX_BOX_PIECES:
-            return _box_transpose(g, weight, runs, padding, dilation, m.groups, in_size)
-        return F.conv_transpose2d(_resize(g, size), weight, None, stride=1, padding=padding,
-                                  groups=m.groups, dilation=dilation)
+        pieces = len(runs[0]) * len(runs[1])
+        if pieces <= _MAX_BOX_PIECES:
+            boxed = cache.setdefault("boxed", {}) if channels is None else None  # sliced weights differ
+            return _box_transpose(g, weight, runs, padding, dilation, m.groups, in_size, boxed)
+        g = _resize(g, size)
+        kh, kw = weight.shape[-2:]
+        flipped_pad = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
+        if channels is not None or min(flipped_pad) < 0:
+            return F.conv_transpose2d(g, weight, None, stride=1, padding=padding, groups=m.groups,
+                                      dilation=dilation)
+        wf = cache.get("flipped")
+        if wf is None:
+            wf = cache["flipped"] = _flip_weight(weight, m.groups)
+        return F.conv2d(g, wf, None, 1, flipped_pad, dilation, m.groups)
     kh, kw = weight.shape[-2:]
     flipped_pad = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
     if min(flipped_pad) < 0:  # padding wider than the kernel: the transpose as it is
@@ -463,7 +516,7 @@ class _FastMaxPool2d(torch.autograd.Function):
         return _stride1_pool_backward(ctx.m, x, g, switches), None
 
 
-_OUR_FUNCTIONS = (_GuidedReLU, _GuidedActivation, _FastConv2d, _FastMaxPool2d, _ResampledAvgPool2d)
+_OUR_FUNCTIONS = (_GuidedReLU, _GuidedActivation, _HeldSigmaNorm, _FastConv2d, _FastMaxPool2d, _ResampledAvgPool2d)
 
 
 # --------------------------------------------------------------------------------------
@@ -641,28 +694,18 @@ class NormRule(OpRule):
     GroupNorm: y = (x - mean(x)) / sigma.detach() * w + b -- the standard deviation held
     constant, the centring kept (Ali et al., ICML 2022, "XAI for Transformers")."""
 
+    vouches = False
+
     def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
         x = args[0]
         if not _needs_rule(x):
             return func(*args, **kwargs)
-        name = _op_key(func)
         w, b, eps = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias"), _arg(args, kwargs, 4, "eps", 1e-5)
-        if name == "layer_norm":
-            dims = tuple(range(-len(_arg(args, kwargs, 1, "normalized_shape")), 0))
-            xc = x - x.mean(dims, keepdim=True)
-            y = xc / (xc.detach().pow(2).mean(dims, keepdim=True) + eps).sqrt()
-            wb_shape = None
-        else:  # group_norm
-            groups = int(_arg(args, kwargs, 1, "num_groups"))
-            xg = x.reshape(x.shape[0], groups, -1)
-            xc = xg - xg.mean(-1, keepdim=True)
-            y = (xc / (xc.detach().pow(2).mean(-1, keepdim=True) + eps).sqrt()).reshape(x.shape)
-            wb_shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-        if w is not None:
-            y = y * (w if wb_shape is None else w.reshape(wb_shape))
-        if b is not None:
-            y = y + (b if wb_shape is None else b.reshape(wb_shape))
-        return y
+        if _op_key(func) == "layer_norm":
+            shape = _arg(args, kwargs, 1, "normalized_shape")
+            shape = (shape,) if isinstance(shape, int) else tuple(shape)
+            return _HeldSigmaNorm.apply(x, w, b, float(eps), shape, None)
+        return _HeldSigmaNorm.apply(x, w, b, float(eps), None, int(_arg(args, kwargs, 1, "num_groups")))
 
 
 def _held_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,

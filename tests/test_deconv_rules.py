@@ -356,3 +356,18 @@ def test_token_layout_seeds_the_feature_at_the_patch_tokens():
         visualize(vit, x, layer, [8], layout=("last", 1))
     with pytest.raises(ValueError, match="layout: expected"):
         visualize(vit, x, layer, [0], layout=("middle", 0))
+
+
+@pytest.mark.parametrize("block", ["gelu", "se", "layer_norm", "mha", "sdpa"])
+def test_vmapped_backward_equals_one_by_one(block, x):
+    """The rules' Functions also go back vmapped (``is_grads_batched``, the default off the CPU)."""
+    from vxnb.deconv import _backward, _channel_seed
+
+    torch.manual_seed(0)
+    b = {"gelu": nn.GELU(), "se": SE(), "layer_norm": Tokens(_randomise_affine(nn.LayerNorm(6))),
+         "mha": Attention("mha"), "sdpa": Attention("sdpa")}[block]
+    model = Net(b).double().eval()
+    seed = _channel_seed([0, 2, 4], "conv2")
+    one = _backward(model, x, "conv2", True, seed, 3, batched=False)
+    assert one.abs().max() > 0
+    torch.testing.assert_close(_backward(model, x, "conv2", True, seed, 3, batched=True), one, atol=1e-12, rtol=1e-9)

@@ -138,3 +138,17 @@ def test_a_model_whose_output_is_not_logits_is_refused_naming_the_shape():
     rel = Relevance.from_frame(frame, n_classes=2)
     with pytest.raises(ValueError, match=r"model: expected logits of shape \(B, num_classes\), got \(1, 4, 6, 6\)"):
         explain(model, rel, torch.rand(3, 8, 8))
+
+
+def test_total_strides_of_patch_embeddings():
+    """The grid period (``vxnb._graph.stride_at``) of a patch embedding and after it: ViT's
+    patch size (also behind its attention, a whole-image operation) and ConvNeXt's stem x
+    downsampling."""
+    from vxnb._graph import stride_at
+
+    vit = _vit()
+    assert stride_at(vit, "conv_proj", (3, 32, 32)) == (8, True)
+    assert stride_at(vit, "encoder.layers.encoder_layer_1", (3, 32, 32)) == (8, False)
+    cnx = M.convnext_tiny()
+    assert stride_at(cnx, "features.0", (3, 64, 64)) == (4, True)
+    assert stride_at(cnx, "features.3", (3, 64, 64)) == (8, True)

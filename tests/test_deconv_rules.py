@@ -371,3 +371,48 @@ def test_vmapped_backward_equals_one_by_one(block, x):
     one = _backward(model, x, "conv2", True, seed, 3, batched=False)
     assert one.abs().max() > 0
     torch.testing.assert_close(_backward(model, x, "conv2", True, seed, 3, batched=True), one, atol=1e-12, rtol=1e-9)
+
+
+def test_swin_patch_merging_is_resampled_as_a_2x2_stride_2_convolution():
+    """Patch merging's space-to-depth is the 2x2 stride-2 conv with one-hot weights: its
+    resampled backward is the oracle's resampled conv backward (tests/deconv_reference.py)."""
+    from deconv_reference import ResampledConv2d
+    from torchvision.models.swin_transformer import PatchMerging
+
+    from vxnb.deconv import _SpaceToDepth
+
+    C, H, W = 3, 10, 8
+    conv = nn.Conv2d(C, 4 * C, 2, stride=2, bias=False).double()
+    with torch.no_grad():
+        conv.weight.zero_()
+        for k, (dy, dx) in enumerate([(0, 0), (1, 0), (0, 1), (1, 1)]):
+            for c in range(C):
+                conv.weight[k * C + c, c, dy, dx] = 1.0
+    x = torch.randn(2, H, W, C, dtype=torch.float64, requires_grad=True)
+    y = _SpaceToDepth.apply(x)
+    xc = x.detach().permute(0, 3, 1, 2).requires_grad_(True)
+    yc = ResampledConv2d.apply(xc, conv)
+    torch.testing.assert_close(y, yc.permute(0, 2, 3, 1))  # the same forward
+    g = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, x, g)
+    (want,) = torch.autograd.grad(yc, xc, g.permute(0, 3, 1, 2))
+    torch.testing.assert_close(got, want.permute(0, 2, 3, 1), atol=1e-12, rtol=1e-10)
+    # in a model: resampled differs from plain, and equals plain where nothing is strided
+    torch.manual_seed(0)
+
+    class Merge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.merge = PatchMerging(6)
+
+        def forward(self, h):
+            return self.merge(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    model = nn.Sequential()
+    model.add_module("conv1", nn.Conv2d(3, 6, 3, padding=1))
+    model.add_module("merge", Merge())
+    model.add_module("conv2", nn.Conv2d(12, 5, 3, padding=1))
+    model = model.double().eval()
+    xi = torch.rand(1, 3, 12, 12, dtype=torch.float64)
+    res, plain = visualize(model, xi, "conv2", [0, 2]), visualize(model, xi, "conv2", [0, 2], resample=False)
+    assert (res - plain).abs().max() > 1e-3 * plain.abs().max()

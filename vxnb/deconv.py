@@ -43,6 +43,8 @@ The default rules, each with its source:
   padding, dilation, groups): exactly A x A again, also when the forward rounded. Computed
   without the resize: rows the resize copies r times go through one stride-r transpose with
   the kernel convolved by an r x r box (the same sums; see ``_box_transpose``).
+- **Swin's patch merging** (a 2x2 stride-2 space-to-depth selection before its norm and
+  linear reduction): resampled the same way (:class:`PatchMergingRule`).
 - **max_pool2d** (module or functional, e.g. Inception-v3's ``F.max_pool2d(x, 3, 2)``): the
   switches; resampled: resize, then the switches of the stride-1 max-pooling of the same
   forward input (windows sharing a maximum add up). **avg_pool2d**: the average transpose;
@@ -107,6 +109,7 @@ __all__ = [
     "AttentionRule",
     "ConvRule",
     "PoolRule",
+    "PatchMergingRule",
     "UnsupportedModuleError",
 ]
 
@@ -245,6 +248,29 @@ class _HeldSigmaNorm(torch.autograd.Function):
             g = g * w.reshape((1, -1) + (1,) * (g.dim() - 2))
         t = g.reshape(shape[0], ctx.groups, -1) * rstd.unsqueeze(-1)
         return (t - t.mean(-1, keepdim=True)).reshape(shape), None, None, None, None, None
+
+
+class _SpaceToDepth(torch.autograd.Function):
+    """(..., H, W, C), H and W even -> (..., H/2, W/2, 4C), the phases (0, 0), (1, 0), (0, 1),
+    (1, 1) concatenated as torchvision's Swin patch merging does: a 2x2 stride-2 selection. The
+    backward is resampled: the signal resized to the stride-1 size (H - 1, W - 1), each phase's
+    share added back at its offset (the stride-1 transpose of the selection)."""
+
+    _PHASES = ((0, 0), (1, 0), (0, 1), (1, 1))
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.shape = x.shape
+        return torch.cat([x[..., dy::2, dx::2, :] for dy, dx in _SpaceToDepth._PHASES], -1)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
+        H, W, C = ctx.shape[-3:]
+        gm = g.reshape(-1, H // 2, W // 2, 4 * C).permute(0, 3, 1, 2)
+        gr = _resize(gm, (H - 1, W - 1))
+        out = sum(F.pad(gr[:, k * C:(k + 1) * C], (dx, 1 - dx, dy, 1 - dy))
+                  for k, (dy, dx) in enumerate(_SpaceToDepth._PHASES))
+        return out.permute(0, 2, 3, 1).reshape(ctx.shape)
 
 
 #: the resampled conv backward goes the strided way (:func:`_box_transpose`) when the
@@ -516,7 +542,8 @@ class _FastMaxPool2d(torch.autograd.Function):
         return _stride1_pool_backward(ctx.m, x, g, switches), None
 
 
-_OUR_FUNCTIONS = (_GuidedReLU, _GuidedActivation, _HeldSigmaNorm, _FastConv2d, _FastMaxPool2d, _ResampledAvgPool2d)
+_OUR_FUNCTIONS = (_GuidedReLU, _GuidedActivation, _HeldSigmaNorm, _SpaceToDepth, _FastConv2d, _FastMaxPool2d,
+                  _ResampledAvgPool2d)
 
 
 # --------------------------------------------------------------------------------------
@@ -566,6 +593,24 @@ class BatchNormRule(Rule):
             raise UnsupportedModuleError(
                 f"module {name!r} ({type(module).__name__}) has track_running_stats=False: it normalises "
                 "with batch statistics even in eval mode, which is not an affine map")
+
+
+class PatchMergingRule(Rule):
+    """Swin's patch merging (torchvision's ``PatchMerging`` / ``PatchMergingV2``): its 2x2
+    stride-2 space-to-depth selection is a downsampling layer; with ``resample`` it runs its
+    backward at stride 1 on the nearest-neighbour-resized signal (:class:`_SpaceToDepth`), the
+    norm and the linear reduction after it under their own rules."""
+
+    def forward(self, module: nn.Module, resample: bool) -> Callable[[Tensor], Tensor] | None:
+        if not resample:
+            return None
+        v2 = type(module).__name__ == "PatchMergingV2"
+
+        def merged(x: Tensor) -> Tensor:
+            H, W = x.shape[-3:-1]
+            x = _SpaceToDepth.apply(F.pad(x, (0, 0, 0, W % 2, 0, H % 2)))
+            return module.norm(module.reduction(x)) if v2 else module.reduction(module.norm(x))
+        return merged
 
 
 class OpRule:
@@ -853,12 +898,13 @@ def _op_key(func: Any) -> str:
     return name
 
 
-def _layer_norm_2d() -> tuple[type, ...]:
-    try:  # torchvision's ConvNeXt LayerNorm2d: permute, F.layer_norm, permute
+def _torchvision_rules() -> dict[type, Rule]:
+    try:  # torchvision's ConvNeXt LayerNorm2d (permute, F.layer_norm, permute); Swin's patch merging
         from torchvision.models.convnext import LayerNorm2d
+        from torchvision.models.swin_transformer import PatchMerging, PatchMergingV2
     except ImportError:  # pragma: no cover - torchvision is a dependency
-        return ()
-    return (LayerNorm2d,)
+        return {}
+    return {LayerNorm2d: ParameterRule(), PatchMerging: PatchMergingRule(), PatchMergingV2: PatchMergingRule()}
 
 
 class Composite(Mapping):
@@ -941,7 +987,7 @@ def _default_composite() -> Composite:
         nn.Conv2d: params, nn.Linear: params,
         nn.BatchNorm1d: BatchNormRule(), nn.BatchNorm2d: BatchNormRule(),
         nn.LayerNorm: params, nn.GroupNorm: params,
-        **{cls: params for cls in _layer_norm_2d()},
+        **_torchvision_rules(),
     }
     return Composite(rules)
 

@@ -324,9 +324,14 @@ def _box_transpose(g: Tensor, weight: Tensor, runs: list[tuple[tuple[int, int, i
         for c0, nc, rw, ow in runs[1]:
             k = boxed.get((rh, rw))
             if k is None:
-                dense = weight.new_zeros(*weight.shape[:2], Mh, Mw, dtype=torch.float64)
-                dense[..., ::dh, ::dw] = weight
-                k = boxed[(rh, rw)] = _box_sum(_box_sum(dense, rh, -2), rw, -1).to(weight.dtype)
+                dense = weight if (dh, dw) == (1, 1) else weight.new_zeros(*weight.shape[:2], Mh, Mw)
+                if (dh, dw) != (1, 1):
+                    dense[..., ::dh, ::dw] = weight
+                if rh * rw <= 16:  # a few shifted copies (ResNet's 2 x 2)
+                    k = sum(F.pad(dense, (t, rw - 1 - t, s, rh - 1 - s)) for s in range(rh) for t in range(rw))
+                else:  # a patch embedding's 15 x 15: cumulative sums, in float64
+                    k = _box_sum(_box_sum(dense.double(), rh, -2), rw, -1).to(weight.dtype)
+                boxed[(rh, rw)] = k
             if len(runs[0]) == 1 and len(runs[1]) == 1:  # the whole signal: padding crops
                 return F.conv_transpose2d(g, k, None, stride=(rh, rw), padding=(ph, pw), groups=groups)
             piece = _window(g, b0, nb, c0, nc)

@@ -465,6 +465,16 @@ def _conv_transpose(m: Any, g: Tensor, in_size: tuple[int, int], resample: bool,
     if channels is not None:
         g = g.index_select(1, channels)
     padding, dilation = _conv_padding(m), _pair(m.dilation)
+    if _strided(m.stride) and tuple(weight.shape[-2:]) == (1, 1):
+        # a 1x1 kernel mixes channels only: the stride-1 transpose of the resized signal is the
+        # resized channel transpose (ResNet's downsampling: S^2 times fewer products than boxed)
+        wf = cache.get("flipped")
+        if wf is None:
+            wf = cache["flipped"] = _flip_weight(weight, m.groups)
+        if channels is not None:
+            wf = wf.index_select(1, channels)
+        z = _resize(F.conv2d(g, wf, None, 1, 0, 1, m.groups), _stride1_size(in_size, (1, 1), padding, (1, 1)))
+        return _window(z, padding[0], in_size[0], padding[1], in_size[1])
     if _strided(m.stride):  # resampled: resize to the stride-1 size, stride-1 transpose
         if channels is not None:
             weight = weight.index_select(0, channels)

@@ -627,7 +627,7 @@ def test_replication_runs_match_interpolate(n_in, n_out):
 # --------------------------------------------------------------------------------------
 # issue 16's fast path (stride-1 transposes as conv2d with flipped weights, max-pool switches
 # once per forward, the K signals one by one through one recorded forward, the seed's zero
-# channels left out) = the implementation before it (``_reference_mode``)
+# channels left out) = the plain implementation of the test oracle (tests/deconv_reference.py)
 # --------------------------------------------------------------------------------------
 
 def _both_paths(model, x, layer, chans, resample):

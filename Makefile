@@ -6,11 +6,12 @@ QUICK  ?=
 PARAMS ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: report test venv data benchmarks clean-runs help
+.PHONY: report test test-fast venv data benchmarks clean-runs help
 
 help:
 	@echo "make report [QUICK=1] [PARAMS=my-run.yaml]  set up .venv, prepare data, run notebooks 01-06, write reports/"
 	@echo "make test              set up .venv and run the test suite (includes every notebook in quick mode)"
+	@echo "make test-fast         the everyday subset: no model training, notebooks, reports or browser (-m 'not slow and not browser')"
 	@echo "make benchmarks        print the speed/accuracy benchmarks"
 	@echo "make report NO_INPUT=1 also writes every page without its code (NN_name.no-input.html)"
 
@@ -32,6 +33,11 @@ report: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup tests
+
+# Everyday work: everything but the tests marked slow (training, whole notebooks and reports, the
+# wheel, fault injection) or browser. `make test` stays the full suite that CI runs.
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow and not browser" tests
 
 benchmarks: $(STAMP)
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

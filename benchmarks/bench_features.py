@@ -175,7 +175,7 @@ def main() -> None:
         args.seconds = (1.0 if args.quick else 4.0) if dev.type == "cuda" else (6.0 if args.quick else 15.0)
     if args.repeats is None:
         args.repeats = 4 if args.quick else 7
-    from vxnb.features import _cpu_cores, _resolve_overlap
+    from vxnb.features.stream import _cpu_cores, _resolve_overlap
 
     print(f"device {dev}, torch threads {torch.get_num_threads()} (plain and hooked alike), {_cpu_cores()} cores "
           f"usable, overlap thread: timed on and off (extract_features' default 'auto' is "

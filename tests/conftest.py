@@ -12,6 +12,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def images(request):
+    """Seeded random images (n, channels, size, size) for a test module, shared by its tests (do not
+    modify them in place). The module says which: ``IMAGES = dict(n=5, channels=3, size=16)``, with
+    optional ``seed`` (1) and ``low`` (values uniform in [low, 1); 0)."""
+    from nets import random_images
+
+    spec = getattr(request.module, "IMAGES", None)
+    if not isinstance(spec, dict):
+        raise ValueError(f"images: {request.module.__name__} must define IMAGES = dict(n=..., channels=..., size=...) "
+                         "to use the shared images fixture")
+    return random_images(**spec)
+
+
 # ---------------------------------------------------------------------------- skips
 # Every session prints how many tests were skipped and fails when one was skipped that
 # tests/skip_allowlist.txt does not allow (a required dependency or a vxnb module that fails

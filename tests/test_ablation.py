@@ -11,6 +11,7 @@ from vxnb.evaluate.ablation import ablation_curve, class_reconstruction
 from vxnb.features import extract_features
 from vxnb.lasso import mu_lasso_gram
 from vxnb.relevance import relevant_features
+from nets import gray_net
 
 C = 4
 
@@ -26,19 +27,10 @@ def quadrant_data(n: int, seed: int) -> TensorDataset:
     return TensorDataset(x.clamp(0, 1), y)
 
 
-def tiny_net() -> nn.Sequential:
-    net = nn.Sequential()
-    for n, m in [("conv1", nn.Conv2d(1, 4, 3, padding=1)), ("relu1", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),
-                 ("conv2", nn.Conv2d(4, 6, 3, padding=1)), ("relu2", nn.ReLU()), ("flat", nn.Flatten()),
-                 ("fc3", nn.Linear(6 * 16, 8)), ("relu3", nn.ReLU()), ("fc4", nn.Linear(8, C))]:
-        net.add_module(n, m)
-    return net
-
-
 @pytest.fixture(scope="module")
 def trained():
     torch.manual_seed(0)
-    net = tiny_net()
+    net = gray_net(C)
     train = quadrant_data(160, 1)
     opt = torch.optim.Adam(net.parameters(), lr=0.02)
     x, y = train.tensors

@@ -75,7 +75,9 @@ def test_no_private_name_is_imported_across_modules():
 
 def _layers() -> list[str]:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    (contract,) = [c for c in config["tool"]["importlinter"]["contracts"] if c["type"] == "layers"]
+    # the package-wide contract (contracts inside one package name their ``containers``)
+    (contract,) = [c for c in config["tool"]["importlinter"]["contracts"]
+                   if c["type"] == "layers" and "containers" not in c]
     return [m.strip().strip("()") for layer in contract["layers"] for m in layer.replace(":", "|").split("|")]
 
 
@@ -98,7 +100,21 @@ def _lint_imports(config: Path) -> subprocess.CompletedProcess:
 def test_import_linter_layers_contract_is_kept():
     res = _lint_imports(ROOT / "pyproject.toml")
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "1 kept, 0 broken" in res.stdout
+    n = len(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["importlinter"]["contracts"])
+    assert f"{n} kept, 0 broken" in res.stdout
+
+
+def test_features_package_contract_breaks_when_a_part_imports_the_entry_point(tmp_path):
+    """The contract inside vxnb.features has teeth: with the stream placed above the extraction
+    entry point (which imports it), it breaks."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert '    "extraction",\n    "stream",\n' in text
+    config = tmp_path / "pyproject.toml"
+    config.write_text(text.replace('    "extraction",\n    "stream",\n', '    "stream",\n    "extraction",\n'),
+                      encoding="utf-8")
+    res = _lint_imports(config)
+    assert res.returncode != 0
+    assert "BROKEN" in res.stdout and "vxnb.features.extraction" in res.stdout
 
 
 def test_import_linter_contract_breaks_when_a_layer_imports_up(tmp_path):

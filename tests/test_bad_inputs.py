@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 
 from vxnb import _store
 from vxnb.studies import runs
@@ -19,12 +18,7 @@ from vxnb.models import build_model, load_checkpoint, save_checkpoint, train_mod
 from vxnb.params import parse_value
 from vxnb.relevance import relevant_features, top_features
 from vxnb.utils import check_image_batch, get_device, get_module, seed_everything
-
-
-def _net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(4, 2))
+from nets import gap_net
 
 
 X = np.abs(np.random.default_rng(0).normal(size=(10, 4)))
@@ -55,7 +49,7 @@ ROWS = [
     ("runconfig-data-root", lambda: runs.RunConfig(data_root=["data"]), TypeError, "data_root"),
     ("runconfig-name", lambda: runs.RunConfig(name="../elsewhere"), ValueError, "name"),
     # runs
-    ("get-features-split", lambda: runs.get_features(runs.RunConfig(), _net(), "val"), ValueError, "split"),
+    ("get-features-split", lambda: runs.get_features(runs.RunConfig(), gap_net(), "val"), ValueError, "split"),
     ("save-table-frame", lambda: runs.save_table(runs.RunConfig(), "t", [1, 2]), TypeError, "frame"),
     ("save-table-name", lambda: runs.save_table(runs.RunConfig(), "a/b", pd.DataFrame()), ValueError, "name"),
     ("gc-runs-root", lambda: runs.gc("/nonexistent/runs"), ValueError, "runs_root"),
@@ -68,8 +62,8 @@ ROWS = [
     # utils
     ("device", lambda: get_device("tpu:x"), ValueError, "device"),
     ("seed-everything", lambda: seed_everything(1.5), TypeError, "seed"),
-    ("get-module-name", lambda: get_module(_net(), "conv9"), ValueError, "layer"),
-    ("get-module-type", lambda: get_module(_net(), 0), TypeError, "layer"),
+    ("get-module-name", lambda: get_module(gap_net(), "conv9"), ValueError, "layer"),
+    ("get-module-type", lambda: get_module(gap_net(), 0), TypeError, "layer"),
     ("image-batch-type", lambda: check_image_batch(np.zeros((1, 3, 8, 8))), TypeError, "x"),
     ("image-batch-dtype", lambda: check_image_batch(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)), TypeError, "x"),
     ("image-batch-ndim", lambda: check_image_batch(torch.zeros(3, 8, 8)), ValueError, "x"),
@@ -77,19 +71,19 @@ ROWS = [
     # models
     ("build-model-arch", lambda: build_model("resnet9000"), ValueError, "arch"),
     ("save-checkpoint-model", lambda: save_checkpoint("/tmp/x", "model"), TypeError, "model"),
-    ("save-checkpoint-meta", lambda: save_checkpoint("/tmp/x", _net(), meta=[1]), TypeError, "meta"),
+    ("save-checkpoint-meta", lambda: save_checkpoint("/tmp/x", gap_net(), meta=[1]), TypeError, "meta"),
     ("load-checkpoint-type", lambda: load_checkpoint(3), TypeError, "run_dir"),
-    ("train-model-epochs", lambda: train_model(_net(), torch.utils.data.TensorDataset(IMG, torch.tensor([0, 1])),
+    ("train-model-epochs", lambda: train_model(gap_net(), torch.utils.data.TensorDataset(IMG, torch.tensor([0, 1])),
                                                epochs=0, progress=False), ValueError, "epochs"),
     # features
     ("extract-model", lambda: extract_features("net", IMG), TypeError, "model"),
-    ("extract-layers", lambda: extract_features(_net(), IMG, layers=["nope"]), ValueError, "layers"),
-    ("extract-keep-x", lambda: extract_features(_net(), IMG, layers=["1"], keep_X="yes"), ValueError, "keep_X"),
-    ("extract-n-classes", lambda: extract_features(_net(), IMG, layers=["1"], n_classes=0), ValueError,
+    ("extract-layers", lambda: extract_features(gap_net(), IMG, layers=["nope"]), ValueError, "layers"),
+    ("extract-keep-x", lambda: extract_features(gap_net(), IMG, layers=["1"], keep_X="yes"), ValueError, "keep_X"),
+    ("extract-n-classes", lambda: extract_features(gap_net(), IMG, layers=["1"], n_classes=0), ValueError,
      "n_classes"),
-    ("extract-gram-dtype", lambda: extract_features(_net(), IMG, layers=["1"], gram_dtype="float16"), ValueError,
+    ("extract-gram-dtype", lambda: extract_features(gap_net(), IMG, layers=["1"], gram_dtype="float16"), ValueError,
      "gram_dtype"),
-    ("extract-data-key", lambda: extract_features(_net(), IMG, layers=["1"], data_key=3), TypeError, "data_key"),
+    ("extract-data-key", lambda: extract_features(gap_net(), IMG, layers=["1"], data_key=3), TypeError, "data_key"),
     # lasso
     ("mu-lasso-mu", lambda: mu_lasso(X, L, -1.0), ValueError, "mu"),
     ("mu-lasso-shape", lambda: mu_lasso(X, L[:5], 1.0), ValueError, "L"),
@@ -101,10 +95,10 @@ ROWS = [
      "columns"),
     ("top-features-k", lambda: top_features(np.ones((4, 2)), np.ones(4), 0, COLUMNS, k=0), ValueError, "k"),
     # deconv
-    ("visualize-layer", lambda: visualize(_net(), IMG, "conv9", [0]), ValueError, "layer"),
+    ("visualize-layer", lambda: visualize(gap_net(), IMG, "conv9", [0]), ValueError, "layer"),
     # out of range: IndexError, as vxnb.deconv documents (the one row that is not ValueError/TypeError)
-    ("visualize-channel", lambda: visualize(_net(), IMG, "1", [7]), IndexError, "channels"),
-    ("visualize-x", lambda: visualize(_net(), IMG[0], "1", [0]), ValueError, "x"),
+    ("visualize-channel", lambda: visualize(gap_net(), IMG, "1", [7]), IndexError, "channels"),
+    ("visualize-x", lambda: visualize(gap_net(), IMG[0], "1", [0]), ValueError, "x"),
     ("heatmap-ndim", lambda: heatmap(torch.zeros(4, 4)), ValueError, "v"),
     ("grid-score-strides", lambda: grid_score(torch.rand(1, 1, 8, 8), 0), ValueError, "strides"),
     # evaluation

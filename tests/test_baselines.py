@@ -13,17 +13,7 @@ import torchvision
 from torch import nn
 
 from vxnb.baselines import METHODS, attribution, default_target_layer
-
-
-
-def tiny_net(num_classes: int = 4) -> nn.Sequential:
-    s = nn.Sequential()
-    for name, m in [("conv1", nn.Conv2d(3, 6, 3, stride=2, padding=1)), ("relu1", nn.ReLU()),
-                    ("pool1", nn.MaxPool2d(2)), ("conv2", nn.Conv2d(6, 8, 3, padding=1)), ("relu2", nn.ReLU()),
-                    ("pool2", nn.MaxPool2d(2)), ("flatten", nn.Flatten()), ("fc6", nn.Linear(8 * 4 * 4, 16)),
-                    ("relu6", nn.ReLU()), ("fc7", nn.Linear(16, num_classes))]:
-        s.add_module(name, m)
-    return s.eval()
+from nets import pooled_net
 
 
 def layer_grads(model: nn.Module, x: torch.Tensor, layer: nn.Module, target: list[int]):
@@ -45,7 +35,7 @@ def test_methods_tuple():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_shape_finite_nonnegative(method):
-    model = tiny_net()
+    model = pooled_net()
     x = torch.rand(3, 3, 32, 32)
     m = attribution(method, model, x, [0, 1, 3])
     assert m.shape == (3, 32, 32)
@@ -65,7 +55,7 @@ def test_every_method_resnet18(method):
 
 
 def test_gradcam_by_hand():
-    model = tiny_net()
+    model = pooled_net()
     x = torch.rand(2, 3, 32, 32)
     target = [1, 2]
     a, g = layer_grads(model, x, model.relu2, target)
@@ -80,7 +70,7 @@ def test_gradcam_by_hand():
 
 
 def test_gradcampp_by_hand():
-    model = tiny_net()
+    model = pooled_net()
     x = torch.rand(2, 3, 32, 32)
     target = [3, 0]
     a, g = layer_grads(model, x, model.relu2, target)
@@ -106,7 +96,7 @@ def test_deconv_gb_equals_captum_guided_backprop():
 
 def test_guided_gradcam_is_gb_times_gradcam():
     from captum.attr import GuidedBackprop
-    model = tiny_net()
+    model = pooled_net()
     x = torch.rand(2, 3, 32, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -120,7 +110,7 @@ def test_guided_gradcam_is_gb_times_gradcam():
 
 
 def test_activation_by_hand_and_fc_error():
-    model = tiny_net()
+    model = pooled_net()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         a = model[:4](x)  # conv2 output (pre-ReLU)
@@ -136,14 +126,14 @@ def test_activation_by_hand_and_fc_error():
 
 def test_default_target_layer():
     x = torch.rand(1, 3, 64, 64)
-    assert default_target_layer(tiny_net(), torch.rand(1, 3, 32, 32)) == "relu2"
+    assert default_target_layer(pooled_net(), torch.rand(1, 3, 32, 32)) == "relu2"
     assert default_target_layer(torchvision.models.vgg11(), x) == "features.19"
     assert default_target_layer(torchvision.models.alexnet(), torch.rand(1, 3, 96, 96)) == "features.11"
     assert default_target_layer(torchvision.models.resnet18(), x) == "layer4.1"
 
 
 def test_bad_input():
-    model = tiny_net()
+    model = pooled_net()
     x = torch.rand(2, 3, 32, 32)
     with pytest.raises(ValueError, match="gradcam.*guided_gradcampp"):
         attribution("lime", model, x, 0)

@@ -4,7 +4,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from vxnb import explanations as E
 from vxnb.deconv import grid_score, heatmap, signed_rgb, visualize
@@ -17,21 +16,12 @@ from nets import tiny_strided_net
 
 torch.set_num_threads(1)
 N_CLASSES = 3
-
-
-def _net() -> nn.Sequential:
-    return tiny_strided_net(N_CLASSES)
+IMAGES = dict(n=5, channels=3, size=16)  # the shared images fixture (conftest.py)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return _net()
-
-
-@pytest.fixture(scope="module")
-def images():
-    g = torch.Generator().manual_seed(1)
-    return torch.rand(5, 3, 16, 16, generator=g)
+    return tiny_strided_net(N_CLASSES)
 
 
 @pytest.fixture(scope="module")

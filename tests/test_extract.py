@@ -68,7 +68,7 @@ def test_extract_main_one_process(tmp_path, monkeypatch, capsys):
     model = extract_worker.tiny_model(None)[0]
     reference = _reference(model)
     monkeypatch.setattr(interpret, "collect_top_patches", no_pass)
-    monkeypatch.setattr(features, "_Recorder", no_pass)
+    monkeypatch.setattr(features.stream, "Recorder", no_pass)
     _check_run_folder({"runs_root": str(tmp_path), "top_n": TOP_N}, model, reference)
 
 

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import vxnb._gram
 import vxnb.features as vf
 from vxnb.features import Features, default_layers, descriptors, extract_features, feature_columns, layer_numbers
+from nets import random_data, small_net
 
 
 # ---------------------------------------------------------------------------- tiny networks
@@ -42,21 +43,6 @@ def hand_net() -> nn.Sequential:
 IMAGES = torch.tensor([[[1.0, -5.0], [2.0, -7.0]], [[0.0, 0.0], [0.0, 0.0]], [[3.0, 3.0], [3.0, 3.0]]]).unsqueeze(1)
 LABELS = torch.tensor([0, 1, 0])
 EXPECTED = np.array([[1 / 3, 2 / 3, 0.8, 0.0, 0.2], [0, 0, 0, 0, 0], [1, 0, 0.7, 0, 0.3]])
-
-
-def small_net(num_classes: int = 3) -> nn.Sequential:
-    net = nn.Sequential()
-    for n, m in [("conv1", nn.Conv2d(1, 4, 3, padding=1)), ("bn1", nn.BatchNorm2d(4)), ("relu1", nn.ReLU()),
-                 ("pool1", nn.MaxPool2d(2)), ("conv2", nn.Conv2d(4, 6, 3, padding=1)), ("pool2", nn.MaxPool2d(2)),
-                 ("flat", nn.Flatten()), ("fc3", nn.Linear(6 * 2 * 2, 5)), ("relu3", nn.ReLU()),
-                 ("drop3", nn.Dropout()), ("fc4", nn.Linear(5, num_classes))]:
-        net.add_module(n, m)
-    return net
-
-
-def random_data(n: int = 23, classes: int = 3, size: int = 8) -> TensorDataset:
-    g = torch.Generator().manual_seed(1)
-    return TensorDataset(torch.rand(n, 1, size, size, generator=g), torch.randint(0, classes, (n,), generator=g))
 
 
 def no_hooks(model: nn.Module) -> bool:
@@ -105,12 +91,12 @@ def test_conv_descriptor_is_l2_over_space():
 @pytest.mark.parametrize("gram_dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("syrk,min_split", [(True, 4), (False, 4), (False, 10_000)])
 def test_streamed_gram_equals_dense(monkeypatch, gram_dtype, rtol, syrk, min_split):
-    monkeypatch.setattr(vf, "_GRAM_BLOCK_ROWS", 5)  # several partial row blocks
-    monkeypatch.setattr(vf, "_CPU_SYRK", syrk)  # BLAS syrk (the CPU path) or torch GEMM blocks (the CUDA path)
+    monkeypatch.setattr(vxnb._gram, "_GRAM_BLOCK_ROWS", 5)  # several partial row blocks
+    monkeypatch.setattr(vxnb._gram, "_CPU_SYRK", syrk)  # BLAS syrk (the CPU path) or torch GEMM blocks (the CUDA path)
     monkeypatch.setattr(vxnb._gram, "TILE", 4)  # syrk: upper triangle added and mirrored in 4 column blocks
     monkeypatch.setattr(vxnb._gram, "FOLD_ROWS", 7)  # float32 syrk: folded into float64 every 2 blocks
-    monkeypatch.setattr(vf, "_GRAM_MIN_SPLIT", min_split)  # GEMM: 3 column blocks (upper ones mirrored) or 1
-    monkeypatch.setattr(vf, "_GRAM_MIN_ROWS_SPLIT", 10)
+    monkeypatch.setattr(vxnb._gram, "_GRAM_MIN_SPLIT", min_split)  # GEMM: 3 column blocks (upper ones mirrored) or 1
+    monkeypatch.setattr(vxnb._gram, "_GRAM_MIN_ROWS_SPLIT", 10)
     net = small_net()
     feats = extract_features(net, random_data(23), batch_size=3, keep_X=True, gram_dtype=gram_dtype, progress=False)
     X = feats.X.astype(np.float64)
@@ -130,7 +116,7 @@ def test_streamed_gram_equals_dense(monkeypatch, gram_dtype, rtol, syrk, min_spl
 @pytest.mark.parametrize("threshold,expected", [(1e18, torch.float64), (10.0, torch.float32)])
 def test_auto_gram_dtype_follows_the_size_rule_and_sets_the_lasso_tolerance(monkeypatch, threshold, expected):
     # "auto" on the CPU: float32 products when N·m² exceeds the threshold (here 23·15² = 5175)
-    monkeypatch.setattr(vf, "_AUTO_SINGLE_FLOPS", threshold)
+    monkeypatch.setattr(vxnb._gram, "_AUTO_SINGLE_FLOPS", threshold)
     from vxnb.lasso import lasso_path
 
     feats = extract_features(small_net(), random_data(23), batch_size=4, keep_X=True, progress=False)
@@ -147,8 +133,8 @@ def test_auto_gram_dtype_follows_the_size_rule_and_sets_the_lasso_tolerance(monk
 
 
 def test_unknown_length_counts_as_large_for_auto():
-    assert vf._auto_gram_dtype(torch.device("cpu"), None, 10) == torch.float32
-    assert vf._auto_gram_dtype(torch.device("cpu"), 100, 10) == torch.float64
+    assert vxnb._gram.auto_gram_dtype(torch.device("cpu"), None, 10) == torch.float32
+    assert vxnb._gram.auto_gram_dtype(torch.device("cpu"), 100, 10) == torch.float64
 
 
 def test_keep_X_options_do_not_change_statistics():
@@ -407,6 +393,50 @@ def test_cache_reused_when_key_matches(tmp_path):
     seen = []
     e = extract_features(net, data, cache_dir=tmp_path, callbacks=[lambda o, i: seen.append(i)], progress=False)
     assert not e.meta["cache_hit"] and seen  # callbacks need the pass
+
+
+def test_cache_options_and_the_old_keywords_name_the_same_file(tmp_path):
+    """CacheOptions, a bare folder and the keywords of earlier versions give one key and one file;
+    the cached pass runs the forward pass once (no second extract_features inside)."""
+    from vxnb.features import CacheOptions
+
+    net, data = small_net(), random_data(8)
+    passes = []
+    net.conv1.register_forward_hook(lambda m, i, o: passes.append(o.shape[0]))
+    a = extract_features(net, data, cache=CacheOptions(cache_dir=tmp_path, data_key="d8"), batch_size=8, progress=False)
+    assert passes == [8] and not a.meta["cache_hit"]
+    b = extract_features(net, data, cache_dir=tmp_path, data_key="d8", progress=False)
+    c = extract_features(net, data, cache=str(tmp_path), progress=False)  # a folder: the data fingerprinted
+    assert b.meta["cache_hit"] and b.meta["store_key"] == a.meta["store_key"] and passes == [8, 8]
+    assert not c.meta["cache_hit"] and c.meta["store_key"] != a.meta["store_key"]
+    assert len(list(tmp_path.glob("features-*.npz"))) == 2
+    np.testing.assert_array_equal(a.G, b.G)
+    np.testing.assert_array_equal(a.G, c.G)
+
+
+def test_option_objects_are_validated_at_the_boundary(tmp_path):
+    from vxnb.features import CacheOptions, DistOptions
+
+    with pytest.raises(TypeError, match="data_key: expected a str"):
+        CacheOptions(cache_dir=tmp_path, data_key=3)
+    with pytest.raises(TypeError, match="cache_dir: expected a folder path or None, got int"):
+        CacheOptions(cache_dir=5)
+    with pytest.raises(ValueError, match="checkpoint_every: expected a positive int .*got 0"):
+        DistOptions(checkpoint_dir=tmp_path, checkpoint_every=0)
+    with pytest.raises(TypeError, match="checkpoint_dir: expected a folder path or None"):
+        DistOptions(checkpoint_dir=1.5)
+    opts = CacheOptions(cache_dir=tmp_path)
+    with pytest.raises(AttributeError):
+        opts.data_key = "x"  # frozen
+    net, data = small_net(), random_data(4)
+    with pytest.raises(ValueError, match=r"cache: give either cache=CacheOptions\(...\) or \['cache_dir'\]"):
+        extract_features(net, data, cache=opts, cache_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"dist: give either dist=DistOptions\(...\) or \['checkpoint_every'\]"):
+        extract_features(net, data, dist=DistOptions(), checkpoint_every=3, progress=False)
+    with pytest.raises(TypeError, match="cache: expected a CacheOptions or None, got DistOptions"):
+        extract_features(net, data, cache=DistOptions(), progress=False)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['cache_folder'\]"):
+        extract_features(net, data, cache_folder=tmp_path, progress=False)
 
 
 def test_default_layers_reference_models():

@@ -8,16 +8,17 @@ import torch
 from torch.utils.data import DataLoader
 
 import vxnb._gram
-import vxnb.features as vf
+import vxnb.features.stream as vfs
 from vxnb.features import extract_features
 
-from test_features import no_hooks, random_data, small_net
+from nets import random_data, small_net
+from test_features import no_hooks
 
 
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Several partial row blocks, folds and tiles per pass, so the order of the updates matters."""
-    monkeypatch.setattr(vf, "_GRAM_BLOCK_ROWS", 5)
+    monkeypatch.setattr(vxnb._gram, "_GRAM_BLOCK_ROWS", 5)
     monkeypatch.setattr(vxnb._gram, "TILE", 4)
     monkeypatch.setattr(vxnb._gram, "FOLD_ROWS", 7)
 
@@ -118,12 +119,12 @@ def test_overlap_argument_and_auto_rule(monkeypatch):
     with pytest.raises(ValueError, match="overlap: expected True, False or 'auto', got 'yes'"):
         extract_features(small_net(), random_data(6), overlap="yes", progress=False)
     cpu = torch.device("cpu")
-    assert vf._resolve_overlap(True, cpu) is True and vf._resolve_overlap(False, cpu) is False
-    monkeypatch.setattr(vf, "_cpu_cores", lambda: 1)
-    assert vf._resolve_overlap("auto", cpu) is False  # one core: the threads would take turns
-    monkeypatch.setattr(vf, "_cpu_cores", lambda: 2)
-    assert vf._resolve_overlap("auto", cpu) is True
-    assert vf._resolve_overlap("auto", torch.device("cuda")) is False
+    assert vfs._resolve_overlap(True, cpu) is True and vfs._resolve_overlap(False, cpu) is False
+    monkeypatch.setattr(vfs, "_cpu_cores", lambda: 1)
+    assert vfs._resolve_overlap("auto", cpu) is False  # one core: the threads would take turns
+    monkeypatch.setattr(vfs, "_cpu_cores", lambda: 2)
+    assert vfs._resolve_overlap("auto", cpu) is True
+    assert vfs._resolve_overlap("auto", torch.device("cuda")) is False
 
 
 def test_worker_discards_items_after_an_error_and_closes():
@@ -134,7 +135,7 @@ def test_worker_discards_items_after_an_error_and_closes():
             raise Boom(f"item {i}")
         done.append(i)
 
-    w = vf._Worker(fn, depth=1)
+    w = vfs._Worker(fn, depth=1)
     try:
         w.submit(0)
         w.submit(1)
@@ -151,7 +152,7 @@ def test_worker_whose_context_fails_raises_instead_of_hanging():
     def broken():
         raise Boom("no context")
 
-    w = vf._Worker(lambda i: None, depth=1, context=broken)
+    w = vfs._Worker(lambda i: None, depth=1, context=broken)
     try:
         with pytest.raises(Boom, match="no context"):
             for i in range(5):  # the queue keeps being consumed: submit never blocks for good

@@ -10,6 +10,7 @@ from torch import nn
 
 from vxnb.averages import average_images, crop_patch
 from vxnb.interpret import ReceptiveField, TopPatches, collect_top_patches, receptive_field, receptive_fields
+from nets import rgb_net
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -246,15 +247,6 @@ def test_rf_bad_inputs():
 
 
 # ----------------------------------------------------------------------------- top-k patches
-def _small_net():
-    return nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv2d(3, 4, 3, padding=1)), ("relu1", nn.ReLU()),
-        ("pool1", nn.MaxPool2d(2, 2)),
-        ("conv2", nn.Conv2d(4, 5, 3, padding=1)), ("relu2", nn.ReLU()),
-        ("flatten", nn.Flatten()),
-        ("fc3", nn.Linear(5 * 8 * 8, 6)), ("relu3", nn.ReLU()),
-        ("fc4", nn.Linear(6, 3)),
-    ])).eval()
 
 
 def _brute_force(model, x, layer, score, k):
@@ -282,7 +274,7 @@ def _brute_force(model, x, layer, score, k):
 
 @pytest.mark.parametrize("score", ["descriptor", "norm", "max"])
 def test_top_patches_equal_brute_force(score):
-    model = _small_net().double()
+    model = rgb_net().double()
     with torch.no_grad():  # a dead channel (all zero responses): ties go to the image seen first
         model.conv2.weight[2].zero_()
         model.conv2.bias[2] = -1.0
@@ -312,7 +304,7 @@ def test_top_patches_equal_brute_force(score):
 
 
 def test_collect_top_patches_subset_and_lookup():
-    model = _small_net()
+    model = rgb_net()
     x = torch.rand(21, 3, 16, 16)
     labels = torch.randint(0, 3, (21,))
     data = torch.utils.data.TensorDataset(x, labels)
@@ -334,7 +326,7 @@ def test_collect_top_patches_subset_and_lookup():
 
 def test_top_patches_scores_match_feature_descriptors():
     from vxnb import features
-    model = _small_net()
+    model = rgb_net()
     x = torch.rand(9, 3, 16, 16)
     layers = ["relu1", "relu2", "fc3"]
     desc = features.descriptors(model, x, layers)
@@ -350,7 +342,7 @@ def test_top_patches_scores_match_feature_descriptors():
 
 
 def test_top_patches_bad_inputs():
-    model = _small_net()
+    model = rgb_net()
     with pytest.raises(ValueError, match="layers: the model has no module"):
         TopPatches(model, layers=["conv9"])
     with pytest.raises(ValueError, match="k: expected a positive int"):
@@ -398,7 +390,7 @@ def test_crop_patch_corner_and_oversize():
 # ----------------------------------------------------------------------------- average images
 def _setup_average(n_images=12):
     torch.manual_seed(1)
-    model = _small_net()
+    model = rgb_net()
     x = torch.rand(n_images, 3, 16, 16)
     data = torch.utils.data.TensorDataset(x, torch.randint(0, 3, (n_images,)))
     relevant = pd.DataFrame({
@@ -505,7 +497,7 @@ def test_average_images_with_deconv_heatmaps():
 
 def test_top_patches_as_extract_features_callback():
     from vxnb import features
-    model = _small_net()
+    model = rgb_net()
     x = torch.rand(19, 3, 16, 16)
     data = torch.utils.data.TensorDataset(x, torch.arange(19) % 3)
     layers = ["relu1", "relu2", "relu3"]
@@ -540,7 +532,7 @@ def test_top_patch_table_caches_and_collects_only_missing(tmp_path, monkeypatch)
     import vxnb.interpret as interp
 
     torch.manual_seed(3)
-    model = _small_net()
+    model = rgb_net()
     x = torch.rand(15, 3, 16, 16)
     data = torch.utils.data.TensorDataset(x, torch.arange(15) % 3)
     calls = []
@@ -569,7 +561,7 @@ def test_top_patch_table_caches_and_collects_only_missing(tmp_path, monkeypatch)
     assert len(calls) == n_calls
     pd.testing.assert_frame_equal(again, both)
     # other weights, k or data: another key, collected afresh
-    other = _small_net()
+    other = rgb_net()
     interp.top_patch_table(other, data, rel, k=5, cache_dir=tmp_path, data_key="d", progress=False)
     interp.top_patch_table(model, data, rel, k=4, cache_dir=tmp_path, data_key="d", progress=False)
     assert len(calls) == n_calls + 2 and len(list(tmp_path.glob("top_patches-*.csv"))) == 3
@@ -586,7 +578,7 @@ def test_top_patch_table_caches_and_collects_only_missing(tmp_path, monkeypatch)
 def test_top_patch_table_from_extraction_tracker(tmp_path, monkeypatch):
     import vxnb.interpret as interp
 
-    model = _small_net()
+    model = rgb_net()
     x = torch.rand(11, 3, 16, 16)
     data = torch.utils.data.TensorDataset(x, torch.arange(11) % 3)
     tracker = collect_top_patches(model, data, layers=["relu1", "fc3"], k=7, progress=False)
@@ -610,7 +602,7 @@ def test_top_patch_table_from_extraction_tracker(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="saw 11 images"):
         interp.top_patch_table(model, torch.utils.data.TensorDataset(x[:5]), [("relu1", 2)], k=5, tracker=tracker)
     with pytest.raises(ValueError, match="another model"):
-        interp.top_patch_table(_small_net(), data, [("relu1", 2)], k=5, tracker=tracker)
+        interp.top_patch_table(rgb_net(), data, [("relu1", 2)], k=5, tracker=tracker)
     with pytest.raises(TypeError, match="tracker"):
         interp.top_patch_table(model, data, [("relu1", 2)], k=5, tracker=tracker.to_frame())
     with pytest.raises(ValueError, match="conv9"):

@@ -461,17 +461,18 @@ def test_rows_on_demand_degenerate_design_and_empty_class():
 
 def test_rows_on_demand_fall_back_to_the_full_gram(monkeypatch):
     """Past _ROWS_MAX_SHARE·m rows all of XᵀX is formed (one syrk) and the paths go on."""
+    import vxnb._gram
     import vxnb.lasso as la
 
     X, L = _responses(300, 500, 6, seed=12)
     full = lasso_path(X=X, L=L, mu_max=4.0, gram="full", precision="double")
-    monkeypatch.setattr(la, "_ROWS_MAX_SHARE", 0.02)
+    monkeypatch.setattr(vxnb._gram, "_ROWS_MAX_SHARE", 0.02)
     rows = lasso_path(X=X, L=L, mu_max=4.0, gram="rows", precision="double")
     assert rows.gram_info["gram"] == "full" and rows.gram_info["passes"] >= 2
     _paths_equal(rows, full, (0.1, 1.0, 4.0), 1e-10)
     # X too large to copy: converted block by block on every pass, same paths
-    monkeypatch.setattr(la, "_ROWS_MAX_SHARE", 0.25)
-    monkeypatch.setattr(la, "_ROWS_COPY_BYTES", 0)
+    monkeypatch.setattr(vxnb._gram, "_ROWS_MAX_SHARE", 0.25)
+    monkeypatch.setattr(vxnb._gram, "_ROWS_COPY_BYTES", 0)
     monkeypatch.setattr(la, "_ROWS_WAVE", 2)     # classes in waves of two share the rows formed
     uncopied = lasso_path(X=X, L=L, mu_max=4.0, gram="rows", precision="double")
     assert uncopied.gram_info["gram"] == "rows"

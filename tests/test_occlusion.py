@@ -15,6 +15,7 @@ from vxnb.evaluate.occlusion import (
 )
 
 S = 32
+IMAGES = dict(n=6, channels=1, size=S, seed=0, low=0.6)  # the shared images fixture (conftest.py)
 
 
 class RegionModel(nn.Module):
@@ -35,12 +36,6 @@ def _blob(cy, cx, n=6):
     yy, xx = np.mgrid[:S, :S]
     h = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 20.0)
     return np.repeat(h[None], n, axis=0)
-
-
-@pytest.fixture
-def images():
-    g = torch.Generator().manual_seed(0)
-    return 0.6 + 0.4 * torch.rand(6, 1, S, S, generator=g)
 
 
 def test_heatmap_on_the_relevant_region_drops_confidence_faster(images):

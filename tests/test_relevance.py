@@ -2,10 +2,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 
 from vxnb.relevance import (Ablator, ablate, feature_counts, feature_pairs, rank_features, relevant_features,
                             responses, top_features)
+from nets import flat_net
 
 
 def columns() -> pd.DataFrame:
@@ -103,15 +103,6 @@ def test_bad_inputs():
 
 
 # ---------------------------------------------------------------------------- ablation hooks
-def net() -> nn.Sequential:
-    n = nn.Sequential()
-    n.add_module("conv1", nn.Conv2d(1, 4, 3, padding=1))
-    n.add_module("relu1", nn.ReLU())
-    n.add_module("flat", nn.Flatten())
-    n.add_module("fc2", nn.Linear(4 * 5 * 5, 6))
-    n.add_module("relu2", nn.ReLU())
-    n.add_module("fc3", nn.Linear(6, 3))
-    return n.eval()
 
 
 def capture(model, x, names):
@@ -127,7 +118,7 @@ def capture(model, x, names):
 
 
 def test_ablate_zeroes_exactly_the_chosen_channels_and_restores():
-    model, x = net(), torch.rand(5, 1, 5, 5) + 0.1
+    model, x = flat_net(), torch.rand(5, 1, 5, 5) + 0.1
     with torch.no_grad():
         before, acts = capture(model, x, ["relu1", "relu2"])
         with ablate(model, [("relu1", 2), ("relu2", 0), ("relu2", 4)]):
@@ -149,7 +140,7 @@ def test_ablate_zeroes_exactly_the_chosen_channels_and_restores():
 
 
 def test_ablate_removes_hooks_on_error_and_checks_inputs():
-    model = net()
+    model = flat_net()
     with pytest.raises(RuntimeError, match="inside"):
         with ablate(model, {"relu1": [0, 1]}):
             raise RuntimeError("inside")

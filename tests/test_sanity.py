@@ -1,5 +1,4 @@
 """Sanity checks: similarity measures, class sensitivity and cascading randomisation."""
-from collections import OrderedDict
 
 import numpy as np
 import pandas as pd
@@ -18,22 +17,10 @@ from vxnb.evaluate.sanity import (
     spearman,
     ssim,
 )
+from nets import dense_net
 
 S = 12
-
-
-def _net(num_classes=5):
-    torch.manual_seed(0)
-    return nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv2d(1, 4, 3, padding=1)),
-        ("relu1", nn.ReLU()),
-        ("conv2", nn.Conv2d(4, 4, 3, padding=1)),
-        ("relu2", nn.ReLU()),
-        ("flatten", nn.Flatten()),
-        ("fc1", nn.Linear(4 * S * S, 16)),
-        ("relu3", nn.ReLU()),
-        ("fc2", nn.Linear(16, num_classes)),
-    ]))
+IMAGES = dict(n=6, channels=1, size=S)  # the shared images fixture (conftest.py)
 
 
 class Shuffled(nn.Module):
@@ -59,12 +46,6 @@ def saliency(model, x, target):
 def edges(model, x, target):
     """Ignores model and class (Adebayo et al.'s edge-detector failure case)."""
     return (x[:, 0, 1:, 1:] - x[:, 0, :-1, :-1]).abs()
-
-
-@pytest.fixture
-def images():
-    g = torch.Generator().manual_seed(1)
-    return torch.rand(6, 1, S, S, generator=g)
 
 
 # ----------------------------------------------------------------------------- similarities
@@ -122,7 +103,7 @@ def test_similarity_bad_input():
 
 # ----------------------------------------------------------------------------- class sensitivity
 def test_class_sensitivity_of_class_blind_and_class_dependent_explanations(images):
-    model = _net()
+    model = dense_net(S)
     df = class_sensitivity({"edges": edges, "saliency": saliency}, model, images)
     assert list(df.columns[:2]) == ["method", "comparison"]
     e = df[df.method == "edges"].set_index("comparison")
@@ -133,7 +114,7 @@ def test_class_sensitivity_of_class_blind_and_class_dependent_explanations(image
 
 
 def test_class_sensitivity_classes_and_per_image_rows(images):
-    model = _net()
+    model = dense_net(S)
     with torch.no_grad():
         logits = model(images)
     per = class_sensitivity(saliency, model, images, classes=[0, 1, 2], reduce="none", seed=3)
@@ -153,7 +134,7 @@ def test_class_sensitivity_classes_and_per_image_rows(images):
 
 
 def test_class_sensitivity_bad_input(images):
-    model = _net()
+    model = dense_net(S)
     with pytest.raises(ValueError, match="images: the model could not run"):
         class_sensitivity(saliency, model, torch.rand(2, 3, S, S))
     with pytest.raises(ValueError, match=r"images: expected a batched image tensor"):
@@ -172,7 +153,7 @@ def _snapshot(model):
 
 
 def test_default_layers_top_down():
-    assert default_random_layers(_net()) == ["fc2", "fc1", "conv2", "conv1"]
+    assert default_random_layers(dense_net(S)) == ["fc2", "fc1", "conv2", "conv1"]
     m = Shuffled()
     assert default_random_layers(m) == ["body", "head"]  # registration order, reversed
     assert default_random_layers(m, example=torch.rand(1, 1, S, S)) == ["head", "body"]  # forward order
@@ -180,7 +161,7 @@ def test_default_layers_top_down():
 
 @pytest.mark.parametrize("init", ["reset", "normal"])
 def test_cascade_randomises_exactly_the_cascaded_layers(init):
-    model = _net()
+    model = dense_net(S)
     before = _snapshot(model)
     layers = default_random_layers(model)
     steps = list(randomize_cascade(model, init=init, seed=0))
@@ -202,7 +183,7 @@ def test_cascade_randomises_exactly_the_cascaded_layers(init):
 
 
 def test_independent_mode_and_determinism():
-    model = _net()
+    model = dense_net(S)
     before = _snapshot(model)
     steps = list(randomize_cascade(model, ["fc1", "conv1"], mode="independent", seed=5))
     for name, rmodel in steps:
@@ -217,7 +198,7 @@ def test_independent_mode_and_determinism():
 
 
 def test_cascade_bad_input():
-    model = _net()
+    model = dense_net(S)
     with pytest.raises(ValueError, match=r"layers: the model has no module\(s\) \['fc9'\]; it has: conv1, relu1"):
         randomize_cascade(model, ["fc1", "fc9"])
     with pytest.raises(ValueError, match="have no parameters"):
@@ -227,7 +208,7 @@ def test_cascade_bad_input():
 
 
 def test_randomization_curve(images):
-    model = _net()
+    model = dense_net(S)
     before = _snapshot(model)
     df = randomization_curve({"saliency": saliency, "edges": edges}, model, images)
     assert list(df.columns[:3]) == ["method", "step", "layer"]
@@ -246,7 +227,7 @@ def test_randomization_curve(images):
 
 
 def test_randomization_curve_bad_input(images):
-    model = _net()
+    model = dense_net(S)
     with pytest.raises(ValueError, match=r"targets: class indices must be in \[0, 5\)"):
         randomization_curve(saliency, model, images, targets=5)
     with pytest.raises(ValueError, match=r"targets: expected one class per image"):

@@ -4,7 +4,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 
 from vxnb import explanations as E
 from vxnb.studies import sanity_study as S
@@ -17,21 +16,12 @@ from nets import tiny_strided_net
 torch.set_num_threads(1)
 N_CLASSES = 4
 SIZE = 16
-
-
-def _net() -> nn.Sequential:
-    return tiny_strided_net(N_CLASSES)
+IMAGES = dict(n=5, channels=3, size=SIZE)  # the shared images fixture (conftest.py)
 
 
 @pytest.fixture(scope="module")
 def model():
-    return _net()
-
-
-@pytest.fixture(scope="module")
-def images():
-    g = torch.Generator().manual_seed(1)
-    return torch.rand(5, 3, SIZE, SIZE, generator=g)
+    return tiny_strided_net(N_CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +137,7 @@ def test_randomization_table(study, model, images):
     sal = summ[summ.method == "saliency"]
     assert sal.spearman.iloc[-1] < 0.9
     # the model itself was not modified
-    torch.testing.assert_close(model.state_dict()["fc4.weight"], _net().state_dict()["fc4.weight"])
+    torch.testing.assert_close(model.state_dict()["fc4.weight"], tiny_strided_net(N_CLASSES).state_dict()["fc4.weight"])
 
 
 def test_constant_maps_are_counted_not_averaged(model, images):

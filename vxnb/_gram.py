@@ -1,5 +1,13 @@
-"""The one CPU kernel for G = XᵀX: used by ``vxnb.lasso.gram_statistics`` (X in memory) and by
-``vxnb.features.extract_features`` (rows streamed from the forward pass).
+"""Every kernel for G = XᵀX, in one place:
+
+- :class:`SyrkGram`, the one CPU kernel (BLAS syrk), used by ``vxnb.lasso.gram_statistics`` (X in
+  memory), by :class:`RowGram` and by :class:`StreamGram` on the CPU;
+- :class:`StreamGram`, the streaming accumulator of ``vxnb.features.extract_features`` (rows from
+  the forward pass): the syrk on the CPU, column blocks on and above the diagonal on CUDA;
+  :func:`auto_gram_dtype` chooses its product dtype;
+- :class:`RowGram`, the rows of G formed on demand for ``vxnb.lasso`` (X in memory).
+
+The CPU kernel:
 
 Rows arrive in blocks. Each block is one BLAS syrk (the upper triangle only: half the flops of
 XᵀX) into the upper triangle of a Fortran-ordered matrix:
@@ -25,13 +33,13 @@ from __future__ import annotations
 
 import ctypes
 import warnings
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from scipy.linalg import blas as _scipy_blas
 
-__all__ = ["SyrkGram", "FOLD_ROWS", "gram_error", "syrk_upper"]
+__all__ = ["SyrkGram", "StreamGram", "RowGram", "FOLD_ROWS", "auto_gram_dtype", "gram_error", "syrk_upper"]
 
 #: float32 mode: rows summed by syrk in float32 before one fold into the float64 G
 #: (measured in ``benchmarks/bench_gram.py``: relative error ≤ 1e-7 and < 5 % over one syrk).
@@ -39,6 +47,21 @@ FOLD_ROWS = 16384
 #: columns per tile when adding or mirroring triangles (cache-sized pieces)
 TILE = 512
 
+
+#: Rows of X gathered before one float64 update of G (a larger GEMM is cheaper per row than
+#: one per batch); capped so that the buffer stays under ~64 MiB.
+_GRAM_BLOCK_ROWS = 1024
+_GRAM_BLOCK_BYTES = 64 * 2**20
+#: G is computed in column blocks of at least this many columns, at most this many blocks.
+_GRAM_MIN_SPLIT = 1536
+_GRAM_MAX_SPLITS = 6
+_GRAM_MIN_ROWS_SPLIT = 128
+#: On the CPU, G is updated by BLAS syrk (the upper triangle only: half the flops of a GEMM).
+_CPU_SYRK = True
+#: ``vxnb.lasso`` row-wise G (:class:`RowGram`): past this share of m rows asked for, all of XᵀX
+#: (one syrk, half a GEMM's flops) is formed instead
+_ROWS_MAX_SHARE = 0.25
+_ROWS_COPY_BYTES = 4 * 2**30  # X is copied once in the product dtype up to this size
 
 _SYRK: dict[str, Callable[[np.ndarray, float, np.ndarray], None]] = {}
 
@@ -180,3 +203,217 @@ def gram_error(G: np.ndarray, G_ref: np.ndarray) -> float:
     of each entry (scale-free, and meaningful for entries near zero)."""
     d = np.sqrt(np.maximum(np.diag(G_ref), np.finfo(np.float64).tiny))
     return float(np.max(np.abs(G - G_ref) / d[:, None] / d[None, :]))
+
+
+# ============================================================================ streamed rows (features)
+#: gram_dtype="auto" on the CPU: float32 products when N·m² exceeds this (the rule of
+#: ``vxnb.lasso.gram_statistics``: where G is a noticeable part of the work), else float64.
+_AUTO_SINGLE_FLOPS = 2e9
+
+
+def auto_gram_dtype(device: torch.device, n_rows: int | None, m: int) -> torch.dtype:
+    """The dtype of the products accumulating G for ``gram_dtype="auto"``.
+
+    CUDA: float64 on datacenter GPUs of compute capability x.0 ≥ 6.0 (P100, V100, A100, H100,
+    B200), where float64 GEMMs are fast, float32 elsewhere (consumer GPUs run float64 at
+    1/32–1/64 of float32). CPU: float32 when N·m² > 2·10⁹ (N unknown counts as large): there
+    the float64 syrk (and its float32→float64 copy) cost FlowerNet ~6 % of its forward pass
+    (``benchmarks/bench_features.py --float64``); float64 below."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return torch.float64 if (minor == 0 and major >= 6) else torch.float32
+    if n_rows is not None and n_rows * m * m <= _AUTO_SINGLE_FLOPS:
+        return torch.float64
+    return torch.float32
+
+
+class StreamGram:
+    """Streams rows of X into G = XᵀX (float64).
+
+    Rows are gathered in a float32 buffer and added one block at a time (a larger product
+    costs less per row than one per batch). On the CPU each block is one BLAS syrk into the
+    upper triangle of a Fortran-ordered G (half the flops of XᵀX), in float64, or in float32
+    into a scratch matrix whose upper triangle is then added to G; the lower triangle is
+    mirrored once at the end. On CUDA, where there is no syrk in torch, only the column
+    blocks on and above the diagonal are multiplied (up to 6 blocks: ~40 % fewer flops than
+    XᵀX) and mirrored likewise. The first block overwrites G, so G is never zero-filled.
+    ``per_batch`` (the overlap thread of ``vxnb.features.extract_features``): one syrk per batch and G's
+    pages touched at once (zero-filled), both on that thread while the forward pass runs.
+    """
+
+    def __init__(self, m: int, device: torch.device, dtype: torch.dtype = torch.float64, batch: int = 1,
+                 n_rows: int | None = None, per_batch: bool = False):
+        self.m, self.dtype = m, dtype
+        self.rows = max(batch, min(_GRAM_BLOCK_ROWS, max(1, _GRAM_BLOCK_BYTES // (4 * m))))
+        if per_batch and device.type == "cpu" and _CPU_SYRK:
+            # overlap thread: one syrk per batch, so that the products run beside the forward pass
+            # (not in one block after the last batch); the pages of G are touched now, on that
+            # thread, not in the first fold (after the last batch, for N < FOLD_ROWS)
+            self.rows = max(1, batch)
+        self.buf = torch.empty((self.rows, m), dtype=torch.float32, device=device)
+        self.filled = 0
+        self.started = False
+        self.syrk = device.type == "cpu" and _CPU_SYRK
+        self.scratch: Any = None
+        if self.syrk:  # the one CPU Gram kernel, shared with vxnb.lasso
+            self.kernel = SyrkGram(m, np.float64 if dtype == torch.float64 else np.float32)
+            if per_batch:
+                self.kernel.G.fill(0.0)
+            return
+        self.G = torch.empty((m, m), dtype=torch.float64, device=device)
+        splits = max(1, min(_GRAM_MAX_SPLITS, m // _GRAM_MIN_SPLIT))
+        if n_rows is not None and n_rows < _GRAM_MIN_ROWS_SPLIT:
+            splits = 1
+        self.edges = [round(i * m / splits) for i in range(splits + 1)]
+        # float32 mode: each block's product goes to a reused float32 scratch, then into G
+        if dtype == torch.float32:
+            biggest = max((hi - lo) * (m - lo) for lo, hi in zip(self.edges[:-1], self.edges[1:]))
+            self.scratch = torch.empty(biggest, dtype=torch.float32, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        start, n = 0, x.shape[0]
+        while start < n:
+            take = min(n - start, self.rows - self.filled)
+            self.buf[self.filled:self.filled + take] = x[start:start + take]
+            self.filled += take
+            start += take
+            if self.filled == self.rows:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.filled:
+            return
+        if self.syrk:
+            self._flush_syrk()
+        else:
+            self._flush_blocks()
+        self.started = True
+        self.filled = 0
+
+    def _flush_syrk(self) -> None:
+        self.kernel.add(self.buf[:self.filled].numpy())
+
+    def _flush_blocks(self) -> None:
+        b = self.buf[:self.filled]
+        if self.dtype == torch.float64:
+            b = b.double()
+        for lo, hi in zip(self.edges[:-1], self.edges[1:]):
+            out = self.G[lo:hi, lo:]
+            if self.dtype == torch.float64:
+                out.addmm_(b[:, lo:hi].T, b[:, lo:], beta=1.0 if self.started else 0.0)
+            else:
+                prod = self.scratch[: (hi - lo) * (self.m - lo)].view(hi - lo, self.m - lo)
+                torch.mm(b[:, lo:hi].T, b[:, lo:], out=prod)
+                out.add_(prod) if self.started else out.copy_(prod)
+
+    def result(self) -> np.ndarray:
+        """G as a float64 numpy array (symmetric)."""
+        self.flush()
+        if self.syrk:
+            return self.kernel.result()
+        if not self.started:
+            return self.G.zero_().cpu().numpy()
+        e = self.edges
+        for i in range(len(e) - 1):
+            for j in range(i + 1, len(e) - 1):
+                self.G[e[j]:e[j + 1], e[i]:e[i + 1]] = self.G[e[i]:e[i + 1], e[j]:e[j + 1]].T
+        return self.G.cpu().numpy()
+
+
+# ============================================================================ rows on demand (lasso)
+class RowGram:
+    """G = XᵀX row by row, formed only when a homotopy asks for it (``fetch``).
+
+    The μ-lasso path of a class visits few variables (tens to hundreds of m), and the paths of
+    all classes share most of them: forming just those rows, Xᵀ X[:, J] (2·N·m·|J| flops), costs
+    a fraction of the full syrk (N·m² flops) — about a quarter for VGG-F-like data at μ = 10.
+    Rows are products in ``precision`` (float32: summed in float32 over at most
+    :data:`FOLD_ROWS` rows, then in float64 — the accuracy of ``SyrkGram``); once more
+    than ``_ROWS_MAX_SHARE``·m rows are asked for, all of G is formed with ``SyrkGram`` and
+    served from then on. Exact in the same sense as the full G: a homotopy only ever reads the
+    rows of the variables that enter its active set.
+    """
+
+    def __init__(self, X: np.ndarray, precision: str, chunk_rows: int):
+        self.dtype = np.float32 if precision == "single" else np.float64
+        N, m = X.shape
+        self.shape = (m, m)
+        self.src = X
+        copy = N * m * np.dtype(self.dtype).itemsize <= _ROWS_COPY_BYTES
+        self.X = np.ascontiguousarray(X, dtype=self.dtype) if copy else None  # else converted per pass
+        self.chunk_rows = min(int(chunk_rows), FOLD_ROWS) if self.dtype == np.float32 else int(chunk_rows)
+        diag = np.zeros(m)
+        for Xb in self._blocks():
+            with np.errstate(over="ignore", invalid="ignore"):
+                diag += np.einsum("ij,ij->j", Xb, Xb, dtype=np.float64)
+        if self.dtype == np.float32:  # a square past float32's range overflows the products
+            diag[diag > np.finfo(np.float32).max] = np.inf
+        self.diag = diag
+        self.pos = np.full(m, -1, dtype=np.int64)   # row j of G is rows[pos[j]]
+        self.rows = np.empty((0, m))
+        self.n = 0
+        self.full: np.ndarray | None = None
+        self.passes = 0                             # passes over X (forming rows, or all of G)
+
+    def _blocks(self):
+        N = self.src.shape[0]
+        for i0 in range(0, N, self.chunk_rows):
+            if self.X is not None:
+                yield self.X[i0:i0 + self.chunk_rows]
+            else:
+                yield np.ascontiguousarray(self.src[i0:i0 + self.chunk_rows], dtype=self.dtype)
+
+    def row(self, j: int) -> np.ndarray | None:
+        if self.full is not None:
+            return self.full[j]
+        p = self.pos[j]
+        return self.rows[p] if p >= 0 else None
+
+    def missing(self, idx: np.ndarray) -> np.ndarray:
+        return idx[self.pos[idx] < 0] if self.full is None else idx[:0]
+
+    def fetch(self, need: np.ndarray, ahead: np.ndarray) -> None:
+        """Form rows ``need`` (and ``ahead`` as far as the share allows), or all of G."""
+        if self.full is not None:
+            return
+        m = self.shape[0]
+        need = np.unique(self.missing(need))
+        if self.n + need.size > _ROWS_MAX_SHARE * m:
+            self._form_full()
+            return
+        ahead = np.setdiff1d(np.unique(self.missing(ahead)), need)
+        room = (int(_ROWS_MAX_SHARE * m) - self.n - need.size) // 2   # guesses never take it all
+        J = np.concatenate([need, ahead[:max(room, 0)]]).astype(np.int64)
+        if not J.size:
+            return
+        acc = np.zeros((m, J.size))
+        with np.errstate(over="ignore", invalid="ignore"):
+            for Xb in self._blocks():
+                acc += Xb.T @ Xb[:, J]            # one GEMM per block: (m, |J|)
+        self.passes += 1
+        if self.n + J.size > self.rows.shape[0]:
+            grown = np.empty((max(2 * self.rows.shape[0], self.n + J.size, 256), m))
+            grown[:self.n] = self.rows[:self.n]
+            self.rows = grown
+        self.rows[self.n:self.n + J.size] = acc.T
+        self.pos[J] = np.arange(self.n, self.n + J.size)
+        self.n += J.size
+
+    def _form_full(self) -> None:
+        gram = SyrkGram(self.shape[0], self.dtype)
+        for Xb in self._blocks():
+            with np.errstate(over="ignore", invalid="ignore"):
+                gram.add(Xb)
+        self.full = gram.result()
+        self.passes += 1
+        self.rows, self.n = np.empty((0, self.shape[0])), 0
+        self.pos[:] = -1
+
+    def block(self, idx: np.ndarray) -> np.ndarray:
+        """G[idx][:, idx] for rows already formed."""
+        return np.stack([self.row(int(j))[idx] for j in idx]) if len(idx) else np.zeros((0, 0))
+
+    @property
+    def info(self) -> dict:
+        return {"gram": "full" if self.full is not None else "rows", "rows": int(self.n),
+                "passes": int(self.passes)}

@@ -23,7 +23,7 @@ them); :func:`gram_statistics` forms them from an X that is (for large X with fl
 products, which moves the objective by ~1e-14 relative: see ``precision``). From an X in
 memory, large problems need not form all of XᵀX: the homotopy reads only the rows of the
 variables entering its active set, so ``gram="rows"`` forms just those, on demand
-(:class:`_RowGram`; a fraction of the full product's cost, the same paths).
+(``vxnb._gram.RowGram``; a fraction of the full product's cost, the same paths).
 
 Degenerate designs are handled: all-zero columns never enter; a column linearly dependent
 on the active set (a duplicate, or the rank min(N, m) reached) is held at zero (SPAMS stops
@@ -45,7 +45,7 @@ from scipy.linalg.blas import get_blas_funcs
 from sklearn.base import BaseEstimator
 from tqdm.auto import tqdm
 
-from ._gram import FOLD_ROWS, SyrkGram
+from ._gram import RowGram, SyrkGram
 from .utils import atomic_savez, describe
 
 __all__ = [
@@ -63,11 +63,9 @@ _FORMAT_VERSION = 1
 PATH_FORMAT_VERSION = _FORMAT_VERSION
 _AUTO_SINGLE_FLOPS = 2e9     # precision="auto": float32 products for XᵀX above this N·m²
 # gram="auto" with X given: rows of XᵀX formed on demand (only those the paths visit) above the
-# same N·m²; past _ROWS_MAX_SHARE·m rows, all of XᵀX (one syrk, half a GEMM's flops) is cheaper
-_ROWS_MAX_SHARE = 0.25
+# same N·m² (vxnb._gram.RowGram; past a quarter of m rows it forms all of XᵀX)
 _ROWS_PREFETCH = 16          # rows fetched ahead for each class that asks for a missing one
 _ROWS_WAVE = 64              # classes solved together (each holds its active rows of G)
-_ROWS_COPY_BYTES = 4 * 2**30  # X is copied once in the product dtype up to this size
 # a candidate whose squared Cholesky pivot is below tol·G_jj is linearly dependent on the active set
 _TOL_DOUBLE = 1e-10
 _TOL_SINGLE = 1e-5           # XᵀX from float32 products: relative error ~1e-7
@@ -391,104 +389,6 @@ def _xtl(X: np.ndarray, Ls: sp.csr_matrix, chunk_rows: int) -> np.ndarray:
     return np.ascontiguousarray(XtL.T)
 
 
-class _RowGram:
-    """G = XᵀX row by row, formed only when a homotopy asks for it (``fetch``).
-
-    The μ-lasso path of a class visits few variables (tens to hundreds of m), and the paths of
-    all classes share most of them: forming just those rows, Xᵀ X[:, J] (2·N·m·|J| flops), costs
-    a fraction of the full syrk (N·m² flops) — about a quarter for VGG-F-like data at μ = 10.
-    Rows are products in ``precision`` (float32: summed in float32 over at most
-    ``vxnb._gram.FOLD_ROWS`` rows, then in float64 — the accuracy of ``SyrkGram``); once more
-    than ``_ROWS_MAX_SHARE``·m rows are asked for, all of G is formed with ``SyrkGram`` and
-    served from then on. Exact in the same sense as the full G: a homotopy only ever reads the
-    rows of the variables that enter its active set.
-    """
-
-    def __init__(self, X: np.ndarray, precision: str, chunk_rows: int):
-        self.dtype = np.float32 if precision == "single" else np.float64
-        N, m = X.shape
-        self.shape = (m, m)
-        self.src = X
-        copy = N * m * np.dtype(self.dtype).itemsize <= _ROWS_COPY_BYTES
-        self.X = np.ascontiguousarray(X, dtype=self.dtype) if copy else None  # else converted per pass
-        self.chunk_rows = min(int(chunk_rows), FOLD_ROWS) if self.dtype == np.float32 else int(chunk_rows)
-        diag = np.zeros(m)
-        for Xb in self._blocks():
-            with np.errstate(over="ignore", invalid="ignore"):
-                diag += np.einsum("ij,ij->j", Xb, Xb, dtype=np.float64)
-        if self.dtype == np.float32:  # a square past float32's range overflows the products
-            diag[diag > np.finfo(np.float32).max] = np.inf
-        self.diag = diag
-        self.pos = np.full(m, -1, dtype=np.int64)   # row j of G is rows[pos[j]]
-        self.rows = np.empty((0, m))
-        self.n = 0
-        self.full: np.ndarray | None = None
-        self.passes = 0                             # passes over X (forming rows, or all of G)
-
-    def _blocks(self):
-        N = self.src.shape[0]
-        for i0 in range(0, N, self.chunk_rows):
-            if self.X is not None:
-                yield self.X[i0:i0 + self.chunk_rows]
-            else:
-                yield np.ascontiguousarray(self.src[i0:i0 + self.chunk_rows], dtype=self.dtype)
-
-    def row(self, j: int) -> np.ndarray | None:
-        if self.full is not None:
-            return self.full[j]
-        p = self.pos[j]
-        return self.rows[p] if p >= 0 else None
-
-    def missing(self, idx: np.ndarray) -> np.ndarray:
-        return idx[self.pos[idx] < 0] if self.full is None else idx[:0]
-
-    def fetch(self, need: np.ndarray, ahead: np.ndarray) -> None:
-        """Form rows ``need`` (and ``ahead`` as far as the share allows), or all of G."""
-        if self.full is not None:
-            return
-        m = self.shape[0]
-        need = np.unique(self.missing(need))
-        if self.n + need.size > _ROWS_MAX_SHARE * m:
-            self._form_full()
-            return
-        ahead = np.setdiff1d(np.unique(self.missing(ahead)), need)
-        room = (int(_ROWS_MAX_SHARE * m) - self.n - need.size) // 2   # guesses never take it all
-        J = np.concatenate([need, ahead[:max(room, 0)]]).astype(np.int64)
-        if not J.size:
-            return
-        acc = np.zeros((m, J.size))
-        with np.errstate(over="ignore", invalid="ignore"):
-            for Xb in self._blocks():
-                acc += Xb.T @ Xb[:, J]            # one GEMM per block: (m, |J|)
-        self.passes += 1
-        if self.n + J.size > self.rows.shape[0]:
-            grown = np.empty((max(2 * self.rows.shape[0], self.n + J.size, 256), m))
-            grown[:self.n] = self.rows[:self.n]
-            self.rows = grown
-        self.rows[self.n:self.n + J.size] = acc.T
-        self.pos[J] = np.arange(self.n, self.n + J.size)
-        self.n += J.size
-
-    def _form_full(self) -> None:
-        gram = SyrkGram(self.shape[0], self.dtype)
-        for Xb in self._blocks():
-            with np.errstate(over="ignore", invalid="ignore"):
-                gram.add(Xb)
-        self.full = gram.result()
-        self.passes += 1
-        self.rows, self.n = np.empty((0, self.shape[0])), 0
-        self.pos[:] = -1
-
-    def block(self, idx: np.ndarray) -> np.ndarray:
-        """G[idx][:, idx] for rows already formed."""
-        return np.stack([self.row(int(j))[idx] for j in idx]) if len(idx) else np.zeros((0, 0))
-
-    @property
-    def info(self) -> dict:
-        return {"gram": "full" if self.full is not None else "rows", "rows": int(self.n),
-                "passes": int(self.passes)}
-
-
 # ============================================================================ the homotopy
 def _homotopy(G: np.ndarray, q: np.ndarray, mu_max: float, max_iter: int, rtol: float = 1e-10,
               diag: np.ndarray | None = None, workspace: dict | None = None, keep_path: bool = True) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray], int]:
@@ -706,7 +606,7 @@ def _homotopy_steps(q: np.ndarray, mu_max: float, max_iter: int, rtol: float, di
 def _solve_paths(G: np.ndarray, XtL: np.ndarray, mu_max: float, *, n_jobs: int | None, max_iter: int | None,
                  progress: bool | None, tol: float | None = None, keep_path: bool = True) -> list[tuple]:
     """One homotopy per class (columns of XtL), on ``n_jobs`` threads (numpy/BLAS release the GIL);
-    G is XᵀX in memory, or a :class:`_RowGram` forming its rows on demand."""
+    G is XᵀX in memory, or a :class:`RowGram` forming its rows on demand."""
     m, C = XtL.shape
     if max_iter is None:
         max_iter = 10 * m + 1000
@@ -720,7 +620,7 @@ def _solve_paths(G: np.ndarray, XtL: np.ndarray, mu_max: float, *, n_jobs: int |
     bar = tqdm(total=C, desc="μ-lasso path", unit="class", disable=None if progress is None else not progress,
                leave=False)
     try:
-        if isinstance(G, _RowGram):
+        if isinstance(G, RowGram):
             out = _solve_on_rows(G, cols, mu_max, int(max_iter), tol, keep_path, jobs, bar)
         else:
             out = _solve_on_gram(G, cols, mu_max, int(max_iter), tol, keep_path, jobs, bar)
@@ -733,7 +633,7 @@ def _solve_paths(G: np.ndarray, XtL: np.ndarray, mu_max: float, *, n_jobs: int |
     return out
 
 
-def _solve_on_rows(G: "_RowGram", cols: list[np.ndarray], mu_max: float, max_iter: int, tol: float,
+def _solve_on_rows(G: "RowGram", cols: list[np.ndarray], mu_max: float, max_iter: int, tol: float,
                    keep_path: bool, jobs: int, bar: Any) -> list[tuple]:
     """The homotopies of all classes on rows of G formed on demand, in rounds: every class
     runs until it needs a row not yet formed; the rows asked for (with each asking class's
@@ -1027,8 +927,8 @@ def _resolve_gram(gram: Any, shape: tuple[int, int]) -> str:
 
 
 def _gram_block(G: Any, idx: np.ndarray) -> np.ndarray:
-    """G[idx][:, idx] of XᵀX in memory or of a :class:`_RowGram`."""
-    return G.block(idx) if isinstance(G, _RowGram) else G[np.ix_(idx, idx)]
+    """G[idx][:, idx] of XᵀX in memory or of a :class:`RowGram`."""
+    return G.block(idx) if isinstance(G, RowGram) else G[np.ix_(idx, idx)]
 
 
 def _fit(G: Any, XtL: Any, LtL: Any, X: Any, L: Any, *, mu_max: float, n_classes: int | None, column_names: Any,
@@ -1046,7 +946,7 @@ def _fit(G: Any, XtL: Any, LtL: Any, X: Any, L: Any, *, mu_max: float, n_classes
             L = _check_labels(L, X.shape[0], n_classes, X.shape)
             column_names = _check_column_names(column_names, X.shape[1])
             chunk_rows = max(4096, 2**30 // (4 * X.shape[1]))
-            G = _RowGram(X, precision, chunk_rows)
+            G = RowGram(X, precision, chunk_rows)
             _check_finite_diag(G.diag, X, precision, column_names)
             XtL = _xtl(X, sp.csr_matrix(L), chunk_rows)
             LtL = np.asarray(L.sum(axis=0), dtype=np.float64)
@@ -1064,7 +964,7 @@ def _fit(G: Any, XtL: Any, LtL: Any, X: Any, L: Any, *, mu_max: float, n_classes
     results = _solve_paths(G, XtL, mu_max, n_jobs=n_jobs, max_iter=max_iter, progress=progress, tol=tol,
                            keep_path=keep_path)
     path = LassoPath._from_results(results, mu_max, G.shape[0], LtL, complete=keep_path)
-    path.gram_info = G.info if isinstance(G, _RowGram) else {"gram": "full"}
+    path.gram_info = G.info if isinstance(G, RowGram) else {"gram": "full"}
     return path, G, XtL, LtL
 
 

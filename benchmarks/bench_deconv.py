@@ -128,6 +128,7 @@ def latency(repeats: int, k: int = 5, models: list[str] | None = None) -> None:
     import pandas as pd
 
     from vxnb.explanations import explain
+    from vxnb.features.hooks import layout
     from vxnb.relevance import Relevance
 
     x = flower(224)
@@ -142,8 +143,10 @@ def latency(repeats: int, k: int = 5, models: list[str] | None = None) -> None:
         model = getattr(torchvision.models, arch)().eval()
         with torch.no_grad():
             a = forward_to(model, x, layer)
-        dim = 1  # vxnb.features' channels today (dim 1; ViT: the token index, the same cost)
-        chans = a.flatten(2).norm(dim=2)[0].topk(k).indices.tolist()
+        kind, prefix = layout(model, layer)  # ViT's blocks: tokens (B, T, D), the D features
+        dim = -1 if kind in ("last", "tokens?") and a.dim() > 2 else 1
+        a = a[:, prefix:] if dim == -1 and a.dim() == 3 else a
+        chans = a.movedim(dim, 1).flatten(2).norm(dim=2)[0].topk(k).indices.tolist()
         frame = pd.DataFrame([dict(**{"class": j}, layer=layer, layer_number=1, kind="conv", channel=q, weight=1.0)
                               for j in range(1000) for q in chans])
         rel = Relevance.from_frame(frame, n_classes=1000)
@@ -161,6 +164,8 @@ def latency(repeats: int, k: int = 5, models: list[str] | None = None) -> None:
             for q in chans:
                 g = torch.zeros_like(out)
                 g.select(dim, q).copy_(out.detach().select(dim, q))
+                if dim == -1 and out.dim() == 3:
+                    g[:, :prefix] = 0  # the patch tokens only, as explain() seeds them
                 torch.autograd.grad(out, xl, g, retain_graph=True)
 
         def ours() -> None:

@@ -152,3 +152,26 @@ def test_total_strides_of_patch_embeddings():
     cnx = M.convnext_tiny()
     assert stride_at(cnx, "features.0", (3, 64, 64)) == (4, True)
     assert stride_at(cnx, "features.3", (3, 64, 64)) == (8, True)
+
+
+def test_explain_draws_a_token_feature_from_its_patch_tokens():
+    """A ViT block's feature q is the L2 norm of dim q of its patch tokens (vxnb.features):
+    explain() seeds exactly that (layout ("last", 1)), the same map as visualize() with it."""
+    import pandas as pd
+
+    from vxnb.deconv import heatmap
+
+    torch.manual_seed(0)
+    vit = _vit().eval()
+    layer = "encoder.layers.encoder_layer_1"
+    frame = pd.DataFrame([{"class": j, "layer": layer, "layer_number": 1, "kind": "other", "channel": q,
+                           "weight": 1.0} for j in range(2) for q in (5, 20, 31)])
+    rel = Relevance.from_frame(frame, n_classes=2)
+    x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(3))
+    e = explain(vit, rel, x, k=3, target=0)
+    assert sorted(e.features["channel"]) == [5, 20, 31]  # D = 32 features, not T = 17 tokens
+    for i, q in enumerate(e.features["channel"]):
+        want = heatmap(visualize(vit, x[None], layer, [int(q)], layout=("last", 1)))[0, 0]
+        torch.testing.assert_close(e.heatmaps[i], want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(IndexError, match="out of range"):
+        visualize(vit, x[None], layer, [32], layout=("last", 1))

@@ -1341,13 +1341,13 @@ class RecordedForward:
         self.check(a, layer)
         return a
 
-    def visualize(self, layer: str, channels: list[int]) -> Tensor | None:
+    def visualize(self, layer: str, channels: list[int], layout: tuple[str, int] | None = None) -> Tensor | None:
         """:func:`visualize` of the recorded image (already checked) at ``layer``; None where
         the recording cannot serve ``layer`` (not called, or changed in place): the caller
         then runs :func:`visualize`."""
         if self.output(layer) is None:
             return None
-        return _check_finite(run_backward(self, layer, _channel_seed(channels, layer), len(channels)),
+        return _check_finite(run_backward(self, layer, _channel_seed(channels, layer, layout), len(channels)),
                              channels, layer)
 
     def backward(self, layer: str, seed: Callable[[Tensor, int], Tensor], K: int,

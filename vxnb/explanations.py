@@ -49,6 +49,7 @@ from ._graph import first_conv_in_channels, stride_at
 from .deconv import (RecordedForward, as_composite, grid_score, heatmap, record_forward, run_backward,
                      signed_rgb, visualize)
 from .features import default_layers, descriptors, layer_numbers
+from .features.hooks import layout as feature_layout
 from .relevance import Relevance, top_features
 from .utils import check_image_batch, describe, eval_mode, get_module
 
@@ -141,14 +142,17 @@ def _check_targets(targets: Any, B: int, C: int, arg: str = "targets") -> np.nda
 # ============================================================================ the forward pass
 @contextlib.contextmanager
 def _width_probe(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, int]]:
-    """Record the number of channels (dim 1) of each layer's output during a forward pass."""
+    """Record the number of channels of each layer's output during a forward pass (dim 1, or
+    the last dim of a token tensor / channels-last map: ``vxnb.features.hooks.layout``)."""
     widths: dict[str, int] = {}
     handles = []
 
     def hook(name: str) -> Callable:
+        last = _seed_layout(model, name)[0] == "last"
+
         def fn(module: nn.Module, inp: Any, out: Any) -> None:
             if isinstance(out, Tensor) and out.dim() >= 2:
-                widths.setdefault(name, int(out.shape[1]))
+                widths.setdefault(name, int(out.shape[-1] if last and out.dim() > 2 else out.shape[1]))
         return fn
 
     try:
@@ -227,6 +231,13 @@ def _top(rel: Relevance, model: nn.Module, x: Tensor, targets: Any, k: int, rec:
 
 
 # ============================================================================ maps
+def _seed_layout(model: nn.Module, layer: str) -> tuple[str, int]:
+    """Where ``layer``'s output holds the channels its features are taken from, as the
+    descriptors see it (``vxnb.features.hooks.layout``): ``("first", 0)`` or ``("last", p)``."""
+    kind, prefix = feature_layout(model, layer)
+    return ("last", prefix) if kind in ("last", "tokens?") else ("first", 0)
+
+
 def _layer_maps(model: nn.Module, x: Tensor, layer: str, chans: list[list[int]], resample: bool,
                 rec: RecordedForward | None = None, composite: Any = None) -> Tensor:
     """(B, K, C, H, W): image b's channels ``chans[b]`` (padded with zero maps to K) at ``layer``.
@@ -237,10 +248,12 @@ def _layer_maps(model: nn.Module, x: Tensor, layer: str, chans: list[list[int]],
     carries the activation map of channel ``chans[b][i]``)."""
     K = max(len(c) for c in chans)
     if x.shape[0] == 1:
-        out = rec.visualize(layer, chans[0]) if rec is not None else None
+        lay = _seed_layout(model, layer)
+        out = rec.visualize(layer, chans[0], lay) if rec is not None else None
         return out if out is not None else visualize(model, x, layer, chans[0], resample=resample,
-                                                     composite=composite)
+                                                     composite=composite, layout=lay)
     B = x.shape[0]
+    kind, prefix = _seed_layout(model, layer)
     pad = [c + [-1] * (K - len(c)) for c in chans]
     idx = torch.as_tensor(pad, dtype=torch.long, device=x.device)  # (B, K), -1 = no map
 
@@ -248,11 +261,18 @@ def _layer_maps(model: nn.Module, x: Tensor, layer: str, chans: list[list[int]],
         g = torch.zeros_like(a)
         q = idx[:, i]
         keep = torch.nonzero(q >= 0).reshape(-1)
+        last = kind == "last" and a.dim() > 2
+        n = a.shape[-1] if last else a.shape[1]
         if keep.numel():
-            if int(q[keep].max()) >= a.shape[1]:
+            if int(q[keep].max()) >= n:
                 raise IndexError(f"channel {int(q[keep].max())} is out of range for layer {layer!r} "
-                                 f"({a.shape[1]} channels)")
-            g[keep, q[keep]] = a[keep, q[keep]]
+                                 f"({n} channels)")
+            if not last:
+                g[keep, q[keep]] = a[keep, q[keep]]
+            elif a.dim() == 3:  # tokens (B, T, D): feature q at the patch tokens
+                g[keep, prefix:, q[keep]] = a[keep, prefix:, q[keep]]
+            else:  # channels-last map (B, H, W, C)
+                g[keep, :, :, q[keep]] = a[keep, :, :, q[keep]]
         return g
 
     return run_backward(model, x, layer, resample, seed, K, composite)

@@ -10,18 +10,17 @@
 2. Grid score (``vxnb.deconv.grid_score``; the share of spectral energy at the stride
    lattice) of plain (guided backprop) vs resampled heatmaps at the lower layers of
    random-init VGG-16 and AlexNet, mean over the top-8 filters, printed as a table.
-3. Latency (``--latency``, on by default): ``vxnb.explanations.explain`` of one 224x224 image on
-   VGG-16 with k = 5 relevant features (those of every class: the top-5 filters at
-   ``features.17``) against one Captum guided-backprop call for one filter plus one forward
-   of the model; goal ≤ 1.5x. Process CPU time, alternating, median.
+   Also (issue 25) the grid score of the patch embedding of ViT-B/16 (16x16, stride 16) and
+   of the stem of ConvNeXt-T (4x4, stride 4), random weights.
+3. Latency (``--only latency``; issue 25 item 6): ``vxnb.explanations.explain`` of one 224x224
+   image with k = 5 relevant features (the top-5 channels at the last block of each network,
+   random weights) against one forward plus five plain autograd backwards of the same
+   seeds, on VGG-16, ResNet-50, EfficientNet-B0, ConvNeXt-T and ViT-B/16; goal ≤ 1.2x.
+   Process CPU time, alternating runs, median.
 4. ``--figure PATH``: plain vs resampled heatmaps of a few lower-layer filters.
-5. ``--profile``: where the time of the top-5 VGG-16 heatmaps (ours, ours before issue 16's
-   fast path, Captum) and of ``explain()`` goes: the backward per autograd node type (conv
-   transposes, max-pool, ReLU), the forward and the rest; explain() by phase.
-
-Speed and latency also time the implementation before the fast path (``_reference_mode``:
-the K signals vmapped through autograd's own conv backward, the stride-1 max-pool switches
-found per signal, a second forward in explain()) in the same run: the "before" columns.
+5. ``--profile``: where the time of the top-5 VGG-16 heatmaps (ours, Captum) and of
+   ``explain()`` goes: the backward per autograd node type (conv transposes, max-pool, ReLU),
+   the forward and the rest; explain() by phase.
 
 Goals: resampled ≤ 1.0x Captum on every model, ≤ 0.5x on VGG-16. ``--threads 1`` (default)
 on a shared machine: timings there are CPU time of this process, medians of alternating runs.
@@ -39,7 +38,7 @@ import torchvision
 from torch import nn
 
 from vxnb._graph import forward_to
-from vxnb.deconv import _reference_mode, grid_score, heatmap, visualize
+from vxnb.deconv import grid_score, heatmap, visualize
 from vxnb.utils import atomic_path
 
 
@@ -99,7 +98,7 @@ def speed(repeats: int) -> None:
     x = flower(224)
     print(f"\n== speed: top-5 filters, one 224x224 image, median CPU time over {repeats} alternating runs ==")
     print(f"{'model':<10} {'layer':<12} {'captum s':>9} {'resampled s':>12} {'ratio':>6} {'goal':>6} "
-          f"{'plain s':>8} {'ratio':>6} {'before s':>9} {'ratio':>6} {'after/before':>12}")
+          f"{'plain s':>8} {'ratio':>6}")
     for arch, layer in [("vgg16", "features.17"), ("alexnet", "features.10"), ("resnet50", "layer2.0")]:
         torch.manual_seed(0)
         model = getattr(torchvision.models, arch)().eval()
@@ -108,72 +107,83 @@ def speed(repeats: int) -> None:
         plain = heatmap(visualize(model, x, layer, chans, resample=False))
         assert torch.allclose(plain, ref, atol=1e-5), "plain mode differs from Captum"
         heatmap(visualize(model, x, layer, chans))
-        with _reference_mode():
-            assert (heatmap(visualize(model, x, layer, chans)) - heatmap(visualize(model, x, layer, chans))
-                    ).abs().max() <= 1e-6
-
-        def before() -> None:
-            with _reference_mode():
-                heatmap(visualize(model, x, layer, chans))
-
-        tc, tr, tp, tb = [], [], [], []
+        tc, tr, tp = [], [], []
         for _ in range(repeats):
             tc.append(timed(lambda: captum_heatmaps(model, x, layer, chans)))
             tr.append(timed(lambda: heatmap(visualize(model, x, layer, chans))))
             tp.append(timed(lambda: heatmap(visualize(model, x, layer, chans, resample=False))))
-            tb.append(timed(before))
-        c, r, p, b = (statistics.median(t) for t in (tc, tr, tp, tb))
+        c, r, p = (statistics.median(t) for t in (tc, tr, tp))
         print(f"{arch:<10} {layer:<12} {c:9.3f} {r:12.3f} {r / c:6.2f} {'≤' + str(GOALS[arch]):>6} "
-              f"{p:8.3f} {p / c:6.2f} {b:9.3f} {b / c:6.2f} {r / b:12.2f}", flush=True)
+              f"{p:8.3f} {p / c:6.2f}", flush=True)
 
 
-def latency(repeats: int, k: int = 5, layer: str = "features.17") -> None:
-    """explain() of one 224 px image on VGG-16 (k features) vs one Captum GB call + a forward."""
+#: issue 25 item 6: (builder, layer whose top-5 channels are the relevant features)
+LATENCY_MODELS = [("vgg16", "features.29"), ("resnet50", "layer4"), ("efficientnet_b0", "features.7"),
+                  ("convnext_tiny", "features.7"), ("vit_b_16", "encoder.layers.encoder_layer_11")]
+
+
+def latency(repeats: int, k: int = 5, models: list[str] | None = None) -> None:
+    """explain() of one 224 px image (k features) vs one forward + k plain autograd backwards of
+    the same seeds (channel q of the layer's output, every other channel zero)."""
     import pandas as pd
-    from captum.attr import NeuronGuidedBackprop
 
     from vxnb.explanations import explain
+    from vxnb.features.hooks import layout
     from vxnb.relevance import Relevance
 
     x = flower(224)
-    torch.manual_seed(0)
-    model = torchvision.models.vgg16().eval()
-    chans = top_channels(model, x, layer, k)
-    frame = pd.DataFrame([dict(**{"class": j}, layer=layer, layer_number=1, kind="conv", channel=q, weight=1.0)
-                          for j in range(1000) for q in chans])
-    rel = Relevance.from_frame(frame, n_classes=1000)
-    ngb = NeuronGuidedBackprop(model, dict(model.named_modules())[layer])
-
-    def reference() -> None:
+    print(f"\n== latency: explain() of one 224x224 image, k={k}, vs one forward + {k} plain autograd backwards "
+          f"of the same seeds; random weights; median process CPU time over {repeats} alternating runs, "
+          f"{torch.get_num_threads()} thread(s); goal ≤ 1.2 ==")
+    print(f"{'model':<16} {'layer':<32} {'fwd+5 bwd s':>11} {'explain s':>10} {'ratio':>6}")
+    for arch, layer in LATENCY_MODELS:
+        if models and arch not in models:
+            continue
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, arch)().eval()
         with torch.no_grad():
-            model(x)
-        ngb.attribute(x, lambda a: 0.5 * (a[:, chans[0]] ** 2).flatten(1).sum(1))
+            a = forward_to(model, x, layer)
+        kind, prefix = layout(model, layer)  # ViT's blocks: tokens (B, T, D), the D features
+        dim = -1 if kind in ("last", "tokens?") and a.dim() > 2 else 1
+        a = a[:, prefix:] if dim == -1 and a.dim() == 3 else a
+        chans = a.movedim(dim, 1).flatten(2).norm(dim=2)[0].topk(k).indices.tolist()
+        frame = pd.DataFrame([dict(**{"class": j}, layer=layer, layer_number=1, kind="conv", channel=q, weight=1.0)
+                              for j in range(1000) for q in chans])
+        rel = Relevance.from_frame(frame, n_classes=1000)
+        module = dict(model.named_modules())[layer]
 
-    def ours() -> None:
-        e = explain(model, rel, x[0], k=k)
-        assert len(e.features) == k
+        def reference() -> None:
+            got = {}
+            h = module.register_forward_hook(lambda m, i, o: got.setdefault("a", o))
+            try:
+                xl = x.clone().requires_grad_(True)
+                model(xl)
+            finally:
+                h.remove()
+            out = got["a"]
+            for q in chans:
+                g = torch.zeros_like(out)
+                g.select(dim, q).copy_(out.detach().select(dim, q))
+                if dim == -1 and out.dim() == 3:
+                    g[:, :prefix] = 0  # the patch tokens only, as explain() seeds them
+                torch.autograd.grad(out, xl, g, retain_graph=True)
 
-    def before() -> None:
-        with _reference_mode():
-            ours()
+        def ours() -> None:
+            e = explain(model, rel, x[0], k=k)
+            assert len(e.features) == k
 
-    reference(), ours(), before()
-    tr, to, tb = [], [], []
-    for _ in range(repeats):
-        tr.append(timed(reference))
-        to.append(timed(ours))
-        tb.append(timed(before))
-    r, o, b = statistics.median(tr), statistics.median(to), statistics.median(tb)
-    print(f"\n== latency: explain() on VGG-16, one 224x224 image, k={k} ({layer}), median CPU time over "
-          f"{repeats} alternating runs ==")
-    print(f"one Captum GB call (one filter) + a forward: {r:.3f} s | explain(): {o:.3f} s | "
-          f"ratio {o / r:.2f} (goal ≤ 1.5) | before the fast path: {b:.3f} s, ratio {b / r:.2f}; "
-          f"after/before {o / b:.2f}", flush=True)
+        reference(), ours()
+        tr, to = [], []
+        for _ in range(repeats):
+            tr.append(timed(reference))
+            to.append(timed(ours))
+        r, o = statistics.median(tr), statistics.median(to)
+        print(f"{arch:<16} {layer:<32} {r:11.3f} {o:10.3f} {o / r:6.2f}", flush=True)
 
 
 #: autograd node names (without "Backward<n>") -> what they carry back
-_NODE_KINDS = {"conv transpose": ("_FastConv2d", "_ResampledConv2d", "Convolution"),
-               "max-pool": ("_FastMaxPool2d", "_ResampledMaxPool2d", "MaxPool2DWithIndices"),
+_NODE_KINDS = {"conv transpose": ("_FastConv2d", "Convolution"),
+               "max-pool": ("_FastMaxPool2d", "MaxPool2DWithIndices"),
                "ReLU (guided)": ("_FastGuidedReLU", "_GuidedReLU", "Relu", "Threshold", "BackwardHookFunction")}
 
 
@@ -198,7 +208,7 @@ def _breakdown(fn) -> tuple[float, dict[str, float]]:
 
 
 def profile_vgg(k: int = 5, layer: str = "features.17") -> None:
-    """Where the time goes: top-5 heatmaps at VGG-16 features.17 (ours, before, Captum) by
+    """Where the time goes: top-5 heatmaps at VGG-16 features.17 (ours, Captum) by
     autograd node kind, and explain() by phase."""
     import pandas as pd
 
@@ -211,11 +221,7 @@ def profile_vgg(k: int = 5, layer: str = "features.17") -> None:
     model = torchvision.models.vgg16().eval()
     chans = top_channels(model, x, layer, k)
 
-    def before() -> None:
-        with _reference_mode():
-            heatmap(visualize(model, x, layer, chans))
-
-    runs = {"ours": lambda: heatmap(visualize(model, x, layer, chans)), "before": before,
+    runs = {"ours": lambda: heatmap(visualize(model, x, layer, chans)),
             "captum": lambda: captum_heatmaps(model, x, layer, chans)}
     for fn in runs.values():
         fn()
@@ -285,6 +291,26 @@ def grid_table(size: int, k: int) -> None:
             gr = grid_score(heatmap(visualize(model, x, layer, chans)), S).mean().item()
             print(f"{arch:<8} {layer:<12} {type(mods[layer]).__name__:<10} {S:>3} {gp:8.4f} {gr:10.4f} "
                   f"{gr / gp if gp > 0 else float('nan'):7.3f}", flush=True)
+    patch_embeddings(size, k)
+
+
+def patch_embeddings(size: int, k: int) -> None:
+    """Issue 25 item 3: the grid score plain -> resampled of ViT-B/16's patch embedding (a
+    16x16 stride-16 conv) and ConvNeXt-T's stem (4x4 stride 4 conv + LayerNorm2d), random
+    weights (torchvision's initialisation), top-k channels of the flower."""
+    x = flower(size)
+    print(f"\n== grid score of patch embeddings, {size}x{size} flower, random weights, mean over the top-{k} "
+          "channels (issue 25) ==")
+    print(f"{'model':<14} {'layer':<12} {'S':>3} {'plain':>8} {'resampled':>10} {'ratio':>7}")
+    for arch, layer, S in [("vit_b_16", "conv_proj", 16), ("convnext_tiny", "features.0", 4)]:
+        torch.manual_seed(0)
+        kw = {"image_size": size} if arch == "vit_b_16" else {}
+        model = getattr(torchvision.models, arch)(**kw).eval()
+        chans = top_channels(model, x, layer, k)
+        gp = grid_score(heatmap(visualize(model, x, layer, chans, resample=False)), S).mean().item()
+        gr = grid_score(heatmap(visualize(model, x, layer, chans)), S).mean().item()
+        print(f"{arch:<14} {layer:<12} {S:>3} {gp:8.4f} {gr:10.4f} {gr / gp if gp > 0 else float('nan'):7.3f}",
+              flush=True)
 
 
 def figure(path: str, size: int = 224) -> None:
@@ -326,6 +352,7 @@ def main() -> None:
     p.add_argument("--only", choices=["speed", "latency", "grid"], nargs="+", default=None,
                    help="run only these parts (default: all)")
     p.add_argument("--profile", action="store_true", help="print where the VGG-16 time goes (see 5. above)")
+    p.add_argument("--models", nargs="+", default=None, help="latency: only these models (default: all five)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
@@ -334,7 +361,7 @@ def main() -> None:
     if "speed" in parts:
         speed(args.repeats or (1 if args.quick else 3))
     if "latency" in parts:
-        latency(args.repeats or (1 if args.quick else 3))
+        latency(args.repeats or (1 if args.quick else 3), models=args.models)
     if "grid" in parts:
         grid_table(128 if args.quick else 224, 4 if args.quick else 8)
     if args.figure:

@@ -15,6 +15,8 @@ from torch import nn
 from vxnb.deconv import (UnsupportedModuleError, _backward, _channel_seed, grid_score, heatmap,
                          signed_rgb, visualize)
 
+from deconv_reference import reference_visualize  # tests/ is on sys.path (rootdir-less test modules)
+
 from captum import attr as captum_attr  # a required dependency: an ImportError fails the tests
 
 
@@ -103,12 +105,12 @@ def test_modes_agree_without_strides():
         torch.testing.assert_close(plain, resampled, atol=0, rtol=0)
 
 
-def test_batched_backward_equals_expanded_batch():
+def test_batched_backward_equals_one_by_one():
     model = randomise_bn(strided_net()).eval()
     x = torch.rand(2, 3, 45, 53)
     for resample in (False, True):
-        a = _backward(model, x, "relu3", resample, _channel_seed([1, 4, 9], "relu3"), 3)
-        b = _backward(model, x, "relu3", resample, _channel_seed([1, 4, 9], "relu3"), 3, expand=True)
+        a = _backward(model, x, "relu3", resample, _channel_seed([1, 4, 9], "relu3"), 3, batched=True)
+        b = _backward(model, x, "relu3", resample, _channel_seed([1, 4, 9], "relu3"), 3, batched=False)
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
         single = visualize(model, x, "relu3", 4, resample=resample)
         torch.testing.assert_close(a[:, 1:2], single, atol=1e-6, rtol=1e-5)
@@ -288,7 +290,7 @@ def test_model_unchanged_after_calls_and_errors():
 
 
 def test_model_unchanged_after_unsupported_error():
-    model = seq(("conv1", nn.Conv2d(3, 4, 3)), ("act", nn.Sigmoid()), ("conv2", nn.Conv2d(4, 4, 3, stride=2)),
+    model = seq(("conv1", nn.Conv2d(3, 4, 3)), ("act", nn.Softmax(dim=1)), ("conv2", nn.Conv2d(4, 4, 3, stride=2)),
                 ("relu2", nn.ReLU(inplace=True)))
     model.train()
     with pytest.raises(UnsupportedModuleError):
@@ -350,29 +352,71 @@ class Residual(nn.Module):
         return torch.cat([x + y, y.reshape(y.shape).mul(0.5)], dim=1)
 
 
+class Squared(nn.Module):
+    def forward(self, x):
+        return x * x  # a product of two signals, neither a gate
+
+
+class SoftmaxActivation(nn.Module):
+    def forward(self, x):
+        return torch.softmax(x, dim=1) + x  # a softmax that is no gate of a product
+
+
+class Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x ** 3
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class CustomFunction(nn.Module):
+    def forward(self, x):
+        return Cube.apply(x)
+
+
 @pytest.mark.parametrize("block,match", [
-    (nn.Sigmoid(), r"'block' \(Sigmoid\).*SigmoidBackward"),
-    (nn.GELU(), r"'block' \(GELU\)"),
-    (nn.Upsample(scale_factor=2), r"'block' \(Upsample\)"),
-    (nn.LayerNorm([3, 16, 16]), r"'block' \(LayerNorm\) has parameters but no DeconvNet rule"),
-    (Scale(), r"'block' \(Scale\) has parameters"),
-    (FunctionalReLU(), r"'block' \(FunctionalReLU\).*relu.*nn.ReLU"),
-    (Gate(), r"'block' \(Gate\)"),
+    (nn.Upsample(scale_factor=2, mode="bilinear"), r"'block' \(Upsample\).*UpsampleBilinear2D"),
+    (Scale(), r"'block' \(Scale\) has parameters but no DeconvNet rule.*Scale: TransposeRule"),
+    (Squared(), r"'block' \(Squared\).*multiplies two signals.*neither is a gate"),
+    (SoftmaxActivation(), r"'block' \(SoftmaxActivation\).*softmax \(SoftmaxBackward"),
+    (CustomFunction(), r"CubeBackward.*unknown origin"),
+    (nn.Softsign(), r"'block' \(Softsign\)"),
 ])
 def test_unsupported_module_is_an_error(block, match):
-    cin = 4 if isinstance(block, (FunctionalReLU, Gate)) else 3
-    model = seq(("block", block), ("conv2", nn.Conv2d(cin, 4, 3)))
+    model = seq(("block", block), ("conv2", nn.Conv2d(3, 4, 3)))
     for resample in (True, False):
         with pytest.raises(UnsupportedModuleError, match=match):
             visualize(model, torch.rand(1, 3, 16, 16), "conv2", [0], resample=resample)
 
 
-def test_functional_strided_conv_only_refused_when_resampling():
-    model = seq(("block", FunctionalStridedConv()), ("conv2", nn.Conv2d(4, 4, 3)))
+@pytest.mark.parametrize("block,rule", [(nn.GELU(), "gelu"), (FunctionalReLU(), "relu"), (Gate(), "mul"),
+                                        (nn.LayerNorm([3, 16, 16]), "layer_norm"), (nn.Sigmoid(), "sigmoid")])
+def test_an_operation_whose_rule_is_removed_for_the_call_is_refused_by_name(block, rule):
+    """Each of these has a rule by default; without it (for one call) it is refused, naming the
+    module and the operation; the next call has the rule again."""
+    cin = 4 if isinstance(block, (FunctionalReLU, Gate)) else 3
+    model = seq(("block", block), ("conv2", nn.Conv2d(cin, 4, 3)))
+    x = torch.rand(1, 3, 16, 16)
+    with pytest.raises(UnsupportedModuleError, match=rf"'block' \({type(block).__name__}\)"):
+        visualize(model, x, "conv2", [0], composite={rule: None})
+    assert visualize(model, x, "conv2", [0]).abs().sum() > 0
+
+
+def test_functional_strided_conv_is_resampled_as_the_module():
+    """The conv rule attaches to ``F.conv2d`` wherever it is called: the same maps as the module."""
+    torch.manual_seed(0)
+    block = FunctionalStridedConv()
+    model = seq(("block", block), ("conv2", nn.Conv2d(4, 4, 3)))
+    module = seq(("block", nn.Conv2d(3, 4, 3, stride=2, bias=False)), ("conv2", model.conv2))
+    module.block.weight.data.copy_(block.conv.weight.data)
     x = torch.rand(1, 3, 17, 17)
-    with pytest.raises(UnsupportedModuleError, match="functional conv2d with stride"):
-        visualize(model, x, "conv2", [0])
-    assert visualize(model, x, "conv2", [0], resample=False).shape == (1, 1, 3, 17, 17)
+    for resample in (True, False):
+        got = visualize(model, x, "conv2", [0, 2], resample=resample)
+        torch.testing.assert_close(got, visualize(module, x, "conv2", [0, 2], resample=resample), atol=0, rtol=0)
+    assert (visualize(model, x, "conv2", [0]) - visualize(model, x, "conv2", [0], resample=False)).abs().max() > 0
 
 
 def test_unsupported_module_after_the_layer_is_fine():
@@ -483,23 +527,23 @@ class FunctionalPool(nn.Module):
         return F.max_pool2d(x, 2)  # stride defaults to the kernel size
 
 
-def test_functional_pool_with_default_stride_refused_when_resampling():
+def test_functional_pool_with_default_stride_is_resampled_as_the_module():
+    torch.manual_seed(0)
     model = seq(("conv1", nn.Conv2d(3, 4, 3)), ("block", FunctionalPool()), ("conv2", nn.Conv2d(4, 4, 3)))
+    module = seq(("conv1", model.conv1), ("block", nn.MaxPool2d(2)), ("conv2", model.conv2))
     x = torch.rand(1, 3, 18, 18)
-    with pytest.raises(UnsupportedModuleError, match=r"'block' \(FunctionalPool\): functional max_pool2d"):
-        visualize(model, x, "conv2", [0])
-    assert visualize(model, x, "conv2", [0], resample=False).shape == (1, 1, 3, 18, 18)
+    for resample in (True, False):
+        torch.testing.assert_close(visualize(model, x, "conv2", [0, 3], resample=resample),
+                                   visualize(module, x, "conv2", [0, 3], resample=resample), atol=0, rtol=0)
+    ref = reference_visualize(module, x, "conv2", [0, 3])
+    _assert_same_maps(visualize(model, x, "conv2", [0, 3]), ref)
 
 
-@pytest.mark.parametrize("path", ["batched", "reference"])
-def test_falls_back_to_expanded_batch_when_vmap_fails(monkeypatch, path):
-    """The vmapped backward (the default off the CPU; forced here), and the reference path."""
+def test_falls_back_to_one_by_one_when_vmap_fails(monkeypatch):
+    """The vmapped backward (the default off the CPU; forced here)."""
     import vxnb.deconv as deconv
 
-    if path == "batched":
-        monkeypatch.setattr(deconv, "_BATCHED", True)
-    else:
-        monkeypatch.setattr(deconv, "_REFERENCE", True)
+    monkeypatch.setattr(deconv, "_BATCHED", True)
     model = randomise_bn(strided_net()).eval()
     x = torch.rand(2, 3, 45, 53)
     expected = visualize(model, x, "relu3", [1, 4])
@@ -511,7 +555,7 @@ def test_falls_back_to_expanded_batch_when_vmap_fails(monkeypatch, path):
         return real_grad(*args, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", no_vmap)
-    with pytest.warns(RuntimeWarning, match="expanding the batch"):
+    with pytest.warns(RuntimeWarning, match="one by one"):
         got = visualize(model, x, "relu3", [1, 4])
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     assert hooks_left(model) == {}
@@ -522,12 +566,13 @@ def test_falls_back_to_expanded_batch_when_vmap_fails(monkeypatch, path):
 # --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch,layer,size,n_fast", [("alexnet", "features.10", 112, 1), ("alexnet", "features.3", 99, 1),
-                                                    ("vgg16", "features.17", 64, 0), ("resnet50", "layer2.0", 64, 3),
-                                                    ("resnet50", "layer3.1", 69, 5)])
+                                                    ("vgg16", "features.17", 64, 0), ("resnet50", "layer2.0", 64, 2),
+                                                    ("resnet50", "layer3.1", 69, 3)])
 def test_strided_fast_path_equals_resize_path(arch, layer, size, n_fast, monkeypatch):
     """AlexNet's conv1 at 112 and 99 px copies rows 4 or 3 times (4 and 6 runs: 16 and 36
-    pieces), ResNet-50's strided convs copy every row twice at 64 px (one piece) and not at
-    69 px; VGG-16 has no strided conv (its resampling is all in the pooling: unchanged)."""
+    pieces), ResNet-50's strided 7x7 and 3x3 convs copy every row twice at 64 px (one piece)
+    and not at 69 px (its strided 1x1 convs go back as the resized channel transpose, not
+    boxed); VGG-16 has no strided conv (its resampling is all in the pooling: unchanged)."""
     import vxnb.deconv as deconv
 
     torch.manual_seed(0)
@@ -551,6 +596,20 @@ def test_strided_fast_path_equals_resize_path(arch, layer, size, n_fast, monkeyp
     assert (fast32.double() - slow).abs().max() <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("stride,padding,groups,size", [(2, 0, 1, (14, 15)), (2, 1, 2, (13, 16)), (3, 0, 1, (17, 11)),
+                                                       (4, 2, 4, (21, 18))])
+def test_strided_1x1_conv_equals_the_oracle(stride, padding, groups, size):
+    """A strided 1x1 conv (ResNet's downsampling) goes back as the resized channel transpose:
+    the oracle's resize + stride-1 conv_transpose2d, also where the rows are not copied evenly."""
+    torch.manual_seed(0)
+    model = seq(("conv1", nn.Conv2d(4, 8, 3, padding=1)), ("relu1", nn.ReLU()),
+                ("down", nn.Conv2d(8, 12, 1, stride=stride, padding=padding, groups=groups)), ("relu2", nn.ReLU()),
+                ("conv3", nn.Conv2d(12, 6, 3, padding=1))).double()
+    x = torch.rand(2, 4, *size, dtype=torch.float64)
+    for layer in ("down", "conv3"):
+        _assert_same_maps(visualize(model, x, layer, [0, 5]), reference_visualize(model, x, layer, [0, 5]))
+
+
 @pytest.mark.parametrize("n_in,n_out", [(55, 218), (28, 56), (27, 53), (7, 21), (5, 5), (9, 40)])
 def test_replication_runs_match_interpolate(n_in, n_out):
     from vxnb.deconv import _replication_runs
@@ -568,16 +627,12 @@ def test_replication_runs_match_interpolate(n_in, n_out):
 # --------------------------------------------------------------------------------------
 # issue 16's fast path (stride-1 transposes as conv2d with flipped weights, max-pool switches
 # once per forward, the K signals one by one through one recorded forward, the seed's zero
-# channels left out) = the implementation before it (``_reference_mode``)
+# channels left out) = the plain implementation of the test oracle (tests/deconv_reference.py)
 # --------------------------------------------------------------------------------------
 
 def _both_paths(model, x, layer, chans, resample):
-    from vxnb.deconv import _reference_mode
-
     fast = visualize(model, x, layer, chans, resample=resample)
-    with _reference_mode():
-        ref = visualize(model, x, layer, chans, resample=resample)
-    return fast, ref
+    return fast, reference_visualize(model, x, layer, chans, resample=resample)
 
 
 def _assert_same_maps(fast, ref):
@@ -722,8 +777,8 @@ def test_channels_last_max_pool_has_the_same_maxima_and_switches(kernel, stride,
 @pytest.mark.parametrize("where", ["seed_relu", "other_filter_weight"])
 def test_non_finite_values_show_on_the_fast_path_as_before(where):
     """The fast path drops nothing non-finite: a NaN activation under a closed ReLU and a NaN
-    weight of another filter of the seed conv (0 x NaN in the full transpose) still raise."""
-    from vxnb.deconv import _reference_mode
+    weight of another filter of the seed conv (0 x NaN in the full transpose) still raise,
+    where the reference has a NaN."""
 
     torch.manual_seed(0)
     model = seq(("conv1", nn.Conv2d(3, 4, 3, padding=1)), ("relu1", nn.ReLU()), ("conv2", nn.Conv2d(4, 6, 3)))
@@ -734,6 +789,7 @@ def test_non_finite_values_show_on_the_fast_path_as_before(where):
             model.conv1.bias[2] = float("nan")
         else:
             model.conv2.weight[4, 1, 0, 0] = float("nan")
-    for ref in (False, True):
-        with _reference_mode(ref), pytest.raises(ValueError, match="NaN"):
-            visualize(model, x, layer, [2 if where == "seed_relu" else 0])
+    chans = [2 if where == "seed_relu" else 0]
+    assert not torch.isfinite(reference_visualize(model, x, layer, chans)).all()
+    with pytest.raises(ValueError, match="NaN"):
+        visualize(model, x, layer, chans)

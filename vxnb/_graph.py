@@ -363,7 +363,7 @@ _IDENTITY_MODULES: tuple[type, ...] = (
 )
 # Modules whose every output element depends on every input position.
 _WHOLE_MODULES: tuple[type, ...] = (nn.Flatten, nn.Linear, nn.InstanceNorm2d, nn.LayerNorm, nn.Softmax,
-                                    nn.LogSoftmax)
+                                    nn.LogSoftmax, nn.MultiheadAttention)
 _ADAPTIVE = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 _IDENTITY_FUNCS = {

@@ -1,52 +1,83 @@
-"""DeconvNet + guided backpropagation, plain and resampled (Sec. 3.2-3.3 of the paper).
+"""DeconvNet + guided backpropagation, plain and resampled (Sec. 3.2-3.3 of the paper), for
+ReLU CNNs and for the modern CNNs and vision transformers of torchvision (issue 25).
 
 :func:`visualize` pushes an image forward until a layer ``p``, keeps the activation map of
 filter ``q`` (every other channel zeroed) and carries it back to the input space. Every
-module on the way is carried back by a *rule* (a small object bound to a module type, as
-in zennit), applied in a context manager that leaves the model exactly as it was:
+operation on the way is carried back by a *rule*. Rules come in a :class:`Composite`
+passed per call (``visualize(..., composite=...)``, ``vxnb.explanations.explain(...,
+composite=...)``; default :data:`DEFAULT_COMPOSITE`), as in zennit: nothing global is
+edited, and ``DEFAULT_COMPOSITE.with_rules({...})`` (or a plain dict, merged onto the
+default) adds or replaces a rule for one call. A composite maps
 
-- ``nn.ReLU`` (also ``inplace=True``): guided backprop, the signal passes where the
-  forward input > 0 AND the signal > 0.
-- ``nn.Conv2d``: the transpose convolution. With ``resample=True`` and stride S > 1 the
-  incoming B x B signal is resized (nearest neighbour) to A + 2O - M_eff + 1 and passed
-  through the stride-1 transpose (same padding, dilation, groups): exactly A x A again,
-  also when the forward rounded. Computed without the resize: rows the resize copies r
-  times go through one stride-r transpose with the kernel convolved by an r x r box
-  (the same sums; the cost of the plain strided backward; see ``_box_transpose``).
-- ``nn.MaxPool2d``: the switches; resampled: resize, then the switches of the stride-1
-  max-pooling of the same forward input (windows sharing a maximum add up).
-- ``nn.AvgPool2d``: the average transpose; resampled: resize, then the stride-1 one.
-- ``nn.Linear``, ``nn.BatchNorm2d`` (eval statistics: the call runs in eval mode),
-  ``nn.AdaptiveAvgPool2d``, ``nn.Dropout`` (identity in eval), ``nn.Flatten``,
-  ``nn.Identity``, and the structural operations of a custom ``forward`` (additions as
-  in ResNet's ``out += identity``, ``torch.cat``, view / reshape / flatten, mean,
-  slicing, products with constants): their transpose, i.e. plain autograd -- linear
-  maps whose biases drop out, as in DeconvNet.
+- an *operation name* (``"relu"``, ``"gelu"``, ``"layer_norm"``, ``"conv2d"``, ``"mul"``, ...:
+  the name of the torch function, in-place and operator spellings folded, so ``F.relu``,
+  ``torch.relu``, ``x.relu()`` and ``x.relu_()`` are all ``"relu"``) to an :class:`OpRule`.
+  Op rules attach where autograd records the operation -- whichever module or custom
+  ``forward`` calls it -- through a ``TorchFunctionMode`` active during the call;
+- a *module type* to a :class:`Rule` (modules with parameters must have one; a rule may
+  replace the module's forward, zennit-style).
 
-Anything else on the path from the input to the seed layer is an error, never a silent
-plain gradient: a leaf module with parameters and no rule (``LayerNorm``, a custom
-layer), a module or functional call with a nonlinearity (``nn.Sigmoid``, ``nn.GELU``,
-``F.relu`` in a custom ``forward``, ``torch.sigmoid``, upsampling), the product of two
-signals (gating, attention), and -- with ``resample=True`` -- a *functional* strided
-convolution or pooling (``F.conv2d(x, w, stride=2)``), which would escape resampling.
-This is checked on the autograd graph of each call (see :func:`visualize`).
+The default rules, each with its source:
 
-Speed (issue 16; the same maps as before to float rounding, tested against the earlier
-implementation kept behind ``_reference_mode``): stride-1 transposes run as ``conv2d`` with
-the flipped, channel-swapped weight (flipped once per forward, so a model changed in place
-is never served stale weights); the first transpose at a conv seed uses only the seed's
-non-zero channel; the resampled max-pool's stride-1 switches are found once per forward (and its
-poolings run on a channels-last copy: the same maxima and switches, faster); the
-K signals reuse one recorded forward (:class:`RecordedForward`), which
-``vxnb.explanations.explain`` shares with its prediction.
+- **ReLU in any form** (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``.relu_()`` in place):
+  guided backprop, g_in = max(g, 0) * 1[x > 0] (Springenberg et al. 2015, "Striving for
+  simplicity"; the DeconvNet half, max(g, 0), is Zeiler & Fergus 2014).
+- **Any other pointwise activation f** (ReLU6/Hardtanh, LeakyReLU, ELU, SELU, CELU, SiLU,
+  GELU, Hardswish, Mish, Softplus, Tanh, Sigmoid, Hardsigmoid): g_in = max(g, 0) *
+  max(f'(x), 0) -- the same two halves (signal > 0, the local gate opened by the forward),
+  which reduces to guided backprop for ReLU (:class:`GuidedActivationRule`).
+- **Multiplicative gates and attention weights** (squeeze-excitation ``x * sigmoid(s)``,
+  ``softmax(q k^T) @ v``): the output of a sigmoid, hard-sigmoid or softmax used as a factor of
+  a product (``*``, ``matmul``, ``bmm``, ``einsum``) with another signal is held constant:
+  g_x = g * s and nothing flows into the gate branch (Arras et al. 2017, "signal-take-all";
+  Ali et al., ICML 2022, "XAI for Transformers", for the attention weights).
+  ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``
+  (``F.multi_head_attention_forward``) are computed with their softmax weights held
+  constant: the signal flows through the values (Ali et al. 2022).
+- **LayerNorm, LayerNorm2d (torchvision's ConvNeXt), GroupNorm**: sigma held constant, the
+  centring kept: y = (x - mean(x)) / sigma.detach() * w + b (Ali et al. 2022).
+- **Conv2d** (module or ``F.conv2d``): the transpose convolution. With ``resample=True`` and
+  stride S > 1 (patch embeddings such as ViT-B/16's 16x16 stride 16 and Swin's 4x4 stride 4,
+  strided depthwise convolutions, downsampling layers) the incoming B x B signal is resized
+  (nearest neighbour) to A + 2O - M_eff + 1 and passed through the stride-1 transpose (same
+  padding, dilation, groups): exactly A x A again, also when the forward rounded. Computed
+  without the resize: rows the resize copies r times go through one stride-r transpose with
+  the kernel convolved by an r x r box (the same sums; see ``_box_transpose``).
+- **Swin's patch merging** (a 2x2 stride-2 space-to-depth selection before its norm and
+  linear reduction): resampled the same way (:class:`PatchMergingRule`).
+- **max_pool2d** (module or functional, e.g. Inception-v3's ``F.max_pool2d(x, 3, 2)``): the
+  switches; resampled: resize, then the switches of the stride-1 max-pooling of the same
+  forward input (windows sharing a maximum add up). **avg_pool2d**: the average transpose;
+  resampled: resize, then the stride-1 one.
+- Linear maps and structure, passed as they are (their transpose, plain autograd, biases
+  dropping out as in DeconvNet): ``nn.Linear``, ``nn.BatchNorm2d`` (eval statistics: the call
+  runs in eval mode), adaptive average pooling, dropout and stochastic depth (identity in
+  eval), flatten, permutes, reshapes, rolls, slicing, padding, concatenations, additions,
+  means, products with constants or parameters (ConvNeXt's layer scale).
+
+Anything else on the path from the input to the seed layer is an error naming the module and
+the operation, never a silent plain gradient: a leaf module with parameters and no rule, an
+operation without a rule (upsampling, a softmax that is not a gate, ...), the product of two
+signals neither of which is a gate, and -- with ``resample=True`` -- a strided operation no
+rule resamples. This is checked on the autograd graph of each call (see :func:`visualize`).
+
+Speed (issue 16): stride-1 transposes run as ``conv2d`` with the flipped, channel-swapped
+weight (flipped once per forward, so a model changed in place is never served stale weights);
+the first transpose at a conv seed uses only the seed's non-zero channel; the resampled
+max-pool's stride-1 switches are found once per forward (on a channels-last copy: the same
+maxima and switches, faster); the K signals reuse one recorded forward
+(:class:`RecordedForward`), which ``vxnb.explanations.explain`` shares with its prediction.
+The plain implementation these are tested against lives in ``tests/deconv_reference.py``.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import re
 import warnings
-from typing import Any, Callable, Iterator, Sequence
+import weakref
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -63,14 +94,22 @@ __all__ = [
     "signed_rgb",
     "grid_score",
     "applied_rules",
+    "Composite",
+    "DEFAULT_COMPOSITE",
+    "as_composite",
     "Rule",
     "TransposeRule",
-    "GuidedReLURule",
-    "ConvRule",
-    "MaxPoolRule",
-    "AvgPoolRule",
+    "ParameterRule",
     "BatchNormRule",
-    "RULES",
+    "OpRule",
+    "GuidedReLURule",
+    "GuidedActivationRule",
+    "HeldGateRule",
+    "NormRule",
+    "AttentionRule",
+    "ConvRule",
+    "PoolRule",
+    "PatchMergingRule",
     "UnsupportedModuleError",
 ]
 
@@ -103,41 +142,142 @@ def _resize(g: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(g, size=size, mode="nearest")
 
 
+def _strided(stride: Any) -> bool:
+    return any(s > 1 for s in _pair(stride))
+
+
+class _ConvSpec(NamedTuple):
+    """The arguments of one ``F.conv2d`` call (an ``nn.Conv2d`` has the same attributes)."""
+    weight: Tensor
+    stride: Any
+    padding: Any
+    dilation: Any
+    groups: int
+
+
+class _PoolSpec(NamedTuple):
+    """The arguments of one ``F.max_pool2d`` / ``F.avg_pool2d`` call."""
+    kernel_size: Any
+    stride: Any
+    padding: Any
+    dilation: Any = 1
+    ceil_mode: bool = False
+    count_include_pad: bool = True
+    divisor_override: int | None = None
+
+
+def _conv_padding(m: Any) -> tuple[int, int]:
+    if isinstance(m.padding, str):  # 'valid' (0); 'same' only exists at stride 1
+        if m.padding == "valid":
+            return (0, 0)
+        raise UnsupportedModuleError(f"Conv2d with padding={m.padding!r} and stride {m.stride}")
+    return _pair(m.padding)
+
+
+# --------------------------------------------------------------------------------------
+# The backward passes of the rules (autograd Functions)
+# --------------------------------------------------------------------------------------
+
 class _GuidedReLU(torch.autograd.Function):
+    """ReLU whose backward is guided backprop: max(g, 0) * 1[x > 0]."""
+
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x > 0)
+    def forward(ctx: Any, x: Tensor, inplace: bool = False) -> Tensor:  # type: ignore[override]
+        mask = x > 0
+        ctx.save_for_backward(mask)
+        if inplace:
+            ctx.mark_dirty(x)
+            return x.clamp_min_(0)
         return x.clamp_min(0)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return g.clamp_min(0).mul_(mask)  # in place on the new tensor: one pass less
-
-
-class _ResampledConv2d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, module: nn.Conv2d) -> Tensor:  # type: ignore[override]
-        ctx.module = module
-        ctx.in_size = tuple(x.shape[-2:])
-        return module._conv_forward(x, module.weight, module.bias)
-
-    @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        m: nn.Conv2d = ctx.module
-        padding, dilation = _conv_padding(m), _pair(m.dilation)
-        size = _stride1_size(ctx.in_size, _pair(m.kernel_size), padding, dilation)
-        runs = [_replication_runs(b, a) for b, a in zip(g.shape[-2:], size)]
-        if len(runs[0]) * len(runs[1]) <= _MAX_BOX_PIECES:
-            return _box_transpose(g, m.weight, runs, padding, dilation, m.groups, ctx.in_size), None
-        gx = F.conv_transpose2d(_resize(g, size), m.weight, None, stride=1, padding=padding,
-                                groups=m.groups, dilation=dilation)
-        return gx, None
+        (mask,) = ctx.saved_tensors
+        return g.clamp_min(0).mul_(mask), None  # in place on the new tensor: one pass less
+
+
+class _GuidedActivation(torch.autograd.Function):
+    """A pointwise activation ``f`` whose backward is max(g, 0) * max(f'(x), 0); f'(x) is
+    autograd's own derivative of ``f`` at the forward input, found once per forward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, f: Callable[[Tensor], Tensor], inplace: bool = False) -> Tensor:  # type: ignore[override]
+        with torch.enable_grad():
+            xd = x.detach().requires_grad_(True)
+            y = f(xd)
+            (d,) = torch.autograd.grad(y, xd, torch.ones_like(y))
+        ctx.save_for_backward(d.clamp_min_(0))
+        y = y.detach()
+        if inplace:
+            ctx.mark_dirty(x)
+            return x.copy_(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (d,) = ctx.saved_tensors
+        return g.clamp_min(0).mul_(d), None, None
+
+
+class _HeldSigmaNorm(torch.autograd.Function):
+    """LayerNorm (``shape``) or GroupNorm (``groups``) forward (the fused kernels); backward with
+    sigma held constant, the centring kept: t = g * w / sigma, g_in = t - mean(t) over the
+    normalised elements (the transpose of x -> (x - mean(x)) w / sigma)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor | None, b: Tensor | None, eps: float,  # type: ignore[override]
+                shape: tuple[int, ...] | None, groups: int | None) -> Tensor:
+        if shape is not None:
+            y, _, rstd = torch.native_layer_norm(x, shape, w, b, eps)
+        else:
+            N, C = x.shape[:2]
+            y, _, rstd = torch.native_group_norm(x, w, b, N, C, x[0, 0].numel(), groups, eps)
+        ctx.save_for_backward(rstd, w)
+        ctx.shape, ctx.groups = shape, groups
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        rstd, w = ctx.saved_tensors
+        if ctx.shape is not None:
+            t = (g * w if w is not None else g) * rstd
+            dims = tuple(range(-len(ctx.shape), 0))
+            return t - t.mean(dims, keepdim=True), None, None, None, None, None
+        shape = g.shape
+        if w is not None:
+            g = g * w.reshape((1, -1) + (1,) * (g.dim() - 2))
+        t = g.reshape(shape[0], ctx.groups, -1) * rstd.unsqueeze(-1)
+        return (t - t.mean(-1, keepdim=True)).reshape(shape), None, None, None, None, None
+
+
+class _SpaceToDepth(torch.autograd.Function):
+    """(..., H, W, C), H and W even -> (..., H/2, W/2, 4C), the phases (0, 0), (1, 0), (0, 1),
+    (1, 1) concatenated as torchvision's Swin patch merging does: a 2x2 stride-2 selection. The
+    backward is resampled: the signal resized to the stride-1 size (H - 1, W - 1), each phase's
+    share added back at its offset (the stride-1 transpose of the selection)."""
+
+    _PHASES = ((0, 0), (1, 0), (0, 1), (1, 1))
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.shape = x.shape
+        return torch.cat([x[..., dy::2, dx::2, :] for dy, dx in _SpaceToDepth._PHASES], -1)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
+        H, W, C = ctx.shape[-3:]
+        gm = g.reshape(-1, H // 2, W // 2, 4 * C).permute(0, 3, 1, 2)
+        gr = _resize(gm, (H - 1, W - 1))
+        out = sum(F.pad(gr[:, k * C:(k + 1) * C], (dx, 1 - dx, dy, 1 - dy))
+                  for k, (dy, dx) in enumerate(_SpaceToDepth._PHASES))
+        return out.permute(0, 2, 3, 1).reshape(ctx.shape)
 
 
 #: the resampled conv backward goes the strided way (:func:`_box_transpose`) when the
-#: nearest-neighbour resize splits into at most this many pieces (runs of rows × runs of
+#: nearest-neighbour resize splits into at most this many pieces (runs of rows x runs of
 #: columns replicated the same number of times); 1 where every row is replicated S times.
+#: (Not the resize: the stride-1 backward of ViT-B/16's 16x16 patch embedding on the resized
+#: 209 x 209 signal costs about 60x the strided one; the boxed kernels are kept per forward.)
 _MAX_BOX_PIECES = 64
 
 
@@ -165,30 +305,32 @@ def _replication_runs(n_in: int, n_out: int) -> tuple[tuple[int, int, int, int],
 
 def _box_transpose(g: Tensor, weight: Tensor, runs: list[tuple[tuple[int, int, int, int], ...]],
                    padding: tuple[int, int], dilation: tuple[int, int], groups: int,
-                   in_size: tuple[int, int]) -> Tensor:
+                   in_size: tuple[int, int], boxed: dict[tuple[int, int], Tensor] | None = None) -> Tensor:
     """``conv_transpose2d(resize(g), weight, stride=1)``, computed without the resize.
 
     Where the resize copies each of n consecutive rows r times, the stride-1 transpose of
     the copies is the stride-r transpose of those n rows with the kernel convolved by an
     r-long box (both sums run over the same products): the cost of the plain strided
     backward. Each (row run, column run) piece is one such transpose, placed at its output
-    offset; the pieces add up (one piece when every row is copied S times).
+    offset; the pieces add up (one piece when every row is copied S times). ``boxed`` keeps
+    the boxed kernels for the later signals of the same forward.
     """
     (ph, pw), (dh, dw) = padding, dilation
     kh, kw = weight.shape[-2:]
     Mh, Mw = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    dense = weight.new_zeros(*weight.shape[:2], Mh, Mw)
-    dense[..., ::dh, ::dw] = weight
-    boxed: dict[tuple[int, int], Tensor] = {}
+    boxed = {} if boxed is None else boxed
     out = None
     for b0, nb, rh, oh in runs[0]:
         for c0, nc, rw, ow in runs[1]:
             k = boxed.get((rh, rw))
             if k is None:
-                k = weight.new_zeros(*weight.shape[:2], Mh + rh - 1, Mw + rw - 1)
-                for s in range(rh):
-                    for t in range(rw):
-                        k[..., s:s + Mh, t:t + Mw] += dense
+                dense = weight if (dh, dw) == (1, 1) else weight.new_zeros(*weight.shape[:2], Mh, Mw)
+                if (dh, dw) != (1, 1):
+                    dense[..., ::dh, ::dw] = weight
+                if rh * rw <= 16:  # a few shifted copies (ResNet's 2 x 2)
+                    k = sum(F.pad(dense, (t, rw - 1 - t, s, rh - 1 - s)) for s in range(rh) for t in range(rw))
+                else:  # a patch embedding's 15 x 15: cumulative sums, in float64
+                    k = _box_sum(_box_sum(dense.double(), rh, -2), rw, -1).to(weight.dtype)
                 boxed[(rh, rw)] = k
             if len(runs[0]) == 1 and len(runs[1]) == 1:  # the whole signal: padding crops
                 return F.conv_transpose2d(g, k, None, stride=(rh, rw), padding=(ph, pw), groups=groups)
@@ -200,6 +342,16 @@ def _box_transpose(g: Tensor, weight: Tensor, runs: list[tuple[tuple[int, int, i
     return _window(out, ph, in_size[0], pw, in_size[1])
 
 
+def _box_sum(t: Tensor, r: int, dim: int) -> Tensor:
+    """out[i] = sum_{s < r} t[i - s] along ``dim`` (length n + r - 1): the kernel convolved by
+    an r-long box, as a difference of cumulative sums (two passes, not r; float64 callers)."""
+    if r == 1:
+        return t
+    n = t.shape[dim]
+    c = F.pad(t, (r, r - 1) if dim == -1 else (0, 0, r, r - 1)).cumsum(dim)
+    return c.narrow(dim, r, n + r - 1) - c.narrow(dim, 0, n + r - 1)
+
+
 def _window(t: Tensor, r0: int, nr: int, c0: int, nc: int) -> Tensor:
     """``t[..., r0:r0 + nr, c0:c0 + nc]``, leaving out full slices (an ``alias``, which the
     vmapped backward cannot batch)."""
@@ -208,21 +360,8 @@ def _window(t: Tensor, r0: int, nr: int, c0: int, nc: int) -> Tensor:
     return t if nc == t.shape[-1] else t.narrow(-1, c0, nc)
 
 
-class _ResampledMaxPool2d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, module: nn.MaxPool2d) -> Tensor:  # type: ignore[override]
-        ctx.module = module
-        ctx.save_for_backward(x)
-        return F.max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation,
-                            ceil_mode=module.ceil_mode)
 
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return _stride1_pool_backward(ctx.module, x, g, lambda *a: F.max_pool2d(*a, return_indices=True)[1]), None
-
-
-def _stride1_pool_backward(m: nn.MaxPool2d, x: Tensor, g: Tensor, switches: Callable[..., Tensor]) -> Tensor:
+def _stride1_pool_backward(m: Any, x: Tensor, g: Tensor, switches: Callable[..., Tensor]) -> Tensor:
     """The resampled max-pool backward: ``g`` resized to the stride-1 pooling's size, carried
     to the switches ``switches(x, k, 1, p, d)`` of the stride-1 max-pooling of the same forward
     input; overlapping windows that share a maximum add up (the transpose of the selection)."""
@@ -234,16 +373,18 @@ def _stride1_pool_backward(m: nn.MaxPool2d, x: Tensor, g: Tensor, switches: Call
 
 
 class _ResampledAvgPool2d(torch.autograd.Function):
+    """Strided average pooling whose backward is the stride-1 one on the resized signal."""
+
     @staticmethod
-    def forward(ctx: Any, x: Tensor, module: nn.AvgPool2d) -> Tensor:  # type: ignore[override]
-        ctx.module = module
+    def forward(ctx: Any, x: Tensor, m: _PoolSpec) -> Tensor:  # type: ignore[override]
+        ctx.m = m
         ctx.save_for_backward(x)
-        return F.avg_pool2d(x, module.kernel_size, module.stride, module.padding, module.ceil_mode,
-                            module.count_include_pad, module.divisor_override)
+        return F.avg_pool2d(x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+                            m.divisor_override)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        m: nn.AvgPool2d = ctx.module
+        m = ctx.m
         (x,) = ctx.saved_tensors
         k, p = _pair(m.kernel_size), _pair(m.padding)
         size = _stride1_size(x.shape[-2:], k, p, (1, 1))
@@ -252,36 +393,15 @@ class _ResampledAvgPool2d(torch.autograd.Function):
         return gx, None
 
 
-_OUR_FUNCTIONS = (_GuidedReLU, _ResampledConv2d, _ResampledMaxPool2d, _ResampledAvgPool2d)
-
-
-# --------------------------------------------------------------------------------------
-# The fast path (issue 16): the same maps as the functions above (the *reference*, still
-# selected by :func:`_reference_mode`), computed with less work per backward. The K
-# signals of a call go back one after the other through one recorded forward
-# (``retain_graph``) on the CPU, where a batch of K is no faster per signal than K
-# batches of one (measured: slower at 224 px), and vmapped (``is_grads_batched``) elsewhere.
-# --------------------------------------------------------------------------------------
-
-#: True: rules, backward and explain() as before issue 16 (tests compare the two paths).
-_REFERENCE = False
+# The K signals of a call go back one after the other through one recorded forward
+# (``retain_graph``) on the CPU, where a batch of K is no faster per signal than K batches of
+# one (measured: slower at 224 px), and vmapped (``is_grads_batched``) elsewhere.
 #: None: the K signals go back one by one on the CPU and vmapped elsewhere; True / False
 #: forces the vmapped / the one-by-one backward (tests run both).
 _BATCHED: bool | None = None
 # Measured and left out: channels-last signals (oneDNN's conv2d is faster on them at 224 px /
 # 64 channels, but converting them to and from the NCHW masks and pool inputs costs as much;
 # a channels-last forward rounds activations differently and flips ReLU masks: not exact).
-
-
-@contextlib.contextmanager
-def _reference_mode(on: bool = True) -> Iterator[None]:
-    """Run the implementation as it was before the fast path (for tests and the benchmark)."""
-    global _REFERENCE
-    old, _REFERENCE = _REFERENCE, on
-    try:
-        yield
-    finally:
-        _REFERENCE = old
 
 
 def _flip_weight(weight: Tensor, groups: int) -> Tensor:
@@ -293,10 +413,12 @@ def _flip_weight(weight: Tensor, groups: int) -> Tensor:
     return wf.contiguous()
 
 
-def _fast_conv_ok(m: nn.Conv2d, resample: bool) -> bool:
-    """Conv2d modules :class:`_FastConv2d` carries back: zero padding given as numbers (or
-    'valid'), at stride 1, or strided with ``resample``; others keep autograd's transpose."""
-    if m.padding_mode != "zeros" or (isinstance(m.padding, str) and m.padding != "valid"):
+
+
+def _fast_conv_ok(m: Any, resample: bool) -> bool:
+    """Convolutions :class:`_FastConv2d` carries back: padding given as numbers (or 'valid'),
+    at stride 1, or strided with ``resample``; others keep autograd's transpose."""
+    if getattr(m, "padding_mode", "zeros") != "zeros" or (isinstance(m.padding, str) and m.padding != "valid"):
         return False
     return resample or not _strided(m.stride)
 
@@ -331,26 +453,47 @@ def _finite(weight: Tensor, cache: dict[str, Tensor]) -> bool:
     return bool(cache["finite"])
 
 
-def _conv_transpose(m: nn.Conv2d, g: Tensor, in_size: tuple[int, int], resample: bool,
+def _conv_transpose(m: Any, g: Tensor, in_size: tuple[int, int], resample: bool,
                     cache: dict[str, Tensor], seed: bool = False) -> Tensor:
-    """The DeconvNet transpose of conv ``m`` (stride 1, or resampled when strided) applied to
-    ``g``. With ``seed`` (``g`` is the seed at this conv's output), its all-zero channels are
-    left out (groups = 1; with the weight's slice: the same sums without the zero terms).
-    ``cache`` keeps the flipped weight for the later signals of the same forward."""
+    """The DeconvNet transpose of the convolution ``m`` (an ``nn.Conv2d`` or a
+    :class:`_ConvSpec`; stride 1, or resampled when strided) applied to ``g``. With ``seed``
+    (``g`` is the seed at this conv's output), its all-zero channels are left out (groups = 1;
+    with the weight's slice: the same sums without the zero terms). ``cache`` keeps the
+    flipped weight for the later signals of the same forward."""
     weight = m.weight.detach()
     channels = _nonzero_channels(g) if seed and m.groups == 1 and _finite(weight, cache) else None
     if channels is not None:
         g = g.index_select(1, channels)
     padding, dilation = _conv_padding(m), _pair(m.dilation)
-    if _strided(m.stride):  # resampled: as _ResampledConv2d.backward
+    if _strided(m.stride) and tuple(weight.shape[-2:]) == (1, 1):
+        # a 1x1 kernel mixes channels only: the stride-1 transpose of the resized signal is the
+        # resized channel transpose (ResNet's downsampling: S^2 times fewer products than boxed)
+        wf = cache.get("flipped")
+        if wf is None:
+            wf = cache["flipped"] = _flip_weight(weight, m.groups)
+        if channels is not None:
+            wf = wf.index_select(1, channels)
+        z = _resize(F.conv2d(g, wf, None, 1, 0, 1, m.groups), _stride1_size(in_size, (1, 1), padding, (1, 1)))
+        return _window(z, padding[0], in_size[0], padding[1], in_size[1])
+    if _strided(m.stride):  # resampled: resize to the stride-1 size, stride-1 transpose
         if channels is not None:
             weight = weight.index_select(0, channels)
-        size = _stride1_size(in_size, _pair(m.kernel_size), padding, dilation)
+        size = _stride1_size(in_size, tuple(weight.shape[-2:]), padding, dilation)
         runs = [_replication_runs(b, a) for b, a in zip(g.shape[-2:], size)]
-        if len(runs[0]) * len(runs[1]) <= _MAX_BOX_PIECES:
-            return _box_transpose(g, weight, runs, padding, dilation, m.groups, in_size)
-        return F.conv_transpose2d(_resize(g, size), weight, None, stride=1, padding=padding,
-                                  groups=m.groups, dilation=dilation)
+        pieces = len(runs[0]) * len(runs[1])
+        if pieces <= _MAX_BOX_PIECES:
+            boxed = cache.setdefault("boxed", {}) if channels is None else None  # sliced weights differ
+            return _box_transpose(g, weight, runs, padding, dilation, m.groups, in_size, boxed)
+        g = _resize(g, size)
+        kh, kw = weight.shape[-2:]
+        flipped_pad = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
+        if channels is not None or min(flipped_pad) < 0:
+            return F.conv_transpose2d(g, weight, None, stride=1, padding=padding, groups=m.groups,
+                                      dilation=dilation)
+        wf = cache.get("flipped")
+        if wf is None:
+            wf = cache["flipped"] = _flip_weight(weight, m.groups)
+        return F.conv2d(g, wf, None, 1, flipped_pad, dilation, m.groups)
     kh, kw = weight.shape[-2:]
     flipped_pad = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
     if min(flipped_pad) < 0:  # padding wider than the kernel: the transpose as it is
@@ -370,14 +513,14 @@ class _FastConv2d(torch.autograd.Function):
     """Conv2d at stride 1 (or strided and resampled): the backward is :func:`_conv_transpose`."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, module: nn.Conv2d, resample: bool) -> Tensor:  # type: ignore[override]
-        ctx.module, ctx.resample, ctx.cache, ctx.seed = module, resample, {}, False
+    def forward(ctx: Any, x: Tensor, spec: _ConvSpec, bias: Tensor | None, resample: bool) -> Tensor:  # type: ignore[override]
+        ctx.spec, ctx.resample, ctx.cache, ctx.seed = spec, resample, {}, False
         ctx.in_size = tuple(x.shape[-2:])
-        return module._conv_forward(x, module.weight, module.bias)
+        return F.conv2d(x, spec.weight, bias, spec.stride, spec.padding, spec.dilation, spec.groups)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        return _conv_transpose(ctx.module, g, ctx.in_size, ctx.resample, ctx.cache, ctx.seed), None, None
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        return _conv_transpose(ctx.spec, g, ctx.in_size, ctx.resample, ctx.cache, ctx.seed), None, None, None
 
 
 def _max_pool2d(x: Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -390,16 +533,17 @@ def _max_pool2d(x: Tensor, *args: Any, **kwargs: Any) -> Any:
     return tuple(t.contiguous() for t in out) if isinstance(out, tuple) else out.contiguous()
 
 
+
+
 class _FastMaxPool2d(torch.autograd.Function):
-    """Resampled MaxPool2d; the stride-1 switches are found once per forward (at the first
+    """Resampled max-pooling; the stride-1 switches are found once per forward (at the first
     backward), not once per signal."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, module: nn.MaxPool2d) -> Tensor:  # type: ignore[override]
-        ctx.module, ctx.idx = module, None
+    def forward(ctx: Any, x: Tensor, m: _PoolSpec) -> Tensor:  # type: ignore[override]
+        ctx.m, ctx.idx = m, None
         ctx.save_for_backward(x)
-        return _max_pool2d(x, module.kernel_size, module.stride, module.padding, module.dilation,
-                           ceil_mode=module.ceil_mode)
+        return _max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, ceil_mode=m.ceil_mode)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
@@ -410,22 +554,16 @@ class _FastMaxPool2d(torch.autograd.Function):
                 ctx.idx = _max_pool2d(*args, return_indices=True)[1]
             return ctx.idx
 
-        return _stride1_pool_backward(ctx.module, x, g, switches), None
+        return _stride1_pool_backward(ctx.m, x, g, switches), None
 
 
-_OUR_FUNCTIONS = _OUR_FUNCTIONS + (_FastConv2d, _FastMaxPool2d)
-
-
-def _conv_padding(m: nn.Conv2d) -> tuple[int, int]:
-    if isinstance(m.padding, str):  # 'valid' (0); 'same' only exists at stride 1
-        if m.padding == "valid":
-            return (0, 0)
-        raise UnsupportedModuleError(f"Conv2d with padding={m.padding!r} and stride {m.stride}")
-    return _pair(m.padding)
+_OUR_FUNCTIONS = (_GuidedReLU, _GuidedActivation, _HeldSigmaNorm, _SpaceToDepth, _FastConv2d, _FastMaxPool2d,
+                  _ResampledAvgPool2d)
 
 
 # --------------------------------------------------------------------------------------
-# Rules: small objects bound to module types.
+# Rules. Module rules: small objects bound to module types. Op rules: small objects bound
+# to operation names, applied where the operation is called (see _Tracer).
 # --------------------------------------------------------------------------------------
 
 class Rule:
@@ -434,9 +572,11 @@ class Rule:
     ``check(module, name, resample)`` raises :class:`UnsupportedModuleError` for a
     configuration the rule cannot handle; ``forward(module, resample)`` returns a
     replacement forward ``f(x) -> Tensor`` (whose autograd backward is the rule), or
-    ``None`` to keep the module's own forward because its autograd transpose already is
-    the DeconvNet rule.
+    ``None`` to keep the module's own forward. ``vouches``: the operations inside the module
+    are covered by the rule (True), or each is checked against the op rules (False).
     """
+
+    vouches = True
 
     def check(self, module: nn.Module, name: str, resample: bool) -> None:
         return None
@@ -449,67 +589,19 @@ class Rule:
 
 
 class TransposeRule(Rule):
-    """Linear maps and structural ops: the backward is the transpose (plain autograd)."""
+    """A linear module carried back by its transpose (plain autograd), e.g. your own
+    ``nn.Module`` type: ``composite=DEFAULT_COMPOSITE.with_rules({MyLinearLayer: TransposeRule()})``."""
 
 
-class GuidedReLURule(Rule):
-    """ReLU: pass the signal where the forward input > 0 and the signal > 0 (also for
-    ``inplace=True``: the replacement forward is out of place)."""
+class ParameterRule(Rule):
+    """A module with parameters whose operations are each carried back by the op rules
+    (Conv2d, Linear, LayerNorm, LayerNorm2d, GroupNorm): allowed on the path, nothing vouched."""
 
-    def forward(self, module: nn.Module, resample: bool) -> Callable[[Tensor], Tensor]:
-        return _GuidedReLU.apply
-
-
-def _strided(stride: Any) -> bool:
-    return any(s > 1 for s in _pair(stride))
-
-
-class ConvRule(Rule):
-    """Conv2d: transpose convolution; resampled at stride 1 when ``resample`` and S > 1."""
-
-    def check(self, module: nn.Module, name: str, resample: bool) -> None:
-        if resample and _strided(module.stride):
-            if module.padding_mode != "zeros":
-                raise UnsupportedModuleError(
-                    f"module {name!r} ({type(module).__name__}): resampling supports padding_mode='zeros' "
-                    f"only, got {module.padding_mode!r}; use resample=False")
-            _conv_padding(module)
-
-    def forward(self, module: nn.Module, resample: bool) -> Callable[[Tensor], Tensor] | None:
-        if not _REFERENCE and _fast_conv_ok(module, resample):
-            return lambda x: _FastConv2d.apply(x, module, resample)
-        if resample and _strided(module.stride):
-            return lambda x: _ResampledConv2d.apply(x, module)
-        return None
-
-
-class MaxPoolRule(Rule):
-    """MaxPool2d: switches; resampled: switches of the stride-1 pooling of the same input."""
-
-    def check(self, module: nn.Module, name: str, resample: bool) -> None:
-        if module.return_indices:
-            raise UnsupportedModuleError(
-                f"module {name!r} ({type(module).__name__}) with return_indices=True has no rule")
-
-    def forward(self, module: nn.Module, resample: bool) -> Callable[[Tensor], Tensor] | None:
-        if resample and _strided(module.stride):
-            if not _REFERENCE:
-                return lambda x: _FastMaxPool2d.apply(x, module)
-            return lambda x: _ResampledMaxPool2d.apply(x, module)
-        return None
-
-
-class AvgPoolRule(Rule):
-    """AvgPool2d: the average transpose; resampled: the stride-1 average transpose."""
-
-    def forward(self, module: nn.Module, resample: bool) -> Callable[[Tensor], Tensor] | None:
-        if resample and _strided(module.stride):
-            return lambda x: _ResampledAvgPool2d.apply(x, module)
-        return None
+    vouches = False
 
 
 class BatchNormRule(Rule):
-    """BatchNorm2d in eval mode is an affine map: its transpose (scale by w / sqrt(var + eps))."""
+    """BatchNorm in eval mode is an affine map: its transpose (scale by w / sqrt(var + eps))."""
 
     def check(self, module: nn.Module, name: str, resample: bool) -> None:
         if module.running_mean is None:
@@ -518,43 +610,445 @@ class BatchNormRule(Rule):
                 "with batch statistics even in eval mode, which is not an affine map")
 
 
-#: Module type -> rule. Register a rule for your own module type here (a subclass that
-#: overrides ``forward`` does not inherit its base class's rule).
-RULES: dict[type, Rule] = {
-    nn.ReLU: GuidedReLURule(),
-    nn.Conv2d: ConvRule(),
-    nn.MaxPool2d: MaxPoolRule(),
-    nn.AvgPool2d: AvgPoolRule(),
-    nn.BatchNorm2d: BatchNormRule(),
-    nn.Linear: TransposeRule(),
-    nn.AdaptiveAvgPool2d: TransposeRule(),
-    nn.Dropout: TransposeRule(),
-    nn.Dropout2d: TransposeRule(),
-    nn.Flatten: TransposeRule(),
-    nn.Unflatten: TransposeRule(),
-    nn.Identity: TransposeRule(),
-}
+class PatchMergingRule(Rule):
+    """Swin's patch merging (torchvision's ``PatchMerging`` / ``PatchMergingV2``): its 2x2
+    stride-2 space-to-depth selection is a downsampling layer; with ``resample`` it runs its
+    backward at stride 1 on the nearest-neighbour-resized signal (:class:`_SpaceToDepth`), the
+    norm and the linear reduction after it under their own rules."""
+
+    def forward(self, module: nn.Module, resample: bool) -> Callable[[Tensor], Tensor] | None:
+        if not resample:
+            return None
+        v2 = type(module).__name__ == "PatchMergingV2"
+
+        def merged(x: Tensor) -> Tensor:
+            H, W = x.shape[-3:-1]
+            x = _SpaceToDepth.apply(F.pad(x, (0, 0, 0, W % 2, 0, H % 2)))
+            return module.norm(module.reduction(x)) if v2 else module.reduction(module.norm(x))
+        return merged
 
 
-def _rule_for(module: nn.Module) -> Rule | None:
-    for cls in type(module).__mro__:
-        if cls in RULES:
-            # a subclass with its own forward may compute anything: no inherited rule
-            return RULES[cls] if type(module).forward is cls.forward else None
-    return None
+class OpRule:
+    """How one operation is carried backward, wherever autograd records it.
+
+    ``__call__(func, args, kwargs, ctx)`` computes the operation (the same forward values)
+    so that its autograd backward is the rule; ``ctx`` tells ``resample``, where the call is
+    (``ctx.where()``) and which tensors are gates. ``vouches``: the autograd nodes the rule's
+    own computation creates are its responsibility (True, the default: a rule that computes
+    the operation itself, e.g. :class:`NormRule` or your own autograd Function), or each is
+    checked like any other node (False: a rule that hands the call on unchanged in some cases,
+    e.g. :class:`ConvRule` for a convolution it does not resample).
+    """
+
+    vouches = True
+
+    def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
+        return func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _arg(args: Sequence[Any], kwargs: Mapping[str, Any], i: int, name: str, default: Any = None) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def _needs_rule(x: Any) -> bool:
+    return isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled()
+
+
+#: activation modules whose forward returns the activation: an ``inplace=True`` there runs out
+#: of place (the module's output is what the network uses; earlier outputs stay intact).
+_ACTIVATION_MODULES = (nn.ReLU, nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.SiLU, nn.Hardswish,
+                       nn.Mish, nn.Hardsigmoid, nn.RReLU, nn.Threshold)
+
+
+class GuidedReLURule(OpRule):
+    """ReLU in any form: guided backprop, g_in = max(g, 0) * 1[x > 0] (Springenberg et al.
+    2015; the DeconvNet half max(g, 0) from Zeiler & Fergus 2014). In place where the caller
+    asked for it (``x.relu_()``, ``F.relu(x, inplace=True)`` in a custom forward)."""
+
+    vouches = False
+
+    def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
+        if not _needs_rule(args[0]):
+            return func(*args, **kwargs)
+        return _GuidedReLU.apply(args[0], ctx.inplace(func, args, kwargs, 1))
+
+
+class GuidedActivationRule(OpRule):
+    """A pointwise activation f: g_in = max(g, 0) * max(f'(x), 0), f' autograd's derivative of
+    the same call (Springenberg et al. 2015's guided backprop, generalised: the signal's
+    positive part through the positive part of the local slope; 1[x > 0] for ReLU).
+    ``inplace_arg``: the position of the function's ``inplace`` argument (None: it has none)."""
+
+    vouches = False
+
+    def __init__(self, inplace_arg: int | None = None) -> None:
+        self.inplace_arg = inplace_arg
+
+    def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
+        x = args[0]
+        if not _needs_rule(x):
+            return func(*args, **kwargs)
+        inplace = ctx.inplace(func, args, kwargs, self.inplace_arg)
+        rest, kw = list(args[1:]), dict(kwargs)
+        kw.pop("inplace", None)
+        if self.inplace_arg is not None and len(args) > self.inplace_arg:
+            rest[self.inplace_arg - 1] = False
+        if getattr(func, "__name__", "").endswith("_"):  # x.hardtanh_(...): on a copy
+            def f(t: Tensor) -> Tensor:
+                return func(t.clone(), *rest, **kw)
+        else:
+            def f(t: Tensor) -> Tensor:
+                return func(t, *rest, **kw)
+        return _GuidedActivation.apply(x, f, inplace)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(inplace_arg={self.inplace_arg})"
+
+
+def _map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(o, fn) for o in obj)
+    return obj
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    out: list[Tensor] = []
+    _map_tensors(obj, out.append)
+    if isinstance(obj, Mapping):
+        for v in obj.values():
+            _map_tensors(v, out.append)
+    return out
+
+
+class HeldGateRule(OpRule):
+    """A product (``*``, ``matmul``, ``bmm``, ``einsum``) of a signal with a *gate* -- the
+    output of one of ``producers`` (sigmoid, hard-sigmoid, softmax), also after dropout, a
+    view or a transpose: the gate is held constant, g_x = g * s, nothing flows into the gate
+    branch (Arras et al. 2017, "signal-take-all"; the attention weights of Ali et al., ICML
+    2022). Products of two signals neither of which is a gate keep autograd's backward, and
+    the graph check refuses them."""
+
+    vouches = False
+
+    def __init__(self, producers: Sequence[str] = ("sigmoid", "hardsigmoid", "softmax")) -> None:
+        self.producers = tuple(producers)
+
+    def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
+        ts = _tensors(args)
+        gates = [t for t in ts if ctx.is_gate(t)]
+        if gates and any(t.requires_grad and not ctx.is_gate(t) for t in ts) and torch.is_grad_enabled():
+            args = _map_tensors(args, lambda t: t.detach() if ctx.is_gate(t) else t)
+        return func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(producers={self.producers})"
+
+
+class NormRule(OpRule):
+    """LayerNorm (also torchvision's LayerNorm2d, which permutes around ``F.layer_norm``) and
+    GroupNorm: y = (x - mean(x)) / sigma.detach() * w + b -- the standard deviation held
+    constant, the centring kept (Ali et al., ICML 2022, "XAI for Transformers")."""
+
+    vouches = False
+
+    def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
+        x = args[0]
+        if not _needs_rule(x):
+            return func(*args, **kwargs)
+        w, b, eps = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias"), _arg(args, kwargs, 4, "eps", 1e-5)
+        if _op_key(func) == "layer_norm":
+            shape = _arg(args, kwargs, 1, "normalized_shape")
+            shape = (shape,) if isinstance(shape, int) else tuple(shape)
+            return _HeldSigmaNorm.apply(x, w, b, float(eps), shape, None)
+        return _HeldSigmaNorm.apply(x, w, b, float(eps), None, int(_arg(args, kwargs, 1, "num_groups")))
+
+
+def _held_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+                    bool_allows: bool) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T scale + mask), held constant, times v. ``bool_allows``: a boolean mask
+    marks the allowed positions (scaled_dot_product_attention) or the masked ones (MHA)."""
+    logits = (q @ k.transpose(-2, -1)) * scale
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask if bool_allows else mask, float("-inf"))
+        else:
+            logits = logits + mask
+    w = torch.softmax(logits, dim=-1).detach()
+    return w @ v, w
+
+
+_MHA_ARGS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
+             "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
+             "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
+             "k_proj_weight", "v_proj_weight", "static_k", "static_v", "average_attn_weights", "is_causal")
+
+
+class AttentionRule(OpRule):
+    """Attention (``F.scaled_dot_product_attention``; ``nn.MultiheadAttention`` through
+    ``F.multi_head_attention_forward``): the softmax weights held constant, the signal flows
+    through the values (Ali et al., ICML 2022). Computed as softmax(q k^T / sqrt(d) + mask) @ v
+    (the same outputs to float rounding); dropout must be off (the call runs in eval mode)."""
+
+    def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
+        if not any(_needs_rule(t) for t in args[:3]):
+            return func(*args, **kwargs)
+        if _op_key(func) == "scaled_dot_product_attention":
+            return self._sdpa(args, kwargs, ctx)
+        return self._mha({**dict(zip(_MHA_ARGS, args)), **kwargs}, ctx)
+
+    @staticmethod
+    def _sdpa(args: tuple, kwargs: dict, ctx: "_Tracer") -> Tensor:
+        q, k, v = args[:3]
+        mask, p = _arg(args, kwargs, 3, "attn_mask"), _arg(args, kwargs, 4, "dropout_p", 0.0)
+        causal, scale = _arg(args, kwargs, 5, "is_causal", False), _arg(args, kwargs, 6, "scale")
+        if p or kwargs.get("enable_gqa"):
+            raise UnsupportedModuleError(f"{ctx.where()}: scaled_dot_product_attention with dropout_p={p} or "
+                                         "enable_gqa has no DeconvNet rule")
+        if causal:
+            L, S = q.shape[-2], k.shape[-2]
+            mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        return _held_attention(q, k, v, mask, scale, bool_allows=True)[0]
+
+    @staticmethod
+    def _mha(a: dict, ctx: "_Tracer") -> tuple[Tensor, Tensor | None]:
+        bad = [n for n in ("bias_k", "bias_v", "static_k", "static_v", "key_padding_mask") if a.get(n) is not None]
+        bad += [n for n in ("add_zero_attn", "is_causal") if a.get(n)]
+        if a.get("dropout_p") and a.get("training", True):
+            bad.append("dropout_p")
+        if bad:
+            raise UnsupportedModuleError(f"{ctx.where()}: multi_head_attention_forward with {', '.join(bad)} has "
+                                         "no DeconvNet rule")
+        q_in, k_in, v_in = a["query"], a["key"], a["value"]
+        unbatched = q_in.dim() == 2
+        if unbatched:
+            q_in, k_in, v_in = q_in.unsqueeze(1), k_in.unsqueeze(1), v_in.unsqueeze(1)
+        L, N, E = q_in.shape
+        S, h = k_in.shape[0], int(a["num_heads"])
+        d = E // h
+        bias = a.get("in_proj_bias")
+        bq, bk, bv = bias.chunk(3) if bias is not None else (None, None, None)
+        if a.get("use_separate_proj_weight"):
+            wq, wk, wv = a["q_proj_weight"], a["k_proj_weight"], a["v_proj_weight"]
+        else:
+            wq, wk, wv = a["in_proj_weight"].chunk(3)
+        q = F.linear(q_in, wq, bq).reshape(L, N * h, d).transpose(0, 1)
+        k = F.linear(k_in, wk, bk).reshape(S, N * h, -1).transpose(0, 1)
+        v = F.linear(v_in, wv, bv).reshape(S, N * h, -1).transpose(0, 1)
+        mask = a.get("attn_mask")
+        if mask is not None and mask.dim() == 3:
+            mask = mask.reshape(N * h, L, S)
+        out, w = _held_attention(q, k, v, mask, 1.0 / math.sqrt(d), bool_allows=False)
+        out = F.linear(out.transpose(0, 1).reshape(L, N, -1), a["out_proj_weight"], a.get("out_proj_bias"))
+        weights = None
+        if a.get("need_weights", True):
+            weights = w.view(N, h, L, S)
+            weights = weights.mean(1) if a.get("average_attn_weights", True) else weights
+            weights = weights.squeeze(0) if unbatched else weights
+        return (out.squeeze(1) if unbatched else out), weights
+
+
+class ConvRule(OpRule):
+    """Conv2d (module or ``F.conv2d``): the transpose convolution (DeconvNet, Zeiler & Fergus
+    2014); with ``resample`` and stride S > 1 the stride-1 transpose of the nearest-neighbour
+    resized signal (the paper's Sec. 3.3) -- patch embeddings included."""
+
+    vouches = False
+
+    def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
+        x = args[0]
+        if not _needs_rule(x) or x.dim() != 4:
+            return func(*args, **kwargs)
+        spec = _ConvSpec(_arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 3, "stride", 1),
+                         _arg(args, kwargs, 4, "padding", 0), _arg(args, kwargs, 5, "dilation", 1),
+                         int(_arg(args, kwargs, 6, "groups", 1)))
+        if _fast_conv_ok(spec, ctx.resample):
+            return _FastConv2d.apply(x, spec, _arg(args, kwargs, 2, "bias"), ctx.resample)
+        return func(*args, **kwargs)  # the graph check refuses a strided one that is not resampled
+
+
+class PoolRule(OpRule):
+    """max_pool2d / avg_pool2d (module or functional): the switches / the average transpose;
+    with ``resample`` and stride S > 1 those of the stride-1 pooling of the same forward input
+    on the nearest-neighbour resized signal (the paper's Sec. 3.3)."""
+
+    vouches = False
+
+    def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
+        x = args[0]
+        kernel, stride = _arg(args, kwargs, 1, "kernel_size"), _arg(args, kwargs, 2, "stride")
+        if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0):
+            stride = kernel
+        if not (ctx.resample and _needs_rule(x) and x.dim() == 4 and _strided(stride)):
+            return func(*args, **kwargs)
+        padding = _arg(args, kwargs, 3, "padding", 0)
+        if _op_key(func) == "max_pool2d":
+            if _arg(args, kwargs, 6, "return_indices", False):
+                return func(*args, **kwargs)  # the graph check refuses it
+            spec = _PoolSpec(kernel, stride, padding, _arg(args, kwargs, 4, "dilation", 1),
+                             bool(_arg(args, kwargs, 5, "ceil_mode", False)))
+            return _FastMaxPool2d.apply(x, spec)
+        spec = _PoolSpec(kernel, stride, padding, 1, bool(_arg(args, kwargs, 4, "ceil_mode", False)),
+                         bool(_arg(args, kwargs, 5, "count_include_pad", True)),
+                         _arg(args, kwargs, 6, "divisor_override"))
+        return _ResampledAvgPool2d.apply(x, spec)
+
+
+def _op_key(func: Any) -> str:
+    """The name an operation has in a composite: the torch function's name, in-place and
+    operator spellings folded (``relu_`` and ``relu``; ``__rmul__``, ``__imul__``, ``mul_``
+    and ``mul``; ``__matmul__`` and ``matmul``)."""
+    name = getattr(func, "__name__", "") or ""
+    if name.startswith("__") and name.endswith("__"):
+        name = name[2:-2]
+        if name[:1] in ("r", "i") and name[1:] in ("mul", "matmul", "add", "sub", "truediv"):
+            name = name[1:]
+    elif name.endswith("_") and not name.startswith("_"):
+        name = name[:-1]
+    return name
+
+
+def _torchvision_rules() -> dict[type, Rule]:
+    try:  # torchvision's ConvNeXt LayerNorm2d (permute, F.layer_norm, permute); Swin's patch merging
+        from torchvision.models.convnext import LayerNorm2d
+        from torchvision.models.swin_transformer import PatchMerging, PatchMergingV2
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return {}
+    return {LayerNorm2d: ParameterRule(), PatchMerging: PatchMergingRule(), PatchMergingV2: PatchMergingRule()}
+
+
+class Composite(Mapping):
+    """The rules of one call: module types -> :class:`Rule`, operation names -> :class:`OpRule`.
+
+    ``DEFAULT_COMPOSITE.with_rules({"gelu": MyRule(), MyLayer: TransposeRule()})`` gives a
+    copy with those rules added or replaced (``None`` removes one); pass it as
+    ``visualize(..., composite=...)``. A plain dict passed as ``composite`` is merged onto
+    :data:`DEFAULT_COMPOSITE` the same way.
+    """
+
+    def __init__(self, rules: Mapping[type | str, Rule | OpRule]) -> None:
+        if not isinstance(rules, Mapping):
+            raise TypeError(f"rules: expected a mapping of module types / operation names to rules, got "
+                            f"{type(rules).__name__}")
+        self._rules: dict[type | str, Rule | OpRule] = {}
+        for key, rule in rules.items():
+            if isinstance(key, type) and issubclass(key, nn.Module):
+                if not isinstance(rule, Rule):
+                    raise TypeError(f"rules[{key.__name__}]: expected a vxnb.deconv.Rule for a module type, got "
+                                    f"{type(rule).__name__}")
+            elif isinstance(key, str):
+                if not isinstance(rule, OpRule):
+                    raise TypeError(f"rules[{key!r}]: expected a vxnb.deconv.OpRule for an operation name, got "
+                                    f"{type(rule).__name__}")
+            else:
+                raise TypeError(f"rules: keys must be nn.Module subclasses or operation names (str), got {key!r}")
+            self._rules[key] = rule
+
+    def __getitem__(self, key: type | str) -> Rule | OpRule:
+        return self._rules[key]
+
+    def __iter__(self) -> Iterator[type | str]:
+        return iter(self._rules)
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+    def with_rules(self, rules: Mapping[type | str, Rule | OpRule | None]) -> "Composite":
+        """A copy with ``rules`` added or replaced; a key mapped to None is removed."""
+        if not isinstance(rules, Mapping):
+            raise TypeError(f"rules: expected a mapping, got {type(rules).__name__}")
+        merged = dict(self._rules)
+        for key, rule in rules.items():
+            if rule is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = rule
+        return Composite(merged)
+
+    def module_rule(self, module: nn.Module) -> Rule | None:
+        for cls in type(module).__mro__:
+            if cls in self._rules:
+                # a subclass with its own forward may compute anything: no inherited rule
+                return self._rules[cls] if type(module).forward is cls.forward else None  # type: ignore[return-value]
+        return None
+
+    def op_rules(self) -> dict[str, OpRule]:
+        return {k: v for k, v in self._rules.items() if isinstance(k, str)}  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        keys = [k.__name__ if isinstance(k, type) else repr(k) for k in self._rules]
+        return f"Composite({', '.join(keys)})"
+
+
+def _default_composite() -> Composite:
+    act = {"relu6": 1, "hardtanh": 3, "leaky_relu": 2, "elu": 2, "selu": 1, "celu": 2, "silu": 1,
+           "gelu": None, "hardswish": 1, "mish": 1, "softplus": None, "tanh": None, "sigmoid": None,
+           "hardsigmoid": 1}
+    gate = HeldGateRule()
+    params = ParameterRule()
+    rules: dict[type | str, Rule | OpRule] = {
+        "relu": GuidedReLURule(),
+        **{name: GuidedActivationRule(pos) for name, pos in act.items()},
+        **{name: gate for name in ("mul", "matmul", "bmm", "einsum")},
+        "layer_norm": NormRule(), "group_norm": NormRule(),
+        "scaled_dot_product_attention": AttentionRule(), "multi_head_attention_forward": AttentionRule(),
+        "conv2d": ConvRule(),
+        "max_pool2d": PoolRule(), "avg_pool2d": PoolRule(),
+        nn.Conv2d: params, nn.Linear: params,
+        nn.BatchNorm1d: BatchNormRule(), nn.BatchNorm2d: BatchNormRule(),
+        nn.LayerNorm: params, nn.GroupNorm: params,
+        **_torchvision_rules(),
+    }
+    return Composite(rules)
+
+
+#: The rules every call uses unless given others (see the module docstring).
+DEFAULT_COMPOSITE = _default_composite()
+
+
+def as_composite(composite: Any) -> Composite:
+    """The :class:`Composite` a call uses: ``composite`` itself, a dict merged onto
+    :data:`DEFAULT_COMPOSITE`, or the default for None (else a TypeError naming the argument)."""
+    if composite is None:
+        return DEFAULT_COMPOSITE
+    if isinstance(composite, Composite):
+        return composite
+    if isinstance(composite, Mapping):
+        return DEFAULT_COMPOSITE.with_rules(composite)
+    raise TypeError(f"composite: expected a vxnb.deconv.Composite, a dict of rules or None, got "
+                    f"{type(composite).__name__}")
 
 
 # --------------------------------------------------------------------------------------
 # Applying the rules; recording which module produced which autograd node.
 # --------------------------------------------------------------------------------------
 
-class _Tracer(TorchFunctionMode):
-    """Maps each autograd node created during the forward to (module name, op name)."""
+#: operations whose output is still the same gate (dropout in eval, views, transposes).
+_GATE_KEEPERS = {"dropout", "contiguous", "view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze",
+                 "transpose", "permute", "flatten", "to", "type_as"}
 
-    def __init__(self) -> None:
+
+class _Tracer(TorchFunctionMode):
+    """Applies the op rules of ``composite`` to every torch function called during the forward
+    and maps each autograd node created to (module name, op name)."""
+
+    def __init__(self, composite: Composite | None = None, resample: bool = True,
+                 modules: dict[str, nn.Module] | None = None) -> None:
         super().__init__()
+        self.composite = composite if composite is not None else DEFAULT_COMPOSITE
+        self.resample = resample
+        self.modules = modules or {}
+        self.ops = self.composite.op_rules()
+        self.gate_producers = {p for r in self.ops.values() if isinstance(r, HeldGateRule) for p in r.producers}
+        self.gates: dict[int, weakref.ref] = {}
         self.stack: list[str] = [""]
         self.origin: dict[Any, tuple[str, str]] = {}
+        self.vouched: set[Any] = set()
         self.refused: dict[str, str] = {}  # module name -> why its rule refused it
 
     def enter(self, name: str) -> Callable[..., None]:
@@ -566,40 +1060,86 @@ class _Tracer(TorchFunctionMode):
         if len(self.stack) > 1:
             self.stack.pop()
 
+    # -- for the op rules
+    def where(self) -> str:
+        name = self.stack[-1]
+        module = self.modules.get(name)
+        kind = type(module).__name__ if module is not None else "?"
+        return f"module {name!r} ({kind})" if name else f"the top-level forward ({kind})"
+
+    def is_gate(self, t: Any) -> bool:
+        ref = self.gates.get(id(t))
+        return ref is not None and ref() is t
+
+    def _mark_gate(self, t: Any) -> None:
+        if isinstance(t, Tensor):
+            self.gates[id(t)] = weakref.ref(t)
+
+    def inplace(self, func: Any, args: tuple, kwargs: dict, pos: int | None) -> bool:
+        """Whether the call asked for an in-place result that must be honoured: ``x.relu_()``
+        always; ``inplace=True`` except inside an activation module (which returns it)."""
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.startswith("_"):
+            return True
+        flag = bool(_arg(args, kwargs, pos, "inplace", False)) if pos is not None else bool(kwargs.get("inplace"))
+        return flag and not isinstance(self.modules.get(self.stack[-1]), _ACTIVATION_MODULES)
+
+    def _record(self, out: Any, stop: set[Any], label: str, vouch: bool) -> None:
+        """Every autograd node one call created between its inputs and its output gets its
+        origin (one builtin such as ``F.linear`` on a 3-D input creates several); with
+        ``vouch`` (an op rule's own computation) the rule answers for them."""
+        todo = [t.grad_fn for t in _tensors(out) if t.grad_fn is not None]
+        where = (self.stack[-1], label)
+        while todo:
+            node = todo.pop()
+            if node is None or node in stop or node in self.origin or hasattr(node, "variable"):
+                continue
+            self.origin[node] = where
+            if vouch:
+                self.vouched.add(node)
+            todo.extend(n for n, _ in node.next_functions if n is not None)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, Tensor) and t.grad_fn is not None and t.grad_fn not in self.origin:
-                self.origin[t.grad_fn] = (self.stack[-1], getattr(func, "__name__", str(func)))
+        kwargs = kwargs or {}
+        key = _op_key(func)
+        rule = self.ops.get(key)
+        ruled = rule is not None and torch.is_grad_enabled()
+        vouch = ruled and bool(getattr(rule, "vouches", False))
+        stop = {t.grad_fn for t in _tensors(args) + _tensors(kwargs)} if torch.is_grad_enabled() else set()
+        out = rule(func, args, kwargs, self) if ruled else func(*args, **kwargs)
+        if key in self.gate_producers or (key in _GATE_KEEPERS and args and self.is_gate(args[0])):
+            self._mark_gate(out)
+        if torch.is_grad_enabled():
+            self._record(out, stop, key if ruled else getattr(func, "__name__", str(func)), vouch)
         return out
 
 
 @contextlib.contextmanager
-def applied_rules(model: nn.Module, *, resample: bool = True,
+def applied_rules(model: nn.Module, *, resample: bool = True, composite: Composite | Mapping | None = None,
                   _tracer: _Tracer | None = None) -> Iterator[nn.Module]:
-    """Run ``model`` with the DeconvNet + guided-backprop rules for the block.
+    """Run ``model`` with the DeconvNet + guided-backprop rules of ``composite`` for the block.
 
-    The model runs in eval mode; ruled modules whose backward differs from autograd's
-    (ReLU; strided Conv2d / MaxPool2d / AvgPool2d when ``resample``) get a replacement
-    ``forward``. On exit (also on an exception) the replacements are removed and every
-    module's training flag is restored; parameters and ``requires_grad`` are never touched.
-    No check of unruled operations happens here: :func:`visualize` does that on the
-    autograd graph.
+    The model runs in eval mode; module rules that replace a forward do so for the block, op
+    rules apply to every torch function called (a ``TorchFunctionMode``). On exit (also on an
+    exception) the replacements and hooks are removed and every module's training flag is
+    restored; parameters and ``requires_grad`` are never touched. No check of unruled
+    operations happens here: :func:`visualize` does that on the autograd graph.
     """
+    composite = as_composite(composite)
+    modules = dict(model.named_modules())
+    tracer = _tracer if _tracer is not None else _Tracer(composite, resample, modules)
     patched: list[tuple[nn.Module, bool, Any]] = []
     handles: list[Any] = []
     with eval_mode(model):
         try:
-            for name, module in model.named_modules():
-                rule = _rule_for(module)
+            for name, module in modules.items():
+                rule = composite.module_rule(module)
                 if rule is not None:
                     try:
                         rule.check(module, name, resample)
                     except UnsupportedModuleError as err:
-                        if _tracer is None:
-                            raise
                         # only an error if the module is on the path: see _check_graph
-                        _tracer.refused[name] = str(err)
+                        tracer.refused[name] = str(err)
                         rule = None
                 if rule is not None:
                     fwd = rule.forward(module, resample)
@@ -607,10 +1147,10 @@ def applied_rules(model: nn.Module, *, resample: bool = True,
                         had = "forward" in module.__dict__
                         patched.append((module, had, module.__dict__.get("forward")))
                         module.forward = fwd  # instance attribute shadows the class method
-                if _tracer is not None:
-                    handles.append(module.register_forward_pre_hook(_tracer.enter(name)))
-                    handles.append(module.register_forward_hook(_tracer.leave))
-            yield model
+                handles.append(module.register_forward_pre_hook(tracer.enter(name)))
+                handles.append(module.register_forward_hook(tracer.leave))
+            with tracer:
+                yield model
         finally:
             for h in handles:
                 h.remove()
@@ -627,7 +1167,9 @@ _STRUCTURAL = {
     "Clone", "Permute", "Transpose", "T", "Squeeze", "Unsqueeze", "Expand", "Slice", "Select",
     "Split", "SplitWithSizes", "Unbind", "Mean", "Sum", "AdaptiveAvgPool2D", "ToCopy",
     "ConstantPadNd", "Repeat", "RepeatInterleave", "IndexSelect", "Index", "Flip", "AsStrided",
-    "Narrow", "Chunk", "Contiguous", "ViewAsReal", "Flatten", "Unflatten", "Identity",
+    "Narrow", "Chunk", "Contiguous", "ViewAsReal", "Flatten", "Unflatten", "Identity", "Roll",
+    "ReflectionPad1D", "ReflectionPad2D", "ReplicationPad1D", "ReplicationPad2D",
+    "UnsafeSplit", "UnsafeSplitWithSizes", "MaskedFill",
 }
 _PRODUCTS = {"Mul", "Div", "Mm", "Bmm", "Addmm", "Addbmm", "Baddbmm", "Matmul", "Linear", "Mv", "Dot"}
 _STRIDED = {"Convolution", "MaxPool2DWithIndices", "AvgPool2D"}
@@ -656,7 +1198,7 @@ def _check_graph(root: Any, x_leaf: Tensor, tracer: _Tracer,
     for node, on_path in reach.items():
         if not on_path or getattr(node, "variable", None) is x_leaf:
             continue
-        if getattr(node, "_forward_cls", None) in _OUR_FUNCTIONS:
+        if getattr(node, "_forward_cls", None) in _OUR_FUNCTIONS or node in tracer.vouched:
             continue
         msg = _classify(node, reach, tracer, modules, resample)
         if msg is not None:
@@ -679,12 +1221,14 @@ def _classify(node: Any, reach: dict[Any, bool], tracer: _Tracer,
     where = f"module {mname!r} ({type(module).__name__})" if mname else f"the top-level forward of {type(module).__name__}"
     if mname in tracer.refused:
         return tracer.refused[mname]
-    rule = _rule_for(module)
-    if rule is not None and not any(True for _ in module.children()):
+    rule = tracer.composite.module_rule(module)
+    leaf = not any(True for _ in module.children())
+    if rule is not None and leaf and rule.vouches:
         return None  # produced inside a ruled module: its rule vouches for it
-    if not any(True for _ in module.children()) and any(True for _ in module.parameters(recurse=False)):
-        return (f"{where} has parameters but no DeconvNet rule; supported: "
-                f"{', '.join(sorted(c.__name__ for c in RULES))} (register one in vxnb.deconv.RULES)")
+    if rule is None and leaf and any(True for _ in module.parameters(recurse=False)):
+        return (f"{where} has parameters but no DeconvNet rule; pass one for its type, e.g. "
+                f"composite=DEFAULT_COMPOSITE.with_rules({{{type(module).__name__}: TransposeRule()}}) if it is "
+                "linear in its input")
     if op in _STRUCTURAL:
         return None
     if op in _PRODUCTS:
@@ -692,19 +1236,19 @@ def _classify(node: Any, reach: dict[Any, bool], tracer: _Tracer,
         if signals <= 1:
             return None
         return (f"{where}: {fname} multiplies two signals that both depend on the input "
-                f"({node.name()}: gating/attention), which has no DeconvNet rule")
+                f"({node.name()}), and neither is a gate (a sigmoid or softmax output) the rules hold "
+                "constant: no DeconvNet rule")
     if op in _STRIDED:
         stride = tuple(getattr(node, "_saved_stride", None) or ())
         if not stride:  # pooling with stride=None: the stride is the kernel size
             stride = tuple(getattr(node, "_saved_kernel_size", None) or (1,))
         if not resample or all(s == 1 for s in stride):
             return None
-        return (f"{where}: functional {fname} with stride {tuple(stride)} cannot be resampled; use the "
-                "nn.Conv2d / nn.MaxPool2d / nn.AvgPool2d module so its rule applies (or resample=False)")
-    if op == "NativeBatchNorm" and getattr(node, "_saved_training", True) is False:
+        return (f"{where}: {fname} with stride {tuple(stride)} cannot be resampled (no rule in the composite "
+                "resamples it in this form); use resample=False")
+    if op in ("NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm") and getattr(node, "_saved_training", True) is False:
         return None
-    hint = " (use an nn.ReLU module so the guided-backprop rule applies)" if op in {"Relu", "Threshold"} else ""
-    return f"{where}: operation {fname} ({node.name()}) has no DeconvNet rule{hint}"
+    return f"{where}: operation {fname} ({node.name()}) has no DeconvNet rule in the composite"
 
 
 # --------------------------------------------------------------------------------------
@@ -735,20 +1279,25 @@ def _check_channels(channels: Any) -> list[int]:
     return out
 
 
+
+
 class RecordedForward:
-    """One forward of ``model`` on ``x`` under the rules, kept to carry signals back from the
-    first output of any of ``layers`` (:meth:`backward`) as often as needed: the forward of
-    :func:`visualize` (stopped at its layer) or, in ``vxnb.explanations.explain``, the
-    prediction's own forward (run through :meth:`forward`), so the network runs once.
+    """One forward of ``model`` on ``x`` under the rules of ``composite``, kept to carry
+    signals back from the first output of any of ``layers`` (:meth:`backward`) as often as
+    needed: the forward of :func:`visualize` (stopped at its layer) or, in
+    ``vxnb.explanations.explain``, the prediction's own forward (run through :meth:`forward`),
+    so the network runs once.
 
     A layer whose output a later in-place operation changed (a ``+=`` after it) is not
     served (:meth:`output` returns None): its seed would no longer be its output.
     """
 
-    def __init__(self, model: nn.Module, x: Tensor, resample: bool, layers: Sequence[str]) -> None:
+    def __init__(self, model: nn.Module, x: Tensor, resample: bool, layers: Sequence[str],
+                 composite: Composite | Mapping | None = None) -> None:
         self.model, self.resample, self.layers = model, resample, list(layers)
-        self.tracer = _Tracer()
+        self.composite = as_composite(composite)
         self.modules = dict(model.named_modules())
+        self.tracer = _Tracer(self.composite, resample, self.modules)
         self.x_leaf = x.detach().requires_grad_(True)
         self.outputs: dict[str, tuple[Tensor, int]] = {}
         self.checked: set[str] = set()
@@ -763,14 +1312,24 @@ class RecordedForward:
                     self.outputs[name] = (out, out._version)
             return fn
 
-        with torch.enable_grad(), applied_rules(self.model, resample=self.resample, _tracer=self.tracer):
+        with torch.enable_grad(), applied_rules(self.model, resample=self.resample, composite=self.composite,
+                                                _tracer=self.tracer):
             handles = [self.modules[n].register_forward_hook(hook(n)) for n in dict.fromkeys(self.layers)]
             try:
-                with self.tracer:
-                    yield self.x_leaf
+                yield self.x_leaf
             finally:
                 for h in handles:
                     h.remove()
+
+    def check(self, a: Tensor, layer: str | None) -> None:
+        """Refuse (UnsupportedModuleError) an operation without a rule between the input and ``a``."""
+        if a.grad_fn is None:
+            raise ValueError(f"layer: the output of {layer if layer is not None else 'the model'!r} does not "
+                             "depend on the input")
+        if layer not in self.checked:
+            _check_graph(a.grad_fn, self.x_leaf, self.tracer, self.modules, self.resample)
+            if layer is not None:
+                self.checked.add(layer)
 
     def output(self, layer: str) -> Tensor | None:
         """The output of ``layer`` (its graph checked), None if not recorded or changed in place."""
@@ -779,24 +1338,17 @@ class RecordedForward:
         a, version = self.outputs[layer]
         if a._version != version:
             return None
-        if a.grad_fn is None:
-            raise ValueError(f"layer: the output of {layer!r} does not depend on the input")
-        if layer not in self.checked:
-            _check_graph(a.grad_fn, self.x_leaf, self.tracer, self.modules, self.resample)
-            self.checked.add(layer)
+        self.check(a, layer)
         return a
 
-    def visualize(self, layer: str, channels: list[int]) -> Tensor | None:
+    def visualize(self, layer: str, channels: list[int], layout: tuple[str, int] | None = None) -> Tensor | None:
         """:func:`visualize` of the recorded image (already checked) at ``layer``; None where
-        the recording cannot serve ``layer`` (not called, changed in place, or the vmapped
-        backward failed): the caller then runs :func:`visualize`."""
+        the recording cannot serve ``layer`` (not called, or changed in place): the caller
+        then runs :func:`visualize`."""
         if self.output(layer) is None:
             return None
-        try:
-            out = self.backward(layer, _channel_seed(channels, layer), len(channels))
-        except _VmapFailed:
-            return None
-        return _check_finite(out, channels, layer)
+        return _check_finite(run_backward(self, layer, _channel_seed(channels, layer, layout), len(channels)),
+                             channels, layer)
 
     def backward(self, layer: str, seed: Callable[[Tensor, int], Tensor], K: int,
                  batched: bool | None = None) -> Tensor:
@@ -805,6 +1357,11 @@ class RecordedForward:
         if a is None:
             raise ValueError(f"layer: module {layer!r} was not called during the forward pass, or its output "
                              "was changed in place")
+        return self.backward_from(a, seed, K, batched)
+
+    def backward_from(self, a: Tensor, seed: Callable[[Tensor, int], Tensor], K: int,
+                      batched: bool | None = None) -> Tensor:
+        """:meth:`backward` from a checked output ``a`` of the recorded forward."""
         a_det = a.detach()
         seeds = [seed(a_det, k) for k in range(K)]
         if batched is None:
@@ -825,135 +1382,121 @@ class RecordedForward:
         return torch.stack(out, 1)
 
 
-def record_forward(model: nn.Module, x: Tensor, resample: bool, layers: Sequence[str]) -> RecordedForward | None:
-    """A :class:`RecordedForward` of ``model`` on the checked batch ``x`` (None on the
-    reference path, :func:`_reference_mode`, where every visualisation runs its own forward)."""
-    return None if _REFERENCE else RecordedForward(model, x, resample, layers)
+def record_forward(model: nn.Module, x: Tensor, resample: bool, layers: Sequence[str],
+                   composite: Composite | Mapping | None = None) -> RecordedForward:
+    """A :class:`RecordedForward` of ``model`` on the checked batch ``x``."""
+    return RecordedForward(model, x, resample, layers, composite)
 
 
 def _backward(model: nn.Module, x: Tensor, layer: str | None, resample: bool,
-              seed: Callable[[Tensor, int], Tensor], K: int, *, expand: bool = False) -> Tensor:
-    """Core: one forward to ``layer`` under the rules (a :class:`RecordedForward`), then the K
-    signals back (see :meth:`RecordedForward.backward`); the reference path (issue 16's
-    starting point) with :func:`_reference_mode` or ``expand``."""
-    if _REFERENCE or expand or layer is None:
-        return _backward_reference(model, x, layer, resample, seed, K, expand=expand)
-    rec = RecordedForward(model, x, resample, [layer])
+              seed: Callable[[Tensor, int], Tensor], K: int, composite: Composite | Mapping | None = None,
+              batched: bool | None = None) -> Tensor:
+    """Core: one forward to ``layer`` (the whole model if None) under the rules (a
+    :class:`RecordedForward`), then the K signals back (see :meth:`RecordedForward.backward`)."""
+    rec = RecordedForward(model, x, resample, [layer] if layer is not None else [], composite)
     with rec.forward() as x_leaf:
-        forward_to(model, x_leaf, layer)
-    return rec.backward(layer, seed, K)
-
-
-def _backward_reference(model: nn.Module, x: Tensor, layer: str | None, resample: bool,
-                        seed: Callable[[Tensor, int], Tensor], K: int, *, expand: bool = False) -> Tensor:
-    """The reference core (before issue 16's fast path; also the B*K ``expand`` fallback and
-    ``layer=None``): forward to ``layer`` under the rules, check the graph, one batched backward.
-
-    ``seed(a, k)`` gives the k-th signal (shape of ``a``) at the layer output ``a`` (B, ...).
-    Returns (B, K, C, H, W). With ``expand`` the batch is expanded to B*K at the input
-    (K forwards); otherwise one forward and a vmapped backward (``is_grads_batched``).
-    """
-    modules = dict(model.named_modules())
-    B = x.shape[0]
-    tracer = _Tracer()
-    with torch.enable_grad(), applied_rules(model, resample=resample, _tracer=tracer):
-        expand = expand and K > 1
-        x_leaf = (x.repeat_interleave(K, 0) if expand else x).detach().requires_grad_(True)
-        with tracer:
-            a = forward_to(model, x_leaf, layer)
-        if a.grad_fn is None:
-            raise ValueError(f"layer: the output of {layer!r} does not depend on the input")
-        _check_graph(a.grad_fn, x_leaf, tracer, modules, resample)
-        a_det = a.detach()
-        if expand:  # batch (B*K) ordered as (b, k); sample b*K + k carries seed k
-            a_k = a_det.reshape(B, K, *a.shape[1:])
-            g = torch.stack([seed(a_k[:, k], k) for k in range(K)], dim=1).reshape(a.shape)
-            (gx,) = torch.autograd.grad(a, x_leaf, g)
-            return gx.reshape(B, K, *x.shape[1:])
-        seeds = torch.stack([seed(a_det, k) for k in range(K)])  # (K, B, ...)
-        if K == 1:
-            (gx,) = torch.autograd.grad(a, x_leaf, seeds[0])
-            return gx.unsqueeze(1)
-        try:
-            (gx,) = torch.autograd.grad(a, x_leaf, seeds, is_grads_batched=True)
-        except RuntimeError as err:
-            raise _VmapFailed(str(err)) from err
-        return gx.transpose(0, 1).contiguous()
+        out = forward_to(model, x_leaf, layer)
+    if layer is not None:
+        return rec.backward(layer, seed, K, batched)
+    if not isinstance(out, Tensor):
+        raise ValueError(f"model: expected a tensor output, got {type(out).__name__}")
+    rec.check(out, None)
+    return rec.backward_from(out, seed, K, batched)
 
 
 class _VmapFailed(Exception):
     """The vmapped (is_grads_batched) backward hit an op it cannot batch."""
 
 
-def _channel_seed(channels: list[int], layer: str) -> Callable[[Tensor, int], Tensor]:
+def _channel_seed(channels: list[int], layer: str, layout: tuple[str, int] | None = None
+                  ) -> Callable[[Tensor, int], Tensor]:
+    """The seed of channel ``channels[k]``: its activations at ``layer``'s output, every other
+    channel zero. ``layout`` (as ``vxnb.features`` names it): ``("first", 0)`` (default) --
+    channels in dim 1, (B, C, ...) maps and (B, N) units; ``("last", p)`` -- channels in the
+    last dim, (B, H, W, C) maps or (B, T, D) tokens whose first ``p`` (class and register)
+    tokens are left out of the seed, as they are left out of the feature."""
+    kind, prefix = layout if layout is not None else ("first", 0)
+    if kind not in ("first", "last") or not isinstance(prefix, int) or prefix < 0:
+        raise ValueError(f"layout: expected ('first', 0) or ('last', p) with p >= 0, got {layout!r}")
+
     def seed(a: Tensor, k: int) -> Tensor:
         if a.dim() < 2:
             raise ValueError(f"layer: expected the output of {layer!r} to be (B, C, ...), got shape {tuple(a.shape)}")
-        n = a.shape[1]
+        last = kind == "last" and a.dim() > 2
+        n = a.shape[-1 if last else 1]
         q = channels[k]
         if not 0 <= q < n:
             raise IndexError(f"channels: channel {q} is out of range for layer {layer!r}, which has "
                              f"{n} channels (valid: 0..{n - 1})")
         g = torch.zeros_like(a)
-        g[:, q] = a[:, q]
+        if not last:
+            g[:, q] = a[:, q]
+        elif a.dim() == 3:
+            g[:, prefix:, q] = a[:, prefix:, q]
+        else:
+            g[..., q] = a[..., q]
         return g
     return seed
 
 
+
 def visualize(model: nn.Module, x: Tensor, layer: str, channels: int | Sequence[int], *,
-              resample: bool = True) -> Tensor:
+              resample: bool = True, composite: Composite | Mapping | None = None,
+              layout: tuple[str, int] | None = None) -> Tensor:
     """DeconvNet + guided-backprop visualisation of filters ``channels`` at ``layer``.
 
     For each channel q the activation map ``a[:, q]`` of ``layer``'s output (every other
-    channel zero) is carried back to the input space with the rules of this module (see
+    channel zero) is carried back to the input space with the rules of ``composite`` (see
     the module docstring): the gradient of ``0.5 * ||a_q||^2`` under the DeconvNet/GB
     rules. With ``resample=False`` this is guided backpropagation (equal to Captum's
-    ``NeuronGuidedBackprop`` with that seed); with ``resample=True`` (the paper's
-    Sec. 3.3) every strided Conv2d / MaxPool2d / AvgPool2d runs its backward at stride 1
-    on the nearest-neighbour-resized signal, which removes the grid artifacts.
+    ``NeuronGuidedBackprop`` with that seed on ReLU CNNs); with ``resample=True`` (the
+    paper's Sec. 3.3) every strided convolution / max- / average-pooling runs its backward at
+    stride 1 on the nearest-neighbour-resized signal, which removes the grid artifacts.
 
     Args:
-        model: an ``nn.Module`` built from the supported modules (``RULES``); torchvision
-            AlexNet / VGG / ResNet and ``nn.Sequential`` reference models work. It is left
-            as it was (mode, parameters, hooks), also when an error is raised.
+        model: an ``nn.Module`` (every torchvision classifier works: ReLU CNNs, MobileNets,
+            EfficientNets, RegNets, ConvNeXts, Swin, ViT, MaxViT, ...). It is left as it
+            was (mode, parameters, hooks), also when an error is raised.
         x: float images (B, C, H, W); C must match the first Conv2d's ``in_channels``.
-        layer: a name from ``model.named_modules()``; its output (B, C', h, w) or (B, N)
-            (FC layer: ``channels`` are unit indices) is the seed. For a module called
-            several times (a shared ReLU) the first call counts. The forward stops there.
+        layer: a name from ``model.named_modules()``; its output (B, C', ...) is the seed
+            (an FC layer: ``channels`` are unit indices; see ``layout`` for tokens and
+            channels-last maps). For a module called several
+            times the first call counts. The forward stops there.
         channels: an int or a sequence of K channel indices in [0, C').
         resample: use the paper's resampled (stride-1) backward for strided operations.
+        composite: the rules (:class:`Composite`; a dict is merged onto
+            :data:`DEFAULT_COMPOSITE`; None: the default).
+        layout: where ``layer``'s output holds its channels: None or ``("first", 0)``,
+            dim 1; ``("last", p)``, the last dim -- a token tensor (B, T, D) of a vision
+            transformer, seeded at its patch tokens (the first ``p``, class and register
+            tokens, left out), or a channels-last map (B, H, W, C) (Swin).
 
     Returns:
         (B, K, C, H, W) tensor on the model's device: the input-space visualisation of
         each of the K channels for each image. All K travel back through a single forward:
-        on the CPU one after the other (``retain_graph``; a batch of K is no faster per
-        signal there), elsewhere in one vmapped backward (``is_grads_batched``; if it cannot
-        be vmapped, the batch is expanded to B*K at the input instead).
+        on the CPU one after the other (``retain_graph``), elsewhere in one vmapped
+        backward (``is_grads_batched``; if it cannot be vmapped, one after the other).
 
     Raises:
-        TypeError: ``x`` is not a float tensor; ``channels`` are not ints.
+        TypeError: ``x`` is not a float tensor; ``channels`` are not ints; a bad ``composite``.
         ValueError: ``x`` is not (B, C, H, W) with the model's C; unknown ``layer`` (the
             message lists the names); ``layer`` is not reached by the forward.
         IndexError: a channel is out of range (naming it and the number of channels).
         UnsupportedModuleError (a TypeError): a module or an operation on the path from
-            the input to ``layer`` has no rule. Caught on the autograd graph of the call:
-            leaf modules with parameters but no rule, nonlinear autograd nodes
-            (ReLU/Threshold/Sigmoid/Tanh/GELU/Softmax/LayerNorm/upsampling, ...) created
-            outside a ruled module (e.g. ``F.relu`` in a custom ``forward``), products of
-            two input-dependent signals, custom autograd Functions, and (with
-            ``resample``) functional strided conv/pooling. Linear structural ops (add,
-            cat, view/reshape/flatten, mean, slicing, scalar products) pass.
+            the input to ``layer`` has no rule in the composite, named with its module.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(resample, bool):
         raise TypeError(f"resample: expected a bool, got {type(resample).__name__}")
+    composite = as_composite(composite)
     get_module(model, layer)  # unknown layer -> ValueError listing the names
     chans = _check_channels(channels)
+    seed = _channel_seed(chans, layer, layout)
     x = check_image_batch(x, "x", channels=first_conv_in_channels(model))
     device, dtype = model_device_dtype(model, x)
     x = x.to(device=device, dtype=dtype)
-    out = run_backward(model, x, layer, resample, _channel_seed(chans, layer), len(chans))
+    out = run_backward(model, x, layer, resample, seed, len(chans), composite)
     return _check_finite(out, chans, layer)
 
 
@@ -966,14 +1509,32 @@ def _check_finite(out: Tensor, chans: list[int], layer: str) -> Tensor:
     return out
 
 
-def run_backward(model: nn.Module, x: Tensor, layer: str | None, resample: bool,
-                  seed: Callable[[Tensor, int], Tensor], K: int) -> Tensor:
+
+
+def run_backward(model: nn.Module | RecordedForward, x: Tensor | str | None, layer: Any = None,
+                 resample: Any = True, seed: Any = None, K: int = 1,
+                 composite: Composite | Mapping | None = None) -> Tensor:
+    """The K signals ``seed(a, k)`` at ``layer``'s output carried back to ``x``:
+    ``run_backward(model, x, layer, resample, seed, K, composite)`` (one recorded forward),
+    or ``run_backward(rec, layer, seed, K)`` through a :class:`RecordedForward` ``rec``. If the
+    vmapped backward cannot batch an operation, the K signals go back one by one (a warning)."""
+    if isinstance(model, RecordedForward):
+        rec, lay, sd, k = model, x, layer, resample
+        try:
+            return rec.backward(lay, sd, k)  # type: ignore[arg-type]
+        except _VmapFailed as err:
+            _warn_vmap(err)
+            return rec.backward(lay, sd, k, batched=False)  # type: ignore[arg-type]
     try:
-        return _backward(model, x, layer, resample, seed, K)
+        return _backward(model, x, layer, resample, seed, K, composite)  # type: ignore[arg-type]
     except _VmapFailed as err:  # an op in the backward that the vmapped backward cannot batch
-        warnings.warn(f"vxnb.deconv: batched backward failed ({str(err).splitlines()[0][:200]}); "
-                      "expanding the batch to B*K instead", RuntimeWarning, stacklevel=3)
-        return _backward(model, x, layer, resample, seed, K, expand=True)
+        _warn_vmap(err)
+        return _backward(model, x, layer, resample, seed, K, composite, batched=False)  # type: ignore[arg-type]
+
+
+def _warn_vmap(err: Exception) -> None:
+    warnings.warn(f"vxnb.deconv: batched backward failed ({str(err).splitlines()[0][:200]}); carrying the "
+                  "signals back one by one instead", RuntimeWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------

@@ -46,9 +46,10 @@ from tqdm.auto import tqdm
 
 from ._checks import check_choice, check_class, check_model, check_positive_int
 from ._graph import first_conv_in_channels, stride_at
-from .deconv import (RecordedForward, grid_score, heatmap, record_forward, run_backward, signed_rgb,
-                     visualize)
+from .deconv import (RecordedForward, as_composite, grid_score, heatmap, record_forward, run_backward,
+                     signed_rgb, visualize)
 from .features import default_layers, descriptors, layer_numbers
+from .features.hooks import layout as feature_layout
 from .relevance import Relevance, top_features
 from .utils import check_image_batch, describe, eval_mode, get_module
 
@@ -141,14 +142,17 @@ def _check_targets(targets: Any, B: int, C: int, arg: str = "targets") -> np.nda
 # ============================================================================ the forward pass
 @contextlib.contextmanager
 def _width_probe(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, int]]:
-    """Record the number of channels (dim 1) of each layer's output during a forward pass."""
+    """Record the number of channels of each layer's output during a forward pass (dim 1, or
+    the last dim of a token tensor / channels-last map: ``vxnb.features.hooks.layout``)."""
     widths: dict[str, int] = {}
     handles = []
 
     def hook(name: str) -> Callable:
+        last = _seed_layout(model, name)[0] == "last"
+
         def fn(module: nn.Module, inp: Any, out: Any) -> None:
             if isinstance(out, Tensor) and out.dim() >= 2:
-                widths.setdefault(name, int(out.shape[1]))
+                widths.setdefault(name, int(out.shape[-1] if last and out.dim() > 2 else out.shape[1]))
         return fn
 
     try:
@@ -227,8 +231,15 @@ def _top(rel: Relevance, model: nn.Module, x: Tensor, targets: Any, k: int, rec:
 
 
 # ============================================================================ maps
+def _seed_layout(model: nn.Module, layer: str) -> tuple[str, int]:
+    """Where ``layer``'s output holds the channels its features are taken from, as the
+    descriptors see it (``vxnb.features.hooks.layout``): ``("first", 0)`` or ``("last", p)``."""
+    kind, prefix = feature_layout(model, layer)
+    return ("last", prefix) if kind in ("last", "tokens?") else ("first", 0)
+
+
 def _layer_maps(model: nn.Module, x: Tensor, layer: str, chans: list[list[int]], resample: bool,
-                rec: RecordedForward | None = None) -> Tensor:
+                rec: RecordedForward | None = None, composite: Any = None) -> Tensor:
     """(B, K, C, H, W): image b's channels ``chans[b]`` (padded with zero maps to K) at ``layer``.
 
     One image: ``vxnb.deconv.visualize`` with all its channels after one forward (or
@@ -237,9 +248,12 @@ def _layer_maps(model: nn.Module, x: Tensor, layer: str, chans: list[list[int]],
     carries the activation map of channel ``chans[b][i]``)."""
     K = max(len(c) for c in chans)
     if x.shape[0] == 1:
-        out = rec.visualize(layer, chans[0]) if rec is not None else None
-        return out if out is not None else visualize(model, x, layer, chans[0], resample=resample)
+        lay = _seed_layout(model, layer)
+        out = rec.visualize(layer, chans[0], lay) if rec is not None else None
+        return out if out is not None else visualize(model, x, layer, chans[0], resample=resample,
+                                                     composite=composite, layout=lay)
     B = x.shape[0]
+    kind, prefix = _seed_layout(model, layer)
     pad = [c + [-1] * (K - len(c)) for c in chans]
     idx = torch.as_tensor(pad, dtype=torch.long, device=x.device)  # (B, K), -1 = no map
 
@@ -247,14 +261,21 @@ def _layer_maps(model: nn.Module, x: Tensor, layer: str, chans: list[list[int]],
         g = torch.zeros_like(a)
         q = idx[:, i]
         keep = torch.nonzero(q >= 0).reshape(-1)
+        last = kind == "last" and a.dim() > 2
+        n = a.shape[-1] if last else a.shape[1]
         if keep.numel():
-            if int(q[keep].max()) >= a.shape[1]:
+            if int(q[keep].max()) >= n:
                 raise IndexError(f"channel {int(q[keep].max())} is out of range for layer {layer!r} "
-                                 f"({a.shape[1]} channels)")
-            g[keep, q[keep]] = a[keep, q[keep]]
+                                 f"({n} channels)")
+            if not last:
+                g[keep, q[keep]] = a[keep, q[keep]]
+            elif a.dim() == 3:  # tokens (B, T, D): feature q at the patch tokens
+                g[keep, prefix:, q[keep]] = a[keep, prefix:, q[keep]]
+            else:  # channels-last map (B, H, W, C)
+                g[keep, :, :, q[keep]] = a[keep, :, :, q[keep]]
         return g
 
-    return run_backward(model, x, layer, resample, seed, K)
+    return run_backward(model, x, layer, resample, seed, K, composite)
 
 
 #: How the top-k maps of an image become one map (:func:`combine_heatmaps`).
@@ -327,7 +348,7 @@ def _activation_maps_for_top(model: nn.Module, x: Tensor, top: pd.DataFrame, k: 
 
 
 def _maps_for_top(model: nn.Module, x: Tensor, top: pd.DataFrame, k: int, resample: bool,
-                  rec: RecordedForward | None = None) -> tuple[Tensor, Tensor]:
+                  rec: RecordedForward | None = None, composite: Any = None) -> tuple[Tensor, Tensor]:
     """Visualisations (B, k, C, H, W) by rank (zero where an image has fewer features) and
     the responses (B, k); ``rec``: the recorded forward of the one image ``x``."""
     B, C, H, W = x.shape
@@ -342,7 +363,7 @@ def _maps_for_top(model: nn.Module, x: Tensor, top: pd.DataFrame, k: int, resamp
         images = sorted(set(g["image"].tolist()))
         chans = [g.loc[g["image"] == b, "channel"].astype(int).tolist() for b in images]
         ranks = [g.loc[g["image"] == b, "rank"].astype(int).tolist() for b in images]
-        maps = _layer_maps(model, x[images], layer, chans, resample, rec)  # (B', K, C, H, W)
+        maps = _layer_maps(model, x[images], layer, chans, resample, rec, composite)  # (B', K, C, H, W)
         for i, b in enumerate(images):
             for slot, rk in enumerate(ranks[i]):
                 v[b, rk] = maps[i, slot]
@@ -401,7 +422,8 @@ class Explanation:
 
 
 def explain(model: nn.Module, relevant: Relevance | pd.DataFrame, image: Tensor, k: int = 5,
-            target: int | None = None, *, resample: bool = True, combine: str = "max") -> Explanation:
+            target: int | None = None, *, resample: bool = True, combine: str = "max",
+            composite: Any = None) -> Explanation:
     """Explain the prediction of ``model`` on one image with its top-k relevant features.
 
     One forward pass gives the prediction ĵ (explained unless ``target`` is given) and the
@@ -425,6 +447,8 @@ def explain(model: nn.Module, relevant: Relevance | pd.DataFrame, image: Tensor,
         resample: the paper's resampled DeconvNet+GB (False: plain DeconvNet+GB).
         combine: ``"weighted"`` (response-weighted sum) or ``"max"`` (pixel-wise maximum, the
             authors' code) — see :func:`combine_heatmaps`.
+        composite: the DeconvNet rules of this call (``vxnb.deconv.Composite`` or a dict merged
+            onto ``vxnb.deconv.DEFAULT_COMPOSITE``; None: the default).
 
     Returns:
         :class:`Explanation`. A class without relevant features, or whose features do not
@@ -439,6 +463,7 @@ def explain(model: nn.Module, relevant: Relevance | pd.DataFrame, image: Tensor,
     rel = _check_relevance(relevant)
     k = _check_k(k)
     combine = check_choice(combine, "combine", COMBINES)
+    composite = as_composite(composite)
     if not isinstance(resample, bool):
         raise TypeError(f"resample: expected a bool, got {describe(resample)}")
     if isinstance(target, Tensor) and target.numel() == 1 and not target.is_floating_point() \
@@ -451,7 +476,7 @@ def explain(model: nn.Module, relevant: Relevance | pd.DataFrame, image: Tensor,
         with eval_mode(model), torch.no_grad():
             rel = rel._padded(max(rel.n_classes, _check_logits(model(x), 1).shape[1]))
     # the prediction's forward is recorded under the rules and carries the signals back
-    rec = record_forward(model, x, resample, rel.layers)
+    rec = record_forward(model, x, resample, rel.layers, composite)
     logits, predicted, cls, top, rel = _top(rel, model, x, target, k, rec)
     j = int(cls[0])
     probs = torch.softmax(logits[0].double(), 0).cpu().numpy()
@@ -472,7 +497,7 @@ def explain(model: nn.Module, relevant: Relevance | pd.DataFrame, image: Tensor,
                            features=top, heatmaps=z, rgb=torch.zeros((0, 3, H, W)), combined=torch.zeros((H, W)),
                            classes=list(rel.classes), resample=resample, message=message)
     kk = len(top)
-    v, r = _maps_for_top(model, x, top.assign(image=0), kk, resample, rec)
+    v, r = _maps_for_top(model, x, top.assign(image=0), kk, resample, rec, composite)
     del rec  # the recorded graph
     h = heatmap(v[0])                                                   # (k', H, W)
     combined = combine_heatmaps(h, r[0], combine)
@@ -483,7 +508,7 @@ def explain(model: nn.Module, relevant: Relevance | pd.DataFrame, image: Tensor,
 
 def explain_batch(model: nn.Module, relevant: Relevance | pd.DataFrame, images: Tensor, k: int = 5,
                   targets: Any = None, *, resample: bool = True, combine: str = "max", batch_size: int = 32,
-                  progress: bool = False) -> Tensor:
+                  progress: bool = False, composite: Any = None) -> Tensor:
     """Combined heatmaps (B, H, W) of :func:`explain` for a batch of images, on the model's device.
 
     images: float (B, C, H, W). targets: None (the predicted classes), an int for all or one
@@ -496,13 +521,13 @@ def explain_batch(model: nn.Module, relevant: Relevance | pd.DataFrame, images: 
     if not isinstance(resample, bool):
         raise TypeError(f"resample: expected a bool, got {describe(resample)}")
     h, r, _ = feature_heatmaps(model, relevant, images, k, targets, draw="resampled" if resample else "deconv",
-                               batch_size=batch_size, progress=progress)
+                               batch_size=batch_size, progress=progress, composite=composite)
     return combine_heatmaps(h, r, combine).detach()
 
 
 def feature_heatmaps(model: nn.Module, relevant: Relevance | pd.DataFrame, images: Tensor, k: int = 5,
                      targets: Any = None, *, draw: str = "resampled", batch_size: int = 32,
-                     progress: bool = False) -> tuple[Tensor, Tensor, pd.DataFrame]:
+                     progress: bool = False, composite: Any = None) -> tuple[Tensor, Tensor, pd.DataFrame]:
     """The top-k relevant features of each image drawn one way, before they are combined.
 
     The features are those of :func:`explain` (the k largest responses r = w_ĵ ∘ x > 0 of the
@@ -516,12 +541,13 @@ def feature_heatmaps(model: nn.Module, relevant: Relevance | pd.DataFrame, image
     Returns ``(heatmaps (B, k, H, W) in [0, 1], responses (B, k) (0 for unused or undrawable
     slots), features)``: one row per (image, rank) with ``image, rank, class, feature, layer,
     layer_number, kind, channel, weight, x, response, drawn``. Combine with
-    :func:`combine_heatmaps`.
+    :func:`combine_heatmaps`. ``composite``: the DeconvNet rules (see :func:`explain`).
     """
     model = check_model(model)
     rel = _check_relevance(relevant)
     k = _check_k(k)
     draw = check_choice(draw, "draw", DRAWS)
+    composite = as_composite(composite)
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     x_all = _prepare_batch(model, images, "images")
@@ -540,7 +566,7 @@ def feature_heatmaps(model: nn.Module, relevant: Relevance | pd.DataFrame, image
         if draw == "upsampled":
             h, r, drawn = _activation_maps_for_top(model, x, top, k)
         else:
-            v, r = _maps_for_top(model, x, top, k, draw == "resampled")
+            v, r = _maps_for_top(model, x, top, k, draw == "resampled", composite=composite)
             h, drawn = heatmap(v), np.ones(len(top), dtype=bool)
         hs.append(h.detach())
         rs.append(r.detach())

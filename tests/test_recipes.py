@@ -142,7 +142,7 @@ class Double(nn.Module):
         return self.scale * x
 
 
-def test_add_a_rule_for_a_module_type(monkeypatch):
+def test_add_a_rule_for_a_module_type():
     torch.manual_seed(0)
     conv, fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 2)
     doubled = nn.Sequential(conv, Double(), nn.ReLU(), nn.Flatten(), fc).eval()
@@ -150,8 +150,11 @@ def test_add_a_rule_for_a_module_type(monkeypatch):
     x = torch.rand(2, 3, 8, 8)
     with pytest.raises(Exception, match=r"\(Double\) has parameters but no DeconvNet rule"):
         deconv.visualize(doubled, x, "2", [0, 1])
-    monkeypatch.setitem(deconv.RULES, Double, deconv.TransposeRule())
-    got = deconv.visualize(doubled, x, "2", [0, 1], resample=False)
+    # the rule is passed for this call only: the default composite is left as it was
+    composite = deconv.DEFAULT_COMPOSITE.with_rules({Double: deconv.TransposeRule()})
+    got = deconv.visualize(doubled, x, "2", [0, 1], resample=False, composite=composite)
+    with pytest.raises(Exception, match=r"\(Double\) has parameters but no DeconvNet rule"):
+        deconv.visualize(doubled, x, "2", [0, 1])
     ref = deconv.visualize(plain, x, "2", [0, 1], resample=False)
     # the seed a = ReLU(2·conv) is twice plain's and the backward passes ×2 once more
     torch.testing.assert_close(got, 4 * ref)

@@ -597,6 +597,43 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
     return {"index": index, "entries": entries}
 
 
+def timing_summary(entries: list[dict[str, Any]], runs_root: str | Path | None = None,
+                   since: float | None = None) -> str:
+    """The report's own time, as text: seconds per notebook (``entries`` of :func:`build_report`)
+    and per phase of the work computed in this run: the ``timings-*.csv`` tables under
+    ``runs_root`` (the benchmark's folds: model, features+lasso, each method, scores,
+    occlusion) written at or after ``since`` (a ``time.time()``), rows of cached folds left out."""
+    import pandas as pd
+
+    lines = ["time per notebook:"]
+    width = max([len(e["notebook"]) for e in entries] + [5])
+    for e in entries:
+        lines.append(f"  {e['notebook']:<{width}} {e['seconds']:8.0f} s" + ("" if e["ok"] else "  (failed)"))
+    lines.append(f"  {'total':<{width}} {sum(e['seconds'] for e in entries):8.0f} s")
+    frames = []
+    root = Path(runs_root) if runs_root is not None else None
+    if root is not None and root.is_dir():
+        for file in sorted(root.glob("*/timings-*.csv")):
+            if since is not None and file.stat().st_mtime < since:
+                continue
+            try:
+                frame = pd.read_csv(file)
+            except (OSError, ValueError, pd.errors.ParserError):
+                continue
+            if {"phase", "seconds"} <= set(frame.columns):
+                if "cached" in frame.columns:
+                    frame = frame[~frame["cached"].astype(bool)]
+                frames.append(frame)
+    if frames:
+        phases = pd.concat(frames).groupby("phase", sort=False)["seconds"].agg(["sum", "count"])
+        phases = phases.sort_values("sum", ascending=False)
+        pw = max(len(str(p)) for p in phases.index)
+        lines.append("time per phase (folds computed in this run, from timings-*.csv):")
+        for phase, row in phases.iterrows():
+            lines.append(f"  {str(phase):<{pw}} {row['sum']:8.0f} s  ({int(row['count'])} folds)")
+    return "\n".join(lines)
+
+
 #: Parameters that name files or folders: made absolute by :func:`parse_args`.
 PATH_PARAMETERS = ("data_root", "runs_root", "mask_root", "class_names", "weights")
 
@@ -663,9 +700,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m vxnb.report") -> 
             train, test, classes = load_data(cfg)
             print(f"{cfg.dataset}: {len(train)} train / {len(test)} test images, {len(classes)} classes")
         return 0
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     result = build_report(quick=args.quick, out_dir=args.out, notebooks=args.notebooks, parameters=args.parameters,
                           no_input=args.no_input)
+    runs_root = args.parameters.get("runs_root") or work_dir("runs", create=False)
+    print(timing_summary(result["entries"], runs_root, since=started))
     print(f"report written in {time.perf_counter() - t0:.0f} s: {result['index']}")
     return 0
 

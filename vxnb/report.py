@@ -331,8 +331,12 @@ def _drop_hidden_widgets(nb: Any) -> int:
 
 
 def export_html(executed: Path, html_path: Path, *, static_url: str | None = STATIC_DIRNAME,
-                no_input: bool = False) -> Path:
-    """An HTML page of an executed notebook (plotly.js embedded, widget state as saved by nbclient).
+                no_input: bool = False, self_contained: bool = False) -> Path:
+    """An HTML page of an executed notebook (widget state as saved by nbclient).
+
+    plotly.js (4.8 MB, which plotly's notebook renderer puts inline in every page) is written
+    once beside the pages, ``_static/plotly-<version>.js``, and loaded from there with a
+    ``<script src>``; ``self_contained``: left inline, so the page needs no folder beside it.
 
     ``static_url``: the URL (relative to the page) of the folder made by :func:`copy_static`,
     from which the page loads require.js and the widget manager; ``None``: their CDN URLs.
@@ -363,10 +367,33 @@ def export_html(executed: Path, html_path: Path, *, static_url: str | None = STA
                             exclude_output_prompt=bool(no_input), **urls)
     body, _ = exporter.from_notebook_node(nb)
     body = _add_noscript_note(body)
+    if not self_contained:
+        body = share_plotly_bundle(body, html_path.parent)
     with atomic_path(html_path) as tmp:
         tmp.write_text(body, encoding="utf-8")
         fault_point("html")
     return html_path
+
+
+#: The plotly.js bundle as plotly's notebook renderer writes it into a page (group 1: the code, 2: the version).
+_PLOTLY_BUNDLE = re.compile(r"<script>(/\*\*\s*\*\s*plotly\.js v([\w.+-]+)\b.*?)</script>", re.S)
+
+
+def share_plotly_bundle(body: str, folder: str | Path) -> str:
+    """``body`` (an HTML page) with its inline plotly.js bundle moved to
+    ``folder/_static/plotly-<version>.js`` (written atomically, once per version) and loaded
+    from there; later copies in the page are dropped. A page without the bundle is returned as is."""
+    m = _PLOTLY_BUNDLE.search(body)
+    if m is None:
+        return body
+    code, name = m.group(1), f"plotly-{m.group(2)}.js"
+    file = Path(folder) / STATIC_DIRNAME / name
+    if not file.is_file() or file.read_text(encoding="utf-8") != code:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(file) as tmp:
+            tmp.write_text(code, encoding="utf-8")
+    tag = f'<script src="{STATIC_DIRNAME}/{name}"></script>'
+    return body[:m.start()] + tag + _PLOTLY_BUNDLE.sub("", body[m.end():])
 
 
 # --- offline panels, pages without code, pages without JavaScript ------------------------------
@@ -538,13 +565,15 @@ def _static_figures_or_warn(pages: list[Path]) -> None:
 def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
                  notebooks: str | Path | None = None, parameters: dict[str, Any] | None = None,
                  progress: bool = True, stop_on_error: bool = True, raise_on_error: bool = True,
-                 no_input: bool = False, static_figures: bool = True) -> dict[str, Any]:
+                 no_input: bool = False, static_figures: bool = True, self_contained: bool = False) -> dict[str, Any]:
     """Run every numbered notebook and write the report; returns {index, entries}.
 
     The kernels run with ``VXNB_OFFLINE_FRAMES=1``, so each live panel gets its precomputed
     offline stand-in (``vxnb.widgets.offline_panel``). ``no_input``: also write each page
     without its code (``NN_name.no-input.html``). ``static_figures``: put a PNG of every figure
     in each page for readers without JavaScript (needs Chromium; a warning when it is missing).
+    ``self_contained``: keep plotly.js inline in every page instead of one shared copy in
+    ``_static/`` beside them (:func:`export_html`).
 
     A failing notebook is recorded in its entry (``ok``, ``error``) and in the index; with
     ``stop_on_error`` the later notebooks are not run; with ``raise_on_error`` a RuntimeError
@@ -578,7 +607,8 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
                     _environ(TERMINAL_PROGRESS_ENV, "1" if progress else ""):
                 executed = run_notebook(nb, out, params, progress=progress, cwd=cwd, skip_tags=skip)
             for page in pages:
-                export_html(executed, page, static_url=static_url, no_input=page.name.endswith(NO_INPUT_SUFFIX))
+                export_html(executed, page, static_url=static_url, no_input=page.name.endswith(NO_INPUT_SUFFIX),
+                            self_contained=self_contained)
             if static_figures:
                 _static_figures_or_warn(pages)
         except Exception as err:  # record, write the index, then re-raise
@@ -661,6 +691,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m vxnb.report
                         help="a YAML or JSON file of notebook parameters (-p values win over it)")
     parser.add_argument("--no-input", action="store_true",
                         help="also write each page without its code cells (NN_name.no-input.html), for an audience")
+    parser.add_argument("--self-contained", action="store_true",
+                        help="keep plotly.js (4.8 MB) inline in every page instead of one copy in _static/ beside them")
     args = parser.parse_args(argv)
     try:
         args.parameters = collect_params(args.params, args.parameter)
@@ -702,7 +734,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m vxnb.report") -> 
         return 0
     t0, started = time.perf_counter(), time.time()
     result = build_report(quick=args.quick, out_dir=args.out, notebooks=args.notebooks, parameters=args.parameters,
-                          no_input=args.no_input)
+                          no_input=args.no_input, self_contained=args.self_contained)
     runs_root = args.parameters.get("runs_root") or work_dir("runs", create=False)
     print(timing_summary(result["entries"], runs_root, since=started))
     print(f"report written in {time.perf_counter() - t0:.0f} s: {result['index']}")

@@ -9,7 +9,8 @@ per recipe:
 - ``today``: ``preload=False`` — every item read (PNG decoded, mask included) on every epoch,
   and the held-out fold read again for the test accuracy of every epoch;
 - ``new``: the default ``preload`` — both splits read once into uint8 tensors (the same run bit
-  for bit: the script checks that the weights are equal).
+  for bit: at the same epochs the script checks that the weights are equal) — and the default
+  epochs (``--epochs`` to try others).
 
 It prints wall-clock and CPU seconds of each, their ratio, and the test accuracy of each fold;
 also how long loading the fold's data (``load_data``) takes, outside the training. Timings on a
@@ -30,11 +31,14 @@ from vxnb.studies import runs
 from vxnb.utils import seed_everything
 
 
-def _train(cfg, data, preload: bool):
+#: The fold models' epochs before issue 26.
+TODAY_EPOCHS = 5
+
+
+def _train(cfg, data, preload: bool, epochs: int):
     train, test, classes = data
     seed_everything(cfg.seed)  # as vxnb.studies.runs trains the first attempt
     model = models.build_model("flowernet", num_classes=len(classes), size=cfg.size)
-    epochs = cfg.epochs or models.default_epochs(cfg.dataset, quick=cfg.quick)
     t0, c0 = time.perf_counter(), time.process_time()
     hist = models.train_model(model, train, test, epochs=epochs, seed=cfg.seed, progress=False, preload=preload)
     return model, hist, time.perf_counter() - t0, time.process_time() - c0
@@ -48,9 +52,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the report's machine: 2 cores)")
     parser.add_argument("--data-root", default=None, help="where an8Flower is cached (default: data/)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of the new recipe (default: vxnb.models.default_epochs('an8flower'))")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     total = {"today": [0.0, 0.0], "new": [0.0, 0.0]}
+    print(f"today: {TODAY_EPOCHS} epochs, preload=False; new: {args.epochs or models.default_epochs('an8flower')} epochs, "
+          f"preload default; {args.threads} torch thread(s)")
     print(f"{'variant':<11} {'split':<6} fold | load s | today wall/cpu s, acc | new wall/cpu s, acc | same weights")
     for variant in args.variants:
         for split in args.splits:
@@ -61,12 +69,14 @@ def main() -> None:
                 data = runs.load_data(cfg, progress=False)
                 t_load = time.perf_counter() - t0
                 res = {}
-                for recipe, preload in (("today", False), ("new", None)):
-                    model, hist, wall, cpu = _train(cfg, data, preload)
+                new_epochs = args.epochs or models.default_epochs("an8flower")
+                for recipe, preload, epochs in (("today", False, TODAY_EPOCHS), ("new", None, new_epochs)):
+                    model, hist, wall, cpu = _train(cfg, data, preload, epochs)
                     res[recipe] = (model.state_dict(), hist["final_test_accuracy"], wall, cpu)
                     total[recipe][0] += wall
                     total[recipe][1] += cpu
-                same = all(torch.equal(v, res["new"][0][k]) for k, v in res["today"][0].items())
+                same = (all(torch.equal(v, res["new"][0][k]) for k, v in res["today"][0].items())
+                        if new_epochs == TODAY_EPOCHS else f"n/a ({new_epochs} epochs)")
                 print(f"{variant:<11} {split:<6} {fold:>4} | {t_load:6.2f} | "
                       f"{res['today'][2]:6.1f} / {res['today'][3]:6.1f}, {100 * res['today'][1]:5.1f} % | "
                       f"{res['new'][2]:6.1f} / {res['new'][3]:6.1f}, {100 * res['new'][1]:5.1f} % | {same}")

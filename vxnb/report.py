@@ -3,9 +3,11 @@
 ``python -m vxnb.report [--quick]`` (``vxnb report``; what ``make report`` calls) executes
 every numbered notebook ``NN_*.ipynb`` shipped with vxnb (or of ``--notebooks DIR``) in order
 with its full parameters (``--quick``: the quick ones CI uses), writes the executed notebooks
-and one self-contained HTML page each (plotly's JavaScript embedded, widget state saved) under
-``reports/`` of the working folder, and an ``index.html`` that links them with one line each
-on what they show.
+and one HTML page each (widget state saved) under ``reports/`` of the working folder, and an
+``index.html`` that links them with one line each on what they show; at the end it prints its
+own time per notebook and per phase (:func:`timing_summary`). plotly's JavaScript is written
+once beside the pages (``reports/_static/plotly-<version>.js``), not into each of them;
+``--self-contained`` keeps it inline in every page.
 
 The pages open offline: the scripts they load (require.js and the ipywidgets HTML manager
 that renders the saved widget state) are fetched once from the npm registry with ``npm pack``

@@ -363,23 +363,3 @@ def test_preload_default_only_for_fixed_items():
     assert hist["preloaded"] is None  # an unknown dataset may transform at random: read per epoch
     with pytest.raises(TypeError, match="preload: expected a bool or None"):
         train_model(MnistNet(num_classes=2), _Triples(x, y), epochs=1, preload="yes", progress=False)
-
-
-def test_channels_last_training_is_deterministic_and_hands_back_the_default_layout():
-    x, y = _bars(64)
-
-    def run(channels_last):
-        torch.manual_seed(3)
-        m = MnistNet(num_classes=2)
-        hist = train_model(m, TensorDataset(x, y), epochs=1, batch_size=16, seed=1, progress=False,
-                           channels_last=channels_last)
-        return m, hist
-
-    (a, ha), (b, _), (c, hc) = run(True), run(True), run(False)
-    assert ha["channels_last"] is True and hc["channels_last"] is False
-    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
-    assert all(p.is_contiguous() for p in a.parameters())
-    # the same computation in another layout: the epoch's mean loss agrees closely
-    assert ha["loss"][0] == pytest.approx(hc["loss"][0], rel=1e-3)
-    with pytest.raises(TypeError, match="channels_last: expected a bool"):
-        train_model(MnistNet(num_classes=2), TensorDataset(x, y), epochs=1, channels_last="yes", progress=False)

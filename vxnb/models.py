@@ -382,7 +382,7 @@ class _PreloadedLoader:
 
 def _train_epoch(model: nn.Module, loader: Any, opt: Any, sched: Any, dev: torch.device, augment: Any,
                  aug_gen: torch.Generator, max_grad_norm: float | None, lr: float, epoch: int,
-                 bar: Any, memory_format: torch.memory_format = torch.contiguous_format) -> tuple[float, float]:
+                 bar: Any) -> tuple[float, float]:
     """One pass over ``loader`` in train mode; (mean loss, accuracy) of the pass."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
@@ -392,7 +392,6 @@ def _train_epoch(model: nn.Module, loader: Any, opt: Any, sched: Any, dev: torch
             x = _random_shift(x, aug_gen)
         elif callable(augment):
             x = augment(x)
-        x = x.contiguous(memory_format=memory_format)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         if not torch.isfinite(loss):
@@ -417,7 +416,7 @@ def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None
                 max_grad_norm: float | None = 5.0, seed: int = 0,
                 device: str | torch.device | None = None, progress: bool = True,
                 augment: bool | Callable[[torch.Tensor], torch.Tensor] | None = None,
-                preload: bool | None = None, channels_last: bool = False) -> dict[str, Any]:
+                preload: bool | None = None) -> dict[str, Any]:
     """Train ``model`` in place with Adam(W) and a one-cycle learning-rate schedule; return the history.
 
     Args:
@@ -443,9 +442,6 @@ def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None
             are the same bit for bit. ``None``: for datasets whose items never change (an8Flower
             and MNIST without a transform, ``TensorDataset``, subsets of these) that fit in
             :data:`PRELOAD_MAX_BYTES`. Pass ``False`` for a dataset with random transforms.
-        channels_last: train in the channels-last memory layout (faster convolutions on the CPU;
-            other rounding, so another, equally deterministic, run); the model is handed back in
-            the default layout.
 
     Returns:
         ``{"loss": [per epoch], "train_accuracy": [per epoch, on the augmented/dropout pass],
@@ -457,15 +453,10 @@ def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None
         model, train_data, test_data, epochs, batch_size, lr, weight_decay, max_grad_norm, augment)
     if preload is not None and not isinstance(preload, (bool, np.bool_)):
         raise TypeError(f"preload: expected a bool or None, got {describe(preload)}")
-    if not isinstance(channels_last, (bool, np.bool_)):
-        raise TypeError(f"channels_last: expected a bool, got {describe(channels_last)}")
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     dev = get_device(device)
     gen = seed_everything(seed)
     aug_gen = torch.Generator().manual_seed(int(seed) + 1)
     model.to(dev)
-    if channels_last:
-        model.to(memory_format=fmt)
     start, cpu_start = time.perf_counter(), time.process_time()
     pre = test_pre = None
     with torch.random.fork_rng(devices=[]):  # reading draws a DataLoader seed: keep the run's random stream as it was
@@ -487,8 +478,7 @@ def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None
     try:
         for epoch in range(epochs):
             t0 = time.perf_counter()
-            loss, acc = _train_epoch(model, loader, opt, sched, dev, augment, aug_gen, max_grad_norm, lr, epoch, bar,
-                                     fmt)
+            loss, acc = _train_epoch(model, loader, opt, sched, dev, augment, aug_gen, max_grad_norm, lr, epoch, bar)
             hist["loss"].append(loss)
             hist["train_accuracy"].append(acc)
             if test_pre is not None:
@@ -499,13 +489,10 @@ def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None
             hist["epoch_seconds"].append(time.perf_counter() - t0)
     finally:
         bar.close()
-    if channels_last:
-        model.to(memory_format=torch.contiguous_format)
     model.eval()
     hist.update(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start, epochs=epochs, batch_size=batch_size, lr=lr,
                 weight_decay=float(weight_decay), max_grad_norm=max_grad_norm, augment=bool(augment),
                 seed=int(seed), device=str(dev), preloaded=None if pre is None else pre.storage,
-                channels_last=bool(channels_last),
                 final_test_accuracy=hist["test_accuracy"][-1] if hist["test_accuracy"] else None)
     return hist
 

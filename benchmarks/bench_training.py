@@ -35,13 +35,12 @@ from vxnb.utils import seed_everything
 TODAY_EPOCHS = 5
 
 
-def _train(cfg, data, preload: bool, epochs: int, channels_last: bool = False):
+def _train(cfg, data, preload: bool, epochs: int):
     train, test, classes = data
     seed_everything(cfg.seed)  # as vxnb.studies.runs trains the first attempt
     model = models.build_model("flowernet", num_classes=len(classes), size=cfg.size)
     t0, c0 = time.perf_counter(), time.process_time()
-    hist = models.train_model(model, train, test, epochs=epochs, seed=cfg.seed, progress=False, preload=preload,
-                               channels_last=channels_last)
+    hist = models.train_model(model, train, test, epochs=epochs, seed=cfg.seed, progress=False, preload=preload)
     return model, hist, time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -55,12 +54,11 @@ def main() -> None:
     parser.add_argument("--data-root", default=None, help="where an8Flower is cached (default: data/)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs of the new recipe (default: vxnb.models.default_epochs('an8flower'))")
-    parser.add_argument("--channels-last", action="store_true", help="the new recipe trains channels-last")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     total = {"today": [0.0, 0.0], "new": [0.0, 0.0]}
     print(f"today: {TODAY_EPOCHS} epochs, preload=False; new: {args.epochs or models.default_epochs('an8flower')} epochs, "
-          f"preload default{', channels-last' if args.channels_last else ''}; {args.threads} torch thread(s)")
+          f"preload default; {args.threads} torch thread(s)")
     print(f"{'variant':<11} {'split':<6} fold | load s | today wall/cpu s, acc | new wall/cpu s, acc | same weights")
     for variant in args.variants:
         for split in args.splits:
@@ -72,15 +70,14 @@ def main() -> None:
                 t_load = time.perf_counter() - t0
                 res = {}
                 new_epochs = args.epochs or models.default_epochs("an8flower")
-                for recipe, preload, epochs, cl in (("today", False, TODAY_EPOCHS, False),
-                                                    ("new", None, new_epochs, args.channels_last)):
-                    model, hist, wall, cpu = _train(cfg, data, preload, epochs, cl)
+                for recipe, preload, epochs in (("today", False, TODAY_EPOCHS), ("new", None, new_epochs)):
+                    model, hist, wall, cpu = _train(cfg, data, preload, epochs)
                     res[recipe] = (model.state_dict(), hist["final_test_accuracy"], wall, cpu)
                     print(f"  {recipe}: test accuracy per epoch {[round(100 * a, 1) for a in hist['test_accuracy']]}")
                     total[recipe][0] += wall
                     total[recipe][1] += cpu
                 same = (all(torch.equal(v, res["new"][0][k]) for k, v in res["today"][0].items())
-                        if new_epochs == TODAY_EPOCHS and not args.channels_last else "n/a (another recipe)")
+                        if new_epochs == TODAY_EPOCHS else f"n/a ({new_epochs} epochs)")
                 print(f"{variant:<11} {split:<6} {fold:>4} | {t_load:6.2f} | "
                       f"{res['today'][2]:6.1f} / {res['today'][3]:6.1f}, {100 * res['today'][1]:5.1f} % | "
                       f"{res['new'][2]:6.1f} / {res['new'][3]:6.1f}, {100 * res['new'][1]:5.1f} % | {same}")

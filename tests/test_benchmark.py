@@ -65,6 +65,8 @@ def test_other_bad_options():
         B.method_heatmaps("ours_upsampled", torch.nn.Identity(), torch.rand(2, 3, 32, 32), [0, 1])
     with pytest.raises(ValueError, match="combine: expected one of 'weighted', 'max', got str 'mean'"):
         B.run_benchmark(cfg, combine="mean", save=False)
+    with pytest.raises(ValueError, match="judge: expected one of fast, quantus, got 'sklearn'"):
+        B.run_benchmark(cfg, judge="sklearn", save=False)
     with pytest.raises(ValueError, match="combine: expected one of 'weighted', 'max'"):
         B.method_heatmaps("ours", torch.nn.Identity(), torch.rand(2, 3, 32, 32), [0, 1], combine="sum")
     with pytest.raises(ValueError, match=r"targets: expected \(2,\) integer classes"):

@@ -330,3 +330,36 @@ def test_mnistnet_reaches_90_percent_on_2000_digits():
     model = MnistNet()
     hist = train_model(model, train, test, epochs=3, batch_size=16, lr=2e-3, progress=False)  # 93-94 % here
     assert hist["final_test_accuracy"] >= 0.90
+
+
+@pytest.mark.parametrize("exact_bytes", [True, False])
+def test_preloaded_training_is_the_same_run_bit_for_bit(exact_bytes):
+    # Images that are k/255 are held as uint8, others as float32; either way the batches, their
+    # order, the dropout and augmentation draws and the test accuracy per epoch are those of the
+    # DataLoader path, so the trained weights are equal, not close.
+    x, y = _bars(80)
+    if exact_bytes:
+        x = (x * 255).round() / 255
+    xt, yt = _bars(40, seed=1)
+
+    def run(preload):
+        torch.manual_seed(5)
+        m = MnistNet(num_classes=2)
+        hist = train_model(m, _Triples(x, y), TensorDataset(xt, yt), epochs=2, batch_size=16, seed=2,
+                           progress=False, augment=True, preload=preload)
+        return m.state_dict(), hist
+
+    (a, ha), (b, hb) = run(False), run(True)
+    assert ha["preloaded"] is None and hb["preloaded"] == ("uint8" if exact_bytes else "float32")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert ha["loss"] == hb["loss"] and ha["test_accuracy"] == hb["test_accuracy"]
+
+
+def test_preload_default_only_for_fixed_items():
+    x, y = _bars(32)
+    hist = train_model(MnistNet(num_classes=2), TensorDataset(x, y), epochs=1, batch_size=16, progress=False)
+    assert hist["preloaded"] == "float32"  # a TensorDataset never changes: read once
+    hist = train_model(MnistNet(num_classes=2), _Triples(x, y), epochs=1, batch_size=16, progress=False)
+    assert hist["preloaded"] is None  # an unknown dataset may transform at random: read per epoch
+    with pytest.raises(TypeError, match="preload: expected a bool or None"):
+        train_model(MnistNet(num_classes=2), _Triples(x, y), epochs=1, preload="yes", progress=False)

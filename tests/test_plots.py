@@ -76,3 +76,24 @@ def test_method_comparison(transpose):
     assert len(fig.data) == 10
     with pytest.raises(TypeError, match="comparison"):
         plots.method_comparison(object())
+
+
+def test_benchmark_examples_embed_png_images_equal_to_the_pixels():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from vxnb import plots
+    from vxnb.plots import to_uint8_rgb
+
+    g = torch.Generator().manual_seed(0)
+    ex = {"images": torch.rand(2, 3, 12, 12, generator=g), "masks": torch.rand(2, 12, 12, generator=g) > 0.5,
+          "labels": [0, 1], "preds": [1, 1], "classes": ["a", "b"],
+          "heatmaps": {"ours": torch.rand(2, 12, 12, generator=g)}}
+    fig = plots.benchmark_examples(ex, {"ours": "Ours"})
+    assert len(fig.data) == 2 * 3 and all(t.z is None and t.source.startswith("data:image/png;base64,")
+                                          for t in fig.data)
+    png = base64.b64decode(fig.data[3].source.split(",", 1)[1])
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), to_uint8_rgb(ex["images"][1]))
+    assert "true b<br>predicted b" in fig.data[3].hovertemplate

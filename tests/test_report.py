@@ -312,3 +312,57 @@ def test_finished_progress_bars_are_left_out_of_the_page(tmp_path):
     page = report.export_html(path, tmp_path / "01_t.html").read_text()
     views = re.findall(r'"model_id": "([0-9a-f]{32})"', page)
     assert _WIDGET_ID in views and hidden_bar not in views
+
+
+def test_timing_summary_per_notebook_and_phase(tmp_path):
+    import os
+    import time
+
+    import pandas as pd
+
+    from vxnb.report import timing_summary
+
+    entries = [{"notebook": "01_a.ipynb", "seconds": 12.4, "ok": True},
+               {"notebook": "05_bench.ipynb", "seconds": 100.0, "ok": False}]
+    bench = tmp_path / "benchmark-x"
+    bench.mkdir()
+    pd.DataFrame({"variant": ["a", "a", "b", "b"], "fold": [0, 0, 1, 1],
+                  "phase": ["model", "scores", "model", "scores"], "seconds": [30.0, 5.0, 20.0, 7.0],
+                  "cached": [False, False, True, False]}).to_csv(bench / "timings-views.csv", index=False)
+    old = bench / "timings-blocks.csv"
+    pd.DataFrame({"phase": ["model"], "seconds": [999.0], "cached": [False]}).to_csv(old, index=False)
+    since = time.time() - 60
+    os.utime(old, (since - 3600, since - 3600))  # written by an earlier run: left out
+    text = timing_summary(entries, tmp_path, since=since)
+    lines = text.splitlines()
+    assert lines[0] == "time per notebook:"
+    assert lines[1].split() == ["01_a.ipynb", "12", "s"] and lines[2].split()[-1] == "(failed)"
+    assert lines[3].split() == ["total", "112", "s"]
+    # the cached fold's 20 s and the old file's 999 s are not this run's work
+    assert lines[5].split() == ["model", "30", "s", "(1", "folds)"]
+    assert lines[6].split() == ["scores", "12", "s", "(2", "folds)"]
+    assert "phase" not in timing_summary(entries, tmp_path / "missing")
+
+
+def test_plotly_bundle_is_shared_beside_the_pages_unless_self_contained(tmp_path):
+    # plotly's notebook renderer writes the whole plotly.js into the page (4.8 MB per page)
+    bundle = "/**\n* plotly.js v9.8.7\n* MIT\n*/\n(function(){window.Plotly = {newPlot: function(){}};})();"
+    init = f"<script>window.PlotlyConfig = {{}};</script>\n<script>{bundle}</script>"
+    executed = _executed_nb(tmp_path / "01_t.ipynb")
+    nb = json.loads(executed.read_text())
+    nb["cells"][2]["outputs"].insert(0, {"output_type": "display_data", "metadata": {}, "data": {"text/html": init}})
+    nb["cells"][2]["outputs"].append({"output_type": "display_data", "metadata": {}, "data": {"text/html": init}})
+    executed.write_text(json.dumps(nb))
+    out = tmp_path / "out"
+    out.mkdir()
+    page = report.export_html(executed, out / "01_t.html").read_text()
+    assert "plotly.js v9.8.7" not in page and page.count('<script src="_static/plotly-9.8.7.js"></script>') == 1
+    assert (out / "_static" / "plotly-9.8.7.js").read_text() == bundle
+    assert page.index("_static/plotly-9.8.7.js") < page.index('Plotly.newPlot("x", [])')  # loaded before the figure
+    assert "window.PlotlyConfig" in page  # the renderer's own config script is kept
+    whole = report.export_html(executed, out / "02_t.html", self_contained=True).read_text()
+    assert whole.count(bundle) == 2 and "_static/plotly-" not in whole
+    # a page without the bundle is left as it is
+    assert report.share_plotly_bundle("<p>x</p>", out) == "<p>x</p>"
+    assert report.parse_args(["--self-contained"]).self_contained is True
+    assert report.parse_args([]).self_contained is False

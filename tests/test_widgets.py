@@ -120,6 +120,11 @@ def test_offline_html_carries_every_frame_and_plotly_controls():
     # every frame keeps its data and gets the same room for the controls below it
     for f, src in zip(payload["figures"], frames["figures"]):
         assert f["data"] == src["data"] and f["layout"]["margin"]["b"] == 40 + 2 * 90
+    # the template, in every source frame, is carried once and put back by the swap script
+    assert all(src["layout"]["template"] == payload["template"] for src in frames["figures"])
+    assert payload["template"]["layout"] and not any("template" in f["layout"] for f in payload["figures"])
+    assert "if (F.template && layout.template === undefined) layout.template = F.template;" in page
+    assert page.count('"template"') == 2  # the first figure's own div, and the shared copy
     with pytest.raises(ValueError, match="start"):
         widgets.offline_html(frames, start={"mu": 123.0})
     with pytest.raises(ValueError, match="sliders"):

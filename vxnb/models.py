@@ -309,6 +309,77 @@ def _check_train_args(model: Any, train_data: Any, test_data: Any, epochs: Any, 
     return train_data, test_data, epochs, batch_size, lr, max_grad_norm, augment
 
 
+#: The most memory :func:`train_model` spends on reading a dataset once (``preload``).
+PRELOAD_MAX_BYTES = 2 << 30
+
+
+def _items_fixed(data: Dataset) -> bool:
+    """Whether every read of an item gives the same tensors (no random transform): the datasets
+    of this package without a transform, tensors, and subsets of those."""
+    from torch.utils.data import Subset, TensorDataset
+
+    from .data.an8flower import An8Flower
+    from .data.mnist import MnistDataset
+
+    while isinstance(data, Subset):
+        data = data.dataset
+    if isinstance(data, An8Flower):
+        return data.transform is None
+    return isinstance(data, (MnistDataset, TensorDataset))
+
+
+class _Preloaded:
+    """A dataset's images and labels read once. Stored as uint8 where every image is k/255 (the
+    an8Flower and MNIST images), which converts back bit for bit, else as float32."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    @classmethod
+    def read(cls, data: Dataset, max_bytes: int = PRELOAD_MAX_BYTES) -> "_Preloaded | None":
+        """Read ``data`` in order; ``None`` when it would take more than ``max_bytes``."""
+        xs: list[torch.Tensor] = []
+        ys: list[torch.Tensor] = []
+        as_bytes, n = True, len(data)
+        for batch in _batches(data, 256):
+            x, y = _split_batch(batch, torch.device("cpu"))
+            u = x.mul(255).round_()
+            if as_bytes and (u.min() < 0 or u.max() > 255 or not torch.equal(u.to(torch.uint8).float().div_(255), x)):
+                as_bytes = False
+                xs = [_float_images(t) for t in xs]
+            xs.append(u.to(torch.uint8) if as_bytes else x)
+            ys.append(y)
+            if xs[0][0].numel() * xs[0].element_size() * n > max_bytes:
+                return None
+        return cls(torch.cat(xs), torch.cat(ys))
+
+    @property
+    def storage(self) -> str:
+        return str(self.images.dtype).replace("torch.", "")
+
+    def loader(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None):
+        """Batches ``(images float32, labels)`` in the order (and with the random draws) of
+        ``DataLoader(data, batch_size, shuffle, generator)``."""
+        return _PreloadedLoader(self, DataLoader(range(len(self.labels)), batch_size=batch_size, shuffle=shuffle,
+                                                 generator=generator, num_workers=0))
+
+
+def _float_images(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+
+class _PreloadedLoader:
+    def __init__(self, data: _Preloaded, index_loader: DataLoader):
+        self.data, self.index_loader = data, index_loader
+
+    def __len__(self) -> int:
+        return len(self.index_loader)
+
+    def __iter__(self):
+        for idx in self.index_loader:
+            yield _float_images(self.data.images[idx]), self.data.labels[idx]
+
+
 def _train_epoch(model: nn.Module, loader: Any, opt: Any, sched: Any, dev: torch.device, augment: Any,
                  aug_gen: torch.Generator, max_grad_norm: float | None, lr: float, epoch: int,
                  bar: Any) -> tuple[float, float]:
@@ -344,7 +415,8 @@ def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None
                 batch_size: int | None = None, lr: float | None = None, weight_decay: float = 1e-4,
                 max_grad_norm: float | None = 5.0, seed: int = 0,
                 device: str | torch.device | None = None, progress: bool = True,
-                augment: bool | Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+                augment: bool | Callable[[torch.Tensor], torch.Tensor] | None = None,
+                preload: bool | None = None) -> dict[str, Any]:
     """Train ``model`` in place with Adam(W) and a one-cycle learning-rate schedule; return the history.
 
     Args:
@@ -365,25 +437,42 @@ def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None
         progress: a ``tqdm.auto`` bar over the steps.
         augment: ``True`` for random translations up to 1/14 of the image size, or a callable
             applied to each (B, C, H, W) batch on the device.
+        preload: read ``train_data`` and ``test_data`` once into memory (uint8 where the images
+            are k/255) instead of once per epoch; the batches, their order and the trained model
+            are the same bit for bit. ``None``: for datasets whose items never change (an8Flower
+            and MNIST without a transform, ``TensorDataset``, subsets of these) that fit in
+            :data:`PRELOAD_MAX_BYTES`. Pass ``False`` for a dataset with random transforms.
 
     Returns:
         ``{"loss": [per epoch], "train_accuracy": [per epoch, on the augmented/dropout pass],
         "test_accuracy": [per epoch] or [], "final_test_accuracy": float | None, "epoch_seconds":
-        [...], "seconds": total wall-clock, "cpu_seconds": this process's CPU time, "epochs", "batch_size", "lr", "weight_decay", "seed", "device"}``.
+        [...], "seconds": total wall-clock, "cpu_seconds": this process's CPU time, "epochs", "batch_size", "lr", "weight_decay", "seed", "device",
+        "preloaded": "uint8" / "float32" (how the training images were held) or None}``.
     """
     train_data, test_data, epochs, batch_size, lr, max_grad_norm, augment = _check_train_args(
         model, train_data, test_data, epochs, batch_size, lr, weight_decay, max_grad_norm, augment)
+    if preload is not None and not isinstance(preload, (bool, np.bool_)):
+        raise TypeError(f"preload: expected a bool or None, got {describe(preload)}")
     dev = get_device(device)
     gen = seed_everything(seed)
     aug_gen = torch.Generator().manual_seed(int(seed) + 1)
     model.to(dev)
-    loader = _batches(train_data, batch_size, shuffle=True, generator=gen)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    pre = test_pre = None
+    with torch.random.fork_rng(devices=[]):  # reading draws a DataLoader seed: keep the run's random stream as it was
+        if preload or (preload is None and _items_fixed(train_data)):
+            pre = _Preloaded.read(train_data)
+        if pre is not None and test_data is not None and (preload or _items_fixed(test_data)):
+            test_pre = _Preloaded.read(test_data)
+    if pre is not None:
+        loader = pre.loader(batch_size, shuffle=True, generator=gen)
+    else:
+        loader = _batches(train_data, batch_size, shuffle=True, generator=gen)
     steps = epochs * len(loader)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(weight_decay))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2,
                                                 anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0)
     hist: dict[str, Any] = {"loss": [], "train_accuracy": [], "test_accuracy": [], "epoch_seconds": []}
-    start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(total=steps, desc=f"training {getattr(model, 'vxnb_arch', type(model).__name__)}",
                disable=None if progress else True, leave=False)
     try:
@@ -392,7 +481,10 @@ def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None
             loss, acc = _train_epoch(model, loader, opt, sched, dev, augment, aug_gen, max_grad_norm, lr, epoch, bar)
             hist["loss"].append(loss)
             hist["train_accuracy"].append(acc)
-            if test_data is not None:
+            if test_pre is not None:
+                pred, true = _predict_loader(model, test_pre.loader(256), dev)
+                hist["test_accuracy"].append(float((pred == true).mean()))
+            elif test_data is not None:
                 hist["test_accuracy"].append(accuracy(model, test_data, device=dev))
             hist["epoch_seconds"].append(time.perf_counter() - t0)
     finally:
@@ -400,7 +492,7 @@ def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None
     model.eval()
     hist.update(seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start, epochs=epochs, batch_size=batch_size, lr=lr,
                 weight_decay=float(weight_decay), max_grad_norm=max_grad_norm, augment=bool(augment),
-                seed=int(seed), device=str(dev),
+                seed=int(seed), device=str(dev), preloaded=None if pre is None else pre.storage,
                 final_test_accuracy=hist["test_accuracy"][-1] if hist["test_accuracy"] else None)
     return hist
 
@@ -415,9 +507,14 @@ def predict(model: nn.Module, data: Dataset, batch_size: int = 256,
     batch_size = _check_int(batch_size, "batch_size", 1)
     dev = get_device(device) if device is not None else model_device(model, default=get_device())
     model.to(dev)
+    return _predict_loader(model, _batches(data, batch_size), dev)
+
+
+@torch.no_grad()
+def _predict_loader(model: nn.Module, loader: Any, dev: torch.device) -> tuple[np.ndarray, np.ndarray]:
     preds, labels = [], []
     with eval_mode(model):
-        for batch in _batches(data, batch_size):
+        for batch in loader:
             x, y = _split_batch(batch, dev)
             preds.append(model(x).argmax(1).cpu())
             labels.append(y.cpu())

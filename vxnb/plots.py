@@ -604,10 +604,9 @@ def benchmark_occlusion_curves(frame, *, title: str | None = "Box occlusion: con
 
 def benchmark_examples(examples: dict, method_labels: dict | None = None, *, size: int = 110):
     """Fig. 8 (centre): per image (row) the image, its ground-truth mask and every method's heatmap
-    (min-max normalised per map, jet colours). ``examples``: the dict of
+    (min-max normalised per map, jet colours), each embedded as PNG. ``examples``: the dict of
     ``vxnb.studies.benchmark.explain_examples`` (images, masks, labels, preds, classes, heatmaps)."""
     from plotly.subplots import make_subplots
-    import plotly.graph_objects as go
 
     images, masks, heat = examples["images"], examples["masks"], examples["heatmaps"]
     methods = list(heat)
@@ -620,15 +619,15 @@ def benchmark_examples(examples: dict, method_labels: dict | None = None, *, siz
         true, pred = int(examples["labels"][i]), int(examples["preds"][i])
         name = (lambda j: classes[j] if classes else str(j))
         hover = f"true {name(true)}<br>predicted {name(pred)}<extra></extra>"
-        fig.add_trace(go.Image(z=to_uint8_rgb(images[i]), hovertemplate=hover), row=i + 1, col=1)
-        fig.add_trace(go.Image(z=to_uint8_rgb(masks[i].float()), hoverinfo="skip"), row=i + 1, col=2)
+        fig.add_trace(_image_trace(to_uint8_rgb(images[i]), hovertemplate=hover), row=i + 1, col=1)
+        fig.add_trace(_image_trace(to_uint8_rgb(masks[i].float()), hoverinfo="skip"), row=i + 1, col=2)
         for c, m in enumerate(methods):
             h = heat[m][i].detach().cpu().double().numpy() if isinstance(heat[m], torch.Tensor) \
                 else np.asarray(heat[m][i], dtype=np.float64)
             span = h.max() - h.min()
             h = (h - h.min()) / span if span > 0 else np.zeros_like(h)
-            fig.add_trace(go.Image(z=(colorize(h) * 255).round().astype(np.uint8),
-                                   hovertemplate=f"{labels.get(m, m)}<br>{hover}"), row=i + 1, col=c + 3)
+            fig.add_trace(_image_trace((colorize(h) * 255).round().astype(np.uint8),
+                                       hovertemplate=f"{labels.get(m, m)}<br>{hover}"), row=i + 1, col=c + 3)
     for ann in fig.layout.annotations:
         ann.font.size = 11
     fig.update_xaxes(visible=False).update_yaxes(visible=False)

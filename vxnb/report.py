@@ -3,9 +3,11 @@
 ``python -m vxnb.report [--quick]`` (``vxnb report``; what ``make report`` calls) executes
 every numbered notebook ``NN_*.ipynb`` shipped with vxnb (or of ``--notebooks DIR``) in order
 with its full parameters (``--quick``: the quick ones CI uses), writes the executed notebooks
-and one self-contained HTML page each (plotly's JavaScript embedded, widget state saved) under
-``reports/`` of the working folder, and an ``index.html`` that links them with one line each
-on what they show.
+and one HTML page each (widget state saved) under ``reports/`` of the working folder, and an
+``index.html`` that links them with one line each on what they show; at the end it prints its
+own time per notebook and per phase (:func:`timing_summary`). plotly's JavaScript is written
+once beside the pages (``reports/_static/plotly-<version>.js``), not into each of them;
+``--self-contained`` keeps it inline in every page.
 
 The pages open offline: the scripts they load (require.js and the ipywidgets HTML manager
 that renders the saved widget state) are fetched once from the npm registry with ``npm pack``
@@ -331,8 +333,12 @@ def _drop_hidden_widgets(nb: Any) -> int:
 
 
 def export_html(executed: Path, html_path: Path, *, static_url: str | None = STATIC_DIRNAME,
-                no_input: bool = False) -> Path:
-    """An HTML page of an executed notebook (plotly.js embedded, widget state as saved by nbclient).
+                no_input: bool = False, self_contained: bool = False) -> Path:
+    """An HTML page of an executed notebook (widget state as saved by nbclient).
+
+    plotly.js (4.8 MB, which plotly's notebook renderer puts inline in every page) is written
+    once beside the pages, ``_static/plotly-<version>.js``, and loaded from there with a
+    ``<script src>``; ``self_contained``: left inline, so the page needs no folder beside it.
 
     ``static_url``: the URL (relative to the page) of the folder made by :func:`copy_static`,
     from which the page loads require.js and the widget manager; ``None``: their CDN URLs.
@@ -363,10 +369,33 @@ def export_html(executed: Path, html_path: Path, *, static_url: str | None = STA
                             exclude_output_prompt=bool(no_input), **urls)
     body, _ = exporter.from_notebook_node(nb)
     body = _add_noscript_note(body)
+    if not self_contained:
+        body = share_plotly_bundle(body, html_path.parent)
     with atomic_path(html_path) as tmp:
         tmp.write_text(body, encoding="utf-8")
         fault_point("html")
     return html_path
+
+
+#: The plotly.js bundle as plotly's notebook renderer writes it into a page (group 1: the code, 2: the version).
+_PLOTLY_BUNDLE = re.compile(r"<script>(/\*\*\s*\*\s*plotly\.js v([\w.+-]+)\b.*?)</script>", re.S)
+
+
+def share_plotly_bundle(body: str, folder: str | Path) -> str:
+    """``body`` (an HTML page) with its inline plotly.js bundle moved to
+    ``folder/_static/plotly-<version>.js`` (written atomically, once per version) and loaded
+    from there; later copies in the page are dropped. A page without the bundle is returned as is."""
+    m = _PLOTLY_BUNDLE.search(body)
+    if m is None:
+        return body
+    code, name = m.group(1), f"plotly-{m.group(2)}.js"
+    file = Path(folder) / STATIC_DIRNAME / name
+    if not file.is_file() or file.read_text(encoding="utf-8") != code:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(file) as tmp:
+            tmp.write_text(code, encoding="utf-8")
+    tag = f'<script src="{STATIC_DIRNAME}/{name}"></script>'
+    return body[:m.start()] + tag + _PLOTLY_BUNDLE.sub("", body[m.end():])
 
 
 # --- offline panels, pages without code, pages without JavaScript ------------------------------
@@ -538,13 +567,15 @@ def _static_figures_or_warn(pages: list[Path]) -> None:
 def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
                  notebooks: str | Path | None = None, parameters: dict[str, Any] | None = None,
                  progress: bool = True, stop_on_error: bool = True, raise_on_error: bool = True,
-                 no_input: bool = False, static_figures: bool = True) -> dict[str, Any]:
+                 no_input: bool = False, static_figures: bool = True, self_contained: bool = False) -> dict[str, Any]:
     """Run every numbered notebook and write the report; returns {index, entries}.
 
     The kernels run with ``VXNB_OFFLINE_FRAMES=1``, so each live panel gets its precomputed
     offline stand-in (``vxnb.widgets.offline_panel``). ``no_input``: also write each page
     without its code (``NN_name.no-input.html``). ``static_figures``: put a PNG of every figure
     in each page for readers without JavaScript (needs Chromium; a warning when it is missing).
+    ``self_contained``: keep plotly.js inline in every page instead of one shared copy in
+    ``_static/`` beside them (:func:`export_html`).
 
     A failing notebook is recorded in its entry (``ok``, ``error``) and in the index; with
     ``stop_on_error`` the later notebooks are not run; with ``raise_on_error`` a RuntimeError
@@ -578,7 +609,8 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
                     _environ(TERMINAL_PROGRESS_ENV, "1" if progress else ""):
                 executed = run_notebook(nb, out, params, progress=progress, cwd=cwd, skip_tags=skip)
             for page in pages:
-                export_html(executed, page, static_url=static_url, no_input=page.name.endswith(NO_INPUT_SUFFIX))
+                export_html(executed, page, static_url=static_url, no_input=page.name.endswith(NO_INPUT_SUFFIX),
+                            self_contained=self_contained)
             if static_figures:
                 _static_figures_or_warn(pages)
         except Exception as err:  # record, write the index, then re-raise
@@ -595,6 +627,43 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
         raise RuntimeError(f"notebook {failed[0]['notebook']} failed: {failed[0]['error']} "
                            f"(the partial run is in {out / (Path(failed[0]['notebook']).stem + '.failed.ipynb')})")
     return {"index": index, "entries": entries}
+
+
+def timing_summary(entries: list[dict[str, Any]], runs_root: str | Path | None = None,
+                   since: float | None = None) -> str:
+    """The report's own time, as text: seconds per notebook (``entries`` of :func:`build_report`)
+    and per phase of the work computed in this run: the ``timings-*.csv`` tables under
+    ``runs_root`` (the benchmark's folds: model, features+lasso, each method, scores,
+    occlusion) written at or after ``since`` (a ``time.time()``), rows of cached folds left out."""
+    import pandas as pd
+
+    lines = ["time per notebook:"]
+    width = max([len(e["notebook"]) for e in entries] + [5])
+    for e in entries:
+        lines.append(f"  {e['notebook']:<{width}} {e['seconds']:8.0f} s" + ("" if e["ok"] else "  (failed)"))
+    lines.append(f"  {'total':<{width}} {sum(e['seconds'] for e in entries):8.0f} s")
+    frames = []
+    root = Path(runs_root) if runs_root is not None else None
+    if root is not None and root.is_dir():
+        for file in sorted(root.glob("*/timings-*.csv")):
+            if since is not None and file.stat().st_mtime < since:
+                continue
+            try:
+                frame = pd.read_csv(file)
+            except (OSError, ValueError, pd.errors.ParserError):
+                continue
+            if {"phase", "seconds"} <= set(frame.columns):
+                if "cached" in frame.columns:
+                    frame = frame[~frame["cached"].astype(bool)]
+                frames.append(frame)
+    if frames:
+        phases = pd.concat(frames).groupby("phase", sort=False)["seconds"].agg(["sum", "count"])
+        phases = phases.sort_values("sum", ascending=False)
+        pw = max(len(str(p)) for p in phases.index)
+        lines.append("time per phase (folds computed in this run, from timings-*.csv):")
+        for phase, row in phases.iterrows():
+            lines.append(f"  {str(phase):<{pw}} {row['sum']:8.0f} s  ({int(row['count'])} folds)")
+    return "\n".join(lines)
 
 
 #: Parameters that name files or folders: made absolute by :func:`parse_args`.
@@ -624,6 +693,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m vxnb.report
                         help="a YAML or JSON file of notebook parameters (-p values win over it)")
     parser.add_argument("--no-input", action="store_true",
                         help="also write each page without its code cells (NN_name.no-input.html), for an audience")
+    parser.add_argument("--self-contained", action="store_true",
+                        help="keep plotly.js (4.8 MB) inline in every page instead of one copy in _static/ beside them")
     args = parser.parse_args(argv)
     try:
         args.parameters = collect_params(args.params, args.parameter)
@@ -663,9 +734,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m vxnb.report") -> 
             train, test, classes = load_data(cfg)
             print(f"{cfg.dataset}: {len(train)} train / {len(test)} test images, {len(classes)} classes")
         return 0
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     result = build_report(quick=args.quick, out_dir=args.out, notebooks=args.notebooks, parameters=args.parameters,
-                          no_input=args.no_input)
+                          no_input=args.no_input, self_contained=args.self_contained)
+    runs_root = args.parameters.get("runs_root") or work_dir("runs", create=False)
+    print(timing_summary(result["entries"], runs_root, since=started))
     print(f"report written in {time.perf_counter() - t0:.0f} s: {result['index']}")
     return 0
 

@@ -246,6 +246,7 @@ _SWAP_SCRIPT = """
   function index() { var i = 0; for (var d = 0; d < F.sizes.length; d++) { i = i * F.sizes[d] + state[d]; } return i; }
   function show() {
     var fig = F.figures[index()], layout = JSON.parse(JSON.stringify(fig.layout));
+    if (F.template && layout.template === undefined) layout.template = F.template;
     layout.sliders = F.sliders.map(function (s, k) { s = JSON.parse(JSON.stringify(s)); s.active = state[F.sliderDims[k]]; return s; });
     layout.updatemenus = F.menus.map(function (m, k) { m = JSON.parse(JSON.stringify(m)); m.active = state[F.menuDims[k]]; return m; });
     gd.setAttribute('data-vxnb-state', state.join(','));
@@ -315,8 +316,13 @@ def offline_html(frames: dict, *, start: dict | None = None, sliders: Sequence[s
     for k, m in enumerate(menu_list):
         m["active"] = state[menu_dims[k]]
     first.update_layout(sliders=slider_list, updatemenus=menu_list)
+    # the template (~7 kB of JSON in every figure plotly makes) is kept once, not once per frame
+    template = figs[0]["layout"].get("template") if figs else None
+    if template is not None:
+        figs = [{"data": f["data"], "layout": {k: v for k, v in f["layout"].items() if k != "template"}}
+                if f["layout"].get("template") == template else f for f in figs]
     payload = {"sizes": [len(c) for c in choices], "start": state, "figures": figs, "sliders": slider_list,
-               "menus": menu_list, "sliderDims": slider_dims, "menuDims": menu_dims}
+               "menus": menu_list, "sliderDims": slider_dims, "menuDims": menu_dims, "template": template}
     div = pio.to_html(first, include_plotlyjs=False, full_html=False, validate=False,
                       post_script=_SWAP_SCRIPT, config={"displaylogo": False})
     plot_id = re.search(r'<div[^>]*\sid="([^"]+)"[^>]*class="plotly-graph-div"|<div[^>]*class="plotly-graph-div"'

@@ -353,6 +353,14 @@ def _result_file(folder: Path, settings: dict, checkpoint_key: str) -> tuple[Pat
     return folder / f"benchmark-{key}.json", key
 
 
+def _check_judge(judge: Any) -> str:
+    from vxnb.evaluate.quantus_metrics import JUDGES
+
+    if judge not in JUDGES:
+        raise ValueError(f"judge: expected one of {', '.join(JUDGES)}, got {judge!r}")
+    return judge
+
+
 def _read_fold(file: Path, key: str) -> dict:
     res = json.loads(file.read_text())
     if res.get("version") != _RESULT_VERSION or res.get("key") != key:
@@ -364,7 +372,8 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] | None = None, mu: float =
                   n_test_images: int | None = 300, occlusion: bool = True, occlusion_images: int | None = 100,
                   coverage: Sequence[float] = DEFAULT_COVERAGE, layer: str | None = None,
                   thresholds: Any = None, batch_size: int = 32, combine: Sequence[str] = ("weighted",),
-                  quantus: bool = False, quantus_images: int | None = 100, progress: bool = True) -> dict:
+                  quantus: bool = False, quantus_images: int | None = 100, judge: str = "fast",
+                  progress: bool = True) -> dict:
     """Run one fold of the protocol (no caching; :func:`run_fold` caches). Returns a JSON-ready dict.
 
     Keys: ``variant, fold, run, folds`` (the split), ``n_images, accuracy`` (of the model on the
@@ -373,8 +382,9 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] | None = None, mu: float =
     methods with the combination, e.g. ``"ours[max]"``): ``auc`` {row: %}, ``curve`` {row:
     IoU per threshold}, ``image_auc`` {row: area per image}, ``quantus`` {row:
     :func:`vxnb.evaluate.quantus_metrics.localisation_metrics`} (with ``quantus=True``, on a
-    class-stratified subset of ``quantus_images`` of the evaluated images: Quantus scores
-    image by image, ~0.03 s per image and metric);
+    class-stratified subset of ``quantus_images`` of the evaluated images, computed by ``judge``:
+    "fast", batched numpy, under 1 ms per image for all five metrics, or "quantus", Quantus itself,
+    ~0.03 s per image and metric; the same values);
     per draw of our features: ``grid`` {method: mean grid score of each image's drawn maps,
     at each feature's layer's total stride (NaN: no feature)}; ``top_features`` (records:
     class, layer, kind, channel, n (images where it is in the top-k), mean_response);
@@ -409,7 +419,7 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] | None = None, mu: float =
                                            batch_size=batch_size, progress=progress, seconds=seconds)
     t0 = time.perf_counter()
     qsel = stratified_indices(labels.numpy(), quantus_images, seed=cfg.seed + 11) if quantus else None
-    scores = _fold_scores(heatmaps, masks, t, qsel)
+    scores = _fold_scores(heatmaps, masks, t, qsel, judge)
     seconds["scores"] = time.perf_counter() - t0
     occ_records: list[dict] = []
     if occlusion:
@@ -477,10 +487,11 @@ def _fold_heatmaps(cfg: Any, model: torch.nn.Module, images: torch.Tensor, preds
 
 
 def _fold_scores(heatmaps: Mapping[str, torch.Tensor], masks: torch.Tensor, thresholds: np.ndarray,
-                 quantus_subset: np.ndarray | None) -> dict[str, dict]:
+                 quantus_subset: np.ndarray | None, judge: str = "fast") -> dict[str, dict]:
     """Per result row: the IoU curve (``curve``), its area (``auc``, :func:`vxnb.evaluate.iou.curve_area`)
     and each image's area (``image_auc``); Quantus's localisation metrics on ``quantus_subset``
-    of the images (``quantus``; none when it is None)."""
+    of the images (``quantus``; none when it is None), computed by ``judge`` (see
+    :func:`vxnb.evaluate.quantus_metrics.localisation_metrics`: the same values either way)."""
     out: dict[str, dict] = {"auc": {}, "curve": {}, "image_auc": {}, "quantus": {}}
     for name, h in heatmaps.items():
         thr, c = iou_curve(h, masks, thresholds)
@@ -490,7 +501,7 @@ def _fold_scores(heatmaps: Mapping[str, torch.Tensor], masks: torch.Tensor, thre
         if quantus_subset is not None:
             from vxnb.evaluate.quantus_metrics import localisation_metrics
 
-            out["quantus"][name] = localisation_metrics(h[quantus_subset], masks[quantus_subset])
+            out["quantus"][name] = localisation_metrics(h[quantus_subset], masks[quantus_subset], judge=judge)
     return out
 
 
@@ -519,7 +530,7 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
 
     defaults = dict(methods=None, mu=10.0, k=5, n_test_images=300, occlusion=True, occlusion_images=100,
                     coverage=DEFAULT_COVERAGE, layer=None, thresholds=None, combine=("weighted",), quantus=False,
-                    quantus_images=100)
+                    quantus_images=100, judge="fast")
     unknown = set(options) - set(defaults) - {"batch_size"}
     if unknown:
         raise TypeError(f"run_fold: unexpected option(s) {sorted(unknown)}; known: {sorted(defaults)}")
@@ -531,6 +542,7 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
     _check_positive_int(opts["n_test_images"], "n_test_images", allow_none=True)
     _check_positive_int(opts["occlusion_images"], "occlusion_images", allow_none=True)
     _check_positive_int(opts["quantus_images"], "quantus_images", allow_none=True)
+    _check_judge(opts["judge"])  # not in the key: both judges give the same values (to 1e-6, tested)
     thr = DEFAULT_THRESHOLDS if opts["thresholds"] is None else opts["thresholds"]
     settings = _settings(opts["methods"], opts["mu"], opts["k"], opts["n_test_images"], opts["occlusion"],
                          opts["occlusion_images"], opts["coverage"], opts["layer"], thr, opts["combine"],
@@ -622,7 +634,7 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
                   n_test_images: int | None = 300, occlusion: bool = True, occlusion_images: int | None = 100,
                   coverage: Sequence[float] = DEFAULT_COVERAGE, layer: str | None = None,
                   combine: str | Sequence[str] = ("weighted", "max"), quantus: bool = True,
-                  quantus_images: int | None = 100,
+                  quantus_images: int | None = 100, judge: str = "fast",
                   recompute: bool = False, save: bool = True, progress: bool = True) -> BenchmarkResult:
     """The five-fold an8Flower benchmark (Table 1) and the box-occlusion study.
 
@@ -642,6 +654,8 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
         combine: how our top-k maps combine, one or both of "weighted", "max" (each is a row).
         quantus: also score every row with Quantus's localisation metrics, on ``quantus_images``
             of the evaluated images (a seeded class-stratified subset; None: all).
+        judge: who computes those metrics: "fast" (batched numpy, the default) or "quantus"
+            (Quantus itself); the same values either way, so a cached fold is reused by both.
         recompute: ignore finished folds' cached results.
         save: write per_fold, table1, curves, occlusion and timings as CSV into the benchmark's
             run folder (:func:`benchmark_config`) with :func:`vxnb.studies.runs.save_table`.
@@ -660,7 +674,8 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
                    occlusion=bool(occlusion),
                    occlusion_images=_check_positive_int(occlusion_images, "occlusion_images", allow_none=True),
                    coverage=tuple(coverage), layer=layer, combine=_check_combines(combine), quantus=bool(quantus),
-                   quantus_images=_check_positive_int(quantus_images, "quantus_images", allow_none=True))
+                   quantus_images=_check_positive_int(quantus_images, "quantus_images", allow_none=True),
+                   judge=_check_judge(judge))
     jobs = [(v, f) for v, fs in plan.items() for f in fs]
     frames: dict[str, list] = {name: [] for name in ("per_fold", "curves", "occlusion", "timings", "per_image",
                                                      "quantus", "top_features")}

@@ -36,11 +36,13 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import signal
 import tempfile
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -49,7 +51,7 @@ import numpy as np
 __all__ = ["key", "stable_json", "model_fingerprint", "file_fingerprint", "array_fingerprint", "items_fingerprint",
            "store_root",
            "load_or_compute", "try_load", "artifact_lock", "register", "read_index", "log_event", "read_events",
-           "fault_point", "gc", "STORE_DIR"]
+           "fault_point", "gc", "STORE_DIR", "DAMAGED_ERRORS"]
 
 #: The store's own folder under a root (index, locks, events log).
 STORE_DIR = ".vxnb-store"
@@ -257,23 +259,35 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+#: What a loader raises on a damaged file (truncated, half-written, not the format it claims):
+#: only then is the file removed and recomputed. Anything else (MemoryError, PermissionError, a
+#: TypeError or AttributeError from a bug in a loader) propagates and the file stays.
+DAMAGED_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, EOFError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError, FileNotFoundError,
+    IsADirectoryError, NotADirectoryError)
+
+
 def try_load(path: Path, load: Callable[[Path], Any], kind: str, quiet: bool = False) -> tuple[bool, Any]:
-    """``(True, load(path))``, or ``(False, None)`` when there is no file or it cannot be read (then
-    it is removed, with a warning unless ``quiet``)."""
+    """``(True, load(path))``, or ``(False, None)`` when there is no file or it is damaged (``load``
+    raises one of :data:`DAMAGED_ERRORS`; then it is removed, with a warning unless ``quiet``).
+    Any other error propagates and the file is kept."""
     if not path.exists():
         return False, None
     try:
         return True, load(path)
-    except Exception as err:  # noqa: BLE001 - a damaged file comes in many shapes; never trusted
+    except DAMAGED_ERRORS as err:  # a damaged file: never trusted
         if not quiet:
             warnings.warn(f"{kind}: {path} is unreadable ({type(err).__name__}: {err}); removing it and recomputing",
-                      RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=3)
         _remove(path)
         return False, None
 
 
 def _put(path: Path, value: Any, save: Callable[[Any, Path], Any], kind: str, directory: bool) -> None:
-    """``save(value, tmp)`` then rename ``tmp`` onto ``path`` (a file or a whole folder)."""
+    """``save(value, tmp)``, flush it to disk, then rename ``tmp`` onto ``path`` (a file or a whole
+    folder) and flush the rename."""
+    from .utils import fsync_dir, fsync_tree
+
     path.parent.mkdir(parents=True, exist_ok=True)
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -285,10 +299,12 @@ def _put(path: Path, value: Any, save: Callable[[Any, Path], Any], kind: str, di
         save(value, tmp)
         if not directory:
             os.chmod(tmp, 0o644)
+        fsync_tree(tmp)
         fault_point(f"save:{kind}")
         if directory and path.exists():
             _remove(path)  # a damaged folder under the same key (we hold its lock)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if tmp.exists():
             _remove(tmp)

@@ -104,6 +104,8 @@ class RunConfig:
     held out when ``data_root`` is not split. on_error: "raise" or "skip" unreadable images.
     model: a torchvision architecture name or "package.module:factory"; weights: its local
     weights file. The model is never trained or modified; the run is keyed by its fingerprint.
+    trust_weights: read a weights file that needs full unpickling (a whole pickled model, which
+    can run code); default False, such a file is refused.
 
     Every run: layers ("blocks": block outputs of residual networks, else every conv/FC block;
     "all": every conv/FC block; a list of names or glob patterns like "layer4.*") and
@@ -130,6 +132,7 @@ class RunConfig:
     on_error: str = "raise"
     model: str | None = None
     weights: str | None = None
+    trust_weights: bool = False
     layers: Any = "blocks"
     batch_size: int = 64
 
@@ -151,8 +154,10 @@ class RunConfig:
             raise ValueError(f"epochs: expected a positive int or None, got {self.epochs!r}")
         if self.train_limit is not None:
             _check_int(self.train_limit, "train_limit", 1, None, "or None (all images)")
-        if not isinstance(self.quick, bool):
-            raise TypeError(f"quick: expected a bool, got {type(self.quick).__name__} {self.quick!r}")
+        for arg in ("quick", "trust_weights"):
+            if not isinstance(getattr(self, arg), bool):
+                raise TypeError(f"{arg}: expected a bool, got {type(getattr(self, arg)).__name__} "
+                                f"{getattr(self, arg)!r}")
         for arg in ("data_root", "runs_root"):
             value = getattr(self, arg)
             if value is not None and not isinstance(value, (str, os.PathLike)):
@@ -533,7 +538,7 @@ def user_model(cfg: RunConfig) -> torch.nn.Module:
             raise ValueError(f"data_root: {top} has no class sub-folders (expected data_root/<class>/<image>)")
         cfg.__dict__["_model"] = load_user_model(cfg.model, cfg.weights, num_classes=n_classes,
                                                  input_shape=(3, cfg.image_size, cfg.image_size),
-                                                 normalize=cfg.normalize)
+                                                 normalize=cfg.normalize, trust_weights=cfg.trust_weights)
     return cfg.__dict__["_model"]
 
 

@@ -105,6 +105,51 @@ def test_truncated_lasso_path_and_json_fold_are_recomputed(tmp_path):
     assert v == {"a": 1} and not hit and json.loads(j.read_text()) == {"a": 1}
 
 
+@pytest.mark.parametrize("error", [PermissionError("no access"), MemoryError(), TypeError("a loader bug"),
+                                   AttributeError("a loader bug")])
+def test_only_a_damaged_file_is_removed_other_errors_propagate(tmp_path, error):
+    file = tmp_path / "a.npz"
+    _store.load_or_compute(file, "k1", "demo", lambda: np.arange(5.0), load=_load_npz, save=_save_npz)
+    before = file.read_bytes()
+
+    def load(path):
+        raise error
+
+    with pytest.raises(type(error)):
+        _store.load_or_compute(file, "k1", "demo", lambda: np.zeros(1), load=load, save=_save_npz)
+    assert file.read_bytes() == before                     # kept: it was not shown to be damaged
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """Each file is fsync'ed under its temporary name before it is renamed into place (and the
+    folder after), so a power loss never leaves a renamed but empty file."""
+    from vxnb import utils
+
+    synced: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        assert str(Path(src).resolve()) in synced, f"{src} renamed onto {dst} before it was fsync'ed"
+        synced.append(("replace", str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    utils.atomic_write_json({"a": 1}, tmp_path / "x.json")
+    _store.load_or_compute(tmp_path / "a.npz", "k1", "demo", lambda: np.arange(3.0), load=_load_npz, save=_save_npz)
+    _store.load_or_compute(tmp_path / "d", "k2", "demo", lambda: 1, load=lambda p: (p / "f").read_text(),
+                           save=lambda v, tmp: (tmp / "f").write_text("x"), directory=True)
+    replaced = [s[1] for s in synced if isinstance(s, tuple)]
+    assert str(tmp_path / "x.json") in replaced and str(tmp_path / "a.npz") in replaced
+    assert str(tmp_path / "d") in replaced
+    after = synced[synced.index(("replace", str(tmp_path / "x.json"))) + 1]
+    assert after == str(tmp_path.resolve())                # the folder holding the renamed file
+
+
 _WORKER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path

@@ -43,6 +43,7 @@ import tempfile
 import time
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -264,7 +265,7 @@ def _remove(path: Path) -> None:
 #: TypeError or AttributeError from a bug in a loader) propagates and the file stays.
 DAMAGED_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, EOFError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError, FileNotFoundError,
-    IsADirectoryError, NotADirectoryError)
+    IsADirectoryError, NotADirectoryError, zlib.error)
 
 
 def try_load(path: Path, load: Callable[[Path], Any], kind: str, quiet: bool = False) -> tuple[bool, Any]:

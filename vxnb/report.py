@@ -84,7 +84,7 @@ def skipped_tags(parameters: dict[str, Any]) -> set[str]:
     skip = set()
     if not cfg.has_masks:
         skip.add(NEEDS_MASKS)
-    if cfg.dataset != "an8flower":
+    if not cfg.spec.paper_numbers:
         skip.add(AN8FLOWER_ONLY)
     return skip
 
@@ -660,9 +660,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m vxnb.report") -> 
     if args.prepare_data:
         from .studies.runs import RunConfig, load_data
 
-        dataset = args.parameters.get("dataset", "an8flower")
-        others = [] if dataset == "folder" else [dict(dataset="mnist")]
-        for extra in [{}] + others:
+        spec = RunConfig.from_params(quick=args.quick, **args.parameters).spec
+        for extra in [{}] + [dict(dataset=name) for name in spec.prepare_with]:
             cfg = RunConfig.from_params(quick=args.quick, **{**args.parameters, **extra})
             train, test, classes = load_data(cfg)
             print(f"{cfg.dataset}: {len(train)} train / {len(test)} test images, {len(classes)} classes")

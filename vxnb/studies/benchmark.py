@@ -100,6 +100,7 @@ __all__ = [
     "row_name",
     "part_reliance",
     "fold_diagnosis",
+    "fold_inputs",
 ]
 
 #: an8Flower's folds (grouped by viewpoint).
@@ -349,8 +350,17 @@ def _settings(methods, mu, k, n_test_images, occlusion, occlusion_images, covera
             "combine": list(combine), "quantus": bool(quantus), "quantus_images": quantus_images}
 
 
-def _result_file(folder: Path, settings: dict, checkpoint_key: str) -> tuple[Path, str]:
-    key = _store.key("benchmark-fold", settings, {"checkpoint": checkpoint_key}, _RESULT_VERSION)
+def fold_inputs(cfg: Any) -> dict[str, Any]:
+    """What a fold's result is computed from besides its checkpoint (whose key holds the data,
+    the split and the training settings): the run's settings that pick the relevant features,
+    ``layers`` (described by the μ-lasso) and ``train_limit`` (the training images they are
+    selected on; a user's model's key does not hold it)."""
+    return {"layers": cfg.layers, "train_limit": cfg.train_limit}
+
+
+def _result_file(folder: Path, settings: dict, checkpoint_key: str,
+                 inputs: dict[str, Any] | None = None) -> tuple[Path, str]:
+    key = _store.key("benchmark-fold", settings, {"checkpoint": checkpoint_key, **(inputs or {})}, _RESULT_VERSION)
     return folder / f"benchmark-{key}.json", key
 
 
@@ -521,7 +531,7 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
                          opts["quantus"], opts["quantus_images"])
     folder = runs.run_dir(cfg)
     ckey = runs.checkpoint_key(cfg)
-    file, key = _result_file(folder, settings, ckey)
+    file, key = _result_file(folder, settings, ckey, fold_inputs(cfg))
 
     def compute() -> dict:
         return json_ready({**evaluate_fold(cfg, progress=progress, **opts), "settings": settings, "key": key})
@@ -529,7 +539,7 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
     res, hit = _store.load_or_compute(
         file, key, "benchmark-fold", compute, load=lambda f: _read_fold(f, key),
         save=lambda r, tmp: tmp.write_text(json.dumps(r, indent=2, sort_keys=True)), recompute=recompute,
-        settings=settings, inputs={"checkpoint": ckey}, upstream=[ckey], version=_RESULT_VERSION,
+        settings=settings, inputs={"checkpoint": ckey, **fold_inputs(cfg)}, upstream=[ckey], version=_RESULT_VERSION,
         root=cfg.runs_dir)
     res = dict(res)
     res["cached"] = hit

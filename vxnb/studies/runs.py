@@ -65,6 +65,7 @@ def register_artifact(kind: str, version: int) -> None:
 
 
 register_artifact("checkpoint", CHECKPOINT_VERSION)
+register_artifact("user-model", CHECKPOINT_VERSION)
 register_artifact("table", TABLE_VERSION)
 
 
@@ -310,9 +311,14 @@ def _data_record_now(cfg: RunConfig) -> dict[str, Any]:
 
 
 def data_ok(record: dict[str, Any]) -> bool:
-    """Whether the dataset a stored data record describes still has the fingerprint it recorded."""
+    """Whether the input a stored record describes still has the fingerprint it recorded: a
+    dataset (a :func:`data_record`) or a file (``{"file": path, "fingerprint": …}``, e.g. a
+    user's weights)."""
     try:
-        return _data_fingerprint(record) == record.get("fingerprint")
+        if "file" in record:
+            return Path(record["file"]).is_file() and _store.file_fingerprint(record["file"]) == record["fingerprint"]
+        spec = {k: v for k, v in record.items() if k != "fingerprint"}  # the spec as it was fingerprinted
+        return _data_fingerprint(spec) == record.get("fingerprint")
     except (OSError, ValueError, KeyError):
         return False
 
@@ -439,17 +445,36 @@ def describe_model(meta: dict[str, Any], accuracy: float, n_test: int) -> str:
 
 
 def _user_model_and_meta(cfg: RunConfig, data) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The user's model and its record ``user-model-<key>.json`` (accuracy on the validation
+    split), made through the store under the run's checkpoint key, so that gc sees the user's
+    model as a live artifact (with its data and weights file as inputs) and keeps what hangs
+    from it."""
     from ..models import accuracy
 
     model = user_model(cfg)
-    meta_file = cfg.runs_dir / cfg.run_name / "meta.json"
-    meta = read_json(meta_file) if meta_file.is_file() else {}
-    if meta.get("fingerprint") != model.vxnb_fingerprint:  # content-keyed: recomputed for other weights
+    record = data_record(cfg)
+    ckey = checkpoint_key(cfg)
+    inputs_ = [record]
+    if cfg.weights is not None:
+        inputs_.append({"file": str(Path(cfg.weights).resolve()), "fingerprint": _store.file_fingerprint(cfg.weights)})
+
+    def compute() -> dict[str, Any]:
         train, test, classes = data if data is not None else load_data(cfg)  # checked before anything is written
-        meta = {"config": cfg.to_dict(), "classes": classes, "arch": model.vxnb_arch,
+        return {"config": cfg.to_dict(), "classes": classes, "arch": model.vxnb_arch,
                 "fingerprint": model.vxnb_fingerprint, "trained_here": False, "n_train": len(train),
                 "n_test": len(test), "test_accuracy": accuracy(model, test, batch_size=cfg.batch_size)}
-        atomic_write_json(meta, run_dir(cfg) / "meta.json")
+
+    def load(path: Path) -> dict[str, Any]:
+        meta = read_json(path)
+        if meta.get("fingerprint") != model.vxnb_fingerprint:
+            raise ValueError(f"it describes the model {meta.get('fingerprint')}, not {model.vxnb_fingerprint}")
+        return meta
+
+    meta, _ = _store.load_or_compute(
+        run_dir(cfg) / f"user-model-{ckey}.json", ckey, "user-model", compute, load=load,
+        save=lambda m, tmp: atomic_write_json(m, tmp), settings={"model": cfg.model, "normalize": cfg.normalize},
+        inputs={"weights": model.vxnb_fingerprint, "data": record["fingerprint"]}, data=inputs_,
+        version=CHECKPOINT_VERSION, root=cfg.runs_dir)
     return model, meta
 
 

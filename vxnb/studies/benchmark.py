@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -101,6 +102,7 @@ __all__ = [
     "part_reliance",
     "fold_diagnosis",
     "fold_inputs",
+    "quantus_row",
 ]
 
 #: an8Flower's folds (grouped by viewpoint).
@@ -348,6 +350,17 @@ def _settings(methods, mu, k, n_test_images, occlusion, occlusion_images, covera
             "coverage": [float(c) for c in coverage], "layer": layer,
             "thresholds": [float(t) for t in np.asarray(thresholds)],
             "combine": list(combine), "quantus": bool(quantus), "quantus_images": quantus_images}
+
+
+def quantus_row(q: Mapping[str, Any]) -> dict[str, Any]:
+    """One fold's :func:`vxnb.evaluate.quantus_metrics.localisation_metrics` result as a flat row:
+    the scores and counts, the images Quantus refused per metric (``refused_<metric>``) and its
+    errors (``errors``: "metric: message; …", empty when none), none of them dropped."""
+    row = {k: v for k, v in q.items() if not isinstance(v, dict)}
+    for metric, n in (q.get("refused_by_quantus") or {}).items():
+        row[f"refused_{metric}"] = int(n)
+    row["errors"] = "; ".join(f"{m}: {e}" for m, e in sorted((q.get("errors") or {}).items()))
+    return row
 
 
 def fold_inputs(cfg: Any) -> dict[str, Any]:
@@ -678,8 +691,11 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
                 per_image.append(pd.DataFrame({**base, "image": np.arange(len(areas)), "auc": areas,
                                                "grid": res["grid"].get(m, [np.nan] * len(areas))}))
                 if name in res.get("quantus", {}):
-                    q = res["quantus"][name]
-                    qrows.append({**base, "label": label, **{k_: v_ for k_, v_ in q.items() if not isinstance(v_, dict)}})
+                    qrows.append({**base, "label": label, **quantus_row(res["quantus"][name])})
+                    for metric, err in res["quantus"][name].get("errors", {}).items():
+                        warnings.warn(f"Quantus refused {metric} for {label} on {variant} fold {fold}: {err}; its "
+                                      "score is NaN (counted in quantus_summary's refused and errors columns)",
+                                      RuntimeWarning, stacklevel=2)
         if res.get("top_features"):
             tops.append(pd.DataFrame(res["top_features"]).assign(variant=variant, fold=fold))
         if res["occlusion"]:

@@ -354,3 +354,33 @@ def test_finished_progress_bars_are_left_out_of_the_page(tmp_path):
     page = report.export_html(path, tmp_path / "01_t.html").read_text()
     views = re.findall(r'"model_id": "([0-9a-f]{32})"', page)
     assert _WIDGET_ID in views and hidden_bar not in views
+
+
+def test_prose_measured_in_the_full_setting_shows_only_there(tmp_path):
+    """Notebook 05's typed-in findings (Ours 3.6, Deconv+GB 2.3, …) were measured in the full
+    an8Flower setting: the cell is tagged, and the report leaves it out of quick and other runs."""
+    import nbformat
+
+    from vxnb.paths import notebooks_dir
+
+    nb = nbformat.read(str(notebooks_dir() / "05_an8flower_benchmark.ipynb"), as_version=4)
+    (found,) = [c for c in nb.cells if c.cell_type == "markdown" and "Ours scored 3.6" in c.source]
+    assert report.FULL_SETTING_ONLY in found.metadata.get("tags", [])
+    assert report.FULL_SETTING_ONLY in report.skipped_tags({"quick": True})
+    assert report.FULL_SETTING_ONLY not in report.skipped_tags({"quick": False})
+    marked = report._mark_skipped(notebooks_dir() / "05_an8flower_benchmark.ipynb", {report.FULL_SETTING_ONLY},
+                                  tmp_path)
+    copy = nbformat.read(str(marked), as_version=4)
+    assert len(copy.cells) == len(nb.cells) - 1 and not any("Ours scored 3.6" in c.source for c in copy.cells)
+
+
+def test_one_combine_default_for_explain_and_the_benchmark():
+    import inspect
+
+    from vxnb import explanations
+    from vxnb.studies import benchmark
+
+    funcs = [explanations.explain, explanations.explain_batch, explanations.make_explain_fn,
+             explanations.combine_heatmaps, benchmark.method_heatmaps, benchmark.explain_examples]
+    defaults = {f.__name__: inspect.signature(f).parameters["combine"].default for f in funcs}
+    assert set(defaults.values()) == {explanations.DEFAULT_COMBINE}, defaults

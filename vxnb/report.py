@@ -69,14 +69,17 @@ def notebook_summary(path: str | Path) -> tuple[str, str]:
     return Path(path).stem, ""
 
 
-#: Cell tags the report honours: such a cell is not executed when the run lacks what it needs.
-NEEDS_MASKS, AN8FLOWER_ONLY = "needs-masks", "an8flower-only"
+#: Cell tags the report honours: such a cell is not executed (a markdown cell: not shown) when
+#: the run lacks what it needs. ``full-setting-only``: prose whose numbers were measured in the
+#: full an8Flower setting (not quick), shown only in a report of that setting.
+NEEDS_MASKS, AN8FLOWER_ONLY, FULL_SETTING_ONLY = "needs-masks", "an8flower-only", "full-setting-only"
 
 
 def skipped_tags(parameters: dict[str, Any]) -> set[str]:
     """The cell tags whose cells are skipped for a run with these notebook parameters: cells
     tagged ``needs-masks`` without ground-truth masks, ``an8flower-only`` (the paper's numbers)
-    on other datasets. The parameters are checked here, before any notebook runs."""
+    on other datasets, ``full-setting-only`` (numbers measured in the full an8Flower setting) in
+    quick runs and on other datasets. The parameters are checked here, before any notebook runs."""
     from .studies.runs import RunConfig
 
     fields = set(RunConfig.__dataclass_fields__)
@@ -86,19 +89,27 @@ def skipped_tags(parameters: dict[str, Any]) -> set[str]:
         skip.add(NEEDS_MASKS)
     if not cfg.spec.paper_numbers:
         skip.add(AN8FLOWER_ONLY)
+    if cfg.quick or not cfg.spec.paper_numbers:
+        skip.add(FULL_SETTING_ONLY)
     return skip
 
 
 def _mark_skipped(path: Path, skip_tags: set[str], folder: Path) -> Path:
-    """A copy of the notebook whose cells tagged with one of ``skip_tags`` carry nbclient's
-    ``skip-execution`` tag (the copy is removed by the caller)."""
+    """A copy of the notebook whose code cells tagged with one of ``skip_tags`` carry nbclient's
+    ``skip-execution`` tag and whose markdown cells so tagged are left out (their text is not
+    true for this run); the copy is removed by the caller."""
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
+    kept = []
     for cell in nb.cells:
         tags = cell.get("metadata", {}).get("tags", [])
         if skip_tags & set(tags):
+            if cell.get("cell_type") == "markdown":
+                continue
             cell.setdefault("metadata", {})["tags"] = list(tags) + ["skip-execution"]
+        kept.append(cell)
+    nb.cells = kept
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".ipynb", dir=folder)
     os.close(fd)
     nbformat.write(nb, name)

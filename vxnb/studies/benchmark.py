@@ -65,7 +65,7 @@ from vxnb._checks import check_choice
 from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, curve_area, iou_auc, iou_curve, iou_per_image
 from vxnb.evaluate.occlusion import DEFAULT_COVERAGE, occlusion_study
 from vxnb import _store
-from vxnb.explanations import COMBINES
+from vxnb.explanations import COMBINES, DEFAULT_COMBINE
 from vxnb.utils import describe, json_ready
 from vxnb.studies import runs
 from vxnb.studies import table1
@@ -208,7 +208,7 @@ def _check_mu(mu: Any) -> float:
 # ============================================================================ heatmaps
 def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, targets: Any, *,
                     relevant: Any = None, k: int = 5, layer: str | None = None,
-                    batch_size: int = 32, combine: str = "weighted") -> torch.Tensor:
+                    batch_size: int = 32, combine: str = DEFAULT_COMBINE) -> torch.Tensor:
     """One heatmap per image for ``targets`` by one benchmark method: (N, H, W) float32 on the CPU.
 
     Args:
@@ -740,7 +740,7 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
 # ============================================================================ examples (figures)
 def explain_examples(config: Any, variant: str, fold: int, positions: Sequence[int] | None = None, *,
                      n: int = 6, methods: Sequence[str] | None = None, mu: float = 10.0, k: int = 5,
-                     layer: str | None = None, combine: str = "weighted", progress: bool = False) -> dict:
+                     layer: str | None = None, combine: str = DEFAULT_COMBINE, progress: bool = False) -> dict:
     """Heatmaps of every method for a few held-out images of one fold (Fig. 8, centre).
 
     ``positions``: indices into the fold's test split (default: ``n`` class-stratified ones).

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -223,7 +224,9 @@ def test_gc_removes_what_no_current_key_reaches(tmp_path):
     mk("a", "k_oldver", ver=0)
     mk("b", "k_orphan", upstream=["k_oldver"])  # its upstream is dead: dead too
     mk("a", "k_data", data=[{"fingerprint": "old"}])
-    (run / ".x.bin.123.tmp").write_bytes(b"y" * 500)  # a killed writer's leftover
+    (run / ".x.bin.123.tmp").write_bytes(b"y" * 500)  # a killed writer's leftover, two hours old
+    os.utime(run / ".x.bin.123.tmp", (time.time() - 7200, time.time() - 7200))
+    (run / ".y.bin.456.tmp").write_bytes(b"w" * 50)   # a writer at work now: younger than an hour, kept
     (run / "model.pt").write_bytes(b"z" * 300)  # unkeyed file of an older version
     (run / "notes.txt").write_text("mine")  # unknown: kept
     dry = _store.gc(root, versions={"a": 1, "b": 1}, data_ok=lambda d: d["fingerprint"] == "new",
@@ -232,11 +235,25 @@ def test_gc_removes_what_no_current_key_reaches(tmp_path):
     assert names == sorted([".x.bin.123.tmp", "model.pt", "a-k_oldver.bin", "b-k_orphan.bin", "a-k_data.bin",
                             "k_oldver.json", "k_orphan.json", "k_data.json"])
     assert (run / "a-k_oldver.bin").exists()  # dry run
+    why = {Path(p).name: r for p, r in dry["reasons"].items()}   # --dry-run says why
+    assert why["a-k_oldver.bin"] == "a k_oldver: format version 0 of 'a', current is 1"
+    assert why["b-k_orphan.bin"].startswith("b k_orphan: made from a k_oldver, which is dead (format version 0")
+    assert "its data changed since it was made" in why["a-k_data.bin"]
+    assert why[".x.bin.123.tmp"] == "temporary file of an interrupted writer, 2.0 h old"
+    assert why["model.pt"].startswith("unkeyed file of an older vxnb version")
+    # an artifact whose lock is held (being written right now) is left alone
+    with _store.artifact_lock(root, "k_data"):
+        held = _store.gc(root, versions={"a": 1, "b": 1}, data_ok=lambda d: d["fingerprint"] == "new",
+                         legacy=["model.pt"], dry_run=True)
+    assert sorted(Path(p).name for p in held["busy"]) == ["a-k_data.bin", "k_data.json"]
+    assert "a-k_data.bin" not in {Path(p).name for p, _ in held["removed"]}
     res = _store.gc(root, versions={"a": 1, "b": 1}, data_ok=lambda d: d["fingerprint"] == "new",
                     legacy=["model.pt"])
     assert res["freed"] == dry["freed"] >= 3 * 1000 + 500 + 300
-    assert sorted(p.name for p in run.iterdir()) == ["a-k_live.bin", "b-k_child.bin", "notes.txt"]
+    assert sorted(p.name for p in run.iterdir()) == [".y.bin.456.tmp", "a-k_live.bin", "b-k_child.bin", "notes.txt"]
     assert set(_store.read_index(root)) == {"k_live", "k_child"}
+    assert _store.gc(root, versions={"a": 1, "b": 1}, data_ok=lambda d: True, tmp_age=0)["removed"] == [
+        (str(run / ".y.bin.456.tmp"), 50)]
 
 
 def test_gc_command_prints_space_freed(tmp_path):

@@ -436,9 +436,12 @@ def gc(root: str | os.PathLike, *, versions: Mapping[str, int], data_ok: Callabl
         age = now - p.lstat().st_mtime
         if age >= tmp_age:
             doomed[p] = (f"temporary file of an interrupted writer, {age / 3600:.1f} h old", None)
+    def inside_doomed(p: Path) -> bool:  # removed with the dead artifact that holds it
+        return p in doomed or any(a in doomed for a in p.parents)
+
     for pattern in legacy:
         for p in root.rglob(pattern):
-            if p not in doomed and not inside_live(p) and STORE_DIR not in p.parts:
+            if not inside_doomed(p) and not inside_live(p) and STORE_DIR not in p.parts:
                 doomed[p] = ("unkeyed file of an older vxnb version (no index entry)", None)
     removed, reasons, busy = [], {}, []
     for p, (why, k) in doomed.items():

@@ -103,6 +103,7 @@ __all__ = [
     "fold_diagnosis",
     "fold_inputs",
     "quantus_row",
+    "fold_key",
 ]
 
 #: an8Flower's folds (grouped by viewpoint).
@@ -516,14 +517,8 @@ def _grid_per_image(model, images, hk, feats, strides, grid_score, total_stride)
     return out.tolist()
 
 
-def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **options: Any) -> dict:
-    """:func:`evaluate_fold` with its result cached in the fold's run folder.
-
-    The file ``benchmark-<key>.json`` (key: the settings and the checkpoint's key) is written
-    atomically once the fold is finished and read back by later calls (``"cached": True`` in the
-    returned dict). A fold interrupted before that has no file and is recomputed.
-    """
-
+def _fold_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``run_fold``'s options with their defaults, checked, and the settings of its key."""
     defaults = dict(methods=None, mu=10.0, k=5, n_test_images=300, occlusion=True, occlusion_images=100,
                     coverage=DEFAULT_COVERAGE, layer=None, thresholds=None, combine=("weighted",), quantus=False,
                     quantus_images=100)
@@ -542,9 +537,27 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
     settings = _settings(opts["methods"], opts["mu"], opts["k"], opts["n_test_images"], opts["occlusion"],
                          opts["occlusion_images"], opts["coverage"], opts["layer"], thr, opts["combine"],
                          opts["quantus"], opts["quantus_images"])
-    folder = runs.run_dir(cfg)
+    return opts, settings
+
+
+def fold_key(cfg: Any, **options: Any) -> str:
+    """The content key of :func:`run_fold`'s result for ``cfg`` and these options (its settings,
+    the checkpoint's key and :func:`fold_inputs`)."""
+    _, settings = _fold_options(options)
+    return _result_file(runs.run_dir(cfg), settings, runs.checkpoint_key(cfg), fold_inputs(cfg))[1]
+
+
+def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **options: Any) -> dict:
+    """:func:`evaluate_fold` with its result cached in the fold's run folder.
+
+    The file ``benchmark-<key>.json`` (key: the settings and the checkpoint's key) is written
+    atomically once the fold is finished and read back by later calls (``"cached": True`` in the
+    returned dict). A fold interrupted before that has no file and is recomputed.
+    """
+
+    opts, settings = _fold_options(options)
     ckey = runs.checkpoint_key(cfg)
-    file, key = _result_file(folder, settings, ckey, fold_inputs(cfg))
+    file, key = _result_file(runs.run_dir(cfg), settings, ckey, fold_inputs(cfg))
 
     def compute() -> dict:
         return json_ready({**evaluate_fold(cfg, progress=progress, **opts), "settings": settings, "key": key})

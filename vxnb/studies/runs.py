@@ -39,7 +39,7 @@ from .datasets import DATASET_SPECS, DatasetSpec, dataset_spec, user_model
 
 __all__ = ["RunConfig", "DATASETS", "load_data", "get_model", "get_features", "get_lasso_path",
            "run_dir", "user_model", "gram_memory_check", "describe_model",
-           "data_record", "split_key", "checkpoint_key", "checkpoint_dir", "save_table", "data_ok",
+           "data_record", "split_key", "checkpoint_key", "checkpoint_dir", "save_table", "table_key", "data_ok",
            "ARTIFACT_VERSIONS", "register_artifact", "artifact_versions"]
 
 #: Format versions of the artifacts this module writes (part of their keys).
@@ -594,6 +594,13 @@ def get_lasso_path(cfg: RunConfig, features, *, mu_max: float = 50.0, tag: str |
     return path
 
 
+def table_key(cfg: RunConfig, name: str) -> str:
+    """The content key of a run's result table ``name`` (:func:`save_table`): its name, the run
+    and the fingerprint of the run's data as it is now."""
+    return _store.key("table", {"name": name, "run": cfg.run_name}, {"data": _data_record_now(cfg)["fingerprint"]},
+                      TABLE_VERSION)
+
+
 def save_table(cfg: RunConfig, name: str, frame) -> Path:
     """Write a result table (pandas DataFrame) as ``<name>.csv`` into the run folder: under its
     lock, atomically (not at all when the same table is there), indexed with the run's dataset
@@ -605,7 +612,7 @@ def save_table(cfg: RunConfig, name: str, frame) -> Path:
     file = run_dir(cfg) / f"{name}.csv"
     record = _data_record_now(cfg)  # a table is no reason to render or fetch data
     text = frame.to_csv(index=False)
-    key = _store.key("table", {"name": name, "run": cfg.run_name}, {"data": record["fingerprint"]}, TABLE_VERSION)
+    key = table_key(cfg, name)
 
     def same(path: Path) -> bool:  # the same table is there already: nothing to write
         if path.read_text() != text:

@@ -229,10 +229,28 @@ def image_to_tensor(im: Image.Image, path: Any = "image") -> torch.Tensor:
     return TF.pil_to_tensor(im.convert("RGB")).float().div_(255)
 
 
+#: The last bytes of a complete file: JPEG's end-of-image marker, PNG's IEND chunk.
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+def _ends_whole(path: Path, fmt: str | None) -> bool:
+    """Whether a JPEG or PNG file ends with its end marker (a cheap check that it is not
+    truncated; other formats, and files that lack it, are decoded whole instead)."""
+    marker = _END_MARKERS.get(fmt or "")
+    if marker is None:
+        return False
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - len(marker)))
+        return f.read() == marker
+
+
 def _readable(samples: list[tuple[Path, int]], on_error: str,
               arg: str) -> tuple[list[tuple[Path, int]], list[Path], list[Path]]:
-    """Keep the samples PIL can decode whole (a truncated file fails here, not mid-extraction);
-    refuse or skip (with a warning) the others. Also returns those with an alpha channel."""
+    """Keep the samples PIL can read whole, so that a truncated file fails here and not
+    mid-extraction (a JPEG or PNG that ends with its end marker is taken as whole; any other file
+    is decoded); refuse or skip (with a warning) the others. Also returns those with an alpha
+    channel."""
     from tqdm.auto import tqdm
 
     keep, bad, alpha = [], [], []
@@ -240,7 +258,8 @@ def _readable(samples: list[tuple[Path, int]], on_error: str,
                             disable=len(samples) < 500):
         try:
             with Image.open(path) as im:
-                im.load()  # decodes every pixel: PIL raises OSError on a truncated file
+                if not _ends_whole(path, im.format):
+                    im.load()  # decodes every pixel: PIL raises OSError on a truncated file
                 if _has_alpha(im):
                     alpha.append(path)
             keep.append((path, label))

@@ -458,8 +458,12 @@ def _user_model_and_meta(cfg: RunConfig, data) -> tuple[torch.nn.Module, dict[st
     if cfg.weights is not None:
         inputs_.append({"file": str(Path(cfg.weights).resolve()), "fingerprint": _store.file_fingerprint(cfg.weights)})
 
+    file = cfg.runs_dir / cfg.run_name / f"user-model-{ckey}.json"
+    if data is None and not file.exists():
+        data = load_data(cfg)  # checked before anything is written (a bad folder leaves no run folder)
+
     def compute() -> dict[str, Any]:
-        train, test, classes = data if data is not None else load_data(cfg)  # checked before anything is written
+        train, test, classes = data if data is not None else load_data(cfg)
         return {"config": cfg.to_dict(), "classes": classes, "arch": model.vxnb_arch,
                 "fingerprint": model.vxnb_fingerprint, "trained_here": False, "n_train": len(train),
                 "n_test": len(test), "test_accuracy": accuracy(model, test, batch_size=cfg.batch_size)}
@@ -471,7 +475,7 @@ def _user_model_and_meta(cfg: RunConfig, data) -> tuple[torch.nn.Module, dict[st
         return meta
 
     meta, _ = _store.load_or_compute(
-        run_dir(cfg) / f"user-model-{ckey}.json", ckey, "user-model", compute, load=load,
+        file, ckey, "user-model", compute, load=load,
         save=lambda m, tmp: atomic_write_json(m, tmp), settings={"model": cfg.model, "normalize": cfg.normalize},
         inputs={"weights": model.vxnb_fingerprint, "data": record["fingerprint"]}, data=inputs_,
         version=CHECKPOINT_VERSION, root=cfg.runs_dir)

@@ -49,7 +49,8 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, rtol: float = 0.0,
             same = (np.isclose(xv, yv, rtol=rtol, atol=0.0, equal_nan=True) if rtol > 0
                     else (xv == yv) | (np.isnan(xv) & np.isnan(yv)))
         else:
-            same = (x.astype(str) == y.astype(str)).to_numpy()
+            # an empty cell is NaN on both sides (pandas 3 keeps it missing through astype(str))
+            same = ((x.astype(str) == y.astype(str)).fillna(False) | (x.isna() & y.isna())).to_numpy(bool)
         if not same.all():
             i = int(np.flatnonzero(~same)[0])
             out.append(f"column {col!r}: {int((~same).sum())} of {len(same)} rows differ "

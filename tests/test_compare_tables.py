@@ -53,6 +53,14 @@ def test_wall_time_columns_and_text_are_handled(pair):
     assert CT.compare(before, after) == []                          # seconds are ignored by default
     assert CT.compare(before, after, ignore=()) == ["run-a/table1.csv: column 'seconds': 2 of 2 rows differ "
                                                     "(first: row 0, 1.0 vs 9.0)"]
+    blank = table.assign(combine=["weighted", np.nan])                # a text column with empty cells
+    _write(before, "run-a/table1.csv", blank)
+    _write(after, "run-a/table1.csv", blank)
+    assert CT.compare(before, after) == []
+    _write(after, "run-a/table1.csv", blank.assign(combine=["max", np.nan]))
+    assert CT.compare(before, after) == ["run-a/table1.csv: column 'combine': 1 of 2 rows differ "
+                                         "(first: row 0, weighted vs max)"]
+    _write(before, "run-a/table1.csv", table)
     _write(after, "run-a/table1.csv", table.assign(method=["ours", "gradcam++"]))
     assert CT.compare(before, after) == ["run-a/table1.csv: column 'method': 1 of 2 rows differ "
                                          "(first: row 1, gradcam vs gradcam++)"]

@@ -20,6 +20,7 @@ import contextlib
 import filecmp
 import html
 import json
+import logging
 import os
 import re
 import shutil
@@ -116,6 +117,25 @@ def _mark_skipped(path: Path, skip_tags: set[str], folder: Path) -> Path:
     return Path(name)
 
 
+class _RunSettingsFilter(logging.Filter):
+    """Drops papermill's "Passed unknown parameter" for the run's settings: the notebooks read
+    them through ``RunConfig.from_namespace`` rather than their parameters cells, and they are
+    checked before any notebook starts (:func:`check_report_parameters`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .studies.parameters import RUN_PARAMETERS
+
+        msg = record.getMessage()
+        prefix = "Passed unknown parameter: "
+        return not (msg.startswith(prefix) and msg[len(prefix):].strip() in RUN_PARAMETERS)
+
+
+def _quiet_run_settings() -> None:
+    log = logging.getLogger("papermill")
+    if not any(isinstance(f, _RunSettingsFilter) for f in log.filters):
+        log.addFilter(_RunSettingsFilter())
+
+
 def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any], *, progress: bool = True,
                  kernel_name: str = "python3", cwd: Path | None = None, skip_tags: set[str] = frozenset()) -> Path:
     """Execute one notebook with papermill into ``out_dir``; return the executed copy's path.
@@ -126,6 +146,7 @@ def run_notebook(path: Path, out_dir: Path, parameters: dict[str, Any], *, progr
     """
     import papermill as pm
 
+    _quiet_run_settings()
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / path.name
     failed = out_dir / (path.stem + ".failed.ipynb")
@@ -574,11 +595,12 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
     kernels get that working folder as ``$VXNB_HOME``, so their ``data/`` and ``runs/`` are
     the caller's; the shipped notebooks run there, a folder of your own (``notebooks``) in itself.
     """
+    params = {"quick": bool(quick)}
+    params.update(parameters or {})
+    check_report_parameters(params, notebooks, quick=quick)  # before any work
     home = work_home()
     out = Path(out_dir) if out_dir else work_dir("reports")
     out.mkdir(parents=True, exist_ok=True)
-    params = {"quick": bool(quick)}
-    params.update(parameters or {})
     skip = skipped_tags(params)
     entries = []
     paths = find_notebooks(notebooks)
@@ -666,8 +688,22 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m vxnb.report
     return args
 
 
+def check_report_parameters(parameters: dict[str, Any], notebooks: str | Path | None = None, *,
+                            quick: bool = False) -> None:
+    """Refuse unknown names (naming the nearest valid one), bad values and collisions of the
+    report's parameters before any notebook starts (``vxnb.studies.parameters.check_parameters``)."""
+    from .studies.parameters import check_parameters
+
+    check_parameters(parameters, find_notebooks(notebooks), quick=quick)
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m vxnb.report") -> int:
     args = parse_args(argv, prog)
+    try:  # before any work: an unknown name, a bad value or a collision is refused here
+        check_report_parameters(args.parameters, args.notebooks, quick=args.quick)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
     if args.prepare_data:
         from .studies.runs import RunConfig, load_data
 

@@ -101,25 +101,20 @@ def ablation_curve(model: nn.Module, data: Any, features_all: Any, features_only
         raise ValueError(f"n_random: expected an int ≥ 0, got {n_random!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed: expected an int, got {describe(seed)}")
-    draws = (random,) if isinstance(random, str) else tuple(random) if isinstance(random, (list, tuple)) else None
-    if not draws or any(d not in RANDOM_DRAWS for d in draws) or len(set(draws)) != len(draws):
-        raise ValueError(f"random: expected one or both of {', '.join(map(repr, RANDOM_DRAWS))}, got {describe(random)}")
+    draws = _check_random(random)
     ranked_all = ranked_pairs(features_all, rank_by, "features_all")
     ranked_conv = ranked_pairs(features_onlyconv, rank_by, "features_onlyconv") if features_onlyconv is not None else None
-    layers_all = list(dict.fromkeys(l for l, _ in ranked_all))
-    layers_conv = list(dict.fromkeys(l for l, _ in ranked_conv)) if ranked_conv is not None else []
-    hooked = list(dict.fromkeys(layers_all + layers_conv))
+    hooked = list(dict.fromkeys(l for l, _ in [*ranked_all, *(ranked_conv or [])]))  # All's layers first
     check_layer_names(model, hooked, "features")
     n_max = max(len(ranked_all), len(ranked_conv) if ranked_conv is not None else 0)
     counts = _check_counts(counts, n_max)
 
     dev = resolve_device(model, device)
     loader, _, _, _ = as_loader(data, batch_size, num_workers, pin=dev.type == "cuda")
-    total_batches = None
     try:
         total_batches = len(loader)  # type: ignore[arg-type]
     except TypeError:
-        pass
+        total_batches = None
 
     configs: dict[frozenset, int] = {}
     config_pairs: list[list[tuple[str, int]]] = []
@@ -152,16 +147,7 @@ def ablation_curve(model: nn.Module, data: Any, features_all: Any, features_only
                     continue
                 x = images.to(dev, non_blocking=True)
                 if first:  # the widths of the ablated layers, for the random draws
-                    probe = {}
-                    handles = [dict(model.named_modules())[l].register_forward_hook(
-                        lambda mod, inp, out, l=l: probe.__setitem__(l, out.shape[1])) for l in hooked]
-                    try:
-                        ablator.set([])
-                        model(x)
-                    finally:
-                        for h in handles:
-                            h.remove()
-                    widths.update(probe)
+                    widths.update(_layer_widths(model, ablator, hooked, x))
                     if "matched" in draws:
                         plan += _random_plan(ranked_all, counts, widths, n_random, seed, config)
                     if "union" in draws:
@@ -190,7 +176,35 @@ def ablation_curve(model: nn.Module, data: Any, features_all: Any, features_only
     if correct is None:
         raise ValueError("data: no images")
     mca = np.array([mean_class_accuracy_from_counts(correct[c], total) for c in range(len(config_pairs))])
+    return _curve_frame(plan, mca, n_random, seed, hooked)
 
+
+def _check_random(random: Any) -> tuple[str, ...]:
+    draws = (random,) if isinstance(random, str) else tuple(random) if isinstance(random, (list, tuple)) else None
+    if not draws or any(d not in RANDOM_DRAWS for d in draws) or len(set(draws)) != len(draws):
+        raise ValueError(f"random: expected one or both of {', '.join(map(repr, RANDOM_DRAWS))}, got {describe(random)}")
+    return draws
+
+
+def _layer_widths(model: nn.Module, ablator: Any, layers: list[str], x: torch.Tensor) -> dict[str, int]:
+    """The channel count of each layer's output, from one intact forward pass of ``x``."""
+    probe: dict[str, int] = {}
+    modules = dict(model.named_modules())
+    handles = [modules[l].register_forward_hook(lambda mod, inp, out, l=l: probe.__setitem__(l, out.shape[1]))
+               for l in layers]
+    try:
+        ablator.set([])
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return probe
+
+
+def _curve_frame(plan: list[tuple[str, int, int]], mca: np.ndarray, n_random: int, seed: int,
+                 hooked: list[str]) -> pd.DataFrame:
+    """:func:`ablation_curve`'s tidy frame from its plan (method, n, config id) and the mCA of
+    each config: Random rows averaged over their draws."""
     rows = []
     frame = pd.DataFrame(plan, columns=["method", "n_ablated", "config"])
     for (method, n), g in frame.groupby(["method", "n_ablated"], sort=False):

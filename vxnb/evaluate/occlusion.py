@@ -185,6 +185,33 @@ def occlusion_masks(heatmap: np.ndarray, coverage: Sequence[float], patch: int,
 
 
 # ----------------------------------------------------------------------------- curves
+def _check_patch(patch: Any, hh: int, ww: int) -> int:
+    """The patch side: default ``max(1, round(min(H, W) / 8))``, else an int in [1, min(H, W)]."""
+    if patch is None:
+        patch = max(1, round(min(hh, ww) / 8))
+    if isinstance(patch, bool) or not isinstance(patch, (int, np.integer)) or not 1 <= patch <= min(hh, ww):
+        raise ValueError(f"patch: expected an int in [1, {min(hh, ww)}] (the image side), got {patch!r}")
+    return int(patch)
+
+
+def _check_fill(fill: Any) -> None:
+    if isinstance(fill, str):
+        if fill not in ("mean", "zero"):
+            raise ValueError(f"fill: expected 'mean', 'zero' or a number, got {fill!r}")
+    elif isinstance(fill, bool) or not isinstance(fill, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(fill)):
+        raise ValueError(f"fill: expected 'mean', 'zero' or a finite number, got {fill!r}")
+
+
+def _fill_value(x: torch.Tensor, fill: str | float) -> torch.Tensor:
+    """What covers a patch of image ``x`` (C, H, W): its per-channel mean, zero or a number."""
+    if fill == "mean":
+        return x.mean(dim=(1, 2), keepdim=True)
+    if fill == "zero":
+        return torch.zeros((), dtype=x.dtype)
+    return torch.tensor(float(fill), dtype=x.dtype)
+
+
 def box_occlusion_curve(
     model: nn.Module,
     images: torch.Tensor,
@@ -230,16 +257,8 @@ def box_occlusion_curve(
     h = _check_heatmaps_for(images, heatmaps)
     levels = _check_levels(coverage)
     batch_size = check_positive_int(batch_size, "batch_size")
-    if patch is None:
-        patch = max(1, round(min(hh, ww) / 8))
-    if isinstance(patch, bool) or not isinstance(patch, (int, np.integer)) or not 1 <= patch <= min(hh, ww):
-        raise ValueError(f"patch: expected an int in [1, {min(hh, ww)}] (the image side), got {patch!r}")
-    if isinstance(fill, str):
-        if fill not in ("mean", "zero"):
-            raise ValueError(f"fill: expected 'mean', 'zero' or a number, got {fill!r}")
-    elif isinstance(fill, bool) or not isinstance(fill, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(float(fill)):
-        raise ValueError(f"fill: expected 'mean', 'zero' or a finite number, got {fill!r}")
+    patch = _check_patch(patch, hh, ww)
+    _check_fill(fill)
     check_nonnegative_int(seed, "seed")
     device = model_device(model) if device is None else torch.device(device)
 
@@ -264,14 +283,8 @@ def box_occlusion_curve(
             masks, covered[i], n_patches[i] = occlusion_masks(
                 norm[i], levels, int(patch), np.random.default_rng([int(seed), i]))
             x = images_cpu[i]
-            if fill == "mean":
-                value = x.mean(dim=(1, 2), keepdim=True)
-            elif fill == "zero":
-                value = torch.zeros((), dtype=x.dtype)
-            else:
-                value = torch.tensor(float(fill), dtype=x.dtype)
             m = torch.from_numpy(masks)[:, None]  # (L, 1, H, W)
-            batch.append(torch.where(m, value, x))
+            batch.append(torch.where(m, _fill_value(x, fill), x))
         logits = batched_logits(model, torch.cat(batch), batch_size=batch_size, device=device)
         probs = torch.softmax(logits, dim=1).reshape(stop - start, n_levels, -1)
         t = target_t[start:stop]

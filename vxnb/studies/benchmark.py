@@ -62,6 +62,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vxnb._checks import check_choice
+from vxnb.data.an8flower import N_FOLDS
 from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, curve_area, iou_auc, iou_curve, iou_per_image
 from vxnb.evaluate.occlusion import DEFAULT_COVERAGE, occlusion_study
 from vxnb import _store
@@ -106,8 +107,6 @@ __all__ = [
     "fold_key",
 ]
 
-#: an8Flower's folds (grouped by viewpoint).
-N_FOLDS = 5
 
 _RESULT_VERSION = 2
 
@@ -409,9 +408,6 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] | None = None, mu: float =
     ``seconds`` {phase: s} (``model``: loading, or training when ``trained_now``),
     ``training_seconds`` (the checkpoint's recorded training time).
     """
-    from vxnb.deconv import grid_score
-    from vxnb.explanations import combine_heatmaps, feature_heatmaps, total_stride
-
     methods = _check_methods(methods)
     combines = _check_combines(combine)
     mu = _check_mu(mu)
@@ -433,6 +429,47 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] | None = None, mu: float =
     from vxnb.evaluate.occlusion import batched_logits
 
     preds = batched_logits(model, images, batch_size=64).argmax(1)
+    heatmaps, grid, extra = _fold_heatmaps(cfg, model, images, preds, relevant, methods, combines, k=k, layer=layer,
+                                           batch_size=batch_size, progress=progress, seconds=seconds)
+    t0 = time.perf_counter()
+    qsel = stratified_indices(labels.numpy(), quantus_images, seed=cfg.seed + 11) if quantus else None
+    scores = _fold_scores(heatmaps, masks, t, qsel)
+    seconds["scores"] = time.perf_counter() - t0
+    occ_records: list[dict] = []
+    if occlusion:
+        t0 = time.perf_counter()
+        sel = stratified_indices(labels.numpy(), occlusion_images, seed=cfg.seed + 7)
+        study = occlusion_study(model, images[sel], {m: heatmaps[row_name(m, combines[0])][sel] for m in methods},
+                                target=preds[sel], coverage=coverage, seed=cfg.seed, progress=False)
+        occ_records = study.to_dict("records")
+        seconds["occlusion"] = time.perf_counter() - t0
+    return {
+        "version": _RESULT_VERSION,
+        "variant": _variant_of(cfg), "fold": int(cfg.test_fold),
+        "folds": getattr(cfg, "folds", "views"), "run": cfg.run_name,
+        "n_images": int(images.shape[0]),
+        "accuracy": float((preds == labels).float().mean()),
+        "model_test_accuracy": meta.get("test_accuracy"),
+        "trained_now": trained_now,
+        "training_seconds": (meta.get("history") or {}).get("seconds"),
+        "n_relevant": None if relevant is None else int(np.count_nonzero(relevant.W)),
+        "combine": list(combines),
+        "thresholds": t.tolist(), **scores, "grid": grid,
+        "top_features": extra.get("top_features", []),
+        "n_top": extra.get("n_top"), "n_left_out": extra.get("n_left_out"),
+        "occlusion": occ_records, "seconds": seconds,
+    }
+
+
+def _fold_heatmaps(cfg: Any, model: torch.nn.Module, images: torch.Tensor, preds: torch.Tensor, relevant: Any,
+                   methods: Sequence[str], combines: Sequence[str], *, k: int, layer: str | None, batch_size: int,
+                   progress: bool, seconds: dict[str, float]) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """Every method's heatmaps of a fold's images, by result row (:func:`row_name`): our features
+    drawn once per draw and combined each way; the grid score of each draw; the top features.
+    Each method's time goes into ``seconds``."""
+    from vxnb.deconv import grid_score
+    from vxnb.explanations import combine_heatmaps, feature_heatmaps, total_stride
+
     heatmaps: dict[str, torch.Tensor] = {}
     grid: dict[str, list[float]] = {}
     extra: dict[str, Any] = {}
@@ -460,46 +497,25 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] | None = None, mu: float =
         seconds[method] = time.perf_counter() - t0
         _store.fault_point("benchmark-fold")
     bar.close()
-    auc: dict[str, float] = {}
-    curve: dict[str, list[float]] = {}
-    image_auc: dict[str, list[float]] = {}
-    quantus_res: dict[str, dict] = {}
-    qsel = stratified_indices(labels.numpy(), quantus_images, seed=cfg.seed + 11) if quantus else None
-    t0 = time.perf_counter()
+    return heatmaps, grid, extra
+
+
+def _fold_scores(heatmaps: Mapping[str, torch.Tensor], masks: torch.Tensor, thresholds: np.ndarray,
+                 quantus_subset: np.ndarray | None) -> dict[str, dict]:
+    """Per result row: the IoU curve (``curve``), its area (``auc``, :func:`vxnb.evaluate.iou.curve_area`)
+    and each image's area (``image_auc``); Quantus's localisation metrics on ``quantus_subset``
+    of the images (``quantus``; none when it is None)."""
+    out: dict[str, dict] = {"auc": {}, "curve": {}, "image_auc": {}, "quantus": {}}
     for name, h in heatmaps.items():
-        thr, c = iou_curve(h, masks, t)
-        curve[name] = c.tolist()
-        auc[name] = curve_area(c, thr)
-        image_auc[name] = curve_area(iou_per_image(h, masks, t), thr).tolist()
-        if quantus:
+        thr, c = iou_curve(h, masks, thresholds)
+        out["curve"][name] = c.tolist()
+        out["auc"][name] = curve_area(c, thr)
+        out["image_auc"][name] = curve_area(iou_per_image(h, masks, thresholds), thr).tolist()
+        if quantus_subset is not None:
             from vxnb.evaluate.quantus_metrics import localisation_metrics
 
-            quantus_res[name] = localisation_metrics(h[qsel], masks[qsel])
-    seconds["scores"] = time.perf_counter() - t0
-    occ_records: list[dict] = []
-    if occlusion:
-        t0 = time.perf_counter()
-        sel = stratified_indices(labels.numpy(), occlusion_images, seed=cfg.seed + 7)
-        study = occlusion_study(model, images[sel], {m: heatmaps[row_name(m, combines[0])][sel] for m in methods},
-                                target=preds[sel], coverage=coverage, seed=cfg.seed, progress=False)
-        occ_records = study.to_dict("records")
-        seconds["occlusion"] = time.perf_counter() - t0
-    return {
-        "version": _RESULT_VERSION,
-        "variant": _variant_of(cfg), "fold": int(cfg.test_fold),
-        "folds": getattr(cfg, "folds", "views"), "run": cfg.run_name,
-        "n_images": int(images.shape[0]),
-        "accuracy": float((preds == labels).float().mean()),
-        "model_test_accuracy": meta.get("test_accuracy"),
-        "trained_now": trained_now,
-        "training_seconds": (meta.get("history") or {}).get("seconds"),
-        "n_relevant": None if relevant is None else int(np.count_nonzero(relevant.W)),
-        "combine": list(combines),
-        "thresholds": t.tolist(), "auc": auc, "curve": curve, "image_auc": image_auc, "grid": grid,
-        "quantus": quantus_res, "top_features": extra.get("top_features", []),
-        "n_top": extra.get("n_top"), "n_left_out": extra.get("n_left_out"),
-        "occlusion": occ_records, "seconds": seconds,
-    }
+            out["quantus"][name] = localisation_metrics(h[quantus_subset], masks[quantus_subset])
+    return out
 
 
 def _grid_per_image(model, images, hk, feats, strides, grid_score, total_stride) -> list[float]:
@@ -682,72 +698,86 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
                    coverage=tuple(coverage), layer=layer, combine=_check_combines(combine), quantus=bool(quantus),
                    quantus_images=_check_positive_int(quantus_images, "quantus_images", allow_none=True))
     jobs = [(v, f) for v, fs in plan.items() for f in fs]
-    per_fold, curves, occ, timings, per_image, qrows, tops = [], [], [], [], [], [], []
+    frames: dict[str, list] = {name: [] for name in ("per_fold", "curves", "occlusion", "timings", "per_image",
+                                                     "quantus", "top_features")}
     bar = tqdm(jobs, desc="an8Flower folds", disable=None if progress else True)
     for variant, fold in bar:
         bar.set_postfix(variant=variant, fold=fold)
         cfg = fold_config(config, variant, fold)
         res = run_fold(cfg, recompute=recompute, progress=progress, **options)
-        for m in methods:
-            for c in (options["combine"] if m in table1.OURS_METHODS else ("",)):
-                name = row_name(m, c)
-                label = row_labels(pd.DataFrame({"method": [m], "combine": [c]}))[0]
-                base = {"variant": variant, "fold": fold, "method": m, "combine": c}
-                per_fold.append({**base, "label": label, "auc": res["auc"][name], "n_images": res["n_images"],
-                                 "accuracy": res["accuracy"], "model_test_accuracy": res.get("model_test_accuracy"),
-                                 "n_relevant": res.get("n_relevant"), "n_top": res.get("n_top"),
-                                 "n_left_out": res.get("n_left_out") if table1.METHOD_REGISTRY[m].draw == "upsampled" else None,
-                                 "cached": res["cached"]})
-                curves.append(pd.DataFrame({**base, "label": label, "threshold": res["thresholds"],
-                                            "iou": res["curve"][name]}))
-                areas = res["image_auc"][name]
-                per_image.append(pd.DataFrame({**base, "image": np.arange(len(areas)), "auc": areas,
-                                               "grid": res["grid"].get(m, [np.nan] * len(areas))}))
-                if name in res.get("quantus", {}):
-                    qrows.append({**base, "label": label, **quantus_row(res["quantus"][name])})
-                    for metric, err in res["quantus"][name].get("errors", {}).items():
-                        warnings.warn(f"Quantus refused {metric} for {label} on {variant} fold {fold}: {err}; its "
-                                      "score is NaN (counted in quantus_summary's refused and errors columns)",
-                                      RuntimeWarning, stacklevel=2)
-        if res.get("top_features"):
-            tops.append(pd.DataFrame(res["top_features"]).assign(variant=variant, fold=fold))
-        if res["occlusion"]:
-            o = pd.DataFrame(res["occlusion"])
-            o.insert(0, "fold", fold)
-            o.insert(0, "variant", variant)
-            o.insert(3, "label", o["method"].map(METHOD_LABELS))
-            occ.append(o)
-        timings.extend({"variant": variant, "fold": fold, "phase": p, "seconds": s, "cached": res["cached"]}
-                       for p, s in res["seconds"].items())
+        _add_fold_rows(frames, res, variant, fold, methods, options["combine"])
     bar.close()
     occ_cols = ["variant", "fold", "method", "label", "level", "coverage", "confidence", "confidence_std", "n_images"]
+    occ, per_image, tops = frames["occlusion"], frames["per_image"], frames["top_features"]
     result = BenchmarkResult(
-        per_fold=pd.DataFrame(per_fold),
-        curves=pd.concat(curves, ignore_index=True),
+        per_fold=pd.DataFrame(frames["per_fold"]),
+        curves=pd.concat(frames["curves"], ignore_index=True),
         occlusion=pd.concat(occ, ignore_index=True) if occ else pd.DataFrame(columns=occ_cols),
-        timings=pd.DataFrame(timings),
+        timings=pd.DataFrame(frames["timings"]),
         per_image=pd.concat(per_image, ignore_index=True) if per_image else pd.DataFrame(),
-        quantus=pd.DataFrame(qrows),
+        quantus=pd.DataFrame(frames["quantus"]),
         top_features=pd.concat(tops, ignore_index=True) if tops else pd.DataFrame(),
         settings={"config": config.to_dict(), "folds": {v: list(f) for v, f in plan.items()},
                   **{k_: (list(v_) if isinstance(v_, tuple) else v_) for k_, v_ in options.items()}},
     )
     if save:
-        bcfg = benchmark_config(config)
-        tag = "-".join(plan)
-        result.files = {
-            "per_fold": runs.save_table(bcfg, f"table1-{tag}-per-fold", result.per_fold),
-            "table1": runs.save_table(bcfg, f"table1-{tag}", result.summary()),
-            "curves": runs.save_table(bcfg, f"iou-curves-{tag}", result.mean_curves()),
-            "timings": runs.save_table(bcfg, f"timings-{tag}", result.timings),
-        }
-        if not result.quantus.empty:
-            result.files["quantus"] = runs.save_table(bcfg, f"quantus-{tag}", result.quantus_summary())
-        if not result.per_image.empty:
-            result.files["resampling"] = runs.save_table(bcfg, f"resampling-{tag}", result.resampling_effect())
-        if not result.occlusion.empty:
-            result.files["occlusion"] = runs.save_table(bcfg, f"occlusion-{tag}", result.occlusion_curves())
+        result.files = _save_tables(result, benchmark_config(config), "-".join(plan))
     return result
+
+
+def _add_fold_rows(frames: dict[str, list], res: Mapping[str, Any], variant: str, fold: int,
+                   methods: Sequence[str], combines: Sequence[str]) -> None:
+    """Append one fold's result (:func:`run_fold`) to the rows of each of
+    :class:`BenchmarkResult`'s frames."""
+    for m in methods:
+        for c in (combines if m in table1.OURS_METHODS else ("",)):
+            name = row_name(m, c)
+            label = row_labels(pd.DataFrame({"method": [m], "combine": [c]}))[0]
+            base = {"variant": variant, "fold": fold, "method": m, "combine": c}
+            upsampled = table1.METHOD_REGISTRY[m].draw == "upsampled"
+            frames["per_fold"].append({
+                **base, "label": label, "auc": res["auc"][name], "n_images": res["n_images"],
+                "accuracy": res["accuracy"], "model_test_accuracy": res.get("model_test_accuracy"),
+                "n_relevant": res.get("n_relevant"), "n_top": res.get("n_top"),
+                "n_left_out": res.get("n_left_out") if upsampled else None, "cached": res["cached"]})
+            frames["curves"].append(pd.DataFrame({**base, "label": label, "threshold": res["thresholds"],
+                                                  "iou": res["curve"][name]}))
+            areas = res["image_auc"][name]
+            frames["per_image"].append(pd.DataFrame({**base, "image": np.arange(len(areas)), "auc": areas,
+                                                     "grid": res["grid"].get(m, [np.nan] * len(areas))}))
+            if name in res.get("quantus", {}):
+                frames["quantus"].append({**base, "label": label, **quantus_row(res["quantus"][name])})
+                for metric, err in res["quantus"][name].get("errors", {}).items():
+                    warnings.warn(f"Quantus refused {metric} for {label} on {variant} fold {fold}: {err}; its "
+                                  "score is NaN (counted in quantus_summary's refused and errors columns)",
+                                  RuntimeWarning, stacklevel=3)
+    if res.get("top_features"):
+        frames["top_features"].append(pd.DataFrame(res["top_features"]).assign(variant=variant, fold=fold))
+    if res["occlusion"]:
+        o = pd.DataFrame(res["occlusion"])
+        o.insert(0, "fold", fold)
+        o.insert(0, "variant", variant)
+        o.insert(3, "label", o["method"].map(METHOD_LABELS))
+        frames["occlusion"].append(o)
+    frames["timings"].extend({"variant": variant, "fold": fold, "phase": p, "seconds": s, "cached": res["cached"]}
+                             for p, s in res["seconds"].items())
+
+
+def _save_tables(result: BenchmarkResult, bcfg: Any, tag: str) -> dict[str, Path]:
+    """Write the result's tables as CSV into the benchmark's run folder; returns name → path."""
+    files = {
+        "per_fold": runs.save_table(bcfg, f"table1-{tag}-per-fold", result.per_fold),
+        "table1": runs.save_table(bcfg, f"table1-{tag}", result.summary()),
+        "curves": runs.save_table(bcfg, f"iou-curves-{tag}", result.mean_curves()),
+        "timings": runs.save_table(bcfg, f"timings-{tag}", result.timings),
+    }
+    if not result.quantus.empty:
+        files["quantus"] = runs.save_table(bcfg, f"quantus-{tag}", result.quantus_summary())
+    if not result.per_image.empty:
+        files["resampling"] = runs.save_table(bcfg, f"resampling-{tag}", result.resampling_effect())
+    if not result.occlusion.empty:
+        files["occlusion"] = runs.save_table(bcfg, f"occlusion-{tag}", result.occlusion_curves())
+    return files
 
 
 # ============================================================================ examples (figures)

@@ -20,17 +20,16 @@ one process at a time under a file lock, written atomically and indexed, so
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from .. import _store
 from ..paths import work_dir
@@ -79,7 +78,7 @@ def artifact_versions() -> dict[str, int]:
     return {"features": FORMAT_VERSION, "lasso-path": PATH_FORMAT_VERSION, "top-patches": TOP_PATCHES_VERSION,
             **ARTIFACT_VERSIONS}
 
-#: The names of the datasets a run can use (``vxnb.studies.datasets.DATASET_SPECS``).
+#: The datasets shipped with vxnb; ``vxnb.studies.datasets.DATASET_SPECS`` also holds those added since.
 DATASETS = tuple(DATASET_SPECS)
 #: The quick (CI) setting: image size and number of training images.
 QUICK_SIZE = 64
@@ -335,10 +334,8 @@ def split_key(cfg: RunConfig, split: str, dataset: Any) -> str:
 
 
 def _checkpoint_settings(cfg: RunConfig) -> dict[str, Any]:
-    from .. import models
-
     s = {"dataset": cfg.dataset, "seed": cfg.seed, "train_limit": cfg.train_limit,
-         "epochs": cfg.epochs or models.default_epochs(cfg.dataset, quick=cfg.quick),
+         "epochs": cfg.spec.epochs(cfg),
          "min_train_accuracy": MIN_TRAIN_ACCURACY, "train_attempts": TRAIN_ATTEMPTS}
     s.update(cfg.spec.checkpoint_settings(cfg))
     return s
@@ -403,7 +400,7 @@ def _train(cfg: RunConfig, data, progress: bool):
     from .. import models
 
     train, test, classes = data
-    epochs = cfg.epochs or models.default_epochs(cfg.dataset, quick=cfg.quick)
+    epochs = cfg.spec.epochs(cfg)
     attempts: list[dict[str, Any]] = []
     best = None
     for attempt in range(TRAIN_ATTEMPTS):

@@ -65,6 +65,13 @@ class DatasetSpec:
         raise NotImplementedError(f"dataset {self.name!r}: load")
 
     # ----------------------------------------------------------------- model
+    def epochs(self, cfg: Any) -> int:
+        """Training epochs of the reference model: ``cfg.epochs``, else the dataset's default
+        (``vxnb.models.default_epochs``)."""
+        from vxnb import models
+
+        return cfg.epochs or models.default_epochs(self.name, quick=cfg.quick)
+
     def checkpoint_settings(self, cfg: Any) -> dict[str, Any]:
         """The dataset's settings that change the trained reference model (part of its key)."""
         return {}

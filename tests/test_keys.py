@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from vxnb.studies import benchmark as B
@@ -166,3 +167,50 @@ def test_every_fold_option_is_in_the_fold_key(places, option):
     cfg = runs.RunConfig(size=32, epochs=1, data_root=str(places["root"] / "data"),
                          runs_root=str(places["root"] / "runs"))
     assert B.fold_key(cfg, **{**FOLD, option: FOLD_OPTIONS[option]}) != B.fold_key(cfg, **FOLD)
+
+
+#: Each notebook's own parameter (vxnb.studies.parameters) → how it reaches a cached artifact:
+#: a benchmark fold option, a RunConfig field, the top patches' k, or none (computed each time).
+NOTEBOOK_PARAMETER_KEYS = {
+    "mu": "fold option mu (and the μ-lasso path's mu_max above 50)",
+    "k": "fold option k", "n_test_images": "fold option n_test_images",
+    "occlusion_images": "fold option occlusion_images", "combine": "fold option combine",
+    "splits": "RunConfig.folds", "variants": "RunConfig.variant", "single_folds": "RunConfig.test_fold",
+    "other_folds": "RunConfig.test_fold", "diagnose": "RunConfig.variant and test_fold",
+    "top_n": "top patches' k",
+    "n_random": None, "also_mnist": None, "crop_size": None, "n_per_class": None, "n_images": None,
+    "diagnose_mus": None,
+}
+
+
+def test_every_notebook_parameter_says_which_key_it_reaches():
+    from vxnb.studies.parameters import NOTEBOOK_PARAMETERS
+
+    names = {n for params in NOTEBOOK_PARAMETERS.values() for n in params}
+    assert names == set(NOTEBOOK_PARAMETER_KEYS)
+    for name, where in NOTEBOOK_PARAMETER_KEYS.items():
+        if where and where.startswith("fold option"):
+            assert where.split()[2] in FOLD_OPTIONS, name         # each is tested above
+        if where and where.startswith("RunConfig."):
+            assert where.split()[0].split(".")[1] in AN8FLOWER, name
+
+
+def test_top_n_is_in_the_top_patches_key(tmp_path):
+    from dist_worker import TinyImages
+    from nets import tiny_strided_net
+
+    from vxnb import interpret
+
+    model = tiny_strided_net(3)
+    wanted = [(name, 0) for name, m in model.named_modules() if isinstance(m, torch.nn.ReLU)][:1]
+    for k in (3, 4, 3):
+        interpret.top_patch_table(model, TinyImages(12), _pairs_frame(wanted), k=k, cache_dir=tmp_path, data_key="d",
+                                  progress=False)
+    assert len(list(tmp_path.glob("top_patches-*.csv"))) == 2
+
+
+def _pairs_frame(pairs):
+    """(layer, channel) pairs as the frame top_patch_table takes."""
+    import pandas as pd
+
+    return pd.DataFrame(pairs, columns=["layer", "channel"])

@@ -260,11 +260,20 @@ def test_gc_command_prints_space_freed(tmp_path):
     (tmp_path / _store.STORE_DIR).mkdir()
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "lasso-all-mu5-abc.npz").write_bytes(b"0" * 2**20)
+    (tmp_path / "r" / ".lasso.npz.1.tmp").write_bytes(b"0")            # a writer at work: kept
+    dry = subprocess.run([sys.executable, "-m", "vxnb.studies.gc", "--runs-root", str(tmp_path), "--dry-run"],
+                         capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert (f"would remove {tmp_path / 'r' / 'lasso-all-mu5-abc.npz'} (1.00 MiB): unkeyed file of an older vxnb "
+            "version (no index entry)") in dry.stdout
     out = subprocess.run([sys.executable, "-m", "vxnb.studies.gc", "--runs-root", str(tmp_path)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "lasso-all-mu5-abc.npz" in out.stdout and "freed 1.00 MiB" in out.stdout
-    assert not (tmp_path / "r" / "lasso-all-mu5-abc.npz").exists()
+    assert not (tmp_path / "r" / "lasso-all-mu5-abc.npz").exists() and (tmp_path / "r" / ".lasso.npz.1.tmp").exists()
+    old = subprocess.run([sys.executable, "-m", "vxnb.studies.gc", "--runs-root", str(tmp_path), "--tmp-age", "0"],
+                         capture_output=True, text=True)
+    assert ".lasso.npz.1.tmp" in old.stdout and not (tmp_path / "r" / ".lasso.npz.1.tmp").exists()
 
 
 def test_fault_point_is_inert_without_the_variable(monkeypatch):

@@ -23,4 +23,8 @@ if __name__ == "__main__":  # only in the worker process: importing this module 
     runs.get_model = tiny_model
     from vxnb.extract import main
 
-    sys.exit(main(sys.argv[1:]))
+    import os
+    argv = sys.argv[1:]
+    if os.environ.get("VXNB_TEST_NODE_LOCAL_RUNS"):  # each rank its own runs folder: nodes with local disks
+        argv += ["-p", "runs_root", str(Path(os.environ["VXNB_TEST_NODE_LOCAL_RUNS"]) / f"rank{os.environ['RANK']}")]
+    sys.exit(main(argv))

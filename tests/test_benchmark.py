@@ -325,3 +325,33 @@ def test_tables_with_paper_puts_paper_numbers_beside_their_methods():
     assert t.loc["Ours (weighted)", ("single-6c", "blocks")] == "15.5 ± 0.71"
     with pytest.raises(TypeError, match="results: expected a non-empty"):
         T.tables_with_paper({})
+
+
+# ---------------------------------------------------------------------------- refusals and NaN folds (issue 24)
+def _result_with_a_nan_fold():
+    per_fold = pd.DataFrame({"variant": "single-6c", "fold": [0, 1, 2], "method": "gradcam", "combine": "",
+                             "label": "Grad-CAM", "auc": [40.0, np.nan, 50.0]})
+    q = {"pointing_game": float("nan"), "relevance_mass": 0.4, "n_images": 4, "n_scored": 4,
+         "n_refused": 0, "refused_by_quantus": {"pointing_game": 4},
+         "errors": {"pointing_game": "The s_batch must have the same shape"}}
+    q_ok = {"pointing_game": 0.5, "relevance_mass": 0.2, "n_images": 4, "n_scored": 4, "n_refused": 0,
+            "refused_by_quantus": {}}
+    base = {"variant": "single-6c", "method": "gradcam", "combine": "", "label": "Grad-CAM"}
+    quantus = pd.DataFrame([{**base, "fold": 0, **B.quantus_row(q)}, {**base, "fold": 1, **B.quantus_row(q_ok)}])
+    return T.BenchmarkResult(per_fold=per_fold, curves=pd.DataFrame(), occlusion=pd.DataFrame(),
+                             timings=pd.DataFrame(), quantus=quantus)
+
+
+def test_a_nan_fold_is_not_left_out_of_the_mean():
+    summ = _result_with_a_nan_fold().summary().iloc[0]
+    assert np.isnan(summ["mean"]) and summ["n_folds"] == 3 and summ["n_nan"] == 1
+
+
+def test_quantus_refusals_and_errors_reach_the_summary():
+    row = B.quantus_row({"pointing_game": float("nan"), "n_scored": 4, "refused_by_quantus": {"pointing_game": 4},
+                         "errors": {"pointing_game": "bad shape"}})
+    assert row["refused_pointing_game"] == 4 and row["errors"] == "pointing_game: bad shape"
+    q = _result_with_a_nan_fold().quantus_summary().iloc[0]
+    assert np.isnan(q["pointing_game"])                       # fold 0's refusal is not averaged away
+    assert q["relevance_mass"] == pytest.approx(0.3)
+    assert q["refused_pointing_game"] == 4 and "The s_batch must have the same shape" in q["errors"]

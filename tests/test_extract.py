@@ -72,6 +72,18 @@ def test_extract_main_one_process(tmp_path, monkeypatch, capsys):
     _check_run_folder({"runs_root": str(tmp_path), "top_n": TOP_N}, model, reference)
 
 
+def test_extract_takes_the_runs_batch_size_unless_the_flag_is_given(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "load_data", extract_worker.tiny_data)
+    monkeypatch.setattr(runs, "get_model", extract_worker.tiny_model)
+    seen = []
+    real = runs.get_features
+    monkeypatch.setattr(runs, "get_features", lambda *a, **kw: seen.append(kw["batch_size"]) or real(*a, **kw))
+    (tmp_path / "run.yaml").write_text(f"runs_root: {tmp_path}\ntop_n: {TOP_N}\nbatch_size: 7\n")
+    assert extract.main(["--params", str(tmp_path / "run.yaml")]) == 0
+    assert extract.main(["--params", str(tmp_path / "run.yaml"), "--batch-size", "5"]) == 0
+    assert seen == [7, 5]          # the params file's batch_size; the explicit flag wins over it
+
+
 def test_extract_main_refuses_bad_parameters(tmp_path):
     with pytest.raises(ValueError, match="top_n: expected a positive int, got 0"):
         extract.main(["-p", "runs_root", str(tmp_path), "-p", "top_n", "0"])
@@ -91,3 +103,18 @@ def test_torchrun_extract_three_processes(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "load_data", extract_worker.tiny_data)
     model = extract_worker.tiny_model(None)[0]
     _check_run_folder({"runs_root": str(tmp_path), "top_n": TOP_N}, model, _reference(model))
+
+
+def test_torchrun_extract_refuses_ranks_that_do_not_share_the_runs_folder(tmp_path):
+    """Nodes with their own disks (here: each rank its own runs_root) are refused before any rank
+    reads what rank 0 made, naming the ranks and the folder; no rank computes features."""
+    env = dict(_env(), VXNB_TEST_NODE_LOCAL_RUNS=str(tmp_path / "local"))
+    (tmp_path / "run.json").write_text(json.dumps({"top_n": TOP_N}))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER,
+                          "--params", str(tmp_path / "run.json"), "--batch-size", str(BATCH), "--timeout", "60"],
+                         env=env, capture_output=True, text=True, timeout=150)
+    assert res.returncode != 0
+    assert "the ranks do not share their folders (rank 1 on " in res.stderr
+    assert f"does not see runs_root {tmp_path / 'local' / 'rank1'}" in res.stderr
+    assert not list((tmp_path / "local").rglob("features-*.npz"))           # nothing was extracted
+    assert not list((tmp_path / "local").rglob(".vxnb-shared-*"))           # the check's file is gone

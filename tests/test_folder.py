@@ -125,3 +125,62 @@ def test_mask_size_mismatch(tree):
     Image.fromarray(np.ones((10, 10), np.uint8)).save(masks / "dog" / "a.png")
     with pytest.raises(ValueError, match=r"masks_root: 1 mask\(s\) do not fit .*a.png is 10×10 but a.png is 32×32"):
         ImageFolderDataset(root, size=32, masks_root=masks)  # refused up front, before any item is read
+
+
+# ----------------------------------------------------------------------------- pixel formats (issue 24)
+def _one_class(tmp_path, name: str, img: Image.Image):
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    img.save(root / "a" / name)
+    return root
+
+
+def test_16_bit_images_are_rescaled_not_clipped(tmp_path):
+    ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257).astype(np.uint16)  # 0 .. 65535
+    root = _one_class(tmp_path, "g16.png", Image.fromarray(ramp))
+    with Image.open(root / "a" / "g16.png") as im:
+        assert im.mode.startswith("I")                    # a 16-bit PNG, as PIL opens it
+    x, _ = ImageFolderDataset(root, size=16)[0]
+    expect = torch.from_numpy(ramp.astype(np.float64) / 65535).float()
+    for c in range(3):                                    # grey repeated; 0..1 over the ramp, not all 1
+        torch.testing.assert_close(x[c], expect, atol=1e-6, rtol=0)
+
+
+def test_float_images_are_taken_as_they_are_and_refused_outside_0_1(tmp_path):
+    a = np.linspace(0, 1, 16 * 16, dtype=np.float32).reshape(16, 16)
+    root = _one_class(tmp_path, "f.tif", Image.fromarray(a, mode="F"))
+    x, _ = ImageFolderDataset(root, size=16)[0]
+    torch.testing.assert_close(x[1], torch.from_numpy(a), atol=1e-6, rtol=0)
+    root2 = _one_class(tmp_path / "2", "f.tif", Image.fromarray(a * 7, mode="F"))
+    with pytest.raises(ValueError, match=r"f.tif: a float image must hold values in \[0, 1\], got \[0, 7\]"):
+        ImageFolderDataset(root2, size=16)[0]
+
+
+def test_alpha_channel_is_dropped_with_a_warning(tmp_path):
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 0                   # red under a fully transparent alpha
+    root = _one_class(tmp_path, "t.png", Image.fromarray(rgba, mode="RGBA"))
+    with pytest.warns(UserWarning, match=r"1 image\(s\) have an alpha channel .*t.png.*dropped"):
+        ds = ImageFolderDataset(root, size=16)
+    x, _ = ds[0]
+    torch.testing.assert_close(x[0], torch.full((16, 16), 200 / 255))
+
+
+def test_truncated_image_is_found_when_the_folder_is_opened(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            ext = ".png" if cls == "a" else ".jpg"
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / cls / f"{i}{ext}")
+    bad = [root / "a" / "1.png", root / "b" / "1.jpg"]
+    for b in bad:
+        b.write_bytes(b.read_bytes()[: len(b.read_bytes()) // 2])   # the header is intact
+    with pytest.raises(ValueError, match=r"2 file\(s\) are not readable images: .*1.png, .*1.jpg"):
+        ImageFolderDataset(root, size=16)
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image"):
+        ds = ImageFolderDataset(root, size=16, on_error="skip")
+    assert len(ds) == 2 and not set(bad) & {p for p, _ in ds.samples}
+    for i in range(len(ds)):                               # every kept image decodes
+        assert ds[i][0].shape == (3, 16, 16)

@@ -30,10 +30,52 @@ def test_find_notebooks_orders_numbered_ones(tmp_path):
 
 def test_index_lists_every_entry(tmp_path):
     entries = [{"html": "01_a.html", "title": "A & co", "description": "first <thing>", "seconds": 3, "ok": True},
-               {"html": "02_b.html", "title": "B", "description": "second", "seconds": 1, "ok": False}]
+               {"html": "02_b.html", "title": "B", "description": "second", "seconds": 1, "ok": False,
+                "error": "PapermillExecutionError: \nTraceback …\nValueError: mask_root: no folder at x"}]
+    for name in ("01_a.html", "02_b.html"):
+        (tmp_path / name).write_text("x")
     page = report.write_index(tmp_path, entries, quick=True).read_text()
-    assert 'href="01_a.html"' in page and 'href="02_b.html"' in page
-    assert "A &amp; co" in page and "first &lt;thing&gt;" in page and "failed" in page
+    assert re.findall(r'href="([^"]+)"', page) == ["01_a.html"]     # a failed notebook's page is never linked
+    assert "A &amp; co" in page and "first &lt;thing&gt;" in page
+    assert "failed</b>: <code class=\"err\">ValueError: mask_root: no folder at x</code>" in page
+
+
+def test_failed_notebook_is_named_with_its_error_and_no_stale_page_is_linked(tmp_path, monkeypatch):
+    """A notebook that fails leaves an index that says so, with the error's last line, and links
+    neither its page from an earlier run nor the pages of the notebooks not run after it."""
+    import papermill
+
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    for i, name in enumerate(("01_a", "02_b", "03_c"), 1):
+        _nb(nbs / f"{name}.ipynb", f"T{i}", f"line {i}")
+    out = tmp_path / "rep"
+    out.mkdir()
+    for name in ("01_a", "02_b", "03_c"):          # pages of an earlier, successful run
+        (out / f"{name}.html").write_text("old")
+
+    def fake_run(path, out_dir, parameters, **kw):
+        if path.name.startswith("02"):
+            raise papermill.PapermillExecutionError(
+                cell_index=3, exec_count=3, source="x", ename="ValueError",
+                evalue="layers: the model has no module(s) ['layer9']", traceback=["\x1b[0;31mValueError\x1b[0m"])
+        (out_dir / path.name).write_text(path.read_text())
+        return out_dir / path.name
+
+    monkeypatch.setattr(report, "run_notebook", fake_run)
+    monkeypatch.setattr(report, "export_html", lambda executed, page, **kw: page.write_text("new") or page)
+    monkeypatch.setattr(report, "prepare_static", lambda out: None)
+    res = report.build_report(quick=True, out_dir=out, notebooks=nbs, progress=False, raise_on_error=False,
+                              static_figures=False)
+    page = res["index"].read_text()
+    assert re.findall(r'href="([^"]+)"', page) == ["01_a.html"]
+    assert "T2 <b style=\"color:#b00\">failed</b>: <code class=\"err\">ValueError: layers: the model has no " \
+           "module(s) [&#x27;layer9&#x27;]</code>" in page
+    assert "T3 <b style=\"color:#777\">not run</b>" in page
+    assert not (out / "02_b.html").exists()          # the earlier run's page of the failed notebook is gone
+    assert [(e["ok"], e["ran"]) for e in res["entries"]] == [(True, True), (False, True), (False, False)]
+    with pytest.raises(RuntimeError, match="notebook 02_b.ipynb failed"):
+        report.build_report(quick=True, out_dir=out, notebooks=nbs, progress=False, static_figures=False)
 
 
 def test_run_config_validation_and_names():
@@ -366,3 +408,33 @@ def test_plotly_bundle_is_shared_beside_the_pages_unless_self_contained(tmp_path
     assert report.share_plotly_bundle("<p>x</p>", out) == "<p>x</p>"
     assert report.parse_args(["--self-contained"]).self_contained is True
     assert report.parse_args([]).self_contained is False
+
+
+def test_prose_measured_in_the_full_setting_shows_only_there(tmp_path):
+    """Notebook 05's typed-in findings (Ours 3.6, Deconv+GB 2.3, …) were measured in the full
+    an8Flower setting: the cell is tagged, and the report leaves it out of quick and other runs."""
+    import nbformat
+
+    from vxnb.paths import notebooks_dir
+
+    nb = nbformat.read(str(notebooks_dir() / "05_an8flower_benchmark.ipynb"), as_version=4)
+    (found,) = [c for c in nb.cells if c.cell_type == "markdown" and "Ours scored 3.6" in c.source]
+    assert report.FULL_SETTING_ONLY in found.metadata.get("tags", [])
+    assert report.FULL_SETTING_ONLY in report.skipped_tags({"quick": True})
+    assert report.FULL_SETTING_ONLY not in report.skipped_tags({"quick": False})
+    marked = report._mark_skipped(notebooks_dir() / "05_an8flower_benchmark.ipynb", {report.FULL_SETTING_ONLY},
+                                  tmp_path)
+    copy = nbformat.read(str(marked), as_version=4)
+    assert len(copy.cells) == len(nb.cells) - 1 and not any("Ours scored 3.6" in c.source for c in copy.cells)
+
+
+def test_one_combine_default_for_explain_and_the_benchmark():
+    import inspect
+
+    from vxnb import explanations
+    from vxnb.studies import benchmark
+
+    funcs = [explanations.explain, explanations.explain_batch, explanations.make_explain_fn,
+             explanations.combine_heatmaps, benchmark.method_heatmaps, benchmark.explain_examples]
+    defaults = {f.__name__: inspect.signature(f).parameters["combine"].default for f in funcs}
+    assert set(defaults.values()) == {explanations.DEFAULT_COMBINE}, defaults

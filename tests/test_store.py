@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -106,6 +107,51 @@ def test_truncated_lasso_path_and_json_fold_are_recomputed(tmp_path):
     assert v == {"a": 1} and not hit and json.loads(j.read_text()) == {"a": 1}
 
 
+@pytest.mark.parametrize("error", [PermissionError("no access"), MemoryError(), TypeError("a loader bug"),
+                                   AttributeError("a loader bug")])
+def test_only_a_damaged_file_is_removed_other_errors_propagate(tmp_path, error):
+    file = tmp_path / "a.npz"
+    _store.load_or_compute(file, "k1", "demo", lambda: np.arange(5.0), load=_load_npz, save=_save_npz)
+    before = file.read_bytes()
+
+    def load(path):
+        raise error
+
+    with pytest.raises(type(error)):
+        _store.load_or_compute(file, "k1", "demo", lambda: np.zeros(1), load=load, save=_save_npz)
+    assert file.read_bytes() == before                     # kept: it was not shown to be damaged
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """Each file is fsync'ed under its temporary name before it is renamed into place (and the
+    folder after), so a power loss never leaves a renamed but empty file."""
+    from vxnb import utils
+
+    synced: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        assert str(Path(src).resolve()) in synced, f"{src} renamed onto {dst} before it was fsync'ed"
+        synced.append(("replace", str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    utils.atomic_write_json({"a": 1}, tmp_path / "x.json")
+    _store.load_or_compute(tmp_path / "a.npz", "k1", "demo", lambda: np.arange(3.0), load=_load_npz, save=_save_npz)
+    _store.load_or_compute(tmp_path / "d", "k2", "demo", lambda: 1, load=lambda p: (p / "f").read_text(),
+                           save=lambda v, tmp: (tmp / "f").write_text("x"), directory=True)
+    replaced = [s[1] for s in synced if isinstance(s, tuple)]
+    assert str(tmp_path / "x.json") in replaced and str(tmp_path / "a.npz") in replaced
+    assert str(tmp_path / "d") in replaced
+    after = synced[synced.index(("replace", str(tmp_path / "x.json"))) + 1]
+    assert after == str(tmp_path.resolve())                # the folder holding the renamed file
+
+
 _WORKER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
@@ -178,7 +224,9 @@ def test_gc_removes_what_no_current_key_reaches(tmp_path):
     mk("a", "k_oldver", ver=0)
     mk("b", "k_orphan", upstream=["k_oldver"])  # its upstream is dead: dead too
     mk("a", "k_data", data=[{"fingerprint": "old"}])
-    (run / ".x.bin.123.tmp").write_bytes(b"y" * 500)  # a killed writer's leftover
+    (run / ".x.bin.123.tmp").write_bytes(b"y" * 500)  # a killed writer's leftover, two hours old
+    os.utime(run / ".x.bin.123.tmp", (time.time() - 7200, time.time() - 7200))
+    (run / ".y.bin.456.tmp").write_bytes(b"w" * 50)   # a writer at work now: younger than an hour, kept
     (run / "model.pt").write_bytes(b"z" * 300)  # unkeyed file of an older version
     (run / "notes.txt").write_text("mine")  # unknown: kept
     dry = _store.gc(root, versions={"a": 1, "b": 1}, data_ok=lambda d: d["fingerprint"] == "new",
@@ -187,22 +235,45 @@ def test_gc_removes_what_no_current_key_reaches(tmp_path):
     assert names == sorted([".x.bin.123.tmp", "model.pt", "a-k_oldver.bin", "b-k_orphan.bin", "a-k_data.bin",
                             "k_oldver.json", "k_orphan.json", "k_data.json"])
     assert (run / "a-k_oldver.bin").exists()  # dry run
+    why = {Path(p).name: r for p, r in dry["reasons"].items()}   # --dry-run says why
+    assert why["a-k_oldver.bin"] == "a k_oldver: format version 0 of 'a', current is 1"
+    assert why["b-k_orphan.bin"].startswith("b k_orphan: made from a k_oldver, which is dead (format version 0")
+    assert "its data changed since it was made" in why["a-k_data.bin"]
+    assert why[".x.bin.123.tmp"] == "temporary file of an interrupted writer, 2.0 h old"
+    assert why["model.pt"].startswith("unkeyed file of an older vxnb version")
+    # an artifact whose lock is held (being written right now) is left alone
+    with _store.artifact_lock(root, "k_data"):
+        held = _store.gc(root, versions={"a": 1, "b": 1}, data_ok=lambda d: d["fingerprint"] == "new",
+                         legacy=["model.pt"], dry_run=True)
+    assert sorted(Path(p).name for p in held["busy"]) == ["a-k_data.bin", "k_data.json"]
+    assert "a-k_data.bin" not in {Path(p).name for p, _ in held["removed"]}
     res = _store.gc(root, versions={"a": 1, "b": 1}, data_ok=lambda d: d["fingerprint"] == "new",
                     legacy=["model.pt"])
     assert res["freed"] == dry["freed"] >= 3 * 1000 + 500 + 300
-    assert sorted(p.name for p in run.iterdir()) == ["a-k_live.bin", "b-k_child.bin", "notes.txt"]
+    assert sorted(p.name for p in run.iterdir()) == [".y.bin.456.tmp", "a-k_live.bin", "b-k_child.bin", "notes.txt"]
     assert set(_store.read_index(root)) == {"k_live", "k_child"}
+    assert _store.gc(root, versions={"a": 1, "b": 1}, data_ok=lambda d: True, tmp_age=0)["removed"] == [
+        (str(run / ".y.bin.456.tmp"), 50)]
 
 
 def test_gc_command_prints_space_freed(tmp_path):
     (tmp_path / _store.STORE_DIR).mkdir()
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "lasso-all-mu5-abc.npz").write_bytes(b"0" * 2**20)
+    (tmp_path / "r" / ".lasso.npz.1.tmp").write_bytes(b"0")            # a writer at work: kept
+    dry = subprocess.run([sys.executable, "-m", "vxnb.studies.gc", "--runs-root", str(tmp_path), "--dry-run"],
+                         capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert (f"would remove {tmp_path / 'r' / 'lasso-all-mu5-abc.npz'} (1.00 MiB): unkeyed file of an older vxnb "
+            "version (no index entry)") in dry.stdout
     out = subprocess.run([sys.executable, "-m", "vxnb.studies.gc", "--runs-root", str(tmp_path)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "lasso-all-mu5-abc.npz" in out.stdout and "freed 1.00 MiB" in out.stdout
-    assert not (tmp_path / "r" / "lasso-all-mu5-abc.npz").exists()
+    assert not (tmp_path / "r" / "lasso-all-mu5-abc.npz").exists() and (tmp_path / "r" / ".lasso.npz.1.tmp").exists()
+    old = subprocess.run([sys.executable, "-m", "vxnb.studies.gc", "--runs-root", str(tmp_path), "--tmp-age", "0"],
+                         capture_output=True, text=True)
+    assert ".lasso.npz.1.tmp" in old.stdout and not (tmp_path / "r" / ".lasso.npz.1.tmp").exists()
 
 
 def test_fault_point_is_inert_without_the_variable(monkeypatch):

@@ -124,8 +124,41 @@ def test_factory_and_whole_model_files(shapes, tmp_path, monkeypatch):
     assert torch.equal(m.state_dict()["fc.weight"], ref["fc.weight"])
     whole = tmp_path / "whole.pt"
     torch.save(torchvision.models.resnet18(num_classes=3), whole)
-    m2 = models.load_user_model("resnet18", whole, num_classes=3, input_shape=(3, 32, 32))
+    with pytest.raises(ValueError, match="weights: .*needs full unpickling.*trust_weights: true"):
+        models.load_user_model("resnet18", whole, num_classes=3, input_shape=(3, 32, 32))
+    with pytest.warns(UserWarning, match="trust_weights=True"):
+        m2 = models.load_user_model("resnet18", whole, num_classes=3, input_shape=(3, 32, 32), trust_weights=True)
     assert m2.fc.out_features == 3
+
+
+class _RunsCode:
+    """A pickle that runs code when loaded: writes a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path(self.marker).write_text, ("ran",))
+
+
+def test_weights_that_would_run_code_are_refused_unless_trusted(shapes, tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "bad.pt"
+    torch.save({"fc.weight": _RunsCode(marker)}, bad)
+    with pytest.raises(ValueError, match="trust_weights: true"):
+        models.load_user_model("resnet18", bad, num_classes=3, input_shape=(3, 32, 32))
+    assert not marker.exists()                       # nothing in the file ran
+    with pytest.raises(TypeError, match="trust_weights: expected a bool"):
+        models.load_user_model("resnet18", shapes["weights"]["resnet18"], num_classes=3, trust_weights="yes")
+    # the opt-in is a run parameter: a folder run with a whole pickled model needs it
+    whole = tmp_path / "whole.pt"
+    torch.save(torchvision.models.resnet18(num_classes=3), whole)
+    with pytest.raises(ValueError, match="trust_weights: true"):
+        runs.user_model(_cfg(shapes, tmp_path, weights=str(whole)))
+    with pytest.warns(UserWarning, match="trust_weights=True"):
+        assert runs.user_model(_cfg(shapes, tmp_path, weights=str(whole), trust_weights=True)).fc.out_features == 3
+    with pytest.raises(TypeError, match="trust_weights: expected a bool"):
+        _cfg(shapes, tmp_path, trust_weights="yes")
 
 
 # ---------------------------------------------------------------------------- layers

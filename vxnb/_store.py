@@ -36,11 +36,14 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import signal
 import tempfile
 import time
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -49,7 +52,7 @@ import numpy as np
 __all__ = ["key", "stable_json", "model_fingerprint", "file_fingerprint", "array_fingerprint", "items_fingerprint",
            "store_root",
            "load_or_compute", "try_load", "artifact_lock", "register", "read_index", "log_event", "read_events",
-           "fault_point", "gc", "STORE_DIR"]
+           "fault_point", "gc", "STORE_DIR", "DAMAGED_ERRORS", "TMP_MIN_AGE"]
 
 #: The store's own folder under a root (index, locks, events log).
 STORE_DIR = ".vxnb-store"
@@ -257,23 +260,35 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+#: What a loader raises on a damaged file (truncated, half-written, not the format it claims):
+#: only then is the file removed and recomputed. Anything else (MemoryError, PermissionError, a
+#: TypeError or AttributeError from a bug in a loader) propagates and the file stays.
+DAMAGED_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, EOFError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError, FileNotFoundError,
+    IsADirectoryError, NotADirectoryError, zlib.error)
+
+
 def try_load(path: Path, load: Callable[[Path], Any], kind: str, quiet: bool = False) -> tuple[bool, Any]:
-    """``(True, load(path))``, or ``(False, None)`` when there is no file or it cannot be read (then
-    it is removed, with a warning unless ``quiet``)."""
+    """``(True, load(path))``, or ``(False, None)`` when there is no file or it is damaged (``load``
+    raises one of :data:`DAMAGED_ERRORS`; then it is removed, with a warning unless ``quiet``).
+    Any other error propagates and the file is kept."""
     if not path.exists():
         return False, None
     try:
         return True, load(path)
-    except Exception as err:  # noqa: BLE001 - a damaged file comes in many shapes; never trusted
+    except DAMAGED_ERRORS as err:  # a damaged file: never trusted
         if not quiet:
             warnings.warn(f"{kind}: {path} is unreadable ({type(err).__name__}: {err}); removing it and recomputing",
-                      RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=3)
         _remove(path)
         return False, None
 
 
 def _put(path: Path, value: Any, save: Callable[[Any, Path], Any], kind: str, directory: bool) -> None:
-    """``save(value, tmp)`` then rename ``tmp`` onto ``path`` (a file or a whole folder)."""
+    """``save(value, tmp)``, flush it to disk, then rename ``tmp`` onto ``path`` (a file or a whole
+    folder) and flush the rename."""
+    from .utils import fsync_dir, fsync_tree
+
     path.parent.mkdir(parents=True, exist_ok=True)
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -285,10 +300,12 @@ def _put(path: Path, value: Any, save: Callable[[Any, Path], Any], kind: str, di
         save(value, tmp)
         if not directory:
             os.chmod(tmp, 0o644)
+        fsync_tree(tmp)
         fault_point(f"save:{kind}")
         if directory and path.exists():
             _remove(path)  # a damaged folder under the same key (we hold its lock)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if tmp.exists():
             _remove(tmp)
@@ -332,63 +349,114 @@ def load_or_compute(path: str | os.PathLike, key_: str, kind: str, compute: Call
 
 
 # ============================================================================ gc
-_TEMP_PATTERNS = (".*.tmp",)
-
-
 def _size(path: Path) -> int:
     if path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return path.stat().st_size if path.exists() else 0
 
 
+#: Temporary files younger than this (seconds) may belong to a writer at work: gc leaves them.
+TMP_MIN_AGE = 3600.0
+
+
+def _why_dead(k: str, index: Mapping[str, dict], root: Path, versions: Mapping[str, int],
+              data_ok: Callable[[Mapping], bool], memo: dict[str, str | None], seen: frozenset = frozenset()
+              ) -> str | None:
+    """None when the artifact ``k`` is live, else why it is not (one short sentence)."""
+    if k in memo:
+        return memo[k]
+    e = index.get(k)
+    if e is None:
+        why = f"upstream artifact {k} is not in the index"
+    elif k in seen:
+        why = "its upstream artifacts form a cycle"
+    elif not (root / e["path"]).exists():
+        why = "its file is gone"
+    elif versions.get(e["kind"]) != e["version"]:
+        cur = versions.get(e["kind"])
+        why = (f"format version {e['version']} of {e['kind']!r}, current is {cur}" if cur is not None else
+               f"no current vxnb writes artifacts of kind {e['kind']!r}")
+    else:
+        why = None
+        for d in e["data"]:
+            if not data_ok(d):
+                what = d.get("dataset") or d.get("file") or "its input"
+                why = f"its data changed since it was made ({what} no longer has fingerprint {d.get('fingerprint')})"
+                break
+        if why is None:
+            for u in e["upstream"]:
+                up = _why_dead(u, index, root, versions, data_ok, memo, seen | {k})
+                if up is not None:
+                    kind = index.get(u, {}).get("kind", "artifact")
+                    why = f"made from {kind} {u}, which is dead ({up})"
+                    break
+    memo[k] = why
+    return why
+
+
 def gc(root: str | os.PathLike, *, versions: Mapping[str, int], data_ok: Callable[[Mapping], bool],
-       legacy: Iterable[str] = (), dry_run: bool = False) -> dict[str, Any]:
+       legacy: Iterable[str] = (), dry_run: bool = False, tmp_age: float = TMP_MIN_AGE) -> dict[str, Any]:
     """Find (and unless ``dry_run`` remove) what no current key reaches under ``root``.
 
     An indexed artifact is live when its file is there, its format version is the current one
-    (``versions[kind]``), every dataset it was made from still has the fingerprint it recorded
-    (``data_ok(record)``) and every upstream artifact it lists is live. Dead artifacts, their
-    index entries, temporary files left by killed writers and unindexed files matching the
-    ``legacy`` glob patterns (caches of older versions that named files by run) are removed.
-    Returns ``{"removed": [(path, bytes)], "kept": n, "freed": bytes}``.
+    (``versions[kind]``), every input it was made from still has the fingerprint it recorded
+    (``data_ok(record)``) and every upstream artifact it lists is live. Dead artifacts and their
+    index entries are removed, each under its artifact lock (one that is locked, being written
+    now, is left alone); also temporary files (``.*.tmp``) older than ``tmp_age`` seconds (younger
+    ones may belong to a writer at work) and unindexed files matching the ``legacy`` glob
+    patterns (caches of older versions that named files by run) outside live artifacts.
+
+    Returns ``{"removed": [(path, bytes)], "reasons": {path: why}, "busy": [paths left because
+    locked], "kept": n live artifacts, "freed": bytes}``.
     """
+    from filelock import Timeout
+
     root = Path(root)
     index = read_index(root)
-    memo: dict[str, bool] = {}
-
-    def live(k: str, seen: frozenset = frozenset()) -> bool:
-        if k in memo:
-            return memo[k]
-        e = index.get(k)
-        ok = (e is not None and k not in seen and (root / e["path"]).exists()
-              and versions.get(e["kind"]) == e["version"] and all(data_ok(d) for d in e["data"])
-              and all(live(u, seen | {k}) for u in e["upstream"]))
-        memo[k] = ok
-        return ok
-
-    doomed: list[Path] = []
+    memo: dict[str, str | None] = {}
+    doomed: dict[Path, tuple[str, str | None]] = {}  # path -> (why, key whose lock guards it)
     live_paths = set()
     for k, e in index.items():
-        if live(k):
+        why = _why_dead(k, index, root, versions, data_ok, memo)
+        if why is None:
             live_paths.add((root / e["path"]).resolve())
         else:
             if (root / e["path"]).exists():
-                doomed.append(root / e["path"])
-            doomed.append(root / STORE_DIR / "index" / f"{k}.json")
-    for pattern in _TEMP_PATTERNS:
-        doomed += [p for p in root.rglob(pattern) if STORE_DIR not in p.parts]
+                doomed[root / e["path"]] = (f"{e['kind']} {k}: {why}", k)
+            doomed[root / STORE_DIR / "index" / f"{k}.json"] = (f"index entry of {e['kind']} {k}: {why}", k)
+
     def inside_live(p: Path) -> bool:
         p = p.resolve()
         return p in live_paths or any(a in live_paths for a in p.parents)
 
-    for pattern in legacy:
-        doomed += [p for p in root.rglob(pattern) if not inside_live(p) and STORE_DIR not in p.parts]
-    removed = []
-    for p in dict.fromkeys(doomed):  # unique, in order
-        if not p.exists():
+    now = time.time()
+    for p in root.rglob(".*.tmp"):
+        if STORE_DIR in p.parts or p in doomed:
             continue
-        size = _size(p)
+        age = now - p.lstat().st_mtime
+        if age >= tmp_age:
+            doomed[p] = (f"temporary file of an interrupted writer, {age / 3600:.1f} h old", None)
+    def inside_doomed(p: Path) -> bool:  # removed with the dead artifact that holds it
+        return p in doomed or any(a in doomed for a in p.parents)
+
+    for pattern in legacy:
+        for p in root.rglob(pattern):
+            if not inside_doomed(p) and not inside_live(p) and STORE_DIR not in p.parts:
+                doomed[p] = ("unkeyed file of an older vxnb version (no index entry)", None)
+    removed, reasons, busy = [], {}, []
+    for p, (why, k) in doomed.items():
+        if not p.exists() and not p.is_symlink():
+            continue
+        try:
+            with artifact_lock(root, k, timeout=0) if k is not None else contextlib.nullcontext():
+                size = _size(p)
+                if not dry_run:
+                    _remove(p)
+        except Timeout:
+            busy.append(str(p))  # its writer holds the lock: being made right now
+            continue
         removed.append((str(p), size))
-        if not dry_run:
-            _remove(p)
-    return {"removed": removed, "kept": sum(memo.values()), "freed": sum(s for _, s in removed)}
+        reasons[str(p)] = why
+    kept = sum(1 for v in memo.values() if v is None)
+    return {"removed": removed, "reasons": reasons, "busy": busy, "kept": kept,
+            "freed": sum(s for _, s in removed)}

@@ -22,6 +22,10 @@ rank streams its own shard of the dataset and the partial results are combined h
   partial sums and its callbacks' states, atomically, to ``extract-<key>-rank<r>of<w>.pt``.
   A restarted job with the same world size and content key resumes from them; one with another
   world size starts afresh and says why. They are removed once the result is complete.
+- **Shared folders.** Rank 0 renders or fetches the data, trains the model and writes the
+  caches; the other ranks read them from the same folders. That needs a filesystem every node
+  shares: :func:`check_shared_folders` checks it before any rank reads, and refuses the job
+  otherwise (a node with its own disk would read stale files, or train the model again itself).
 - **Faults.** Collectives run under the process group's timeout; a rank that dies makes the
   others fail with a RuntimeError naming the step, and no cache is written.
 
@@ -44,7 +48,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .utils import atomic_torch_save, describe
 
-__all__ = ["init", "is_initialized", "rank_and_world", "shard_positions", "merge_topk", "Shard"]
+__all__ = ["init", "is_initialized", "rank_and_world", "shard_positions", "merge_topk", "Shard",
+           "check_shared_folders"]
 
 CHECKPOINT_VERSION = 1
 
@@ -399,6 +404,50 @@ def check_agreement(values: Mapping[str, Any]) -> None:
             if got.get(name) != ref.get(name):
                 raise ValueError(f"{name}: rank {r} has {got.get(name)!r}, rank 0 has {ref.get(name)!r}; every rank "
                                  "must run the same model on the same layers and data")
+
+
+SHARED_PREFIX = ".vxnb-shared-"
+
+
+def check_shared_folders(folders: Mapping[str, str | os.PathLike]) -> None:
+    """Refuse a job whose ranks do not share ``folders`` (name → folder, e.g. ``{"runs_root": …}``).
+
+    The ranks exchange files through these folders: rank 0 trains the model and writes the
+    caches, the others read them. On nodes with their own disks a rank would read a stale file
+    or, finding none, compute it again itself. So rank 0 writes a file with a fresh random name
+    into each folder, every rank looks for it, and unless all see it the job is refused on every
+    rank with a RuntimeError naming the ranks, their hosts and the folders. A no-op outside a
+    process group."""
+    if not is_initialized():
+        return
+    import socket
+
+    rank, _ = rank_and_world()
+    token = os.urandom(8).hex() if rank == 0 else None
+    token = all_gather_object(token, "sharing the shared-folder check's token")[0]
+    files = {name: Path(folder) / f"{SHARED_PREFIX}{token}" for name, folder in folders.items()}
+    if rank == 0:
+        for name, file in files.items():
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(token)
+    barrier("waiting for rank 0 to write the shared-folder check's files")
+    seen = {}
+    for name, file in files.items():
+        try:
+            seen[name] = file.read_text() == token
+        except OSError:
+            seen[name] = False
+    gathered = all_gather_object({"host": socket.gethostname(), "seen": seen}, "checking the shared folders")
+    if rank == 0:
+        for file in files.values():
+            file.unlink(missing_ok=True)
+    missing = [(r, g["host"], name) for r, g in enumerate(gathered) for name, ok in g["seen"].items() if not ok]
+    if missing:
+        where = "; ".join(f"rank {r} on {host} does not see {name} {Path(folders[name])}" for r, host, name in missing)
+        raise RuntimeError(
+            f"torch.distributed: the ranks do not share their folders ({where}). Rank 0 writes the model and the "
+            f"caches into {', '.join(folders)} and the other ranks read them there, so every node needs them on a "
+            "filesystem all nodes share (NFS, Lustre, …) at the same path; nothing was computed")
 
 
 def _json_safe(obj: Any) -> Any:

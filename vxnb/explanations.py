@@ -61,6 +61,7 @@ __all__ = [
     "combine_heatmaps",
     "feature_heatmaps",
     "COMBINES",
+    "DEFAULT_COMBINE",
     "DRAWS",
     "total_stride",
     "comparison_features",
@@ -280,12 +281,14 @@ def _layer_maps(model: nn.Module, x: Tensor, layer: str, chans: list[list[int]],
 
 #: How the top-k maps of an image become one map (:func:`combine_heatmaps`).
 COMBINES = ("weighted", "max")
+#: The one default of every function that combines top-k maps (here and in the benchmark).
+DEFAULT_COMBINE = "max"
 #: How the top-k features are drawn (:func:`feature_heatmaps`): resampled DeconvNet+GB (ours),
 #: plain DeconvNet+GB, upsampled activation maps.
 DRAWS = ("resampled", "deconv", "upsampled")
 
 
-def combine_heatmaps(heatmaps: Tensor, responses: Tensor, combine: str = "max") -> Tensor:
+def combine_heatmaps(heatmaps: Tensor, responses: Tensor, combine: str = DEFAULT_COMBINE) -> Tensor:
     """The combined map of :func:`explain`, min-max normalised to [0, 1] per image (zeros when
     constant, e.g. no feature).
 
@@ -422,7 +425,7 @@ class Explanation:
 
 
 def explain(model: nn.Module, relevant: Relevance | pd.DataFrame, image: Tensor, k: int = 5,
-            target: int | None = None, *, resample: bool = True, combine: str = "max",
+            target: int | None = None, *, resample: bool = True, combine: str = DEFAULT_COMBINE,
             composite: Any = None) -> Explanation:
     """Explain the prediction of ``model`` on one image with its top-k relevant features.
 
@@ -507,7 +510,7 @@ def explain(model: nn.Module, relevant: Relevance | pd.DataFrame, image: Tensor,
 
 
 def explain_batch(model: nn.Module, relevant: Relevance | pd.DataFrame, images: Tensor, k: int = 5,
-                  targets: Any = None, *, resample: bool = True, combine: str = "max", batch_size: int = 32,
+                  targets: Any = None, *, resample: bool = True, combine: str = DEFAULT_COMBINE, batch_size: int = 32,
                   progress: bool = False, composite: Any = None) -> Tensor:
     """Combined heatmaps (B, H, W) of :func:`explain` for a batch of images, on the model's device.
 
@@ -576,7 +579,7 @@ def feature_heatmaps(model: nn.Module, relevant: Relevance | pd.DataFrame, image
 
 
 def make_explain_fn(relevant: Relevance | pd.DataFrame, k: int = 5, *, resample: bool = True,
-                    combine: str = "max", batch_size: int = 32) -> Callable[[nn.Module, Tensor, Any], Tensor]:
+                    combine: str = DEFAULT_COMBINE, batch_size: int = 32) -> Callable[[nn.Module, Tensor, Any], Tensor]:
     """``fn(model, x, target) -> (B, H, W)`` (the explain-function signature of
     ``vxnb.evaluate``): the combined heatmaps of :func:`explain_batch`."""
     rel = _check_relevance(relevant)

@@ -13,7 +13,9 @@ notebooks read there: the training split's ``features/features-<key>.npz`` (G, X
 layers, as ``interpret.top_patch_table`` caches it). Under torchrun each rank streams its shard
 (``vxnb.distributed``); rank 0 prepares the data and the model first (rendering, training; the
 others wait up to ``--timeout``) and writes the results; per-rank checkpoints in
-``<run>/checkpoints/`` let a restarted job resume.
+``<run>/checkpoints/`` let a restarted job resume. Across nodes, ``runs_root`` (and the
+``data_root`` of an8Flower/MNIST) must be on a filesystem every node shares: that is checked
+before any rank reads, and a job whose nodes do not share them is refused.
 """
 from __future__ import annotations
 
@@ -29,9 +31,10 @@ __all__ = ["main", "extract_run"]
 OWN = ("top_n",)
 
 
-def extract_run(params: dict[str, Any], *, batch_size: int = 64, checkpoint_every: int = 100,
+def extract_run(params: dict[str, Any], *, batch_size: int | None = None, checkpoint_every: int = 100,
                 progress: bool = True) -> dict[str, Any]:
-    """Extract the run ``params`` describe (in the current process group, if any).
+    """Extract the run ``params`` describe (in the current process group, if any). ``batch_size``:
+    images per batch and rank; None (the default) takes the run's ``batch_size`` parameter.
     → ``{"config", "features", "top", "seconds"}`` (top: the table, on rank 0 only; else None)."""
     from . import distributed, features, interpret
     from ._checks import check_positive_int
@@ -40,6 +43,7 @@ def extract_run(params: dict[str, Any], *, batch_size: int = 64, checkpoint_ever
     fields = {f.name for f in dataclasses.fields(runs.RunConfig)}
     cfg = runs.RunConfig.from_params(**{k: v for k, v in params.items() if k in fields})
     top_n = check_positive_int(params.get("top_n", 100), "top_n")
+    batch_size = cfg.batch_size if batch_size is None else check_positive_int(batch_size, "batch_size")
     if cfg.quick:
         top_n = min(top_n, 20)
     rank, world = distributed.rank_and_world()
@@ -48,6 +52,11 @@ def extract_run(params: dict[str, Any], *, batch_size: int = 64, checkpoint_ever
         data = runs.load_data(cfg, progress=progress)
         model, _ = runs.get_model(cfg, data=data, progress=progress)
     distributed.barrier("waiting for rank 0 to prepare the data and the model")
+    # the other ranks read what rank 0 made: refused unless every node sees the same folders
+    shared = {"runs_root": cfg.runs_dir}
+    if cfg.dataset != "folder":  # rendered/fetched by rank 0 (a user's folder is only read)
+        shared["data_root"] = cfg.data_dir
+    distributed.check_shared_folders(shared)
     if rank != 0:
         data = runs.load_data(cfg, progress=False)
         model, _ = runs.get_model(cfg, data=data, progress=False)
@@ -71,7 +80,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m vxnb.extract") ->
     parser.add_argument("--params", default=None, help="parameter file (.yaml, .yml or .json)")
     parser.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
                         help="one parameter (wins over the file)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch and rank (default 64)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per batch and rank (default: the run's batch_size parameter, else 64)")
     parser.add_argument("--checkpoint-every", type=int, default=100,
                         help="batches between two checkpoints of each rank (default 100)")
     parser.add_argument("--timeout", type=float, default=1800.0,

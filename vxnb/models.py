@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
@@ -788,11 +790,23 @@ def _import_factory(spec: str) -> Callable[[], nn.Module]:
     return factory
 
 
-def _read_weights(path: Path) -> Any:
+def _read_weights(path: Path, trust_weights: bool = False) -> Any:
+    """The object in a weights file, read with ``torch.load(weights_only=True)`` (tensors and plain
+    containers only: a file cannot run code). A file that needs full unpickling (a whole pickled
+    model) is refused unless ``trust_weights`` is True, the explicit opt-in for a file you made."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - maybe a whole pickled model: the user's own file
-        pass
+    except pickle.UnpicklingError as err:
+        if not trust_weights:
+            raise ValueError(
+                f"weights: {path} needs full unpickling (a whole pickled model, or objects other than tensors), "
+                "which can run any code stored in the file; it was refused. Save a state_dict instead "
+                "(torch.save(model.state_dict(), path)), or, only for a file you made or trust, set "
+                f"trust_weights: true (RunConfig(trust_weights=True), -p trust_weights true). ({err})") from err
+    except Exception as err:  # noqa: BLE001 - not a torch file at all
+        raise ValueError(f"weights: cannot read {path} with torch.load ({type(err).__name__}: {err})") from err
+    warnings.warn(f"weights: unpickling {path} in full (trust_weights=True): it can run code stored in the file",
+                  UserWarning, stacklevel=3)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001
@@ -801,7 +815,7 @@ def _read_weights(path: Path) -> Any:
 
 def load_user_model(model: str, weights: str | os.PathLike | None, *, num_classes: int,
                     input_shape: tuple[int, int, int] = (3, 224, 224), normalize: Any = None,
-                    device: str | torch.device | None = None) -> nn.Module:
+                    device: str | torch.device | None = None, trust_weights: bool = False) -> nn.Module:
     """A user's trained classifier, loaded from local files and never trained or modified here.
 
     Args:
@@ -813,6 +827,9 @@ def load_user_model(model: str, weights: str | os.PathLike | None, *, num_classe
         num_classes: the number of classes of the data; the model's output must have this size.
         input_shape: (C, H, W) of one image, for the output-size check.
         normalize: the model's input normalisation, applied by :func:`normalize_input`.
+        trust_weights: allow a weights file that needs full unpickling (a whole model saved with
+            ``torch.save(model)``), which can run code stored in the file. Default False: files are
+            read with ``torch.load(weights_only=True)`` and such a file is refused, naming this option.
 
     The architecture name and the weights' fingerprint are kept on the model (``vxnb_arch``,
     ``vxnb_fingerprint``). Errors name the parameter: an unknown architecture or a factory that
@@ -823,6 +840,8 @@ def load_user_model(model: str, weights: str | os.PathLike | None, *, num_classe
         raise TypeError(f"model: expected a torchvision architecture name or 'package.module:factory', "
                         f"got {describe(model)}")
     num_classes = _check_int(num_classes, "num_classes", 1)
+    if not isinstance(trust_weights, bool):
+        raise TypeError(f"trust_weights: expected a bool, got {describe(trust_weights)}")
     path = None
     if weights is not None:
         if not isinstance(weights, (str, os.PathLike)):
@@ -842,7 +861,7 @@ def load_user_model(model: str, weights: str | os.PathLike | None, *, num_classe
                              "(or 'package.module:factory')")
         net, arch = None, model.lower()
     if path is not None:
-        obj = _read_weights(path)
+        obj = _read_weights(path, trust_weights)
         if isinstance(obj, nn.Module):
             net = obj
         elif net is None:  # a torchvision name: the class count comes from the file's classifier

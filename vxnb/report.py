@@ -42,7 +42,7 @@ from .widgets import OFFLINE_ENV, OFFLINE_MARK
 
 __all__ = ["find_notebooks", "notebook_summary", "run_notebook", "export_html", "fetch_static", "copy_static",
            "prepare_static", "find_chromium", "add_static_figures",
-           "build_report", "write_index", "parse_args", "main"]
+           "build_report", "write_index", "error_line", "parse_args", "main"]
 
 NOTEBOOK_PATTERN = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 
@@ -72,14 +72,17 @@ def notebook_summary(path: str | Path) -> tuple[str, str]:
     return Path(path).stem, ""
 
 
-#: Cell tags the report honours: such a cell is not executed when the run lacks what it needs.
-NEEDS_MASKS, AN8FLOWER_ONLY = "needs-masks", "an8flower-only"
+#: Cell tags the report honours: such a cell is not executed (a markdown cell: not shown) when
+#: the run lacks what it needs. ``full-setting-only``: prose whose numbers were measured in the
+#: full an8Flower setting (not quick), shown only in a report of that setting.
+NEEDS_MASKS, AN8FLOWER_ONLY, FULL_SETTING_ONLY = "needs-masks", "an8flower-only", "full-setting-only"
 
 
 def skipped_tags(parameters: dict[str, Any]) -> set[str]:
     """The cell tags whose cells are skipped for a run with these notebook parameters: cells
     tagged ``needs-masks`` without ground-truth masks, ``an8flower-only`` (the paper's numbers)
-    on other datasets. The parameters are checked here, before any notebook runs."""
+    on other datasets, ``full-setting-only`` (numbers measured in the full an8Flower setting) in
+    quick runs and on other datasets. The parameters are checked here, before any notebook runs."""
     from .studies.runs import RunConfig
 
     fields = set(RunConfig.__dataclass_fields__)
@@ -89,19 +92,27 @@ def skipped_tags(parameters: dict[str, Any]) -> set[str]:
         skip.add(NEEDS_MASKS)
     if not cfg.spec.paper_numbers:
         skip.add(AN8FLOWER_ONLY)
+    if cfg.quick or not cfg.spec.paper_numbers:
+        skip.add(FULL_SETTING_ONLY)
     return skip
 
 
 def _mark_skipped(path: Path, skip_tags: set[str], folder: Path) -> Path:
-    """A copy of the notebook whose cells tagged with one of ``skip_tags`` carry nbclient's
-    ``skip-execution`` tag (the copy is removed by the caller)."""
+    """A copy of the notebook whose code cells tagged with one of ``skip_tags`` carry nbclient's
+    ``skip-execution`` tag and whose markdown cells so tagged are left out (their text is not
+    true for this run); the copy is removed by the caller."""
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
+    kept = []
     for cell in nb.cells:
         tags = cell.get("metadata", {}).get("tags", [])
         if skip_tags & set(tags):
+            if cell.get("cell_type") == "markdown":
+                continue
             cell.setdefault("metadata", {})["tags"] = list(tags) + ["skip-execution"]
+        kept.append(cell)
+    nb.cells = kept
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".ipynb", dir=folder)
     os.close(fd)
     nbformat.write(nb, name)
@@ -515,16 +526,46 @@ def _screenshots_section(out_dir: Path) -> str:
             f"(<code>tests/test_browser.py</code>) before and after moving a control.</p>{figs}")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def error_line(err: BaseException) -> str:
+    """The last line of a notebook's error, as its traceback ends (``ValueError: …``): for
+    papermill's error, the failing cell's exception; else the last non-empty line of ``err``."""
+    ename, evalue = getattr(err, "ename", None), getattr(err, "evalue", None)
+    if ename:
+        lines = [l.strip() for l in _ANSI.sub("", str(evalue or "")).splitlines() if l.strip()]
+        return f"{ename}: {lines[-1]}" if lines else str(ename)
+    lines = [l.strip() for l in _ANSI.sub("", f"{type(err).__name__}: {err}").splitlines() if l.strip()]
+    return lines[-1]
+
+
 def write_index(out_dir: Path, entries: list[dict[str, Any]], *, quick: bool) -> Path:
-    """``index.html`` linking every page, one line each on what it shows."""
+    """``index.html`` linking the pages of the notebooks that ran, one line each on what they show.
+
+    A failed notebook is marked failed with its error's last line (``error_line``) and not
+    linked; a notebook not run (``ran`` False) is listed as such. Only pages that exist and whose
+    notebook succeeded are linked, so the index never points at a page from an earlier run."""
     rows = []
     for e in entries:
-        status = "" if e["ok"] else ' <b style="color:#b00">failed</b>'
+        page = e.get("html")
+        title = html.escape(e["title"])
+        if e["ok"] and page and (out_dir / page).is_file():
+            title = f'<a href="{html.escape(page)}">{title}</a>'
+        if e["ok"]:
+            status = ""
+        elif e.get("ran", True) is False:
+            status = ' <b style="color:#777">not run</b>' + (f' ({html.escape(e["error"])})' if e.get("error") else "")
+        else:
+            lines = (e.get("error") or "").strip().splitlines()
+            last = e.get("error_line") or (lines[-1] if lines else "")
+            status = (' <b style="color:#b00">failed</b>'
+                      + (f': <code class="err">{html.escape(last)}</code>' if last else ""))
         plain = e.get("html_no_input")
-        plain = f' · <a href="{html.escape(plain)}">without code</a>' if plain and (out_dir / plain).is_file() else ""
-        rows.append(
-            f'<li><a href="{html.escape(e["html"])}">{html.escape(e["title"])}</a>{plain}{status}'
-            f' <span class="t">({e["seconds"]:.0f} s)</span><br>{html.escape(e["description"])}</li>')
+        plain = (f' · <a href="{html.escape(plain)}">without code</a>'
+                 if e["ok"] and plain and (out_dir / plain).is_file() else "")
+        seconds = f' <span class="t">({e["seconds"]:.0f} s)</span>' if e.get("seconds") is not None else ""
+        rows.append(f'<li>{title}{plain}{status}{seconds}<br>{html.escape(e["description"])}</li>')
     mode = "quick parameters (CI setting)" if quick else "full parameters"
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>vxnb report</title>
@@ -614,15 +655,24 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
             if static_figures:
                 _static_figures_or_warn(pages)
         except Exception as err:  # record, write the index, then re-raise
-            ok, error = False, f"{type(err).__name__}: {err}"
-        entries.append({"notebook": nb.name, "html": nb.stem + ".html", "title": title, "description": desc,
-                        "seconds": time.perf_counter() - t0, "ok": ok, "error": error,
-                        "html_no_input": nb.stem + NO_INPUT_SUFFIX if no_input else None})
-        print(f"      {'done' if ok else 'FAILED'} in {entries[-1]['seconds']:.0f} s", flush=True)
+            ok, error, last = False, f"{type(err).__name__}: {err}", error_line(err)
+            for page in pages:  # a page of an earlier run would show results this run did not get
+                page.unlink(missing_ok=True)
+        entries.append({"notebook": nb.name, "html": nb.stem + ".html" if ok else None, "title": title,
+                        "description": desc, "seconds": time.perf_counter() - t0, "ok": ok, "ran": True,
+                        "error": error, "error_line": None if ok else last,
+                        "html_no_input": nb.stem + NO_INPUT_SUFFIX if no_input and ok else None})
+        print(f"      {'done' if ok else 'FAILED'} in {entries[-1]['seconds']:.0f} s"
+              + ("" if ok else f": {last}"), flush=True)
         if not ok and stop_on_error:
+            for later in paths[i:]:
+                t, d = notebook_summary(later)
+                entries.append({"notebook": later.name, "html": None, "title": t, "description": d, "seconds": None,
+                                "ok": False, "ran": False, "error": f"not run: {nb.name} failed", "error_line": None,
+                                "html_no_input": None})
             break
     index = write_index(out, entries, quick=quick)
-    failed = [e for e in entries if not e["ok"]]
+    failed = [e for e in entries if not e["ok"] and e["ran"]]
     if failed and raise_on_error:
         raise RuntimeError(f"notebook {failed[0]['notebook']} failed: {failed[0]['error']} "
                            f"(the partial run is in {out / (Path(failed[0]['notebook']).stem + '.failed.ipynb')})")

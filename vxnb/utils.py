@@ -18,6 +18,8 @@ __all__ = [
     "get_device",
     "seed_everything",
     "atomic_path",
+    "fsync_tree",
+    "fsync_dir",
     "atomic_write_json",
     "atomic_torch_save",
     "atomic_savez",
@@ -63,6 +65,36 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Flush a file (or every file of a folder, and the folder) to disk, so a rename that follows
+    never publishes an empty file after a power loss."""
+    path = Path(path)
+    files = [path] if not path.is_dir() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if path.is_dir():
+        for d in [path, *(p for p in path.rglob("*") if p.is_dir())]:
+            fsync_dir(d)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``.
@@ -79,7 +111,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         if tmp_path.exists():
             os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; the result is an ordinary file
+            fsync_tree(tmp_path)  # on disk before the rename: never an empty file after a power loss
         os.replace(tmp_path, path)
+        fsync_dir(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

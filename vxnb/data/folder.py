@@ -26,7 +26,7 @@ from torchvision.transforms.v2 import functional as TF
 from ..utils import describe
 
 __all__ = ["IMG_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset", "load_image_folder",
-           "read_class_names", "folder_layout"]
+           "read_class_names", "folder_layout", "image_to_tensor"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -99,7 +99,10 @@ class ImageFolderDataset(Dataset):
         if empty:
             raise ValueError(f"{a_root}: class folder(s) {empty} under {self.root} hold no images with extensions "
                              f"{self.extensions}")
-        self.samples, self.skipped = _readable(self.samples, on_error, a_root)
+        self.samples, self.skipped, alpha = _readable(self.samples, on_error, a_root)
+        if alpha:
+            warnings.warn(f"{a_root}: {len(alpha)} image(s) have an alpha channel ({_show(alpha, 3)}); it is dropped: "
+                          "the colour stored under transparent pixels is used as it is", stacklevel=2)
         self.targets = [label for _, label in self.samples]
 
         self.masks_root = None
@@ -162,10 +165,10 @@ class ImageFolderDataset(Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as im:
-                pil = im.convert("RGB")
+                x = image_to_tensor(im, path)
         except OSError as err:
             raise ValueError(f"{path}: not a readable image ({err})") from err
-        x = TF.pil_to_tensor(pil).float().div_(255)
+        height, width = x.shape[1:]
         x = self._geometry(x, TF.InterpolationMode.BILINEAR).clamp_(0, 1)
         if self.mean is not None:
             x = (x - self.mean) / self.std
@@ -177,9 +180,9 @@ class ImageFolderDataset(Dataset):
                 m = np.array(mim.convert("L"))
         except OSError as err:
             raise ValueError(f"{mpath}: not a readable mask image ({err})") from err
-        if m.shape != (pil.height, pil.width):
+        if m.shape != (height, width):
             raise ValueError(f"{mpath}: the mask is {m.shape[1]}×{m.shape[0]} but its image {path} is "
-                             f"{pil.width}×{pil.height}; masks must have their image's size")
+                             f"{width}×{height}; masks must have their image's size")
         mask = torch.from_numpy((m > 0).astype(np.uint8))[None]
         mask = self._geometry(mask, TF.InterpolationMode.NEAREST)[0].bool()
         return x, label, mask
@@ -194,15 +197,73 @@ def _show(paths: Sequence[Any], n: int = 5) -> str:
     return ", ".join(str(p) for p in paths[:n]) + (f", … ({len(paths)} in all)" if len(paths) > n else "")
 
 
-def _readable(samples: list[tuple[Path, int]], on_error: str, arg: str) -> tuple[list[tuple[Path, int]], list[Path]]:
-    """Keep the samples whose header PIL can read; refuse or skip (with a warning) the others."""
-    keep, bad = [], []
-    for path, label in samples:
+#: PIL modes of 16-bit integer images (rescaled by 1/65535, not clipped to 8 bits).
+_MODES_16 = ("I;16", "I;16B", "I;16L", "I;16N")
+#: PIL modes that carry an alpha channel.
+_MODES_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in _MODES_ALPHA or (im.mode == "P" and "transparency" in im.info)
+
+
+def image_to_tensor(im: Image.Image, path: Any = "image") -> torch.Tensor:
+    """A PIL image as float32 (3, H, W) in [0, 1], at the precision it was stored in: 8-bit
+    images / 255; 16-bit ones ("I;16", and "I", as 16-bit PNGs open) / 65535; float ("F")
+    images as they are, which must lie in [0, 1]; grey levels repeated over three channels; an
+    alpha channel dropped. (``Image.convert("RGB")`` would clip 16-bit and float images to 8 bits.)"""
+    mode = im.mode
+    if mode in _MODES_16 or mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if mode == "F":
+            if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+                raise ValueError(f"{path}: a float image must hold values in [0, 1], got "
+                                 f"[{np.nanmin(a):g}, {np.nanmax(a):g}]")
+        else:
+            if a.min() < 0 or a.max() > 65535:
+                raise ValueError(f"{path}: a 32-bit integer image must hold 16-bit values (0..65535), got "
+                                 f"[{a.min():g}, {a.max():g}]")
+            a = a / 65535.0
+        x = torch.from_numpy(a.astype(np.float32))[None].expand(3, -1, -1).contiguous()
+        return x
+    return TF.pil_to_tensor(im.convert("RGB")).float().div_(255)
+
+
+#: The last bytes of a complete file: JPEG's end-of-image marker, PNG's IEND chunk.
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+def _ends_whole(path: Path, fmt: str | None) -> bool:
+    """Whether a JPEG or PNG file ends with its end marker (a cheap check that it is not
+    truncated; other formats, and files that lack it, are decoded whole instead)."""
+    marker = _END_MARKERS.get(fmt or "")
+    if marker is None:
+        return False
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - len(marker)))
+        return f.read() == marker
+
+
+def _readable(samples: list[tuple[Path, int]], on_error: str,
+              arg: str) -> tuple[list[tuple[Path, int]], list[Path], list[Path]]:
+    """Keep the samples PIL can read whole, so that a truncated file fails here and not
+    mid-extraction (a JPEG or PNG that ends with its end marker is taken as whole; any other file
+    is decoded); refuse or skip (with a warning) the others. Also returns those with an alpha
+    channel."""
+    from tqdm.auto import tqdm
+
+    keep, bad, alpha = [], [], []
+    for path, label in tqdm(samples, desc="checking images", unit="img", leave=False,
+                            disable=len(samples) < 500):
         try:
             with Image.open(path) as im:
-                im.size  # noqa: B018 - the header is parsed on open
+                if not _ends_whole(path, im.format):
+                    im.load()  # decodes every pixel: PIL raises OSError on a truncated file
+                if _has_alpha(im):
+                    alpha.append(path)
             keep.append((path, label))
-        except (OSError, ValueError):
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             bad.append(path)
     if bad and on_error == "raise":
         raise ValueError(f"{arg}: {len(bad)} file(s) are not readable images: {_show(bad)} "
@@ -211,7 +272,7 @@ def _readable(samples: list[tuple[Path, int]], on_error: str, arg: str) -> tuple
         warnings.warn(f"{arg}: skipped {len(bad)} unreadable image(s): {_show(bad)}", stacklevel=3)
     if not keep:
         raise ValueError(f"{arg}: no readable images")
-    return keep, bad
+    return keep, bad, alpha
 
 
 def _check_mask_sizes(samples: list[tuple[Path, int]], masks: list[Path], arg: str) -> None:

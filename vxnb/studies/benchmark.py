@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -65,7 +66,7 @@ from vxnb.data.an8flower import N_FOLDS
 from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, curve_area, iou_auc, iou_curve, iou_per_image
 from vxnb.evaluate.occlusion import DEFAULT_COVERAGE, occlusion_study
 from vxnb import _store
-from vxnb.explanations import COMBINES
+from vxnb.explanations import COMBINES, DEFAULT_COMBINE
 from vxnb.utils import describe, json_ready
 from vxnb.studies import runs
 from vxnb.studies import table1
@@ -101,6 +102,9 @@ __all__ = [
     "row_name",
     "part_reliance",
     "fold_diagnosis",
+    "fold_inputs",
+    "quantus_row",
+    "fold_key",
 ]
 
 
@@ -204,7 +208,7 @@ def _check_mu(mu: Any) -> float:
 # ============================================================================ heatmaps
 def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, targets: Any, *,
                     relevant: Any = None, k: int = 5, layer: str | None = None,
-                    batch_size: int = 32, combine: str = "weighted") -> torch.Tensor:
+                    batch_size: int = 32, combine: str = DEFAULT_COMBINE) -> torch.Tensor:
     """One heatmap per image for ``targets`` by one benchmark method: (N, H, W) float32 on the CPU.
 
     Args:
@@ -348,8 +352,28 @@ def _settings(methods, mu, k, n_test_images, occlusion, occlusion_images, covera
             "combine": list(combine), "quantus": bool(quantus), "quantus_images": quantus_images}
 
 
-def _result_file(folder: Path, settings: dict, checkpoint_key: str) -> tuple[Path, str]:
-    key = _store.key("benchmark-fold", settings, {"checkpoint": checkpoint_key}, _RESULT_VERSION)
+def quantus_row(q: Mapping[str, Any]) -> dict[str, Any]:
+    """One fold's :func:`vxnb.evaluate.quantus_metrics.localisation_metrics` result as a flat row:
+    the scores and counts, the images Quantus refused per metric (``refused_<metric>``) and its
+    errors (``errors``: "metric: message; …", empty when none), none of them dropped."""
+    row = {k: v for k, v in q.items() if not isinstance(v, dict)}
+    for metric, n in (q.get("refused_by_quantus") or {}).items():
+        row[f"refused_{metric}"] = int(n)
+    row["errors"] = "; ".join(f"{m}: {e}" for m, e in sorted((q.get("errors") or {}).items()))
+    return row
+
+
+def fold_inputs(cfg: Any) -> dict[str, Any]:
+    """What a fold's result is computed from besides its checkpoint (whose key holds the data,
+    the split and the training settings): the run's settings that pick the relevant features,
+    ``layers`` (described by the μ-lasso) and ``train_limit`` (the training images they are
+    selected on; a user's model's key does not hold it)."""
+    return {"layers": cfg.layers, "train_limit": cfg.train_limit}
+
+
+def _result_file(folder: Path, settings: dict, checkpoint_key: str,
+                 inputs: dict[str, Any] | None = None) -> tuple[Path, str]:
+    key = _store.key("benchmark-fold", settings, {"checkpoint": checkpoint_key, **(inputs or {})}, _RESULT_VERSION)
     return folder / f"benchmark-{key}.json", key
 
 
@@ -520,14 +544,8 @@ def _grid_per_image(model, images, hk, feats, strides, grid_score, total_stride)
     return out.tolist()
 
 
-def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **options: Any) -> dict:
-    """:func:`evaluate_fold` with its result cached in the fold's run folder.
-
-    The file ``benchmark-<key>.json`` (key: the settings and the checkpoint's key) is written
-    atomically once the fold is finished and read back by later calls (``"cached": True`` in the
-    returned dict). A fold interrupted before that has no file and is recomputed.
-    """
-
+def _fold_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``run_fold``'s options with their defaults, checked, and the settings of its key."""
     defaults = dict(methods=None, mu=10.0, k=5, n_test_images=300, occlusion=True, occlusion_images=100,
                     coverage=DEFAULT_COVERAGE, layer=None, thresholds=None, combine=("weighted",), quantus=False,
                     quantus_images=100, judge="fast")
@@ -547,9 +565,27 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
     settings = _settings(opts["methods"], opts["mu"], opts["k"], opts["n_test_images"], opts["occlusion"],
                          opts["occlusion_images"], opts["coverage"], opts["layer"], thr, opts["combine"],
                          opts["quantus"], opts["quantus_images"])
-    folder = runs.run_dir(cfg)
+    return opts, settings
+
+
+def fold_key(cfg: Any, **options: Any) -> str:
+    """The content key of :func:`run_fold`'s result for ``cfg`` and these options (its settings,
+    the checkpoint's key and :func:`fold_inputs`)."""
+    _, settings = _fold_options(options)
+    return _result_file(runs.run_dir(cfg), settings, runs.checkpoint_key(cfg), fold_inputs(cfg))[1]
+
+
+def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **options: Any) -> dict:
+    """:func:`evaluate_fold` with its result cached in the fold's run folder.
+
+    The file ``benchmark-<key>.json`` (key: the settings and the checkpoint's key) is written
+    atomically once the fold is finished and read back by later calls (``"cached": True`` in the
+    returned dict). A fold interrupted before that has no file and is recomputed.
+    """
+
+    opts, settings = _fold_options(options)
     ckey = runs.checkpoint_key(cfg)
-    file, key = _result_file(folder, settings, ckey)
+    file, key = _result_file(runs.run_dir(cfg), settings, ckey, fold_inputs(cfg))
 
     def compute() -> dict:
         return json_ready({**evaluate_fold(cfg, progress=progress, **opts), "settings": settings, "key": key})
@@ -557,7 +593,7 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
     res, hit = _store.load_or_compute(
         file, key, "benchmark-fold", compute, load=lambda f: _read_fold(f, key),
         save=lambda r, tmp: tmp.write_text(json.dumps(r, indent=2, sort_keys=True)), recompute=recompute,
-        settings=settings, inputs={"checkpoint": ckey}, upstream=[ckey], version=_RESULT_VERSION,
+        settings=settings, inputs={"checkpoint": ckey, **fold_inputs(cfg)}, upstream=[ckey], version=_RESULT_VERSION,
         root=cfg.runs_dir)
     res = dict(res)
     res["cached"] = hit
@@ -725,9 +761,11 @@ def _add_fold_rows(frames: dict[str, list], res: Mapping[str, Any], variant: str
             frames["per_image"].append(pd.DataFrame({**base, "image": np.arange(len(areas)), "auc": areas,
                                                      "grid": res["grid"].get(m, [np.nan] * len(areas))}))
             if name in res.get("quantus", {}):
-                q = res["quantus"][name]
-                frames["quantus"].append({**base, "label": label,
-                                          **{k_: v_ for k_, v_ in q.items() if not isinstance(v_, dict)}})
+                frames["quantus"].append({**base, "label": label, **quantus_row(res["quantus"][name])})
+                for metric, err in res["quantus"][name].get("errors", {}).items():
+                    warnings.warn(f"Quantus refused {metric} for {label} on {variant} fold {fold}: {err}; its "
+                                  "score is NaN (counted in quantus_summary's refused and errors columns)",
+                                  RuntimeWarning, stacklevel=3)
     if res.get("top_features"):
         frames["top_features"].append(pd.DataFrame(res["top_features"]).assign(variant=variant, fold=fold))
     if res["occlusion"]:
@@ -760,7 +798,7 @@ def _save_tables(result: BenchmarkResult, bcfg: Any, tag: str) -> dict[str, Path
 # ============================================================================ examples (figures)
 def explain_examples(config: Any, variant: str, fold: int, positions: Sequence[int] | None = None, *,
                      n: int = 6, methods: Sequence[str] | None = None, mu: float = 10.0, k: int = 5,
-                     layer: str | None = None, combine: str = "weighted", progress: bool = False) -> dict:
+                     layer: str | None = None, combine: str = DEFAULT_COMBINE, progress: bool = False) -> dict:
     """Heatmaps of every method for a few held-out images of one fold (Fig. 8, centre).
 
     ``positions``: indices into the fold's test split (default: ``n`` class-stratified ones).

@@ -25,15 +25,21 @@ def current_versions() -> dict[str, int]:
     return artifact_versions()
 
 
-def gc(runs_root: str | Path | None = None, *, dry_run: bool = False) -> dict[str, Any]:
+def gc(runs_root: str | Path | None = None, *, dry_run: bool = False,
+       tmp_age: float = _store.TMP_MIN_AGE) -> dict[str, Any]:
     """Remove (``dry_run``: only list) the artifacts under ``runs_root`` that no current key
-    reaches: made by an older format, from data that has changed since (e.g. a new an8Flower
-    render version) or from an upstream artifact that is itself gone; temporary files of killed
-    writers; unkeyed files of older vxnb versions. Returns :func:`vxnb._store.gc`'s summary."""
+    reaches: made by an older format, from data (or a weights file) that has changed since
+    (e.g. a new an8Flower render version) or from an upstream artifact that is itself gone;
+    temporary files of killed writers older than ``tmp_age`` seconds (default an hour); unkeyed
+    files of older vxnb versions. Each artifact is removed under its lock; one being written is
+    left alone. Returns :func:`vxnb._store.gc`'s summary (with the reason for each path)."""
     root = Path(runs_root) if runs_root is not None else RunConfig().runs_dir
     if not root.is_dir():
         raise ValueError(f"runs_root: no folder at {root}")
-    return _store.gc(root, versions=current_versions(), data_ok=data_ok, legacy=_LEGACY, dry_run=dry_run)
+    if isinstance(tmp_age, bool) or not isinstance(tmp_age, (int, float)) or tmp_age < 0:
+        raise ValueError(f"tmp_age: expected a number of seconds >= 0, got {tmp_age!r}")
+    return _store.gc(root, versions=current_versions(), data_ok=data_ok, legacy=_LEGACY, dry_run=dry_run,
+                     tmp_age=tmp_age)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,14 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vxnb gc", description="List and remove the artifacts that no current key "
                                      "reaches.")
     parser.add_argument("--runs-root", default=None, help="the runs folder (default: the repository's runs/)")
-    parser.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    parser.add_argument("--dry-run", action="store_true", help="only list what would be removed, and why")
+    parser.add_argument("--tmp-age", type=float, default=_store.TMP_MIN_AGE / 3600, metavar="HOURS",
+                        help="remove temporary files of interrupted writers older than this (default 1 hour)")
     args = parser.parse_args(argv)
     try:
-        res = gc(args.runs_root, dry_run=args.dry_run)
+        res = gc(args.runs_root, dry_run=args.dry_run, tmp_age=args.tmp_age * 3600)
     except ValueError as err:
         parser.error(str(err))
     for path, size in res["removed"]:
-        print(f"{'would remove' if args.dry_run else 'removed'} {path} ({_human(size)})")
+        print(f"{'would remove' if args.dry_run else 'removed'} {path} ({_human(size)}): {res['reasons'][path]}")
+    for path in res["busy"]:
+        print(f"left {path}: its artifact is being written now (locked)")
     verb = "would free" if args.dry_run else "freed"
     print(f"{len(res['removed'])} path(s), {verb} {_human(res['freed'])}; {res['kept']} artifact(s) kept")
     return 0

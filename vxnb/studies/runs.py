@@ -38,7 +38,7 @@ from .datasets import DATASET_SPECS, DatasetSpec, dataset_spec, user_model
 
 __all__ = ["RunConfig", "DATASETS", "load_data", "get_model", "get_features", "get_lasso_path",
            "run_dir", "user_model", "gram_memory_check", "describe_model",
-           "data_record", "split_key", "checkpoint_key", "checkpoint_dir", "save_table", "data_ok",
+           "data_record", "split_key", "checkpoint_key", "checkpoint_dir", "save_table", "table_key", "data_ok",
            "ARTIFACT_VERSIONS", "register_artifact", "artifact_versions"]
 
 #: Format versions of the artifacts this module writes (part of their keys).
@@ -64,6 +64,7 @@ def register_artifact(kind: str, version: int) -> None:
 
 
 register_artifact("checkpoint", CHECKPOINT_VERSION)
+register_artifact("user-model", CHECKPOINT_VERSION)
 register_artifact("table", TABLE_VERSION)
 
 
@@ -138,6 +139,8 @@ class RunConfig:
     held out when ``data_root`` is not split. on_error: "raise" or "skip" unreadable images.
     model: a torchvision architecture name or "package.module:factory"; weights: its local
     weights file. The model is never trained or modified; the run is keyed by its fingerprint.
+    trust_weights: read a weights file that needs full unpickling (a whole pickled model, which
+    can run code); default False, such a file is refused.
 
     Every run: layers ("blocks": block outputs of residual networks, else every conv/FC block;
     "all": every conv/FC block; a list of names or glob patterns like "layer4.*") and
@@ -164,6 +167,7 @@ class RunConfig:
     on_error: str = "raise"
     model: str | None = None
     weights: str | None = None
+    trust_weights: bool = False
     layers: Any = "blocks"
     batch_size: int = 64
 
@@ -181,8 +185,10 @@ class RunConfig:
             raise ValueError(f"epochs: expected a positive int or None, got {self.epochs!r}")
         if self.train_limit is not None:
             _check_int(self.train_limit, "train_limit", 1, None, "or None (all images)")
-        if not isinstance(self.quick, bool):
-            raise TypeError(f"quick: expected a bool, got {type(self.quick).__name__} {self.quick!r}")
+        for arg in ("quick", "trust_weights"):
+            if not isinstance(getattr(self, arg), bool):
+                raise TypeError(f"{arg}: expected a bool, got {type(getattr(self, arg)).__name__} "
+                                f"{getattr(self, arg)!r}")
         for arg in ("data_root", "runs_root"):
             value = getattr(self, arg)
             if value is not None and not isinstance(value, (str, os.PathLike)):
@@ -304,9 +310,14 @@ def _data_record_now(cfg: RunConfig) -> dict[str, Any]:
 
 
 def data_ok(record: dict[str, Any]) -> bool:
-    """Whether the dataset a stored data record describes still has the fingerprint it recorded."""
+    """Whether the input a stored record describes still has the fingerprint it recorded: a
+    dataset (a :func:`data_record`) or a file (``{"file": path, "fingerprint": …}``, e.g. a
+    user's weights)."""
     try:
-        return _data_fingerprint(record) == record.get("fingerprint")
+        if "file" in record:
+            return Path(record["file"]).is_file() and _store.file_fingerprint(record["file"]) == record["fingerprint"]
+        spec = {k: v for k, v in record.items() if k != "fingerprint"}  # the spec as it was fingerprinted
+        return _data_fingerprint(spec) == record.get("fingerprint")
     except (OSError, ValueError, KeyError):
         return False
 
@@ -431,17 +442,40 @@ def describe_model(meta: dict[str, Any], accuracy: float, n_test: int) -> str:
 
 
 def _user_model_and_meta(cfg: RunConfig, data) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The user's model and its record ``user-model-<key>.json`` (accuracy on the validation
+    split), made through the store under the run's checkpoint key, so that gc sees the user's
+    model as a live artifact (with its data and weights file as inputs) and keeps what hangs
+    from it."""
     from ..models import accuracy
 
     model = user_model(cfg)
-    meta_file = cfg.runs_dir / cfg.run_name / "meta.json"
-    meta = read_json(meta_file) if meta_file.is_file() else {}
-    if meta.get("fingerprint") != model.vxnb_fingerprint:  # content-keyed: recomputed for other weights
-        train, test, classes = data if data is not None else load_data(cfg)  # checked before anything is written
-        meta = {"config": cfg.to_dict(), "classes": classes, "arch": model.vxnb_arch,
+    record = data_record(cfg)
+    ckey = checkpoint_key(cfg)
+    inputs_ = [record]
+    if cfg.weights is not None:
+        inputs_.append({"file": str(Path(cfg.weights).resolve()), "fingerprint": _store.file_fingerprint(cfg.weights)})
+
+    file = cfg.runs_dir / cfg.run_name / f"user-model-{ckey}.json"
+    if data is None and not file.exists():
+        data = load_data(cfg)  # checked before anything is written (a bad folder leaves no run folder)
+
+    def compute() -> dict[str, Any]:
+        train, test, classes = data if data is not None else load_data(cfg)
+        return {"config": cfg.to_dict(), "classes": classes, "arch": model.vxnb_arch,
                 "fingerprint": model.vxnb_fingerprint, "trained_here": False, "n_train": len(train),
                 "n_test": len(test), "test_accuracy": accuracy(model, test, batch_size=cfg.batch_size)}
-        atomic_write_json(meta, run_dir(cfg) / "meta.json")
+
+    def load(path: Path) -> dict[str, Any]:
+        meta = read_json(path)
+        if meta.get("fingerprint") != model.vxnb_fingerprint:
+            raise ValueError(f"it describes the model {meta.get('fingerprint')}, not {model.vxnb_fingerprint}")
+        return meta
+
+    meta, _ = _store.load_or_compute(
+        file, ckey, "user-model", compute, load=load,
+        save=lambda m, tmp: atomic_write_json(m, tmp), settings={"model": cfg.model, "normalize": cfg.normalize},
+        inputs={"weights": model.vxnb_fingerprint, "data": record["fingerprint"]}, data=inputs_,
+        version=CHECKPOINT_VERSION, root=cfg.runs_dir)
     return model, meta
 
 
@@ -561,6 +595,13 @@ def get_lasso_path(cfg: RunConfig, features, *, mu_max: float = 50.0, tag: str |
     return path
 
 
+def table_key(cfg: RunConfig, name: str) -> str:
+    """The content key of a run's result table ``name`` (:func:`save_table`): its name, the run
+    and the fingerprint of the run's data as it is now."""
+    return _store.key("table", {"name": name, "run": cfg.run_name}, {"data": _data_record_now(cfg)["fingerprint"]},
+                      TABLE_VERSION)
+
+
 def save_table(cfg: RunConfig, name: str, frame) -> Path:
     """Write a result table (pandas DataFrame) as ``<name>.csv`` into the run folder: under its
     lock, atomically (not at all when the same table is there), indexed with the run's dataset
@@ -572,7 +613,7 @@ def save_table(cfg: RunConfig, name: str, frame) -> Path:
     file = run_dir(cfg) / f"{name}.csv"
     record = _data_record_now(cfg)  # a table is no reason to render or fetch data
     text = frame.to_csv(index=False)
-    key = _store.key("table", {"name": name, "run": cfg.run_name}, {"data": record["fingerprint"]}, TABLE_VERSION)
+    key = table_key(cfg, name)
 
     def same(path: Path) -> bool:  # the same table is there already: nothing to write
         if path.read_text() != text:

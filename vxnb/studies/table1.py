@@ -164,7 +164,9 @@ class BenchmarkResult:
         """Per variant, method and combination: ``mean``, ``std`` (ddof=1) of the area over folds,
         ``n_folds``."""
         g = self.per_fold.groupby(["variant", "method", "combine"], sort=False)["auc"]
-        out = g.agg(mean="mean", std="std", n_folds="count").reset_index()
+        # a fold without an area (NaN) makes the mean NaN, never silently a mean of the others
+        out = g.agg(mean=lambda a: a.mean(skipna=False), std=lambda a: a.std(skipna=False), n_folds="size",
+                    n_nan=lambda a: int(a.isna().sum())).reset_index()
         out.insert(3, "label", row_labels(out))
         return out
 
@@ -203,14 +205,23 @@ class BenchmarkResult:
                                            "p_area", "grid_deconv", "grid_ours", "p_grid"])
 
     def quantus_summary(self) -> pd.DataFrame:
-        """Quantus's metrics per variant, method and combination: the mean over folds, and the
-        refused (constant) maps summed over folds."""
+        """Quantus's metrics per variant, method and combination: the mean over folds (NaN when a
+        fold has no score: a refused fold is never silently left out), the refused (constant) maps
+        and the images Quantus refused per metric (``refused_<metric>``) summed over folds, and
+        Quantus's errors (``errors``)."""
         from vxnb.evaluate.quantus_metrics import QUANTUS_METRICS
 
         if self.quantus.empty:
             return self.quantus.copy()
-        g = self.quantus.groupby(["variant", "method", "combine"], sort=False)
-        out = g.agg({**{m: "mean" for m in QUANTUS_METRICS}, "n_scored": "sum", "n_refused": "sum"}).reset_index()
+        q = self.quantus.copy()
+        refused = [c for c in q.columns if c.startswith("refused_")]
+        if "errors" not in q.columns:
+            q["errors"] = ""
+        g = q.groupby(["variant", "method", "combine"], sort=False)
+        agg = {**{m: (lambda a: a.mean(skipna=False)) for m in QUANTUS_METRICS if m in q.columns},
+               "n_scored": "sum", "n_refused": "sum", **{c: "sum" for c in refused},
+               "errors": lambda e: "; ".join(sorted({x for x in e.fillna("") if x}))}
+        out = g.agg(agg).reset_index()
         out.insert(3, "label", row_labels(out))
         return out
 

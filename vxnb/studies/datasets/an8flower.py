@@ -57,7 +57,8 @@ class An8FlowerSpec(DatasetSpec):
         return limit_split(full, train_idx, test_idx, full.index["label"].to_numpy(), list(full.classes), cfg)
 
     def checkpoint_settings(self, cfg: Any) -> dict[str, Any]:
-        return {"variant": cfg.variant, "size": cfg.size, "test_fold": cfg.test_fold}
+        # folds: the split ("views" or "blocks") picks the training images; fold f of each is another model
+        return {"variant": cfg.variant, "size": cfg.size, "test_fold": cfg.test_fold, "folds": cfg.folds}
 
     def model_options(self, cfg: Any) -> dict[str, Any]:
         return {"size": cfg.size}

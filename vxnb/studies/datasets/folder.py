@@ -120,5 +120,5 @@ def user_model(cfg: Any):
             raise ValueError(f"data_root: {top} has no class sub-folders (expected data_root/<class>/<image>)")
         cfg.__dict__["_model"] = load_user_model(cfg.model, cfg.weights, num_classes=n_classes,
                                                  input_shape=(3, cfg.image_size, cfg.image_size),
-                                                 normalize=cfg.normalize)
+                                                 normalize=cfg.normalize, trust_weights=cfg.trust_weights)
     return cfg.__dict__["_model"]

@@ -319,7 +319,7 @@ def test_ours_upsampled_is_bilinear_upsampling_of_the_same_channels(model, image
                                                  mode="bilinear", align_corners=False)[0, 0].numpy()
             maps.append(_minmax_np(up))
             resp.append(float(rr))
-        want = _combine_by_hand(maps, resp, "weighted", (16, 16))
+        want = _combine_by_hand(maps, resp, E.DEFAULT_COMBINE, (16, 16))  # method_heatmaps' default
         np.testing.assert_allclose(got[b].numpy(), want, atol=1e-5)
 
 

@@ -181,7 +181,7 @@ class Knobs:
       the default;
     * ``distractor_rate`` (0 to 1): the fraction of items that carry a *distractor*, a ball of
       their class attribute's colour (:func:`attribute_colour`) somewhere behind the flower --
-      a planted shortcut; its pixels never touch the class mask;
+      a planted shortcut; its pixels never touch a class mask;
     * ``clutter`` (0 to 20): neutral (low-saturation) balls in the background of every item,
       the same for every class of one (view, crop, angle).
 
@@ -852,8 +852,10 @@ def iter_views(variant: str, size: int, seed: int, views: Sequence[int] | None =
                 bg = maps[3].reshape(-1, size, size)
                 _clutter(seed, int(view), size, knobs.clutter, bg, images)
                 if knobs.distractor_rate > 0:
+                    # never on a pixel of a class mask (not even a mixed one at its border)
+                    free = bg * ~np.logical_or.reduce(list(masks.values()))
                     for label, spec in members:
-                        dmasks[label] = _distractors(seed, int(view), label, size, knobs.distractor_rate, bg,
+                        dmasks[label] = _distractors(seed, int(view), label, size, knobs.distractor_rate, free,
                                                      images[label], attribute_colour(spec))
             yield (int(view), images, masks, dmasks) if distractors else (int(view), images, masks)
 

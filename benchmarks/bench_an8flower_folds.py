@@ -35,6 +35,7 @@ import torch
 from vxnb import models
 from vxnb.studies import runs
 from vxnb.studies import benchmark as B
+from vxnb.studies import table1 as T
 
 
 def reference_step(size: int, repeats: int = 3) -> float:
@@ -59,7 +60,7 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def print_comparison(result: B.BenchmarkResult) -> None:
+def print_comparison(result: T.BenchmarkResult) -> None:
     comp = result.compare_with_paper()
     n_folds = result.per_fold.groupby("variant")["fold"].nunique()
     split = result.settings["config"].get("folds", "views")
@@ -67,7 +68,7 @@ def print_comparison(result: B.BenchmarkResult) -> None:
         if not combine:
             continue
         frame = pd.concat([frame, comp[(comp["variant"] == variant) & (comp["combine"] == "")]])
-        frame = frame.set_index("method").loc[[m for m in B.METHODS if m in set(frame["method"])]]
+        frame = frame.set_index("method").loc[[m for m in T.METHODS if m in set(frame["method"])]]
         print(f"\n== {variant}, folds={split}, combine={combine}: area under the IoU curve (%), mean ± std over "
               f"{n_folds[variant]} fold(s) ==")
         print(f"{'method':<26}{'here':>15}{'rank':>6}{'Δ Deconv+GB':>13}   |{'paper':>15}{'rank':>6}{'Δ Deconv+GB':>13}")
@@ -80,10 +81,10 @@ def print_comparison(result: B.BenchmarkResult) -> None:
                 paper, prank, pgap = "—", "", ""
             print(f"{row['label']:<26}{here:>15}{int(row['rank']):>6}{row['gap_to_deconv_gb']:>+13.1f}   |"
                   f"{paper:>15}{prank:>6}{pgap:>13}")
-        order_here = " > ".join(B.METHOD_LABELS[m] for m in frame.sort_values("mean", ascending=False).index)
+        order_here = " > ".join(T.METHOD_LABELS[m] for m in frame.sort_values("mean", ascending=False).index)
         print(f"order here : {order_here}")
         if frame["paper_mean"].notna().all():
-            order_paper = " > ".join(B.METHOD_LABELS[m] for m in frame.sort_values("paper_mean", ascending=False).index)
+            order_paper = " > ".join(T.METHOD_LABELS[m] for m in frame.sort_values("paper_mean", ascending=False).index)
             print(f"order paper: {order_paper}")
     for variant, pf in result.per_fold.groupby("variant", sort=False):
         acc = pf.groupby("fold")["accuracy"].first()
@@ -98,7 +99,7 @@ def print_comparison(result: B.BenchmarkResult) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="size 64, 2 folds, 1200 training images, 60 test images")
-    parser.add_argument("--variant", nargs="+", default=["single-6c"], choices=B.VARIANTS)
+    parser.add_argument("--variant", nargs="+", default=["single-6c"], choices=T.VARIANTS)
     parser.add_argument("--folds", nargs="+", type=int, default=None)
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None, help="default: vxnb.models.default_epochs")
@@ -159,7 +160,7 @@ def main() -> None:
         print("computed phases (s): " + ", ".join(f"{p} {s:.0f}" for p, s in phases.items()))
 
 
-def print_result(result: B.BenchmarkResult) -> None:
+def print_result(result: T.BenchmarkResult) -> None:
     print("\nTable 1 (here):")
     print(result.table().to_string())
     print_comparison(result)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vxnb import _store
+from vxnb.studies import gc as studies_gc
 from vxnb.studies import runs
 from vxnb.deconv import grid_score, heatmap, visualize
 from vxnb.evaluate.iou import iou_auc, iou_curve, normalize_heatmaps
@@ -58,7 +59,7 @@ ROWS = [
     ("get-features-split", lambda: runs.get_features(runs.RunConfig(), _net(), "val"), ValueError, "split"),
     ("save-table-frame", lambda: runs.save_table(runs.RunConfig(), "t", [1, 2]), TypeError, "frame"),
     ("save-table-name", lambda: runs.save_table(runs.RunConfig(), "a/b", pd.DataFrame()), ValueError, "name"),
-    ("gc-runs-root", lambda: runs.gc("/nonexistent/runs"), ValueError, "runs_root"),
+    ("gc-runs-root", lambda: studies_gc.gc("/nonexistent/runs"), ValueError, "runs_root"),
     # the artifact store
     ("store-key-kind", lambda: _store.key("", {}), ValueError, "kind"),
     ("store-key-settings", lambda: _store.key("k", [1, 2]), TypeError, "settings"),

@@ -17,6 +17,7 @@ import torch
 from vxnb.data import an8flower as A
 from vxnb.studies import runs
 from vxnb.studies import benchmark as B
+from vxnb.studies import table1 as T
 from vxnb.evaluate.iou import iou_auc
 
 
@@ -93,31 +94,31 @@ def test_stratified_indices():
 
 
 def test_paper_table_and_comparison():
-    paper = B.paper_table()
+    paper = T.paper_table()
     # the paper's numbers stand beside the methods that compute its rows: our top-k features
     # drawn three ways, and the Grad-CAM family; the class-level extras get none
-    assert set(paper["method"]) == set(B.METHODS) - {"activation", "deconv_gb"}
+    assert set(paper["method"]) == set(T.METHODS) - {"activation", "deconv_gb"}
     assert set(paper["variant"]) == {"single-6c", "double-12c"}
-    assert B.PAPER_TABLE1["single-6c"]["ours_upsampled"][0] == 16.8 and B.PAPER_TABLE1["double-12c"]["ours_deconv"][0] == 21.9
+    assert T.PAPER_TABLE1["single-6c"]["ours_upsampled"][0] == 16.8 and T.PAPER_TABLE1["double-12c"]["ours_deconv"][0] == 21.9
     # comparing the paper with itself: its own ranks and gaps (ours 22.5 - Deconv+GB 21.3 = 1.2)
-    comp = B.compare_with_paper(paper)
+    comp = T.compare_with_paper(paper)
     assert np.array_equal(comp["rank"].to_numpy(), comp["paper_rank"].to_numpy())
     row = comp[(comp["variant"] == "single-6c") & (comp["method"] == "ours")].iloc[0]
     assert row["rank"] == 1 and row["gap_to_deconv_gb"] == pytest.approx(1.2)
     dbl = comp[comp["variant"] == "double-12c"].sort_values("rank")
     assert list(dbl["method"][:3]) == ["ours", "ours_deconv", "guided_gradcampp"]
-    table = B.format_table(paper)
-    assert list(table.index) == [B.METHOD_LABELS[m] for m in B.METHODS if m not in ("activation", "deconv_gb")]
+    table = T.format_table(paper)
+    assert list(table.index) == [T.METHOD_LABELS[m] for m in T.METHODS if m not in ("activation", "deconv_gb")]
     assert list(table.index[:2]) == ["Upsam. Act.", "Deconv+GB"]
     assert list(table.columns) == ["single-6c", "double-12c"]
     assert table.loc["Ours", "single-6c"] == "22.5 ± 0.82"
     with pytest.raises(ValueError, match="summary: expected a DataFrame"):
-        B.compare_with_paper(pd.DataFrame({"a": [1]}))
+        T.compare_with_paper(pd.DataFrame({"a": [1]}))
 
 
 # ----------------------------------------------------------------------------- the fold loop
 TINY = dict(n_test_images=6, occlusion_images=4, k=2, progress=False)
-N_ROWS = len(B.METHODS) + len(B.OURS_METHODS)  # our three methods once per combination (weighted, max)
+N_ROWS = len(T.METHODS) + len(T.OURS_METHODS)  # our three methods once per combination (weighted, max)
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +139,8 @@ def tiny_config(data_root, tmp_path_factory):
 def test_fold_loop_table_csv_and_auc(tiny_config):
     res = B.run_benchmark(tiny_config, variants="single-6c", folds=(0, 1), quantus_images=4, **TINY)
     pf = res.per_fold
-    assert len(pf) == 2 * N_ROWS and set(pf["method"]) == set(B.METHODS)
-    assert set(pf.loc[pf["method"].isin(B.OURS_METHODS), "combine"]) == {"weighted", "max"}
+    assert len(pf) == 2 * N_ROWS and set(pf["method"]) == set(T.METHODS)
+    assert set(pf.loc[pf["method"].isin(T.OURS_METHODS), "combine"]) == {"weighted", "max"}
     assert np.isfinite(pf["auc"]).all() and ((pf["auc"] >= 0) & (pf["auc"] <= 100)).all()
     assert (pf["n_images"] == 6).all() and not pf["cached"].any()
     table = res.table()
@@ -171,8 +172,8 @@ def test_fold_loop_table_csv_and_auc(tiny_config):
     up = pf[pf["method"] == "ours_upsampled"]
     assert (up["n_left_out"] <= up["n_top"]).all() and (up["n_top"] <= 6 * 2).all()
     occ = res.occlusion_curves()
-    assert set(occ["method"]) == set(B.METHODS) and np.isfinite(occ["confidence"]).all()
-    assert len(res.occlusion_differences()) == len(B.METHODS) - 1
+    assert set(occ["method"]) == set(T.METHODS) and np.isfinite(occ["confidence"]).all()
+    assert len(res.occlusion_differences()) == len(T.METHODS) - 1
     # CSV files in the benchmark's run folder, readable and equal to the frames
     assert {"per_fold", "table1", "curves", "timings", "occlusion", "quantus", "resampling"} <= set(res.files)
     back = pd.read_csv(res.files["table1"])
@@ -236,7 +237,7 @@ def test_resume_after_interruption(data_root, tmp_path, monkeypatch):
     cached = res.per_fold.groupby("fold")["cached"].first()
     assert cached.to_dict() == {0: True, 1: False, 2: False}
     f0 = res.per_fold[res.per_fold["fold"] == 0]
-    got0 = {B.row_name(m, c): a for m, c, a in zip(f0["method"], f0["combine"], f0["auc"])}
+    got0 = {T.row_name(m, c): a for m, c, a in zip(f0["method"], f0["combine"], f0["auc"])}
     assert got0 == pytest.approx(first["auc"])
     assert files[0][0].read_bytes() == done0  # not rewritten
 
@@ -262,7 +263,7 @@ def test_explain_examples(tiny_config):
     with pytest.raises(ValueError, match="positions: expected indices in"):
         B.explain_examples(tiny_config, "single-6c", 0, positions=[10_000], methods=("deconv_gb",))
     from vxnb import plots
-    fig = plots.benchmark_examples(ex, B.METHOD_LABELS)
+    fig = plots.benchmark_examples(ex, T.METHOD_LABELS)
     assert len(fig.data) == 3 * 4
 
 
@@ -308,11 +309,11 @@ def test_fold_diagnosis(tiny_config):
 def test_tables_with_paper_puts_paper_numbers_beside_their_methods():
     def result(offset):
         rows = [{"variant": "single-6c", "fold": f, "method": m, "combine": c, "auc": 10.0 + offset + f}
-                for f in (0, 1) for m in B.METHODS for c in (("weighted", "max") if m in B.OURS_METHODS else ("",))]
+                for f in (0, 1) for m in T.METHODS for c in (("weighted", "max") if m in T.OURS_METHODS else ("",))]
         empty = pd.DataFrame()
-        return B.BenchmarkResult(per_fold=pd.DataFrame(rows), curves=empty, occlusion=empty, timings=empty)
+        return T.BenchmarkResult(per_fold=pd.DataFrame(rows), curves=empty, occlusion=empty, timings=empty)
 
-    t = B.tables_with_paper({"views": result(0), "blocks": result(5)})
+    t = T.tables_with_paper({"views": result(0), "blocks": result(5)})
     assert list(t.columns) == [("single-6c", "views"), ("single-6c", "blocks"), ("single-6c", "paper")]
     assert t.loc["Ours (max)", ("single-6c", "paper")] == "22.5 ± 0.82"
     assert t.loc["Upsam. Act. (weighted)", ("single-6c", "paper")] == "16.8 ± 2.63"
@@ -321,4 +322,4 @@ def test_tables_with_paper_puts_paper_numbers_beside_their_methods():
     assert t.loc["Ours (weighted)", ("single-6c", "views")] == "10.5 ± 0.71"
     assert t.loc["Ours (weighted)", ("single-6c", "blocks")] == "15.5 ± 0.71"
     with pytest.raises(TypeError, match="results: expected a non-empty"):
-        B.tables_with_paper({})
+        T.tables_with_paper({})

@@ -54,15 +54,15 @@ def test_extract_and_gc_forward_when_present_and_say_so_when_not(monkeypatch, ca
     fake = types.ModuleType("vxnb.extract")
     fake.main = lambda argv: calls.append(("extract", argv)) or 0
     monkeypatch.setitem(sys.modules, "vxnb.extract", fake)
-    store = types.ModuleType("vxnb.studies.runs")
-    store.main = lambda argv: calls.append(("runs", argv)) or 0
-    monkeypatch.setitem(sys.modules, "vxnb.studies.runs", store)
+    store = types.ModuleType("vxnb.studies.gc")
+    store.main = lambda argv: calls.append(("gc", argv)) or 0
+    monkeypatch.setitem(sys.modules, "vxnb.studies.gc", store)
     assert cli.main(["extract", "--dataset", "mnist"]) == 0
     assert cli.main(["gc", "--dry-run"]) == 0
-    assert calls == [("extract", ["--dataset", "mnist"]), ("runs", ["gc", "--dry-run"])]
+    assert calls == [("extract", ["--dataset", "mnist"]), ("gc", ["--dry-run"])]
 
     # a version without them: a clear message, nothing run
-    for name in ("vxnb.extract", "vxnb.studies.runs", "vxnb.runs"):
+    for name in ("vxnb.extract", "vxnb.studies.gc"):
         monkeypatch.setitem(sys.modules, name, None)
     assert cli.main(["extract"]) == 2
     assert "no vxnb.extract yet" in capsys.readouterr().err

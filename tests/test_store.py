@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from vxnb import _store
+from vxnb.studies import gc as studies_gc
 from vxnb.studies import runs
 from vxnb.lasso import LassoPath, lasso_path
 
@@ -197,7 +198,7 @@ def test_gc_command_prints_space_freed(tmp_path):
     (tmp_path / _store.STORE_DIR).mkdir()
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "lasso-all-mu5-abc.npz").write_bytes(b"0" * 2**20)
-    out = subprocess.run([sys.executable, "-m", "vxnb.studies.runs", "gc", "--runs-root", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "vxnb.studies.gc", "--runs-root", str(tmp_path)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "lasso-all-mu5-abc.npz" in out.stdout and "freed 1.00 MiB" in out.stdout
@@ -226,12 +227,12 @@ def test_keys_follow_the_data_render_version_and_gc_drops_stale_artifacts(tmp_pa
     assert runs.checkpoint_key(runs.RunConfig(size=32, test_fold=1, data_root=cfg.data_root)) != k1
     # an artifact made from this data, indexed with its data record
     table = runs.save_table(cfg, "t", __import__("pandas").DataFrame({"a": [1]}))
-    assert runs.gc(cfg.runs_root, dry_run=True)["removed"] == []
+    assert studies_gc.gc(cfg.runs_root, dry_run=True)["removed"] == []
     _fake_an8flower(tmp_path / "data", 2)  # a new RENDER_VERSION re-renders the images
     k2 = runs.checkpoint_key(cfg)
     assert k2 != k1 and runs.checkpoint_dir(cfg).name == f"checkpoint-{k2}"
     # the table was computed from the old render: gc removes it
-    res = runs.gc(cfg.runs_root)
+    res = studies_gc.gc(cfg.runs_root)
     assert str(table) in [p for p, _ in res["removed"]] and not table.exists()
 
 

@@ -61,11 +61,10 @@ def _data(argv: list[str]) -> int:
 
 
 def _gc(argv: list[str]) -> int:
-    for name in ("vxnb.studies.runs", "vxnb.runs"):
-        module = _import(name)
-        if module is not None and hasattr(module, "main"):
-            return module.main(["gc", *argv])
-    return _missing("gc", "artifact store clean-up ('python -m vxnb.studies.runs gc')", "the artifact store")
+    module = _import("vxnb.studies.gc")
+    if module is not None and hasattr(module, "main"):
+        return module.main(argv)
+    return _missing("gc", "artifact store clean-up ('python -m vxnb.studies.gc')", "the artifact store")
 
 
 #: name -> (one line of help, the function taking the remaining arguments).
@@ -74,7 +73,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
                "[--out DIR]", _report),
     "extract": ("extract feature statistics, also under torchrun (python -m vxnb.extract)", _extract),
     "data": ("prepare the datasets (render an8Flower, fetch MNIST) [--quick]", _data),
-    "gc": ("clean up the artifact store's stale entries (python -m vxnb.studies.runs gc)", _gc),
+    "gc": ("clean up the artifact store's stale entries (python -m vxnb.studies.gc)", _gc),
 }
 
 

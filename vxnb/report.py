@@ -84,7 +84,7 @@ def skipped_tags(parameters: dict[str, Any]) -> set[str]:
     skip = set()
     if not cfg.has_masks:
         skip.add(NEEDS_MASKS)
-    if cfg.dataset != "an8flower":
+    if not cfg.spec.paper_numbers:
         skip.add(AN8FLOWER_ONLY)
     return skip
 
@@ -533,11 +533,12 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
     kernels get that working folder as ``$VXNB_HOME``, so their ``data/`` and ``runs/`` are
     the caller's; the shipped notebooks run there, a folder of your own (``notebooks``) in itself.
     """
+    params = {"quick": bool(quick)}
+    params.update(parameters or {})
+    check_report_parameters(params, notebooks, quick=quick)  # before any work
     home = work_home()
     out = Path(out_dir) if out_dir else work_dir("reports")
     out.mkdir(parents=True, exist_ok=True)
-    params = {"quick": bool(quick)}
-    params.update(parameters or {})
     skip = skipped_tags(params)
     entries = []
     paths = find_notebooks(notebooks)
@@ -616,14 +617,27 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m vxnb.report
     return args
 
 
+def check_report_parameters(parameters: dict[str, Any], notebooks: str | Path | None = None, *,
+                            quick: bool = False) -> None:
+    """Refuse unknown names (naming the nearest valid one), bad values and collisions of the
+    report's parameters before any notebook starts (``vxnb.studies.parameters.check_parameters``)."""
+    from .studies.parameters import check_parameters
+
+    check_parameters(parameters, find_notebooks(notebooks), quick=quick)
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m vxnb.report") -> int:
     args = parse_args(argv, prog)
+    try:  # before any work: an unknown name, a bad value or a collision is refused here
+        check_report_parameters(args.parameters, args.notebooks, quick=args.quick)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
     if args.prepare_data:
         from .studies.runs import RunConfig, load_data
 
-        dataset = args.parameters.get("dataset", "an8flower")
-        others = [] if dataset == "folder" else [dict(dataset="mnist")]
-        for extra in [{}] + others:
+        spec = RunConfig.from_params(quick=args.quick, **args.parameters).spec
+        for extra in [{}] + [dict(dataset=name) for name in spec.prepare_with]:
             cfg = RunConfig.from_params(quick=args.quick, **{**args.parameters, **extra})
             train, test, classes = load_data(cfg)
             print(f"{cfg.dataset}: {len(train)} train / {len(test)} test images, {len(classes)} classes")

@@ -1,6 +1,6 @@
 """IoU of thresholded heatmaps against ground-truth masks (Sec. 4.3 of the paper, Table 1).
 
-The protocol, as in ``DESIGN.md``:
+The protocol (the paper's Sec. 4.3, as this package measures it):
 
 * each heatmap is min-max normalised to [0, 1] on its own,
   ``n = (h - h.min()) / (h.max() - h.min())``, computed in float64; a constant heatmap
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_THRESHOLDS", "normalize_heatmaps", "iou_per_image", "iou_curve", "iou_auc"]
+__all__ = ["DEFAULT_THRESHOLDS", "normalize_heatmaps", "iou_per_image", "iou_curve", "iou_auc", "curve_area"]
 
 #: The thresholds used when none are given: 0, 0.01, ..., 1.
 DEFAULT_THRESHOLDS: np.ndarray = np.linspace(0.0, 1.0, 101)
@@ -219,5 +219,16 @@ def iou_auc(heatmaps: Any, masks: Any, thresholds: Any = None) -> float:
     if t.size < 2:
         raise ValueError(f"thresholds: the area needs at least 2 thresholds, got {t.size}")
     t, curve = _per_image(heatmaps, masks, t, stacklevel=2)
-    curve = np.nanmean(curve, axis=0)
-    return float(100.0 * np.trapezoid(curve, t) / (t[-1] - t[0]))
+    return float(curve_area(np.nanmean(curve, axis=0), t))
+
+
+def curve_area(curves: Any, thresholds: Any) -> np.ndarray | float:
+    """Area under IoU curve(s) in percent: ``100 * trapezoid(curve, t) / (t[-1] - t[0])`` along
+    the last axis — of a (T,) curve (a float) or of (N, T) per-image curves (N,)."""
+    t = np.asarray(thresholds, dtype=np.float64)
+    c = np.asarray(curves, dtype=np.float64)
+    if t.ndim != 1 or t.size < 2 or c.shape[-1:] != t.shape:
+        raise ValueError(f"curves: expected (..., {t.size}) IoU values over {t.size} >= 2 thresholds, "
+                         f"got shape {c.shape}")
+    out = 100.0 * np.trapezoid(c, t, axis=-1) / (t[-1] - t[0])
+    return float(out) if out.ndim == 0 else out

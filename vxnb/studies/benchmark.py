@@ -52,7 +52,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -62,13 +61,16 @@ import torch
 from tqdm.auto import tqdm
 
 from vxnb._checks import check_choice
-from vxnb.baselines import METHOD_LABELS as _BASE_LABELS
-from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, iou_auc, iou_curve, iou_per_image
-from vxnb.evaluate.occlusion import DEFAULT_COVERAGE, mean_confidence_difference, occlusion_study
+from vxnb.data.an8flower import N_FOLDS
+from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, curve_area, iou_auc, iou_curve, iou_per_image
+from vxnb.evaluate.occlusion import DEFAULT_COVERAGE, occlusion_study
 from vxnb import _store
 from vxnb.explanations import COMBINES
 from vxnb.utils import describe, json_ready
 from vxnb.studies import runs
+from vxnb.studies import table1
+from vxnb.studies.table1 import (METHOD_LABELS, PAPER_TABLE1, VARIANTS, BenchmarkResult, compare_with_paper, format_table, paper_table, row_labels, row_name,
+                                 tables_with_paper)
 
 __all__ = [
     "METHODS",
@@ -101,47 +103,20 @@ __all__ = [
     "fold_diagnosis",
 ]
 
-#: The class-level maps (names of :func:`vxnb.baselines.attribution`).
-BASELINE_METHODS: tuple[str, ...] = ("activation", "deconv_gb", "gradcam", "guided_gradcam", "gradcampp",
-                                     "guided_gradcampp")
-#: Our top-k features drawn three ways (:data:`vxnb.explanations.DRAWS`).
-OURS_METHODS: tuple[str, ...] = ("ours_upsampled", "ours_deconv", "ours")
-_DRAW = {"ours_upsampled": "upsampled", "ours_deconv": "deconv", "ours": "resampled"}
-#: Every method of the benchmark: the paper's row order, then the two extra class-level rows.
-METHODS: tuple[str, ...] = ("ours_upsampled", "ours_deconv", "gradcam", "guided_gradcam", "gradcampp",
-                            "guided_gradcampp", "ours", "activation", "deconv_gb")
-
-#: Display names: the paper's for its rows; the class-level extras say what they are.
-METHOD_LABELS: dict[str, str] = {**_BASE_LABELS, "ours_upsampled": "Upsam. Act.", "ours_deconv": "Deconv+GB",
-                                 "ours": "Ours", "activation": "Last-conv act. (class)",
-                                 "deconv_gb": "GB from logit (class)"}
-VARIANTS: tuple[str, ...] = ("single-6c", "double-12c", "part-2c")
-N_FOLDS = 5
-
-#: Table 1 of the paper: area under the IoU curve (%), mean and std over 5 folds, keyed by the
-#: method that computes each row ("Upsam. Act." and "Deconv+GB" draw our selected features).
-#: The paper reports no part-2c row.
-PAPER_TABLE1: dict[str, dict[str, tuple[float, float]]] = {
-    "single-6c": {
-        "ours_upsampled": (16.8, 2.63), "ours_deconv": (21.3, 0.77), "gradcam": (17.5, 0.25),
-        "guided_gradcam": (19.9, 0.61), "gradcampp": (15.6, 0.57), "guided_gradcampp": (19.6, 0.65),
-        "ours": (22.5, 0.82),
-    },
-    "double-12c": {
-        "ours_upsampled": (16.1, 1.30), "ours_deconv": (21.9, 0.72), "gradcam": (14.8, 0.16),
-        "guided_gradcam": (19.4, 0.34), "gradcampp": (14.6, 0.12), "guided_gradcampp": (19.7, 0.27),
-        "ours": (23.2, 0.60),
-    },
-}
 
 _RESULT_VERSION = 2
+
+
+def __getattr__(name: str):
+    """``METHODS``, ``OURS_METHODS``, ``BASELINE_METHODS``: read from the method registry
+    (:data:`vxnb.studies.table1.METHOD_REGISTRY`) when asked, so a method registered later is in them."""
+    if name in ("METHODS", "OURS_METHODS", "BASELINE_METHODS"):
+        return getattr(table1, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 #: The format version of a fold's result file (public: part of the artifact store's keys).
 RESULT_VERSION = _RESULT_VERSION
-
-
-def row_name(method: str, combine: str | None) -> str:
-    """The key of one result row: the method, and for our methods the combination, ``"ours[max]"``."""
-    return f"{method}[{combine}]" if method in OURS_METHODS else method
+runs.register_artifact("benchmark-fold", RESULT_VERSION)
 
 
 def _check_combines(combine: Any) -> tuple[str, ...]:
@@ -154,8 +129,8 @@ def _check_combine(value: Any, arg: str = "combine") -> str:
 
 # ============================================================================ checks
 def _check_method(method: Any, arg: str = "method") -> str:
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"{arg}: expected one of {', '.join(METHODS)}; got {describe(method)}")
+    if not isinstance(method, str) or method not in table1.METHOD_REGISTRY:
+        raise ValueError(f"{arg}: expected one of {', '.join(table1.METHODS)}; got {describe(method)}")
     return method
 
 
@@ -178,7 +153,9 @@ def _check_names(values: Any, arg: str, known: Sequence[str], check_one: Callabl
 
 
 def _check_methods(methods: Any) -> tuple[str, ...]:
-    return _check_names(methods, "methods", METHODS, _check_method, "a sequence of method names")
+    if methods is None:
+        return table1.METHODS
+    return _check_names(methods, "methods", table1.METHODS, _check_method, "a sequence of method names")
 
 
 def _check_variant(variant: Any, arg: str = "variant") -> str:
@@ -254,7 +231,8 @@ def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, t
     if targets.shape != (n,) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise ValueError(f"targets: expected ({n},) integer classes (one per image), got {describe(targets)}")
     combine = _check_combine(combine)
-    if method in OURS_METHODS:
+    spec = table1.METHOD_REGISTRY[method]
+    if spec.ours:
         from vxnb.explanations import combine_heatmaps, feature_heatmaps
         from vxnb.relevance import Relevance
 
@@ -268,9 +246,11 @@ def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, t
     for start in range(0, n, batch_size):
         x = images[start:start + batch_size]
         t = targets[start:start + batch_size]
-        if method in OURS_METHODS:
-            hk, r, _ = feature_heatmaps(model, relevant, x, k, t, draw=_DRAW[method], batch_size=batch_size)
+        if spec.ours:
+            hk, r, _ = feature_heatmaps(model, relevant, x, k, t, draw=spec.draw, batch_size=batch_size)
             h = combine_heatmaps(hk, r, combine)
+        elif spec.heatmaps is not None:
+            h = spec.heatmaps(model, x, t, layer=layer)
         else:
             h = attribution(method, model, x, t, layer=layer)
         h = torch.as_tensor(h).detach().float().cpu()
@@ -307,11 +287,11 @@ def fold_config(config: Any, variant: str, fold: int):
 
     if not isinstance(config, runs.RunConfig):
         raise TypeError(f"config: expected a vxnb.studies.runs.RunConfig, got {describe(config)}")
-    if config.dataset == "folder" and variant == FOLDER and config.has_masks:
+    _check_benchmarkable(config)
+    if config.spec.benchmark == "split" and variant == FOLDER:
         return config  # your images: one split, the validation split
-    if config.dataset != "an8flower":
-        raise ValueError(f"config: the benchmark needs dataset='an8flower' or a folder with mask_root, "
-                         f"got {config.dataset!r}")
+    if config.spec.benchmark != "folds":
+        raise ValueError(f"variant: a {config.dataset!r} run has one split, the variant {FOLDER!r}; got {variant!r}")
     return dataclasses.replace(config, variant=_check_variant(variant), test_fold=_check_fold(fold), name=None)
 
 
@@ -380,7 +360,7 @@ def _read_fold(file: Path, key: str) -> dict:
     return res
 
 
-def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.0, k: int = 5,
+def evaluate_fold(cfg: Any, *, methods: Sequence[str] | None = None, mu: float = 10.0, k: int = 5,
                   n_test_images: int | None = 300, occlusion: bool = True, occlusion_images: int | None = 100,
                   coverage: Sequence[float] = DEFAULT_COVERAGE, layer: str | None = None,
                   thresholds: Any = None, batch_size: int = 32, combine: Sequence[str] = ("weighted",),
@@ -415,12 +395,12 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     data = runs.load_data(cfg, progress=progress)
-    trained_now = cfg.dataset != "folder" and not runs.checkpoint_dir(cfg).exists()
+    trained_now = cfg.spec.reference_model is not None and not runs.checkpoint_dir(cfg).exists()
     model, meta = runs.get_model(cfg, data=data, progress=progress)
     model.eval()
     seconds["model"] = time.perf_counter() - t0
     relevant = None
-    if any(m in OURS_METHODS for m in methods):
+    if any(m in table1.OURS_METHODS for m in methods):
         t0 = time.perf_counter()
         relevant = fold_relevant(cfg, model, mu, data=data, progress=progress)
         seconds["features+lasso"] = time.perf_counter() - t0
@@ -432,17 +412,18 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
     grid: dict[str, list[float]] = {}
     extra: dict[str, Any] = {}
     strides: dict[str, int] = {}
-    bar = tqdm(methods, desc=f"{FOLDER if cfg.dataset == 'folder' else cfg.variant} fold {cfg.test_fold}: methods",
+    bar = tqdm(methods, desc=f"{_variant_of(cfg)} fold {cfg.test_fold}: methods",
                leave=False, disable=None if progress else True)
     for method in bar:
         bar.set_postfix(method=method)
         t0 = time.perf_counter()
-        if method in OURS_METHODS:  # drawn once, combined each way
-            hk, r, feats = feature_heatmaps(model, relevant, images, k, preds, draw=_DRAW[method],
+        draw = table1.METHOD_REGISTRY[method].draw
+        if draw is not None:  # our features: drawn once, combined each way
+            hk, r, feats = feature_heatmaps(model, relevant, images, k, preds, draw=draw,
                                             batch_size=batch_size)
             for c in combines:
                 heatmaps[row_name(method, c)] = combine_heatmaps(hk, r, c).float().cpu()
-            if method == "ours_upsampled":
+            if draw == "upsampled":
                 extra["n_top"], extra["n_left_out"] = int(len(feats)), int((~feats["drawn"]).sum())
             else:
                 grid[method] = _grid_per_image(model, images, hk, feats, strides, grid_score, total_stride)
@@ -463,9 +444,8 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
     for name, h in heatmaps.items():
         thr, c = iou_curve(h, masks, t)
         curve[name] = c.tolist()
-        auc[name] = float(100.0 * np.trapezoid(c, thr) / (thr[-1] - thr[0]))
-        per = iou_per_image(h, masks, t)
-        image_auc[name] = (100.0 * np.trapezoid(per, thr, axis=1) / (thr[-1] - thr[0])).tolist()
+        auc[name] = curve_area(c, thr)
+        image_auc[name] = curve_area(iou_per_image(h, masks, t), thr).tolist()
         if quantus:
             from vxnb.evaluate.quantus_metrics import localisation_metrics
 
@@ -481,7 +461,7 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] = METHODS, mu: float = 10.
         seconds["occlusion"] = time.perf_counter() - t0
     return {
         "version": _RESULT_VERSION,
-        "variant": FOLDER if cfg.dataset == "folder" else cfg.variant, "fold": int(cfg.test_fold),
+        "variant": _variant_of(cfg), "fold": int(cfg.test_fold),
         "folds": getattr(cfg, "folds", "views"), "run": cfg.run_name,
         "n_images": int(images.shape[0]),
         "accuracy": float((preds == labels).float().mean()),
@@ -520,7 +500,7 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
     returned dict). A fold interrupted before that has no file and is recomputed.
     """
 
-    defaults = dict(methods=METHODS, mu=10.0, k=5, n_test_images=300, occlusion=True, occlusion_images=100,
+    defaults = dict(methods=None, mu=10.0, k=5, n_test_images=300, occlusion=True, occlusion_images=100,
                     coverage=DEFAULT_COVERAGE, layer=None, thresholds=None, combine=("weighted",), quantus=False,
                     quantus_images=100)
     unknown = set(options) - set(defaults) - {"batch_size"}
@@ -555,225 +535,37 @@ def run_fold(cfg: Any, *, recompute: bool = False, progress: bool = True, **opti
     return res
 
 
-# ============================================================================ many folds
-@dataclass
-class BenchmarkResult:
-    """What :func:`run_benchmark` returns: tidy frames over variants and folds.
-
-    ``per_fold``: variant, fold, method, combine ("" for class-level maps), label, auc,
-    n_images, accuracy, model_test_accuracy, n_relevant, n_top, n_left_out, cached.
-    ``curves``: variant, fold, method, combine, label, threshold, iou.
-    ``per_image``: variant, fold, method, combine, image, auc, grid (our draws' mean grid score).
-    ``quantus``: variant, fold, method, combine, label, the Quantus metrics, n_scored, n_refused.
-    ``top_features``: variant, fold, class, layer, kind, channel, n, mean_response.
-    ``occlusion``: variant, fold, method, label, level, coverage, confidence.
-    ``timings``: variant, fold, phase, seconds (cached folds: the time of the run that made them).
-    ``files``: CSV files written (name → path).
-    """
-
-    per_fold: pd.DataFrame
-    curves: pd.DataFrame
-    occlusion: pd.DataFrame
-    timings: pd.DataFrame
-    settings: dict = field(default_factory=dict)
-    files: dict = field(default_factory=dict)
-    per_image: pd.DataFrame = field(default_factory=pd.DataFrame)
-    quantus: pd.DataFrame = field(default_factory=pd.DataFrame)
-    top_features: pd.DataFrame = field(default_factory=pd.DataFrame)
-
-    def summary(self) -> pd.DataFrame:
-        """Per variant, method and combination: ``mean``, ``std`` (ddof=1) of the area over folds,
-        ``n_folds``."""
-        g = self.per_fold.groupby(["variant", "method", "combine"], sort=False)["auc"]
-        out = g.agg(mean="mean", std="std", n_folds="count").reset_index()
-        out.insert(3, "label", _labels(out))
-        return out
-
-    def resampling_effect(self) -> pd.DataFrame:
-        """The resampling's own effect: ``ours`` − ``ours_deconv`` (same features, same combination).
-
-        Per variant and combination: ``mean_diff``, ``std_diff`` (ddof=1) of the per-fold areas'
-        difference (points of %), ``n_folds``; ``p_area``: Wilcoxon signed-rank test (two-sided,
-        ``scipy.stats.wilcoxon``) on the per-image areas, paired over all evaluated images of
-        those folds (``n_images``); the grid score of the drawn maps, plain vs resampled, mean
-        over images (``grid_deconv``, ``grid_ours``) and its Wilcoxon ``p_grid``.
-        """
-        from scipy.stats import wilcoxon
-
-        rows = []
-        pf, pi = self.per_fold, self.per_image
-        for (variant, combine), g in pf[pf["method"].isin(["ours", "ours_deconv"])].groupby(
-                ["variant", "combine"], sort=False):
-            w = g.pivot(index="fold", columns="method", values="auc")
-            if not {"ours", "ours_deconv"} <= set(w.columns):
-                continue
-            d = (w["ours"] - w["ours_deconv"]).dropna()
-            img = pi[(pi["variant"] == variant) & (pi["combine"] == combine)]
-            p = img.pivot_table(index=["fold", "image"], columns="method", values=["auc", "grid"])
-            a_o, a_d = p[("auc", "ours")].to_numpy(), p[("auc", "ours_deconv")].to_numpy()
-            ok = np.isfinite(a_o) & np.isfinite(a_d)
-            g_o, g_d = p[("grid", "ours")].to_numpy(), p[("grid", "ours_deconv")].to_numpy()
-            okg = np.isfinite(g_o) & np.isfinite(g_d)
-            rows.append({"variant": variant, "combine": combine, "mean_diff": float(d.mean()),
-                         "std_diff": float(d.std(ddof=1)) if len(d) > 1 else float("nan"), "n_folds": int(len(d)),
-                         "n_images": int(ok.sum()), "p_area": _wilcoxon_p(wilcoxon, a_o[ok], a_d[ok]),
-                         "grid_deconv": float(np.mean(g_d[okg])) if okg.any() else float("nan"),
-                         "grid_ours": float(np.mean(g_o[okg])) if okg.any() else float("nan"),
-                         "p_grid": _wilcoxon_p(wilcoxon, g_o[okg], g_d[okg])})
-        return pd.DataFrame(rows, columns=["variant", "combine", "mean_diff", "std_diff", "n_folds", "n_images",
-                                           "p_area", "grid_deconv", "grid_ours", "p_grid"])
-
-    def quantus_summary(self) -> pd.DataFrame:
-        """Quantus's metrics per variant, method and combination: the mean over folds, and the
-        refused (constant) maps summed over folds."""
-        from vxnb.evaluate.quantus_metrics import QUANTUS_METRICS
-
-        if self.quantus.empty:
-            return self.quantus.copy()
-        g = self.quantus.groupby(["variant", "method", "combine"], sort=False)
-        out = g.agg({**{m: "mean" for m in QUANTUS_METRICS}, "n_scored": "sum", "n_refused": "sum"}).reset_index()
-        out.insert(3, "label", _labels(out))
-        return out
-
-    def table(self) -> pd.DataFrame:
-        """Table 1's layout: one row per method (paper order), one column per variant, 'mean ± std'."""
-        return format_table(self.summary())
-
-    def mean_curves(self) -> pd.DataFrame:
-        """IoU curves averaged over folds: variant, method, combine, label, threshold, iou, iou_std."""
-        g = self.curves.groupby(["variant", "method", "combine", "threshold"], sort=False)["iou"]
-        out = g.agg(iou="mean", iou_std="std").reset_index()
-        out.insert(3, "label", _labels(out))
-        return out
-
-    def occlusion_curves(self) -> pd.DataFrame:
-        """Box-occlusion curves averaged over folds: variant, method, label, level, coverage, confidence."""
-        if self.occlusion.empty:
-            return self.occlusion.copy()
-        g = self.occlusion.groupby(["variant", "method", "level"], sort=False)
-        out = g.agg(coverage=("coverage", "mean"), confidence=("confidence", "mean"),
-                    confidence_std=("confidence", "std")).reset_index()
-        out.insert(2, "label", out["method"].map(METHOD_LABELS))
-        return out
-
-    def occlusion_differences(self, reference: str = "ours_deconv") -> pd.DataFrame:
-        """Mean over the coverage levels > 0 of confidence(method) − confidence(reference), per
-        variant and method (a fraction; the paper reports about 0.02 for ours vs Deconv+GB)."""
-        curves = self.occlusion_curves()
-        rows = []
-        for variant, frame in curves.groupby("variant", sort=False):
-            if reference not in set(frame["method"]):
-                continue
-            for method in dict.fromkeys(frame["method"]):
-                if method == reference:
-                    continue
-                rows.append({"variant": variant, "method": method, "label": METHOD_LABELS[method],
-                             "reference": reference,
-                             "mean_difference": mean_confidence_difference(frame, method, reference)})
-        return pd.DataFrame(rows, columns=["variant", "method", "label", "reference", "mean_difference"])
-
-    def compare_with_paper(self) -> pd.DataFrame:
-        """See :func:`compare_with_paper`."""
-        return compare_with_paper(self.summary())
-
-
-def _labels(frame: pd.DataFrame) -> list[str]:
-    """Display name of each row: the method's, with the combination for our methods."""
-    combine = frame["combine"] if "combine" in frame.columns else pd.Series([""] * len(frame), index=frame.index)
-    return [METHOD_LABELS[m] + (f" ({c})" if c else "") for m, c in zip(frame["method"], combine)]
-
-
-def _wilcoxon_p(wilcoxon: Callable, a: np.ndarray, b: np.ndarray) -> float:
-    """Two-sided p-value of the Wilcoxon signed-rank test of a − b (NaN: too few or all-zero differences)."""
-    d = np.asarray(a) - np.asarray(b)
-    if d.size < 2 or not np.any(d != 0):
-        return float("nan")
-    return float(wilcoxon(a, b).pvalue)
-
-
-def _row_order(frame: pd.DataFrame) -> list[tuple[str, str]]:
-    combos = list(dict.fromkeys(frame["combine"])) if "combine" in frame.columns else [""]
-    rank = {c: i for i, c in enumerate(("", *COMBINES))}
-    keys = {(m, c) for m, c in zip(frame["method"], frame["combine"] if "combine" in frame.columns else [""] * len(frame))}
-    return sorted(keys, key=lambda mc: (METHODS.index(mc[0]), rank.get(mc[1], len(rank)), combos.index(mc[1])))
-
-
-def format_table(summary: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
-    """A :meth:`BenchmarkResult.summary`-like frame (variant, method[, combine], mean, std) in Table 1's
-    layout: one row per method (and combination), one column per variant, 'mean ± std'."""
-    summary = summary if "combine" in summary.columns else summary.assign(combine="")
-    cells = summary.assign(cell=[f"{m:.{digits}f} ± {s:.2f}" if np.isfinite(s) else f"{m:.{digits}f}"
-                                 for m, s in zip(summary["mean"], summary["std"])])
-    table = cells.pivot(index=["method", "combine"], columns="variant", values="cell")
-    order = _row_order(summary)
-    cols = [v for v in VARIANTS if v in table.columns]
-    table = table.loc[order, cols]
-    table.index = _labels(pd.DataFrame(order, columns=["method", "combine"]))
-    table.index.name = "method"
-    table.columns.name = None
-    return table
-
-
-def paper_table() -> pd.DataFrame:
-    """Table 1 of the paper as a tidy frame: variant, method, label, mean, std, n_folds (5)."""
-    rows = [{"variant": v, "method": m, "label": METHOD_LABELS[m], "mean": ms[0], "std": ms[1], "n_folds": 5}
-            for v, table in PAPER_TABLE1.items() for m, ms in table.items()]
-    return pd.DataFrame(rows)
-
-
-def compare_with_paper(summary: pd.DataFrame) -> pd.DataFrame:
-    """Our areas next to the paper's, per variant, method and combination.
-
-    The paper's number stands beside the method that computes its row (:data:`PAPER_TABLE1`),
-    for every combination; the class-level extras ("activation", "deconv_gb") get none.
-    Columns: variant, method, combine, label, mean, std, rank (1 = largest area within the
-    variant and combination, class-level rows ranked with each), gap_to_deconv_gb (mean −
-    "ours_deconv"'s mean, same combination; class-level rows: the first combination's),
-    paper_mean, paper_std, paper_rank, paper_gap_to_deconv_gb (NaN where the paper has no
-    number, e.g. part-2c).
-    """
-    if not isinstance(summary, pd.DataFrame) or not {"variant", "method", "mean", "std"} <= set(summary.columns):
-        raise ValueError("summary: expected a DataFrame with columns variant, method, mean, std "
-                         "(BenchmarkResult.summary())")
-    summary = summary if "combine" in summary.columns else summary.assign(combine="")
-    ours = summary[["variant", "method", "combine", "mean", "std"]].copy()
-    paper = paper_table()[["variant", "method", "mean", "std"]].rename(
-        columns={"mean": "paper_mean", "std": "paper_std"})
-    out = ours.merge(paper, on=["variant", "method"], how="left")
-    out.insert(3, "label", _labels(out))
-    parts = []
-    for variant, g in out.groupby("variant", sort=False):
-        combos = [c for c in dict.fromkeys(g["combine"]) if c] or [""]
-        for c in combos:
-            sub = g[(g["combine"] == c) | (g["combine"] == "")].copy()
-            sub["rank"] = sub["mean"].rank(ascending=False, method="min").astype(int)
-            sub["paper_rank"] = sub["paper_mean"].rank(ascending=False, method="min")
-            ref = sub[sub["method"] == "ours_deconv"]
-            sub["gap_to_deconv_gb"] = sub["mean"] - (ref["mean"].iloc[0] if len(ref) else np.nan)
-            sub["paper_gap_to_deconv_gb"] = sub["paper_mean"] - (ref["paper_mean"].iloc[0] if len(ref) else np.nan)
-            parts.append(sub if c == combos[0] else sub[sub["combine"] == c])
-    out = pd.concat(parts, ignore_index=True)
-    return out[["variant", "method", "combine", "label", "mean", "std", "rank", "gap_to_deconv_gb", "paper_mean",
-                "paper_std", "paper_rank", "paper_gap_to_deconv_gb"]]
-
-
-#: The "variant" of a folder run with masks: one split (train / validation) instead of folds.
+#: The "variant" of a run on one split (train / validation) instead of folds: your images with masks.
 FOLDER = "folder"
+
+
+def _variant_of(cfg: Any) -> str:
+    """The variant a fold's results are filed under: an8Flower's, or :data:`FOLDER` for one split."""
+    return FOLDER if cfg.spec.benchmark == "split" else cfg.variant
+
+
+def _check_benchmarkable(config: Any) -> None:
+    if not isinstance(config, runs.RunConfig):
+        raise TypeError(f"config: expected a vxnb.studies.runs.RunConfig, got {describe(config)}")
+    ok = [n for n, s in runs.DATASET_SPECS.items() if s.benchmark]
+    if config.spec.benchmark is None or not config.has_masks:
+        raise ValueError(f"config: the benchmark needs ground-truth masks: {' or '.join(f'dataset={n!r}' for n in ok)} "
+                         f"(a folder needs mask_root), got dataset={config.dataset!r}")
 
 
 def folder_plan(config: Any, variants: Sequence[str], plan: Mapping[str, Sequence[int]]
                 ) -> tuple[list[str], dict[str, list[int]]]:
     """Notebook 05's ``(variants, plan)``: unchanged for an8Flower; for a folder run
     ``(["folder"], {"folder": [0]})``, the one split of your images."""
-    if config.dataset == "folder":
+    if config.spec.benchmark == "split":
         return [FOLDER], {FOLDER: [0]}
     return list(variants), {v: list(f) for v, f in plan.items()}
 
 
 def masks_note(config: Any) -> str:
     """A Markdown paragraph on what the benchmark measures with this run's data, or what it needs."""
-    if config.dataset == "an8flower":
-        return "an8Flower has a ground-truth mask of the class-defining part for every image."
+    if config.spec.masks_note:
+        return config.spec.masks_note
     if config.has_masks:
         return (f"**Your images.** Every method is scored against your masks (`mask_root = {config.mask_root}`) "
                 "on the validation split: one split instead of the paper's five folds, so no ± over folds. "
@@ -800,7 +592,7 @@ def _folds_by_variant(variants: Any, folds: Any) -> dict[str, tuple[int, ...]]:
 def benchmark_config(config: Any):
     """The run folder of the aggregated tables:
     ``benchmark-an8flower-s<size>-seed<seed>[-blocks][-quick]``."""
-    if config.dataset == "folder":
+    if config.spec.benchmark == "split":
         return dataclasses.replace(config, name=f"benchmark-{config.run_name}")
     tag = ("-blocks" if getattr(config, "folds", "views") == "blocks" else "") + ("-quick" if config.quick else "")
     return dataclasses.replace(config, name=f"benchmark-an8flower-s{config.size}-seed{config.seed}{tag}",
@@ -809,7 +601,7 @@ def benchmark_config(config: Any):
 
 def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("single-6c",),
                   folds: Sequence[int] | Mapping[str, Sequence[int]] = (0, 1, 2, 3, 4),
-                  methods: Sequence[str] = METHODS, mu: float = 10.0, k: int = 5,
+                  methods: Sequence[str] | None = None, mu: float = 10.0, k: int = 5,
                   n_test_images: int | None = 300, occlusion: bool = True, occlusion_images: int | None = 100,
                   coverage: Sequence[float] = DEFAULT_COVERAGE, layer: str | None = None,
                   combine: str | Sequence[str] = ("weighted", "max"), quantus: bool = True,
@@ -841,12 +633,8 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
 
     if config is None:
         config = runs.RunConfig()
-    if not isinstance(config, runs.RunConfig):
-        raise TypeError(f"config: expected a vxnb.studies.runs.RunConfig, got {describe(config)}")
-    if config.dataset != "an8flower" and not (config.dataset == "folder" and config.has_masks):
-        raise ValueError(f"config: the benchmark needs dataset='an8flower' or a folder with mask_root, "
-                         f"got {config.dataset!r}")
-    if config.dataset == "folder":
+    _check_benchmarkable(config)
+    if config.spec.benchmark == "split":
         variants = [FOLDER]
     plan = _folds_by_variant(variants, folds)
     methods = _check_methods(methods)
@@ -864,14 +652,14 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
         cfg = fold_config(config, variant, fold)
         res = run_fold(cfg, recompute=recompute, progress=progress, **options)
         for m in methods:
-            for c in (options["combine"] if m in OURS_METHODS else ("",)):
+            for c in (options["combine"] if m in table1.OURS_METHODS else ("",)):
                 name = row_name(m, c)
-                label = _labels(pd.DataFrame({"method": [m], "combine": [c]}))[0]
+                label = row_labels(pd.DataFrame({"method": [m], "combine": [c]}))[0]
                 base = {"variant": variant, "fold": fold, "method": m, "combine": c}
                 per_fold.append({**base, "label": label, "auc": res["auc"][name], "n_images": res["n_images"],
                                  "accuracy": res["accuracy"], "model_test_accuracy": res.get("model_test_accuracy"),
                                  "n_relevant": res.get("n_relevant"), "n_top": res.get("n_top"),
-                                 "n_left_out": res.get("n_left_out") if m == "ours_upsampled" else None,
+                                 "n_left_out": res.get("n_left_out") if table1.METHOD_REGISTRY[m].draw == "upsampled" else None,
                                  "cached": res["cached"]})
                 curves.append(pd.DataFrame({**base, "label": label, "threshold": res["thresholds"],
                                             "iou": res["curve"][name]}))
@@ -924,7 +712,7 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
 
 # ============================================================================ examples (figures)
 def explain_examples(config: Any, variant: str, fold: int, positions: Sequence[int] | None = None, *,
-                     n: int = 6, methods: Sequence[str] = METHODS, mu: float = 10.0, k: int = 5,
+                     n: int = 6, methods: Sequence[str] | None = None, mu: float = 10.0, k: int = 5,
                      layer: str | None = None, combine: str = "weighted", progress: bool = False) -> dict:
     """Heatmaps of every method for a few held-out images of one fold (Fig. 8, centre).
 
@@ -950,7 +738,7 @@ def explain_examples(config: Any, variant: str, fold: int, positions: Sequence[i
     items = [test[p] for p in positions]
     images = torch.stack([it[0] for it in items])
     relevant = (fold_relevant(cfg, model, mu, data=data, progress=progress)
-                if any(m in OURS_METHODS for m in methods) else None)
+                if any(m in table1.OURS_METHODS for m in methods) else None)
     preds = batched_logits(model, images).argmax(1)
     heat = {m: method_heatmaps(m, model, images, preds, relevant=relevant, k=k, layer=layer, combine=combine)
             for m in methods}
@@ -1031,27 +819,3 @@ def fold_diagnosis(config: Any, variant: str, fold: int, *, mu: float = 10.0, k:
             "accuracy": float((preds == labels).float().mean()), "n_relevant": int(np.count_nonzero(relevant.W))}
 
 
-def tables_with_paper(results: Mapping[str, "BenchmarkResult"], digits: int = 1) -> pd.DataFrame:
-    """Table 1 under several fold splits next to the paper's: ``{split: BenchmarkResult}`` →
-    one row per method (and combination), columns (variant, split) and (variant, "paper");
-    the paper's number stands beside the method that computes its row, "—" where it has none."""
-    if not isinstance(results, Mapping) or not results or \
-            not all(isinstance(r, BenchmarkResult) for r in results.values()):
-        raise TypeError(f"results: expected a non-empty {{split: BenchmarkResult}} dict, got {describe(results)}")
-    summ = pd.concat([r.summary().assign(split=s) for s, r in results.items()], ignore_index=True)
-    summ["cell"] = [f"{m:.{digits}f} ± {s:.2f}" if np.isfinite(s) else f"{m:.{digits}f}"
-                    for m, s in zip(summ["mean"], summ["std"])]
-    wide = summ.pivot(index=["method", "combine"], columns=["variant", "split"], values="cell")
-    order = _row_order(summ)
-    cols = []
-    for v in [v for v in VARIANTS if v in set(summ["variant"])]:
-        cols += [(v, s) for s in results if (v, s) in wide.columns]
-        paper = [PAPER_TABLE1.get(v, {}).get(m) for m, _ in order]
-        wide[(v, "paper")] = pd.Series([f"{p[0]:.{digits}f} ± {p[1]:.2f}" if p else "—" for p in paper],
-                                       index=pd.MultiIndex.from_tuples(order))
-        cols.append((v, "paper"))
-    out = wide.loc[order, cols].fillna("")
-    out.index = _labels(pd.DataFrame(order, columns=["method", "combine"]))
-    out.index.name = "method"
-    out.columns.names = ["variant", "folds"]
-    return out

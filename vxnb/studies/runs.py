@@ -10,7 +10,7 @@ The folder name is for people. Every artifact goes through :mod:`vxnb._store`: i
 only under its content key (its settings, the fingerprints of its inputs — the dataset's
 manifest or file hashes, the upstream artifacts' keys — and its format version), computed by
 one process at a time under a file lock, written atomically and indexed, so
-``python -m vxnb.studies.runs gc`` can remove what no current key reaches.
+``vxnb gc`` (:mod:`vxnb.studies.gc`) can remove what no current key reaches.
 
 >>> cfg = RunConfig(dataset="an8flower", variant="single-6c", size=128)
 >>> model, meta = get_model(cfg)          # trains once, then loads the checkpoint
@@ -35,16 +35,51 @@ from torch.utils.data import Dataset, Subset
 from .. import _store
 from ..paths import work_dir
 from ..utils import atomic_write_json, read_json, seed_everything
+from .datasets import DATASET_SPECS, DatasetSpec, dataset_spec, user_model
 
 __all__ = ["RunConfig", "DATASETS", "load_data", "get_model", "get_features", "get_lasso_path",
            "run_dir", "user_model", "gram_memory_check", "describe_model",
-           "data_record", "split_key", "checkpoint_key", "checkpoint_dir", "save_table", "gc"]
+           "data_record", "split_key", "checkpoint_key", "checkpoint_dir", "save_table", "data_ok",
+           "ARTIFACT_VERSIONS", "register_artifact", "artifact_versions"]
 
 #: Format versions of the artifacts this module writes (part of their keys).
 CHECKPOINT_VERSION = 2
 TABLE_VERSION = 1
 
-DATASETS = ("an8flower", "mnist", "folder")
+#: The current format version of every artifact kind the studies write, by kind. A study adds
+#: its kinds with :func:`register_artifact` when it is imported; :func:`vxnb.studies.gc.gc`
+#: reads this (an artifact of a kind not registered here is judged dead).
+ARTIFACT_VERSIONS: dict[str, int] = {}
+
+
+def register_artifact(kind: str, version: int) -> None:
+    """Declare that the studies write artifacts of ``kind`` in format ``version`` (gc keeps them)."""
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"kind: expected a non-empty artifact kind name, got {kind!r}")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise TypeError(f"version: expected an int format version, got {version!r}")
+    old = ARTIFACT_VERSIONS.get(kind)
+    if old is not None and old != version:
+        raise ValueError(f"kind: {kind!r} is already registered with version {old}, got {version}")
+    ARTIFACT_VERSIONS[kind] = version
+
+
+register_artifact("checkpoint", CHECKPOINT_VERSION)
+register_artifact("table", TABLE_VERSION)
+
+
+def artifact_versions() -> dict[str, int]:
+    """Every kind's current format version: those of the layers below (features, μ-lasso paths,
+    top patches; imported here, on demand) and the registered ones (:data:`ARTIFACT_VERSIONS`)."""
+    from ..features import FORMAT_VERSION
+    from ..interpret import TOP_PATCHES_VERSION
+    from ..lasso import PATH_FORMAT_VERSION
+
+    return {"features": FORMAT_VERSION, "lasso-path": PATH_FORMAT_VERSION, "top-patches": TOP_PATCHES_VERSION,
+            **ARTIFACT_VERSIONS}
+
+#: The names of the datasets a run can use (``vxnb.studies.datasets.DATASET_SPECS``).
+DATASETS = tuple(DATASET_SPECS)
 #: The quick (CI) setting: image size and number of training images.
 QUICK_SIZE = 64
 QUICK_TRAIN_LIMIT = 1200
@@ -134,15 +169,11 @@ class RunConfig:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset: expected one of {DATASETS}, got {self.dataset!r}")
+        spec = dataset_spec(self.dataset)
         _check_variant(self.variant)
-        if self.dataset == "mnist":
-            self.size = 28
-        if self.dataset == "folder":
-            self._check_folder()
-        if not _is_int(self.size) or self.size < 32 and self.dataset == "an8flower":
-            raise ValueError(f"size: expected an int >= 32 for an8Flower, got {self.size!r}")
+        if not _is_int(self.size):
+            raise ValueError(f"size: expected an int (image size in pixels), got {self.size!r}")
+        spec.check(self)
         _check_int(self.test_fold, "test_fold", 0, 4)
         _check_int(self.seed, "seed", 0, None)
         if self.folds not in ("views", "blocks"):
@@ -168,43 +199,13 @@ class RunConfig:
             raise ValueError(f"layers: expected 'blocks', 'all', a module name, a glob pattern or a list of them, "
                              f"got {self.layers!r}")
 
-    def _check_folder(self) -> None:
-        from ..models import check_normalize
-
-        if self.data_root is None:
-            raise ValueError("data_root: a folder run needs the image folder (one sub-folder per class, or "
-                             "train/ and val/ with one sub-folder per class each)")
-        if not Path(self.data_root).is_dir():
-            raise FileNotFoundError(f"data_root: no folder at {self.data_root}")
-        if self.mask_root is not None and not Path(self.mask_root).is_dir():
-            raise FileNotFoundError(f"mask_root: no folder at {self.mask_root}")
-        if self.class_names is not None and not Path(self.class_names).is_file():
-            raise FileNotFoundError(f"class_names: no file at {self.class_names}")
-        if not self.model:
-            raise ValueError("model: a folder run needs your model: a torchvision architecture name "
-                             "(\"resnet50\", \"vgg16\", …) or \"package.module:factory\"")
-        if self.weights is not None and not Path(self.weights).is_file():
-            raise FileNotFoundError(f"weights: no file at {self.weights}")
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 16:
-            raise ValueError(f"image_size: expected an int >= 16, got {self.image_size!r}")
-        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) \
-                or not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction: expected a number in (0, 1), got {self.val_fraction!r}")
-        if self.on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error: expected 'raise' or 'skip', got {self.on_error!r}")
-        check_normalize(self.normalize)
-        if self.epochs is not None:
-            raise ValueError(f"epochs: a folder run uses your trained model as it is (never trains it), "
-                             f"got epochs={self.epochs!r}")
-        self.size = self.image_size
-
     @classmethod
     def from_params(cls, quick: bool = False, **params: Any) -> "RunConfig":
         """The notebooks' parameters → a config; ``quick`` shrinks size and data for CI (a folder
         run keeps its ``image_size``, which its model was trained for)."""
         params = {k: v for k, v in params.items() if v is not None}
         if quick:  # the CI setting overrides size and data volume, whatever the full setting says
-            if params.get("dataset") != "folder":
+            if getattr(DATASET_SPECS.get(params.get("dataset", cls.dataset)), "quick_resizes", True):
                 params["size"] = min(int(params.get("size", QUICK_SIZE)), QUICK_SIZE)
             params["train_limit"] = min(int(params.get("train_limit", QUICK_TRAIN_LIMIT)), QUICK_TRAIN_LIMIT)
         return cls(quick=quick, **params)
@@ -218,15 +219,20 @@ class RunConfig:
                                **{k: v for k, v in namespace.items() if k in fields})
 
     @property
+    def spec(self) -> DatasetSpec:
+        """The run's dataset (``vxnb.studies.datasets``)."""
+        return DATASET_SPECS[self.dataset]
+
+    @property
     def has_masks(self) -> bool:
         """Whether the run's images have ground-truth masks (an8Flower, or a folder with ``mask_root``)."""
-        return self.dataset == "an8flower" or (self.dataset == "folder" and self.mask_root is not None)
+        return self.spec.has_masks(self)
 
     @property
     def model_fingerprint(self) -> str | None:
         """A folder run: the fingerprint of the user's model (``vxnb.models.model_fingerprint``),
         computed once per config; None for the reference models (their checkpoints are keyed)."""
-        if self.dataset != "folder":
+        if self.spec.reference_model is not None:
             return None
         if "_fingerprint" not in self.__dict__:
             self.__dict__["_fingerprint"] = user_model(self).vxnb_fingerprint
@@ -236,20 +242,7 @@ class RunConfig:
     def run_name(self) -> str:
         if self.name:
             return self.name
-        if self.dataset == "mnist":
-            base = "mnist"
-        elif self.dataset == "folder":
-            import hashlib
-
-            settings = json.dumps([self.image_size, self.normalize, self.val_fraction, self.on_error,
-                                   self.mask_root is not None, self.class_names], default=str)
-            arch = self.model.replace(":", "-").replace(".", "_").split("-")[-1][:24]
-            base = (f"folder-{Path(self.data_root).resolve().name[:24]}-{arch}-{self.model_fingerprint[:10]}-"
-                    f"{hashlib.sha1(settings.encode()).hexdigest()[:6]}")
-        else:
-            base = f"an8flower-{self.variant}-s{self.size}-f{self.test_fold}"
-            if self.folds != "views":
-                base += f"-{self.folds}"
+        base = self.spec.run_name(self)
         tag = "-quick" if self.quick else ""
         # settings that change the trained model are part of the name, so a run folder never
         # hands one setting's checkpoint to another
@@ -281,54 +274,14 @@ def run_dir(cfg: RunConfig) -> Path:
 
 # ---------------------------------------------------------------------------- content keys
 def _data_spec(cfg: RunConfig) -> dict[str, Any]:
-    spec: dict[str, Any] = {"dataset": cfg.dataset, "root": str(cfg.data_dir.resolve())}
-    if cfg.dataset == "an8flower":
-        spec.update(variant=cfg.variant, size=cfg.size, seed=cfg.seed)
-    if cfg.dataset == "folder":
-        spec.update(mask_root=str(Path(cfg.mask_root).resolve()) if cfg.mask_root else None,
-                    class_names=str(Path(cfg.class_names).resolve()) if cfg.class_names else None,
-                    image_size=cfg.image_size, val_fraction=cfg.val_fraction, seed=cfg.seed, on_error=cfg.on_error)
-    return spec
+    return {"dataset": cfg.dataset, "root": str(cfg.data_dir.resolve()), **cfg.spec.data_spec(cfg)}
 
 
 def _data_fingerprint(spec: dict[str, Any]) -> str | None:
-    """The fingerprint of the data a spec names as it is on disk now; None when it is not there.
-    an8Flower: its manifest (render version, settings, CRC of the index of every image and
-    mask); MNIST: the sha256 of each IDX file."""
-    if spec["dataset"] == "an8flower":
-        from ..data.an8flower import cache_dir
-
-        man = cache_dir(spec["root"], spec["variant"], spec["size"], spec["seed"]) / "manifest.json"
-        if not man.is_file():
-            return None
-        try:
-            return _store.key("an8flower-manifest", read_json(man))
-        except ValueError:
-            return None
-    if spec["dataset"] == "mnist":
-        from ..data.mnist import mnist_files
-
-        files = mnist_files(spec["root"])
-        if not files:
-            return None
-        return _store.key("mnist-files", {k: [_store.file_fingerprint(p) for p in pair]
-                                          for k, pair in sorted(files.items())})
-    if spec["dataset"] == "folder":
-        return _store.key("image-folder", spec, {name: _tree_listing(spec[name])
-                                                 for name in ("root", "mask_root", "class_names")})
-    return None
-
-
-def _tree_listing(path: str | None) -> list | None:
-    """(relative path, size, mtime in ns) of every file under ``path`` (or of the file itself):
-    a user's image folder is fingerprinted by its listing, as make and rsync do, not by reading
-    every image twice."""
-    if path is None:
-        return None
-    root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    return [(str(p.relative_to(root)) if p != root else p.name, st.st_size, st.st_mtime_ns)
-            for p in files for st in (p.stat(),)]
+    """The fingerprint of the data a spec names as it is on disk now; None when it is not there
+    (or its dataset is unknown): ``DatasetSpec.fingerprint``."""
+    dataset = DATASET_SPECS.get(spec["dataset"])
+    return None if dataset is None else dataset.fingerprint(spec)
 
 
 def data_record(cfg: RunConfig) -> dict[str, Any]:
@@ -351,7 +304,8 @@ def _data_record_now(cfg: RunConfig) -> dict[str, Any]:
     return {**spec, "fingerprint": _data_fingerprint(spec)}
 
 
-def _data_ok(record: dict[str, Any]) -> bool:
+def data_ok(record: dict[str, Any]) -> bool:
+    """Whether the dataset a stored data record describes still has the fingerprint it recorded."""
     try:
         return _data_fingerprint(record) == record.get("fingerprint")
     except (OSError, ValueError, KeyError):
@@ -375,15 +329,14 @@ def _checkpoint_settings(cfg: RunConfig) -> dict[str, Any]:
     s = {"dataset": cfg.dataset, "seed": cfg.seed, "train_limit": cfg.train_limit,
          "epochs": cfg.epochs or models.default_epochs(cfg.dataset, quick=cfg.quick),
          "min_train_accuracy": MIN_TRAIN_ACCURACY, "train_attempts": TRAIN_ATTEMPTS}
-    if cfg.dataset == "an8flower":
-        s.update(variant=cfg.variant, size=cfg.size, test_fold=cfg.test_fold)
+    s.update(cfg.spec.checkpoint_settings(cfg))
     return s
 
 
 def checkpoint_key(cfg: RunConfig) -> str:
     """The content key of a run's trained model: its training settings and its data; for a
     folder run, the user's model (architecture and the fingerprint of its weights) and the data."""
-    if cfg.dataset == "folder":
+    if cfg.spec.reference_model is None:
         model = user_model(cfg)
         return _store.key("user-model", {"model": cfg.model, "normalize": cfg.normalize},
                           {"weights": model.vxnb_fingerprint, "data": data_record(cfg)["fingerprint"]},
@@ -399,54 +352,13 @@ def checkpoint_dir(cfg: RunConfig) -> Path:
 
 # ---------------------------------------------------------------------------- data
 def load_data(cfg: RunConfig, progress: bool = True) -> tuple[Dataset, Dataset, list[str]]:
-    """The (train, test) datasets and the class names of a run.
+    """The (train, test) datasets and the class names of a run (``DatasetSpec.load``).
 
     an8Flower: test = the held-out fold (grouped by viewpoint), train = the other four.
     MNIST: the fixed stratified 80/20 split of the digits found under ``data/``.
     ``train_limit`` keeps a seeded, class-stratified subset of the training split.
     """
-    if cfg.dataset == "folder":
-        from ..data import dataset_labels
-        from ..data.folder import load_image_folder, read_class_names
-
-        train, test, folders = load_image_folder(cfg.data_root, mask_root=cfg.mask_root, image_size=cfg.image_size,
-                                                 val_fraction=cfg.val_fraction, seed=cfg.seed, on_error=cfg.on_error)
-        classes = read_class_names(cfg.class_names, folders) if cfg.class_names else folders
-        if cfg.train_limit is None or cfg.train_limit >= len(train):
-            return train, test, classes
-        train_l, test_l = dataset_labels(train), dataset_labels(test)
-        keep_train = _stratified_subset(np.arange(len(train)), train_l, cfg.train_limit, cfg.seed)
-        keep_test = _stratified_subset(np.arange(len(test)), test_l, max(cfg.train_limit // 4, len(classes)),
-                                       cfg.seed + 1)
-        return Subset(train, keep_train.tolist()), Subset(test, keep_test.tolist()), classes
-    if cfg.dataset == "an8flower":
-        from ..data.an8flower import An8Flower
-
-        full = An8Flower(cfg.data_dir, variant=cfg.variant, size=cfg.size, generate=True, seed=cfg.seed)
-        train_idx, test_idx = full.fold_indices(cfg.test_fold, cfg.folds)
-        labels = full.index["label"].to_numpy()
-        classes = list(full.classes)
-    else:
-        from ..data.mnist import MnistDataset, load_mnist, stratified_split
-
-        images, labels_t = load_mnist(cfg.data_dir)
-        labels = np.asarray(labels_t)
-        full = MnistDataset(images, labels_t)
-        train_idx, test_idx = stratified_split(labels, test_fraction=0.2, seed=cfg.seed)
-        classes = list(full.classes)
-    if cfg.train_limit is not None and cfg.train_limit < len(train_idx):
-        train_idx = _stratified_subset(train_idx, labels[train_idx], cfg.train_limit, cfg.seed)
-        test_idx = _stratified_subset(test_idx, labels[test_idx], max(cfg.train_limit // 4, len(classes)),
-                                      cfg.seed + 1)
-    return Subset(full, train_idx.tolist()), Subset(full, test_idx.tolist()), classes
-
-
-def _stratified_subset(idx: np.ndarray, labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    per = max(1, n // len(classes))
-    keep = [rng.permutation(idx[labels == c])[:per] for c in classes]
-    return np.sort(np.concatenate(keep))
+    return cfg.spec.load(cfg)
 
 
 # ---------------------------------------------------------------------------- model
@@ -459,7 +371,7 @@ def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
     with a warning, and the best attempt is kept; ``meta["train_attempts"]`` lists them all."""
     from .. import models
 
-    if cfg.dataset == "folder":
+    if cfg.spec.reference_model is None:
         return _user_model_and_meta(cfg, data)
     record = data_record(cfg)
     ckey = checkpoint_key(cfg)
@@ -486,10 +398,7 @@ def _train(cfg: RunConfig, data, progress: bool):
     for attempt in range(TRAIN_ATTEMPTS):
         seed = cfg.seed + 1000 * attempt
         seed_everything(seed)  # the initial weights too: the same config gives the same model
-        if cfg.dataset == "mnist":
-            model = models.build_model("mnistnet", num_classes=len(classes))
-        else:
-            model = models.build_model("flowernet", num_classes=len(classes), size=cfg.size)
+        model = cfg.spec.build_reference_model(cfg, classes)
         history = models.train_model(model, train, test, epochs=epochs, seed=seed, progress=progress)
         acc = history["train_accuracy"][-1]
         attempts.append({"seed": seed, "train_accuracy": acc, "test_accuracy": history.get("final_test_accuracy")})
@@ -514,27 +423,6 @@ def _train(cfg: RunConfig, data, progress: bool):
         "train_attempts": attempts,
     }
     return model, meta
-
-
-def user_model(cfg: RunConfig) -> torch.nn.Module:
-    """A folder run's model (``vxnb.models.load_user_model``), loaded once per config object;
-    its number of classes is checked against the data's."""
-    from ..data.folder import folder_layout
-    from ..models import load_user_model
-
-    if cfg.dataset != "folder":
-        raise ValueError(f"cfg: user_model needs dataset='folder', got {cfg.dataset!r}")
-    if "_model" not in cfg.__dict__:
-        root = Path(cfg.data_root)
-        split = folder_layout(root)
-        top = split[0] if split else root
-        n_classes = sum(1 for d in top.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if n_classes < 1:
-            raise ValueError(f"data_root: {top} has no class sub-folders (expected data_root/<class>/<image>)")
-        cfg.__dict__["_model"] = load_user_model(cfg.model, cfg.weights, num_classes=n_classes,
-                                                 input_shape=(3, cfg.image_size, cfg.image_size),
-                                                 normalize=cfg.normalize)
-    return cfg.__dict__["_model"]
 
 
 def describe_model(meta: dict[str, Any], accuracy: float, n_test: int) -> str:
@@ -734,62 +622,3 @@ def relevance_study(cfg: RunConfig, *, mu: float = 10.0, mu_max: float = 50.0, n
     return {"model": model, "data": data, "features": feats, "paths": paths, "relevant": relevant,
             "counts": counts, "ablation": ablation, "reconstruction": recon}
 
-
-# ---------------------------------------------------------------------------- gc
-#: Files older versions wrote without a content key; gc removes them when no index entry has them.
-_LEGACY = ("model.pt", "meta.json", "features-*.npz", "lasso-*.npz", "benchmark-*.json", "top_patches-*.csv")
-
-
-def _current_versions() -> dict[str, int]:
-    from .benchmark import RESULT_VERSION
-    from ..features import FORMAT_VERSION
-    from ..interpret import TOP_PATCHES_VERSION
-    from ..lasso import PATH_FORMAT_VERSION
-
-    return {"checkpoint": CHECKPOINT_VERSION, "features": FORMAT_VERSION, "lasso-path": PATH_FORMAT_VERSION,
-            "top-patches": TOP_PATCHES_VERSION, "benchmark-fold": RESULT_VERSION, "table": TABLE_VERSION}
-
-
-def gc(runs_root: str | Path | None = None, *, dry_run: bool = False) -> dict[str, Any]:
-    """Remove (``dry_run``: only list) the artifacts under ``runs_root`` that no current key
-    reaches: made by an older format, from data that has changed since (e.g. a new an8Flower
-    render version) or from an upstream artifact that is itself gone; temporary files of killed
-    writers; unkeyed files of older vxnb versions. Returns :func:`vxnb._store.gc`'s summary."""
-    root = Path(runs_root) if runs_root is not None else RunConfig().runs_dir
-    if not root.is_dir():
-        raise ValueError(f"runs_root: no folder at {root}")
-    return _store.gc(root, versions=_current_versions(), data_ok=_data_ok, legacy=_LEGACY, dry_run=dry_run)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m vxnb.studies.runs", description="Run folders and their artifacts.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("gc", help="list and remove artifacts that no current key reaches")
-    g.add_argument("--runs-root", default=None, help="the runs folder (default: the repository's runs/)")
-    g.add_argument("--dry-run", action="store_true", help="only list what would be removed")
-    args = parser.parse_args(argv)
-    try:
-        res = gc(args.runs_root, dry_run=args.dry_run)
-    except ValueError as err:
-        parser.error(str(err))
-    for path, size in res["removed"]:
-        print(f"{'would remove' if args.dry_run else 'removed'} {path} ({_human(size)})")
-    verb = "would free" if args.dry_run else "freed"
-    print(f"{len(res['removed'])} path(s), {verb} {_human(res['freed'])}; {res['kept']} artifact(s) kept")
-    return 0
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -313,7 +313,7 @@ def run_study(cfg: Any, *, mu: float = 10.0, k: int = 5, n_images: int | None = 
         runs.save_table(cfg, f"sanity-sensitivity-mu{mu:g}", result.sensitivity)
         if randomize:
             runs.save_table(cfg, f"sanity-randomization-mu{mu:g}", result.randomization)
-    name = {"mnist": "MNIST", "folder": "your images"}.get(cfg.dataset, f"an8Flower {cfg.variant}")
+    name = cfg.spec.display_name(cfg)
     return {"config": cfg, "model": model, "data": data, "classes": list(classes), "relevant": relevant,
             "explain_fns": fns, "images": images, "labels": labels, "positions": pos, "result": result,
             "sensitivity": result.sensitivity_summary().assign(dataset=name),

@@ -24,12 +24,12 @@ def test_causal_specificity_by_hand():
     out = CF.causal_specificity(X, X_cf, [0, 0, 1, 1], [np.array([0, 1]), np.array([2, 1])])
     assert out[["class", "rank", "feature"]].values.tolist() == [[0, 0, 0], [0, 1, 1], [1, 0, 2], [1, 1, 1]]
     # class 0, feature 0: mean 3 -> mean 0.5: drop 2.5/3; feature 1: 2 -> 2: 0
-    # class 1, feature 2: mean 3 -> 0.5: 2.5/3; feature 1: 6 -> 7: -1/6
+    # class 1, feature 2: mean 3 -> 0.5: 2.5/3; feature 1: 6 -> 7: -1/7 (scaled by the larger)
     np.testing.assert_allclose(out["response"], [3, 2, 3, 6])
     np.testing.assert_allclose(out["response_cf"], [0.5, 2, 0.5, 7])
-    np.testing.assert_allclose(out["drop"], [2.5 / 3, 0.0, 2.5 / 3, -1 / 6])
+    np.testing.assert_allclose(out["drop"], [2.5 / 3, 0.0, 2.5 / 3, -1 / 7])
     zero = CF.causal_specificity(X, X_cf, [0, 0, 1, 1], [np.array([2]), np.array([], int)])
-    assert np.isnan(zero["drop"].iloc[0]) and len(zero) == 1  # feature 2 never fires on class 0
+    assert np.isnan(zero["drop"].iloc[0]) and len(zero) == 1  # feature 2 fires on neither version of class 0
 
 
 def test_selectors_by_hand():
@@ -166,3 +166,30 @@ def test_bad_inputs():
         CF.select_features("activation", X, [0, 0, 1, 1], 4)
     with pytest.raises(TypeError, match="top"):
         CF.part_precision(pd.DataFrame({"layer": []}), {}, np.zeros((1, 2, 2)), 2)
+
+
+@pytest.mark.slow
+def test_counterfactual_study_end_to_end(tmp_path):
+    """One fold of a tiny run: every selector takes the same number of features per class, the
+    measures are in range, and the summary's means are the means of the per-unit means."""
+    from vxnb.studies.counterfactual import counterfactual_study
+    from vxnb.studies.runs import RunConfig
+
+    cfg = RunConfig(size=32, quick=True, train_limit=240, epochs=1, data_root=str(tmp_path / "data"),
+                    runs_root=str(tmp_path / "runs"))
+    table, summary = counterfactual_study(cfg, folds=(0, 1), k=3, top_n=4, crp_per_class=4, n_random=2,
+                                          progress=False)
+    assert set(table["selector"]) == set(CF.SELECTORS)
+    counts = table[table["draw"] == 0].groupby(["fold", "selector", "class"]).size().unstack("selector")
+    assert (counts.nunique(axis=1) == 1).all() and (counts.max(axis=1) <= 3).all()
+    assert table["drop"].dropna().between(-1, 1).all() and table["drop"].notna().mean() > 0.5
+    assert table["precision"].between(0, 1).all()
+    assert (table["drop"].abs() > 0).any()  # the counterfactual twins differ from the test images
+    for measure, frame in summary.items():
+        frame = frame.set_index("selector")
+        assert (frame["n"] == 2).all()
+        for sel in CF.SELECTORS:
+            per_fold = [table[(table["selector"] == sel) & (table["fold"] == f)][measure].mean() for f in (0, 1)]
+            assert frame.loc[sel, "mean"] == pytest.approx(np.mean(per_fold))
+    # the table was saved in each run folder
+    assert len(list((tmp_path / "runs").rglob("counterfactual-cf1-k3-mu10.csv"))) == 2

@@ -7,8 +7,9 @@ class's. For each selected feature j of class c this module measures
 
 * **causal specificity** (:func:`causal_specificity`): the relative drop of j's response over
   the images of class c when c's attribute is swapped away,
-  ``drop = (mean x_j - mean x_j^cf) / mean x_j`` (1: the response vanishes; 0: unchanged;
-  negative: it grows);
+  ``drop = (mean x_j - mean x_j^cf) / max(|mean x_j|, |mean x_j^cf|)`` in [-1, 1] (1: the
+  response vanishes; 0: unchanged; negative: it grows; symmetric and bounded, so a feature
+  that barely fires cannot dominate a mean);
 * **part precision** (:func:`part_precision`): the mean, over j's top patches, of the share of
   the patch's receptive field (clipped to the image) that lies inside the class-defining
   part's mask of the patch's image.
@@ -200,7 +201,7 @@ def causal_specificity(X: Any, X_cf: Any, labels: Any, selected: Sequence[np.nda
 
     Returns one row per (class, feature): class, rank, feature, response (mean of X[:, j]
     over the class's images), response_cf (the same over their twins) and
-    ``drop = (response - response_cf) / response`` (NaN where response is 0).
+    ``drop = (response - response_cf) / max(|response|, |response_cf|)`` (NaN where both are 0).
     """
     Xm = _matrix(X, "X")
     Xc = _matrix(X_cf, "X_cf", rows=Xm.shape[0], cols=Xm.shape[1])
@@ -213,7 +214,8 @@ def causal_specificity(X: Any, X_cf: Any, labels: Any, selected: Sequence[np.nda
             raise ValueError(f"labels: class {c} has selected features but no image")
         for r, j in enumerate(feats):
             a, b = float(Xm[on, j].mean()), float(Xc[on, j].mean())
-            rows.append((c, r, int(j), a, b, (a - b) / a if a != 0 else np.nan))
+            scale = max(abs(a), abs(b))
+            rows.append((c, r, int(j), a, b, (a - b) / scale if scale > 0 else np.nan))
     return pd.DataFrame(rows, columns=["class", "rank", "feature", "response", "response_cf", "drop"])
 
 

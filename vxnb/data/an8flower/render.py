@@ -725,36 +725,33 @@ _DISTRACTOR_RADIUS = 0.09  # of the image side
 _DISTRACTOR_TRIES = 12
 
 
-def _ball_layer(size: int, centres: np.ndarray, radii: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Anti-aliased coverage and Lambert shading of shaded balls, one per item.
-
-    ``centres`` (K, 2) (row, col) and ``radii`` (K,) in pixels; returns ``cover`` (K, S, S) in
-    [0, 1] (the disc's area in each pixel, to half a pixel) and ``shade`` (K, S, S).
-    """
-    ii = np.arange(size, dtype=np.float64)
-    dy = ii[None, :, None] - centres[:, 0, None, None]
-    dx = ii[None, None, :] - centres[:, 1, None, None]
-    r = radii[:, None, None]
+def _ball(size: int, cy: float, cx: float, r: float):
+    """One shaded ball (centre (cy, cx), radius r, in pixels) on the window of the image it can
+    reach: ``(rows, cols, cover, shade)`` -- the window's slices, the anti-aliased coverage in
+    [0, 1] (the disc's area in each pixel, to half a pixel) and the Lambert shading."""
+    t, b = max(int(np.floor(cy - r - 1)), 0), min(int(np.ceil(cy + r + 2)), size)
+    l, rr = max(int(np.floor(cx - r - 1)), 0), min(int(np.ceil(cx + r + 2)), size)
+    dy = np.arange(t, b, dtype=np.float64)[:, None] - cy
+    dx = np.arange(l, rr, dtype=np.float64)[None, :] - cx
     d = np.hypot(dx, dy)
     cover = np.clip(r + 0.5 - d, 0.0, 1.0)
     nx, ny = np.clip(dx / r, -1, 1), np.clip(-dy / r, -1, 1)
     nz = np.sqrt(np.clip(1.0 - nx ** 2 - ny ** 2, 0.0, 1.0))
     lam = np.maximum(_LIGHT_2D[0] * nx + _LIGHT_2D[1] * ny + _LIGHT_2D[2] * nz, 0.0)
-    return cover, _AMBIENT + _DIFFUSE * lam + _FILL * nz
+    return slice(t, b), slice(l, rr), cover, _AMBIENT + _DIFFUSE * lam + _FILL * nz
 
 
-def _paint(images: np.ndarray, alpha: np.ndarray, shade: np.ndarray, rgb: np.ndarray) -> None:
-    """Blend balls of colour ``rgb`` ((K, 3) or (3,)) into uint8 ``images`` (K, S, S, 3) in place,
-    behind the flower (``alpha`` already holds the background fraction); pixels with alpha 0
-    are left untouched, bit for bit."""
-    rgb = np.broadcast_to(np.asarray(rgb, np.float64), (len(images), 3))
-    for k in range(len(images)):
-        on = alpha[k] > 0
-        if not on.any():
-            continue
-        a = alpha[k][on][:, None]
-        col = shade[k][on][:, None] * rgb[k][None, :] * 255.0
-        images[k][on] = np.clip(np.rint(images[k][on] * (1 - a) + col * a), 0, 255).astype(np.uint8)
+def _paint(image: np.ndarray, rows: slice, cols: slice, alpha: np.ndarray, shade: np.ndarray, rgb) -> None:
+    """Blend a ball of colour ``rgb`` into the window of uint8 ``image`` (..., S, S, 3) in place
+    (every leading index alike); ``alpha`` already holds the background fraction (the ball is
+    behind the flower). Pixels with alpha 0 are left untouched, bit for bit."""
+    on = alpha > 0
+    if not on.any():
+        return
+    win = image[..., rows, cols, :]
+    a = alpha[on][:, None]
+    col = shade[on][:, None] * np.asarray(rgb, np.float64)[None, :] * 255.0
+    win[..., on, :] = np.clip(np.rint(win[..., on, :] * (1 - a) + col * a), 0, 255).astype(np.uint8)
 
 
 def _clutter(seed: int, view: int, size: int, n: int, bg: np.ndarray, images: dict) -> None:
@@ -762,21 +759,24 @@ def _clutter(seed: int, view: int, size: int, n: int, bg: np.ndarray, images: di
     and colours for every class (drawn in place into each class's images)."""
     rng = np.random.default_rng([int(seed), 28, int(view)])
     items = bg.shape[0]
+    stack = np.stack(list(images.values()), axis=1)  # (25, classes, S, S, 3): one paint for all classes
     for _ in range(n):
         radii = rng.uniform(0.03, 0.10, items) * size
         centres = rng.uniform(0, size, (items, 2))
         grey = rng.uniform(0.35, 0.75, (items, 1))
         rgb = np.clip(grey + rng.uniform(-0.05, 0.05, (items, 3)), 0, 1)  # saturation <= ~0.3
-        cover, shade = _ball_layer(size, centres, radii)
-        alpha = cover * bg
-        for imgs in images.values():
-            _paint(imgs, alpha, shade, rgb)
+        for k in range(items):
+            rows, cols, cover, shade = _ball(size, centres[k, 0], centres[k, 1], radii[k])
+            _paint(stack[k], rows, cols, cover * bg[k, rows, cols], shade, rgb[k])
+    for i, imgs in enumerate(images.values()):
+        imgs[...] = stack[:, i]
 
 
 def _distractors(seed: int, view: int, label: int, size: int, rate: float, bg: np.ndarray,
                  images: np.ndarray, rgb: tuple) -> np.ndarray:
     """Paint, into a ``rate`` share of the 25 items of (``view``, ``label``), one ball of the
-    colour ``rgb`` behind the flower, where it shows most (the best of a few random places).
+    colour ``rgb`` behind the flower, where it shows most (of a few random places, the one with the
+    most background in the ball's bounding square).
     Returns the distractors' masks (25, S, S) bool (False on items without one)."""
     rng = np.random.default_rng([int(seed), 27, int(view), int(label)])
     items = bg.shape[0]
@@ -784,12 +784,19 @@ def _distractors(seed: int, view: int, label: int, size: int, rate: float, bg: n
     r = _DISTRACTOR_RADIUS * size
     cands = rng.uniform(r, size - r, (items, _DISTRACTOR_TRIES, 2))
     masks = np.zeros(bg.shape, bool)
+    # score each place by the background in the ball's bounding square (a summed-area table)
+    sat = np.zeros((items, size + 1, size + 1))
+    sat[:, 1:, 1:] = bg.cumsum(axis=1).cumsum(axis=2)
+    lo = np.clip(np.floor(cands - r).astype(np.int64), 0, size)
+    hi = np.clip(np.ceil(cands + r).astype(np.int64) + 1, 0, size)
     for k in np.flatnonzero(has):
-        cover, shade = _ball_layer(size, cands[k], np.full(_DISTRACTOR_TRIES, r))
-        alpha = cover * bg[k][None]
-        best = int(np.argmax(alpha.sum(axis=(1, 2))))
-        _paint(images[k:k + 1], alpha[best:best + 1], shade[best:best + 1], np.asarray(rgb))
-        masks[k] = alpha[best] > 0
+        t, l, b, rr = lo[k, :, 0], lo[k, :, 1], hi[k, :, 0], hi[k, :, 1]
+        score = sat[k, b, rr] - sat[k, t, rr] - sat[k, b, l] + sat[k, t, l]
+        cy, cx = cands[k, int(np.argmax(score))]
+        rows, cols, cover, shade = _ball(size, cy, cx, r)
+        alpha = cover * bg[k, rows, cols]
+        _paint(images[k], rows, cols, alpha, shade, rgb)
+        masks[k, rows, cols] = alpha > 0
     return masks
 
 

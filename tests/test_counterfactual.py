@@ -193,3 +193,39 @@ def test_counterfactual_study_end_to_end(tmp_path):
             assert frame.loc[sel, "mean"] == pytest.approx(np.mean(per_fold))
     # the table was saved in each run folder
     assert len(list((tmp_path / "runs").rglob("counterfactual-cf1-k3-mu10.csv"))) == 2
+
+
+def test_shortcut_detection_by_hand():
+    selected = pd.DataFrame({"class": [0, 0, 1, 1, 2], "layer": ["a", "b", "a", "a", "b"],
+                             "channel": [0, 3, 1, 2, 3]})
+    precision = pd.DataFrame({"layer": ["a", "a", "a", "b"], "channel": [0, 1, 2, 3],
+                              "precision": [0.1, 0.6, 0.5, 0.2]})
+    out = CF.shortcut_detection(selected, precision, threshold=0.5)
+    assert out["class"].tolist() == [0, 1, 2] and out["n_features"].tolist() == [2, 2, 1]
+    np.testing.assert_allclose(out["best"], [0.2, 0.6, 0.2])
+    assert out["detected"].tolist() == [False, True, False]
+    assert CF.shortcut_detection(selected, precision, threshold=0.15)["detected"].tolist() == [True, True, True]
+    with pytest.raises(ValueError, match="no row"):
+        CF.shortcut_detection(selected.assign(channel=9), precision)
+    with pytest.raises(ValueError, match="threshold"):
+        CF.shortcut_detection(selected, precision, threshold=0)
+
+
+def test_shortcut_detection_on_rendered_distractors():
+    """The distractor masks of the renderer as ground truth: a feature whose top patch sits on the
+    ball scores its overlap, one on the flower head scores 0."""
+    from vxnb.data.an8flower import render as R
+
+    _, _, masks, dmasks = next(R.iter_views("single-6c", 32, 0, views=[30], knobs={"distractor_rate": 1.0},
+                                            distractors=True))
+    d = dmasks[0]  # class 0, 25 items, every one with a ball
+    rows, cols = np.nonzero(d[0])
+    cy, cx = int(round(rows.mean())), int(round(cols.mean()))
+    hy, hx = [int(round(v.mean())) for v in np.nonzero(masks["head"][0])]
+    rf = ReceptiveField(size=(3, 3), stride=(1, 1), offset=(0.0, 0.0))  # unit (r, c) sees rows r-1..r+1
+    top = pd.DataFrame({"layer": ["x", "x"], "channel": [0, 1], "index": [0, 0], "row": [cy, hy], "col": [cx, hx]})
+    prec = CF.part_precision(top, {"x": rf}, d, 32)
+    assert prec["precision"].iloc[0] == pytest.approx(d[0, cy - 1:cy + 2, cx - 1:cx + 2].mean())
+    assert prec["precision"].iloc[0] > 0.5 and prec["precision"].iloc[1] == 0.0
+    sel = pd.DataFrame({"class": [0, 1], "layer": ["x", "x"], "channel": [0, 1]})
+    assert CF.shortcut_detection(sel, prec)["detected"].tolist() == [True, False]

@@ -43,6 +43,7 @@ __all__ = [
     "causal_specificity",
     "part_precision",
     "crp_channel_relevance",
+    "shortcut_detection",
     "compare_selectors",
     "mean_ci",
 ]
@@ -269,6 +270,38 @@ def part_precision(top: pd.DataFrame, fields: Mapping[str, ReceptiveField], mask
     frame = pd.DataFrame({"layer": top["layer"].to_numpy(), "channel": top["channel"].to_numpy(), "share": share})
     out = frame.groupby(["layer", "channel"], sort=False).agg(n_patches=("share", "size"), precision=("share", "mean"))
     return out.reset_index()
+
+
+def shortcut_detection(selected: pd.DataFrame, precision: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
+    """Whether a class's selected features found a planted shortcut (issue 27, item 4).
+
+    selected: one row per (class, selected feature) with columns class, layer, channel (e.g.
+        :func:`selection_frame` with the feature columns).
+    precision: :func:`part_precision` computed against the *distractor* masks
+        (``An8Flower.distractor_mask``) instead of the class-part masks: columns layer, channel,
+        precision -- the share of a feature's top patches on the distractor.
+    threshold: a feature points at the shortcut when that share is at least this.
+
+    Returns one row per class: class, n_features, best (the largest share among its
+    features), detected (best >= threshold). The detection rate of a model trained with the
+    shortcut is ``detected.mean()``; the same on a model trained at distractor rate 0 (with
+    top patches collected on images that carry distractors) is the false-alarm rate.
+    """
+    for name, frame, cols in (("selected", selected, {"class", "layer", "channel"}),
+                              ("precision", precision, {"layer", "channel", "precision"})):
+        if not isinstance(frame, pd.DataFrame) or not cols <= set(frame.columns):
+            raise TypeError(f"{name}: expected a DataFrame with columns {sorted(cols)}, got {describe(frame)}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise ValueError(f"threshold: expected a number in (0, 1], got {describe(threshold)}")
+    share = precision.set_index(["layer", "channel"])["precision"]
+    missing = [(lay, ch) for lay, ch in zip(selected["layer"], selected["channel"]) if (lay, ch) not in share.index]
+    if missing:
+        raise ValueError(f"precision: no row for the selected features {missing[:5]}")
+    vals = selected[["class"]].copy()
+    vals["share"] = [float(share.loc[(lay, ch)]) for lay, ch in zip(selected["layer"], selected["channel"])]
+    out = vals.groupby("class").agg(n_features=("share", "size"), best=("share", "max")).reset_index()
+    out["detected"] = out["best"] >= threshold
+    return out
 
 
 # --------------------------------------------------------------------------------------------

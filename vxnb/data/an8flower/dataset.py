@@ -1,7 +1,8 @@
 """The an8Flower dataset: the on-disk cache of the renders (:mod:`.render`), its manifest and
 index, the folds, and the torch Dataset.
 
-Files: ``root/an8flower/<variant>-<size>-seed<seed>/`` holds ``images/<class>/*.png`` (RGB),
+Files: ``root/an8flower/<variant>-<size>-seed<seed>[<knobs>][-cf<k>]/`` (non-default
+:class:`~.render.Knobs`, e.g. ``-ps0.8-dr0.5-cl3``; counterfactual renders ``-cf<k>``) holds ``images/<class>/*.png`` (RGB),
 ``masks/<region>/*.png`` (1-bit; one file shared by the classes with the same part, e.g. the
 six head colours), ``index.csv`` and ``manifest.json`` (format version and parameters). A
 generation writes into a hidden temporary folder beside it and renames it into place when

@@ -45,6 +45,15 @@ is 250/300 of the frame up to the rounding of ``round(size / 10)``).
 The seed jitters the petal lengths, the leaves' angles and the light direction slightly; the
 same arguments always give the same bytes on disk.
 
+Difficulty knobs and counterfactuals (issue 27): :class:`Knobs` scales the class parts, plants a
+distractor (a ball of the class attribute's colour behind the flower, in a set share of the
+items; never on a class-mask pixel) and adds neutral background clutter (the same in every
+class of a (view, crop, angle), so the invariant above still holds). Overlays are drawn at the
+output size, after the crops and rotations, weighted by each pixel's share of background.
+Counterfactual renders (``counterfactual=k``) draw every item with the part colour of
+:func:`counterfactual_label` and everything else its own. The default knobs draw exactly the
+bytes drawn before the knobs existed (no number of the default path changes).
+
 Entry points: :func:`render_view` (one viewpoint's items in memory, no files), :func:`iter_views`
 (every view of a variant, as :mod:`.dataset` writes them).
 """

@@ -229,3 +229,28 @@ def test_shortcut_detection_on_rendered_distractors():
     assert prec["precision"].iloc[0] > 0.5 and prec["precision"].iloc[1] == 0.0
     sel = pd.DataFrame({"class": [0, 1], "layer": ["x", "x"], "channel": [0, 1]})
     assert CF.shortcut_detection(sel, prec)["detected"].tolist() == [True, False]
+
+
+def test_distractor_precision_finds_a_colour_detector_on_the_planted_ball(tmp_path):
+    """part-2c with a distractor in every image: the balls class's ball is red, large next to
+    the little red balls on the head. A hand-set 5 x 5 'red' channel peaks on it; a 'green'
+    channel (stem and leaves) never does. Only the red channel is detected as the shortcut."""
+    from torch.utils.data import Subset
+    from vxnb.data.an8flower import An8Flower
+
+    ds = An8Flower(tmp_path, "part-2c", 64, knobs={"distractor_rate": 1.0}, progress=False)
+    probe = Subset(ds, list(range(0, 2000, 40)))  # 25 items of each class
+    conv = nn.Conv2d(3, 2, 5, padding=2)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0], conv.weight[0, 1], conv.weight[0, 2] = 1 / 25, -1 / 25, -1 / 25  # R - G - B
+        conv.weight[1, 0], conv.weight[1, 1], conv.weight[1, 2] = -1 / 25, 1 / 25, -1 / 25  # G - R - B
+        conv.bias.copy_(torch.tensor([-0.2, -0.05]))
+    model = nn.Sequential(conv, nn.ReLU())
+    prec = CF.distractor_precision(model, probe, [("1", 0), ("1", 1)], k=10, progress=False)
+    red, green = prec.set_index("channel")["precision"].loc[[0, 1]]
+    assert red > 0.8 and green < 0.1, (red, green)
+    sel = pd.DataFrame({"class": [0, 1], "layer": ["1", "1"], "channel": [0, 1]})
+    assert CF.shortcut_detection(sel, prec)["detected"].tolist() == [True, False]
+    with pytest.raises(ValueError, match="distractors"):
+        CF.distractor_precision(model, An8Flower(tmp_path, "part-2c", 32, progress=False), [("1", 0)])

@@ -44,6 +44,7 @@ __all__ = [
     "part_precision",
     "crp_channel_relevance",
     "shortcut_detection",
+    "distractor_precision",
     "compare_selectors",
     "mean_ci",
 ]
@@ -302,6 +303,30 @@ def shortcut_detection(selected: pd.DataFrame, precision: pd.DataFrame, threshol
     out = vals.groupby("class").agg(n_features=("share", "size"), best=("share", "max")).reset_index()
     out["detected"] = out["best"] >= threshold
     return out
+
+
+def distractor_precision(model: nn.Module, probe: Any, features: Any, *, k: int = 20, batch_size: int = 64,
+                         progress: bool = True) -> pd.DataFrame:
+    """:func:`part_precision` of ``features`` against the planted distractors of ``probe``.
+
+    probe: an ``An8Flower`` rendered with a distractor rate > 0 (or a ``Subset`` of one) -- the
+        images whose top patches are collected and whose ``distractor_mask`` is the truth.
+    features: as for ``vxnb.interpret.top_patch_table`` (a frame with layer, channel, or pairs).
+    Returns one row per feature: layer, channel, n_patches, precision (the share of its top-k
+    patches' receptive fields on the distractor); feed it to :func:`shortcut_detection`.
+    """
+    from ..interpret import receptive_field, top_patch_table
+
+    model = check_model(model)
+    base, indices = (probe.dataset, list(probe.indices)) if hasattr(probe, "indices") else (probe, None)
+    if not hasattr(base, "distractor_mask") or "distractor" not in getattr(base, "index", pd.DataFrame()).columns:
+        raise ValueError(f"probe: expected an An8Flower with distractors (knobs.distractor_rate > 0) or a Subset "
+                         f"of one, got {describe(probe)}")
+    top = top_patch_table(model, probe, features, k=check_positive_int(k, "k"), batch_size=batch_size,
+                          progress=progress)
+    fields = {layer: receptive_field(model, layer, input_size=base.size) for layer in top["layer"].unique()}
+    mask_of = (lambda i: base.distractor_mask(int(indices[i]))) if indices is not None else base.distractor_mask
+    return part_precision(top, fields, mask_of, base.size)
 
 
 # --------------------------------------------------------------------------------------------

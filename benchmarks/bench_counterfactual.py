@@ -8,7 +8,7 @@ to the reference (goal: knobs and counterfactuals cost at most 1.5 x the default
 knobbed or counterfactual cache is as cheap to make as the paper's).
 
 Part 2 (``--study``) runs ``vxnb.studies.counterfactual.counterfactual_study`` on a small
-configuration (quick model, two folds, one seed) and prints, per selector, the mean ± 95 %
+configuration (the quick setting: 1200 training images, quick epochs; two folds, one seed) and prints, per selector, the mean ± 95 %
 interval of the causal specificity (drop) and the part precision with the Wilcoxon p of the
 μ-lasso against each; the random selector is the reference a useful selector must beat.
 
@@ -58,7 +58,7 @@ def study(size: int, folds: list[int]) -> None:
     from vxnb.studies.runs import RunConfig
 
     with tempfile.TemporaryDirectory() as d:
-        cfg = RunConfig(size=size, quick=True, data_root=f"{d}/data", runs_root=f"{d}/runs")
+        cfg = RunConfig.from_params(quick=True, size=size, data_root=f"{d}/data", runs_root=f"{d}/runs")
         t0 = time.perf_counter()
         table, summary = counterfactual_study(cfg, folds=tuple(folds), seeds=(0,), k=5, progress=False)
         print(f"\ncounterfactual study: single-6c, size {size}, quick model, folds {folds}, seed 0, k = 5 "

@@ -3,9 +3,9 @@ counterfactual interpretation study's figures (issue 27, items 3 and 4).
 
 Part 1 renders the same views of single-6c in memory (``render_view``) with the default knobs
 (the reference, timed in the same run), with every knob on (part size 0.8, distractor rate 0.5,
-5 clutter balls) and as counterfactuals (shift 1), and prints seconds per view and the ratio
-to the reference (goal: knobs and counterfactuals cost at most 1.5 x the default renders, so a
-knobbed or counterfactual cache is as cheap to make as the paper's).
+5 clutter balls) and as counterfactuals (shift 1), and prints seconds per view, the ratio
+to the reference and the time they add to a whole cache (40 views; goal: at most 10 s added to
+a cache, a sixth of the 60 s goal of ``bench_an8flower.py`` for writing one).
 
 Part 2 (``--study``) runs ``vxnb.studies.counterfactual.counterfactual_study`` on a small
 configuration (the quick setting: 1200 training images, quick epochs; two folds, one seed) and prints, per selector, the mean ± 95 %
@@ -27,7 +27,7 @@ import numpy as np
 from vxnb.data.an8flower import Knobs, render_view
 
 KNOBS = Knobs(part_scale=0.8, distractor_rate=0.5, clutter=5)
-GOAL_RATIO = 1.5
+GOAL_ADDED_S = 10.0  # per 40-view cache
 
 
 def render_costs(size: int, n_views: int, repeats: int = 5) -> None:
@@ -49,7 +49,9 @@ def render_costs(size: int, n_views: int, repeats: int = 5) -> None:
     print(f"render_view single-6c, size {size}, {len(views)} views, best of {repeats} "
           f"(s per view, 6 classes x 25 items)")
     for label, t in best.items():
-        verdict = "" if t is ref else ("  ok" if t / ref <= GOAL_RATIO else f"  over the {GOAL_RATIO} x goal")
+        added = 40 * (t - ref)
+        verdict = "" if t is ref else (f"  {added:+6.1f} s per cache, " +
+                                       ("ok" if added <= GOAL_ADDED_S else f"over the {GOAL_ADDED_S:g} s goal"))
         print(f"  {label:<34} {t:8.3f} s   {t / ref:4.2f} x{verdict}")
 
 

@@ -63,7 +63,7 @@ def study(size: int, folds: list[int]) -> None:
         cfg = RunConfig.from_params(quick=True, size=size, data_root=f"{d}/data", runs_root=f"{d}/runs")
         t0 = time.perf_counter()
         table, summary = counterfactual_study(cfg, folds=tuple(folds), seeds=(0,), k=5, progress=False)
-        print(f"\ncounterfactual study: single-6c, size {size}, quick model, folds {folds}, seed 0, k = 5 "
+        print(f"\ncounterfactual study: single-6c, size {size}, quick setting, folds {folds}, seed 0, k = 5 "
               f"({time.perf_counter() - t0:.0f} s)")
         for measure, frame in summary.items():
             print(f"  {measure}:")

@@ -13,8 +13,9 @@ Every public name is re-exported here: ``from vxnb.data.an8flower import An8Flow
 from __future__ import annotations
 
 from .dataset import FOLD_SPLITS, GALLERY_VIEW, N_FOLDS, An8Flower, cache_dir, fold_of_view, gallery, generate
-from .render import (ANGLES, COLOURS, CROPS, MAX_SIZE, MIN_SIZE, N_VIEWS, RENDER_VERSION, SUPERSAMPLE, VARIANTS,
-                     render_size, render_view, variant_classes)
+from .render import (ANGLES, COLOURS, CROPS, DEFAULT_KNOBS, MAX_SIZE, MIN_SIZE, N_VIEWS, RENDER_VERSION,
+                     SUPERSAMPLE, VARIANTS, Knobs, attribute_colour, counterfactual_label, render_size, render_view,
+                     variant_classes)
 
 __all__ = [
     "VARIANTS",
@@ -34,4 +35,8 @@ __all__ = [
     "render_view",
     "An8Flower",
     "gallery",
+    "Knobs",
+    "DEFAULT_KNOBS",
+    "counterfactual_label",
+    "attribute_colour",
 ]

@@ -1,7 +1,8 @@
 """The an8Flower dataset: the on-disk cache of the renders (:mod:`.render`), its manifest and
 index, the folds, and the torch Dataset.
 
-Files: ``root/an8flower/<variant>-<size>-seed<seed>/`` holds ``images/<class>/*.png`` (RGB),
+Files: ``root/an8flower/<variant>-<size>-seed<seed>[<knobs>][-cf<k>]/`` (non-default
+:class:`~.render.Knobs`, e.g. ``-ps0.8-dr0.5-cl3``; counterfactual renders ``-cf<k>``) holds ``images/<class>/*.png`` (RGB),
 ``masks/<region>/*.png`` (1-bit; one file shared by the classes with the same part, e.g. the
 six head colours), ``index.csv`` and ``manifest.json`` (format version and parameters). A
 generation writes into a hidden temporary folder beside it and renames it into place when
@@ -34,8 +35,9 @@ from tqdm.auto import tqdm
 from ..._store import fault_point
 from ...utils import atomic_write_json, describe, read_json
 from .png import decode_png, encode_png
-from .render import (ANGLES, CROPS, N_VIEWS, RENDER_VERSION, SUPERSAMPLE, check_seed, check_size, check_variant,
-                     class_specs, geometries, iter_views, render_size, variant_classes)
+from .render import (ANGLES, CROPS, N_VIEWS, RENDER_VERSION, SUPERSAMPLE, Knobs, check_counterfactual, check_knobs,
+                     check_seed, check_size, check_variant, class_specs, counterfactual_label, geometries, iter_views,
+                     render_size, variant_classes)
 
 __all__ = [
     "N_FOLDS",
@@ -66,10 +68,16 @@ def _check_root(root: Any) -> Path:
     return Path(root)
 
 
-def cache_dir(root: str | os.PathLike, variant: str = "single-6c", size: int = 128, seed: int = 0) -> Path:
-    """The folder holding the files of one dataset: ``root/an8flower/<variant>-<size>-seed<seed>``."""
+def cache_dir(root: str | os.PathLike, variant: str = "single-6c", size: int = 128, seed: int = 0, *,
+              knobs: Knobs | dict | None = None, counterfactual: int = 0) -> Path:
+    """The folder holding the files of one dataset: ``root/an8flower/<variant>-<size>-seed<seed>``,
+    followed by the non-default knobs (:meth:`Knobs.tag`) and ``-cf<shift>`` for counterfactual
+    renders."""
     root = _check_root(root)
-    return root / "an8flower" / f"{check_variant(variant)}-{check_size(size)}-seed{check_seed(seed)}"
+    tag = check_knobs(knobs).tag()
+    shift = check_counterfactual(check_variant(variant), counterfactual)
+    cf = f"-cf{shift}" if shift else ""
+    return root / "an8flower" / f"{variant}-{check_size(size)}-seed{check_seed(seed)}{tag}{cf}"
 
 
 
@@ -84,14 +92,23 @@ def _write_many(folder: Path, rels: list[str], arrays: np.ndarray) -> list[int]:
     return crcs
 
 
-def _generate_into(folder: Path, variant: str, size: int, seed: int, progress: bool) -> None:
+def _generate_into(folder: Path, variant: str, size: int, seed: int, progress: bool,
+                   knobs: Knobs | None = None, shift: int = 0) -> None:
     """Render every item of ``variant`` into ``folder`` (images, masks, index.csv, manifest.json).
 
     Masks are shared: all classes drawn on the same geometry with the same class part (e.g.
-    the six head colours) point to one mask file ``masks/<region>/<item>.png``.
+    the six head colours) point to one mask file ``masks/<region>/<item>.png``. With a
+    distractor rate > 0 the index gains ``distractor`` (bool), ``distractor_path`` and
+    ``distractor_crc32`` (the ball's mask, ``masks/distractor/<class>/<item>.png``, where there
+    is one); counterfactual renders (``shift`` > 0) gain ``cf_label`` and ``cf_class``.
     """
+    knobs = check_knobs(knobs)
     specs = class_specs(variant)
     rows: list[dict] = []
+    with_distractors = knobs.distractor_rate > 0
+    if with_distractors:
+        for spec in specs:
+            (folder / "masks" / "distractor" / spec.name).mkdir(parents=True)
     for spec in specs:
         (folder / "images" / spec.name).mkdir(parents=True)
         (folder / "masks" / spec.region).mkdir(parents=True, exist_ok=True)
@@ -106,7 +123,8 @@ def _generate_into(folder: Path, variant: str, size: int, seed: int, progress: b
     try:
         with tqdm(total=len(geometries(specs)) * N_VIEWS, desc=f"an8Flower {variant} {size}px", unit="view",
                   disable=None if progress else True) as bar:
-            for view, images, masks in iter_views(variant, size, seed):
+            for view, images, masks, dmasks in iter_views(variant, size, seed, knobs=knobs, counterfactual=shift,
+                                                          distractors=True):
                 for region, mask in masks.items():
                     for k, (crop, angle) in enumerate(items):
                         if not mask[k].any():
@@ -116,11 +134,22 @@ def _generate_into(folder: Path, variant: str, size: int, seed: int, progress: b
                 for label, imgs in images.items():
                     spec = specs[label]
                     submit([f"images/{spec.name}/{_item_name(view, c, a)}" for c, a in items], imgs)
-                    for crop, angle in items:
+                    has = dmasks[label].any(axis=(1, 2))
+                    if has.any():
+                        submit([f"masks/distractor/{spec.name}/{_item_name(view, c, a)}"
+                                for (c, a), h in zip(items, has) if h], dmasks[label][has])
+                    for k, (crop, angle) in enumerate(items):
                         name = _item_name(view, crop, angle)
-                        rows.append({"label": label, "class": spec.name, "view": view, "crop": crop,
-                                     "angle": angle, "fold": view % N_FOLDS, "path": f"images/{spec.name}/{name}",
-                                     "mask_path": f"masks/{spec.region}/{name}"})
+                        row = {"label": label, "class": spec.name, "view": view, "crop": crop,
+                               "angle": angle, "fold": view % N_FOLDS, "path": f"images/{spec.name}/{name}",
+                               "mask_path": f"masks/{spec.region}/{name}"}
+                        if with_distractors:
+                            row["distractor"] = bool(has[k])
+                            row["distractor_path"] = f"masks/distractor/{spec.name}/{name}" if has[k] else ""
+                        if shift:
+                            row["cf_label"] = counterfactual_label(variant, label, shift)
+                            row["cf_class"] = specs[row["cf_label"]].name
+                        rows.append(row)
                 if len(pending) > 64:  # collect finished writes: errors surface early, memory stays flat
                     _collect(pending, crcs)
                 bar.update(1)
@@ -131,9 +160,11 @@ def _generate_into(folder: Path, variant: str, size: int, seed: int, progress: b
     index = pd.DataFrame(rows)
     index["crc32"] = index["path"].map(crcs).astype(np.int64)
     index["mask_crc32"] = index["mask_path"].map(crcs).astype(np.int64)
+    if with_distractors:
+        index["distractor_crc32"] = index["distractor_path"].map(crcs).fillna(0).astype(np.int64)
     index = index.sort_values(["label", "view", "crop", "angle"], key=_sort_key).reset_index(drop=True)
     index.to_csv(folder / _INDEX, index=False)
-    manifest = _manifest(variant, size, seed)
+    manifest = _manifest(variant, size, seed, knobs, shift)
     manifest["n_items"] = len(index)
     manifest["index_crc32"] = zlib.crc32((folder / _INDEX).read_bytes())
     atomic_write_json(manifest, folder / _MANIFEST)
@@ -155,13 +186,20 @@ def _collect(pending: list, crcs: dict) -> None:
     pending.clear()
 
 
-def _manifest(variant: str, size: int, seed: int) -> dict:
-    return {"dataset": "an8flower", "version": RENDER_VERSION, "variant": variant, "size": size, "seed": seed,
-            "render_size": render_size(size), "supersample": SUPERSAMPLE, "n_views": N_VIEWS,
-            "crops": list(CROPS), "angles": list(ANGLES), "classes": variant_classes(variant)}
+def _manifest(variant: str, size: int, seed: int, knobs: Knobs | None = None, shift: int = 0) -> dict:
+    """What a cache's manifest must say (the dataset's content key reads it). Default knobs and
+    factual renders add no entry, so the paper's renders keep their manifest and key."""
+    out = {"dataset": "an8flower", "version": RENDER_VERSION, "variant": variant, "size": size, "seed": seed,
+           "render_size": render_size(size), "supersample": SUPERSAMPLE, "n_views": N_VIEWS,
+           "crops": list(CROPS), "angles": list(ANGLES), "classes": variant_classes(variant)}
+    out.update(check_knobs(knobs).manifest())
+    if shift:
+        out["counterfactual"] = shift
+    return out
 
 
-def _trusted(folder: Path, variant: str, size: int, seed: int) -> str | None:
+def _trusted(folder: Path, variant: str, size: int, seed: int, knobs: Knobs | None = None,
+             shift: int = 0) -> str | None:
     """None when ``folder`` holds a complete cache for these arguments, else why not."""
     man = folder / _MANIFEST
     if not man.is_file():
@@ -170,7 +208,10 @@ def _trusted(folder: Path, variant: str, size: int, seed: int) -> str | None:
         manifest = read_json(man)
     except ValueError as err:
         return str(err)
-    expected = _manifest(variant, size, seed)
+    expected = _manifest(variant, size, seed, knobs, shift)
+    for key in ("knobs", "counterfactual"):
+        if key in manifest and key not in expected:
+            return f"its manifest says {key}={manifest[key]!r}, expected none"
     for key, value in expected.items():
         if manifest.get(key) != value:
             return f"its manifest says {key}={manifest.get(key)!r}, expected {value!r}"
@@ -181,38 +222,44 @@ def _trusted(folder: Path, variant: str, size: int, seed: int) -> str | None:
 
 
 def generate(root: str | os.PathLike, variant: str = "single-6c", size: int = 128, seed: int = 0, *,
-             progress: bool = True, overwrite: bool = False) -> Path:
-    """Render one variant into ``cache_dir(root, variant, size, seed)`` and return that folder.
+             progress: bool = True, overwrite: bool = False, knobs: Knobs | dict | None = None,
+             counterfactual: int = 0) -> Path:
+    """Render one variant into ``cache_dir(root, variant, size, seed, knobs=..., counterfactual=...)``
+    and return that folder (``knobs``: :class:`Knobs`; ``counterfactual``: the shift of
+    :func:`counterfactual_label`, 0 for the factual renders).
 
     Does nothing when a complete cache for these arguments is there already (unless
     ``overwrite``). The files are written into a temporary folder beside the target and renamed
     into place at the end; on an error the temporary folder is removed.
     """
     variant, size, seed = check_variant(variant), check_size(size), check_seed(seed)
+    knobs, shift = check_knobs(knobs), check_counterfactual(variant, counterfactual)
     if not isinstance(overwrite, (bool, np.bool_)):
         raise TypeError(f"overwrite: expected a bool, got {describe(overwrite)}")
-    return _generate_cache(root, variant, size, seed, progress, overwrite)
+    return _generate_cache(root, variant, size, seed, progress, overwrite, knobs, shift)
 
 
-def _generate_cache(root, variant: str, size: int, seed: int, progress: bool, overwrite: bool) -> Path:
+def _generate_cache(root, variant: str, size: int, seed: int, progress: bool, overwrite: bool,
+                    knobs: Knobs | None = None, shift: int = 0) -> Path:
     from filelock import FileLock
 
-    target = cache_dir(root, variant, size, seed)
-    if not overwrite and _trusted(target, variant, size, seed) is None:
+    target = cache_dir(root, variant, size, seed, knobs=knobs, counterfactual=shift)
+    if not overwrite and _trusted(target, variant, size, seed, knobs, shift) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     locks = target.parent.parent / ".vxnb-store" / "locks"  # beside the data, not in its folder
     locks.mkdir(parents=True, exist_ok=True)
     with FileLock(str(locks / f"an8flower-{target.name}.lock")):  # a concurrent process waits, then reads
-        if not overwrite and _trusted(target, variant, size, seed) is None:
+        if not overwrite and _trusted(target, variant, size, seed, knobs, shift) is None:
             return target
-        return _render_cache(target, variant, size, seed, progress)
+        return _render_cache(target, variant, size, seed, progress, knobs, shift)
 
 
-def _render_cache(target: Path, variant: str, size: int, seed: int, progress: bool) -> Path:
+def _render_cache(target: Path, variant: str, size: int, seed: int, progress: bool,
+                  knobs: Knobs | None = None, shift: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        _generate_into(tmp, variant, size, seed, progress)
+        _generate_into(tmp, variant, size, seed, progress, knobs, shift)
         if target.exists():  # stale or unfinished: move it aside, then replace it
             stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".stale", dir=target.parent))
             try:
@@ -224,7 +271,7 @@ def _render_cache(target: Path, variant: str, size: int, seed: int, progress: bo
             os.rename(tmp, target)
         except OSError:
             # another process finished the same cache first: keep theirs if it is complete
-            if _trusted(target, variant, size, seed) is not None:
+            if _trusted(target, variant, size, seed, knobs, shift) is not None:
                 raise
     finally:
         if tmp.exists():
@@ -259,33 +306,45 @@ class An8Flower(Dataset):
         transform: applied to the image tensor only (photometric transforms / normalisation;
             a geometric transform would no longer match the mask).
         progress: show a progress bar while rendering.
+        knobs: difficulty knobs (:class:`Knobs` or a dict of its fields; part size, distractor
+            rate, clutter); ``None`` draws the paper's images.
+        counterfactual: 0 for the factual renders; a shift k > 0 gives the counterfactual
+            renders -- every item exactly the factual item of the same index (pose, crop,
+            rotation, clutter, distractor) with only its class attribute (the colour of its
+            class part) replaced by class ``index["cf_label"]``'s. Labels and masks stay the
+            factual ones.
 
     Items are ``(image, label, mask)``: image float32 (3, size, size) in [0, 1], label int,
     mask bool (size, size), True on the part that defines the item's class.
 
     Attributes: ``classes`` (names in label order), ``class_to_idx``, ``regions`` (the part each
     class's mask covers), ``index`` (DataFrame, one row per item: label, class, view, crop,
-    angle, fold, path, mask_path, crc32, mask_crc32), ``targets`` (int64 array), ``folder``.
+    angle, fold, path, mask_path, crc32, mask_crc32; with distractors also distractor,
+    distractor_path, distractor_crc32; counterfactuals also cf_label, cf_class), ``targets``
+    (int64 array), ``folder``, ``knobs``, ``counterfactual``.
     """
 
     def __init__(self, root: str | os.PathLike, variant: str = "single-6c", size: int = 128,
                  generate: bool = True, seed: int = 0, transform: Callable | None = None, *,
-                 progress: bool = True):
+                 progress: bool = True, knobs: Knobs | dict | None = None, counterfactual: int = 0):
         root = _check_root(root)
         self.variant, self.size, self.seed = check_variant(variant), check_size(size), check_seed(seed)
+        self.knobs, self.counterfactual = check_knobs(knobs), check_counterfactual(self.variant, counterfactual)
+        kw = {"knobs": self.knobs, "counterfactual": self.counterfactual}
         if not isinstance(generate, (bool, np.bool_)):
             raise TypeError(f"generate: expected a bool, got {describe(generate)}")
         if transform is not None and not callable(transform):
             raise TypeError(f"transform: expected a callable or None, got {describe(transform)}")
         self.root, self.transform = root, transform
-        folder = cache_dir(root, variant, size, seed)
-        why = _trusted(folder, self.variant, self.size, self.seed)
+        folder = cache_dir(root, variant, size, seed, **kw)
+        why = _trusted(folder, self.variant, self.size, self.seed, self.knobs, self.counterfactual)
         if why is not None:
             if not generate:
                 raise FileNotFoundError(
                     f"an8Flower {variant} (size {size}, seed {seed}) is not in {folder}: {why}. "
                     "Pass generate=True to render it (seconds at size 128).")
-            _generate_cache(root, self.variant, self.size, self.seed, bool(progress), False)
+            _generate_cache(root, self.variant, self.size, self.seed, bool(progress), False, self.knobs,
+                            self.counterfactual)
         self.folder = folder
         specs = class_specs(self.variant)
         self.classes: list[str] = [s.name for s in specs]
@@ -349,6 +408,17 @@ class An8Flower(Dataset):
             image = self.transform(image)
         return image, int(self.targets[i]), torch.from_numpy(mask.astype(bool))
 
+    def distractor_mask(self, i: int) -> torch.Tensor:
+        """bool (size, size): the distractor ball of item ``i`` (all False where it has none)."""
+        if "distractor" not in self.index.columns:
+            raise ValueError(f"distractor_mask: this dataset has no distractors (knobs={self.knobs})")
+        if not isinstance(i, (int, np.integer)) or isinstance(i, (bool, np.bool_)) or not -len(self) <= i < len(self):
+            raise IndexError(f"index: expected an int in range for {len(self)} items, got {describe(i)}")
+        row = self.index.iloc[int(i)]
+        if not row["distractor"]:
+            return torch.zeros(self.size, self.size, dtype=torch.bool)
+        return torch.from_numpy(self._read(row["distractor_path"], int(row["distractor_crc32"])).astype(bool))
+
     def fold_indices(self, fold: int, folds: str = "views") -> tuple[np.ndarray, np.ndarray]:
         """``(train_idx, test_idx)`` of fold ``fold`` in 0..4: test = the items of the views of that
         fold under the split ``folds`` (:func:`fold_of_view`: ``"views"`` ``v % 5 == fold``,
@@ -359,7 +429,9 @@ class An8Flower(Dataset):
         return np.flatnonzero(~test), np.flatnonzero(test)
 
     def __repr__(self) -> str:
-        return (f"An8Flower(variant={self.variant!r}, size={self.size}, seed={self.seed}, "
+        extra = "" if self.knobs.is_default else f", knobs={self.knobs}"
+        extra += f", counterfactual={self.counterfactual}" if self.counterfactual else ""
+        return (f"An8Flower(variant={self.variant!r}, size={self.size}, seed={self.seed}{extra}, "
                 f"items={len(self)}, classes={len(self.classes)}, folder='{self.folder}')")
 
 

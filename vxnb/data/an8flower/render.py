@@ -45,6 +45,15 @@ is 250/300 of the frame up to the rounding of ``round(size / 10)``).
 The seed jitters the petal lengths, the leaves' angles and the light direction slightly; the
 same arguments always give the same bytes on disk.
 
+Difficulty knobs and counterfactuals (issue 27): :class:`Knobs` scales the class parts, plants a
+distractor (a ball of the class attribute's colour behind the flower, in a set share of the
+items; never on a class-mask pixel) and adds neutral background clutter (the same in every
+class of a (view, crop, angle), so the invariant above still holds). Overlays are drawn at the
+output size, after the crops and rotations, weighted by each pixel's share of background.
+Counterfactual renders (``counterfactual=k``) draw every item with the part colour of
+:func:`counterfactual_label` and everything else its own. The default knobs draw exactly the
+bytes drawn before the knobs existed (no number of the default path changes).
+
 Entry points: :func:`render_view` (one viewpoint's items in memory, no files), :func:`iter_views`
 (every view of a variant, as :mod:`.dataset` writes them).
 """
@@ -68,6 +77,12 @@ __all__ = [
     "RENDER_VERSION",
     "COLOURS",
     "ClassSpec",
+    "Knobs",
+    "DEFAULT_KNOBS",
+    "check_knobs",
+    "check_counterfactual",
+    "counterfactual_label",
+    "attribute_colour",
     "class_specs",
     "variant_classes",
     "check_variant",
@@ -161,6 +176,114 @@ def variant_classes(variant: str) -> list[str]:
     """The class names of ``variant`` in label order."""
     check_variant(variant)
     return [s.name for s in class_specs(variant)]
+
+
+# --------------------------------------------------------------------------------------------
+# Difficulty knobs and counterfactuals
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Knobs:
+    """Difficulty knobs of the renderer (issue 27, item 4). The defaults draw the paper's images.
+
+    * ``part_scale`` (0.5 to 1.5): size of the class-defining parts (petals and disc of a
+      coloured head, the stem's radius of a coloured stem, the balls, the thorns) relative to
+      the default;
+    * ``distractor_rate`` (0 to 1): the fraction of items that carry a *distractor*, a ball of
+      their class attribute's colour (:func:`attribute_colour`) somewhere behind the flower --
+      a planted shortcut; its pixels never touch a class mask;
+    * ``clutter`` (0 to 20): neutral (low-saturation) balls in the background of every item,
+      the same for every class of one (view, crop, angle).
+
+    Non-default knobs are written into the manifest and the cache folder's name
+    (:meth:`tag`), so they are part of the dataset's content key; the defaults add nothing,
+    so the default renders keep their folder, manifest and bytes.
+    """
+
+    part_scale: float = 1.0
+    distractor_rate: float = 0.0
+    clutter: int = 0
+
+    @property
+    def is_default(self) -> bool:
+        return self == DEFAULT_KNOBS
+
+    @property
+    def overlays(self) -> bool:
+        """Whether anything is drawn over the background (distractors or clutter)."""
+        return self.distractor_rate > 0 or self.clutter > 0
+
+    def tag(self) -> str:
+        """Suffix of the cache folder's name: ``""`` for the defaults, else e.g. ``-ps0.8-dr0.5-cl3``."""
+        out = ""
+        if self.part_scale != 1.0:
+            out += f"-ps{self.part_scale:g}"
+        if self.distractor_rate != 0.0:
+            out += f"-dr{self.distractor_rate:g}"
+        if self.clutter != 0:
+            out += f"-cl{self.clutter}"
+        return out
+
+    def manifest(self) -> dict:
+        """The manifest entries of these knobs (none for the defaults)."""
+        return {} if self.is_default else {"knobs": {"part_scale": self.part_scale,
+                                                     "distractor_rate": self.distractor_rate,
+                                                     "clutter": self.clutter}}
+
+
+DEFAULT_KNOBS = Knobs()
+
+
+def check_knobs(knobs: Any) -> Knobs:
+    """``None`` -> the defaults; a :class:`Knobs` or a dict of its fields, validated."""
+    if knobs is None:
+        return DEFAULT_KNOBS
+    if isinstance(knobs, dict):
+        unknown = set(knobs) - {"part_scale", "distractor_rate", "clutter"}
+        if unknown:
+            raise ValueError(f"knobs: unknown keys {sorted(unknown)}; expected part_scale, distractor_rate, clutter")
+        knobs = Knobs(**knobs)
+    if not isinstance(knobs, Knobs):
+        raise TypeError(f"knobs: expected a Knobs, a dict of its fields or None, got {describe(knobs)}")
+    ps, dr, cl = knobs.part_scale, knobs.distractor_rate, knobs.clutter
+    if isinstance(ps, bool) or not isinstance(ps, (int, float, np.integer, np.floating)) or not 0.5 <= ps <= 1.5:
+        raise ValueError(f"knobs.part_scale: expected a number in [0.5, 1.5], got {describe(ps)}")
+    if isinstance(dr, bool) or not isinstance(dr, (int, float, np.integer, np.floating)) or not 0.0 <= dr <= 1.0:
+        raise ValueError(f"knobs.distractor_rate: expected a number in [0, 1], got {describe(dr)}")
+    if not isinstance(cl, (int, np.integer)) or isinstance(cl, (bool, np.bool_)) or not 0 <= cl <= 20:
+        raise ValueError(f"knobs.clutter: expected an int in 0..20, got {describe(cl)}")
+    return Knobs(float(ps), float(dr), int(cl))
+
+
+def check_counterfactual(variant: str, shift: Any) -> int:
+    """``shift``: 0 (the factual renders) or 1..n-1, n the number of classes sharing a part."""
+    check_variant(variant)
+    if not isinstance(shift, (int, np.integer)) or isinstance(shift, (bool, np.bool_)):
+        raise TypeError(f"counterfactual: expected an int, got {describe(shift)}")
+    if shift == 0:
+        return 0
+    if variant == "part-2c":
+        raise ValueError("counterfactual: part-2c's classes differ by their parts' shapes, not by a colour; "
+                         "counterfactual renders swap a colour (variants 'single-6c', 'double-12c')")
+    n = len(COLOURS)
+    if not 1 <= shift < n:
+        raise ValueError(f"counterfactual: expected 0 or a shift in 1..{n - 1}, got {int(shift)}")
+    return int(shift)
+
+
+def counterfactual_label(variant: str, label: int, shift: int) -> int:
+    """The class whose attribute replaces ``label``'s in the counterfactual renders of ``shift``:
+    the class ``shift`` steps further among those with the same part (``red-head`` with shift
+    1 -> ``orange-head``; a head class never becomes a stem class)."""
+    shift = check_counterfactual(variant, shift)
+    specs = class_specs(variant)
+    group = [k for k, s in enumerate(specs) if s.region == specs[label].region]
+    return group[(group.index(label) + shift) % len(group)]
+
+
+def attribute_colour(spec: ClassSpec) -> tuple[float, float, float]:
+    """The colour of a class's attribute: the albedo of its (first) class-defining part."""
+    part = spec.mask_parts[0]
+    return tuple(spec.albedo.get(part, _DEFAULT_ALBEDO[part]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,15 +465,20 @@ class _Scene:
     light: np.ndarray  # unit vector towards the light, camera coordinates
 
 
-def _flower(seed: int, geometry: str) -> _Scene:
-    """The flower in world coordinates (y up; the frame spans [-1, 1] on both image axes)."""
+def _flower(seed: int, geometry: str, part_scale: float = 1.0, scaled: frozenset = frozenset()) -> _Scene:
+    """The flower in world coordinates (y up; the frame spans [-1, 1] on both image axes).
+
+    The parts named in ``scaled`` (``"head"``, ``"stem"``, ``"ball"``, ``"thorn"``) are drawn
+    ``part_scale`` times their default size (a factor 1.0 changes no number).
+    """
     rng = np.random.default_rng([int(seed), 8])
+    hs = part_scale if "head" in scaled else 1.0
     P = _P
     prims: list[_Primitive] = []
 
     # Stem: a gentle quadratic curve from below the frame up to the head, as a chain of capsules.
     s0, s1, s2 = np.array([0.02, -1.35, 0.0]), np.array([-0.14, -0.40, 0.06]), np.array([0.05, 0.22, 0.0])
-    stem_r = 0.038
+    stem_r = 0.038 * (part_scale if "stem" in scaled else 1.0)
     ts = np.linspace(0, 1, 9)
     pts = _bezier(s0, s1, s2, ts)
     for a, b in zip(pts[:-1], pts[1:]):
@@ -364,9 +492,10 @@ def _flower(seed: int, geometry: str) -> _Scene:
     e1, e2 = _frame(f)
     hc = s2 + 0.06 * f  # centre of the disc
     prims.append(_Ellipsoid(P["stem"], s2 + 0.005 * f, np.column_stack([0.085 * e1, 0.085 * e2, 0.065 * f])))  # calyx
-    prims.append(_Ellipsoid(P["disc"], hc + 0.012 * f, np.column_stack([0.125 * e1, 0.125 * e2, 0.055 * f])))
-    lengths = np.array([0.44, 0.36, 0.41, 0.31, 0.43, 0.34, 0.39, 0.29]) * (1 + 0.06 * rng.uniform(-1, 1, 8))
-    widths = np.array([0.10, 0.09, 0.095, 0.085, 0.10, 0.09, 0.095, 0.085])
+    prims.append(_Ellipsoid(P["disc"], hc + 0.012 * f,
+                            np.column_stack([0.125 * hs * e1, 0.125 * hs * e2, 0.055 * f])))
+    lengths = np.array([0.44, 0.36, 0.41, 0.31, 0.43, 0.34, 0.39, 0.29]) * (1 + 0.06 * rng.uniform(-1, 1, 8)) * hs
+    widths = np.array([0.10, 0.09, 0.095, 0.085, 0.10, 0.09, 0.095, 0.085]) * hs
     cup = np.deg2rad(18.0)
     phase = rng.uniform(-0.08, 0.08)
     tips = []
@@ -376,7 +505,7 @@ def _flower(seed: int, geometry: str) -> _Scene:
         dp = np.cos(cup) * d + np.sin(cup) * f  # petals rise a little: a shallow cup
         side = _unit(np.cross(f, d))
         normal = _unit(np.cross(dp, side))
-        start = 0.06
+        start = 0.06 * hs
         centre = hc + dp * (start + ln / 2) - 0.01 * f
         prims.append(_Ellipsoid(P["petal"], centre, np.column_stack([dp * ln / 2, side * wd, normal * 0.016])))
         tips.append(hc + dp * (start + ln * 0.9) - 0.01 * f + normal * 0.012)
@@ -396,16 +525,18 @@ def _flower(seed: int, geometry: str) -> _Scene:
                                 np.column_stack([d2 * ln * 0.24, side * wd * 0.72, _unit(np.cross(d2, side)) * 0.012])))
 
     if geometry == "balls":
+        bs = part_scale if "ball" in scaled else 1.0
         for i in (0, 2, 4, 6):
-            prims.append(_sphere(P["ball"], tips[i], 0.05))
-        prims.append(_sphere(P["ball"], hc + 0.07 * f + 0.03 * e1, 0.045))
+            prims.append(_sphere(P["ball"], tips[i], 0.05 * bs))
+        prims.append(_sphere(P["ball"], hc + 0.07 * f + 0.03 * e1, 0.045 * bs))
     elif geometry == "thorns":
         for t, az, el in ((0.56, 10.0, 15.0), (0.64, 150.0, 25.0), (0.72, 275.0, 15.0),
                           (0.80, 55.0, 25.0), (0.88, 205.0, 20.0)):
             base = _bezier(s0, s1, s2, t)
             az, el = np.deg2rad(az), np.deg2rad(el)
             d = np.array([np.cos(az) * np.cos(el), np.sin(el), np.sin(az) * np.cos(el)])
-            prims.append(_Cone(P["thorn"], base, base + 0.12 * d, 0.032))
+            ts_ = part_scale if "thorn" in scaled else 1.0
+            prims.append(_Cone(P["thorn"], base, base + 0.12 * ts_ * d, 0.032 * ts_))
     elif geometry != "base":
         raise ValueError(f"unknown geometry {geometry!r}")
 
@@ -528,7 +659,7 @@ def _pixel_keys(rsize: int, ss: int) -> np.ndarray:
 
 
 def _view_maps(scene: _Scene, view: int, size: int, fixed: list[int], varying: list[int],
-               mask_parts: list[int], transform: sparse.csr_matrix) -> tuple[np.ndarray, dict, dict]:
+               mask_parts: list[int], transform: sparse.csr_matrix, background: bool = False):
     """One view after the 25 crops/rotations, split into what the classes share and what not.
 
     Returns
@@ -539,7 +670,9 @@ def _view_maps(scene: _Scene, view: int, size: int, fixed: list[int], varying: l
       shade * [ray hits the part], transformed;
     * ``{part: (25*S*S,) bool}`` for ``mask_parts``: some render pixel with a ray on the part
       enters the output pixel with a non-zero weight (the weights are positive, so the
-      transformed 0/1 map is > 0 exactly there).
+      transformed 0/1 map is > 0 exactly there);
+    * with ``background``, a fourth output: (25*S*S,) float32, the fraction of each output
+      pixel that shows the background (1 outside the crop), where overlays may be drawn.
 
     Every channel goes through the same sparse matrix-vector product on its own, so equal
     inputs give equal outputs bit for bit, whatever the channel.
@@ -571,6 +704,9 @@ def _view_maps(scene: _Scene, view: int, size: int, fixed: list[int], varying: l
     for p in mask_parts:
         col[:npx] = sums[:, p] > 0  # a hit's shade is >= _AMBIENT > 0
         masks[p] = (transform @ col) > 0
+    if background:
+        col[:npx], col[npx] = cover[:, 0], 1.0
+        return base_out.astype(np.float32), shading, masks, np.clip(transform @ col, 0.0, 1.0)
     return base_out.astype(np.float32), shading, masks
 
 
@@ -593,6 +729,89 @@ def _compose(spec: ClassSpec, base: np.ndarray, shading: dict, varying: list[int
 
 
 
+_LIGHT_2D = _unit([-0.45, 0.65, 0.62])  # the key light of the overlays (x right, y up, z to the viewer)
+_DISTRACTOR_RADIUS = 0.09  # of the image side
+_DISTRACTOR_TRIES = 12
+
+
+def _ball(size: int, cy: float, cx: float, r: float):
+    """One shaded ball (centre (cy, cx), radius r, in pixels) on the window of the image it can
+    reach: ``(rows, cols, cover, shade)`` -- the window's slices, the anti-aliased coverage in
+    [0, 1] (the disc's area in each pixel, to half a pixel) and the Lambert shading."""
+    t, b = max(int(np.floor(cy - r - 1)), 0), min(int(np.ceil(cy + r + 2)), size)
+    l, rr = max(int(np.floor(cx - r - 1)), 0), min(int(np.ceil(cx + r + 2)), size)
+    dy = np.arange(t, b, dtype=np.float64)[:, None] - cy
+    dx = np.arange(l, rr, dtype=np.float64)[None, :] - cx
+    d = np.hypot(dx, dy)
+    cover = np.clip(r + 0.5 - d, 0.0, 1.0)
+    nx, ny = np.clip(dx / r, -1, 1), np.clip(-dy / r, -1, 1)
+    nz = np.sqrt(np.clip(1.0 - nx ** 2 - ny ** 2, 0.0, 1.0))
+    lam = np.maximum(_LIGHT_2D[0] * nx + _LIGHT_2D[1] * ny + _LIGHT_2D[2] * nz, 0.0)
+    return slice(t, b), slice(l, rr), cover, _AMBIENT + _DIFFUSE * lam + _FILL * nz
+
+
+def _paint(image: np.ndarray, rows: slice, cols: slice, alpha: np.ndarray, shade: np.ndarray, rgb) -> None:
+    """Blend a ball of colour ``rgb`` into the window of uint8 ``image`` (..., S, S, 3) in place
+    (every leading index alike); ``alpha`` already holds the background fraction (the ball is
+    behind the flower). Pixels with alpha 0 are left untouched, bit for bit."""
+    on = alpha > 0
+    if not on.any():
+        return
+    win = image[..., rows, cols, :]
+    a = alpha[on][:, None]
+    col = shade[on][:, None] * np.asarray(rgb, np.float64)[None, :] * 255.0
+    win[..., on, :] = np.clip(np.rint(win[..., on, :] * (1 - a) + col * a), 0, 255).astype(np.uint8)
+
+
+def _clutter(seed: int, view: int, size: int, n: int, bg: np.ndarray, images: dict) -> None:
+    """``n`` neutral balls behind the flower of every item of ``view``: the same positions, sizes
+    and colours for every class (drawn in place into each class's images)."""
+    rng = np.random.default_rng([int(seed), 28, int(view)])
+    items = bg.shape[0]
+    stack = np.stack(list(images.values()), axis=1)  # (25, classes, S, S, 3): one paint for all classes
+    for _ in range(n):
+        radii = rng.uniform(0.03, 0.10, items) * size
+        centres = rng.uniform(0, size, (items, 2))
+        grey = rng.uniform(0.35, 0.75, (items, 1))
+        rgb = np.clip(grey + rng.uniform(-0.05, 0.05, (items, 3)), 0, 1)  # saturation <= ~0.3
+        for k in range(items):
+            rows, cols, cover, shade = _ball(size, centres[k, 0], centres[k, 1], radii[k])
+            _paint(stack[k], rows, cols, cover * bg[k, rows, cols], shade, rgb[k])
+    for i, imgs in enumerate(images.values()):
+        imgs[...] = stack[:, i]
+
+
+def _distractors(seed: int, view: int, label: int, size: int, rate: float, bg: np.ndarray,
+                 images: np.ndarray, rgb: tuple) -> np.ndarray:
+    """Paint, into a ``rate`` share of the 25 items of (``view``, ``label``), one ball of the
+    colour ``rgb`` behind the flower, where it shows most (of a few random places, the one with the
+    most background in the ball's bounding square).
+    Returns the distractors' masks (25, S, S) bool (False on items without one)."""
+    rng = np.random.default_rng([int(seed), 27, int(view), int(label)])
+    items = bg.shape[0]
+    has = rng.uniform(size=items) < rate
+    r = _DISTRACTOR_RADIUS * size
+    cands = rng.uniform(r, size - r, (items, _DISTRACTOR_TRIES, 2))
+    masks = np.zeros(bg.shape, bool)
+    # score each place by the background in the ball's bounding square (a summed-area table)
+    sat = np.zeros((items, size + 1, size + 1))
+    sat[:, 1:, 1:] = bg.cumsum(axis=1).cumsum(axis=2)
+    lo = np.clip(np.floor(cands - r).astype(np.int64), 0, size)
+    hi = np.clip(np.ceil(cands + r).astype(np.int64) + 1, 0, size)
+    for k in np.flatnonzero(has):
+        t, l, b, rr = lo[k, :, 0], lo[k, :, 1], hi[k, :, 0], hi[k, :, 1]
+        score = sat[k, b, rr] - sat[k, t, rr] - sat[k, b, l] + sat[k, t, l]
+        cy, cx = cands[k, int(np.argmax(score))]
+        rows, cols, cover, shade = _ball(size, cy, cx, r)
+        alpha = cover * bg[k, rows, cols]
+        _paint(images[k], rows, cols, alpha, shade, rgb)
+        masks[k, rows, cols] = alpha > 0
+    return masks
+
+
+_SCALED = {"petal": "head", "disc": "head", "stem": "stem", "ball": "ball", "thorn": "thorn"}
+
+
 def geometries(specs: list[ClassSpec]) -> list[str]:
     out: list[str] = []
     for s in specs:
@@ -601,19 +820,30 @@ def geometries(specs: list[ClassSpec]) -> list[str]:
     return out
 
 
-def iter_views(variant: str, size: int, seed: int, views: Sequence[int] | None = None):
+def iter_views(variant: str, size: int, seed: int, views: Sequence[int] | None = None, *,
+               knobs: Knobs | None = None, counterfactual: int = 0, distractors: bool = False):
     """Render ``variant`` view by view, geometry by geometry (each geometry's scene built once).
 
     Yields ``(view, images, masks)``: ``images`` maps each label drawn on the current geometry to
     uint8 (25, S, S, 3); ``masks`` maps each of those labels' regions (``"head"``, ``"stem"``,
     ``"balls"``, ``"thorns"``) to bool (25, S, S) -- one array shared by every class of that
     region. The 25 items run over :data:`CROPS` (outer) and :data:`ANGLES` (inner).
+
+    ``knobs`` (:class:`Knobs`) sets the difficulty. With ``counterfactual`` = shift > 0 the
+    images of each label show the attribute (part colour) of
+    ``counterfactual_label(variant, label, shift)`` and are otherwise the label's own items:
+    same scene, crop, rotation, clutter and distractor (in the label's own colour), mask of
+    the label's own part. With ``distractors`` a fourth element maps each label to its
+    distractors' masks (25, S, S) bool.
     """
+    knobs = check_knobs(knobs)
+    shift = check_counterfactual(variant, counterfactual)
     specs = class_specs(variant)
     transform = _transform_matrix(size)
     views = range(N_VIEWS) if views is None else views
+    scaled = frozenset(_SCALED[n] for s in specs for n in s.mask_parts)
     for geom in geometries(specs):
-        scene = _flower(seed, geom)
+        scene = _flower(seed, geom, knobs.part_scale, scaled)
         members = [(label, s) for label, s in enumerate(specs) if s.geometry == geom]
         parts = sorted({0, *(_P[n] for n in ("stem", "leaf", "petal", "disc"))}
                        | ({_P["ball"]} if geom == "balls" else set())
@@ -623,32 +853,46 @@ def iter_views(variant: str, size: int, seed: int, views: Sequence[int] | None =
         fixed = [p for p in parts if p not in varying and p != 0]
         regions = {s.region: s.mask_parts for _, s in members}
         for view in views:
-            base, shading, pmasks = _view_maps(scene, int(view), size, fixed, varying, mask_parts, transform)
+            maps = _view_maps(scene, int(view), size, fixed, varying, mask_parts, transform, knobs.overlays)
+            base, shading, pmasks = maps[:3]
             masks = {}
             for region, region_parts in regions.items():
                 mask = np.zeros(len(CROPS) * len(ANGLES) * size * size, bool)
                 for n in region_parts:
                     mask |= pmasks[_P[n]]
                 masks[region] = mask.reshape(-1, size, size)
-            images = {label: _compose(spec, base, shading, varying, size) for label, spec in members}
-            yield int(view), images, masks
+            images = {label: _compose(specs[counterfactual_label(variant, label, shift)] if shift else spec,
+                                      base, shading, varying, size) for label, spec in members}
+            dmasks = {label: np.zeros((len(CROPS) * len(ANGLES), size, size), bool) for label, _ in members}
+            if knobs.overlays:
+                bg = maps[3].reshape(-1, size, size)
+                _clutter(seed, int(view), size, knobs.clutter, bg, images)
+                if knobs.distractor_rate > 0:
+                    # never on a pixel of a class mask (not even a mixed one at its border)
+                    free = bg * ~np.logical_or.reduce(list(masks.values()))
+                    for label, spec in members:
+                        dmasks[label] = _distractors(seed, int(view), label, size, knobs.distractor_rate, free,
+                                                     images[label], attribute_colour(spec))
+            yield (int(view), images, masks, dmasks) if distractors else (int(view), images, masks)
 
 
-def render_view(variant: str = "single-6c", view: int = 0, size: int = 128, seed: int = 0
-                ) -> tuple[np.ndarray, np.ndarray]:
+def render_view(variant: str = "single-6c", view: int = 0, size: int = 128, seed: int = 0, *,
+                knobs: Knobs | dict | None = None, counterfactual: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The 25 items of one viewpoint of every class, in memory (nothing is written).
 
     Returns ``images`` uint8 (C, 25, size, size, 3) and ``masks`` bool (C, 25, size, size),
     C classes in label order, the 25 items over :data:`CROPS` (outer) and :data:`ANGLES`
-    (inner) -- exactly the pixels :class:`An8Flower` stores for those items.
+    (inner) -- exactly the pixels :class:`An8Flower` stores for those items (with the same
+    ``knobs`` and ``counterfactual``, see :func:`iter_views`).
     """
     variant, size, seed = check_variant(variant), check_size(size), check_seed(seed)
+    knobs, counterfactual = check_knobs(knobs), check_counterfactual(variant, counterfactual)
     if not isinstance(view, (int, np.integer)) or isinstance(view, bool) or not 0 <= view < N_VIEWS:
         raise ValueError(f"view: expected an int in 0..{N_VIEWS - 1}, got {describe(view)}")
     specs = class_specs(variant)
     images = np.empty((len(specs), len(CROPS) * len(ANGLES), size, size, 3), np.uint8)
     masks = np.empty(images.shape[:4], bool)
-    for _, imgs, regs in iter_views(variant, size, seed, views=[view]):
+    for _, imgs, regs in iter_views(variant, size, seed, views=[view], knobs=knobs, counterfactual=counterfactual):
         for label, arr in imgs.items():
             images[label] = arr
             masks[label] = regs[specs[label].region]

@@ -1,0 +1,180 @@
+"""The counterfactual interpretation study (issue 27, item 3) on run folders.
+
+For one run (:func:`counterfactual_run`: a model trained on an an8Flower fold) every selector
+of :data:`vxnb.evaluate.counterfactual.SELECTORS` picks the same number of features per class
+(``k``, or fewer where the μ-lasso at ``mu`` keeps fewer non-zero weights for a class: then
+every selector takes that many); for each selected feature:
+
+* ``drop``: its causal specificity -- the relative drop of its mean response over the test
+  images of its class when their class colour is swapped to another class's (the
+  counterfactual renders ``An8Flower(..., counterfactual=shift)``, same pose, crop, rotation);
+* ``precision``: its part precision -- the share of its top training patches' receptive
+  fields inside the class part's mask.
+
+:func:`counterfactual_study` runs it over folds and seeds and summarises each measure with
+``vxnb.evaluate.counterfactual.compare_selectors`` (mean ± 95 % interval over the (fold, seed)
+units, Wilcoxon signed-rank of the μ-lasso against each selector).
+
+>>> table, summary = counterfactual_study(RunConfig(size=64, quick=True), folds=(0, 1), seeds=(0,))
+>>> summary["drop"]        # selector, n, mean, ci_low, ci_high, wilcoxon_p, reference_better
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+from torch.utils.data import Subset
+from tqdm.auto import tqdm
+
+from vxnb import _store
+from vxnb._checks import check_positive_int
+from vxnb.evaluate.counterfactual import (SELECTORS, causal_specificity, compare_selectors, crp_channel_relevance,
+                                          part_precision, select_features)
+from vxnb.utils import describe, read_json
+from vxnb.studies import runs
+
+__all__ = ["MEASURES", "counterfactual_data", "counterfactual_run", "counterfactual_study"]
+
+#: The two measures, each a column of the run table and a summary of the study.
+MEASURES: tuple[str, ...] = ("drop", "precision")
+
+
+def _check_cfg(cfg: Any) -> runs.RunConfig:
+    if not isinstance(cfg, runs.RunConfig):
+        raise TypeError(f"cfg: expected a RunConfig, got {describe(cfg)}")
+    if cfg.dataset != "an8flower" or cfg.variant == "part-2c":
+        raise ValueError("cfg: the counterfactual study needs dataset='an8flower' with a colour variant "
+                         f"('single-6c' or 'double-12c'), got dataset={cfg.dataset!r}, variant={cfg.variant!r}")
+    return cfg
+
+
+def counterfactual_data(cfg: runs.RunConfig, test: Any, shift: int = 1, *, progress: bool = True):
+    """The counterfactual twins of the run's ``test`` split (a Subset of the run's an8Flower) and
+    a content key for them (the counterfactual cache's manifest and the split's indices)."""
+    from vxnb.data.an8flower import An8Flower
+
+    full = An8Flower(cfg.data_dir, cfg.variant, cfg.size, seed=cfg.seed, counterfactual=shift, progress=progress)
+    indices = np.asarray(getattr(test, "indices", np.arange(len(test))), dtype=np.int64)
+    cf = Subset(full, indices.tolist())
+    key = _store.key("split", {"split": f"test-cf{shift}"},
+                     {"data": _store.key("an8flower-manifest", read_json(full.folder / "manifest.json")),
+                      "indices": _store.array_fingerprint(indices)})
+    return cf, key
+
+
+def counterfactual_run(cfg: runs.RunConfig, *, k: int = 5, mu: float = 10.0, mu_max: float = 50.0, shift: int = 1,
+                       selectors: Sequence[str] = SELECTORS, top_n: int = 20, crp_per_class: int = 50,
+                       n_random: int = 3, progress: bool = True) -> pd.DataFrame:
+    """One run's table: one row per (selector, class, selected feature) with ``drop`` and
+    ``precision`` (see the module docstring), and the run's fold and seed.
+
+    k: features per class; mu, mu_max: the μ-lasso's bound and its path's end;
+    shift: which counterfactual (``vxnb.data.an8flower.counterfactual_label``);
+    top_n: top patches per feature for the part precision; crp_per_class: training images per
+    class whose CRP relevances rank the channels; n_random: random draws (seeds
+    ``cfg.seed * 1000 + i``), averaged by the summary.
+    """
+    from vxnb.features import extract_features
+    from vxnb.interpret import receptive_field, top_patch_table
+
+    cfg = _check_cfg(cfg)
+    k = check_positive_int(k, "k")
+    top_n = check_positive_int(top_n, "top_n")
+    crp_per_class = check_positive_int(crp_per_class, "crp_per_class")
+    n_random = check_positive_int(n_random, "n_random")
+    bad = [s for s in selectors if s not in SELECTORS]
+    if isinstance(selectors, str) or not selectors or bad or "mu-lasso" not in selectors:
+        raise ValueError(f"selectors: expected a list of {SELECTORS} including 'mu-lasso', got {selectors!r}")
+    data = runs.load_data(cfg, progress=progress)
+    train, test, classes = data
+    model, _ = runs.get_model(cfg, progress=progress, data=data)
+    feats = runs.get_features(cfg, model, "train", data=data, progress=progress, keep_X=True)
+    layers = list(dict.fromkeys(feats.columns["layer"]))
+    tfeats = runs.get_features(cfg, model, "test", data=data, progress=progress, keep_X=True, layers=layers)
+    cf_test, cf_key = counterfactual_data(cfg, test, shift, progress=progress)
+    cfeats = extract_features(model, cf_test, layers=layers, n_classes=len(classes), keep_X=True,
+                              cache_dir=runs.run_dir(cfg) / "features", data_key=cf_key, progress=progress,
+                              batch_size=cfg.batch_size)
+    for name, f in (("test", tfeats), ("counterfactual", cfeats)):
+        if not f.columns[["layer", "channel"]].equals(feats.columns[["layer", "channel"]]):
+            raise RuntimeError(f"{name} features have other columns than the training features")
+    W = runs.get_lasso_path(cfg, feats, mu_max=mu_max).coef(mu)
+    ks = np.minimum(k, (W != 0).sum(axis=0)).astype(np.int64)
+
+    picks: dict[str, list[list[np.ndarray]]] = {}
+    for sel in selectors:
+        if sel == "random":
+            picks[sel] = [select_features("random", feats.X, feats.labels, ks, n_classes=len(classes),
+                                          seed=cfg.seed * 1000 + i) for i in range(n_random)]
+        elif sel == "crp":
+            rows = _per_class(feats.labels, crp_per_class, cfg.seed)
+            images = np.stack([train[int(feats.index[r])][0].numpy() for r in rows])
+            rel = _columns_relevance(crp_channel_relevance(model, images, feats.labels[rows], layers), feats, layers)
+            picks[sel] = [select_features("crp", feats.X[rows], feats.labels[rows], ks, relevance=rel,
+                                          n_classes=len(classes))]
+        else:
+            picks[sel] = [select_features(sel, feats.X, feats.labels, ks, W=W, n_classes=len(classes))]
+
+    cols = feats.columns
+    wanted = sorted({int(j) for draws in picks.values() for sel in draws for f in sel for j in f})
+    pairs = [(cols["layer"].iloc[j], int(cols["channel"].iloc[j])) for j in wanted]
+    top = top_patch_table(model, train, pairs, k=top_n, cache_dir=runs.run_dir(cfg),
+                          data_key=runs.split_key(cfg, "train", train), progress=progress)
+    fields = {layer: receptive_field(model, layer, input_size=cfg.size) for layer in {p[0] for p in pairs}}
+    prec = part_precision(top, fields, lambda i: train[i][2], cfg.size)
+    prec = prec.set_index(["layer", "channel"])["precision"]
+
+    frames = []
+    for sel, draws in tqdm(picks.items(), desc="counterfactual measures", disable=None if progress else True):
+        for draw, chosen in enumerate(draws):
+            out = causal_specificity(tfeats.X, cfeats.X, tfeats.labels, chosen)
+            out["layer"] = cols["layer"].to_numpy()[out["feature"]]
+            out["channel"] = cols["channel"].to_numpy()[out["feature"]].astype(np.int64)
+            out["precision"] = [prec.get((lay, ch), np.nan) for lay, ch in zip(out["layer"], out["channel"])]
+            out.insert(0, "draw", draw)
+            out.insert(0, "selector", sel)
+            frames.append(out)
+    table = pd.concat(frames, ignore_index=True)
+    table.insert(1, "fold", cfg.test_fold)
+    table.insert(2, "seed", cfg.seed)
+    table["class_name"] = [classes[c] for c in table["class"]]
+    runs.save_table(cfg, f"counterfactual-cf{shift}-k{k}-mu{mu:g}", table)
+    return table
+
+
+def _per_class(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Up to ``n`` rows of every class, drawn with ``seed`` (sorted)."""
+    rng = np.random.default_rng(seed)
+    rows = [rng.choice(np.flatnonzero(labels == c), size=min(n, int((labels == c).sum())), replace=False)
+            for c in np.unique(labels)]
+    return np.sort(np.concatenate(rows))
+
+
+def _columns_relevance(rel: np.ndarray, feats: Any, layers: list[str]) -> np.ndarray:
+    """CRP's (N, channels of every layer side by side) as (N, m) in the order of ``feats.columns``."""
+    offsets, start = {}, 0
+    counts = feats.columns.groupby("layer", sort=False)["channel"].max() + 1
+    for layer in layers:
+        offsets[layer] = start
+        start += int(counts[layer])
+    if start != rel.shape[1]:
+        raise RuntimeError(f"CRP returned {rel.shape[1]} channels, the features have {start}")
+    idx = [offsets[lay] + int(ch) for lay, ch in zip(feats.columns["layer"], feats.columns["channel"])]
+    return rel[:, idx]
+
+
+def counterfactual_study(cfg: runs.RunConfig, *, folds: Sequence[int] = (0, 1, 2, 3, 4), seeds: Sequence[int] = (0,),
+                         progress: bool = True, **kwargs: Any) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """:func:`counterfactual_run` on every (fold, seed) -- a model per unit -- and the summary of
+    each measure of :data:`MEASURES` (``compare_selectors``). Returns (table, {measure: summary})."""
+    cfg = _check_cfg(cfg)
+    if isinstance(folds, (int, str)) or not folds or any(not isinstance(f, int) or not 0 <= f < 5 for f in folds):
+        raise ValueError(f"folds: expected a list of ints in 0..4, got {folds!r}")
+    if isinstance(seeds, (int, str)) or not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds: expected a list of ints >= 0, got {seeds!r}")
+    tables = [counterfactual_run(dataclasses.replace(cfg, test_fold=f, seed=s, name=None), progress=progress, **kwargs)
+              for f in folds for s in seeds]
+    table = pd.concat(tables, ignore_index=True)
+    return table, {m: compare_selectors(table, m) for m in MEASURES}

@@ -41,12 +41,17 @@ def _changed(base, cfg) -> set[str]:
     return {k for k in KEYS if a[k] != b[k]}
 
 
-def _manifest(data: Path, variant: str, size: int, seed: int) -> None:
-    from vxnb.data.an8flower import cache_dir
+def _manifest(data: Path, variant: str, size: int, seed: int, knobs: dict | None = None) -> None:
+    from vxnb.data.an8flower import Knobs, cache_dir
 
-    man = cache_dir(data, variant, size, seed) / "manifest.json"
+    man = cache_dir(data, variant, size, seed, knobs=knobs) / "manifest.json"
     man.parent.mkdir(parents=True, exist_ok=True)
-    man.write_text(json.dumps({"dataset": "an8flower", "variant": variant, "size": size, "seed": seed}))
+    man.write_text(json.dumps({"dataset": "an8flower", "variant": variant, "size": size, "seed": seed,
+                               **Knobs(**(knobs or {})).manifest()}))
+
+
+#: The renderer knobs each an8Flower test below sets (each its own cache folder and manifest).
+KNOBS = {"part_scale": 0.8, "distractor_rate": 0.5, "clutter": 3}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +61,8 @@ def places(tmp_path_factory):
         for variant, size, seed in (("single-6c", 32, 0), ("double-12c", 32, 0), ("single-6c", 48, 0),
                                     ("single-6c", 32, 1)):
             _manifest(data, variant, size, seed)
+        for knob, value in KNOBS.items():
+            _manifest(data, "single-6c", 32, 0, {knob: value})
     from vxnb.data.mnist import NPM_IMAGES, NPM_LABELS, write_idx
 
     raw = root / "data" / "MNIST" / "raw"
@@ -94,6 +101,10 @@ AN8FLOWER = {
     "trust_weights": (True, set()),
     "layers": ("all", {"fold"}),
     "batch_size": (8, set()),
+    # the renderer's knobs: other images (their own cache and manifest), so everything changes
+    "part_scale": (KNOBS["part_scale"], ALL),
+    "distractor_rate": (KNOBS["distractor_rate"], ALL),
+    "clutter": (KNOBS["clutter"], ALL),
 }
 
 #: folder run on your model: field → (new value, the keys it must change).
@@ -120,6 +131,8 @@ FOLDER = {
     "trust_weights": (True, set()),
     "layers": ("layer4.*", {"fold"}),
     "batch_size": (8, set()),
+    # an8Flower's renderer knobs: refused on a folder run (test_knobs_are_refused_off_an8flower)
+    "part_scale": None, "distractor_rate": None, "clutter": None,
 }
 
 
@@ -154,6 +167,27 @@ def test_folder_keys_follow_each_setting(places, field):
     extra = {"weights": str(places["vgg"])} if field == "model" else {}
     cfg = runs.RunConfig(**{**params, field: _value(value, places), **extra})
     assert _changed(base, cfg) == want
+
+
+@pytest.mark.parametrize("knob", sorted(KNOBS))
+def test_knobs_are_refused_off_an8flower(places, knob):
+    with pytest.raises(ValueError, match=f"^{knob}: a renderer knob of an8Flower"):
+        runs.RunConfig(dataset="mnist", data_root=str(places["root"] / "data"), **{knob: KNOBS[knob]})
+
+
+@pytest.mark.parametrize("knob, bad", [("part_scale", 2.0), ("part_scale", "big"), ("distractor_rate", -0.1),
+                                       ("distractor_rate", True), ("clutter", 1.5), ("clutter", 21)])
+def test_bad_knobs_are_refused_naming_the_field(knob, bad):
+    with pytest.raises((ValueError, TypeError), match=f"^{knob}: expected"):
+        runs.RunConfig(size=32, **{knob: bad})
+
+
+def test_knobs_are_in_the_run_name_and_the_data_record(places):
+    cfg = runs.RunConfig(size=32, epochs=1, data_root=str(places["root"] / "data"), distractor_rate=0.5, clutter=3)
+    assert cfg.run_name == "an8flower-single-6c-s32-f0-dr0.5-cl3-seed0-e1"
+    assert runs.data_record(dataclasses.replace(cfg, clutter=0))["knobs"] == {
+        "part_scale": 1.0, "distractor_rate": 0.5, "clutter": 0}
+    assert "knobs" not in runs.data_record(dataclasses.replace(cfg, distractor_rate=0.0, clutter=0))
 
 
 FOLD_OPTIONS = {"methods": ("gradcam",), "mu": 5.0, "k": 3, "n_test_images": 4, "occlusion": False,

@@ -142,6 +142,13 @@ class RunConfig:
     trust_weights: read a weights file that needs full unpickling (a whole pickled model, which
     can run code); default False, such a file is refused.
 
+    an8Flower runs only (the renderer's difficulty knobs, ``vxnb.data.an8flower.Knobs``; the
+    defaults draw the paper's images and add nothing to keys or names): part_scale (0.5 to 1.5,
+    size of the class-defining parts), distractor_rate (0 to 1, the fraction of images with a
+    ball of their class colour elsewhere: a planted shortcut), clutter (0 to 20 neutral
+    background balls). Non-default knobs are in the data record, the checkpoint's key and the
+    run name (e.g. ``-dr0.5``).
+
     Every run: layers ("blocks": block outputs of residual networks, else every conv/FC block;
     "all": every conv/FC block; a list of names or glob patterns like "layer4.*") and
     batch_size (of feature extraction).
@@ -170,6 +177,9 @@ class RunConfig:
     trust_weights: bool = False
     layers: Any = "blocks"
     batch_size: int = 64
+    part_scale: float = 1.0
+    distractor_rate: float = 0.0
+    clutter: int = 0
 
     def __post_init__(self) -> None:
         spec = dataset_spec(self.dataset)
@@ -177,6 +187,11 @@ class RunConfig:
         if not _is_int(self.size):
             raise ValueError(f"size: expected an int (image size in pixels), got {self.size!r}")
         spec.check(self)
+        if not spec.has_knobs:
+            for arg, default in (("part_scale", 1.0), ("distractor_rate", 0.0), ("clutter", 0)):
+                if getattr(self, arg) != default or isinstance(getattr(self, arg), bool):
+                    raise ValueError(f"{arg}: a renderer knob of an8Flower; dataset {self.dataset!r} is not rendered, "
+                                     f"expected the default {default!r}, got {getattr(self, arg)!r}")
         _check_int(self.test_fold, "test_fold", 0, 4)
         _check_int(self.seed, "seed", 0, None)
         if self.folds not in ("views", "blocks"):

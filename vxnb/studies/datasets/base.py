@@ -22,6 +22,8 @@ class DatasetSpec:
             ``an8flower-only`` run only then).
         quick_resizes: the quick setting shrinks the images (not a user's model's input).
         prepare_with: other datasets the report prepares with this one (``--prepare-data``).
+        has_knobs: the dataset is rendered with the renderer's difficulty knobs (``RunConfig``'s
+            part_scale, distractor_rate, clutter); on the others they must keep their defaults.
     """
 
     name: str = ""
@@ -30,6 +32,7 @@ class DatasetSpec:
     benchmark: str | None = None
     paper_numbers: bool = False
     quick_resizes: bool = True
+    has_knobs: bool = False
     prepare_with: tuple[str, ...] = ()
     #: The Markdown sentence of notebook 05 on this dataset's masks (None: the generic ones).
     masks_note: str | None = None

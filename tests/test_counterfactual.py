@@ -254,3 +254,66 @@ def test_distractor_precision_finds_a_colour_detector_on_the_planted_ball(tmp_pa
     assert CF.shortcut_detection(sel, prec)["detected"].tolist() == [True, False]
     with pytest.raises(ValueError, match="distractors"):
         CF.distractor_precision(model, An8Flower(tmp_path, "part-2c", 32, progress=False), [("1", 0)])
+
+
+def _colour_model():
+    """Two hand-set 5 x 5 channels: 'red' (R - G - B) and 'green' (G - R - B)."""
+    conv = nn.Conv2d(3, 2, 5, padding=2)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0], conv.weight[0, 1], conv.weight[0, 2] = 1 / 25, -1 / 25, -1 / 25
+        conv.weight[1, 0], conv.weight[1, 1], conv.weight[1, 2] = -1 / 25, 1 / 25, -1 / 25
+        conv.bias.copy_(torch.tensor([-0.2, -0.05]))
+    return nn.Sequential(conv, nn.ReLU())
+
+
+def test_find_shortcut_on_the_runs_probe(tmp_path):
+    """part-2c, the probe of a run's test split with a distractor in every image (the balls
+    class's ball is red). A hand-planted red detector selected for class 0 finds the shortcut;
+    the green channel (stem and leaves), which cannot see a red ball, raises no false alarm --
+    neither beside it nor as every class's only feature (a model blind to the distractor)."""
+    from vxnb.studies.counterfactual import find_shortcut, shortcut_probe
+    from vxnb.studies.runs import RunConfig
+
+    cfg = RunConfig(variant="part-2c", size=64, train_limit=200, data_root=str(tmp_path))
+    probe = shortcut_probe(cfg, progress=False)
+    base = probe.dataset
+    assert base.knobs.distractor_rate == 1.0 and base.index["distractor"].all()
+    _, test_idx = base.fold_indices(cfg.test_fold, cfg.folds)
+    assert set(probe.indices) <= set(test_idx.tolist()) and len(probe) == 50  # the run's test subset
+    model = _colour_model()
+    sel = pd.DataFrame({"class": [0, 1], "layer": ["1", "1"], "channel": [0, 1]})
+    found = find_shortcut(model, sel, probe, top_n=10, progress=False)
+    assert found["detected"].tolist() == [True, False] and found["best"].iloc[0] > 0.8
+    blind = pd.DataFrame({"class": [0, 1], "layer": ["1", "1"], "channel": [1, 1]})
+    alarms = find_shortcut(model, blind, probe, top_n=10, progress=False)
+    assert not alarms["detected"].any() and (alarms["best"] < 0.1).all()
+    with pytest.raises(ValueError, match="rate"):
+        shortcut_probe(cfg, rate=0.0)
+    with pytest.raises(ValueError, match="an8flower"):
+        shortcut_probe(RunConfig(dataset="mnist", data_root=str(tmp_path)))
+    with pytest.raises(TypeError, match="selected"):
+        find_shortcut(model, sel.drop(columns="class"), probe)
+
+
+@pytest.mark.slow
+def test_shortcut_study_end_to_end(tmp_path):
+    """Tiny runs at rate 0 and 1: one row per class and rate, the summary's rates are the
+    shares of classes detected, and the rate-1 model was trained on its own renders."""
+    from vxnb.studies.counterfactual import shortcut_study
+    from vxnb.studies.runs import RunConfig
+
+    cfg = RunConfig(size=32, quick=True, train_limit=240, epochs=1, data_root=str(tmp_path / "data"),
+                    runs_root=str(tmp_path / "runs"))
+    table, summary = shortcut_study(cfg, rate=1.0, k=3, top_n=4, progress=False)
+    assert sorted(set(table["distractor_rate"])) == [0.0, 1.0]
+    assert (table.groupby("distractor_rate").size() == 6).all()
+    assert table["best"].between(0, 1).all() and table["probe_accuracy"].between(0, 1).all()
+    summary = summary.set_index("role")
+    for role, r in (("false alarm", 0.0), ("detection", 1.0)):
+        assert summary.loc[role, "rate_found"] == pytest.approx(table[table["distractor_rate"] == r]["detected"].mean())
+    names = sorted(p.parent.name for p in (tmp_path / "runs").rglob("shortcut-k3-mu10-p1.csv"))
+    assert names == ["an8flower-single-6c-s32-f0-dr1-seed0-quick-e1-n240",
+                     "an8flower-single-6c-s32-f0-seed0-quick-e1-n240"]
+    with pytest.raises(ValueError, match="rate"):
+        shortcut_study(cfg, rate=1.5)

@@ -17,6 +17,19 @@ units, Wilcoxon signed-rank of the μ-lasso against each selector).
 
 >>> table, summary = counterfactual_study(RunConfig(size=64, quick=True), folds=(0, 1), seeds=(0,))
 >>> summary["drop"]        # selector, n, mean, ci_low, ci_high, wilcoxon_p, reference_better
+
+The shortcut demonstration (issue 27, item 4), :func:`shortcut_study`: a model trained on
+renders with a planted shortcut (``RunConfig.distractor_rate`` > 0: that fraction of the
+training images carries a ball of its class colour elsewhere in the image) and a model trained
+without it (rate 0). For each, the μ-lasso's features of every class (:func:`shortcut_run`)
+collect their top patches on the run's test images rendered again with a distractor in every
+one (:func:`shortcut_probe`); a class *finds the shortcut* when one of its features has at least
+``threshold`` of its top patches' receptive fields on the distractor
+(``vxnb.evaluate.counterfactual.shortcut_detection``). The share of such classes is the
+detection rate for the shortcut model and the false-alarm rate for the rate-0 model.
+
+>>> table, summary = shortcut_study(RunConfig(size=64, quick=True), rate=1.0, folds=(0,))
+>>> summary            # role (false alarm / detection), distractor_rate, n, rate, ci_low, ci_high
 """
 from __future__ import annotations
 
@@ -31,11 +44,14 @@ from tqdm.auto import tqdm
 from vxnb import _store
 from vxnb._checks import check_positive_int
 from vxnb.evaluate.counterfactual import (SELECTORS, causal_specificity, compare_selectors, crp_channel_relevance,
-                                          part_precision, select_features)
+                                          distractor_precision, mean_ci, part_precision, select_features,
+                                          selection_frame, shortcut_detection)
 from vxnb.utils import describe, read_json
 from vxnb.studies import runs
+from vxnb.studies.datasets.an8flower import knobs as run_knobs
 
-__all__ = ["MEASURES", "counterfactual_data", "counterfactual_run", "counterfactual_study"]
+__all__ = ["MEASURES", "counterfactual_data", "counterfactual_run", "counterfactual_study", "shortcut_probe",
+           "find_shortcut", "shortcut_run", "shortcut_study"]
 
 #: The two measures, each a column of the run table and a summary of the study.
 MEASURES: tuple[str, ...] = ("drop", "precision")
@@ -55,7 +71,8 @@ def counterfactual_data(cfg: runs.RunConfig, test: Any, shift: int = 1, *, progr
     a content key for them (the counterfactual cache's manifest and the split's indices)."""
     from vxnb.data.an8flower import An8Flower
 
-    full = An8Flower(cfg.data_dir, cfg.variant, cfg.size, seed=cfg.seed, counterfactual=shift, progress=progress)
+    full = An8Flower(cfg.data_dir, cfg.variant, cfg.size, seed=cfg.seed, knobs=run_knobs(cfg), counterfactual=shift,
+                     progress=progress)
     indices = np.asarray(getattr(test, "indices", np.arange(len(test))), dtype=np.int64)
     cf = Subset(full, indices.tolist())
     key = _store.key("split", {"split": f"test-cf{shift}"},
@@ -178,3 +195,107 @@ def counterfactual_study(cfg: runs.RunConfig, *, folds: Sequence[int] = (0, 1, 2
               for f in folds for s in seeds]
     table = pd.concat(tables, ignore_index=True)
     return table, {m: compare_selectors(table, m) for m in MEASURES}
+
+
+# -------------------------------------------------------------------------------- the shortcut
+def _check_rate(rate: Any, arg: str) -> float:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0 < rate <= 1):
+        raise ValueError(f"{arg}: expected a distractor rate in (0, 1], got {describe(rate)}")
+    return float(rate)
+
+
+def _check_an8flower(cfg: Any) -> runs.RunConfig:
+    if not isinstance(cfg, runs.RunConfig):
+        raise TypeError(f"cfg: expected a RunConfig, got {describe(cfg)}")
+    if cfg.dataset != "an8flower":
+        raise ValueError(f"cfg: the shortcut study needs dataset='an8flower' (rendered with distractors), "
+                         f"got {cfg.dataset!r}")
+    return cfg
+
+
+def shortcut_probe(cfg: runs.RunConfig, *, rate: float = 1.0, progress: bool = True) -> Subset:
+    """The run's test split rendered again with distractors at ``rate`` (1: in every image): the
+    same items (views, crops, angles, classes; the same ``train_limit`` subset) and the run's
+    other knobs -- the images whose distractor masks are the truth of :func:`find_shortcut`."""
+    cfg = _check_an8flower(cfg)
+    rate = _check_rate(rate, "rate")
+    return runs.load_data(dataclasses.replace(cfg, distractor_rate=rate, name=None), progress=progress)[1]
+
+
+def find_shortcut(model: Any, selected: pd.DataFrame, probe: Any, *, top_n: int = 20, threshold: float = 0.5,
+                  progress: bool = True) -> pd.DataFrame:
+    """Whether each class's selected features point at the planted distractor.
+
+    selected: one row per (class, feature) with class, layer, channel (``selection_frame``);
+    probe: an An8Flower with distractors, or a Subset of one (:func:`shortcut_probe`). Each
+    feature's ``top_n`` top patches over the probe are scored by the share of their receptive
+    fields on the distractor (``distractor_precision``). Returns one row per class: class,
+    n_features, best (the largest share), detected (best >= threshold).
+    """
+    if not isinstance(selected, pd.DataFrame) or not {"class", "layer", "channel"} <= set(selected.columns):
+        raise TypeError(f"selected: expected a DataFrame with columns class, layer, channel, got {describe(selected)}")
+    if selected.empty:
+        raise ValueError("selected: no feature selected for any class")
+    pairs = selected[["layer", "channel"]].drop_duplicates().reset_index(drop=True)
+    prec = distractor_precision(model, probe, pairs, k=check_positive_int(top_n, "top_n"), progress=progress)
+    return shortcut_detection(selected, prec, threshold)
+
+
+def shortcut_run(cfg: runs.RunConfig, *, k: int = 5, mu: float = 10.0, mu_max: float = 50.0, top_n: int = 20,
+                 threshold: float = 0.5, probe_rate: float = 1.0, progress: bool = True) -> pd.DataFrame:
+    """One run (trained at ``cfg.distractor_rate``): the μ-lasso's top-``k`` features of every
+    class at ``mu`` (fewer where fewer weights are non-zero) and :func:`find_shortcut` on
+    :func:`shortcut_probe` at ``probe_rate``. Returns one row per class with the run's
+    distractor_rate, fold, seed, class_name, n_features, best, detected, and the model's test
+    accuracy on its own test split (``test_accuracy``) and on the probe (``probe_accuracy``);
+    saved as the run's table ``shortcut-k<k>-mu<mu>-p<probe_rate>``."""
+    from vxnb.models import accuracy
+
+    cfg = _check_an8flower(cfg)
+    k = check_positive_int(k, "k")
+    data = runs.load_data(cfg, progress=progress)
+    classes = data[2]
+    model, _ = runs.get_model(cfg, progress=progress, data=data)
+    feats = runs.get_features(cfg, model, "train", data=data, progress=progress)
+    W = runs.get_lasso_path(cfg, feats, mu_max=mu_max).coef(mu)
+    ks = np.minimum(k, (W != 0).sum(axis=0)).astype(np.int64)
+    selected = selection_frame(select_features("mu-lasso", k=ks, W=W), feats.columns)
+    probe = shortcut_probe(cfg, rate=probe_rate, progress=progress)
+    out = find_shortcut(model, selected, probe, top_n=top_n, threshold=threshold, progress=progress)
+    out.insert(0, "distractor_rate", cfg.distractor_rate)
+    out.insert(1, "fold", cfg.test_fold)
+    out.insert(2, "seed", cfg.seed)
+    out.insert(4, "class_name", [classes[c] for c in out["class"]])
+    out["test_accuracy"] = accuracy(model, data[1], batch_size=cfg.batch_size)
+    out["probe_accuracy"] = accuracy(model, probe, batch_size=cfg.batch_size)
+    runs.save_table(cfg, f"shortcut-k{k}-mu{mu:g}-p{probe_rate:g}", out)
+    return out
+
+
+def shortcut_study(cfg: runs.RunConfig, *, rate: float = 0.5, folds: Sequence[int] = (0,), seeds: Sequence[int] = (0,),
+                   progress: bool = True, **kwargs: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`shortcut_run` for a model trained at distractor rate 0 and one at ``rate`` (a
+    planted shortcut), on every (fold, seed). Returns (table, summary): the summary has one row
+    per rate -- role ("false alarm" at rate 0, "detection" at ``rate``), n (classes × units),
+    the share of classes whose features found the distractor (``rate_found``) with its 95 %
+    interval over the (fold, seed) units, and the mean test and probe accuracies."""
+    cfg = _check_an8flower(cfg)
+    rate = _check_rate(rate, "rate")
+    if isinstance(folds, (int, str)) or not folds or any(not isinstance(f, int) or not 0 <= f < 5 for f in folds):
+        raise ValueError(f"folds: expected a list of ints in 0..4, got {folds!r}")
+    if isinstance(seeds, (int, str)) or not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds: expected a list of ints >= 0, got {seeds!r}")
+    units = [(r, f, s) for r in (0.0, rate) for f in folds for s in seeds]
+    tables = [shortcut_run(dataclasses.replace(cfg, distractor_rate=r, test_fold=f, seed=s, name=None),
+                           progress=progress, **kwargs)
+              for r, f, s in tqdm(units, desc="shortcut runs", disable=None if progress else True)]
+    table = pd.concat(tables, ignore_index=True)
+    rows = []
+    for r, part in table.groupby("distractor_rate", sort=True):
+        per_unit = part.groupby(["fold", "seed"])["detected"].mean()
+        mean, lo, hi = mean_ci(per_unit.to_numpy())
+        rows.append({"role": "false alarm" if r == 0 else "detection", "distractor_rate": r, "n": len(part),
+                     "rate_found": mean, "ci_low": lo, "ci_high": hi,
+                     "test_accuracy": part.groupby(["fold", "seed"])["test_accuracy"].first().mean(),
+                     "probe_accuracy": part.groupby(["fold", "seed"])["probe_accuracy"].first().mean()})
+    return table, pd.DataFrame(rows)

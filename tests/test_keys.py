@@ -212,6 +212,7 @@ NOTEBOOK_PARAMETER_KEYS = {
     "splits": "RunConfig.folds", "variants": "RunConfig.variant", "single_folds": "RunConfig.test_fold",
     "other_folds": "RunConfig.test_fold", "diagnose": "RunConfig.variant and test_fold",
     "top_n": "top patches' k",
+    "counterfactual_folds": "RunConfig.test_fold", "shortcut_rate": "RunConfig.distractor_rate",
     "n_random": None, "also_mnist": None, "crop_size": None, "n_per_class": None, "n_images": None,
     "diagnose_mus": None,
 }

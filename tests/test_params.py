@@ -91,6 +91,9 @@ def test_good_parameters_give_the_run_config():
     ({"variant": "single-7c"}, ValueError, r"variant: expected one of"),
     ({"folds": [0, 1]}, ValueError, r"folds: expected one of 'views', 'blocks'.*called 'single_folds'"),
     ({"quick": "yes"}, ValueError, r"quick: expected True or False"),
+    ({"shortcut_rate": 0}, ValueError, r"shortcut_rate: expected a distractor rate in \(0, 1\]"),
+    ({"distractor_rate": 2.0}, ValueError, r"distractor_rate: expected a number in \[0, 1\]"),
+    ({"dataset": "mnist", "clutter": 3}, ValueError, r"clutter: a renderer knob of an8Flower"),
 ])
 def test_bad_parameters_are_refused_naming_them(params, exc, pattern):
     with pytest.raises(exc, match=pattern):

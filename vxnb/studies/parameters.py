@@ -141,6 +141,10 @@ NOTEBOOK_PARAMETERS: dict[str, dict[str, NotebookParameter]] = {
                                      _or_none(_names(_combines))),
         "diagnose": NotebookParameter(None, "None or [variant, fold]", _or_none(_diagnose)),
         "diagnose_mus": NotebookParameter(None, "None or a list of positive numbers", _or_none(_mus)),
+        "counterfactual_folds": NotebookParameter(None, lambda: f"None or a list of folds in 0..{_n_folds() - 1}",
+                                                  _or_none(_folds)),
+        "shortcut_rate": NotebookParameter(1.0, "a distractor rate in (0, 1]",
+                                           lambda v: _number(v) and 0 < v <= 1),
     },
     "06_sanity_check": {
         "mu": _MU,

@@ -91,9 +91,9 @@ def shortcut(size: int, folds: list[int], rate: float) -> None:
         print(f"\nshortcut study: single-6c, size {size}, quick setting, folds {folds}, seed 0, k = 5, "
               f"planted rate {rate:g}, probe rate 1 ({time.perf_counter() - t0:.0f} s)")
         for row in summary.itertuples():
+            ci = "" if np.isnan(row.ci_low) else f"  [{row.ci_low:+.2f}, {row.ci_high:+.2f}]"
             print(f"  {row.role:<11} (trained at rate {row.distractor_rate:g}): {row.rate_found:.2f} of {row.n} "
-                  f"classes  [{row.ci_low:+.2f}, {row.ci_high:+.2f}]  test acc {row.test_accuracy:.3f}, "
-                  f"probe acc {row.probe_accuracy:.3f}")
+                  f"classes{ci}  test acc {row.test_accuracy:.3f}, probe acc {row.probe_accuracy:.3f}")
         print("  per class (best share of a feature's top patches on the distractor):")
         print(table.pivot_table(index="class_name", columns="distractor_rate", values="best").round(2).to_string())
 

@@ -124,7 +124,7 @@ def test_bench_scores_the_named_method(monkeypatch, capsys):
 
 def test_bench_refuses_a_bad_method_spec(capsys):
     assert cli.main(["bench", "--method", "no_colon"]) == 1
-    assert "--method: expected 'package.module:name', got 'no_colon'" in capsys.readouterr().err
+    assert "--method: expected 'package.module:name', got str 'no_colon'" in capsys.readouterr().err
     assert cli.main(["bench", "--method", "tests.test_cli:nothing_here"]) == 1
     assert "has no attribute 'nothing_here'" in capsys.readouterr().err
     assert cli.main(["bench", "--method", "tests.test_cli:pytest"]) == 1  # a module, not a method

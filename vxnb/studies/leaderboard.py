@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from vxnb import paths
 from vxnb.evaluate.counterfactual import mean_ci
 from vxnb.studies import benchmark, runs, table1
 from vxnb.utils import atomic_path, describe
@@ -29,7 +30,7 @@ __all__ = ["EXTRA_METHODS", "LEADERBOARD_PAGE", "saliency", "integrated_gradient
            "write_leaderboard"]
 
 #: The page's file name in the report's folder (linked from its index when a run wrote it).
-LEADERBOARD_PAGE = "benchmark.html"
+LEADERBOARD_PAGE = paths.LEADERBOARD_PAGE
 
 
 def _captum(cls_name: str, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, **kw) -> torch.Tensor:

@@ -27,7 +27,7 @@ from vxnb.utils import atomic_path, describe
 
 __all__ = ["EXTRA_METHODS", "LEADERBOARD_PAGE", "saliency", "integrated_gradients", "guided_backprop", "lrp",
            "crp_ours", "registry_method", "run_leaderboard", "collect_scores", "leaderboard_table",
-           "write_leaderboard"]
+           "write_leaderboard", "leaderboard_page"]
 
 #: The page's file name in the report's folder (linked from its index when a run wrote it).
 LEADERBOARD_PAGE = paths.LEADERBOARD_PAGE
@@ -269,3 +269,21 @@ other class): smaller is better. {html.escape(note)}</p>
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path
+
+
+def leaderboard_page(config: Any = None, *, variant: str = "single-6c", split: str = "blocks",
+                     folds: Sequence[int] = (0, 1, 2, 3, 4), n_images: int | None = 100, mu: float = 10.0, k: int = 5,
+                     path: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+    """Notebook 05's leaderboard: the built-in rows (:func:`run_leaderboard`) and every other
+    method scored with ``score_callable`` for this variant and split (:func:`collect_scores`),
+    as :func:`leaderboard_table`, written to ``path`` (default: ``benchmark.html`` in the
+    report's folder, :func:`vxnb.paths.report_dir`). Returns the table (``attrs["file"]``: the page)."""
+    scores = run_leaderboard(config, variant=variant, split=split, folds=folds, n_images=n_images, mu=mu, k=k,
+                             progress=progress)
+    others = collect_scores(config, variant=variant, split=split)
+    others = others[~others["method"].isin(set(scores["method"]))]
+    table = leaderboard_table(pd.concat([scores, others], ignore_index=True) if len(others) else scores)
+    note = (f"Variant {variant}, {split} split, folds {', '.join(map(str, folds))}, "
+            f"{'all' if n_images is None else n_images} images per fold; our rows: μ = {mu:g}, k = {k}.")
+    table.attrs["file"] = write_leaderboard(table, path or paths.report_dir() / LEADERBOARD_PAGE, note=note)
+    return table

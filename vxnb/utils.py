@@ -298,14 +298,14 @@ def mirror_progress_to_terminal(force: bool = False) -> bool:
     return True
 
 
-def import_object(spec: Any, arg: str) -> Any:
+def import_object(spec: Any, arg: str, expected: str = "'package.module:name'") -> Any:
     """The object named by ``"package.module:attr"`` (``attr`` may be dotted); a clear ValueError
     naming ``arg`` when the spec is malformed, the module cannot be imported or has no such attribute."""
     import importlib
 
     module_name, _, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if not module_name or not attr:
-        raise ValueError(f"{arg}: expected 'package.module:name', got {describe(spec)}")
+        raise ValueError(f"{arg}: expected {expected}, got {describe(spec)}")
     try:
         obj = importlib.import_module(module_name)
     except Exception as err:  # noqa: BLE001 - ImportError, SyntaxError, errors at import time

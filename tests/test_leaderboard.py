@@ -87,5 +87,11 @@ def test_leaderboard_scores_registry_peers_and_callables(cfg):
     # the callables' tables are collected from the benchmark's run folder
     found = L.collect_scores(cfg)
     assert set(found["method"]) == {"gradcam", "ours", "crp_ours", "mine"}
+    # the page: the built-in rows scored now and every other scored method, best first
+    board = L.leaderboard_page(cfg, folds=(0,), n_images=4, methods=["gradcam"], progress=False,
+                               path=cfg.runs_dir / "page" / "benchmark.html")
+    assert set(board["method"]) == {"gradcam", "ours", "crp_ours", "mine"}
+    assert list(board["iou_area"]) == sorted(board["iou_area"], reverse=True)
+    assert "Grad-CAM" in board.attrs["file"].read_text()
     with pytest.raises(ValueError, match="methods: expected names among"):
         L.run_leaderboard(cfg, methods=["lime"])

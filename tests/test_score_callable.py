@@ -67,6 +67,8 @@ def test_scores_equal_an_independent_computation(cfg):
     n = len(calls)
     _score(counted, cfg, name="counted")
     assert n > 0 and len(calls) == n
+    _score(counted, cfg, name="counted", n_images=N - 1, sanity_images=1)  # another setting: another key
+    assert len(calls) > n
 
 
 def test_a_failing_image_is_counted_never_dropped(cfg):

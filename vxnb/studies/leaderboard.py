@@ -273,13 +273,14 @@ other class): smaller is better. {html.escape(note)}</p>
 
 def leaderboard_page(config: Any = None, *, variant: str = "single-6c", split: str = "blocks",
                      folds: Sequence[int] = (0, 1, 2, 3, 4), n_images: int | None = 100, mu: float = 10.0, k: int = 5,
-                     path: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+                     methods: Sequence[str] | None = None, path: str | Path | None = None,
+                     progress: bool = True) -> pd.DataFrame:
     """Notebook 05's leaderboard: the built-in rows (:func:`run_leaderboard`) and every other
     method scored with ``score_callable`` for this variant and split (:func:`collect_scores`),
     as :func:`leaderboard_table`, written to ``path`` (default: ``benchmark.html`` in the
-    report's folder, :func:`vxnb.paths.report_dir`). Returns the table (``attrs["file"]``: the page)."""
+    report's folder, :func:`vxnb.paths.report_dir`). ``methods``: as in :func:`run_leaderboard`. Returns the table (``attrs["file"]``: the page)."""
     scores = run_leaderboard(config, variant=variant, split=split, folds=folds, n_images=n_images, mu=mu, k=k,
-                             progress=progress)
+                             methods=methods, progress=progress)
     others = collect_scores(config, variant=variant, split=split)
     others = others[~others["method"].isin(set(scores["method"]))]
     table = leaderboard_table(pd.concat([scores, others], ignore_index=True) if len(others) else scores)

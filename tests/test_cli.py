@@ -19,7 +19,7 @@ def test_no_command_or_help_prints_the_commands(capsys):
 def test_unknown_command_lists_the_commands(capsys):
     assert cli.main(["reprot", "--quick"]) == 2
     err = capsys.readouterr().err
-    assert "unknown command 'reprot'; the commands are: report, extract, data, gc" in err
+    assert "unknown command 'reprot'; the commands are: report, extract, data, bench, gc" in err
 
 
 def test_report_forwards_its_arguments(monkeypatch):
@@ -82,7 +82,7 @@ def test_bad_working_folder_is_a_one_line_error(tmp_path, monkeypatch, capsys):
 
 def test_python_dash_m_vxnb_is_the_command():
     done = subprocess.run([sys.executable, "-m", "vxnb", "nope"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "the commands are: report, extract, data, gc" in done.stderr
+    assert done.returncode == 2 and "the commands are: report, extract, data, bench, gc" in done.stderr
 
 
 def test_a_broken_dependency_is_not_taken_for_a_missing_command(monkeypatch):
@@ -92,3 +92,40 @@ def test_a_broken_dependency_is_not_taken_for_a_missing_command(monkeypatch):
     monkeypatch.setattr(cli.importlib, "import_module", broken)
     with pytest.raises(ModuleNotFoundError, match="torch_dist_x"):
         cli.main(["extract"])
+
+
+def explain_for_bench(model, inputs, targets):
+    return inputs.mean(axis=1)
+
+
+def test_bench_scores_the_named_method(monkeypatch, capsys):
+    import pandas as pd
+
+    from vxnb.studies import benchmark
+
+    seen = {}
+
+    def fake(func, **kw):
+        seen.update(kw, func=func)
+        t = pd.DataFrame([{c: 0 for c in benchmark.SCORE_COLUMNS}]).assign(method=kw["name"], n_failed=1,
+                                                                            errors="image 3: boom")
+        t.attrs["file"] = "scores.csv"
+        return t
+
+    monkeypatch.setattr(benchmark, "score_callable", fake)
+    assert cli.main(["bench", "--method", "tests.test_cli:explain_for_bench", "--quick"]) == 0
+    assert seen["func"].__name__ == "explain_for_bench" and seen["name"] == "explain_for_bench"
+    assert seen["folds"] == (0,) and seen["n_images"] == 100 and seen["config"].quick and seen["split"] == "blocks"
+    out = capsys.readouterr()
+    assert "explain_for_bench" in out.out and "table: scores.csv" in out.out and "image 3: boom" in out.err
+    assert cli.main(["bench", "--method", "tests.test_cli:explain_for_bench", "--folds", "1,3", "--name", "b"]) == 0
+    assert seen["folds"] == (1, 3) and seen["n_images"] is None and not seen["config"].quick and seen["name"] == "b"
+
+
+def test_bench_refuses_a_bad_method_spec(capsys):
+    assert cli.main(["bench", "--method", "no_colon"]) == 1
+    assert "--method: expected 'package.module:name', got str 'no_colon'" in capsys.readouterr().err
+    assert cli.main(["bench", "--method", "tests.test_cli:nothing_here"]) == 1
+    assert "has no attribute 'nothing_here'" in capsys.readouterr().err
+    assert cli.main(["bench", "--method", "tests.test_cli:pytest"]) == 1  # a module, not a method
+    assert "explain_func of method 'pytest'" in capsys.readouterr().err

@@ -215,6 +215,7 @@ NOTEBOOK_PARAMETER_KEYS = {
     "counterfactual_folds": "RunConfig.test_fold", "shortcut_rate": "RunConfig.distractor_rate",
     "n_random": None, "also_mnist": None, "crop_size": None, "n_per_class": None, "n_images": None,
     "diagnose_mus": None,
+    "leaderboard_images": "score_callable's n_images (the key of each method's fold scores)",
 }
 
 

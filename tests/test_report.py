@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import re
 import tarfile
 
@@ -76,6 +77,35 @@ def test_failed_notebook_is_named_with_its_error_and_no_stale_page_is_linked(tmp
     assert [(e["ok"], e["ran"]) for e in res["entries"]] == [(True, True), (False, True), (False, False)]
     with pytest.raises(RuntimeError, match="notebook 02_b.ipynb failed"):
         report.build_report(quick=True, out_dir=out, notebooks=nbs, progress=False, static_figures=False)
+
+
+def test_leaderboard_is_linked_only_when_this_run_wrote_it(tmp_path, monkeypatch):
+    from vxnb import paths
+
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _nb(nbs / "01_a.ipynb", "T1", "line 1")
+    out = tmp_path / "rep"
+    write = []
+
+    def fake_run(path, out_dir, parameters, **kw):
+        if write:  # what notebook 05's leaderboard cell does: the page into the report's folder
+            (paths.report_dir() / paths.LEADERBOARD_PAGE).write_text("board")
+        (out_dir / path.name).write_text(path.read_text())
+        return out_dir / path.name
+
+    monkeypatch.setattr(report, "run_notebook", fake_run)
+    monkeypatch.setattr(report, "export_html", lambda executed, page, **kw: page.write_text("new") or page)
+    monkeypatch.setattr(report, "prepare_static", lambda out: None)
+    write.append(1)
+    page = report.build_report(quick=True, out_dir=out, notebooks=nbs, progress=False,
+                               static_figures=False)["index"].read_text()
+    assert re.findall(r'href="([^"]+)"', page) == ["01_a.html", "benchmark.html"]
+    assert (out / "benchmark.html").read_text() == "board" and paths.REPORT_DIR_ENV not in os.environ
+    write.clear()
+    page = report.build_report(quick=True, out_dir=out, notebooks=nbs, progress=False,
+                               static_figures=False)["index"].read_text()
+    assert re.findall(r'href="([^"]+)"', page) == ["01_a.html"] and not (out / "benchmark.html").exists()
 
 
 def test_run_config_validation_and_names():

@@ -1,4 +1,4 @@
-"""The ``vxnb`` command: ``vxnb report``, ``vxnb extract``, ``vxnb data``, ``vxnb gc``.
+"""The ``vxnb`` command: ``vxnb report``, ``vxnb extract``, ``vxnb data``, ``vxnb bench``, ``vxnb gc``.
 
 Each subcommand forwards its arguments to the module that does the work (``vxnb report …``
 is ``python -m vxnb.report …``), so both spellings take the same options. ``data/``,
@@ -60,6 +60,48 @@ def _data(argv: list[str]) -> int:
     return report.main(["--prepare-data", *(["--quick"] if args.quick else []), *rest], prog="vxnb data")
 
 
+def _bench(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vxnb bench", description="Score an attribution method on the an8Flower benchmark: IoU area, "
+        "Quantus's localisation metrics and two sanity checks per fold, on the benchmark's own fold models "
+        "(trained once, cached). The method has Quantus's signature explain_func(model, inputs, targets, **kw) "
+        "-> (B, H, W), inputs and targets as numpy arrays.")
+    parser.add_argument("--method", required=True, metavar="pkg.mod:func", help="the explain function to score")
+    parser.add_argument("--name", default=None, help="its name in the table (default: the function's name)")
+    parser.add_argument("--quick", action="store_true", help="one fold, 100 images, the quick (CI) model")
+    parser.add_argument("--variant", default="single-6c", help="an8Flower variant (default single-6c)")
+    parser.add_argument("--split", default="blocks", choices=("blocks", "views"), help="fold split (default blocks)")
+    parser.add_argument("--folds", default=None, help="comma-separated folds (default 0,1,2,3,4; --quick: 0)")
+    parser.add_argument("--n-images", type=int, default=None, help="images per fold (default all; --quick: 100)")
+    parser.add_argument("--tensors", action="store_true", help="pass torch tensors instead of numpy arrays")
+    parser.add_argument("--recompute", action="store_true", help="ignore cached fold scores")
+    args = parser.parse_args(argv)
+    from .studies import benchmark, runs
+    from .utils import import_object
+
+    func = import_object(args.method, "--method")
+    folds = (0,) if args.quick else (0, 1, 2, 3, 4)
+    if args.folds is not None:
+        try:
+            folds = tuple(int(f) for f in args.folds.split(","))
+        except ValueError:
+            raise ValueError(f"--folds: expected comma-separated fold numbers, got {args.folds!r}") from None
+    n_images = args.n_images if args.n_images is not None else (100 if args.quick else None)
+    table = benchmark.score_callable(
+        func, name=args.name or args.method.rpartition(":")[2], variant=args.variant, split=args.split,
+        folds=folds, n_images=n_images, config=runs.RunConfig.from_params(quick=args.quick),
+        as_numpy=not args.tensors, recompute=args.recompute)
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(table.drop(columns=["errors"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    failed = table[table["n_failed"] > 0]
+    for _, row in failed.iterrows():
+        print(f"fold {row['fold']}: {row['n_failed']} image(s) failed: {row['errors']}", file=sys.stderr)
+    print(f"table: {table.attrs.get('file')}")
+    return 0
+
+
 def _gc(argv: list[str]) -> int:
     module = _import("vxnb.studies.gc")
     if module is not None and hasattr(module, "main"):
@@ -73,6 +115,7 @@ COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
                "[--out DIR]", _report),
     "extract": ("extract feature statistics, also under torchrun (python -m vxnb.extract)", _extract),
     "data": ("prepare the datasets (render an8Flower, fetch MNIST) [--quick]", _data),
+    "bench": ("score an attribution method on an8Flower: --method pkg.mod:func [--quick]", _bench),
     "gc": ("clean up the artifact store's stale entries (python -m vxnb.studies.gc)", _gc),
 }
 

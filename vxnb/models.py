@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ._store import fault_point
-from .utils import (atomic_torch_save, atomic_write_json, describe, eval_mode, get_device, json_ready, model_device,
-                    read_json, seed_everything)
+from .utils import (atomic_torch_save, atomic_write_json, describe, eval_mode, get_device, import_object, json_ready,
+                    model_device, read_json, seed_everything)
 
 __all__ = [
     "MnistNet",
@@ -770,21 +770,7 @@ def model_fingerprint(model: nn.Module, arch: str | None = None) -> str:
 
 
 def _import_factory(spec: str) -> Callable[[], nn.Module]:
-    import importlib
-
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"model: expected a torchvision architecture name or 'package.module:factory', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:  # noqa: BLE001 - ImportError, SyntaxError, errors at import time
-        raise ValueError(f"model: cannot import {module_name!r} for {spec!r} ({type(err).__name__}: {err}); "
-                         "is it on the PYTHONPATH?") from err
-    factory = module
-    for part in attr.split("."):
-        factory = getattr(factory, part, None)
-        if factory is None:
-            raise ValueError(f"model: {module_name!r} has no attribute {attr!r} (from {spec!r})")
+    factory = import_object(spec, "model", "a torchvision architecture name or 'package.module:factory'")
     if not callable(factory):
         raise ValueError(f"model: {spec!r} is not callable (expected a function returning an nn.Module)")
     return factory

@@ -10,10 +10,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["HOME_ENV", "KINDS", "work_home", "work_dir", "notebooks_dir"]
+__all__ = ["HOME_ENV", "REPORT_DIR_ENV", "LEADERBOARD_PAGE", "KINDS", "work_home", "work_dir", "report_dir",
+           "notebooks_dir"]
 
 #: The environment variable that moves the working folder away from the current directory.
 HOME_ENV = "VXNB_HOME"
+#: Set by the report while its notebooks run: the folder its pages go to (:func:`report_dir`).
+REPORT_DIR_ENV = "VXNB_REPORT_DIR"
+#: The an8Flower leaderboard's page in the report's folder (linked from the index when a run wrote it).
+LEADERBOARD_PAGE = "benchmark.html"
 #: The working folders vxnb writes.
 KINDS = ("data", "runs", "reports")
 
@@ -54,6 +59,17 @@ def work_dir(kind: str, *, create: bool = True) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise PermissionError(f"{kind} folder {path} is not writable; {hint}")
     return path
+
+
+def report_dir() -> Path:
+    """Where a notebook writes a page of the report: ``$VXNB_REPORT_DIR`` (set by ``vxnb report``
+    while it runs the notebooks), else ``reports/`` of the working folder."""
+    env = os.environ.get(REPORT_DIR_ENV, "")
+    if env.strip():
+        path = Path(env).expanduser().absolute()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return work_dir("reports")
 
 
 def notebooks_dir() -> Path:

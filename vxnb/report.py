@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ._store import fault_point
-from .paths import HOME_ENV, notebooks_dir, work_dir, work_home
+from .paths import HOME_ENV, LEADERBOARD_PAGE, REPORT_DIR_ENV, notebooks_dir, work_dir, work_home
 from .utils import TERMINAL_PROGRESS_ENV, atomic_path
 from .widgets import OFFLINE_ENV, OFFLINE_MARK
 
@@ -540,8 +540,17 @@ def error_line(err: BaseException) -> str:
     return lines[-1]
 
 
-def write_index(out_dir: Path, entries: list[dict[str, Any]], *, quick: bool) -> Path:
-    """``index.html`` linking the pages of the notebooks that ran, one line each on what they show.
+#: The leaderboard's line in the index (notebook 05 writes the page in the full report).
+LEADERBOARD_ENTRY = {"html": LEADERBOARD_PAGE, "title": "an8Flower leaderboard",
+                     "description": "every method scored the same way on an8Flower's folds (IoU area with its "
+                                    "interval over folds, localisation metrics, sanity checks); notebook 05"}
+
+
+def write_index(out_dir: Path, entries: list[dict[str, Any]], *, quick: bool,
+                pages: list[dict[str, str]] | None = None) -> Path:
+    """``index.html`` linking the pages of the notebooks that ran, one line each on what they show,
+    then ``pages`` (``{"html", "title", "description"}``: pages a notebook wrote, e.g. the
+    leaderboard), each linked only when its file is there.
 
     A failed notebook is marked failed with its error's last line (``error_line``) and not
     linked; a notebook not run (``ran`` False) is listed as such. Only pages that exist and whose
@@ -566,6 +575,9 @@ def write_index(out_dir: Path, entries: list[dict[str, Any]], *, quick: bool) ->
                  if e["ok"] and plain and (out_dir / plain).is_file() else "")
         seconds = f' <span class="t">({e["seconds"]:.0f} s)</span>' if e.get("seconds") is not None else ""
         rows.append(f'<li>{title}{plain}{status}{seconds}<br>{html.escape(e["description"])}</li>')
+    extra = [f'<li><a href="{html.escape(p["html"])}">{html.escape(p["title"])}</a><br>'
+             f'{html.escape(p.get("description", ""))}</li>' for p in pages or () if (out_dir / p["html"]).is_file()]
+    extra_html = f"\n<h2>Pages the notebooks wrote</h2>\n<ul>\n{chr(10).join(extra)}\n</ul>" if extra else ""
     mode = "quick parameters (CI setting)" if quick else "full parameters"
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>vxnb report</title>
@@ -575,7 +587,7 @@ li{{margin-bottom:1em}} .t{{color:#777;font-size:90%}}</style></head>
 <p>Notebooks executed with {mode} on {time.strftime('%Y-%m-%d %H:%M')}. Each page opens offline.</p>
 <ol>
 {chr(10).join(rows)}
-</ol>{_screenshots_section(out_dir)}</body></html>
+</ol>{extra_html}{_screenshots_section(out_dir)}</body></html>
 """
     index = out_dir / "index.html"
     with atomic_path(index) as tmp:
@@ -637,6 +649,7 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
     paths = find_notebooks(notebooks)
     static_url = prepare_static(out)
     cwd = home if notebooks is None else None  # never the install location
+    (out / LEADERBOARD_PAGE).unlink(missing_ok=True)  # linked only when this run writes it
     for i, nb in enumerate(paths, 1):
         title, desc = notebook_summary(nb)
         print(f"[{i}/{len(paths)}] {nb.name}: {title}", flush=True)
@@ -646,7 +659,7 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
         try:
             # the kernels inherit these: offline panels get their frames and, with progress, their
             # progress bars also reach this terminal
-            with _environ(HOME_ENV, str(home)), _environ(OFFLINE_ENV, "1"), \
+            with _environ(HOME_ENV, str(home)), _environ(OFFLINE_ENV, "1"), _environ(REPORT_DIR_ENV, str(out)), \
                     _environ(TERMINAL_PROGRESS_ENV, "1" if progress else ""):
                 executed = run_notebook(nb, out, params, progress=progress, cwd=cwd, skip_tags=skip)
             for page in pages:
@@ -671,7 +684,7 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
                                 "ok": False, "ran": False, "error": f"not run: {nb.name} failed", "error_line": None,
                                 "html_no_input": None})
             break
-    index = write_index(out, entries, quick=quick)
+    index = write_index(out, entries, quick=quick, pages=[LEADERBOARD_ENTRY])
     failed = [e for e in entries if not e["ok"] and e["ran"]]
     if failed and raise_on_error:
         raise RuntimeError(f"notebook {failed[0]['notebook']} failed: {failed[0]['error']} "

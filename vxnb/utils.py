@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "import_object",
     "get_device",
     "seed_everything",
     "atomic_path",
@@ -295,3 +296,23 @@ def mirror_progress_to_terminal(force: bool = False) -> bool:
         if (name == "vxnb" or name.startswith("vxnb.")) and getattr(module, "tqdm", None) is base:
             module.tqdm = mirrored
     return True
+
+
+def import_object(spec: Any, arg: str, expected: str = "'package.module:name'") -> Any:
+    """The object named by ``"package.module:attr"`` (``attr`` may be dotted); a clear ValueError
+    naming ``arg`` when the spec is malformed, the module cannot be imported or has no such attribute."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not module_name or not attr:
+        raise ValueError(f"{arg}: expected {expected}, got {describe(spec)}")
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - ImportError, SyntaxError, errors at import time
+        raise ValueError(f"{arg}: cannot import {module_name!r} for {spec!r} ({type(err).__name__}: {err}); "
+                         "is it on the PYTHONPATH?") from err
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{arg}: {module_name!r} has no attribute {attr!r} (from {spec!r})")
+        obj = getattr(obj, part)
+    return obj

@@ -105,6 +105,12 @@ __all__ = [
     "fold_inputs",
     "quantus_row",
     "fold_key",
+    "score_callable",
+    "score_fold",
+    "check_explain_func",
+    "check_maps",
+    "method_fingerprint",
+    "SCORE_COLUMNS",
 ]
 
 
@@ -904,3 +910,267 @@ def fold_diagnosis(config: Any, variant: str, fold: int, *, mu: float = 10.0, k:
             "accuracy": float((preds == labels).float().mean()), "n_relevant": int(np.count_nonzero(relevant.W))}
 
 
+
+
+# ============================================================================ any method: score_callable
+#: The format version of one fold's scores of a callable (``score-<key>.json`` in the fold's run folder).
+SCORE_VERSION = 1
+runs.register_artifact("benchmark-score", SCORE_VERSION)
+
+#: The tidy table's columns (:func:`score_callable`), one row per method, variant and fold.
+SCORE_COLUMNS: tuple[str, ...] = (
+    "method", "variant", "fold", "iou_area", "pointing_game", "relevance_mass", "relevance_rank", "auc", "top_k",
+    "randomisation_spearman", "random_logit_ssim", "n_images", "n_scored", "n_failed", "n_refused",
+    "accuracy", "seconds", "errors")
+
+
+def method_fingerprint(fn: Any) -> str:
+    """What identifies a callable in a score's key: its module, qualified name and source (the
+    source of a ``functools.partial``'s function and its bound arguments; ``repr`` when no source)."""
+    import functools
+    import hashlib
+    import inspect
+
+    parts = []
+    while isinstance(fn, functools.partial):
+        parts.append(repr((fn.args, sorted(fn.keywords.items()))))
+        fn = fn.func
+    target = getattr(fn, "__func__", fn)
+    try:
+        source = inspect.getsource(target)
+    except (OSError, TypeError):
+        source = repr(target)
+    parts += [getattr(target, "__module__", "") or "", getattr(target, "__qualname__", type(target).__qualname__),
+              source]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def check_explain_func(explain_func: Any, name: Any) -> str:
+    """``explain_func`` is a callable taking ``(model, inputs, targets)`` positionally (Quantus's
+    signature), ``name`` a non-empty string; returns the name. Refusals name the method."""
+    import inspect
+
+    if not isinstance(name, str) or not name.strip() or "[" in name:
+        raise ValueError(f"name: expected a non-empty method name without '[', got {describe(name)}")
+    if not callable(explain_func):
+        raise TypeError(f"explain_func of method {name!r}: expected a callable explain_func(model, inputs, targets, "
+                        f"**kw) -> (B, H, W), got {describe(explain_func)}")
+    try:
+        sig = inspect.signature(explain_func)
+    except (TypeError, ValueError):
+        return name  # a builtin without a signature: its calls will tell
+    try:
+        sig.bind(None, None, None)
+    except TypeError as err:
+        raise TypeError(f"explain_func of method {name!r}: expected Quantus's signature explain_func(model, inputs, "
+                        f"targets, **kw) -> (B, H, W), got {name}{sig} ({err})") from None
+    return name
+
+
+def check_maps(maps: Any, name: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """One batch of an explain function's output as float64 (B, H, W): (B, 1, H, W) is squeezed;
+    another shape, a non-numeric output or NaN/inf is refused naming the method."""
+    if isinstance(maps, torch.Tensor):
+        maps = maps.detach().float().cpu().numpy()
+    try:
+        arr = np.asarray(maps, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"method {name!r}: expected heatmaps, an array (B, H, W) = {shape}, "
+                        f"got {describe(maps)}") from None
+    if arr.ndim == 4 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.shape != shape:
+        raise ValueError(f"method {name!r}: expected heatmaps of shape (B, H, W) = {shape} (one map per input "
+                         f"image, the image's size), got {tuple(np.shape(maps))}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"method {name!r}: returned {int((~np.isfinite(arr)).sum())} NaN or inf values in its "
+                         f"heatmaps of shape {shape}; expected finite numbers")
+    return arr
+
+
+def _explainer(explain_func: Callable, name: str, as_numpy: bool, kwargs: Mapping[str, Any]) -> Callable:
+    """``fn(model, x, t) -> (B, H, W)`` float64, checked: the method called with numpy arrays
+    (Quantus's convention) or tensors, and ``kwargs``."""
+    def fn(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> np.ndarray:
+        inputs, targets = (x.detach().cpu().numpy(), t.detach().cpu().numpy()) if as_numpy else (x, t)
+        return check_maps(explain_func(model, inputs, targets, **kwargs), name,
+                          (x.shape[0], x.shape[2], x.shape[3]))
+    return fn
+
+
+def _explain_all(fn: Callable, name: str, model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                 batch_size: int, progress: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Maps of every image (NaN where the method failed), which failed, and their errors. A batch
+    that raises is retried image by image, so one bad image fails alone; a wrong output is refused."""
+    n, (h, w) = images.shape[0], images.shape[2:]
+    out = np.full((n, h, w), np.nan)
+    failed = np.zeros(n, dtype=bool)
+    errors: list[str] = []
+    for start in tqdm(range(0, n, batch_size), desc=f"{name}: heatmaps", leave=False,
+                      disable=None if progress else True):
+        sl = slice(start, min(n, start + batch_size))
+        try:
+            out[sl] = fn(model, images[sl], targets[sl])
+            continue
+        except (ValueError, TypeError) as err:
+            if str(err).startswith(f"method {name!r}"):
+                raise  # the output was refused: a broken contract, not a failed image
+        except Exception:  # noqa: BLE001 - a method's own failure: retried per image below
+            pass
+        for i in range(sl.start, sl.stop):
+            try:
+                out[i] = fn(model, images[i:i + 1], targets[i:i + 1])[0]
+            except (ValueError, TypeError) as err:
+                if str(err).startswith(f"method {name!r}"):
+                    raise
+                failed[i] = True
+                errors.append(f"image {i}: {type(err).__name__}: {err}")
+            except Exception as err:  # noqa: BLE001 - recorded as this image's failure, counted
+                failed[i] = True
+                errors.append(f"image {i}: {type(err).__name__}: {err}")
+    return out, failed, errors
+
+
+def _sanity_scores(fn: Callable, name: str, model: torch.nn.Module, images: torch.Tensor, preds: torch.Tensor,
+                   n_classes: int, seed: int) -> tuple[dict[str, float], str]:
+    """Cascading randomisation (mean Spearman of the maps after every layer is randomised with
+    the originals; near 0 passes) and random logit (mean SSIM of the maps of the predicted class
+    and of a random other class; low passes). NaN and the error when the method fails here."""
+    from vxnb.evaluate.sanity import randomization_curve, ssim
+
+    try:
+        curve = randomization_curve({name: fn}, model, images, preds, seed=seed, batch_size=len(images))
+        rng = np.random.default_rng(seed)
+        other = torch.as_tensor((preds.numpy() + rng.integers(1, n_classes, size=len(preds))) % n_classes)
+        with torch.enable_grad():
+            a, b = fn(model, images, preds), fn(model, images, other)
+        return {"randomisation_spearman": float(curve["spearman"].iloc[-1]),
+                "random_logit_ssim": float(np.nanmean(ssim(a, b)))}, ""
+    except (ValueError, TypeError) as err:
+        if str(err).startswith(f"method {name!r}"):
+            raise
+        return {"randomisation_spearman": float("nan"), "random_logit_ssim": float("nan")}, f"sanity: {err}"
+    except Exception as err:  # noqa: BLE001 - the sanity checks of a failing method: NaN, the error kept
+        return {"randomisation_spearman": float("nan"), "random_logit_ssim": float("nan")}, f"sanity: {err}"
+
+
+def score_fold(explain_func: Callable, cfg: Any, *, name: str, n_images: int | None = None,
+               sanity_images: int = 16, as_numpy: bool = True, explain_kwargs: Mapping[str, Any] | None = None,
+               fold_kwargs: Callable | None = None, batch_size: int = 16, progress: bool = True) -> dict[str, Any]:
+    """One row of :func:`score_callable`'s table: ``explain_func`` on one fold (uncached)."""
+    from vxnb.evaluate.iou import curve_area, iou_curve
+    from vxnb.evaluate.occlusion import batched_logits
+    from vxnb.evaluate.quantus_metrics import localisation_metrics
+
+    t0 = time.perf_counter()
+    data = runs.load_data(cfg, progress=progress)
+    model, _ = runs.get_model(cfg, data=data, progress=progress)
+    model.eval()
+    images, labels, masks, _ = fold_data(cfg, n_images, data=data, progress=progress)
+    logits = batched_logits(model, images, batch_size=64)
+    preds = logits.argmax(1)
+    kwargs = {**(explain_kwargs or {}), **(fold_kwargs(cfg, model, data) if fold_kwargs is not None else {})}
+    fn = _explainer(explain_func, name, as_numpy, kwargs)
+    maps, failed, errors = _explain_all(fn, name, model, images, preds, batch_size, progress)
+    ok = ~failed
+    row: dict[str, Any] = {"method": name, "variant": _variant_of(cfg), "fold": int(cfg.test_fold),
+                           "n_images": int(len(images)), "n_failed": int(failed.sum()),
+                           "accuracy": float((preds == labels).float().mean())}
+    if ok.any():
+        thr, curve = iou_curve(maps[ok], masks[ok].numpy())
+        q = localisation_metrics(maps[ok], masks[ok].numpy(), judge="fast")
+        row["iou_area"] = float(curve_area(curve, thr))
+        row.update({k: q[k] for k in ("pointing_game", "relevance_mass", "relevance_rank", "auc", "top_k")})
+        row["n_scored"], row["n_refused"] = q["n_scored"], q["n_refused"]
+        sel = np.flatnonzero(ok)[:int(_check_positive_int(sanity_images, "sanity_images"))]
+        sanity, err = _sanity_scores(fn, name, model, images[sel], preds[sel], logits.shape[1], cfg.seed)
+        row.update(sanity)
+        errors += [err] if err else []
+    else:
+        row.update({c: float("nan") for c in SCORE_COLUMNS[3:11]})
+        row["n_scored"], row["n_refused"] = 0, 0
+    row["errors"] = "; ".join(errors[:5]) + (f"; … {len(errors) - 5} more" if len(errors) > 5 else "")
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def score_callable(explain_func: Callable, *, name: str, variant: str = "single-6c", split: str = "blocks",
+                   folds: Sequence[int] = (0, 1, 2, 3, 4), n_images: int | None = None, config: Any = None,
+                   sanity_images: int = 16, as_numpy: bool = True, explain_kwargs: Mapping[str, Any] | None = None,
+                   fold_kwargs: Callable | None = None, batch_size: int = 16, recompute: bool = False,
+                   save: bool = True, progress: bool = True) -> pd.DataFrame:
+    """Score any attribution method on the an8Flower benchmark: one row per fold (:data:`SCORE_COLUMNS`).
+
+    ``explain_func(model, inputs, targets, **kw) -> (B, H, W)`` is Quantus's signature: ``inputs``
+    (B, 3, S, S) float32 and ``targets`` (B,) int64 as numpy arrays (``as_numpy=False``: tensors),
+    the predicted classes; (B, 1, H, W) is accepted too. It runs on each fold's own model and
+    held-out images (:func:`fold_config`, :func:`fold_data`, the fold's checkpoint, trained once
+    and shared with :func:`run_benchmark`), and is judged by the IoU area (Table 1's score),
+    Quantus's five localisation metrics (``judge="fast"``) and two sanity checks on
+    ``sanity_images`` of the images: ``randomisation_spearman`` (cascading randomisation, all
+    layers: near 0 passes) and ``random_logit_ssim`` (the map of a random other class: low passes).
+
+    A callable with the wrong signature, a map of the wrong shape or with NaN is refused
+    (TypeError/ValueError naming the method). An exception inside the method fails that image
+    only: counted in ``n_failed`` (with the first errors in ``errors``) and left out of the scores.
+
+    Args:
+        name: the method's name in the table. variant, split ("blocks" or "views"), folds:
+            an8Flower's variant, fold split and folds. n_images: evaluated images per fold (a
+            class-stratified subset; None: the whole fold). config: a RunConfig template (default
+            ``RunConfig(folds=split)``; its ``folds`` is replaced by ``split``).
+        explain_kwargs: passed to every call; fold_kwargs: ``f(cfg, model, data) -> dict`` of
+            per-fold keyword arguments (e.g. a fold's relevant features).
+        recompute: ignore cached fold scores (``score-<key>.json``, keyed by the name, the settings,
+            :func:`method_fingerprint` and the checkpoint). save: write the table (CSV, atomically,
+            keyed) into the benchmark's run folder (``result.attrs["file"]``).
+    """
+    name = check_explain_func(explain_func, name)
+    variant = _check_variant(variant)
+    split = check_choice(split, "split", ("blocks", "views"))
+    folds = _check_folds(folds)
+    n_images = _check_positive_int(n_images, "n_images", allow_none=True)
+    _check_positive_int(sanity_images, "sanity_images")
+    _check_positive_int(batch_size, "batch_size")
+    if explain_kwargs is not None and not isinstance(explain_kwargs, Mapping):
+        raise TypeError(f"explain_kwargs: expected a dict of keyword arguments, got {describe(explain_kwargs)}")
+    if fold_kwargs is not None and not callable(fold_kwargs):
+        raise TypeError(f"fold_kwargs: expected a callable f(cfg, model, data) -> dict, got {describe(fold_kwargs)}")
+    config = runs.RunConfig() if config is None else config
+    _check_benchmarkable(config)
+    config = dataclasses.replace(config, folds=split)
+    settings = {"name": name, "n_images": n_images, "sanity_images": sanity_images, "as_numpy": bool(as_numpy),
+                "method": method_fingerprint(explain_func),
+                "explain_kwargs": _store.stable_json(json_ready(dict(explain_kwargs or {}))),
+                "fold_kwargs": None if fold_kwargs is None else method_fingerprint(fold_kwargs)}
+    rows = []
+    for fold in tqdm(folds, desc=f"{name}: folds", disable=None if progress else True):
+        cfg = fold_config(config, variant, fold)
+        ckey = runs.checkpoint_key(cfg)
+        key = _store.key("benchmark-score", settings, {"checkpoint": ckey, **fold_inputs(cfg)}, SCORE_VERSION)
+        file = runs.run_dir(cfg) / f"score-{key}.json"
+
+        def compute(cfg=cfg, key=key) -> dict:
+            row = score_fold(explain_func, cfg, name=name, n_images=n_images, sanity_images=sanity_images,
+                             as_numpy=as_numpy, explain_kwargs=explain_kwargs, fold_kwargs=fold_kwargs,
+                             batch_size=batch_size, progress=progress)
+            return json_ready({"version": SCORE_VERSION, "key": key, "row": row})
+
+        def load(f: Path, key=key) -> dict:
+            res = json.loads(f.read_text())
+            if res.get("version") != SCORE_VERSION or res.get("key") != key:
+                raise ValueError(f"it holds version {res.get('version')} key {res.get('key')}, expected {key}")
+            return res
+
+        res, _ = _store.load_or_compute(
+            file, key, "benchmark-score", compute, load=load,
+            save=lambda r, tmp: tmp.write_text(json.dumps(r, indent=2, sort_keys=True)), recompute=recompute,
+            settings=settings, inputs={"checkpoint": ckey, **fold_inputs(cfg)}, upstream=[ckey],
+            version=SCORE_VERSION, root=cfg.runs_dir)
+        rows.append(res["row"])
+    table = pd.DataFrame(rows).reindex(columns=list(SCORE_COLUMNS))
+    if save:
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).lstrip(".")
+        table.attrs["file"] = runs.save_table(benchmark_config(config),
+                                              f"scores-{safe}-{variant}-f{''.join(map(str, folds))}", table)
+    return table

@@ -25,6 +25,7 @@ from vxnb import report, widgets
 from vxnb.paths import work_dir
 from vxnb.relevance import relevant_features
 from vxnb.studies import runs
+from vxnb.studies.parameters import RUN_PARAMETERS, notebook_parameters
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
@@ -66,7 +67,8 @@ def run(tmp_path_factory, chromium):
     for name in ("02_relevant_features.ipynb", "04_explanation.ipynb"):  # the parameters, as papermill injects them
         nb = nbformat.read(str(NOTEBOOKS[name]), as_version=4)
         at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-        names = set(re.findall(r"^(\w+)\s*=", nb.cells[at].source, re.M))
+        # papermill injects the run's settings too: the cell holds only the notebook's own parameters
+        names = set(notebook_parameters(NOTEBOOKS[name])) | set(RUN_PARAMETERS) | {"quick"}
         source = "\n".join(f"{k} = {v!r}" for k, v in params.items() if k in names)
         nb.cells.insert(at + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
         nbformat.write(nb, str(nbs / name))

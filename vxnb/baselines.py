@@ -28,8 +28,16 @@ pytorch-grad-cam's ``__call__`` min-max normalises and resizes with OpenCV; we t
 raw CAM from ``get_cam_image`` (its own weights and weighting) instead. Its
 ``GuidedBackpropReLUModel`` is not used: it swaps the model's ReLU modules and puts back
 *new* ``nn.ReLU()`` objects (losing ``inplace=True``), i.e. it modifies the model.
-The default ``layer`` is the output of the last convolutional layer's ReLU
-(:func:`default_target_layer`).
+The default ``layer`` is the output of the last convolutional layer's ReLU, or in a
+transformer the first norm of the last block (:func:`default_target_layer`).
+
+Token layers (ViT, Swin): a layer whose output is tokens (B, T, D) or channels-last (B, H, W, C)
+(``vxnb.features.hooks.layout``) is put on its grid here — the class/register tokens dropped, the
+patch tokens reshaped to (B, D, h, w) in the input's aspect, channels-last permuted — what
+pytorch-grad-cam needs a hand-written ``reshape_transform`` for. Grad-CAM on such a layer is
+computed by autograd on the reshaped output (Captum's layer methods cannot reshape); Grad-CAM++
+passes the reshape to pytorch-grad-cam; both equal pytorch-grad-cam with its documented
+``reshape_transform`` (tests/test_baselines.py).
 """
 from __future__ import annotations
 
@@ -43,6 +51,7 @@ from torch import Tensor, nn
 
 from vxnb._graph import first_conv_in_channels, forward_to, model_device_dtype
 from vxnb.deconv import run_backward
+from vxnb.features.hooks import layout as feature_layout
 from vxnb.utils import check_image_batch, eval_mode, get_module
 
 __all__ = ["METHODS", "METHOD_LABELS", "attribution", "default_target_layer"]
@@ -89,6 +98,9 @@ def default_target_layer(model: nn.Module, x: Tensor) -> str:
     if not convs:
         raise ValueError(f"model: {type(model).__name__} has no nn.Conv2d layer; pass layer= explicitly")
     i = convs[-1]
+    norms = [j for j in range(i + 1, len(calls)) if _attention_norm(model, calls[j][0], calls[j][1])]
+    if norms:  # a transformer: the last block's first norm (pytorch-grad-cam's choice for ViT and Swin)
+        return calls[norms[-1]][0]
     relus = [j for j in range(i + 1, len(calls)) if isinstance(calls[j][1], nn.ReLU)]
     if not relus:
         return calls[i][0]
@@ -103,6 +115,52 @@ def default_target_layer(model: nn.Module, x: Tensor) -> str:
         if o is out and counts[n] == 1:
             return n
     return calls[i][0]
+
+
+def _attention_norm(model: nn.Module, name: str, module: nn.Module) -> bool:
+    """Is ``module`` the first ``nn.LayerNorm`` of a block that holds an attention module?"""
+    if type(module) is not nn.LayerNorm or "." not in name:
+        return False
+    parent = get_module(model, name.rpartition(".")[0])
+    children = list(parent.children())
+    has_attention = any(isinstance(c, nn.MultiheadAttention) or "Attention" in type(c).__name__ for c in children)
+    first_norm = next((c for c in children if type(c) is nn.LayerNorm), None)
+    return has_attention and first_norm is module
+
+
+def _to_maps(a: Tensor, kind: str, prefix: int, layer: str, size: tuple[int, int]) -> Tensor:
+    """A layer output as (B, C, h, w) maps: channels-first as it is; tokens (B, T, D) — the
+    patch tokens after the ``prefix`` class/register tokens — on their grid (the aspect of the
+    input), what pytorch-grad-cam's ``reshape_transform`` does for a ViT; (B, H, W, C) permuted (Swin)."""
+    if a.dim() == 3 and kind in ("last", "tokens?"):
+        n = a.shape[1] - prefix
+        h = max(1, round((n * size[0] / size[1]) ** 0.5))
+        if n <= 0 or n % h:
+            raise ValueError(f"layer: {layer!r} outputs {a.shape[1]} tokens; {prefix} class/register token(s) "
+                             f"leave {n}, which do not fill a grid of the input's aspect {size[0]}x{size[1]}")
+        return a[:, prefix:].reshape(a.shape[0], h, n // h, a.shape[2]).permute(0, 3, 1, 2)
+    if a.dim() == 4 and kind == "last":
+        return a.permute(0, 3, 1, 2)
+    return a
+
+
+def _token_gradcam(model: nn.Module, x: Tensor, module: nn.Module, t: Tensor,
+                   reshape: Any) -> Tensor:
+    """Grad-CAM (Selvaraju et al., Eq. 1-2) on a token / channels-last layer: ReLU(sum_k alpha_k A_k),
+    alpha_k the mean over the grid of d logit_t / d A_k, A the layer output on its grid."""
+    store: dict[str, Tensor] = {}
+    handle = module.register_forward_hook(lambda mod, inp, out: store.__setitem__("a", out))
+    try:
+        x_req = x.detach().requires_grad_(True)  # gradients w.r.t. the layer only: no .grad on parameters
+        with torch.enable_grad():
+            logits = model(x_req)
+            a = store["a"]
+            (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), a)
+    finally:
+        handle.remove()
+    A, G = reshape(a.detach()), reshape(g)
+    cam = (G.mean(dim=(2, 3), keepdim=True) * A).sum(dim=1)
+    return _upsample(cam.clamp_min(0), tuple(x.shape[-2:]))
 
 
 def _check_target(target: Any, B: int, logits: Tensor) -> Tensor:
@@ -163,11 +221,11 @@ def _deconv_gb(model: nn.Module, x: Tensor, t: Tensor) -> Tensor:
     return v.abs().sum(dim=1)
 
 
-def _gradcampp_raw(model: nn.Module, x: Tensor, layer_module: nn.Module, t: Tensor) -> Tensor:
+def _gradcampp_raw(model: nn.Module, x: Tensor, layer_module: nn.Module, t: Tensor, reshape: Any = None) -> Tensor:
     from pytorch_grad_cam import GradCAMPlusPlus
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    cam = GradCAMPlusPlus(model=model, target_layers=[layer_module])
+    cam = GradCAMPlusPlus(model=model, target_layers=[layer_module], reshape_transform=reshape)
     try:
         x_req = x.detach().requires_grad_(True)  # gradients w.r.t. x only: no .grad on parameters
         with torch.enable_grad():
@@ -231,14 +289,24 @@ def attribution(method: str, model: nn.Module, x: Tensor, target: int | Sequence
             module = get_module(model, layer)
             with torch.no_grad():
                 a = forward_to(model, x, layer)
-            if a.dim() != 4:
-                raise ValueError(f"layer: method {method!r} needs a convolutional layer (output (B, C, h, w)); "
-                                 f"{layer!r} outputs shape {tuple(a.shape)} (a fully connected layer?)")
+            kind, prefix = feature_layout(model, layer)
+            tokens = (a.dim() == 3 and kind in ("last", "tokens?")) or (a.dim() == 4 and kind == "last")
+
+            def reshape(v: Tensor) -> Tensor:
+                return _to_maps(v, kind, prefix, layer, size)
+            if a.dim() != 4 and not tokens:
+                raise ValueError(f"layer: method {method!r} needs a convolutional layer (output (B, C, h, w)) or "
+                                 f"a token layer ((B, T, D) / (B, H, W, C)); {layer!r} outputs shape "
+                                 f"{tuple(a.shape)} (a fully connected layer?)")
             if method == "activation":
-                out = _activation(a, size, layer, channel)
+                out = _activation(reshape(a), size, layer, channel)
             elif method in ("gradcampp", "guided_gradcampp"):
-                out = _gradcampp_raw(model, x, module, t)
+                out = _gradcampp_raw(model, x, module, t, reshape if tokens else None)
                 if method == "guided_gradcampp":
+                    out = (_captum_gb(model, x, t) * out.unsqueeze(1)).abs().sum(dim=1)
+            elif tokens:  # Captum's layer methods take the output as it is: reshape here
+                out = _token_gradcam(model, x, module, t, reshape)
+                if method == "guided_gradcam":
                     out = (_captum_gb(model, x, t) * out.unsqueeze(1)).abs().sum(dim=1)
             else:
                 from captum.attr import GuidedGradCam, LayerAttribution, LayerGradCam

@@ -12,7 +12,7 @@ import pytorch_grad_cam  # noqa: F401
 import torchvision
 from torch import nn
 
-from vxnb.baselines import METHODS, attribution, default_target_layer
+from vxnb.baselines import METHODS, attnlrp, attribution, default_target_layer
 from nets import pooled_net
 
 
@@ -248,3 +248,33 @@ def test_token_layer_that_does_not_fill_a_grid_is_refused():
             def forward(self, x):
                 return self.m(x)
         attribution("gradcam", NoCls(model), x, 0, layer="m.encoder.layers.encoder_layer_0.mlp")
+
+
+# ---------------------------------------------------------------- AttnLRP (lxt) for ViTs
+def test_attnlrp_conserves_the_logit_where_plain_gradient_times_input_does_not():
+    """Bias-free ViT (biases, position embedding and class token zero): lxt's rules (identity on
+    GELU/LayerNorm, CP-LRP in attention, LRP-0 on linear maps) make sum(x * grad) the logit."""
+    model = _tiny_vit()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or n in ("class_token", "encoder.pos_embedding"):
+                p.zero_()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(x)[torch.arange(2), torch.tensor([0, 2])]
+    r = attnlrp(model, x, [0, 2], positive=False)
+    torch.testing.assert_close(r.sum(dim=(1, 2)), logits, rtol=1e-4, atol=1e-5)
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(xr)[torch.arange(2), torch.tensor([0, 2])].sum(), xr)
+    assert not torch.allclose((x * g).sum(dim=(1, 2, 3)), logits, rtol=1e-2, atol=1e-3)
+    pos = attnlrp(model, x, [0, 2])
+    torch.testing.assert_close(pos, r.clamp_min(0))
+
+
+def test_attnlrp_leaves_torch_unpatched_and_refuses_cnns():
+    forwards = {c: c.forward for c in (nn.GELU, nn.LayerNorm, nn.MultiheadAttention)}
+    attnlrp(_tiny_vit(), torch.rand(1, 3, 32, 32), None)
+    assert {c: c.forward for c in forwards} == forwards
+    assert not any(hasattr(c, "original_forward") for c in forwards)
+    with pytest.raises(ValueError, match="model: AttnLRP .* PooledNet has none|model: AttnLRP .* has none"):
+        attnlrp(pooled_net(), torch.rand(1, 3, 32, 32), 0)

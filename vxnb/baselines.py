@@ -42,7 +42,8 @@ passes the reshape to pytorch-grad-cam; both equal pytorch-grad-cam with its doc
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ from vxnb.deconv import run_backward
 from vxnb.features.hooks import layout as feature_layout
 from vxnb.utils import check_image_batch, eval_mode, get_module
 
-__all__ = ["METHODS", "METHOD_LABELS", "attribution", "default_target_layer"]
+__all__ = ["METHODS", "METHOD_LABELS", "attribution", "attnlrp", "default_target_layer"]
 
 METHODS: tuple[str, ...] = ("activation", "deconv_gb", "gradcam", "guided_gradcam", "gradcampp",
                             "guided_gradcampp")
@@ -330,3 +331,62 @@ def _captum_gb(model: nn.Module, x: Tensor, t: Tensor) -> Tensor:
         for msg in _CAPTUM_NOISE:
             warnings.filterwarnings("ignore", message=msg)
         return GuidedBackprop(model).attribute(x, target=t)
+
+
+#: the classes lxt's torchvision-ViT patch map replaces the forward of (``lxt.efficient.models.vit_torch``)
+_LXT_PATCHED = (nn.GELU, nn.LayerNorm, nn.MultiheadAttention)
+
+
+@contextmanager
+def _lxt_patches() -> Iterator[None]:
+    """lxt's ViT patches (identity rule on GELU and LayerNorm, CP-LRP in attention) for the
+    duration only: lxt patches the *classes* ``torch.nn.GELU/LayerNorm/MultiheadAttention``
+    process-wide, which would change every other backward (our DeconvNet rules included)."""
+    from torchvision.models import vision_transformer
+
+    saved = {c: {a: vars(c)[a] for a in ("forward", "original_forward") if a in vars(c)} for c in _LXT_PATCHED}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*zennit.*")  # its Gamma patch, unused here (see attnlrp)
+        from lxt.efficient import monkey_patch
+        monkey_patch(vision_transformer)
+    try:
+        yield
+    finally:
+        for c, attrs in saved.items():
+            for a in ("forward", "original_forward"):
+                if a in attrs:
+                    setattr(c, a, attrs[a])
+                elif a in vars(c):
+                    delattr(c, a)
+
+
+def attnlrp(model: nn.Module, x: Tensor, target: int | Sequence[int] | Tensor | None, *,
+            layer: str | None = None, positive: bool = True) -> Tensor:
+    """AttnLRP (Achtibat et al., ICML 2024) by ``lxt`` for a transformer with
+    ``torch.nn.MultiheadAttention`` (torchvision's ``VisionTransformer``): (B, H, W), the positive
+    part of the relevance Σ_c x ⊙ ∂y_t/∂x with lxt's rules, i.e. lxt's torchvision-ViT map — the
+    identity rule on GELU and LayerNorm (σ held constant), CP-LRP in attention (no gradient
+    through query and key) — and LRP-0 (gradient × input) on the linear and conv layers. lxt's
+    example puts zennit's Gamma rule on those; its zennit patch needs zennit ≥ 0.5 (``ParamMod``),
+    while zennit-crp pins zennit ≤ 0.4.6. ``layer`` is unused (the benchmark's signature);
+    ``positive=False`` gives the signed relevance (its sum is the logit when the model has no
+    biases: LRP's conservation).
+    Refuses a model without ``nn.MultiheadAttention`` (a CNN, Swin, MaxViT) with a ValueError."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        raise ValueError(f"model: AttnLRP (lxt) explains transformers built on torch.nn.MultiheadAttention "
+                         f"(torchvision's VisionTransformer); {type(model).__name__} has none (a CNN, Swin or "
+                         "MaxViT?)")
+    x = check_image_batch(x, "x", channels=first_conv_in_channels(model))
+    device, dtype = model_device_dtype(model, x)
+    x_req = x.detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
+    with eval_mode(model), _lxt_patches(), torch.enable_grad():
+        logits = model(x_req)
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError(f"model: expected logits of shape (B, num_classes), got "
+                             f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+        t = _check_target(target, x.shape[0], logits)
+        (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), x_req)
+    r = (x_req.detach() * g).sum(dim=1)
+    return r.clamp_min(0) if positive else r

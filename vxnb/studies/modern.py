@@ -10,7 +10,7 @@ and notebook 05 (full report only) call it. The models are trained with
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -70,7 +70,7 @@ def modern_benchmark(*, archs: Sequence[str] = MODERN_ARCHS, folds: Sequence[int
                      epochs: int = 10, train_limit: int | None = None, n_test_images: int | None = 120,
                      mu: float = 10.0, k: int = 5, batch_size: int = 32, seed: int = 0,
                      data_root: str | None = None, runs_root: str | None = None,
-                     progress: bool = True) -> pd.DataFrame:
+                     layers: Mapping[str, Any] | None = None, progress: bool = True) -> pd.DataFrame:
     """Train each of ``archs`` on each fold of an8Flower single-6c (blocks split), select its
     relevant features (μ-lasso on the default layers' responses of the training split), and
     score every row of :func:`modern_rows` on ``n_test_images`` of the held-out fold.
@@ -78,19 +78,23 @@ def modern_benchmark(*, archs: Sequence[str] = MODERN_ARCHS, folds: Sequence[int
     Returns one row per (arch, fold, method): ``test_accuracy`` (on the whole held-out fold),
     ``m`` (features), ``n_relevant``, ``iou_auc`` (%, :func:`vxnb.evaluate.iou_auc`), Quantus's
     localisation metrics (:func:`vxnb.evaluate.quantus_metrics.localisation_metrics`, fast
-    judge), ``seconds`` (of the row's heatmaps), ``train_seconds``. Means over folds:
+    judge), ``seconds`` (of the row's heatmaps), ``train_seconds``. ``layers``: per arch, the
+    described layers (names or glob patterns, see :func:`vxnb.features.select_layers`; default
+    :func:`vxnb.features.default_layers`); a key ``"vit:<tag>"`` adds the ViT described by those
+    layers as the arch ``"vit:<tag>"`` (the same trained model: the layer-choice measurement). Means over folds:
     ``df.groupby(["arch", "method"]).mean(numeric_only=True)``.
     """
-    from ..evaluate import iou_auc
     from ..evaluate.occlusion import batched_logits
-    from ..evaluate.quantus_metrics import localisation_metrics
-    from ..features import extract_features
+    from ..features import extract_features, select_layers
     from ..lasso import lasso_path
     from ..models import train_model
     from ..relevance import Relevance
 
     if isinstance(archs, str) or not all(a in MODERN_ARCHS for a in archs) or not archs:
         raise ValueError(f"archs: expected a non-empty list of {', '.join(MODERN_ARCHS)}, got {describe(archs)}")
+    layers = dict(layers or {})
+    if any(a.split(":")[0] not in MODERN_ARCHS for a in layers):
+        raise ValueError(f"layers: expected keys among {', '.join(MODERN_ARCHS)} (or 'vit:<tag>'), got {list(layers)}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs: expected a positive int, got {epochs!r}")
     base = runs.RunConfig(dataset="an8flower", variant="single-6c", size=size, folds="blocks",
@@ -109,21 +113,46 @@ def modern_benchmark(*, archs: Sequence[str] = MODERN_ARCHS, folds: Sequence[int
             hist = train_model(model, train, test, epochs=epochs, seed=seed, device="cpu", progress=progress)
             train_s = time.perf_counter() - t0
             model.eval()
-            feats = extract_features(model, train, n_classes=len(classes), batch_size=64, device="cpu",
-                                     progress=progress)
-            path = lasso_path(feats.G, feats.XtL, mu_max=max(50.0, mu))
-            relevant = Relevance.from_path(path, feats, mu)
             preds = batched_logits(model, images, batch_size=64).argmax(1)
             acc = hist.get("final_test_accuracy")
-            for row in modern_rows(arch):
-                t0 = time.perf_counter()
-                h = _heatmaps(row, model, images, preds, relevant, k, batch_size)
-                sec = time.perf_counter() - t0
-                q = localisation_metrics(h, masks)
-                records.append({"arch": arch, "fold": fold, "method": row,
-                                "label": table1.METHOD_LABELS.get(row, "AttnLRP (lxt)"),
-                                "test_accuracy": acc, "eval_accuracy": float((preds == labels).float().mean()),
-                                "m": int(feats.G.shape[0]), "n_relevant": int(np.count_nonzero(relevant.W)),
-                                "iou_auc": iou_auc(h, masks), **benchmark.quantus_row(q),
-                                "seconds": sec, "train_seconds": train_s})
+            choices = [(arch, layers.get(arch))] + [(name, v) for name, v in layers.items()
+                                                    if name.startswith(arch + ":")]
+            for name, chosen in choices:
+                feats = extract_features(model, train, layers=select_layers(model, chosen), n_classes=len(classes), batch_size=64,
+                                         device="cpu", progress=progress)
+                path = lasso_path(feats.G, feats.XtL, mu_max=max(50.0, mu))
+                relevant = Relevance.from_path(path, feats, mu)
+                rows = modern_rows(arch) if name == arch else table1.OURS_METHODS[-1:] + ("ours",)
+                records += _score(name, fold, rows, model, images, labels, masks, preds, relevant, feats,
+                                  k, batch_size, acc, train_s, path.coef(mu), mu)
     return pd.DataFrame.from_records(records)
+
+
+def _score(arch, fold, rows, model, images, labels, masks, preds, relevant, feats, k, batch_size, acc, train_s,
+           W, mu) -> list[dict]:
+    from ..evaluate import iou_auc
+    from ..evaluate.quantus_metrics import localisation_metrics
+
+    out = []
+    fit = _lasso_fit(feats, W)
+    for row in dict.fromkeys(rows):
+        t0 = time.perf_counter()
+        h = _heatmaps(row, model, images, preds, relevant, k, batch_size)
+        sec = time.perf_counter() - t0
+        q = localisation_metrics(h, masks)
+        out.append({"arch": arch, "fold": fold, "method": row, "label": table1.METHOD_LABELS.get(row, "AttnLRP (lxt)"),
+                    "test_accuracy": acc, "eval_accuracy": float((preds == labels).float().mean()),
+                    "m": int(feats.G.shape[0]), "n_relevant": int(np.count_nonzero(relevant.W)),
+                    "lasso_r2": fit, "iou_auc": iou_auc(h, masks), **benchmark.quantus_row(q),
+                    "seconds": sec, "train_seconds": train_s})
+    return out
+
+
+def _lasso_fit(feats: Any, W: Any) -> float:
+    """R² of the lasso's fit X W ≈ L (L one-hot) on the training split, from the sums G = XᵀX,
+    XᵀL and the class counts: 1 - ‖XW - L‖² / ‖L - mean L‖², over all classes together."""
+    W = np.asarray(W, dtype=np.float64)
+    counts = np.asarray(feats.class_counts, dtype=np.float64)
+    rss = counts.sum() - 2 * np.sum(W * feats.XtL) + np.sum(W * (feats.G @ W))
+    tss = np.sum(counts - counts ** 2 / feats.n)
+    return float(1 - rss / tss)

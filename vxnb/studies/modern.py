@@ -21,12 +21,16 @@ from tqdm.auto import tqdm
 from ..utils import describe
 from . import benchmark, runs, table1
 
-__all__ = ["MODERN_ARCHS", "MODERN_ROWS", "modern_model", "modern_benchmark", "modern_rows"]
+__all__ = ["MODERN_ARCHS", "MODERN_ROWS", "MODERN_SCORES", "modern_model", "modern_benchmark", "modern_rows",
+           "modern_table"]
 
 #: The architectures: a mobile CNN, a reduced ConvNeXt, a reduced torchvision ViT.
 MODERN_ARCHS: tuple[str, ...] = ("mobilenet_v3_small", "convnext", "vit")
 #: The rows: Table 1's (our features drawn three ways), Grad-CAM, AttnLRP (transformers only).
 MODERN_ROWS: tuple[str, ...] = ("ours", "ours_deconv", "ours_upsampled", "gradcam", "attnlrp")
+
+#: The scores of a row: the IoU area (%) and Quantus's localisation metrics.
+MODERN_SCORES: tuple[str, ...] = ("iou_auc", "pointing_game", "relevance_mass", "relevance_rank", "auc", "top_k")
 
 
 def modern_model(arch: str, n_classes: int, size: int, seed: int = 0) -> nn.Module:
@@ -156,3 +160,15 @@ def _lasso_fit(feats: Any, W: Any) -> float:
     rss = counts.sum() - 2 * np.sum(W * feats.XtL) + np.sum(W * (feats.G @ W))
     tss = np.sum(counts - counts ** 2 / feats.n)
     return float(1 - rss / tss)
+
+
+def modern_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean (and std over folds, where there are several) of each score per (arch, method label),
+    rows in the order run; the accuracy, m and the heatmap seconds beside them."""
+    if not isinstance(df, pd.DataFrame) or not {"arch", "label", "fold", *MODERN_SCORES} <= set(df.columns):
+        raise ValueError(f"df: expected the DataFrame of modern_benchmark, got {describe(df)}")
+    g = df.groupby(["arch", "label"], sort=False)
+    table = g[["test_accuracy", "m", *MODERN_SCORES, "seconds"]].mean()
+    if df["fold"].nunique() > 1:
+        table.insert(table.columns.get_loc("iou_auc") + 1, "iou_auc_std", g["iou_auc"].std())
+    return table

@@ -180,6 +180,7 @@ NOTEBOOK_PARAMETER_KEYS = {
     "top_n": "top patches' k",
     "n_random": None, "also_mnist": None, "crop_size": None, "n_per_class": None, "n_images": None,
     "diagnose_mus": None,
+    "modern_epochs": None,  # the modern models of notebook 05 are trained per call, not stored
 }
 
 

@@ -141,6 +141,7 @@ NOTEBOOK_PARAMETERS: dict[str, dict[str, NotebookParameter]] = {
                                      _or_none(_names(_combines))),
         "diagnose": NotebookParameter(None, "None or [variant, fold]", _or_none(_diagnose)),
         "diagnose_mus": NotebookParameter(None, "None or a list of positive numbers", _or_none(_mus)),
+        "modern_epochs": NotebookParameter(None, _POSITIVE_OR_NONE, _or_none(_positive_int)),
     },
     "06_sanity_check": {
         "mu": _MU,

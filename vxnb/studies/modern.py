@@ -22,7 +22,7 @@ from ..utils import describe
 from . import benchmark, runs, table1
 
 __all__ = ["MODERN_ARCHS", "MODERN_ROWS", "MODERN_SCORES", "modern_model", "modern_benchmark", "modern_rows",
-           "modern_table"]
+           "modern_table", "lasso_r2"]
 
 #: The architectures: a mobile CNN, a reduced ConvNeXt, a reduced torchvision ViT.
 MODERN_ARCHS: tuple[str, ...] = ("mobilenet_v3_small", "convnext", "vit")
@@ -138,7 +138,7 @@ def _score(arch, fold, rows, model, images, labels, masks, preds, relevant, feat
     from ..evaluate.quantus_metrics import localisation_metrics
 
     out = []
-    fit = _lasso_fit(feats, W)
+    fit = lasso_r2(feats, W)
     for row in dict.fromkeys(rows):
         t0 = time.perf_counter()
         h = _heatmaps(row, model, images, preds, relevant, k, batch_size)
@@ -152,7 +152,7 @@ def _score(arch, fold, rows, model, images, labels, masks, preds, relevant, feat
     return out
 
 
-def _lasso_fit(feats: Any, W: Any) -> float:
+def lasso_r2(feats: Any, W: Any) -> float:
     """R² of the lasso's fit X W ≈ L (L one-hot) on the training split, from the sums G = XᵀX,
     XᵀL and the class counts: 1 - ‖XW - L‖² / ‖L - mean L‖², over all classes together."""
     W = np.asarray(W, dtype=np.float64)

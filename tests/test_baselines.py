@@ -12,7 +12,7 @@ import pytorch_grad_cam  # noqa: F401
 import torchvision
 from torch import nn
 
-from vxnb.baselines import METHODS, attribution, default_target_layer
+from vxnb.baselines import METHODS, attnlrp, attribution, default_target_layer
 from nets import pooled_net
 
 
@@ -156,3 +156,125 @@ def test_bad_input():
     # None = the predicted class
     pred = model(x).argmax(1)
     torch.testing.assert_close(attribution("gradcam", model, x, None), attribution("gradcam", model, x, pred))
+
+
+# ---------------------------------------------------------------- token layers (ViT, Swin)
+def _tiny_vit() -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=16, mlp_dim=32, num_classes=3).eval()
+    nn.init.normal_(model.heads.head.weight)  # torchvision zero-initialises the head: no gradient at all
+    return model
+
+
+def _tiny_swin() -> nn.Module:
+    torch.manual_seed(0)
+    from torchvision.models.swin_transformer import SwinTransformer
+    return SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=[2, 2],
+                           num_classes=3).eval()
+
+
+def _vit_reshape(a: torch.Tensor) -> torch.Tensor:
+    """pytorch-grad-cam's documented ViT reshape_transform: drop the class token, (B, 4, 4, D) -> (B, D, 4, 4)."""
+    return a[:, 1:, :].reshape(a.size(0), 4, 4, a.size(2)).transpose(2, 3).transpose(1, 2)
+
+
+def _swin_reshape(a: torch.Tensor) -> torch.Tensor:
+    return a.transpose(2, 3).transpose(1, 2)  # (B, H, W, C) -> (B, C, H, W)
+
+
+def test_default_target_layer_of_transformers_is_the_last_blocks_first_norm():
+    x = torch.rand(1, 3, 32, 32)
+    assert default_target_layer(_tiny_vit(), x) == "encoder.layers.encoder_layer_1.ln_1"
+    assert default_target_layer(_tiny_swin(), x) == "features.3.0.norm1"
+
+
+@pytest.mark.parametrize("make, layer, reshape", [
+    (_tiny_vit, "encoder.layers.encoder_layer_1.ln_1", _vit_reshape),
+    (_tiny_swin, "features.3.0.norm1", _swin_reshape),
+])
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
+def test_token_gradcam_equals_pytorch_grad_cam_with_reshape_transform(make, layer, reshape, method):
+    """The reshape is done by vxnb itself: the maps equal pytorch-grad-cam's raw CAM with the
+    hand-written reshape_transform its docs give for ViT / Swin, upsampled bilinearly."""
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = make()
+    x = torch.rand(2, 3, 32, 32)
+    target = [0, 2]
+    ours = attribution(method, model, x, target, layer=layer)
+    module = dict(model.named_modules())[layer]
+    cam = (GradCAM if method == "gradcam" else GradCAMPlusPlus)(model=model, target_layers=[module],
+                                                                reshape_transform=reshape)
+    try:
+        xr = x.clone().requires_grad_(True)
+        outs = cam.activations_and_grads(xr)
+        targets = [ClassifierOutputTarget(c) for c in target]
+        torch.autograd.grad(sum(tg(o) for tg, o in zip(targets, outs)), xr)
+        acts, grads = cam.activations_and_grads.activations, cam.activations_and_grads.gradients
+        raw = cam.get_cam_image(xr, module, targets, acts[0].numpy(), grads[0].numpy(), False)
+    finally:
+        cam.activations_and_grads.release()
+    ref = F.interpolate(torch.from_numpy(raw).float().clamp_min(0)[:, None], size=(32, 32), mode="bilinear",
+                        align_corners=False)[:, 0].clamp_min(0)
+    assert ref.amax() > 0
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_token_activation_and_guided_gradcam_on_a_vit():
+    model = _tiny_vit()
+    x = torch.rand(2, 3, 32, 32)
+    layer = "encoder.layers.encoder_layer_1.ln_1"
+    acts, _ = layer_grads(model, x, dict(model.named_modules())[layer], [0, 1])
+    hand = F.interpolate(_vit_reshape(acts).clamp_min(0).mean(1, keepdim=True), size=(32, 32), mode="bilinear",
+                         align_corners=False)[:, 0].clamp_min(0)
+    torch.testing.assert_close(attribution("activation", model, x, None, layer=layer), hand)
+    g = attribution("guided_gradcam", model, x, [0, 1], layer=layer)
+    assert g.shape == (2, 32, 32) and torch.isfinite(g).all() and g.amax() > 0
+
+
+def test_token_layer_that_does_not_fill_a_grid_is_refused():
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2,
+                                                 hidden_dim=16, mlp_dim=32, num_classes=3).eval()
+    x = torch.rand(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="layer: 'm.encoder.layers.encoder_layer_0.mlp' outputs 17 tokens; 0 class/register"):
+        # 17 tokens and no class token known (the wrapper hides it): 17 tokens fill no 4x4 grid
+        class NoCls(nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, x):
+                return self.m(x)
+        attribution("gradcam", NoCls(model), x, 0, layer="m.encoder.layers.encoder_layer_0.mlp")
+
+
+# ---------------------------------------------------------------- AttnLRP (lxt) for ViTs
+def test_attnlrp_conserves_the_logit_where_plain_gradient_times_input_does_not():
+    """Bias-free ViT (biases, position embedding and class token zero): lxt's rules (identity on
+    GELU/LayerNorm, CP-LRP in attention, LRP-0 on linear maps) make sum(x * grad) the logit."""
+    model = _tiny_vit()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or n in ("class_token", "encoder.pos_embedding"):
+                p.zero_()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(x)[torch.arange(2), torch.tensor([0, 2])]
+    r = attnlrp(model, x, [0, 2], positive=False)
+    torch.testing.assert_close(r.sum(dim=(1, 2)), logits, rtol=1e-4, atol=1e-5)
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(xr)[torch.arange(2), torch.tensor([0, 2])].sum(), xr)
+    assert not torch.allclose((x * g).sum(dim=(1, 2, 3)), logits, rtol=1e-2, atol=1e-3)
+    pos = attnlrp(model, x, [0, 2])
+    torch.testing.assert_close(pos, r.clamp_min(0))
+
+
+def test_attnlrp_leaves_torch_unpatched_and_refuses_cnns():
+    forwards = {c: c.forward for c in (nn.GELU, nn.LayerNorm, nn.MultiheadAttention)}
+    attnlrp(_tiny_vit(), torch.rand(1, 3, 32, 32), None)
+    assert {c: c.forward for c in forwards} == forwards
+    assert not any(hasattr(c, "original_forward") for c in forwards)
+    with pytest.raises(ValueError, match="model: AttnLRP .* PooledNet has none|model: AttnLRP .* has none"):
+        attnlrp(pooled_net(), torch.rand(1, 3, 32, 32), 0)

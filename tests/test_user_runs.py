@@ -206,6 +206,20 @@ def test_memory_check_prints_m_and_refuses_naming_layers(capsys):
         runs.gram_memory_check(20000, available=2 ** 30)
 
 
+
+@pytest.mark.parametrize("arch, side, expected", [("vit_b_16", 224, 768 + 768)])
+def test_memory_check_names_m_for_vit_b16_default_layers(arch, side, expected, capsys):
+    """m of ViT-B/16's default layers at 224 px is D per token layer (the norm is over the patch
+    tokens), not the token count: the meta-device count equals the widths of a real extraction."""
+    model = getattr(torchvision.models, arch)(num_classes=4)
+    layers = features.default_layers(model)
+    m = runs.feature_count(model, layers, (3, side, side))
+    real = features.descriptors(model, torch.zeros(1, 3, side, side), layers).shape[1]
+    assert m == real == expected
+    runs.gram_memory_check(m, available=2 ** 40)
+    assert f"m = {expected};" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------- bad input
 def test_missing_or_empty_folder(shapes, tmp_path):
     with pytest.raises(FileNotFoundError, match="data_root: no folder"):

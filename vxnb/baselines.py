@@ -28,13 +28,22 @@ pytorch-grad-cam's ``__call__`` min-max normalises and resizes with OpenCV; we t
 raw CAM from ``get_cam_image`` (its own weights and weighting) instead. Its
 ``GuidedBackpropReLUModel`` is not used: it swaps the model's ReLU modules and puts back
 *new* ``nn.ReLU()`` objects (losing ``inplace=True``), i.e. it modifies the model.
-The default ``layer`` is the output of the last convolutional layer's ReLU
-(:func:`default_target_layer`).
+The default ``layer`` is the output of the last convolutional layer's ReLU, or in a
+transformer the first norm of the last block (:func:`default_target_layer`).
+
+Token layers (ViT, Swin): a layer whose output is tokens (B, T, D) or channels-last (B, H, W, C)
+(``vxnb.features.hooks.layout``) is put on its grid here — the class/register tokens dropped, the
+patch tokens reshaped to (B, D, h, w) in the input's aspect, channels-last permuted — what
+pytorch-grad-cam needs a hand-written ``reshape_transform`` for. Grad-CAM on such a layer is
+computed by autograd on the reshaped output (Captum's layer methods cannot reshape); Grad-CAM++
+passes the reshape to pytorch-grad-cam; both equal pytorch-grad-cam with its documented
+``reshape_transform`` (tests/test_baselines.py).
 """
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,9 +52,10 @@ from torch import Tensor, nn
 
 from vxnb._graph import first_conv_in_channels, forward_to, model_device_dtype
 from vxnb.deconv import run_backward
+from vxnb.features.hooks import layout as feature_layout
 from vxnb.utils import check_image_batch, eval_mode, get_module
 
-__all__ = ["METHODS", "METHOD_LABELS", "attribution", "default_target_layer"]
+__all__ = ["METHODS", "METHOD_LABELS", "attribution", "attnlrp", "default_target_layer"]
 
 METHODS: tuple[str, ...] = ("activation", "deconv_gb", "gradcam", "guided_gradcam", "gradcampp",
                             "guided_gradcampp")
@@ -89,6 +99,9 @@ def default_target_layer(model: nn.Module, x: Tensor) -> str:
     if not convs:
         raise ValueError(f"model: {type(model).__name__} has no nn.Conv2d layer; pass layer= explicitly")
     i = convs[-1]
+    norms = [j for j in range(i + 1, len(calls)) if _attention_norm(model, calls[j][0], calls[j][1])]
+    if norms:  # a transformer: the last block's first norm (pytorch-grad-cam's choice for ViT and Swin)
+        return calls[norms[-1]][0]
     relus = [j for j in range(i + 1, len(calls)) if isinstance(calls[j][1], nn.ReLU)]
     if not relus:
         return calls[i][0]
@@ -103,6 +116,52 @@ def default_target_layer(model: nn.Module, x: Tensor) -> str:
         if o is out and counts[n] == 1:
             return n
     return calls[i][0]
+
+
+def _attention_norm(model: nn.Module, name: str, module: nn.Module) -> bool:
+    """Is ``module`` the first ``nn.LayerNorm`` of a block that holds an attention module?"""
+    if type(module) is not nn.LayerNorm or "." not in name:
+        return False
+    parent = get_module(model, name.rpartition(".")[0])
+    children = list(parent.children())
+    has_attention = any(isinstance(c, nn.MultiheadAttention) or "Attention" in type(c).__name__ for c in children)
+    first_norm = next((c for c in children if type(c) is nn.LayerNorm), None)
+    return has_attention and first_norm is module
+
+
+def _to_maps(a: Tensor, kind: str, prefix: int, layer: str, size: tuple[int, int]) -> Tensor:
+    """A layer output as (B, C, h, w) maps: channels-first as it is; tokens (B, T, D) — the
+    patch tokens after the ``prefix`` class/register tokens — on their grid (the aspect of the
+    input), what pytorch-grad-cam's ``reshape_transform`` does for a ViT; (B, H, W, C) permuted (Swin)."""
+    if a.dim() == 3 and kind in ("last", "tokens?"):
+        n = a.shape[1] - prefix
+        h = max(1, round((n * size[0] / size[1]) ** 0.5))
+        if n <= 0 or n % h:
+            raise ValueError(f"layer: {layer!r} outputs {a.shape[1]} tokens; {prefix} class/register token(s) "
+                             f"leave {n}, which do not fill a grid of the input's aspect {size[0]}x{size[1]}")
+        return a[:, prefix:].reshape(a.shape[0], h, n // h, a.shape[2]).permute(0, 3, 1, 2)
+    if a.dim() == 4 and kind == "last":
+        return a.permute(0, 3, 1, 2)
+    return a
+
+
+def _token_gradcam(model: nn.Module, x: Tensor, module: nn.Module, t: Tensor,
+                   reshape: Any) -> Tensor:
+    """Grad-CAM (Selvaraju et al., Eq. 1-2) on a token / channels-last layer: ReLU(sum_k alpha_k A_k),
+    alpha_k the mean over the grid of d logit_t / d A_k, A the layer output on its grid."""
+    store: dict[str, Tensor] = {}
+    handle = module.register_forward_hook(lambda mod, inp, out: store.__setitem__("a", out))
+    try:
+        x_req = x.detach().requires_grad_(True)  # gradients w.r.t. the layer only: no .grad on parameters
+        with torch.enable_grad():
+            logits = model(x_req)
+            a = store["a"]
+            (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), a)
+    finally:
+        handle.remove()
+    A, G = reshape(a.detach()), reshape(g)
+    cam = (G.mean(dim=(2, 3), keepdim=True) * A).sum(dim=1)
+    return _upsample(cam.clamp_min(0), tuple(x.shape[-2:]))
 
 
 def _check_target(target: Any, B: int, logits: Tensor) -> Tensor:
@@ -163,11 +222,11 @@ def _deconv_gb(model: nn.Module, x: Tensor, t: Tensor) -> Tensor:
     return v.abs().sum(dim=1)
 
 
-def _gradcampp_raw(model: nn.Module, x: Tensor, layer_module: nn.Module, t: Tensor) -> Tensor:
+def _gradcampp_raw(model: nn.Module, x: Tensor, layer_module: nn.Module, t: Tensor, reshape: Any = None) -> Tensor:
     from pytorch_grad_cam import GradCAMPlusPlus
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    cam = GradCAMPlusPlus(model=model, target_layers=[layer_module])
+    cam = GradCAMPlusPlus(model=model, target_layers=[layer_module], reshape_transform=reshape)
     try:
         x_req = x.detach().requires_grad_(True)  # gradients w.r.t. x only: no .grad on parameters
         with torch.enable_grad():
@@ -231,14 +290,24 @@ def attribution(method: str, model: nn.Module, x: Tensor, target: int | Sequence
             module = get_module(model, layer)
             with torch.no_grad():
                 a = forward_to(model, x, layer)
-            if a.dim() != 4:
-                raise ValueError(f"layer: method {method!r} needs a convolutional layer (output (B, C, h, w)); "
-                                 f"{layer!r} outputs shape {tuple(a.shape)} (a fully connected layer?)")
+            kind, prefix = feature_layout(model, layer)
+            tokens = (a.dim() == 3 and kind in ("last", "tokens?")) or (a.dim() == 4 and kind == "last")
+
+            def reshape(v: Tensor) -> Tensor:
+                return _to_maps(v, kind, prefix, layer, size)
+            if a.dim() != 4 and not tokens:
+                raise ValueError(f"layer: method {method!r} needs a convolutional layer (output (B, C, h, w)) or "
+                                 f"a token layer ((B, T, D) / (B, H, W, C)); {layer!r} outputs shape "
+                                 f"{tuple(a.shape)} (a fully connected layer?)")
             if method == "activation":
-                out = _activation(a, size, layer, channel)
+                out = _activation(reshape(a), size, layer, channel)
             elif method in ("gradcampp", "guided_gradcampp"):
-                out = _gradcampp_raw(model, x, module, t)
+                out = _gradcampp_raw(model, x, module, t, reshape if tokens else None)
                 if method == "guided_gradcampp":
+                    out = (_captum_gb(model, x, t) * out.unsqueeze(1)).abs().sum(dim=1)
+            elif tokens:  # Captum's layer methods take the output as it is: reshape here
+                out = _token_gradcam(model, x, module, t, reshape)
+                if method == "guided_gradcam":
                     out = (_captum_gb(model, x, t) * out.unsqueeze(1)).abs().sum(dim=1)
             else:
                 from captum.attr import GuidedGradCam, LayerAttribution, LayerGradCam
@@ -262,3 +331,62 @@ def _captum_gb(model: nn.Module, x: Tensor, t: Tensor) -> Tensor:
         for msg in _CAPTUM_NOISE:
             warnings.filterwarnings("ignore", message=msg)
         return GuidedBackprop(model).attribute(x, target=t)
+
+
+#: the classes lxt's torchvision-ViT patch map replaces the forward of (``lxt.efficient.models.vit_torch``)
+_LXT_PATCHED = (nn.GELU, nn.LayerNorm, nn.MultiheadAttention)
+
+
+@contextmanager
+def _lxt_patches() -> Iterator[None]:
+    """lxt's ViT patches (identity rule on GELU and LayerNorm, CP-LRP in attention) for the
+    duration only: lxt patches the *classes* ``torch.nn.GELU/LayerNorm/MultiheadAttention``
+    process-wide, which would change every other backward (our DeconvNet rules included)."""
+    from torchvision.models import vision_transformer
+
+    saved = {c: {a: vars(c)[a] for a in ("forward", "original_forward") if a in vars(c)} for c in _LXT_PATCHED}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*zennit.*")  # its Gamma patch, unused here (see attnlrp)
+        from lxt.efficient import monkey_patch
+        monkey_patch(vision_transformer)
+    try:
+        yield
+    finally:
+        for c, attrs in saved.items():
+            for a in ("forward", "original_forward"):
+                if a in attrs:
+                    setattr(c, a, attrs[a])
+                elif a in vars(c):
+                    delattr(c, a)
+
+
+def attnlrp(model: nn.Module, x: Tensor, target: int | Sequence[int] | Tensor | None, *,
+            layer: str | None = None, positive: bool = True) -> Tensor:
+    """AttnLRP (Achtibat et al., ICML 2024) by ``lxt`` for a transformer with
+    ``torch.nn.MultiheadAttention`` (torchvision's ``VisionTransformer``): (B, H, W), the positive
+    part of the relevance Σ_c x ⊙ ∂y_t/∂x with lxt's rules, i.e. lxt's torchvision-ViT map — the
+    identity rule on GELU and LayerNorm (σ held constant), CP-LRP in attention (no gradient
+    through query and key) — and LRP-0 (gradient × input) on the linear and conv layers. lxt's
+    example puts zennit's Gamma rule on those; its zennit patch needs zennit ≥ 0.5 (``ParamMod``),
+    while zennit-crp pins zennit ≤ 0.4.6. ``layer`` is unused (the benchmark's signature);
+    ``positive=False`` gives the signed relevance (its sum is the logit when the model has no
+    biases: LRP's conservation).
+    Refuses a model without ``nn.MultiheadAttention`` (a CNN, Swin, MaxViT) with a ValueError."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        raise ValueError(f"model: AttnLRP (lxt) explains transformers built on torch.nn.MultiheadAttention "
+                         f"(torchvision's VisionTransformer); {type(model).__name__} has none (a CNN, Swin or "
+                         "MaxViT?)")
+    x = check_image_batch(x, "x", channels=first_conv_in_channels(model))
+    device, dtype = model_device_dtype(model, x)
+    x_req = x.detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
+    with eval_mode(model), _lxt_patches(), torch.enable_grad():
+        logits = model(x_req)
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError(f"model: expected logits of shape (B, num_classes), got "
+                             f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+        t = _check_target(target, x.shape[0], logits)
+        (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), x_req)
+    r = (x_req.detach() * g).sum(dim=1)
+    return r.clamp_min(0) if positive else r

@@ -146,6 +146,7 @@ NOTEBOOK_PARAMETERS: dict[str, dict[str, NotebookParameter]] = {
         "shortcut_rate": NotebookParameter(1.0, "a distractor rate in (0, 1]",
                                            lambda v: _number(v) and 0 < v <= 1),
         "leaderboard_images": NotebookParameter(None, _POSITIVE_OR_NONE, _or_none(_positive_int)),
+        "modern_epochs": NotebookParameter(None, _POSITIVE_OR_NONE, _or_none(_positive_int)),
     },
     "06_sanity_check": {
         "mu": _MU,

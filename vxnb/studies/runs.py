@@ -37,7 +37,7 @@ from ..utils import atomic_write_json, read_json, seed_everything
 from .datasets import DATASET_SPECS, DatasetSpec, dataset_spec, user_model
 
 __all__ = ["RunConfig", "DATASETS", "load_data", "get_model", "get_features", "get_lasso_path",
-           "run_dir", "user_model", "gram_memory_check", "describe_model",
+           "run_dir", "user_model", "gram_memory_check", "feature_count", "describe_model",
            "data_record", "split_key", "checkpoint_key", "checkpoint_dir", "save_table", "table_key", "data_ok",
            "ARTIFACT_VERSIONS", "register_artifact", "artifact_versions"]
 
@@ -514,23 +514,29 @@ def gram_memory_check(m: int, device: torch.device | str = "cpu", *, available: 
     return need
 
 
-def _feature_count(model: torch.nn.Module, layers: list[str], shape: tuple[int, ...]) -> int:
+def feature_count(model: torch.nn.Module, layers: list[str], shape: tuple[int, ...]) -> int:
     """m, the channels of ``layers`` summed, from a forward pass of a copy of the model on the
     meta device (shapes only: no computation, the model itself untouched); a one-image pass
     of the model where an operation has no meta implementation."""
     import copy
 
     from ..features import descriptors
+    from ..features.hooks import layout
 
     try:
         probe = copy.deepcopy(model).to("meta")
         modules = dict(probe.named_modules())
         widths: dict[str, int] = {}
 
+        kinds = {n: layout(model, n)[0] for n in layers}
+
         def hook(name: str):
             def fn(module, inputs, output):
                 out = output[0] if isinstance(output, (tuple, list)) else output
-                widths.setdefault(name, int(out.shape[1]) if out.dim() > 1 else 1)
+                if out.dim() >= 3 and kinds[name] in ("last", "tokens?"):  # tokens (B, T, D) / (B, H, W, C)
+                    widths.setdefault(name, int(out.shape[-1]))
+                else:
+                    widths.setdefault(name, int(out.shape[1]) if out.dim() > 1 else 1)
             return fn
 
         handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
@@ -574,7 +580,7 @@ def get_features(cfg: RunConfig, model: torch.nn.Module, split: str = "train", *
         kwargs["layers"] = select_layers(model, cfg.layers, only_conv)
         only_conv = False
     kwargs.setdefault("batch_size", cfg.batch_size)
-    m = _feature_count(model, kwargs["layers"], tuple(dataset[0][0].shape))
+    m = feature_count(model, kwargs["layers"], tuple(dataset[0][0].shape))
     gram_memory_check(m, kwargs.get("device") or model_device(model), verbose=progress)
     feats = extract_features(model, dataset, only_conv=only_conv, n_classes=len(classes),
                              cache_dir=run_dir(cfg) / "features", data_key=split_key(cfg, split, dataset),

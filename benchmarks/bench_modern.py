@@ -1,0 +1,53 @@
+"""Benchmark: modern models measured on an8Flower single-6c, blocks split (issue 25, item 5).
+
+Trains a MobileNetV3-small, a reduced ConvNeXt and a reduced ViT here
+(:func:`vxnb.studies.modern.modern_model`), selects each one's relevant features with the
+μ-lasso, and scores Table 1's rows (Ours, Deconv+GB, Upsam. Act.), Grad-CAM (token layers
+reshaped by ``vxnb.baselines``) and, for the ViT, lxt's AttnLRP: area under the IoU curve (%)
+beside Quantus's localisation metrics (fast judge), mean (std) over the folds run.
+
+    python benchmarks/bench_modern.py --folds 0 1 2 3 4                 # the full setting
+    python benchmarks/bench_modern.py --folds 0 --size 64 --epochs 3 --train-limit 600 --images 60 --vit-layers
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import pandas as pd
+
+from vxnb.studies.modern import MODERN_ARCHS, modern_benchmark, modern_table
+
+#: The ViT layer choices of issue 25 item 4: every block's output against every MLP's hidden units.
+VIT_LAYER_CHOICES = {"vit:blocks": "encoder.layers.*", "vit:mlp_hidden": "encoder.layers.*.mlp.1"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--archs", nargs="+", default=list(MODERN_ARCHS), choices=MODERN_ARCHS)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--train-limit", type=int, default=None)
+    ap.add_argument("--images", type=int, default=120, help="evaluated test images per fold")
+    ap.add_argument("--data-root", default=None, help="an8Flower cache (default: a temporary folder)")
+    ap.add_argument("--vit-layers", action="store_true",
+                    help="also score Ours on the same ViT described by its block outputs and by its MLP hidden units")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="vxnb-modern-") as tmp:
+        t0 = time.perf_counter()
+        df = modern_benchmark(archs=args.archs, folds=args.folds, size=args.size, epochs=args.epochs,
+                              train_limit=args.train_limit, n_test_images=args.images,
+                              data_root=args.data_root or f"{tmp}/data", runs_root=f"{tmp}/runs",
+                              layers=VIT_LAYER_CHOICES if args.vit_layers else None)
+        total = time.perf_counter() - t0
+    pd.set_option("display.width", 200)
+    print(f"an8Flower single-6c (blocks), folds {args.folds}, size {args.size}, epochs {args.epochs}, "
+          f"train_limit {args.train_limit}, {args.images} test images per fold; {total:.0f} s in all")
+    print(df.groupby("arch", sort=False)[["n_relevant", "lasso_r2", "train_seconds"]].mean().round(3).to_string())
+    print(modern_table(df).round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()

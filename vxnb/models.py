@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from . import _store
 from ._store import fault_point
 from .utils import (atomic_torch_save, atomic_write_json, describe, eval_mode, get_device, json_ready, model_device,
                     read_json, seed_everything)
@@ -754,19 +755,11 @@ def normalize_input(model: nn.Module, normalize: Any) -> nn.Module:
 def model_fingerprint(model: nn.Module, arch: str | None = None) -> str:
     """A content key of a model: its architecture name (``arch``, else what :func:`build_model`
     recorded, else the class name) and the bytes, dtypes and shapes of its state_dict, in key
-    order. Two models with the same fingerprint compute the same function. 16 hex digits."""
+    order. Two models with the same fingerprint compute the same function. 16 hex digits.
+    Computed by :func:`vxnb._store.model_fingerprint` (``style="model"``), the one owner."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
-    import hashlib
-
-    h = hashlib.sha256()
-    h.update((arch or getattr(model, "vxnb_arch", None) or type(model).__qualname__).encode())
-    for key, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"|{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return _store.model_fingerprint(model, arch, style="model")
 
 
 def _import_factory(spec: str) -> Callable[[], nn.Module]:

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..._store import fault_point
+from ... import utils
 from ...utils import atomic_write_json, describe, read_json
 from .png import decode_png, encode_png
 from .render import (ANGLES, CROPS, N_VIEWS, RENDER_VERSION, SUPERSAMPLE, Knobs, check_counterfactual, check_knobs,
@@ -260,6 +261,7 @@ def _render_cache(target: Path, variant: str, size: int, seed: int, progress: bo
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         _generate_into(tmp, variant, size, seed, progress, knobs, shift)
+        utils.fsync_tree(tmp)  # every file on disk before the rename publishes the folder (as _store does)
         if target.exists():  # stale or unfinished: move it aside, then replace it
             stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".stale", dir=target.parent))
             try:
@@ -269,6 +271,7 @@ def _render_cache(target: Path, variant: str, size: int, seed: int, progress: bo
             shutil.rmtree(stale, ignore_errors=True)
         try:
             os.rename(tmp, target)
+            utils.fsync_dir(target.parent)  # and the rename itself
         except OSError:
             # another process finished the same cache first: keep theirs if it is complete
             if _trusted(target, variant, size, seed, knobs, shift) is not None:

@@ -199,15 +199,8 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     analysis, layers, callbacks = _check_extract_args(model, layers, only_conv, keep_X, max_bytes, n_classes,
                                                       gram_dtype, callbacks, overlap)
     dev = resolve_device(model, device)
-    data_key = cache.data_key
-    # torch.distributed / checkpoints: this process's shard (None for a plain single-process pass)
-    shard = _distributed.Shard.open(data, batch_size=batch_size, num_workers=num_workers, pin=dev.type == "cuda",
-                                    fingerprint=lambda: {"model": _store.model_fingerprint(model),
-                                                         "layers": list(layers),
-                                                         "data": data_key or fingerprint_data(data, data),
-                                                         "n_classes": n_classes, "gram_dtype": str(gram_dtype),
-                                                         "keep_X": keep_X},
-                                    checkpoint_dir=dist.checkpoint_dir, checkpoint_every=dist.checkpoint_every)
+    shard = _open_shard(model, data, layers, dev, cache.data_key, n_classes, gram_dtype, keep_X, batch_size,
+                        num_workers, dist)
     progress = progress and (shard is None or shard.rank == 0)  # one progress bar, rank 0's
     loader, ds, n_expected, index_known = as_loader(data if shard is None else shard.loader, batch_size,
                                                     num_workers, pin=dev.type == "cuda")
@@ -215,8 +208,8 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     classes = dataset_classes(ds)
     if n_classes is not None and classes is not None and len(classes) != n_classes:
         raise ValueError(f"n_classes: {n_classes} given, but the dataset has {len(classes)} classes")
-    cache_path, key_info, key = cache_entry(model, data, ds, layers, cache.cache_dir, data_key, n_classes, gram_dtype,
-                                            keep_X, max_bytes)
+    cache_path, key_info, key = cache_entry(model, data, ds, layers, cache.cache_dir, cache.data_key, n_classes,
+                                            gram_dtype, keep_X, max_bytes)
 
     def compute(key_info: dict[str, Any]) -> Features:
         stream = Stream(model, layers, analysis, dev, n_expected, n_total, n_classes, classes, keep_X, max_bytes,
@@ -224,6 +217,27 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
         stream.run(loader, callbacks, progress, overlap)
         return stream.features(only_conv, index_known, key_info)
 
+    return _cached_or_computed(compute, cache_path, key, key_info, callbacks, shard)
+
+
+def _open_shard(model: nn.Module, data: Any, layers: list[str], dev: torch.device, data_key: str | None,
+                n_classes: int | None, gram_dtype: Any, keep_X: Any, batch_size: int, num_workers: int,
+                dist: DistOptions) -> Any:
+    """This process's shard of ``data`` under torch.distributed / with checkpoints (None for a
+    plain single-process pass)."""
+    return _distributed.Shard.open(data, batch_size=batch_size, num_workers=num_workers, pin=dev.type == "cuda",
+                                   fingerprint=lambda: {"model": _store.model_fingerprint(model),
+                                                        "layers": list(layers),
+                                                        "data": data_key or fingerprint_data(data, data),
+                                                        "n_classes": n_classes, "gram_dtype": str(gram_dtype),
+                                                        "keep_X": keep_X},
+                                   checkpoint_dir=dist.checkpoint_dir, checkpoint_every=dist.checkpoint_every)
+
+
+def _cached_or_computed(compute: Callable[[dict[str, Any]], Features], cache_path: Path | None, key: str | None,
+                        key_info: dict[str, Any], callbacks: list[Callable[..., Any]], shard: Any) -> Features:
+    """The pass's :class:`Features`: read from / written to the cache entry when there is one
+    (one process: under the artifact's lock; a shard: rank 0 writes it for all)."""
     if cache_path is not None and shard is None:  # one process: load or compute under the artifact's lock
         def save(f: Features, tmp: Path) -> None:
             f.meta.update(key=key_info, store_key=key)

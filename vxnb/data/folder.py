@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from ..utils import describe
+from .._checks import check_fraction
 
 __all__ = ["IMG_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset", "load_image_folder",
            "read_class_names", "folder_layout", "image_to_tensor"]
@@ -338,8 +339,7 @@ def load_image_folder(data_root: str | os.PathLike, *, mask_root: str | os.PathL
             raise ValueError(f"data_root: {split[0]} and {split[1]} must hold the same class folders, got "
                              f"{train.classes} and {val.classes}")
         return train, val, list(train.classes)
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction: expected a number in (0, 1), got {val_fraction!r}")
+    check_fraction(val_fraction, "val_fraction")
     full = open_(Path(data_root), None if mask_root is None else Path(mask_root))
     train_idx, val_idx = stratified_split(np.asarray(full.targets, dtype=np.int64), test_fraction=val_fraction,
                                           seed=seed)

@@ -72,3 +72,24 @@ def test_dataset_labels_through_subsets():
     assert dataset_labels(sub).tolist() == [2, 0, 1]
     items = class_examples(ds, per_class=2)
     assert [int(i[1]) for i in items] == [0, 0, 1, 1, 2, 2]
+
+
+def test_read_npz_reads_every_array_and_names_what_is_wrong(tmp_path):
+    """The one npz reader of Features.load and LassoPath.load: no pickles, clear errors."""
+    from vxnb.utils import atomic_savez, read_npz
+
+    good = tmp_path / "a.npz"
+    atomic_savez(good, x=np.arange(3), y=np.array("s"))
+    data = read_npz(good, "path", "thing file", need=("x",))
+    assert sorted(data) == ["x", "y"] and data["x"].tolist() == [0, 1, 2] and str(data["y"]) == "s"
+    with pytest.raises(FileNotFoundError, match=r"^path: no thing file at .*missing\.npz$"):
+        read_npz(tmp_path / "missing.npz", "path", "thing file")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"^path: .*junk\.npz is not a readable thing file \(.*\); delete it"):
+        read_npz(tmp_path / "junk.npz", "path", "thing file")
+    with pytest.raises(ValueError, match=r"^file: .*a\.npz lacks \['z'\]; not a thing file$"):
+        read_npz(good, "file", "thing file", need=("x", "z"))
+    pickled = tmp_path / "p.npz"
+    np.savez(pickled, o=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="not a readable thing file"):  # allow_pickle=False: never unpickled
+        read_npz(pickled, "path", "thing file")

@@ -23,6 +23,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_torch_save",
     "atomic_savez",
+    "read_npz",
     "read_json",
     "json_ready",
     "get_module",
@@ -159,6 +160,25 @@ def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
+
+
+def read_npz(path: str | os.PathLike, arg: str, what: str, need: Any = ()) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file (as :func:`atomic_savez` writes), read without pickles.
+
+    FileNotFoundError when there is no such file; ValueError when it cannot be read or lacks one
+    of the names ``need``; each message names ``arg``, the file and ``what`` it should be."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{arg}: no {what} at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except Exception as err:  # noqa: BLE001 (zip, OS, format and pickle errors alike)
+        raise ValueError(f"{arg}: {path} is not a readable {what} ({err}); delete it to recompute") from err
+    missing = sorted(set(need) - set(data))
+    if missing:
+        raise ValueError(f"{arg}: {path} lacks {missing}; not a {what}")
+    return data
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

@@ -93,3 +93,31 @@ def test_read_npz_reads_every_array_and_names_what_is_wrong(tmp_path):
     np.savez(pickled, o=np.array([{"a": 1}], dtype=object))
     with pytest.raises(ValueError, match="not a readable thing file"):  # allow_pickle=False: never unpickled
         read_npz(pickled, "path", "thing file")
+
+
+def test_forward_hooks_register_on_entry_and_leave_nothing_behind():
+    """utils.ForwardHooks, the base of features' Recorder and relevance's Ablator."""
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+
+    class Seen(utils.ForwardHooks):
+        def __init__(self, names):
+            self.hooked = {n: net[int(n)] for n in names}
+            self.seen = []
+
+        def _hook(self, name):
+            if name == "bad":
+                raise RuntimeError("cannot hook")
+            return lambda module, inputs, output: self.seen.append(name)
+
+    with Seen(["0", "2"]) as s:
+        net(torch.zeros(1, 2))
+    assert s.seen == ["0", "2"]
+    net(torch.zeros(1, 2))
+    assert s.seen == ["0", "2"] and all(not m._forward_hooks for m in net)
+
+    failing = Seen(["0"])
+    failing.hooked["bad"] = net[2]
+    with pytest.raises(RuntimeError, match="cannot hook"):
+        failing.__enter__()
+    assert all(not m._forward_hooks for m in net)  # the hook already placed on net[0] is gone
+    Seen(["0"]).remove()  # nothing registered: a no-op

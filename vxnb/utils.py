@@ -27,6 +27,7 @@ __all__ = [
     "read_json",
     "json_ready",
     "get_module",
+    "ForwardHooks",
     "check_layer_names",
     "check_image_batch",
     "eval_mode",
@@ -315,3 +316,33 @@ def mirror_progress_to_terminal(force: bool = False) -> bool:
         if (name == "vxnb" or name.startswith("vxnb.")) and getattr(module, "tqdm", None) is base:
             module.tqdm = mirrored
     return True
+
+
+class ForwardHooks:
+    """Forward hooks as a context manager: on entry ``self._hook(name)`` is registered on each
+    module of ``self.hooked`` (``{name: module}``, set by the subclass's ``__init__``); every hook
+    is removed on exit, by :meth:`remove`, and when registering one of them fails."""
+
+    hooked: dict[str, nn.Module]
+
+    def _hook(self, name: str) -> Any:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        self._handles = getattr(self, "_handles", [])
+        try:
+            for n, m in self.hooked.items():
+                self._handles.append(m.register_forward_hook(self._hook(n)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook this object registered."""
+        for h in getattr(self, "_handles", []):
+            h.remove()
+        self._handles = []
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()

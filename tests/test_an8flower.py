@@ -11,6 +11,7 @@ import io
 import itertools
 import shutil
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -419,6 +420,36 @@ def test_cache_layout_and_reuse(root, datasets, monkeypatch):
     assert (ds.folder / "index.csv").stat().st_mtime_ns == stamp
     assert torch.equal(again[3][0], ds[3][0])
     An8Flower(root, "part-2c", size=SIZE, generate=False)  # complete: no error
+
+
+def test_rendered_folder_is_flushed_before_its_rename(fresh_root, monkeypatch):
+    """Issue 24: the render folder's files reach the disk before the rename publishes it."""
+    import os
+
+    from vxnb import utils
+
+    events = []
+
+    def fake_render(tmp, *args, **kwargs):
+        (tmp / "index.csv").write_text("label\n0\n")
+
+    real_fsync, real_rename = utils.fsync_tree, os.rename
+
+    def fsync(path):
+        events.append(("fsync", (Path(path) / "index.csv").read_text()))
+        real_fsync(path)
+
+    def rename(src, dst):
+        events.append(("rename", Path(dst).name))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(D, "_generate_into", fake_render)
+    monkeypatch.setattr(utils, "fsync_tree", fsync)
+    monkeypatch.setattr(D.os, "rename", rename)
+    monkeypatch.setattr(D.os, "replace", rename)
+    target = A.generate(fresh_root, "part-2c", size=SIZE, progress=False)
+    assert events == [("fsync", "label\n0\n"), ("rename", target.name)]
+    assert (target / "index.csv").read_text() == "label\n0\n"
 
 
 def test_interrupted_generation_leaves_no_trusted_cache(fresh_root, monkeypatch):

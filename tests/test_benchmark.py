@@ -23,7 +23,7 @@ from vxnb.evaluate.iou import iou_auc
 
 # ----------------------------------------------------------------------------- fast checks
 def test_unknown_method_lists_methods():
-    with pytest.raises(ValueError, match="method: expected one of ours_upsampled, ours_deconv.*deconv_gb; got str 'lime'"):
+    with pytest.raises(ValueError, match="method: expected one of 'ours_upsampled', 'ours_deconv'.*'deconv_gb', got str 'lime'"):
         B.method_heatmaps("lime", torch.nn.Identity(), torch.rand(1, 3, 32, 32), [0])
     with pytest.raises(ValueError, match="methods: expected one of"):
         B.run_benchmark(runs.RunConfig(size=32), methods=("ours", "lime"), save=False)

@@ -419,7 +419,7 @@ def test_option_objects_are_validated_at_the_boundary(tmp_path):
 
     with pytest.raises(TypeError, match="data_key: expected a str"):
         CacheOptions(cache_dir=tmp_path, data_key=3)
-    with pytest.raises(TypeError, match="cache_dir: expected a folder path or None, got int"):
+    with pytest.raises(TypeError, match=r"cache_dir: expected a folder path or None \(str or os.PathLike\), got int"):
         CacheOptions(cache_dir=5)
     with pytest.raises(ValueError, match="checkpoint_every: expected a positive int .*got 0"):
         DistOptions(checkpoint_dir=tmp_path, checkpoint_every=0)

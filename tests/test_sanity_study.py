@@ -175,7 +175,7 @@ def test_study_bad_input(model, images):
         S.run_study({"dataset": "mnist"})
     cfg = RunConfig(dataset="mnist")  # the arguments are checked before anything is loaded
     for kw, msg in (({"k": 0}, "k: expected a positive int, got 0"),
-                    ({"n_images": True}, r"n_images: expected a positive int \(or None\), got True"),
+                    ({"n_images": True}, r"n_images: expected a positive int or None, got True"),
                     ({"seed": -1}, "seed: expected a non-negative int, got -1")):
         with pytest.raises(ValueError, match=msg):
             S.run_study(cfg, data=object(), **kw)

@@ -53,6 +53,45 @@ def test_model_fingerprint_sees_one_weight():
     assert _store.model_fingerprint(m) != a
 
 
+def _fixed_linear():
+    m = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([[0.5, -1.0]]))
+        m.bias.fill_(0.25)
+    return m
+
+
+def _reference_digest(header, entries):
+    """The fingerprint formulas written out by hand (before the two fingerprints had one owner)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in header:
+        h.update(part.encode())
+    for text, t in entries:
+        h.update(text.encode())
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_model_fingerprint_styles_match_the_hand_written_formulas():
+    """One owner, two styles: the store's keys and vxnb.models' run-name fingerprints are unchanged."""
+    from vxnb import models
+
+    m = _fixed_linear()
+    sd = m.state_dict()
+    store = _reference_digest(["torch.nn.modules.linear.Linear", repr(m)],
+                              [(f"{k}:{tuple(t.shape)}:{t.dtype}", t) for k, t in sd.items()])
+    model = _reference_digest(["Linear"], [(f"|{k}|{t.dtype}|{tuple(t.shape)}|", t) for k, t in sd.items()])
+    assert _store.model_fingerprint(m) == store[:len(_store.model_fingerprint(m))]
+    assert len(_store.model_fingerprint(m)) == 24
+    assert models.model_fingerprint(m) == _store.model_fingerprint(m, style="model") == model[:16]
+    named = _reference_digest(["flowernet"], [(f"|{k}|{t.dtype}|{tuple(t.shape)}|", t) for k, t in sd.items()])
+    assert models.model_fingerprint(m, "flowernet") == named[:16]
+    with pytest.raises(ValueError, match="style"):
+        _store.model_fingerprint(m, style="other")
+
+
 def _save_npz(value, tmp):
     with open(tmp, "wb") as f:
         np.savez(f, a=value)

@@ -72,3 +72,52 @@ def test_dataset_labels_through_subsets():
     assert dataset_labels(sub).tolist() == [2, 0, 1]
     items = class_examples(ds, per_class=2)
     assert [int(i[1]) for i in items] == [0, 0, 1, 1, 2, 2]
+
+
+def test_read_npz_reads_every_array_and_names_what_is_wrong(tmp_path):
+    """The one npz reader of Features.load and LassoPath.load: no pickles, clear errors."""
+    from vxnb.utils import atomic_savez, read_npz
+
+    good = tmp_path / "a.npz"
+    atomic_savez(good, x=np.arange(3), y=np.array("s"))
+    data = read_npz(good, "path", "thing file", need=("x",))
+    assert sorted(data) == ["x", "y"] and data["x"].tolist() == [0, 1, 2] and str(data["y"]) == "s"
+    with pytest.raises(FileNotFoundError, match=r"^path: no thing file at .*missing\.npz$"):
+        read_npz(tmp_path / "missing.npz", "path", "thing file")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"^path: .*junk\.npz is not a readable thing file \(.*\); delete it"):
+        read_npz(tmp_path / "junk.npz", "path", "thing file")
+    with pytest.raises(ValueError, match=r"^file: .*a\.npz lacks \['z'\]; not a thing file$"):
+        read_npz(good, "file", "thing file", need=("x", "z"))
+    pickled = tmp_path / "p.npz"
+    np.savez(pickled, o=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="not a readable thing file"):  # allow_pickle=False: never unpickled
+        read_npz(pickled, "path", "thing file")
+
+
+def test_forward_hooks_register_on_entry_and_leave_nothing_behind():
+    """utils.ForwardHooks, the base of features' Recorder and relevance's Ablator."""
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+
+    class Seen(utils.ForwardHooks):
+        def __init__(self, names):
+            self.hooked = {n: net[int(n)] for n in names}
+            self.seen = []
+
+        def _hook(self, name):
+            if name == "bad":
+                raise RuntimeError("cannot hook")
+            return lambda module, inputs, output: self.seen.append(name)
+
+    with Seen(["0", "2"]) as s:
+        net(torch.zeros(1, 2))
+    assert s.seen == ["0", "2"]
+    net(torch.zeros(1, 2))
+    assert s.seen == ["0", "2"] and all(not m._forward_hooks for m in net)
+
+    failing = Seen(["0"])
+    failing.hooked["bad"] = net[2]
+    with pytest.raises(RuntimeError, match="cannot hook"):
+        failing.__enter__()
+    assert all(not m._forward_hooks for m in net)  # the hook already placed on net[0] is gone
+    Seen(["0"]).remove()  # nothing registered: a no-op

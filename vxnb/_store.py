@@ -99,20 +99,33 @@ def key(kind: str, settings: Mapping[str, Any], inputs: Mapping[str, Any] | None
     return hashlib.sha256(text.encode()).hexdigest()[:_KEY_CHARS]
 
 
-def model_fingerprint(model: Any) -> str:
-    """A digest of a torch module: its class, its printed structure and every state_dict entry's
-    name, shape, dtype and bytes."""
+def model_fingerprint(model: Any, arch: str | None = None, *, style: str = "store") -> str:
+    """A digest of a torch module's state_dict (every entry's name, shape, dtype and bytes, in key
+    order), the one home of model fingerprints. Two styles, each kept so that existing keys stay valid:
+
+    ``"store"`` (default; the artifact keys): headed by the class's module and qualname and the
+    printed structure; ``_KEY_CHARS`` hex digits.
+    ``"model"`` (``vxnb.models.model_fingerprint``: run names, checkpoint meta): headed by
+    ``arch``, else the architecture ``build_model`` recorded (``vxnb_arch``), else the class's
+    qualname; 16 hex digits. ``arch`` is only read in this style.
+    """
     import torch
 
+    if style not in ("store", "model"):
+        raise ValueError(f"style: expected 'store' or 'model', got {style!r}")
     h = hashlib.sha256()
-    h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
-    h.update(repr(model).encode())
+    if style == "store":
+        h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+        h.update(repr(model).encode())
+    else:
+        h.update((arch or getattr(model, "vxnb_arch", None) or type(model).__qualname__).encode())
     for name, t in model.state_dict().items():
         a = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(a.shape)}:{a.dtype}".encode())
+        entry = f"{name}:{tuple(a.shape)}:{a.dtype}" if style == "store" else f"|{name}|{a.dtype}|{tuple(a.shape)}|"
+        h.update(entry.encode())
         if a.numel():
             h.update(a.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:_KEY_CHARS]
+    return h.hexdigest()[:_KEY_CHARS if style == "store" else 16]
 
 
 def array_fingerprint(*arrays: Any) -> str:

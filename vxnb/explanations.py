@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._checks import check_choice, check_class, check_model, check_positive_int
+from ._checks import check_bool, check_choice, check_class, check_model, check_positive_int
 from ._graph import first_conv_in_channels, stride_at
 from .deconv import (RecordedForward, as_composite, grid_score, heatmap, record_forward, run_backward,
                      signed_rgb, visualize)
@@ -467,8 +467,7 @@ def explain(model: nn.Module, relevant: Relevance | pd.DataFrame, image: Tensor,
     k = _check_k(k)
     combine = check_choice(combine, "combine", COMBINES)
     composite = as_composite(composite)
-    if not isinstance(resample, bool):
-        raise TypeError(f"resample: expected a bool, got {describe(resample)}")
+    check_bool(resample, "resample")
     if isinstance(target, Tensor) and target.numel() == 1 and not target.is_floating_point() \
             and target.dtype != torch.bool:
         target = int(target.item())
@@ -521,8 +520,7 @@ def explain_batch(model: nn.Module, relevant: Relevance | pd.DataFrame, images: 
     without responding features get an all-zero map. ``combine``: see :func:`combine_heatmaps`.
     """
     combine = check_choice(combine, "combine", COMBINES)
-    if not isinstance(resample, bool):
-        raise TypeError(f"resample: expected a bool, got {describe(resample)}")
+    check_bool(resample, "resample")
     h, r, _ = feature_heatmaps(model, relevant, images, k, targets, draw="resampled" if resample else "deconv",
                                batch_size=batch_size, progress=progress, composite=composite)
     return combine_heatmaps(h, r, combine).detach()

@@ -48,6 +48,7 @@ from torch import nn
 from ._graph import ReceptiveField, state_to_rf, walk_model
 from .relevance import feature_pairs
 from .utils import check_image_batch, check_layer_names, describe, eval_mode, get_module, model_device
+from ._checks import check_path
 
 __all__ = [
     "ReceptiveField",
@@ -492,8 +493,7 @@ def top_patch_table(model: nn.Module, data: Any, features: Any, k: int = 100, *,
     file = None
     lock = contextlib.nullcontext()
     if cache_dir is not None:
-        if not isinstance(cache_dir, (str, Path)):
-            raise TypeError(f"cache_dir: expected a folder path (str or Path) or None, got {describe(cache_dir)}")
+        check_path(cache_dir, "cache_dir", allow_none=True)
         settings = {"k": int(k), "score": score}
         inputs = {"model": _store.model_fingerprint(model),
                   "data": data_key or f"{type(dataset).__name__}/{len(dataset)}"}

@@ -46,7 +46,7 @@ from sklearn.base import BaseEstimator
 from tqdm.auto import tqdm
 
 from ._gram import RowGram, SyrkGram
-from .utils import atomic_savez, describe
+from .utils import atomic_savez, describe, read_npz
 
 __all__ = [
     "mu_lasso",
@@ -905,20 +905,15 @@ class LassoPath:
     @classmethod
     def load(cls, file: str | os.PathLike) -> "LassoPath":
         """Read a path written by :meth:`save`."""
-        file = Path(file)
-        if not file.exists():
-            raise FileNotFoundError(f"file: {file} does not exist")
-        try:
-            with np.load(file, allow_pickle=False) as z:
-                version = int(z["format_version"])
-                if version != _FORMAT_VERSION:
-                    raise ValueError(f"{file}: lasso path format {version}, expected {_FORMAT_VERSION}")
-                return cls(lambdas=z["lambdas"], mus=z["mus"], class_ptr=z["class_ptr"], indptr=z["indptr"],
-                           indices=z["indices"], values=z["values"], status=z["status"],
-                           mu_max=float(z["mu_max"]), n_features=int(z["n_features"]), ltl=z["ltl"],
-                           complete=bool(z["complete"]))
-        except (KeyError, OSError, EOFError) as err:
-            raise ValueError(f"{file}: not a lasso path file or corrupt ({err})") from err
+        z = read_npz(file, "file", "lasso path file", ("format_version", "lambdas", "mus", "class_ptr", "indptr",
+                                                       "indices", "values", "status", "mu_max", "n_features", "ltl",
+                                                       "complete"))
+        version = int(z["format_version"])
+        if version != _FORMAT_VERSION:
+            raise ValueError(f"{file}: lasso path format {version}, expected {_FORMAT_VERSION}")
+        return cls(lambdas=z["lambdas"], mus=z["mus"], class_ptr=z["class_ptr"], indptr=z["indptr"],
+                   indices=z["indices"], values=z["values"], status=z["status"], mu_max=float(z["mu_max"]),
+                   n_features=int(z["n_features"]), ltl=z["ltl"], complete=bool(z["complete"]))
 
 
 # ============================================================================ public entry points

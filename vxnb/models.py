@@ -13,7 +13,6 @@ Dropout, Flatten, Linear). They output logits; softmax is applied outside.
 """
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import time
@@ -30,6 +29,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from . import _store
+from ._checks import check_bool, check_int, check_path, check_positive_number
 from ._store import fault_point
 from .utils import (atomic_torch_save, atomic_write_json, describe, eval_mode, get_device, import_object, json_ready,
                     model_device, read_json, seed_everything)
@@ -65,21 +66,6 @@ ALLOWED_LAYERS = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvg
                   nn.Dropout, nn.Flatten, nn.Linear)
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: expected an int ≥ {minimum}, got {describe(value)}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int ≥ {minimum}, got {value}")
-    return int(value)
-
-
-def _check_positive(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-            or not math.isfinite(float(value)) or value <= 0:
-        raise ValueError(f"{name}: expected a positive number, got {value!r}")
-    return float(value)
-
-
 def _conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
     return (n + 2 * padding - kernel) // stride + 1
 
@@ -112,8 +98,8 @@ class MnistNet(_ReferenceNet):
     arch = "mnistnet"
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, dropout: float = 0.3):
-        num_classes = _check_int(num_classes, "num_classes", 2)
-        in_channels = _check_int(in_channels, "in_channels", 1)
+        num_classes = check_int(num_classes, "num_classes", 2)
+        in_channels = check_int(in_channels, "in_channels", 1)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         layers = OrderedDict([
@@ -149,15 +135,15 @@ class FlowerNet(_ReferenceNet):
 
     def __init__(self, num_classes: int, size: int = 128, in_channels: int = 3, width: int = 256,
                  dropout: float = 0.3):
-        num_classes = _check_int(num_classes, "num_classes", 2)
+        num_classes = check_int(num_classes, "num_classes", 2)
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
             raise TypeError(f"size: expected an int ≥ {self.MIN_SIZE}, got {describe(size)}")
         if size < self.MIN_SIZE:
             raise ValueError(f"size: FlowerNet needs images of at least {self.MIN_SIZE}×{self.MIN_SIZE} "
                              f"(a stride-4 convolution and three stride-2 poolings), got size={size}")
         size = int(size)
-        in_channels = _check_int(in_channels, "in_channels", 1)
-        width = _check_int(width, "width", 1)
+        in_channels = check_int(in_channels, "in_channels", 1)
+        width = check_int(width, "width", 1)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         s = _conv_out(size, 7, 4, 3)           # conv1
@@ -295,17 +281,17 @@ def _check_train_args(model: Any, train_data: Any, test_data: Any, epochs: Any, 
     train_data = _check_dataset(train_data, "train_data")
     if test_data is not None:
         test_data = _check_dataset(test_data, "test_data")
-    epochs = _check_int(epochs, "epochs", 1)
+    epochs = check_int(epochs, "epochs", 1)
     defaults = train_defaults(model)
     batch_size = defaults["batch_size"] if batch_size is None else batch_size
     lr = defaults["lr"] if lr is None else lr
     augment = defaults["augment"] if augment is None else augment
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    lr = _check_positive(lr, "lr")
+    batch_size = check_int(batch_size, "batch_size", 1)
+    lr = check_positive_number(lr, "lr")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
         raise ValueError(f"weight_decay: expected a number ≥ 0, got {weight_decay!r}")
     if max_grad_norm is not None:
-        max_grad_norm = _check_positive(max_grad_norm, "max_grad_norm")
+        max_grad_norm = check_positive_number(max_grad_norm, "max_grad_norm")
     if not (isinstance(augment, bool) or callable(augment)):
         raise TypeError(f"augment: expected a bool or a callable on (B, C, H, W) batches, got {describe(augment)}")
     return train_data, test_data, epochs, batch_size, lr, max_grad_norm, augment
@@ -506,7 +492,7 @@ def predict(model: nn.Module, data: Dataset, batch_size: int = 256,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
     data = _check_dataset(data, "data")
-    batch_size = _check_int(batch_size, "batch_size", 1)
+    batch_size = check_int(batch_size, "batch_size", 1)
     dev = get_device(device) if device is not None else model_device(model, default=get_device())
     model.to(dev)
     return _predict_loader(model, _batches(data, batch_size), dev)
@@ -535,7 +521,7 @@ def per_class_accuracy(model: nn.Module, data: Dataset, num_classes: int | None 
     pred, true = predict(model, data, batch_size=batch_size, device=device)
     if num_classes is None:
         num_classes = int(max(true.max(), pred.max())) + 1
-    num_classes = _check_int(num_classes, "num_classes", 1)
+    num_classes = check_int(num_classes, "num_classes", 1)
     if true.max() >= num_classes:
         raise ValueError(f"num_classes: labels go up to {true.max()}, got num_classes={num_classes}")
     hits = np.bincount(true[pred == true], minlength=num_classes).astype(float)
@@ -566,8 +552,7 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, meta: dict[str
     readable copy in ``meta.json``; :func:`load_checkpoint` trusts the copy inside ``model.pt``.
     Returns ``run_dir``.
     """
-    if not isinstance(run_dir, (str, os.PathLike)):
-        raise TypeError(f"run_dir: expected a folder path, got {describe(run_dir)}")
+    check_path(run_dir, "run_dir")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
     if meta is not None and not isinstance(meta, dict):
@@ -597,8 +582,7 @@ def save_checkpoint(run_dir: str | os.PathLike, model: nn.Module, meta: dict[str
 
 def load_checkpoint(run_dir: str | os.PathLike, device: str | torch.device | None = None) -> tuple[nn.Module, dict]:
     """``(model in eval mode on device, meta dict)`` from a folder written by :func:`save_checkpoint`."""
-    if not isinstance(run_dir, (str, os.PathLike)):
-        raise TypeError(f"run_dir: expected a folder path, got {describe(run_dir)}")
+    check_path(run_dir, "run_dir")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run_dir: no run folder at {run_dir}; train a model and save it with "
@@ -690,7 +674,7 @@ def load_model(arch: str, weights: str | os.PathLike, num_classes: int | None = 
         if last is not None and f"{last}.weight" in state and state[f"{last}.weight"].dim() == 2:
             num_classes = int(state[f"{last}.weight"].shape[0])
     if num_classes is not None:
-        kwargs["num_classes"] = _check_int(num_classes, "num_classes", 1)
+        kwargs["num_classes"] = check_int(num_classes, "num_classes", 1)
     model = build_model(arch, **kwargs)
     _load_state(model, state, str(path))
     return model.to(get_device(device)).eval()
@@ -754,19 +738,11 @@ def normalize_input(model: nn.Module, normalize: Any) -> nn.Module:
 def model_fingerprint(model: nn.Module, arch: str | None = None) -> str:
     """A content key of a model: its architecture name (``arch``, else what :func:`build_model`
     recorded, else the class name) and the bytes, dtypes and shapes of its state_dict, in key
-    order. Two models with the same fingerprint compute the same function. 16 hex digits."""
+    order. Two models with the same fingerprint compute the same function. 16 hex digits.
+    Computed by :func:`vxnb._store.model_fingerprint` (``style="model"``), the one owner."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
-    import hashlib
-
-    h = hashlib.sha256()
-    h.update((arch or getattr(model, "vxnb_arch", None) or type(model).__qualname__).encode())
-    for key, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"|{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return _store.model_fingerprint(model, arch, style="model")
 
 
 def _import_factory(spec: str) -> Callable[[], nn.Module]:
@@ -825,9 +801,8 @@ def load_user_model(model: str, weights: str | os.PathLike | None, *, num_classe
     if not isinstance(model, str) or not model:
         raise TypeError(f"model: expected a torchvision architecture name or 'package.module:factory', "
                         f"got {describe(model)}")
-    num_classes = _check_int(num_classes, "num_classes", 1)
-    if not isinstance(trust_weights, bool):
-        raise TypeError(f"trust_weights: expected a bool, got {describe(trust_weights)}")
+    num_classes = check_int(num_classes, "num_classes", 1)
+    check_bool(trust_weights, "trust_weights")
     path = None
     if weights is not None:
         if not isinstance(weights, (str, os.PathLike)):

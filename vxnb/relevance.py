@@ -19,7 +19,7 @@ from torch import nn
 
 from ._checks import check_class, check_positive_int
 from .features import COLUMN_NAMES
-from .utils import check_layer_names, describe, get_module
+from .utils import ForwardHooks, check_layer_names, describe, get_module
 
 __all__ = [
     "Relevance",
@@ -460,7 +460,7 @@ def feature_pairs(features: Any, arg: str = "features") -> list[tuple[str, int]]
     return out
 
 
-class Ablator:
+class Ablator(ForwardHooks):
     """Forward hooks that zero chosen channels of chosen layers; the set can be switched
     between forward passes with :meth:`set` without re-registering hooks.
 
@@ -478,9 +478,8 @@ class Ablator:
         if layers is None:
             layers = list(dict.fromkeys(l for l, _ in pairs))
         self.layers = check_layer_names(model, layers, "layers")
-        self._modules = {n: get_module(model, n) for n in self.layers}
+        self.hooked = {n: get_module(model, n) for n in self.layers}
         self._index: dict[str, torch.Tensor] = {}
-        self._handles: list[Any] = []
         self.set(pairs)
 
     def set(self, features: Any) -> "Ablator":
@@ -512,22 +511,6 @@ class Ablator:
             return output.index_fill(1, idx, 0)
         return fn
 
-    def __enter__(self) -> "Ablator":
-        try:
-            for n, m in self._modules.items():
-                self._handles.append(m.register_forward_hook(self._hook(n)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
 
 
 @contextlib.contextmanager

@@ -24,9 +24,11 @@ __all__ = [
     "atomic_write_json",
     "atomic_torch_save",
     "atomic_savez",
+    "read_npz",
     "read_json",
     "json_ready",
     "get_module",
+    "ForwardHooks",
     "check_layer_names",
     "check_image_batch",
     "eval_mode",
@@ -160,6 +162,25 @@ def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
+
+
+def read_npz(path: str | os.PathLike, arg: str, what: str, need: Any = ()) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` file (as :func:`atomic_savez` writes), read without pickles.
+
+    FileNotFoundError when there is no such file; ValueError when it cannot be read or lacks one
+    of the names ``need``; each message names ``arg``, the file and ``what`` it should be."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{arg}: no {what} at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except Exception as err:  # noqa: BLE001 (zip, OS, format and pickle errors alike)
+        raise ValueError(f"{arg}: {path} is not a readable {what} ({err}); delete it to recompute") from err
+    missing = sorted(set(need) - set(data))
+    if missing:
+        raise ValueError(f"{arg}: {path} lacks {missing}; not a {what}")
+    return data
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
@@ -316,3 +337,33 @@ def import_object(spec: Any, arg: str, expected: str = "'package.module:name'") 
             raise ValueError(f"{arg}: {module_name!r} has no attribute {attr!r} (from {spec!r})")
         obj = getattr(obj, part)
     return obj
+
+
+class ForwardHooks:
+    """Forward hooks as a context manager: on entry ``self._hook(name)`` is registered on each
+    module of ``self.hooked`` (``{name: module}``, set by the subclass's ``__init__``); every hook
+    is removed on exit, by :meth:`remove`, and when registering one of them fails."""
+
+    hooked: dict[str, nn.Module]
+
+    def _hook(self, name: str) -> Any:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        self._handles = getattr(self, "_handles", [])
+        try:
+            for n, m in self.hooked.items():
+                self._handles.append(m.register_forward_hook(self._hook(n)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        """Remove every hook this object registered."""
+        for h in getattr(self, "_handles", []):
+            h.remove()
+        self._handles = []
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()

@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from ..utils import describe
+from .._checks import check_fraction, check_path
 
 __all__ = ["IMG_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset", "load_image_folder",
            "read_class_names", "folder_layout", "image_to_tensor"]
@@ -62,9 +62,7 @@ class ImageFolderDataset(Dataset):
                  resize: int | None = None, on_error: str = "raise",
                  arg_names: tuple[str, str] = ("root", "masks_root")):
         a_root, a_masks = arg_names
-        if not isinstance(root, (str, os.PathLike)):
-            raise TypeError(f"{a_root}: expected a folder path, got {describe(root)}")
-        self.root = Path(root)
+        self.root = check_path(root, a_root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{a_root}: no folder at {self.root}")
         if on_error not in ("raise", "skip"):
@@ -108,9 +106,7 @@ class ImageFolderDataset(Dataset):
         self.masks_root = None
         self.masks: list[Path] | None = None
         if masks_root is not None:
-            if not isinstance(masks_root, (str, os.PathLike)):
-                raise TypeError(f"{a_masks}: expected a folder path, got {describe(masks_root)}")
-            self.masks_root = Path(masks_root)
+            self.masks_root = check_path(masks_root, a_masks)
             if not self.masks_root.is_dir():
                 raise FileNotFoundError(f"{a_masks}: no folder at {self.masks_root}")
             self.masks, missing = [], []
@@ -321,9 +317,7 @@ def load_image_folder(data_root: str | os.PathLike, *, mask_root: str | os.PathL
 
     from .mnist import stratified_split
 
-    if not isinstance(data_root, (str, os.PathLike)):
-        raise TypeError(f"data_root: expected a folder path, got {describe(data_root)}")
-    if not Path(data_root).is_dir():
+    if not check_path(data_root, "data_root").is_dir():
         raise FileNotFoundError(f"data_root: no folder at {data_root}")
     names = ("data_root", "mask_root")
     split = folder_layout(data_root)
@@ -338,8 +332,7 @@ def load_image_folder(data_root: str | os.PathLike, *, mask_root: str | os.PathL
             raise ValueError(f"data_root: {split[0]} and {split[1]} must hold the same class folders, got "
                              f"{train.classes} and {val.classes}")
         return train, val, list(train.classes)
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction: expected a number in (0, 1), got {val_fraction!r}")
+    check_fraction(val_fraction, "val_fraction")
     full = open_(Path(data_root), None if mask_root is None else Path(mask_root))
     train_idx, val_idx = stratified_split(np.asarray(full.targets, dtype=np.int64), test_fraction=val_fraction,
                                           seed=seed)

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from ..paths import work_dir
 from ..utils import atomic_path, describe
+from .._checks import check_fraction, check_path
 
 __all__ = [
     "DEFAULT_ROOT",
@@ -198,9 +199,7 @@ def _pairs_in(raw: Path) -> dict[str, tuple[Path, Path]]:
 def _check_root(root: Any) -> Path:
     if root is None:
         return work_dir("data")
-    if not isinstance(root, (str, os.PathLike)):
-        raise TypeError(f"root: expected a folder path (str or os.PathLike), got {describe(root)}")
-    return Path(root)
+    return check_path(root, "root")
 
 
 def _read_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -353,9 +352,7 @@ def stratified_split(labels: Sequence[int] | np.ndarray | torch.Tensor, test_fra
         raise ValueError(f"labels: expected a non-empty 1-d array of class labels, got shape {labels.shape}")
     if labels.dtype.kind not in "iu":
         raise TypeError(f"labels: expected integer class labels, got dtype {labels.dtype}")
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float, np.floating)) \
-            or not 0 < float(test_fraction) < 1:
-        raise ValueError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
+    check_fraction(test_fraction, "test_fraction")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed: expected an int, got {describe(seed)}")
     rng = np.random.default_rng(int(seed))

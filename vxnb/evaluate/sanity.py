@@ -29,7 +29,7 @@ from scipy.stats import rankdata
 from torch import nn
 from tqdm.auto import tqdm
 
-from vxnb._checks import check_model, check_nonnegative_int, check_positive_int
+from vxnb._checks import check_model, check_nonnegative_int, check_positive_int, check_positive_number
 from vxnb.evaluate.iou import normalize_flat, to_numpy
 from vxnb.evaluate.occlusion import (
     batched_logits,
@@ -381,8 +381,7 @@ def randomize_cascade(
         raise ValueError(f"init: expected 'reset' or 'normal', got {init!r}")
     if mode not in ("cascade", "independent"):
         raise ValueError(f"mode: expected 'cascade' or 'independent', got {mode!r}")
-    if not (isinstance(std, (int, float)) and std > 0):
-        raise ValueError(f"std: expected a positive number, got {std!r}")
+    check_positive_number(std, "std")
     check_nonnegative_int(seed, "seed")
     if init == "reset":  # fail now rather than half-way
         for n in names:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..utils import atomic_savez
+from ..utils import atomic_savez, read_npz
 from .layers import COLUMN_NAMES
 
 __all__ = ["Features", "FORMAT_VERSION"]
@@ -144,19 +144,9 @@ class Features:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Features":
         """Read a file written by :meth:`save`."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"path: no features file at {path}")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except Exception as err:  # noqa: BLE001
-            raise ValueError(f"path: {path} is not a readable features file ({err}); delete it to recompute") from err
         need = {"format_version", "G", "XtL", "labels", "index", "n_classes", "layers", "meta_json"} | \
             {f"columns_{c}" for c in COLUMN_NAMES}
-        missing = sorted(need - set(data))
-        if missing:
-            raise ValueError(f"path: {path} lacks {missing}; not a vxnb features file")
+        data = read_npz(path, "path", "vxnb features file", need)
         if int(data["format_version"]) != FORMAT_VERSION:
             raise ValueError(f"path: {path} has format version {int(data['format_version'])}, "
                              f"this vxnb reads {FORMAT_VERSION}; recompute the features")

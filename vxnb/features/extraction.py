@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import _store
 from .. import distributed as _distributed
+from .._checks import check_flag_or_auto, check_model, check_path, check_positive_int
 from .._graph import LayerAnalysis as _Analysis, analyse_layers as _analyse
 from ..utils import describe
 from .cache import cache_entry, cached_features, fingerprint_data, load_cached
@@ -37,8 +38,7 @@ class CacheOptions:
     data_key: str | None = None
 
     def __post_init__(self) -> None:
-        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
-            raise TypeError(f"cache_dir: expected a folder path or None, got {describe(self.cache_dir)}")
+        check_path(self.cache_dir, "cache_dir", allow_none=True)
         if self.data_key is not None and not isinstance(self.data_key, str):
             raise TypeError(f"data_key: expected a str, got {describe(self.data_key)}")
 
@@ -55,11 +55,8 @@ class DistOptions:
     checkpoint_every: int = 100
 
     def __post_init__(self) -> None:
-        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, os.PathLike)):
-            raise TypeError(f"checkpoint_dir: expected a folder path or None, got {describe(self.checkpoint_dir)}")
-        every = self.checkpoint_every
-        if not isinstance(every, (int, np.integer)) or isinstance(every, bool) or every < 1:
-            raise ValueError(f"checkpoint_every: expected a positive int (batches), got {every!r}")
+        check_path(self.checkpoint_dir, "checkpoint_dir", allow_none=True)
+        check_positive_int(self.checkpoint_every, "checkpoint_every", "batches")
 
 
 _LEGACY = {"cache_dir": "cache", "data_key": "cache", "checkpoint_dir": "dist", "checkpoint_every": "dist"}
@@ -87,17 +84,12 @@ def _check_extract_args(model: Any, layers: Any, only_conv: bool, keep_X: Any, m
                         gram_dtype: Any, callbacks: Any, overlap: Any
                         ) -> tuple[_Analysis, list[str], list[Callable[..., Any]]]:
     """Validate :func:`extract_features`' arguments; (model analysis, layer names, callbacks)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
-    analysis = _analyse(model)
+    analysis = _analyse(check_model(model))
     layers = resolve_layers(model, layers, only_conv, analysis)
-    if not (keep_X is True or keep_X is False or (isinstance(keep_X, str) and keep_X == "auto")):
-        raise ValueError(f"keep_X: expected True, False or 'auto', got {keep_X!r}")
+    check_flag_or_auto(keep_X, "keep_X")
     if not isinstance(max_bytes, (int, np.integer)) or isinstance(max_bytes, bool) or max_bytes < 0:
         raise ValueError(f"max_bytes: expected an int ≥ 0, got {max_bytes!r}")
-    if n_classes is not None and (not isinstance(n_classes, (int, np.integer)) or isinstance(n_classes, bool)
-                                  or n_classes < 1):
-        raise ValueError(f"n_classes: expected a positive int or None, got {n_classes!r}")
+    check_positive_int(n_classes, "n_classes", allow_none=True)
     if not (gram_dtype in (torch.float64, torch.float32) or (isinstance(gram_dtype, str) and gram_dtype == "auto")):
         raise ValueError(f"gram_dtype: expected 'auto', torch.float64 or torch.float32, got {gram_dtype!r}")
     if callable(callbacks):
@@ -106,8 +98,7 @@ def _check_extract_args(model: Any, layers: Any, only_conv: bool, keep_X: Any, m
     for i, cb in enumerate(callbacks):
         if not callable(cb):
             raise TypeError(f"callbacks[{i}]: expected a callable cb(outputs, index), got {describe(cb)}")
-    if not (overlap is True or overlap is False or (isinstance(overlap, str) and overlap == "auto")):
-        raise ValueError(f"overlap: expected True, False or 'auto', got {overlap!r}")
+    check_flag_or_auto(overlap, "overlap")
     return analysis, layers, callbacks
 
 
@@ -199,15 +190,8 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     analysis, layers, callbacks = _check_extract_args(model, layers, only_conv, keep_X, max_bytes, n_classes,
                                                       gram_dtype, callbacks, overlap)
     dev = resolve_device(model, device)
-    data_key = cache.data_key
-    # torch.distributed / checkpoints: this process's shard (None for a plain single-process pass)
-    shard = _distributed.Shard.open(data, batch_size=batch_size, num_workers=num_workers, pin=dev.type == "cuda",
-                                    fingerprint=lambda: {"model": _store.model_fingerprint(model),
-                                                         "layers": list(layers),
-                                                         "data": data_key or fingerprint_data(data, data),
-                                                         "n_classes": n_classes, "gram_dtype": str(gram_dtype),
-                                                         "keep_X": keep_X},
-                                    checkpoint_dir=dist.checkpoint_dir, checkpoint_every=dist.checkpoint_every)
+    shard = _open_shard(model, data, layers, dev, cache.data_key, n_classes, gram_dtype, keep_X, batch_size,
+                        num_workers, dist)
     progress = progress and (shard is None or shard.rank == 0)  # one progress bar, rank 0's
     loader, ds, n_expected, index_known = as_loader(data if shard is None else shard.loader, batch_size,
                                                     num_workers, pin=dev.type == "cuda")
@@ -215,8 +199,8 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
     classes = dataset_classes(ds)
     if n_classes is not None and classes is not None and len(classes) != n_classes:
         raise ValueError(f"n_classes: {n_classes} given, but the dataset has {len(classes)} classes")
-    cache_path, key_info, key = cache_entry(model, data, ds, layers, cache.cache_dir, data_key, n_classes, gram_dtype,
-                                            keep_X, max_bytes)
+    cache_path, key_info, key = cache_entry(model, data, ds, layers, cache.cache_dir, cache.data_key, n_classes,
+                                            gram_dtype, keep_X, max_bytes)
 
     def compute(key_info: dict[str, Any]) -> Features:
         stream = Stream(model, layers, analysis, dev, n_expected, n_total, n_classes, classes, keep_X, max_bytes,
@@ -224,6 +208,27 @@ def extract_features(model: nn.Module, data: Any, layers: Sequence[str] | str | 
         stream.run(loader, callbacks, progress, overlap)
         return stream.features(only_conv, index_known, key_info)
 
+    return _cached_or_computed(compute, cache_path, key, key_info, callbacks, shard)
+
+
+def _open_shard(model: nn.Module, data: Any, layers: list[str], dev: torch.device, data_key: str | None,
+                n_classes: int | None, gram_dtype: Any, keep_X: Any, batch_size: int, num_workers: int,
+                dist: DistOptions) -> Any:
+    """This process's shard of ``data`` under torch.distributed / with checkpoints (None for a
+    plain single-process pass)."""
+    return _distributed.Shard.open(data, batch_size=batch_size, num_workers=num_workers, pin=dev.type == "cuda",
+                                   fingerprint=lambda: {"model": _store.model_fingerprint(model),
+                                                        "layers": list(layers),
+                                                        "data": data_key or fingerprint_data(data, data),
+                                                        "n_classes": n_classes, "gram_dtype": str(gram_dtype),
+                                                        "keep_X": keep_X},
+                                   checkpoint_dir=dist.checkpoint_dir, checkpoint_every=dist.checkpoint_every)
+
+
+def _cached_or_computed(compute: Callable[[dict[str, Any]], Features], cache_path: Path | None, key: str | None,
+                        key_info: dict[str, Any], callbacks: list[Callable[..., Any]], shard: Any) -> Features:
+    """The pass's :class:`Features`: read from / written to the cache entry when there is one
+    (one process: under the artifact's lock; a shard: rank 0 writes it for all)."""
     if cache_path is not None and shard is None:  # one process: load or compute under the artifact's lock
         def save(f: Features, tmp: Path) -> None:
             f.meta.update(key=key_info, store_key=key)

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..utils import check_layer_names, describe, eval_mode, get_module, model_device
+from ..utils import ForwardHooks, check_layer_names, describe, eval_mode, get_module, model_device
 from .layers import check_columns, layers_of_columns, resolve_layers
 
 __all__ = ["descriptors", "layout", "prefix_tokens", "Recorder", "l1_normalise", "column_layers", "check_nonfinite"]
@@ -141,20 +141,19 @@ def l1_normalise(raws: Sequence[torch.Tensor], col_layer: torch.Tensor | None = 
     return raw, raw * inv.index_select(1, col_layer), sums
 
 
-class Recorder:
+class Recorder(ForwardHooks):
     """Forward hooks computing each selected layer's channel norms inside the hook (so that a
     later in-place op — torchvision's ``ReLU(inplace=True)``, ResNet's ``+=`` — cannot alter
     them), optionally keeping a clone of the raw output for callbacks."""
 
     def __init__(self, model: nn.Module, layers: Sequence[str], keep_outputs: bool = False):
         self.layers = list(layers)
-        self.modules = {n: get_module(model, n) for n in self.layers}
+        self.hooked = {n: get_module(model, n) for n in self.layers}
         self.layouts = {n: layout(model, n) for n in self.layers}
         self.keep_outputs = keep_outputs
         self.raw: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.calls: Counter = Counter()
-        self.handles: list[Any] = []
 
     def _hook(self, name: str) -> Callable:
         def fn(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -164,22 +163,6 @@ class Recorder:
                 self.outputs[name] = output.detach().clone()
         return fn
 
-    def __enter__(self) -> "Recorder":
-        try:
-            for n, m in self.modules.items():
-                self.handles.append(m.register_forward_hook(self._hook(n)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
 
     def reset(self) -> None:
         self.raw.clear()

@@ -31,6 +31,7 @@ from torch import nn
 
 from .._graph import LayerAnalysis as _Analysis, analyse_layers as _analyse
 from ..utils import check_layer_names, describe
+from .._checks import check_bool
 
 __all__ = ["COLUMN_NAMES", "layer_numbers", "default_layers", "select_layers", "feature_columns",
            "default_layers_of", "resolve_layers", "check_columns", "layers_of_columns"]
@@ -67,8 +68,7 @@ def default_layers(model: nn.Module, only_conv: bool = False, mode: str = "block
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {describe(model)}")
-    if not isinstance(only_conv, (bool, np.bool_)):
-        raise TypeError(f"only_conv: expected a bool, got {describe(only_conv)}")
+    check_bool(only_conv, "only_conv")
     if mode not in ("blocks", "all"):
         raise ValueError(f"mode: expected 'blocks' or 'all', got {mode!r}")
     return default_layers_of(_analyse(model), bool(only_conv), mode)
@@ -201,8 +201,7 @@ def layers_of_columns(columns: pd.DataFrame) -> tuple[list[str], list[int]]:
 
 
 def resolve_layers(model: nn.Module, layers: Any, only_conv: bool, analysis: _Analysis | None = None) -> list[str]:
-    if not isinstance(only_conv, (bool, np.bool_)):
-        raise TypeError(f"only_conv: expected a bool, got {describe(only_conv)}")
+    check_bool(only_conv, "only_conv")
     if layers is None:
         out = default_layers_of(analysis if analysis is not None else _analyse(model), bool(only_conv))
         if not out:

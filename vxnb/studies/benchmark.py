@@ -61,8 +61,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from vxnb._checks import check_choice
-from vxnb.data.an8flower import N_FOLDS
+from vxnb._checks import check_choice, check_positive_int, check_positive_number, check_unique_items
+from vxnb.data.an8flower import N_FOLDS, check_fold
+from vxnb.data.an8flower.render import check_variant
 from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, curve_area, iou_auc, iou_curve, iou_per_image
 from vxnb.evaluate.occlusion import DEFAULT_COVERAGE, occlusion_study
 from vxnb import _store
@@ -139,27 +140,14 @@ def _check_combine(value: Any, arg: str = "combine") -> str:
 
 # ============================================================================ checks
 def _check_method(method: Any, arg: str = "method") -> str:
-    if not isinstance(method, str) or method not in table1.METHOD_REGISTRY:
-        raise ValueError(f"{arg}: expected one of {', '.join(table1.METHODS)}; got {describe(method)}")
-    return method
+    return check_choice(method, arg, table1.METHODS)  # METHODS: the registry's names, in order
 
 
 def _check_names(values: Any, arg: str, known: Sequence[str], check_one: Callable[[Any, str], Any],
                  what: str) -> tuple[str, ...]:
     """A name or a non-empty sequence of unique names, each checked by ``check_one``."""
-    if isinstance(values, str):
-        values = (values,)
-    try:
-        values = tuple(values)
-    except TypeError:
-        raise TypeError(f"{arg}: expected {what} ({', '.join(known)}), got {describe(values)}") from None
-    if not values:
-        raise ValueError(f"{arg}: expected at least one of {', '.join(known)}, got an empty sequence")
-    for v in values:
-        check_one(v, arg)
-    if len(set(values)) != len(values):
-        raise ValueError(f"{arg}: names must be unique, got {list(values)}")
-    return values
+    return check_unique_items(values, arg, check_one, is_one=lambda v: isinstance(v, str), what=what,
+                              known=", ".join(known), noun="names")
 
 
 def _check_methods(methods: Any) -> tuple[str, ...]:
@@ -168,47 +156,14 @@ def _check_methods(methods: Any) -> tuple[str, ...]:
     return _check_names(methods, "methods", table1.METHODS, _check_method, "a sequence of method names")
 
 
-def _check_variant(variant: Any, arg: str = "variant") -> str:
-    if not isinstance(variant, str) or variant not in VARIANTS:
-        raise ValueError(f"{arg}: expected one of {', '.join(map(repr, VARIANTS))}; got {describe(variant)}")
-    return variant
-
-
-def _check_fold(fold: Any, arg: str = "fold") -> int:
-    if isinstance(fold, (bool, np.bool_)) or not isinstance(fold, (int, np.integer)) or not 0 <= int(fold) < N_FOLDS:
-        raise ValueError(f"{arg}: expected an int in 0..{N_FOLDS - 1} (an8Flower has {N_FOLDS} folds), "
-                         f"got {describe(fold)}")
-    return int(fold)
-
-
 def _check_folds(folds: Any, arg: str = "folds") -> tuple[int, ...]:
-    if isinstance(folds, (int, np.integer)) and not isinstance(folds, (bool, np.bool_)):
-        folds = (folds,)
-    try:
-        folds = tuple(folds)
-    except TypeError:
-        raise TypeError(f"{arg}: expected a sequence of fold numbers in 0..{N_FOLDS - 1}, got {describe(folds)}") from None
-    if not folds:
-        raise ValueError(f"{arg}: expected at least one fold in 0..{N_FOLDS - 1}, got an empty sequence")
-    out = tuple(_check_fold(f, arg) for f in folds)
-    if len(set(out)) != len(out):
-        raise ValueError(f"{arg}: folds must be unique, got {list(out)}")
-    return out
-
-
-def _check_positive_int(value: Any, arg: str, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or int(value) < 1:
-        raise ValueError(f"{arg}: expected a positive int{' or None' if allow_none else ''}, got {describe(value)}")
-    return int(value)
+    return check_unique_items(folds, arg, check_fold, is_one=lambda v: isinstance(v, (int, np.integer))
+                              and not isinstance(v, (bool, np.bool_)), what="a sequence of fold numbers",
+                              known=f"0..{N_FOLDS - 1}", noun="folds")
 
 
 def _check_mu(mu: Any) -> float:
-    if isinstance(mu, (bool, np.bool_)) or not isinstance(mu, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(mu) or mu <= 0:
-        raise ValueError(f"mu: expected a positive number (the paper uses 10), got {describe(mu)}")
-    return float(mu)
+    return check_positive_number(mu, "mu", "the paper uses 10")
 
 
 # ============================================================================ heatmaps
@@ -234,7 +189,7 @@ def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, t
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError(f"images: expected a (N, C, H, W) tensor, got {describe(images)}")
     n = images.shape[0]
-    batch_size = _check_positive_int(batch_size, "batch_size")
+    batch_size = check_positive_int(batch_size, "batch_size")
     if isinstance(targets, (int, np.integer)) and not isinstance(targets, bool):
         targets = torch.full((n,), int(targets), dtype=torch.long)
     targets = torch.as_tensor(np.asarray(targets) if not isinstance(targets, torch.Tensor) else targets)
@@ -249,7 +204,7 @@ def method_heatmaps(method: str, model: torch.nn.Module, images: torch.Tensor, t
         if not isinstance(relevant, (Relevance, pd.DataFrame)):
             raise ValueError(f"relevant: method {method!r} needs the relevant features (a vxnb.relevance.Relevance or "
                              f"the DataFrame of vxnb.relevance.relevant_features), got {describe(relevant)}")
-        k = _check_positive_int(k, "k")
+        k = check_positive_int(k, "k")
     else:
         from vxnb.baselines import attribution
     out = []
@@ -281,7 +236,7 @@ def stratified_indices(labels: Any, n: int | None, seed: int = 0) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels: expected a 1-D array of class labels, got shape {labels.shape}")
-    n = _check_positive_int(n, "n", allow_none=True)
+    n = check_positive_int(n, "n", allow_none=True)
     if n is None or n >= labels.size:
         return np.arange(labels.size)
     rng = np.random.default_rng(seed)
@@ -302,7 +257,7 @@ def fold_config(config: Any, variant: str, fold: int):
         return config  # your images: one split, the validation split
     if config.spec.benchmark != "folds":
         raise ValueError(f"variant: a {config.dataset!r} run has one split, the variant {FOLDER!r}; got {variant!r}")
-    return dataclasses.replace(config, variant=_check_variant(variant), test_fold=_check_fold(fold), name=None)
+    return dataclasses.replace(config, variant=check_variant(variant), test_fold=check_fold(fold), name=None)
 
 
 def fold_data(cfg: Any, n_test_images: int | None = None, *, data=None, progress: bool = True
@@ -427,7 +382,7 @@ def evaluate_fold(cfg: Any, *, methods: Sequence[str] | None = None, mu: float =
     methods = _check_methods(methods)
     combines = _check_combines(combine)
     mu = _check_mu(mu)
-    k = _check_positive_int(k, "k")
+    k = check_positive_int(k, "k")
     t = np.array(DEFAULT_THRESHOLDS) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -562,10 +517,10 @@ def _fold_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
     opts["methods"] = _check_methods(opts["methods"])
     opts["combine"] = _check_combines(opts["combine"])
     _check_mu(opts["mu"])
-    _check_positive_int(opts["k"], "k")
-    _check_positive_int(opts["n_test_images"], "n_test_images", allow_none=True)
-    _check_positive_int(opts["occlusion_images"], "occlusion_images", allow_none=True)
-    _check_positive_int(opts["quantus_images"], "quantus_images", allow_none=True)
+    check_positive_int(opts["k"], "k")
+    check_positive_int(opts["n_test_images"], "n_test_images", allow_none=True)
+    check_positive_int(opts["occlusion_images"], "occlusion_images", allow_none=True)
+    check_positive_int(opts["quantus_images"], "quantus_images", allow_none=True)
     _check_judge(opts["judge"])  # not in the key: both judges give the same values (to 1e-6, tested)
     thr = DEFAULT_THRESHOLDS if opts["thresholds"] is None else opts["thresholds"]
     settings = _settings(opts["methods"], opts["mu"], opts["k"], opts["n_test_images"], opts["occlusion"],
@@ -650,7 +605,7 @@ def masks_note(config: Any) -> str:
 def _folds_by_variant(variants: Any, folds: Any) -> dict[str, tuple[int, ...]]:
     if list(variants) == [FOLDER]:
         return {FOLDER: (0,)}
-    variants = _check_names(variants, "variants", VARIANTS, _check_variant, "a variant name or a sequence of them")
+    variants = _check_names(variants, "variants", VARIANTS, check_variant, "a variant name or a sequence of them")
     if isinstance(folds, Mapping):
         extra = set(folds) - set(variants)
         if extra:
@@ -711,12 +666,12 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
         variants = [FOLDER]
     plan = _folds_by_variant(variants, folds)
     methods = _check_methods(methods)
-    options = dict(methods=methods, mu=_check_mu(mu), k=_check_positive_int(k, "k"),
-                   n_test_images=_check_positive_int(n_test_images, "n_test_images", allow_none=True),
+    options = dict(methods=methods, mu=_check_mu(mu), k=check_positive_int(k, "k"),
+                   n_test_images=check_positive_int(n_test_images, "n_test_images", allow_none=True),
                    occlusion=bool(occlusion),
-                   occlusion_images=_check_positive_int(occlusion_images, "occlusion_images", allow_none=True),
+                   occlusion_images=check_positive_int(occlusion_images, "occlusion_images", allow_none=True),
                    coverage=tuple(coverage), layer=layer, combine=_check_combines(combine), quantus=bool(quantus),
-                   quantus_images=_check_positive_int(quantus_images, "quantus_images", allow_none=True),
+                   quantus_images=check_positive_int(quantus_images, "quantus_images", allow_none=True),
                    judge=_check_judge(judge))
     jobs = [(v, f) for v, fs in plan.items() for f in fs]
     frames: dict[str, list] = {name: [] for name in ("per_fold", "curves", "occlusion", "timings", "per_image",
@@ -821,7 +776,7 @@ def explain_examples(config: Any, variant: str, fold: int, positions: Sequence[i
     model.eval()
     test = data[1]
     if positions is None:
-        positions = stratified_indices(_dataset_labels(test), _check_positive_int(n, "n"), seed=cfg.seed)
+        positions = stratified_indices(_dataset_labels(test), check_positive_int(n, "n"), seed=cfg.seed)
     positions = [int(p) for p in positions]
     bad = [p for p in positions if not 0 <= p < len(test)]
     if bad:
@@ -1082,7 +1037,7 @@ def score_fold(explain_func: Callable, cfg: Any, *, name: str, n_images: int | N
         row["iou_area"] = float(curve_area(curve, thr))
         row.update({k: q[k] for k in ("pointing_game", "relevance_mass", "relevance_rank", "auc", "top_k")})
         row["n_scored"], row["n_refused"] = q["n_scored"], q["n_refused"]
-        sel = np.flatnonzero(ok)[:int(_check_positive_int(sanity_images, "sanity_images"))]
+        sel = np.flatnonzero(ok)[:int(check_positive_int(sanity_images, "sanity_images"))]
         sanity, err = _sanity_scores(fn, name, model, images[sel], preds[sel], logits.shape[1], cfg.seed)
         row.update(sanity)
         errors += [err] if err else []
@@ -1126,12 +1081,12 @@ def score_callable(explain_func: Callable, *, name: str, variant: str = "single-
             keyed) into the benchmark's run folder (``result.attrs["file"]``).
     """
     name = check_explain_func(explain_func, name)
-    variant = _check_variant(variant)
+    variant = check_variant(variant)
     split = check_choice(split, "split", ("blocks", "views"))
     folds = _check_folds(folds)
-    n_images = _check_positive_int(n_images, "n_images", allow_none=True)
-    _check_positive_int(sanity_images, "sanity_images")
-    _check_positive_int(batch_size, "batch_size")
+    n_images = check_positive_int(n_images, "n_images", allow_none=True)
+    check_positive_int(sanity_images, "sanity_images")
+    check_positive_int(batch_size, "batch_size")
     if explain_kwargs is not None and not isinstance(explain_kwargs, Mapping):
         raise TypeError(f"explain_kwargs: expected a dict of keyword arguments, got {describe(explain_kwargs)}")
     if fold_kwargs is not None and not callable(fold_kwargs):

@@ -20,7 +20,6 @@ one process at a time under a file lock, written atomically and indexed, so
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .. import _store
+from .._checks import check_int, check_path, check_positive_int
+from ..data.an8flower.render import check_variant
 from ..paths import work_dir
 from ..utils import atomic_write_json, read_json, seed_everything
 from .datasets import DATASET_SPECS, DatasetSpec, dataset_spec, user_model
@@ -94,23 +95,6 @@ MIN_EPOCHS_TO_RETRY = 3
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _check_int(value: Any, arg: str, low: int | None, high: int | None, extra: str = "") -> None:
-    """An int (not a bool or a float) within [low, high]: TypeError / ValueError naming ``arg``."""
-    want = f"an int{f' >= {low}' if high is None and low is not None else ''}" + \
-        (f" in {low}..{high}" if high is not None else "") + (f" {extra}" if extra else "")
-    if not _is_int(value):
-        raise TypeError(f"{arg}: expected {want}, got {type(value).__name__} {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{arg}: expected {want}, got {value!r}")
-
-
-def _check_variant(variant: Any) -> None:
-    from ..data.an8flower import VARIANTS
-
-    if not isinstance(variant, str) or variant not in VARIANTS:
-        raise ValueError(f"variant: expected one of {tuple(VARIANTS)}, got {variant!r}")
 
 
 @dataclass
@@ -183,7 +167,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         spec = dataset_spec(self.dataset)
-        _check_variant(self.variant)
+        check_variant(self.variant)
         if not _is_int(self.size):
             raise ValueError(f"size: expected an int (image size in pixels), got {self.size!r}")
         spec.check(self)
@@ -192,23 +176,20 @@ class RunConfig:
                 if getattr(self, arg) != default or isinstance(getattr(self, arg), bool):
                     raise ValueError(f"{arg}: a renderer knob of an8Flower; dataset {self.dataset!r} is not rendered, "
                                      f"expected the default {default!r}, got {getattr(self, arg)!r}")
-        _check_int(self.test_fold, "test_fold", 0, 4)
-        _check_int(self.seed, "seed", 0, None)
+        check_int(self.test_fold, "test_fold", 0, 4)
+        check_int(self.seed, "seed", 0)
         if self.folds not in ("views", "blocks"):
             raise ValueError(f"folds: expected one of 'views', 'blocks', got {self.folds!r}")
-        if self.epochs is not None and (not _is_int(self.epochs) or self.epochs < 1):
-            raise ValueError(f"epochs: expected a positive int or None, got {self.epochs!r}")
+        check_positive_int(self.epochs, "epochs", allow_none=True)
         if self.train_limit is not None:
-            _check_int(self.train_limit, "train_limit", 1, None, "or None (all images)")
+            check_int(self.train_limit, "train_limit", 1, None, "or None (all images)")
         for arg in ("quick", "trust_weights"):
             if not isinstance(getattr(self, arg), bool):
                 raise TypeError(f"{arg}: expected a bool, got {type(getattr(self, arg)).__name__} "
                                 f"{getattr(self, arg)!r}")
         for arg in ("data_root", "runs_root"):
             value = getattr(self, arg)
-            if value is not None and not isinstance(value, (str, os.PathLike)):
-                raise TypeError(f"{arg}: expected a folder path (str or Path) or None, got "
-                                f"{type(value).__name__} {value!r}")
+            check_path(value, arg, allow_none=True)
         if self.name is not None and (not isinstance(self.name, str) or not self.name or "/" in self.name
                                       or self.name.startswith(".")):
             raise ValueError(f"name: expected a folder name without '/' or a leading '.', or None, got {self.name!r}")

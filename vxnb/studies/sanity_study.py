@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from vxnb._checks import check_nonnegative_int, check_positive_int
+from vxnb._checks import check_nonnegative_int, check_positive_int, check_positive_number
 from vxnb.baselines import METHOD_LABELS
 from vxnb.evaluate.sanity import class_sensitivity, randomization_curve
 from vxnb.utils import check_image_batch, describe, eval_mode
@@ -290,10 +290,9 @@ def run_study(cfg: Any, *, mu: float = 10.0, k: int = 5, n_images: int | None = 
 
     if not isinstance(cfg, runs.RunConfig):
         raise TypeError(f"cfg: expected a vxnb.studies.runs.RunConfig, got {describe(cfg)}")
-    if isinstance(mu, bool) or not isinstance(mu, (int, float, np.floating)) or not mu > 0:
-        raise ValueError(f"mu: expected a positive number, got {mu!r}")
+    check_positive_number(mu, "mu")
     k = check_positive_int(k, "k")
-    n_images = None if n_images is None else check_positive_int(n_images, "n_images", "or None")
+    n_images = check_positive_int(n_images, "n_images", allow_none=True)
     seed = cfg.seed if seed is None else check_nonnegative_int(seed, "seed")
     data = data if data is not None else runs.load_data(cfg, progress=progress)
     train, test, classes = data

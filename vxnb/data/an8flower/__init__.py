@@ -12,7 +12,8 @@ Every public name is re-exported here: ``from vxnb.data.an8flower import An8Flow
 """
 from __future__ import annotations
 
-from .dataset import FOLD_SPLITS, GALLERY_VIEW, N_FOLDS, An8Flower, cache_dir, fold_of_view, gallery, generate
+from .dataset import (FOLD_SPLITS, GALLERY_VIEW, N_FOLDS, An8Flower, cache_dir, check_fold, fold_of_view, gallery,
+                      generate)
 from .render import (ANGLES, COLOURS, CROPS, DEFAULT_KNOBS, MAX_SIZE, MIN_SIZE, N_VIEWS, RENDER_VERSION,
                      SUPERSAMPLE, VARIANTS, Knobs, attribute_colour, counterfactual_label, render_size, render_view,
                      variant_classes)
@@ -25,6 +26,7 @@ __all__ = [
     "N_FOLDS",
     "FOLD_SPLITS",
     "fold_of_view",
+    "check_fold",
     "GALLERY_VIEW",
     "RENDER_VERSION",
     "COLOURS",

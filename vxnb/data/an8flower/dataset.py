@@ -33,6 +33,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..._store import fault_point
+from ... import utils
+from ..._checks import check_bool, check_path
 from ...utils import atomic_write_json, describe, read_json
 from .png import decode_png, encode_png
 from .render import (ANGLES, CROPS, N_VIEWS, RENDER_VERSION, SUPERSAMPLE, Knobs, check_counterfactual, check_knobs,
@@ -42,6 +44,7 @@ from .render import (ANGLES, CROPS, N_VIEWS, RENDER_VERSION, SUPERSAMPLE, Knobs,
 __all__ = [
     "N_FOLDS",
     "FOLD_SPLITS",
+    "check_fold",
     "fold_of_view",
     "GALLERY_VIEW",
     "cache_dir",
@@ -62,18 +65,12 @@ _MANIFEST = "manifest.json"
 _INDEX = "index.csv"
 
 
-def _check_root(root: Any) -> Path:
-    if not isinstance(root, (str, os.PathLike)):
-        raise TypeError(f"root: expected a folder path (str or os.PathLike), got {describe(root)}")
-    return Path(root)
-
-
 def cache_dir(root: str | os.PathLike, variant: str = "single-6c", size: int = 128, seed: int = 0, *,
               knobs: Knobs | dict | None = None, counterfactual: int = 0) -> Path:
     """The folder holding the files of one dataset: ``root/an8flower/<variant>-<size>-seed<seed>``,
     followed by the non-default knobs (:meth:`Knobs.tag`) and ``-cf<shift>`` for counterfactual
     renders."""
-    root = _check_root(root)
+    root = check_path(root, "root")
     tag = check_knobs(knobs).tag()
     shift = check_counterfactual(check_variant(variant), counterfactual)
     cf = f"-cf{shift}" if shift else ""
@@ -234,8 +231,7 @@ def generate(root: str | os.PathLike, variant: str = "single-6c", size: int = 12
     """
     variant, size, seed = check_variant(variant), check_size(size), check_seed(seed)
     knobs, shift = check_knobs(knobs), check_counterfactual(variant, counterfactual)
-    if not isinstance(overwrite, (bool, np.bool_)):
-        raise TypeError(f"overwrite: expected a bool, got {describe(overwrite)}")
+    check_bool(overwrite, "overwrite")
     return _generate_cache(root, variant, size, seed, progress, overwrite, knobs, shift)
 
 
@@ -260,6 +256,7 @@ def _render_cache(target: Path, variant: str, size: int, seed: int, progress: bo
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         _generate_into(tmp, variant, size, seed, progress, knobs, shift)
+        utils.fsync_tree(tmp)  # every file on disk before the rename publishes the folder (as _store does)
         if target.exists():  # stale or unfinished: move it aside, then replace it
             stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".stale", dir=target.parent))
             try:
@@ -269,6 +266,7 @@ def _render_cache(target: Path, variant: str, size: int, seed: int, progress: bo
             shutil.rmtree(stale, ignore_errors=True)
         try:
             os.rename(tmp, target)
+            utils.fsync_dir(target.parent)  # and the rename itself
         except OSError:
             # another process finished the same cache first: keep theirs if it is complete
             if _trusted(target, variant, size, seed, knobs, shift) is not None:
@@ -282,6 +280,14 @@ def _render_cache(target: Path, variant: str, size: int, seed: int, progress: bo
 # --------------------------------------------------------------------------------------------
 # Dataset
 # --------------------------------------------------------------------------------------------
+def check_fold(fold: Any, arg: str = "fold") -> int:
+    """``fold`` must be a fold number in 0..N_FOLDS-1 (an int, not a bool); ``arg`` names it."""
+    if isinstance(fold, (bool, np.bool_)) or not isinstance(fold, (int, np.integer)) or not 0 <= int(fold) < N_FOLDS:
+        raise ValueError(f"{arg}: expected an int in 0..{N_FOLDS - 1} (an8Flower has {N_FOLDS} folds), "
+                         f"got {describe(fold)}")
+    return int(fold)
+
+
 def fold_of_view(view: Any, folds: str = "views") -> np.ndarray:
     """The fold (0..4) of each viewpoint (0..39) under the split ``folds`` (:data:`FOLD_SPLITS`):
     ``"views"``: ``view % 5``; ``"blocks"``: ``view // 8`` (views 0-7, 8-15, ... 32-39)."""
@@ -327,12 +333,11 @@ class An8Flower(Dataset):
     def __init__(self, root: str | os.PathLike, variant: str = "single-6c", size: int = 128,
                  generate: bool = True, seed: int = 0, transform: Callable | None = None, *,
                  progress: bool = True, knobs: Knobs | dict | None = None, counterfactual: int = 0):
-        root = _check_root(root)
+        root = check_path(root, "root")
         self.variant, self.size, self.seed = check_variant(variant), check_size(size), check_seed(seed)
         self.knobs, self.counterfactual = check_knobs(knobs), check_counterfactual(self.variant, counterfactual)
         kw = {"knobs": self.knobs, "counterfactual": self.counterfactual}
-        if not isinstance(generate, (bool, np.bool_)):
-            raise TypeError(f"generate: expected a bool, got {describe(generate)}")
+        check_bool(generate, "generate")
         if transform is not None and not callable(transform):
             raise TypeError(f"transform: expected a callable or None, got {describe(transform)}")
         self.root, self.transform = root, transform
@@ -423,9 +428,7 @@ class An8Flower(Dataset):
         """``(train_idx, test_idx)`` of fold ``fold`` in 0..4: test = the items of the views of that
         fold under the split ``folds`` (:func:`fold_of_view`: ``"views"`` ``v % 5 == fold``,
         ``"blocks"`` ``v // 8 == fold``)."""
-        if not isinstance(fold, (int, np.integer)) or isinstance(fold, bool) or not 0 <= int(fold) < N_FOLDS:
-            raise ValueError(f"fold: expected an int in 0..{N_FOLDS - 1}, got {describe(fold)}")
-        test = fold_of_view(self.index["view"].to_numpy(), folds) == int(fold)
+        test = fold_of_view(self.index["view"].to_numpy(), folds) == check_fold(fold)
         return np.flatnonzero(~test), np.flatnonzero(test)
 
     def __repr__(self) -> str:

@@ -66,7 +66,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import sparse
 
-from ..._checks import check_nonnegative_int
+from ..._checks import check_choice, check_nonnegative_int
 from ...utils import describe
 
 __all__ = [
@@ -289,10 +289,9 @@ def attribute_colour(spec: ClassSpec) -> tuple[float, float, float]:
 # --------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------
-def check_variant(variant: Any) -> str:
-    if not isinstance(variant, str) or variant not in VARIANTS:
-        raise ValueError(f"variant: expected one of {', '.join(map(repr, VARIANTS))}, got {describe(variant)}")
-    return variant
+def check_variant(variant: Any, arg: str = "variant") -> str:
+    """``variant`` must be one of :data:`VARIANTS` (``arg`` names it in the message)."""
+    return check_choice(variant, arg, VARIANTS)
 
 
 def check_size(size: Any) -> int:

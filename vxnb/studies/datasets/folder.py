@@ -11,6 +11,7 @@ import numpy as np
 from torch.utils.data import Subset
 
 from vxnb import _store
+from vxnb._checks import check_fraction
 
 from .base import DatasetSpec, stratified_subset
 
@@ -41,9 +42,7 @@ class FolderSpec(DatasetSpec):
             raise FileNotFoundError(f"weights: no file at {cfg.weights}")
         if isinstance(cfg.image_size, bool) or not isinstance(cfg.image_size, int) or cfg.image_size < 16:
             raise ValueError(f"image_size: expected an int >= 16, got {cfg.image_size!r}")
-        if isinstance(cfg.val_fraction, bool) or not isinstance(cfg.val_fraction, (int, float)) \
-                or not 0 < cfg.val_fraction < 1:
-            raise ValueError(f"val_fraction: expected a number in (0, 1), got {cfg.val_fraction!r}")
+        check_fraction(cfg.val_fraction, "val_fraction")
         if cfg.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error: expected 'raise' or 'skip', got {cfg.on_error!r}")
         check_normalize(cfg.normalize)

@@ -79,7 +79,7 @@ AN8FLOWER = {
     "folds": ("blocks", {"checkpoint"} | NAMED),
     "train_limit": (100, {"checkpoint"} | NAMED),
     "seed": (1, ALL),
-    "quick": (True, {"table", "run"}),        # epochs are set: the same model, in a '-quick' folder
+    "quick": (True, {"checkpoint"} | NAMED),  # the quick model keeps the plain recipe, not FOLD_RECIPE (issue 26)
     "data_root": ("<data2>", {"data"}),        # the same files elsewhere: the same model and results
     "runs_root": ("<runs2>", set()),
     "name": ("mine", {"table", "run"}),
@@ -154,6 +154,36 @@ def test_folder_keys_follow_each_setting(places, field):
     extra = {"weights": str(places["vgg"])} if field == "model" else {}
     cfg = runs.RunConfig(**{**params, field: _value(value, places), **extra})
     assert _changed(base, cfg) == want
+
+
+#: vxnb.models.FOLD_RECIPE (issue 26: how the an8Flower fold models train): setting → another value.
+FOLD_RECIPE_CHANGES = {"lr": 1e-3, "batch_size": 64, "val_fraction": 0.2, "stop_patience": 1, "stop_accuracy": 0.99}
+
+
+def test_every_fold_recipe_setting_is_listed():
+    from vxnb import models
+    assert sorted(FOLD_RECIPE_CHANGES) == sorted(models.FOLD_RECIPE)
+
+
+@pytest.mark.parametrize("setting", sorted(FOLD_RECIPE_CHANGES))
+def test_each_fold_recipe_setting_changes_the_checkpoint_key(places, setting, monkeypatch):
+    from vxnb import models
+    cfg = runs.RunConfig(size=32, epochs=1, data_root=str(places["root"] / "data"),
+                         runs_root=str(places["root"] / "runs"))
+    before = runs.checkpoint_key(cfg)
+    assert FOLD_RECIPE_CHANGES[setting] != models.FOLD_RECIPE[setting]
+    monkeypatch.setitem(models.FOLD_RECIPE, setting, FOLD_RECIPE_CHANGES[setting])
+    assert runs.checkpoint_key(cfg) != before
+    monkeypatch.undo()
+    assert runs.checkpoint_key(cfg) == before
+
+
+def test_default_fold_epochs_change_the_checkpoint_key(places, monkeypatch):
+    from vxnb import models
+    cfg = runs.RunConfig(size=32, data_root=str(places["root"] / "data"), runs_root=str(places["root"] / "runs"))
+    before = runs.checkpoint_key(cfg)
+    monkeypatch.setitem(models.DEFAULT_EPOCHS, "an8flower", (5, 8))
+    assert runs.checkpoint_key(cfg) != before
 
 
 FOLD_OPTIONS = {"methods": ("gradcam",), "mu": 5.0, "k": 3, "n_test_images": 4, "occlusion": False,

@@ -422,7 +422,8 @@ def _train(cfg: RunConfig, data, progress: bool):
             best = (seed, model, history, acc)
         if acc >= MIN_TRAIN_ACCURACY or epochs < MIN_EPOCHS_TO_RETRY:
             break
-        warnings.warn(f"training {cfg.run_name} with seed {seed} stalled at train accuracy {acc:.3f} "
+        which = "validation" if history.get("val_accuracy") else "train"
+        warnings.warn(f"training {cfg.run_name} with seed {seed} stalled at {which} accuracy {acc:.3f} "
                       f"(< {MIN_TRAIN_ACCURACY}); " + ("starting again from another initialisation"
                                                        if attempt + 1 < TRAIN_ATTEMPTS else
                                                        f"keeping the best of {TRAIN_ATTEMPTS} attempts"))

@@ -79,7 +79,7 @@ AN8FLOWER = {
     "folds": ("blocks", {"checkpoint"} | NAMED),
     "train_limit": (100, {"checkpoint"} | NAMED),
     "seed": (1, ALL),
-    "quick": (True, {"checkpoint"} | NAMED),  # the quick model keeps the plain recipe, not FOLD_RECIPE (issue 26)
+    "quick": (True, {"table", "run"}),        # epochs are set: the same model, in a '-quick' folder
     "data_root": ("<data2>", {"data"}),        # the same files elsewhere: the same model and results
     "runs_root": ("<runs2>", set()),
     "name": ("mine", {"table", "run"}),
@@ -156,13 +156,23 @@ def test_folder_keys_follow_each_setting(places, field):
     assert _changed(base, cfg) == want
 
 
-#: vxnb.models.FOLD_RECIPE (issue 26: how the an8Flower fold models train): setting → another value.
+#: A vxnb.models.FOLD_RECIPE (issue 26: how the an8Flower fold models train; empty by default):
+#: the candidate the benchmark measured, and for each setting another value.
+RECIPE = {"lr": 2e-3, "batch_size": 32, "val_fraction": 0.1, "stop_patience": 2, "stop_accuracy": 1.0}
 FOLD_RECIPE_CHANGES = {"lr": 1e-3, "batch_size": 64, "val_fraction": 0.2, "stop_patience": 1, "stop_accuracy": 0.99}
 
 
-def test_every_fold_recipe_setting_is_listed():
+def test_an_empty_fold_recipe_keeps_the_key_and_a_recipe_changes_it(places, monkeypatch):
     from vxnb import models
-    assert sorted(FOLD_RECIPE_CHANGES) == sorted(models.FOLD_RECIPE)
+    cfg = runs.RunConfig(size=32, epochs=1, data_root=str(places["root"] / "data"),
+                         runs_root=str(places["root"] / "runs"))
+    quick = dataclasses.replace(cfg, quick=True)
+    assert models.FOLD_RECIPE == {}
+    before, before_quick = runs.checkpoint_key(cfg), runs.checkpoint_key(quick)
+    assert before == before_quick                  # epochs set: the same model (AN8FLOWER["quick"])
+    monkeypatch.setattr(models, "FOLD_RECIPE", dict(RECIPE))
+    assert runs.checkpoint_key(cfg) != before
+    assert runs.checkpoint_key(quick) == before_quick   # the quick model trains the plain way
 
 
 @pytest.mark.parametrize("setting", sorted(FOLD_RECIPE_CHANGES))
@@ -170,19 +180,18 @@ def test_each_fold_recipe_setting_changes_the_checkpoint_key(places, setting, mo
     from vxnb import models
     cfg = runs.RunConfig(size=32, epochs=1, data_root=str(places["root"] / "data"),
                          runs_root=str(places["root"] / "runs"))
+    monkeypatch.setattr(models, "FOLD_RECIPE", dict(RECIPE))
     before = runs.checkpoint_key(cfg)
-    assert FOLD_RECIPE_CHANGES[setting] != models.FOLD_RECIPE[setting]
+    assert FOLD_RECIPE_CHANGES[setting] != RECIPE[setting]
     monkeypatch.setitem(models.FOLD_RECIPE, setting, FOLD_RECIPE_CHANGES[setting])
     assert runs.checkpoint_key(cfg) != before
-    monkeypatch.undo()
-    assert runs.checkpoint_key(cfg) == before
 
 
 def test_default_fold_epochs_change_the_checkpoint_key(places, monkeypatch):
     from vxnb import models
     cfg = runs.RunConfig(size=32, data_root=str(places["root"] / "data"), runs_root=str(places["root"] / "runs"))
     before = runs.checkpoint_key(cfg)
-    monkeypatch.setitem(models.DEFAULT_EPOCHS, "an8flower", (5, 8))
+    monkeypatch.setitem(models.DEFAULT_EPOCHS, "an8flower", (3, 8))
     assert runs.checkpoint_key(cfg) != before
 
 

@@ -190,6 +190,45 @@ def test_knobs_are_in_the_run_name_and_the_data_record(places):
     assert "knobs" not in runs.data_record(dataclasses.replace(cfg, distractor_rate=0.0, clutter=0))
 
 
+#: A vxnb.models.FOLD_RECIPE (issue 26: how the an8Flower fold models train; empty by default):
+#: the candidate the benchmark measured, and for each setting another value.
+RECIPE = {"lr": 2e-3, "batch_size": 32, "val_fraction": 0.1, "stop_patience": 2, "stop_accuracy": 1.0}
+FOLD_RECIPE_CHANGES = {"lr": 1e-3, "batch_size": 64, "val_fraction": 0.2, "stop_patience": 1, "stop_accuracy": 0.99}
+
+
+def test_an_empty_fold_recipe_keeps_the_key_and_a_recipe_changes_it(places, monkeypatch):
+    from vxnb import models
+    cfg = runs.RunConfig(size=32, epochs=1, data_root=str(places["root"] / "data"),
+                         runs_root=str(places["root"] / "runs"))
+    quick = dataclasses.replace(cfg, quick=True)
+    assert models.FOLD_RECIPE == {}
+    before, before_quick = runs.checkpoint_key(cfg), runs.checkpoint_key(quick)
+    assert before == before_quick                  # epochs set: the same model (AN8FLOWER["quick"])
+    monkeypatch.setattr(models, "FOLD_RECIPE", dict(RECIPE))
+    assert runs.checkpoint_key(cfg) != before
+    assert runs.checkpoint_key(quick) == before_quick   # the quick model trains the plain way
+
+
+@pytest.mark.parametrize("setting", sorted(FOLD_RECIPE_CHANGES))
+def test_each_fold_recipe_setting_changes_the_checkpoint_key(places, setting, monkeypatch):
+    from vxnb import models
+    cfg = runs.RunConfig(size=32, epochs=1, data_root=str(places["root"] / "data"),
+                         runs_root=str(places["root"] / "runs"))
+    monkeypatch.setattr(models, "FOLD_RECIPE", dict(RECIPE))
+    before = runs.checkpoint_key(cfg)
+    assert FOLD_RECIPE_CHANGES[setting] != RECIPE[setting]
+    monkeypatch.setitem(models.FOLD_RECIPE, setting, FOLD_RECIPE_CHANGES[setting])
+    assert runs.checkpoint_key(cfg) != before
+
+
+def test_default_fold_epochs_change_the_checkpoint_key(places, monkeypatch):
+    from vxnb import models
+    cfg = runs.RunConfig(size=32, data_root=str(places["root"] / "data"), runs_root=str(places["root"] / "runs"))
+    before = runs.checkpoint_key(cfg)
+    monkeypatch.setitem(models.DEFAULT_EPOCHS, "an8flower", (3, 8))
+    assert runs.checkpoint_key(cfg) != before
+
+
 FOLD_OPTIONS = {"methods": ("gradcam",), "mu": 5.0, "k": 3, "n_test_images": 4, "occlusion": False,
                 "occlusion_images": 50, "coverage": (0.1, 0.2), "layer": "layer4", "thresholds": np.linspace(0, 1, 11),
                 "combine": ("max",), "quantus": True, "quantus_images": 10}

@@ -363,3 +363,80 @@ def test_preload_default_only_for_fixed_items():
     assert hist["preloaded"] is None  # an unknown dataset may transform at random: read per epoch
     with pytest.raises(TypeError, match="preload: expected a bool or None"):
         train_model(MnistNet(num_classes=2), _Triples(x, y), epochs=1, preload="yes", progress=False)
+
+
+# ---------------------------------------------------------------- issue 26: validation set, plateau stop
+@pytest.mark.parametrize("accs, patience, target, stop", [
+    ([], 1, 1.0, False),
+    ([0.5], 1, 1.0, False),                   # one epoch, best is the last: go on
+    ([0.5, 0.7, 0.9], 1, 1.0, False),         # still improving
+    ([0.5, 0.9, 0.8], 1, 1.0, True),          # best one epoch old, patience 1
+    ([0.5, 0.9, 0.8], 2, 1.0, False),         # ... patience 2: one more
+    ([0.5, 0.9, 0.8, 0.9], 2, 1.0, True),     # a tie is no improvement: best (first 0.9) is 2 old
+    ([0.4, 1.0], 5, 1.0, True),               # reached the target
+    ([0.4, 0.96], 5, 0.95, True),
+    ([0.4, 0.94], 5, 0.95, False),
+])
+def test_plateau_rule_on_hand_made_sequences(accs, patience, target, stop):
+    from vxnb.models import plateau_reached
+    assert plateau_reached(accs, patience, target) is stop
+
+
+def test_plateau_and_stop_bad_input():
+    from vxnb.models import plateau_reached
+    with pytest.raises(ValueError, match="patience"):
+        plateau_reached([0.5], 0)
+    with pytest.raises(TypeError, match="patience"):
+        plateau_reached([0.5], 1.5)
+    with pytest.raises(ValueError, match="target"):
+        plateau_reached([0.5], 1, target=0)
+    with pytest.raises(ValueError, match="accuracies"):
+        plateau_reached([0.5, 1.5], 1)
+    x, y = _bars(32)
+    ds = TensorDataset(x, y)
+    m = MnistNet(num_classes=2)
+    with pytest.raises(ValueError, match="val_fraction"):
+        train_model(m, ds, epochs=1, val_fraction=1.0, progress=False)
+    with pytest.raises(ValueError, match="val_fraction"):
+        train_model(m, ds, epochs=1, val_fraction=-0.1, progress=False)
+    with pytest.raises(ValueError, match="stop_patience.*val_fraction"):
+        train_model(m, ds, epochs=1, stop_patience=1, progress=False)
+    with pytest.raises(ValueError, match="stop_patience"):
+        train_model(m, ds, epochs=1, val_fraction=0.2, stop_patience=0, progress=False)
+    with pytest.raises(ValueError, match="stop_accuracy"):
+        train_model(m, ds, epochs=1, val_fraction=0.2, stop_patience=1, stop_accuracy=2.0, progress=False)
+
+
+def _early_stop_run(data_cls, seed=3):
+    x, y = _bars(120)
+    xt, yt = _bars(40, seed=1)
+    torch.manual_seed(7)
+    m = MnistNet(num_classes=2)
+    hist = train_model(m, data_cls(x, y), TensorDataset(xt, yt), epochs=6, batch_size=16, lr=2e-3, seed=seed,
+                       progress=False, val_fraction=0.25, stop_patience=2, stop_accuracy=1.0)
+    return m.state_dict(), hist
+
+
+def test_validation_stop_is_deterministic_and_holds_out_train_images():
+    from vxnb.data.mnist import stratified_split
+    from vxnb.models import plateau_reached
+    (a, ha), (b, hb) = _early_stop_run(TensorDataset), _early_stop_run(TensorDataset)
+    assert all(torch.equal(a[k], b[k]) for k in a)          # two runs: equal weights
+    assert ha["val_accuracy"] == hb["val_accuracy"] and ha["stopped_at"] == hb["stopped_at"]
+    # 30 of the 120 training images held out (stratified, seeded by seed), never the test set
+    _, y = _bars(120)
+    fit, val = stratified_split(y, 0.25, 3)
+    assert ha["n_train"] == len(fit) == 90 and len(val) == 30
+    assert len(ha["loss"]) == len(ha["val_accuracy"]) == len(ha["test_accuracy"]) == ha["stopped_at"]
+    # it stopped at the first epoch where the rule says so (and not before), else ran all 6
+    accs = ha["val_accuracy"]
+    assert not any(plateau_reached(accs[:e], 2) for e in range(1, len(accs)))
+    assert plateau_reached(accs, 2) or ha["stopped_at"] == 6
+    assert ha["stopped_at"] < 6  # the toy task is learnt: the stop saves epochs (else this test shows nothing)
+    # the same run when the items are read per epoch (no preload): the same split, the same weights
+    c, hc = _early_stop_run(_Triples)
+    assert hc["preloaded"] is None and all(torch.equal(a[k], c[k]) for k in a)
+    assert hc["val_accuracy"] == ha["val_accuracy"]
+    # another seed: another split and run
+    d, _ = _early_stop_run(TensorDataset, seed=4)
+    assert not all(torch.equal(a[k], d[k]) for k in a)

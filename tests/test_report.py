@@ -300,7 +300,7 @@ def _fake_training(accuracies):
     recording the seeds and the initial weights it was called with."""
     calls = []
 
-    def train(model, train, test, *, epochs, seed, progress):
+    def train(model, train, test, *, epochs, seed, progress, **options):  # options: the fold recipe
         calls.append((seed, [p.detach().clone() for p in model.parameters()]))
         acc = accuracies[len(calls) - 1]
         return {"loss": [1.0] * epochs, "train_accuracy": [acc] * epochs, "test_accuracy": [acc] * epochs,

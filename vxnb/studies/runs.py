@@ -334,6 +334,9 @@ def _checkpoint_settings(cfg: RunConfig) -> dict[str, Any]:
          "epochs": cfg.spec.epochs(cfg),
          "min_train_accuracy": MIN_TRAIN_ACCURACY, "train_attempts": TRAIN_ATTEMPTS}
     s.update(cfg.spec.checkpoint_settings(cfg))
+    options = cfg.spec.train_options(cfg)
+    if options:  # only where a dataset has them: the other datasets' keys stay as they were
+        s["train_options"] = options
     return s
 
 
@@ -371,7 +374,7 @@ def get_model(cfg: RunConfig, *, retrain: bool = False, progress: bool = True,
     """Load the run's checkpoint, or train the reference model and save it. → (model, meta).
 
     The initial weights are seeded by ``cfg.seed``. A training run of ≥ 3 epochs that stalls
-    (final training accuracy < :data:`MIN_TRAIN_ACCURACY`) is repeated from seed + 1000, + 2000
+    (final validation accuracy, else training accuracy, < :data:`MIN_TRAIN_ACCURACY`) is repeated from seed + 1000, + 2000
     with a warning, and the best attempt is kept; ``meta["train_attempts"]`` lists them all."""
     from .. import models
 
@@ -403,18 +406,24 @@ def _train(cfg: RunConfig, data, progress: bool):
         seed = cfg.seed + 1000 * attempt
         seed_everything(seed)  # the initial weights too: the same config gives the same model
         model = cfg.spec.build_reference_model(cfg, classes)
-        history = models.train_model(model, train, test, epochs=epochs, seed=seed, progress=progress)
-        acc = history["train_accuracy"][-1]
-        attempts.append({"seed": seed, "train_accuracy": acc, "test_accuracy": history.get("final_test_accuracy")})
-        if best is None or acc > best[2]["train_accuracy"][-1]:
-            best = (seed, model, history)
+        history = models.train_model(model, train, test, epochs=epochs, seed=seed, progress=progress,
+                                     **cfg.spec.train_options(cfg))
+        # a stall: by the held-out validation images where there are some (a run stopped after its
+        # first epoch has a low accuracy on that epoch's dropout pass and may still be right)
+        acc = (history.get("val_accuracy") or history["train_accuracy"])[-1]
+        attempts.append({"seed": seed, "train_accuracy": history["train_accuracy"][-1],
+                         "val_accuracy": (history.get("val_accuracy") or [None])[-1],
+                         "test_accuracy": history.get("final_test_accuracy")})
+        if best is None or acc > best[3]:
+            best = (seed, model, history, acc)
         if acc >= MIN_TRAIN_ACCURACY or epochs < MIN_EPOCHS_TO_RETRY:
             break
-        warnings.warn(f"training {cfg.run_name} with seed {seed} stalled at train accuracy {acc:.3f} "
+        which = "validation" if history.get("val_accuracy") else "train"
+        warnings.warn(f"training {cfg.run_name} with seed {seed} stalled at {which} accuracy {acc:.3f} "
                       f"(< {MIN_TRAIN_ACCURACY}); " + ("starting again from another initialisation"
                                                        if attempt + 1 < TRAIN_ATTEMPTS else
                                                        f"keeping the best of {TRAIN_ATTEMPTS} attempts"))
-    seed, model, history = best
+    seed, model, history, _ = best
     model.eval()
     meta = {
         "config": cfg.to_dict(),

@@ -78,5 +78,12 @@ class An8FlowerSpec(DatasetSpec):
         return {"variant": cfg.variant, "size": cfg.size, "test_fold": cfg.test_fold, "folds": cfg.folds,
                 **knobs(cfg).manifest()}
 
+    def train_options(self, cfg: Any) -> dict[str, Any]:
+        # ``vxnb.models.FOLD_RECIPE`` (issue 26; empty: the plain recipe); the quick (CI) setting
+        # always trains the plain way
+        from vxnb import models
+
+        return {} if cfg.quick else dict(models.FOLD_RECIPE)
+
     def model_options(self, cfg: Any) -> dict[str, Any]:
         return {"size": cfg.size}

@@ -79,6 +79,11 @@ class DatasetSpec:
         """The dataset's settings that change the trained reference model (part of its key)."""
         return {}
 
+    def train_options(self, cfg: Any) -> dict[str, Any]:
+        """Extra arguments of ``vxnb.models.train_model`` for the reference model (all of them
+        part of the checkpoint key); ``{}``: its defaults."""
+        return {}
+
     def build_reference_model(self, cfg: Any, classes: list[str]):
         """A fresh (untrained) reference model for this dataset."""
         from vxnb import models

@@ -256,6 +256,7 @@ NOTEBOOK_PARAMETER_KEYS = {
     "diagnose_mus": None,
     "leaderboard_images": "score_callable's n_images (the key of each method's fold scores)",
     "modern_epochs": None,  # the modern models of notebook 05 are trained per call, not stored
+    "extended_studies": None,  # which of notebook 05's cells run, nothing cached
 }
 
 

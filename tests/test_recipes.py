@@ -78,7 +78,7 @@ def test_add_a_dataset_one_spec_and_one_registry_line(toy_dataset, tmp_path):
     assert runs.data_ok(runs.data_record(cfg))
     # the report and the benchmark read what the spec says
     assert report.skipped_tags({"dataset": "toy-digits"}) == {report.NEEDS_MASKS, report.AN8FLOWER_ONLY,
-                                                             report.FULL_SETTING_ONLY}
+                                                             report.FULL_SETTING_ONLY, report.EXTENDED_STUDIES}
     with pytest.raises(ValueError, match="the benchmark needs ground-truth masks: dataset='an8flower'"):
         B.run_benchmark(cfg, save=False)
     with pytest.raises(ValueError, match="dataset: expected one of .*'toy-digits'"):

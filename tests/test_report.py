@@ -471,3 +471,22 @@ def test_one_combine_default_for_explain_and_the_benchmark():
              explanations.combine_heatmaps, benchmark.method_heatmaps, benchmark.explain_examples]
     defaults = {f.__name__: inspect.signature(f).parameters["combine"].default for f in funcs}
     assert set(defaults.values()) == {explanations.DEFAULT_COMBINE}, defaults
+
+
+def test_notebook_05_extended_studies_run_only_when_asked():
+    """The counterfactual, shortcut, leaderboard and modern-model sections train and score many
+    more models than the benchmark: skipped unless ``extended_studies`` is True, in full runs too."""
+    import nbformat
+
+    from vxnb.paths import notebooks_dir
+
+    assert report.EXTENDED_STUDIES in report.skipped_tags({})
+    assert report.EXTENDED_STUDIES in report.skipped_tags({"extended_studies": False})
+    assert report.EXTENDED_STUDIES not in report.skipped_tags({"extended_studies": True})
+    nb = nbformat.read(str(notebooks_dir() / "05_an8flower_benchmark.ipynb"), as_version=4)
+    tagged = ["".join(c.source) for c in nb.cells if report.EXTENDED_STUDIES in c.metadata.get("tags", [])]
+    for study in ("counterfactual.counterfactual_study", "counterfactual.shortcut_study",
+                  "leaderboard.leaderboard_page", "modern.modern_benchmark"):
+        assert any(study in s for s in tagged), study
+    untagged = ["".join(c.source) for c in nb.cells if report.EXTENDED_STUDIES not in c.metadata.get("tags", [])]
+    assert any("benchmark.run_benchmark" in s for s in untagged)  # Table 1 itself always runs

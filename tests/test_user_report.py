@@ -34,10 +34,13 @@ def test_parameters_from_a_file_and_pairs(tmp_path):
 def test_skipped_tags_follow_what_the_run_has(tmp_path):
     images, masks = make_folder(tmp_path, per_class=2, size=16)
     base = dict(dataset="folder", data_root=str(images), model="resnet18")
-    assert report.skipped_tags({"quick": True}) == {report.FULL_SETTING_ONLY}
-    assert report.skipped_tags({"quick": False}) == set()
-    assert report.skipped_tags(base) == {report.NEEDS_MASKS, report.AN8FLOWER_ONLY, report.FULL_SETTING_ONLY}
-    assert report.skipped_tags({**base, "mask_root": str(masks)}) == {report.AN8FLOWER_ONLY, report.FULL_SETTING_ONLY}
+    ext = report.EXTENDED_STUDIES  # notebook 05's extended studies: only with extended_studies=True
+    assert report.skipped_tags({"quick": True}) == {report.FULL_SETTING_ONLY, ext}
+    assert report.skipped_tags({"quick": False}) == {ext}
+    assert report.skipped_tags({"quick": False, "extended_studies": True}) == set()
+    assert report.skipped_tags(base) == {report.NEEDS_MASKS, report.AN8FLOWER_ONLY, report.FULL_SETTING_ONLY, ext}
+    assert report.skipped_tags({**base, "mask_root": str(masks)}) == {report.AN8FLOWER_ONLY, report.FULL_SETTING_ONLY,
+                                                                     ext}
     with pytest.raises(FileNotFoundError, match="mask_root: no folder"):
         report.skipped_tags({**base, "mask_root": str(tmp_path / "nowhere")})
 

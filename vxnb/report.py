@@ -76,13 +76,17 @@ def notebook_summary(path: str | Path) -> tuple[str, str]:
 #: the run lacks what it needs. ``full-setting-only``: prose whose numbers were measured in the
 #: full an8Flower setting (not quick), shown only in a report of that setting.
 NEEDS_MASKS, AN8FLOWER_ONLY, FULL_SETTING_ONLY = "needs-masks", "an8flower-only", "full-setting-only"
+#: Notebook 05's extended studies (counterfactual renders, planted shortcut, leaderboard, modern
+#: models): each trains or scores many more models; run only with ``-p extended_studies True``.
+EXTENDED_STUDIES = "extended-studies"
 
 
 def skipped_tags(parameters: dict[str, Any]) -> set[str]:
     """The cell tags whose cells are skipped for a run with these notebook parameters: cells
     tagged ``needs-masks`` without ground-truth masks, ``an8flower-only`` (the paper's numbers)
     on other datasets, ``full-setting-only`` (numbers measured in the full an8Flower setting) in
-    quick runs and on other datasets. The parameters are checked here, before any notebook runs."""
+    quick runs and on other datasets, ``extended-studies`` (notebook 05's extra studies) unless
+    ``extended_studies`` is True. The parameters are checked here, before any notebook runs."""
     from .studies.runs import RunConfig
 
     fields = set(RunConfig.__dataclass_fields__)
@@ -94,6 +98,8 @@ def skipped_tags(parameters: dict[str, Any]) -> set[str]:
         skip.add(AN8FLOWER_ONLY)
     if cfg.quick or not cfg.spec.paper_numbers:
         skip.add(FULL_SETTING_ONLY)
+    if not parameters.get("extended_studies", False):
+        skip.add(EXTENDED_STUDIES)
     return skip
 
 

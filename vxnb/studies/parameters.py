@@ -147,6 +147,7 @@ NOTEBOOK_PARAMETERS: dict[str, dict[str, NotebookParameter]] = {
                                            lambda v: _number(v) and 0 < v <= 1),
         "leaderboard_images": NotebookParameter(None, _POSITIVE_OR_NONE, _or_none(_positive_int)),
         "modern_epochs": NotebookParameter(None, _POSITIVE_OR_NONE, _or_none(_positive_int)),
+        "extended_studies": NotebookParameter(False, "True or False", lambda v: isinstance(v, bool)),
     },
     "06_sanity_check": {
         "mu": _MU,

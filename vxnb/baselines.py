@@ -347,7 +347,11 @@ def _lxt_patches() -> Iterator[None]:
     saved = {c: {a: vars(c)[a] for a in ("forward", "original_forward") if a in vars(c)} for c in _LXT_PATCHED}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*zennit.*")  # its Gamma patch, unused here (see attnlrp)
-        from lxt.efficient import monkey_patch
+        try:
+            from lxt.efficient import monkey_patch
+        except ImportError as err:
+            raise ImportError("attnlrp needs lxt 2.1 and transformers<5 (vxnb's dev extras: "
+                              "pip install 'vxnb[dev]' or pip install 'lxt==2.1' 'transformers<5')") from err
         monkey_patch(vision_transformer)
     try:
         yield

@@ -310,7 +310,7 @@ def plateau_reached(accuracies: Any, patience: int, target: float = 1.0) -> bool
     """Whether training stops after the last of ``accuracies`` (validation accuracy per epoch,
     0..1): the last one reached ``target``, or the best (its first occurrence) is ``patience`` or
     more epochs old. ``[]``: False."""
-    patience = _check_int(patience, "patience", 1)
+    patience = check_int(patience, "patience", 1)
     target = _check_fraction(target, "target")
     accs = np.asarray(list(accuracies), dtype=float)
     if accs.ndim != 1 or not np.all((accs >= 0) & (accs <= 1)):
@@ -331,7 +331,7 @@ def _check_stop_args(val_fraction: Any, stop_patience: Any, stop_accuracy: Any) 
             or not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction: expected a number in [0, 1), got {val_fraction!r}")
     if stop_patience is not None:
-        stop_patience = _check_int(stop_patience, "stop_patience", 1)
+        stop_patience = check_int(stop_patience, "stop_patience", 1)
         if val_fraction == 0:
             raise ValueError("stop_patience: stopping at a plateau needs a validation set; pass val_fraction > 0")
     return float(val_fraction), stop_patience, _check_fraction(stop_accuracy, "stop_accuracy")

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from .. import _store
 from .._checks import check_int, check_path, check_positive_int
-from ..data.an8flower.render import check_variant
+from ..data.an8flower.render import Knobs, check_variant
 from ..paths import work_dir
 from ..utils import atomic_write_json, read_json, seed_everything
 from .datasets import DATASET_SPECS, DatasetSpec, dataset_spec, user_model
@@ -171,8 +171,8 @@ class RunConfig:
         if not _is_int(self.size):
             raise ValueError(f"size: expected an int (image size in pixels), got {self.size!r}")
         spec.check(self)
-        if not spec.has_knobs:
-            for arg, default in (("part_scale", 1.0), ("distractor_rate", 0.0), ("clutter", 0)):
+        if not spec.has_knobs:  # the knobs' defaults are the renderer's (Knobs), named once there
+            for arg, default in ((f.name, f.default) for f in dataclasses.fields(Knobs)):
                 if getattr(self, arg) != default or isinstance(getattr(self, arg), bool):
                     raise ValueError(f"{arg}: a renderer knob of an8Flower; dataset {self.dataset!r} is not rendered, "
                                      f"expected the default {default!r}, got {getattr(self, arg)!r}")

@@ -277,7 +277,7 @@ class _SpaceToDepth(torch.autograd.Function):
 #: nearest-neighbour resize splits into at most this many pieces (runs of rows x runs of
 #: columns replicated the same number of times); 1 where every row is replicated S times.
 #: (Not the resize: the stride-1 backward of ViT-B/16's 16x16 patch embedding on the resized
-#: 209 x 209 signal costs about 60x the strided one; the boxed kernels are kept per forward.)
+#: 209 x 209 signal costs about 60x the strided one.)
 _MAX_BOX_PIECES = 64
 
 
@@ -303,39 +303,45 @@ def _replication_runs(n_in: int, n_out: int) -> tuple[tuple[int, int, int, int],
     return tuple(tuple(r) for r in runs if r[2] > 0)
 
 
+def _conv_input_grad(g: Tensor, in_size: Sequence[int], weight: Tensor, stride: Sequence[int],
+                     padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    """The transpose of ``conv2d(x, weight, stride, padding, dilation, groups)`` applied to
+    ``g``, for an input x of spatial size ``in_size``: autograd's own input gradient
+    (``aten::convolution_backward``, the kernel a plain backward runs, chosen the same way),
+    with no copy of the weight. The input's values are never read, only its shape: an
+    uninitialised stand-in is passed."""
+    x = torch.empty((g.shape[0], weight.shape[1] * groups, *in_size), dtype=g.dtype, device=g.device)
+    return torch.ops.aten.convolution_backward(g, x, weight, None, list(stride), list(padding), list(dilation),
+                                               False, [0, 0], groups, [True, False, False])[0]
+
+
 def _box_transpose(g: Tensor, weight: Tensor, runs: list[tuple[tuple[int, int, int, int], ...]],
                    padding: tuple[int, int], dilation: tuple[int, int], groups: int,
-                   in_size: tuple[int, int], boxed: dict[tuple[int, int], Tensor] | None = None) -> Tensor:
+                   in_size: tuple[int, int]) -> Tensor:
     """``conv_transpose2d(resize(g), weight, stride=1)``, computed without the resize.
 
     Where the resize copies each of n consecutive rows r times, the stride-1 transpose of
     the copies is the stride-r transpose of those n rows with the kernel convolved by an
-    r-long box (both sums run over the same products): the cost of the plain strided
-    backward. Each (row run, column run) piece is one such transpose, placed at its output
-    offset; the pieces add up (one piece when every row is copied S times). ``boxed`` keeps
-    the boxed kernels for the later signals of the same forward.
+    r-long box (both sums run over the same products), which is the stride-r transpose with
+    the kernel itself followed by the r-long box sum of its output (the transpose is linear
+    in the kernel, and a kernel shifted by s shifts its output by s): the cost of the plain
+    strided backward (the same ``aten::convolution_backward``) plus r additions per output
+    element. Each (row run, column run) piece is one such transpose, placed at its output
+    offset; the pieces add up (one piece when every row is copied S times).
     """
     (ph, pw), (dh, dw) = padding, dilation
     kh, kw = weight.shape[-2:]
     Mh, Mw = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    boxed = {} if boxed is None else boxed
+    whole = len(runs[0]) == 1 and len(runs[1]) == 1
     out = None
     for b0, nb, rh, oh in runs[0]:
         for c0, nc, rw, ow in runs[1]:
-            k = boxed.get((rh, rw))
-            if k is None:
-                dense = weight if (dh, dw) == (1, 1) else weight.new_zeros(*weight.shape[:2], Mh, Mw)
-                if (dh, dw) != (1, 1):
-                    dense[..., ::dh, ::dw] = weight
-                if rh * rw <= 16:  # a few shifted copies (ResNet's 2 x 2)
-                    k = sum(F.pad(dense, (t, rw - 1 - t, s, rh - 1 - s)) for s in range(rh) for t in range(rw))
-                else:  # a patch embedding's 15 x 15: cumulative sums, in float64
-                    k = _box_sum(_box_sum(dense.double(), rh, -2), rw, -1).to(weight.dtype)
-                boxed[(rh, rw)] = k
-            if len(runs[0]) == 1 and len(runs[1]) == 1:  # the whole signal: padding crops
-                return F.conv_transpose2d(g, k, None, stride=(rh, rw), padding=(ph, pw), groups=groups)
-            piece = _window(g, b0, nb, c0, nc)
-            z = F.conv_transpose2d(piece, k, None, stride=(rh, rw), groups=groups)
+            piece = g if whole else _window(g, b0, nb, c0, nc)
+            z = _conv_input_grad(piece, ((nb - 1) * rh + Mh, (nc - 1) * rw + Mw), weight, (rh, rw), (0, 0),
+                                 (dh, dw), groups)
+            z = _box_sum(_box_sum(z, rh, -2), rw, -1)  # (nb rh + Mh - 1, nc rw + Mw - 1)
+            if whole:  # the whole signal: nb rh + Mh - 1 = in_size + 2 padding
+                return _window(z, ph, in_size[0], pw, in_size[1])
             if out is None:  # rows and columns of the output padded by (ph, pw) on each side
                 out = z.new_zeros(*z.shape[:-2], in_size[0] + 2 * ph, in_size[1] + 2 * pw)
             _window(out, oh, z.shape[-2], ow, z.shape[-1]).add_(z)
@@ -343,13 +349,17 @@ def _box_transpose(g: Tensor, weight: Tensor, runs: list[tuple[tuple[int, int, i
 
 
 def _box_sum(t: Tensor, r: int, dim: int) -> Tensor:
-    """out[i] = sum_{s < r} t[i - s] along ``dim`` (length n + r - 1): the kernel convolved by
-    an r-long box, as a difference of cumulative sums (two passes, not r; float64 callers)."""
+    """out[i] = sum_{s < r} t[i - s] along ``dim`` (length n + r - 1): the full convolution
+    with an r-long box, as r shifted additions."""
     if r == 1:
         return t
     n = t.shape[dim]
-    c = F.pad(t, (r, r - 1) if dim == -1 else (0, 0, r, r - 1)).cumsum(dim)
-    return c.narrow(dim, r, n + r - 1) - c.narrow(dim, 0, n + r - 1)
+    shape = list(t.shape)
+    shape[dim] = n + r - 1
+    out = t.new_zeros(shape)
+    for s in range(r):
+        out.narrow(dim, s, n).add_(t)
+    return out
 
 
 def _window(t: Tensor, r0: int, nr: int, c0: int, nc: int) -> Tensor:
@@ -404,17 +414,6 @@ _BATCHED: bool | None = None
 # a channels-last forward rounds activations differently and flips ReLU masks: not exact).
 
 
-def _flip_weight(weight: Tensor, groups: int) -> Tensor:
-    """The weight of the conv2d equal to the stride-1 ``conv_transpose2d`` with ``weight``:
-    flipped in space, in/out channels swapped within each group, (in, out / groups, kh, kw)."""
-    o, ig, kh, kw = weight.shape
-    wf = weight.detach().flip(-2, -1).reshape(groups, o // groups, ig, kh, kw).transpose(1, 2)
-    wf = wf.reshape(groups * ig, o // groups, kh, kw)
-    return wf.contiguous()
-
-
-
-
 def _fast_conv_ok(m: Any, resample: bool) -> bool:
     """Convolutions :class:`_FastConv2d` carries back: padding given as numbers (or 'valid'),
     at stride 1, or strided with ``resample``; others keep autograd's transpose."""
@@ -458,55 +457,29 @@ def _conv_transpose(m: Any, g: Tensor, in_size: tuple[int, int], resample: bool,
     """The DeconvNet transpose of the convolution ``m`` (an ``nn.Conv2d`` or a
     :class:`_ConvSpec`; stride 1, or resampled when strided) applied to ``g``. With ``seed``
     (``g`` is the seed at this conv's output), its all-zero channels are left out (groups = 1;
-    with the weight's slice: the same sums without the zero terms). ``cache`` keeps the
-    flipped weight for the later signals of the same forward."""
+    with the weight's slice: the same sums without the zero terms). ``cache`` keeps what is
+    found once per forward (whether the weight is finite). Every transpose is autograd's own
+    input gradient (:func:`_conv_input_grad`), so none costs more than the plain backward's."""
     weight = m.weight.detach()
     channels = _nonzero_channels(g) if seed and m.groups == 1 and _finite(weight, cache) else None
     if channels is not None:
         g = g.index_select(1, channels)
+        weight = weight.index_select(0, channels)
     padding, dilation = _conv_padding(m), _pair(m.dilation)
-    if _strided(m.stride) and tuple(weight.shape[-2:]) == (1, 1):
+    if not _strided(m.stride):
+        return _conv_input_grad(g, in_size, weight, (1, 1), padding, dilation, m.groups)
+    if tuple(weight.shape[-2:]) == (1, 1):
         # a 1x1 kernel mixes channels only: the stride-1 transpose of the resized signal is the
         # resized channel transpose (ResNet's downsampling: S^2 times fewer products than boxed)
-        wf = cache.get("flipped")
-        if wf is None:
-            wf = cache["flipped"] = _flip_weight(weight, m.groups)
-        if channels is not None:
-            wf = wf.index_select(1, channels)
-        z = _resize(F.conv2d(g, wf, None, 1, 0, 1, m.groups), _stride1_size(in_size, (1, 1), padding, (1, 1)))
+        z = _resize(_conv_input_grad(g, g.shape[-2:], weight, (1, 1), (0, 0), (1, 1), m.groups),
+                    _stride1_size(in_size, (1, 1), padding, (1, 1)))
         return _window(z, padding[0], in_size[0], padding[1], in_size[1])
-    if _strided(m.stride):  # resampled: resize to the stride-1 size, stride-1 transpose
-        if channels is not None:
-            weight = weight.index_select(0, channels)
-        size = _stride1_size(in_size, tuple(weight.shape[-2:]), padding, dilation)
-        runs = [_replication_runs(b, a) for b, a in zip(g.shape[-2:], size)]
-        pieces = len(runs[0]) * len(runs[1])
-        if pieces <= _MAX_BOX_PIECES:
-            boxed = cache.setdefault("boxed", {}) if channels is None else None  # sliced weights differ
-            return _box_transpose(g, weight, runs, padding, dilation, m.groups, in_size, boxed)
-        g = _resize(g, size)
-        kh, kw = weight.shape[-2:]
-        flipped_pad = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
-        if channels is not None or min(flipped_pad) < 0:
-            return F.conv_transpose2d(g, weight, None, stride=1, padding=padding, groups=m.groups,
-                                      dilation=dilation)
-        wf = cache.get("flipped")
-        if wf is None:
-            wf = cache["flipped"] = _flip_weight(weight, m.groups)
-        return F.conv2d(g, wf, None, 1, flipped_pad, dilation, m.groups)
-    kh, kw = weight.shape[-2:]
-    flipped_pad = (dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1])
-    if min(flipped_pad) < 0:  # padding wider than the kernel: the transpose as it is
-        if channels is not None:
-            weight = weight.index_select(0, channels)
-        return F.conv_transpose2d(g, weight, None, stride=1, padding=padding, groups=m.groups,
-                                  dilation=dilation)
-    wf = cache.get("flipped")
-    if wf is None:
-        wf = cache["flipped"] = _flip_weight(weight, m.groups)
-    if channels is not None:
-        wf = wf.index_select(1, channels)
-    return F.conv2d(g, wf, None, 1, flipped_pad, dilation, m.groups)
+    # resampled: resize to the stride-1 size, stride-1 transpose
+    size = _stride1_size(in_size, tuple(weight.shape[-2:]), padding, dilation)
+    runs = [_replication_runs(b, a) for b, a in zip(g.shape[-2:], size)]
+    if len(runs[0]) * len(runs[1]) <= _MAX_BOX_PIECES:
+        return _box_transpose(g, weight, runs, padding, dilation, m.groups, in_size)
+    return _conv_input_grad(_resize(g, size), in_size, weight, (1, 1), padding, dilation, m.groups)
 
 
 class _FastConv2d(torch.autograd.Function):

@@ -179,21 +179,26 @@ def _conv_padding(m: Any) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------
 
 class _GuidedReLU(torch.autograd.Function):
-    """ReLU whose backward is guided backprop: max(g, 0) * 1[x > 0]."""
+    """ReLU whose backward is guided backprop: max(g, 0) * 1[x > 0]. The output y is kept
+    (y > 0 exactly where x > 0), as autograd's own ReLU keeps it: a later in-place change of
+    it is refused by autograd, as for a plain backward."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, inplace: bool = False) -> Tensor:  # type: ignore[override]
-        mask = x > 0
-        ctx.save_for_backward(mask)
         if inplace:
             ctx.mark_dirty(x)
-            return x.clamp_min_(0)
-        return x.clamp_min(0)
+            y = x.clamp_min_(0)
+        else:
+            y = x.clamp_min(0)
+        ctx.save_for_backward(y)
+        return y
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return g.clamp_min(0).mul_(mask), None  # in place on the new tensor: one pass less
+        (y,) = ctx.saved_tensors
+        # autograd's ReLU backward (g where y > 0, else 0: one vectorised pass), then max(., 0) in
+        # place; a product with a bool mask would first copy the mask to floats, torch.where is slower
+        return torch.ops.aten.threshold_backward(g, y, 0).clamp_min_(0), None
 
 
 class _GuidedActivation(torch.autograd.Function):

@@ -137,9 +137,16 @@ def _stride1_size(in_size: Sequence[int], kernel: tuple[int, int], padding: tupl
 
 
 def _resize(g: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(g.shape[-2:]) == tuple(size):
+    """``F.interpolate(g, size, mode="nearest")``; where it copies every row S and every column
+    S' times (torch's own index map, :func:`_replication_runs`), as one broadcast copy: the
+    same values, about 3x faster on the CPU (ResNet's downsampling 1x1 convs and max-pool)."""
+    (h, w), (H, W) = g.shape[-2:], size
+    if (h, w) == (H, W):
         return g
-    return F.interpolate(g, size=size, mode="nearest")
+    if g.dim() != 4 or len(_replication_runs(h, H)) != 1 or len(_replication_runs(w, W)) != 1:
+        return F.interpolate(g, size=size, mode="nearest")
+    N, C = g.shape[:2]
+    return g[:, :, :, None, :, None].expand(N, C, h, H // h, w, W // w).reshape(N, C, H, W)
 
 
 def _strided(stride: Any) -> bool:
@@ -845,6 +852,8 @@ class ConvRule(OpRule):
         spec = _ConvSpec(_arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 3, "stride", 1),
                          _arg(args, kwargs, 4, "padding", 0), _arg(args, kwargs, 5, "dilation", 1),
                          int(_arg(args, kwargs, 6, "groups", 1)))
+        if not _strided(spec.stride) and ctx.stack[-1] not in ctx.seed_layers:
+            return func(*args, **kwargs)  # autograd's own backward is the transpose
         if _fast_conv_ok(spec, ctx.resample):
             return _FastConv2d.apply(x, spec, _arg(args, kwargs, 2, "bias"), ctx.resample)
         return func(*args, **kwargs)  # the graph check refuses a strided one that is not resampled
@@ -1028,6 +1037,7 @@ class _Tracer(TorchFunctionMode):
         self.origin: dict[Any, tuple[str, str]] = {}
         self.vouched: set[Any] = set()
         self.refused: dict[str, str] = {}  # module name -> why its rule refused it
+        self.seed_layers: set[str] = set()
 
     def enter(self, name: str) -> Callable[..., None]:
         def pre_hook(module: nn.Module, inp: Any) -> None:
@@ -1276,6 +1286,7 @@ class RecordedForward:
         self.composite = as_composite(composite)
         self.modules = dict(model.named_modules())
         self.tracer = _Tracer(self.composite, resample, self.modules)
+        self.tracer.seed_layers = set(self.layers)
         self.x_leaf = x.detach().requires_grad_(True)
         self.outputs: dict[str, tuple[Tensor, int]] = {}
         self.checked: set[str] = set()

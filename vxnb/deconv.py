@@ -210,14 +210,22 @@ class _GuidedReLU(torch.autograd.Function):
 
 class _GuidedActivation(torch.autograd.Function):
     """A pointwise activation ``f`` whose backward is max(g, 0) * max(f'(x), 0); f'(x) is
-    autograd's own derivative of ``f`` at the forward input, found once per forward."""
+    autograd's own derivative of ``f`` at the forward input, found once per forward: ``df(x,
+    y)`` where given (the derivative kernel autograd itself calls, :data:`_DERIVATIVES`),
+    else through autograd."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, f: Callable[[Tensor], Tensor], inplace: bool = False) -> Tensor:  # type: ignore[override]
-        with torch.enable_grad():
-            xd = x.detach().requires_grad_(True)
+    def forward(ctx: Any, x: Tensor, f: Callable[[Tensor], Tensor], inplace: bool = False,  # type: ignore[override]
+                df: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
+        if df is not None:
+            xd = x.detach()
             y = f(xd)
-            (d,) = torch.autograd.grad(y, xd, torch.ones_like(y))
+            d = df(xd, y)
+        else:
+            with torch.enable_grad():
+                xd = x.detach().requires_grad_(True)
+                y = f(xd)
+                (d,) = torch.autograd.grad(y, xd, _ones(y))
         ctx.save_for_backward(d.clamp_min_(0))
         y = y.detach()
         if inplace:
@@ -226,9 +234,31 @@ class _GuidedActivation(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
         (d,) = ctx.saved_tensors
-        return g.clamp_min(0).mul_(d), None, None
+        return g.clamp_min(0).mul_(d), None, None, None
+
+
+def _ones(t: Tensor) -> Tensor:
+    """Ones shaped like ``t`` without writing them (a broadcast scalar): the seed of a derivative."""
+    return torch.ones((), dtype=t.dtype, device=t.device).expand_as(t)
+
+
+_aten = torch.ops.aten
+
+#: f'(x) of activations by the kernel autograd's own backward of f calls (derivatives.yaml; with
+#: a seed of ones, so the same values as through autograd, without starting its engine once per
+#: activation of each forward): op name -> (x, y = f(x), the call's other args, kwargs) -> f'(x).
+_DERIVATIVES: dict[str, Callable[[Tensor, Tensor, list, dict], Tensor]] = {
+    "silu": lambda x, y, rest, kw: _aten.silu_backward(_ones(x), x),
+    "sigmoid": lambda x, y, rest, kw: _aten.sigmoid_backward(_ones(y), y),
+    "tanh": lambda x, y, rest, kw: _aten.tanh_backward(_ones(y), y),
+    "hardswish": lambda x, y, rest, kw: _aten.hardswish_backward(_ones(x), x),
+    "hardsigmoid": lambda x, y, rest, kw: _aten.hardsigmoid_backward(_ones(x), x),
+    "mish": lambda x, y, rest, kw: _aten.mish_backward(_ones(x), x),
+    "gelu": lambda x, y, rest, kw: _aten.gelu_backward(_ones(x), x, approximate=kw.get(
+        "approximate", rest[0] if rest else "none")),
+}
 
 
 class _HeldSigmaNorm(torch.autograd.Function):
@@ -329,17 +359,20 @@ def _conv_input_grad(g: Tensor, in_size: Sequence[int], weight: Tensor, stride: 
 
 def _box_transpose(g: Tensor, weight: Tensor, runs: list[tuple[tuple[int, int, int, int], ...]],
                    padding: tuple[int, int], dilation: tuple[int, int], groups: int,
-                   in_size: tuple[int, int]) -> Tensor:
+                   in_size: tuple[int, int], boxed: dict[tuple[int, int], Tensor] | None = None) -> Tensor:
     """``conv_transpose2d(resize(g), weight, stride=1)``, computed without the resize.
 
     Where the resize copies each of n consecutive rows r times, the stride-1 transpose of
     the copies is the stride-r transpose of those n rows with the kernel convolved by an
-    r-long box (both sums run over the same products), which is the stride-r transpose with
-    the kernel itself followed by the r-long box sum of its output (the transpose is linear
-    in the kernel, and a kernel shifted by s shifts its output by s): the cost of the plain
-    strided backward (the same ``aten::convolution_backward``) plus r additions per output
-    element. Each (row run, column run) piece is one such transpose, placed at its output
-    offset; the pieces add up (one piece when every row is copied S times).
+    r-long box (both sums run over the same products). The transpose is linear in the kernel
+    and a kernel shifted by s shifts its output by s, so that is also the stride-r transpose
+    with the kernel itself followed by the r-long box sum of its output: the cost of the plain
+    strided backward (the same ``aten::convolution_backward``) plus a few passes over the
+    output. The boxed kernel is used where its extra products are fewer than those passes
+    (:func:`_box_the_kernel`: depthwise and other thin convolutions), kept in ``boxed`` for
+    the later signals of the same forward. Each (row run, column run) piece is one such
+    transpose, placed at its output offset; the pieces add up (one piece when every row is
+    copied S times).
     """
     (ph, pw), (dh, dw) = padding, dilation
     kh, kw = weight.shape[-2:]
@@ -349,9 +382,22 @@ def _box_transpose(g: Tensor, weight: Tensor, runs: list[tuple[tuple[int, int, i
     for b0, nb, rh, oh in runs[0]:
         for c0, nc, rw, ow in runs[1]:
             piece = g if whole else _window(g, b0, nb, c0, nc)
-            z = _conv_input_grad(piece, ((nb - 1) * rh + Mh, (nc - 1) * rw + Mw), weight, (rh, rw), (0, 0),
-                                 (dh, dw), groups)
-            z = _box_sum(_box_sum(z, rh, -2), rw, -1)  # (nb rh + Mh - 1, nc rw + Mw - 1)
+            size = (nb * rh + Mh - 1, nc * rw + Mw - 1)
+            if _box_the_kernel(weight, groups, rh, rw):
+                k = boxed.get((rh, rw)) if boxed is not None else None
+                if k is None:
+                    dense = weight
+                    if (dh, dw) != (1, 1):
+                        dense = weight.new_zeros(*weight.shape[:2], Mh, Mw)
+                        dense[..., ::dh, ::dw] = weight
+                    k = _box_sum(_box_sum(dense, rh, -2), rw, -1)
+                    if boxed is not None:
+                        boxed[(rh, rw)] = k
+                z = _conv_input_grad(piece, size, k, (rh, rw), (0, 0), (1, 1), groups)
+            else:
+                z = _conv_input_grad(piece, ((nb - 1) * rh + Mh, (nc - 1) * rw + Mw), weight, (rh, rw), (0, 0),
+                                     (dh, dw), groups)
+                z = _box_sum(_box_sum(z, rh, -2), rw, -1)
             if whole:  # the whole signal: nb rh + Mh - 1 = in_size + 2 padding
                 return _window(z, ph, in_size[0], pw, in_size[1])
             if out is None:  # rows and columns of the output padded by (ph, pw) on each side
@@ -360,16 +406,26 @@ def _box_transpose(g: Tensor, weight: Tensor, runs: list[tuple[tuple[int, int, i
     return _window(out, ph, in_size[0], pw, in_size[1])
 
 
+def _box_the_kernel(weight: Tensor, groups: int, rh: int, rw: int) -> bool:
+    """Whether the strided transpose with the boxed kernel is cheaper than the box sum of its
+    output: the boxed kernel's extra products per output element, (O / groups) ((kh + rh - 1)
+    (kw + rw - 1) - kh kw) / (rh rw), against about 8 (the box sum's passes, measured on one
+    CPU thread). Depthwise convolutions (O / groups = 1) take the boxed kernel, dense ones the
+    box sum."""
+    kh, kw = weight.shape[-2:]
+    extra = (weight.shape[0] // groups) * ((kh + rh - 1) * (kw + rw - 1) - kh * kw) / (rh * rw)
+    return extra <= float(__import__("os").environ.get("BOXK", "8"))
+
+
 def _box_sum(t: Tensor, r: int, dim: int) -> Tensor:
     """out[i] = sum_{s < r} t[i - s] along ``dim`` (length n + r - 1): the full convolution
-    with an r-long box, as r shifted additions."""
+    with an r-long box, as a padded copy and r - 1 shifted additions."""
     if r == 1:
         return t
     n = t.shape[dim]
-    shape = list(t.shape)
-    shape[dim] = n + r - 1
-    out = t.new_zeros(shape)
-    for s in range(r):
+    pad = [0, 0] * (-dim - 1) + [0, r - 1]
+    out = F.pad(t, pad)
+    for s in range(1, r):
         out.narrow(dim, s, n).add_(t)
     return out
 
@@ -490,7 +546,8 @@ def _conv_transpose(m: Any, g: Tensor, in_size: tuple[int, int], resample: bool,
     size = _stride1_size(in_size, tuple(weight.shape[-2:]), padding, dilation)
     runs = [_replication_runs(b, a) for b, a in zip(g.shape[-2:], size)]
     if len(runs[0]) * len(runs[1]) <= _MAX_BOX_PIECES:
-        return _box_transpose(g, weight, runs, padding, dilation, m.groups, in_size)
+        boxed = cache.setdefault("boxed", {}) if channels is None else None  # sliced weights differ
+        return _box_transpose(g, weight, runs, padding, dilation, m.groups, in_size, boxed)
     return _conv_input_grad(_resize(g, size), in_size, weight, (1, 1), padding, dilation, m.groups)
 
 
@@ -687,7 +744,9 @@ class GuidedActivationRule(OpRule):
         else:
             def f(t: Tensor) -> Tensor:
                 return func(t, *rest, **kw)
-        return _GuidedActivation.apply(x, f, inplace)
+        deriv = _DERIVATIVES.get(_op_key(func))
+        df = None if deriv is None else (lambda xd, y: deriv(xd, y, rest, kw))
+        return _GuidedActivation.apply(x, f, inplace, df)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(inplace_arg={self.inplace_arg})"
@@ -701,12 +760,22 @@ def _map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
     return obj
 
 
+def _collect(obj: Any, out: list[Tensor]) -> None:
+    if isinstance(obj, Tensor):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            _collect(o, out)
+
+
 def _tensors(obj: Any) -> list[Tensor]:
+    """The tensors in ``obj`` (a tensor, nested lists / tuples, or a mapping of them)."""
     out: list[Tensor] = []
-    _map_tensors(obj, out.append)
     if isinstance(obj, Mapping):
         for v in obj.values():
-            _map_tensors(v, out.append)
+            _collect(v, out)
+    else:
+        _collect(obj, out)
     return out
 
 
@@ -889,8 +958,24 @@ class PoolRule(OpRule):
 def _op_key(func: Any) -> str:
     """The name an operation has in a composite: the torch function's name, in-place and
     operator spellings folded (``relu_`` and ``relu``; ``__rmul__``, ``__imul__``, ``mul_``
-    and ``mul``; ``__matmul__`` and ``matmul``)."""
-    name = getattr(func, "__name__", "") or ""
+    and ``mul``; ``__matmul__`` and ``matmul``). Kept per function (it runs for every op of
+    a forward)."""
+    try:
+        return _OP_KEYS[func]
+    except (KeyError, TypeError):
+        pass
+    key = _fold_name(getattr(func, "__name__", "") or "")
+    try:
+        _OP_KEYS[func] = key
+    except TypeError:  # an unhashable callable: not kept
+        pass
+    return key
+
+
+_OP_KEYS: dict[Any, str] = {}
+
+
+def _fold_name(name: str) -> str:
     if name.startswith("__") and name.endswith("__"):
         name = name[2:-2]
         if name[:1] in ("r", "i") and name[1:] in ("mul", "matmul", "add", "sub", "truediv"):
@@ -1091,15 +1176,36 @@ class _Tracer(TorchFunctionMode):
         kwargs = kwargs or {}
         key = _op_key(func)
         rule = self.ops.get(key)
-        ruled = rule is not None and torch.is_grad_enabled()
-        vouch = ruled and bool(getattr(rule, "vouches", False))
-        stop = {t.grad_fn for t in _tensors(args) + _tensors(kwargs)} if torch.is_grad_enabled() else set()
+        grad = torch.is_grad_enabled()
+        ruled = rule is not None and grad
+        if grad:
+            stop = {t.grad_fn for t in _tensors(args)}
+            if kwargs:
+                stop.update(t.grad_fn for t in _tensors(kwargs))
         out = rule(func, args, kwargs, self) if ruled else func(*args, **kwargs)
         if key in self.gate_producers or (key in _GATE_KEEPERS and args and self.is_gate(args[0])):
             self._mark_gate(out)
-        if torch.is_grad_enabled():
+        if grad:
+            vouch = ruled and bool(getattr(rule, "vouches", False))
             self._record(out, stop, key if ruled else getattr(func, "__name__", str(func)), vouch)
         return out
+
+
+def _only_calls_children(module: nn.Module) -> bool:
+    """An ``nn.Sequential`` (or a subclass keeping its forward, e.g. torchvision's
+    ``Conv2dNormActivation``): its forward calls its children and no torch function, so no
+    operation is attributed to it and it needs no hooks (a Python call less per module)."""
+    return type(module).forward is nn.Sequential.forward
+
+
+def _output_module(modules: Mapping[str, nn.Module], name: str) -> str:
+    """The module whose output is the output of module ``name``: itself, or for an
+    ``nn.Sequential`` (:func:`_only_calls_children`) that of its last child."""
+    module = modules.get(name)
+    while module is not None and _only_calls_children(module) and len(module) > 0:
+        name = f"{name}.{list(module._modules)[-1]}" if name else list(module._modules)[-1]
+        module = modules.get(name)
+    return name
 
 
 @contextlib.contextmanager
@@ -1135,8 +1241,9 @@ def applied_rules(model: nn.Module, *, resample: bool = True, composite: Composi
                         had = "forward" in module.__dict__
                         patched.append((module, had, module.__dict__.get("forward")))
                         module.forward = fwd  # instance attribute shadows the class method
-                handles.append(module.register_forward_pre_hook(tracer.enter(name)))
-                handles.append(module.register_forward_hook(tracer.leave))
+                if not _only_calls_children(module):  # its ops are attributed to it
+                    handles.append(module.register_forward_pre_hook(tracer.enter(name)))
+                    handles.append(module.register_forward_hook(tracer.leave))
             with tracer:
                 yield model
         finally:
@@ -1286,7 +1393,8 @@ class RecordedForward:
         self.composite = as_composite(composite)
         self.modules = dict(model.named_modules())
         self.tracer = _Tracer(self.composite, resample, self.modules)
-        self.tracer.seed_layers = set(self.layers)
+        # a conv whose output is a seed keeps its Function (its seed's zero channels left out)
+        self.tracer.seed_layers = {_output_module(self.modules, n) for n in self.layers}
         self.x_leaf = x.detach().requires_grad_(True)
         self.outputs: dict[str, tuple[Tensor, int]] = {}
         self.checked: set[str] = set()

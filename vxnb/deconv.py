@@ -378,6 +378,8 @@ def _box_transpose(g: Tensor, weight: Tensor, runs: list[tuple[tuple[int, int, i
     kh, kw = weight.shape[-2:]
     Mh, Mw = dh * (kh - 1) + 1, dw * (kw - 1) + 1
     whole = len(runs[0]) == 1 and len(runs[1]) == 1
+    if not whole and groups == 1:
+        return _folded_pieces(g, weight, runs, padding, dilation, in_size)
     out = None
     for b0, nb, rh, oh in runs[0]:
         for c0, nc, rw, ow in runs[1]:
@@ -403,6 +405,29 @@ def _box_transpose(g: Tensor, weight: Tensor, runs: list[tuple[tuple[int, int, i
             if out is None:  # rows and columns of the output padded by (ph, pw) on each side
                 out = z.new_zeros(*z.shape[:-2], in_size[0] + 2 * ph, in_size[1] + 2 * pw)
             _window(out, oh, z.shape[-2], ow, z.shape[-1]).add_(z)
+    return _window(out, ph, in_size[0], pw, in_size[1])
+
+
+def _folded_pieces(g: Tensor, weight: Tensor, runs: list[tuple[tuple[int, int, int, int], ...]],
+                   padding: tuple[int, int], dilation: tuple[int, int], in_size: tuple[int, int]) -> Tensor:
+    """:func:`_box_transpose` of a signal the resize splits into several pieces (ConvNeXt's
+    2x2 stride-2 downsampling from 28 to 55 rows, patch embeddings): the channel products of
+    every kernel tap for the whole signal in one product, W^T g (the weight read once: a
+    transpose per piece reads it once per piece, which costs more than the products where
+    pieces are small), then each piece's columns folded at its stride (``F.fold``, col2im),
+    box-summed and placed at its offset. The same sums as the transpose of each piece."""
+    (ph, pw), (dh, dw) = padding, dilation
+    O, C, kh, kw = weight.shape
+    Mh, Mw = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    N = g.shape[0]
+    z = _conv_input_grad(g, g.shape[-2:], weight.reshape(O, C * kh * kw, 1, 1), (1, 1), (0, 0), (1, 1), 1)
+    out = z.new_zeros(N, C, in_size[0] + 2 * ph, in_size[1] + 2 * pw)
+    for b0, nb, rh, oh in runs[0]:
+        for c0, nc, rw, ow in runs[1]:
+            cols = _window(z, b0, nb, c0, nc).reshape(N, C * kh * kw, nb * nc)
+            y = F.fold(cols, ((nb - 1) * rh + Mh, (nc - 1) * rw + Mw), (kh, kw), dilation=(dh, dw), stride=(rh, rw))
+            y = _box_sum(_box_sum(y, rh, -2), rw, -1)
+            _window(out, oh, y.shape[-2], ow, y.shape[-1]).add_(y)
     return _window(out, ph, in_size[0], pw, in_size[1])
 
 

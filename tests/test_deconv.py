@@ -793,3 +793,96 @@ def test_non_finite_values_show_on_the_fast_path_as_before(where):
     assert not torch.isfinite(reference_visualize(model, x, layer, chans)).all()
     with pytest.raises(ValueError, match="NaN"):
         visualize(model, x, layer, chans)
+
+
+# --------------------------------------------------------------------------------------
+# issue 25 item 6 (speed): every conv transpose is aten's own input gradient; a resampled
+# strided conv is the strided transpose with its output box-summed (dense), with the boxed
+# kernel (thin / depthwise), or, where the resize splits into pieces, one W^T g folded per
+# piece -- each equal to the definition, conv_transpose2d(interpolate(g, nearest), stride 1)
+# --------------------------------------------------------------------------------------
+
+def _definition(g, conv, in_size):
+    """The paper's resampled transpose as written: resize, then the stride-1 transpose."""
+    k = conv.weight.shape[-2:]
+    p, d = conv.padding, conv.dilation
+    size = tuple(a + 2 * pp - (dd * (kk - 1) + 1) + 1 for a, kk, pp, dd in zip(in_size, k, p, d))
+    return F.conv_transpose2d(F.interpolate(g, size=size, mode="nearest"), conv.weight, None, stride=1,
+                              padding=p, dilation=d, groups=conv.groups)
+
+
+@pytest.mark.parametrize("cin,cout,kernel,stride,padding,dilation,groups,size", [
+    (8, 12, 3, 2, 1, 1, 1, (16, 14)),     # ResNet's 3x3 stride 2: one piece, output box-summed
+    (8, 12, 3, 2, 1, 1, 1, (17, 13)),     # uneven rows: pieces, one W^T g folded per piece
+    (3, 16, 4, 4, 0, 1, 1, (32, 30)),     # ConvNeXt's / Swin's patchify stem: pieces
+    (16, 32, 2, 2, 0, 1, 1, (14, 14)),    # ConvNeXt's 2x2 downsampling, 14 -> 7 (7 -> 13: pieces)
+    (3, 8, 7, 2, 3, 1, 1, (20, 22)),      # ResNet's stem
+    (3, 8, 16, 16, 0, 1, 1, (48, 48)),    # ViT's patch embedding (48 -> 3 -> 33: pieces)
+    (8, 8, 5, 2, 2, 1, 8, (28, 28)),      # EfficientNet's strided depthwise 5x5: boxed kernel
+    (8, 8, 3, 2, 1, 1, 8, (27, 29)),      # depthwise, uneven: boxed kernels per piece
+    (8, 12, 3, 2, 2, 2, 2, (19, 18)),     # dilated, grouped
+    (8, 12, 3, 3, 1, 1, 4, (20, 25)),
+])
+def test_resampled_conv_transpose_equals_its_definition(cin, cout, kernel, stride, padding, dilation, groups, size):
+    from vxnb.deconv import _conv_transpose
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups).double()
+    x = torch.rand(2, cin, *size, dtype=torch.float64)
+    g = torch.randn_like(conv(x))
+    want = _definition(g, conv, size)
+    got = _conv_transpose(conv, g, size, True, {})
+    assert got.shape == want.shape == x.shape
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    # float32: to float32 rounding of the same sums
+    got32 = _conv_transpose(conv.float(), g.float(), size, True, {})
+    assert (got32.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("n_in,n_out", [(7, 14), (28, 56), (5, 15), (7, 13), (56, 221), (4, 4)])
+def test_resize_equals_interpolate(n_in, n_out):
+    """The broadcast copy of a resize by a whole factor = F.interpolate's nearest neighbour."""
+    from vxnb.deconv import _resize
+
+    g = torch.randn(2, 3, n_in, n_in + 1)
+    size = (n_out, (n_in + 1) * max(1, n_out // n_in))
+    torch.testing.assert_close(_resize(g, size), F.interpolate(g, size=size, mode="nearest"), atol=0, rtol=0)
+
+
+def test_guided_relu_backward_is_max_of_the_signal_where_the_input_is_positive():
+    """The rule's backward (autograd's threshold_backward on the kept output, then max(., 0)),
+    written out: max(g, 0) * 1[x > 0], in place or not."""
+    from vxnb.deconv import _GuidedReLU
+
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    g = torch.randn_like(x)
+    want = g.clamp_min(0) * (x > 0).double()
+    for inplace in (False, True):
+        xl = x.clone().requires_grad_(True)
+        y = _GuidedReLU.apply(xl * 1.0, inplace)
+        torch.testing.assert_close(y, x.clamp_min(0), atol=0, rtol=0)
+        (got,) = torch.autograd.grad(y, xl, g)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch,layer", [("convnext_tiny", "features.3"), ("efficientnet_b0", "features.4"),
+                                        ("vit_b_16", "encoder.layers.encoder_layer_0")])
+def test_fast_resampled_paths_equal_the_resize_path_on_modern_models(arch, layer, monkeypatch):
+    """ConvNeXt's patchify stem and downsampling (uneven pieces: folded), EfficientNet's strided
+    depthwise convs (boxed kernels), ViT's patch embedding: the maps equal those of the plain
+    resize + stride-1 transpose (``_MAX_BOX_PIECES = 0``), to 1e-6 of their scale."""
+    import vxnb.deconv as deconv
+    from vxnb.features.hooks import layout
+
+    torch.manual_seed(0)
+    kw = {"image_size": 48} if arch == "vit_b_16" else {}
+    model = getattr(torchvision.models, arch)(num_classes=10, **kw).double().eval()
+    x = torch.rand(1, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    kind, prefix = layout(model, layer)
+    lay = ("last", prefix) if kind in ("last", "tokens?") else None
+    fast = visualize(model, x, layer, [0, 5], layout=lay)
+    monkeypatch.setattr(deconv, "_MAX_BOX_PIECES", 0)
+    slow = visualize(model, x, layer, [0, 5], layout=lay)
+    scale = slow.abs().max()
+    assert scale > 0
+    assert (fast - slow).abs().max() <= 1e-6 * scale

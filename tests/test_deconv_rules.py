@@ -416,3 +416,21 @@ def test_swin_patch_merging_is_resampled_as_a_2x2_stride_2_convolution():
     xi = torch.rand(1, 3, 12, 12, dtype=torch.float64)
     res, plain = visualize(model, xi, "conv2", [0, 2]), visualize(model, xi, "conv2", [0, 2], resample=False)
     assert (res - plain).abs().max() > 1e-3 * plain.abs().max()
+
+
+@pytest.mark.parametrize("name,f", [("silu", F.silu), ("sigmoid", torch.sigmoid), ("tanh", torch.tanh),
+                                    ("hardswish", F.hardswish), ("hardsigmoid", F.hardsigmoid), ("mish", F.mish),
+                                    ("gelu", F.gelu), ("gelu tanh", lambda t: F.gelu(t, approximate="tanh"))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_activation_derivative_kernels_equal_autograd(name, f, dtype):
+    """The activation rule's f'(x) is read from the kernel autograd's own backward calls (no
+    engine run per activation): bit for bit what autograd gives with a seed of ones."""
+    from vxnb.deconv import _DERIVATIVES
+
+    x = torch.randn(2, 3, 7, 5, dtype=dtype, generator=torch.Generator().manual_seed(0)) * 4
+    xl = x.clone().requires_grad_(True)
+    y = f(xl)
+    (want,) = torch.autograd.grad(y, xl, torch.ones_like(y))
+    kw = {"approximate": "tanh"} if name == "gelu tanh" else {}
+    got = _DERIVATIVES[name.split()[0]](x, y.detach(), [], kw)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)

@@ -42,7 +42,8 @@ The default rules, each with its source:
   (nearest neighbour) to A + 2O - M_eff + 1 and passed through the stride-1 transpose (same
   padding, dilation, groups): exactly A x A again, also when the forward rounded. Computed
   without the resize: rows the resize copies r times go through one stride-r transpose with
-  the kernel convolved by an r x r box (the same sums; see ``_box_transpose``).
+  the kernel convolved by an r x r box, which is the plain stride-r transpose with its output
+  box-summed (the same sums; see ``_box_transpose``).
 - **Swin's patch merging** (a 2x2 stride-2 space-to-depth selection before its norm and
   linear reduction): resampled the same way (:class:`PatchMergingRule`).
 - **max_pool2d** (module or functional, e.g. Inception-v3's ``F.max_pool2d(x, 3, 2)``): the
@@ -61,12 +62,21 @@ operation without a rule (upsampling, a softmax that is not a gate, ...), the pr
 signals neither of which is a gate, and -- with ``resample=True`` -- a strided operation no
 rule resamples. This is checked on the autograd graph of each call (see :func:`visualize`).
 
-Speed (issue 16): stride-1 transposes run as ``conv2d`` with the flipped, channel-swapped
-weight (flipped once per forward, so a model changed in place is never served stale weights);
-the first transpose at a conv seed uses only the seed's non-zero channel; the resampled
-max-pool's stride-1 switches are found once per forward (on a channels-last copy: the same
-maxima and switches, faster); the K signals reuse one recorded forward
-(:class:`RecordedForward`), which ``vxnb.explanations.explain`` shares with its prediction.
+Speed (issues 16 and 25): ``explain()`` costs about what one forward plus K plain autograd
+backwards cost (``benchmarks/bench_deconv.py --only latency``). A convolution that is not
+resampled keeps autograd's own backward (its transpose), except at a conv seed, whose
+transpose uses only the seed's non-zero channels; every other transpose is autograd's own input
+gradient (``aten::convolution_backward``), so no weight is copied per forward. A resampled
+strided conv is the plain strided transpose with its output box-summed (dense kernels), or
+with the boxed kernel (depthwise ones); where the resize splits the signal into pieces (a
+patchify conv: 28 -> 55 rows), the channel products of all kernel taps are one product W^T g
+and each piece is folded at its stride. Guided ReLU's backward is autograd's
+``threshold_backward`` then max(., 0); an activation's f'(x) comes from the kernel autograd
+itself calls (no engine run per activation); a resize by a whole factor is one broadcast copy;
+``nn.Sequential`` containers get no hooks. The resampled max-pool's stride-1 switches are
+found once per forward (on a channels-last copy: the same maxima and switches, faster); the K
+signals reuse one recorded forward (:class:`RecordedForward`), which
+``vxnb.explanations.explain`` shares with its prediction.
 The plain implementation these are tested against lives in ``tests/deconv_reference.py``.
 """
 from __future__ import annotations
@@ -439,7 +449,7 @@ def _box_the_kernel(weight: Tensor, groups: int, rh: int, rw: int) -> bool:
     box sum."""
     kh, kw = weight.shape[-2:]
     extra = (weight.shape[0] // groups) * ((kh + rh - 1) * (kw + rw - 1) - kh * kw) / (rh * rw)
-    return extra <= float(__import__("os").environ.get("BOXK", "8"))
+    return extra <= 8
 
 
 def _box_sum(t: Tensor, r: int, dim: int) -> Tensor:

@@ -48,6 +48,7 @@ __all__ = [
     "train_model",
     "plateau_reached",
     "FOLD_RECIPE",
+    "MNIST_RECIPE",
     "predict",
     "accuracy",
     "per_class_accuracy",
@@ -233,6 +234,9 @@ DEFAULT_EPOCHS: dict[str, tuple[int, int]] = {"mnist": (12, 8), "an8flower": (5,
 #: at 0.5× the CPU time, but the blocks split's fold 0 fell to 91.4 % test accuracy with its
 #: validation set at 100 %, so it is not the default. The quick (CI) setting ignores it.
 FOLD_RECIPE: dict[str, Any] = {}
+#: Extra :func:`train_model` arguments of the MNIST reference model in the full setting
+#: (``MnistSpec.train_options``), all of them in the checkpoint key; the quick setting ignores it.
+MNIST_RECIPE: dict[str, Any] = {}
 
 
 def default_epochs(dataset: str, quick: bool = False) -> int:

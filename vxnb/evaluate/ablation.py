@@ -251,7 +251,13 @@ def _shared_prefix_forward(children: list[tuple[str, nn.Module]], ablator: Any, 
     while stack:
         i, h, key, cids = stack.pop()
         ablator.set(sorted(key))
-        out = children[i][1](h)
+        child = children[i][1]
+        if isinstance(child, nn.MaxPool2d) and isinstance(h, torch.Tensor) and h.dim() == 4:
+            # the same maxima, read in half the time or less from channels-last memory (the layout
+            # of the output is restored, so the next layers compute exactly as before)
+            out = child(h.contiguous(memory_format=torch.channels_last)).contiguous()
+        else:
+            out = child(h)
         if i + 1 == len(children):
             for c in cids:
                 outputs[c] = out

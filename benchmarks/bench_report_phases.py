@@ -132,14 +132,20 @@ def notebook02(args, cfg: runs.RunConfig, name: str) -> None:
                                  mus=(0.1, 0.5, 1, 2, 5, 10, 20, 50), progress=False)
 
 
+def run_inputs(cfg: runs.RunConfig):
+    """What notebooks 03 and 04 start from (read back from the store): data, model, training
+    features, μ-lasso path."""
+    data = runs.load_data(cfg, progress=False)
+    model, _ = runs.get_model(cfg, data=data, progress=False)
+    feats = runs.get_features(cfg, model, "train", data=data, progress=False)
+    return data, model, feats, runs.get_lasso_path(cfg, feats)
+
+
 def notebook03(args, cfg: runs.RunConfig, name: str) -> None:
     from vxnb import averages, interpret, relevance
 
     p = args.profile
-    train, test, classes = data = runs.load_data(cfg, progress=False)
-    model, _ = runs.get_model(cfg, data=data, progress=False)
-    feats = runs.get_features(cfg, model, "train", data=data, progress=False)
-    path = runs.get_lasso_path(cfg, feats)
+    (train, test, classes), model, feats, path = run_inputs(cfg)
     rel = relevance.relevant_features(path.coef(10.0), feats.columns, classes)
     with phase("03", name, "top patches", p):
         top = interpret.top_patch_table(model, train, rel, k=100, cache_dir=runs.run_dir(cfg),
@@ -159,10 +165,7 @@ def notebook04(args, cfg: runs.RunConfig, name: str) -> None:
     from vxnb.data import dataset_labels
 
     p = args.profile
-    train, test, classes = data = runs.load_data(cfg, progress=False)
-    model, _ = runs.get_model(cfg, data=data, progress=False)
-    feats = runs.get_features(cfg, model, "train", data=data, progress=False)
-    path = runs.get_lasso_path(cfg, feats)
+    (train, test, classes), model, feats, path = run_inputs(cfg)
     rel = Relevance.from_path(path, feats, 10.0, classes)
     labels = dataset_labels(test)
     images = [int(i) for c in range(len(classes)) for i in np.flatnonzero(labels == c)[:2]]
@@ -173,6 +176,43 @@ def notebook04(args, cfg: runs.RunConfig, name: str) -> None:
     with phase("04", name, "explanations", p):
         for idx in images:
             explain(model, rel, test[idx][0], k=5)
+    offline_panels04(args, name, model, test, classes, feats, path, rel)
+
+
+def offline_panels04(args, name, model, test, classes, feats, path, rel) -> None:
+    """Notebook 04's two offline panels (the report's kernel-free widgets), as its cells build them."""
+    import numpy as np
+
+    from vxnb import Relevance, explain, explanations, plots, widgets
+    from vxnb.data import dataset_labels
+
+    layer_names = list(feats.layers)
+    layer_meta = feats.columns.drop_duplicates("layer").set_index("layer")
+    widths = feats.columns.groupby("layer", sort=False).size()
+
+    def explore(index, layer, channel):
+        lname = layer_names[layer]
+        one = pd.DataFrame([dict(column=lname, layer=lname, channel=channel % int(widths[lname]),
+                                 layer_number=int(layer_meta.loc[lname, "layer_number"]),
+                                 kind=layer_meta.loc[lname, "kind"])])
+        cmp = explanations.compare_methods(model, test[index][0], one, methods=("Deconv+GB", "ours (resampled)"))
+        return plots.method_comparison(cmp, transpose=True, size=200)
+
+    labels = dataset_labels(test)
+    by_class = [np.flatnonzero(labels == c) for c in range(len(classes))]
+
+    def explain_one(cls, i, mu):
+        idx = int(by_class[cls][i % len(by_class[cls])])
+        image = test[idx][0]
+        e = explain(model, Relevance.from_path(path, feats, mu, classes), image, k=5)
+        return plots.explanation_panel(image, e, classes, show_combined=True)
+
+    with phase("04", name, "offline panel explore", args.profile):
+        widgets.offline_frames(explore, fixed=dict(index=0), layer=widgets.class_picker(layer_names, 0, "layer"),
+                               channel=list(range(8)), progress=False)
+    with phase("04", name, "offline panel explain", args.profile):
+        widgets.offline_frames(explain_one, fixed=dict(mu=10.0), cls=widgets.class_picker(classes), i=list(range(5)),
+                               progress=False)
 
 
 def notebook06(args, cfg: runs.RunConfig, name: str) -> None:

@@ -168,20 +168,7 @@ def ablation_curve(model: nn.Module, data: Any, features_all: Any, features_only
                     first = False
                 outputs = (_shared_prefix_forward(children, ablator, x, config_pairs) if children is not None
                            else _each_forward(model, ablator, x, config_pairs))
-                for cid, out in enumerate(outputs):
-                    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-                        raise ValueError(f"model: expected (B, C) logits, got {describe(out)}")
-                    if correct is None:
-                        n_cls = out.shape[1]
-                        correct = np.zeros((len(config_pairs), n_cls), dtype=np.int64)
-                        total = np.zeros(n_cls, dtype=np.int64)
-                    if cid == 0 and int(labels.max()) >= correct.shape[1]:
-                        raise ValueError(f"data: label {int(labels.max())} out of range for a model with "
-                                         f"{correct.shape[1]} outputs")
-                    pred = out.argmax(dim=1).cpu()
-                    hit = labels[pred == labels]
-                    correct[cid] += np.bincount(hit.numpy(), minlength=correct.shape[1])
-                total += np.bincount(labels.numpy(), minlength=correct.shape[1])
+                correct, total = _count_hits(outputs, labels, correct, total)
                 bar.update(1)
         finally:
             bar.close()
@@ -189,6 +176,25 @@ def ablation_curve(model: nn.Module, data: Any, features_all: Any, features_only
         raise ValueError("data: no images")
     mca = np.array([mean_class_accuracy_from_counts(correct[c], total) for c in range(len(config_pairs))])
     return _curve_frame(plan, mca, n_random, seed, hooked)
+
+
+def _count_hits(outputs: list[Any], labels: torch.Tensor, correct: np.ndarray | None,
+                total: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Add one batch's correct predictions per (configuration, class) and its images per class
+    (the count arrays are made at the first batch, sized by the model's outputs)."""
+    for cid, out in enumerate(outputs):
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            raise ValueError(f"model: expected (B, C) logits, got {describe(out)}")
+        if correct is None:
+            correct = np.zeros((len(outputs), out.shape[1]), dtype=np.int64)
+            total = np.zeros(out.shape[1], dtype=np.int64)
+        if cid == 0 and int(labels.max()) >= correct.shape[1]:
+            raise ValueError(f"data: label {int(labels.max())} out of range for a model with "
+                             f"{correct.shape[1]} outputs")
+        pred = out.argmax(dim=1).cpu()
+        correct[cid] += np.bincount(labels[pred == labels].numpy(), minlength=correct.shape[1])
+    total += np.bincount(labels.numpy(), minlength=correct.shape[1])
+    return correct, total
 
 
 def _sequential_children(model: nn.Module, hooked: list[str], shared_prefix: Any) -> list[tuple[str, nn.Module]] | None:

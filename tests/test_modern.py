@@ -64,6 +64,9 @@ def test_recipes_reach_the_model_and_the_key(tmp_path):
     assert bn and set(bn) == {0.1}
     assert {m.momentum for m in modern.modern_model("mobilenet_v3_small", 6, 32).modules()
             if isinstance(m, torch.nn.BatchNorm2d)} == {0.01}  # torchvision's, which the recipe replaces
+    scales = [p for n, p in modern.modern_model("convnext", 6, 32, layer_scale=0.1).named_parameters()
+              if n.endswith("layer_scale")]
+    assert len(scales) == 2 and all(torch.all(p == 0.1) for p in scales)
     cfg, _ = _fake_fold(tmp_path)
     keys = {modern.modern_model_key(cfg, "vit", modern.modern_recipe("vit", overrides={k: v}), 6)
             for k, v in [("lr", 1e-3), ("lr", 2e-3), ("epochs", 2), ("augment", True), ("weight_decay", 0.1)]}
@@ -113,6 +116,8 @@ def test_bad_input():
         modern.modern_recipe("vit", overrides={"momentum": 0.9})
     with pytest.raises(ValueError, match=r"bn_momentum: expected a number in \(0, 1\] or None, got 0"):
         modern.modern_model("mobilenet_v3_small", 6, 32, bn_momentum=0)
+    with pytest.raises(ValueError, match="layer_scale: expected a positive number for the convnext"):
+        modern.modern_model("vit", 6, 32, layer_scale=0.1)
     with pytest.raises(TypeError, match="cfg: expected a vxnb.studies.runs.RunConfig"):
         modern.get_modern_model({}, "vit")
     with pytest.raises(ValueError, match="df: expected the DataFrame of modern_benchmark"):
@@ -131,8 +136,8 @@ def test_tiny_vit_run_scores_every_row_and_each_layer_choice(tmp_path):
     df = modern.modern_benchmark(**opts)
     assert list(df["arch"] + "/" + df["method"]) == [f"vit/{r}" for r in modern.modern_rows("vit")] + [
         "vit:blocks/ours", "vit:mlp/ours"]
-    # m: conv_proj + encoder (64 + 64), four blocks of width 64, four MLPs of 128 hidden units
-    assert df.groupby("arch", sort=False)["m"].first().to_dict() == {"vit": 128, "vit:blocks": 256, "vit:mlp": 512}
+    # m: conv_proj + four blocks (64 + 4 × 64; the default), four blocks of width 64, four MLPs of 128 hidden units
+    assert df.groupby("arch", sort=False)["m"].first().to_dict() == {"vit": 320, "vit:blocks": 256, "vit:mlp": 512}
     assert df["iou_auc"].between(0, 100).all() and df["iou_auc"].gt(0).all()
     assert df["pointing_game"].between(0, 1).all() and (df["errors"] == "").all()
     table = modern.modern_table(df)

@@ -24,10 +24,13 @@ import time
 import pandas as pd
 import torch
 
+from vxnb.utils import atomic_path
 from vxnb.studies.modern import MODERN_ARCHS, modern_benchmark, modern_table, modern_times
 
-#: The ViT layer choices of issue 25 item 4: every block's output against every MLP's hidden units.
-VIT_LAYER_CHOICES = {"vit:blocks": "encoder.layers.*", "vit:mlp_hidden": "encoder.layers.*.mlp.1"}
+#: The ViT layer choices of issue 25 item 4: every block's output against every MLP's hidden units,
+#: and the default before the measurement (the patch embedding and the encoder's normalised output).
+VIT_LAYER_CHOICES = {"vit:blocks": "encoder.layers.*", "vit:mlp_hidden": "encoder.layers.*.mlp.1",
+                     "vit:encoder_out": ["conv_proj", "encoder"]}
 
 
 def main() -> None:
@@ -40,9 +43,19 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=120, help="evaluated test images per fold")
     ap.add_argument("--data-root", default=None, help="an8Flower cache (default: a temporary folder)")
     ap.add_argument("--runs-root", default=None, help="run folders holding the stored models (default: a temporary folder)")
+    ap.add_argument("--csv", default=None, help="also write every row (arch, fold, method) to this CSV file")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="CSV",
+                    help="print the tables of CSV files written by --csv (folds run apart) and train nothing")
     ap.add_argument("--vit-layers", action="store_true",
                     help="also score Ours on the same ViT described by its block outputs and by its MLP hidden units")
     args = ap.parse_args()
+    pd.set_option("display.width", 200)
+    if args.merge:
+        df = pd.concat([pd.read_csv(f, keep_default_na=False, na_values=[""]) for f in args.merge], ignore_index=True)
+        print(f"merged {len(args.merge)} files: folds {sorted(df['fold'].unique().tolist())}")
+        print(modern_times(df).round(3).to_string())
+        print(modern_table(df).round(3).to_string())
+        return
     with tempfile.TemporaryDirectory(prefix="vxnb-modern-") as tmp:
         t0 = time.perf_counter()
         df = modern_benchmark(archs=args.archs, folds=args.folds, size=args.size, epochs=args.epochs,
@@ -50,7 +63,9 @@ def main() -> None:
                               data_root=args.data_root or f"{tmp}/data", runs_root=args.runs_root or f"{tmp}/runs",
                               layers=VIT_LAYER_CHOICES if args.vit_layers else None)
         total = time.perf_counter() - t0
-    pd.set_option("display.width", 200)
+    if args.csv:
+        with atomic_path(args.csv) as tmp:
+            df.to_csv(tmp, index=False)
     print(f"an8Flower single-6c (blocks), folds {args.folds}, size {args.size}, epochs {args.epochs}, "
           f"train_limit {args.train_limit}, {args.images} test images per fold; {total:.0f} s in all")
     print(f"torch threads: {torch.get_num_threads()}")

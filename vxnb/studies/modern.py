@@ -196,7 +196,7 @@ def get_modern_model(cfg: Any, arch: str, recipe: Mapping[str, Any] | None = Non
 def modern_rows(arch: str) -> tuple[str, ...]:
     """The rows that apply to ``arch``: AttnLRP for the ViT only; Upsam. Act. for the CNNs only
     (drawn on a token layer its maps are constant today — IoU area 0.03 %, every map refused by
-    Quantus on three folds —, because the upsampled-activation drawing does not put the patch
+    Quantus on five folds —, because the upsampled-activation drawing does not put the patch
     tokens on their grid)."""
     if arch not in MODERN_ARCHS:
         raise ValueError(f"arch: expected one of {', '.join(MODERN_ARCHS)}, got {arch!r}")

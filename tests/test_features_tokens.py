@@ -173,3 +173,17 @@ def test_extract_features_on_a_vit_streams_the_token_features():
     X = feats.X.astype(np.float64)
     np.testing.assert_allclose(X, descriptors(model, data.tensors[0], layers).double().numpy(), rtol=1e-6)
     np.testing.assert_allclose(feats.G, X.T @ X, rtol=1e-10, atol=1e-12)
+
+
+def test_vit_default_layers_are_the_patch_embedding_and_the_block_outputs():
+    """The encoder's position-embedding addition is no skip connection: the default layers of a
+    ViT are its encoder blocks (each adds its own skip), as a ResNet's are its residual blocks."""
+    from vxnb._graph import residual_blocks
+    from vxnb.features import default_layers
+
+    model = vit()
+    blocks = ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1"]
+    assert residual_blocks(model) == blocks
+    assert default_layers(model) == ["conv_proj", *blocks]
+    x = torch.rand(2, 3, 32, 32)
+    assert descriptors(model, x, default_layers(model)).shape == (2, 16 + 16 + 16)

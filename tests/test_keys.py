@@ -272,7 +272,7 @@ NOTEBOOK_PARAMETER_KEYS = {
     "n_random": None, "also_mnist": None, "crop_size": None, "n_per_class": None, "n_images": None,
     "diagnose_mus": None,
     "leaderboard_images": "score_callable's n_images (the key of each method's fold scores)",
-    "modern_epochs": None,  # the modern models of notebook 05 are trained per call, not stored
+    "modern_epochs": "the stored modern models' key (recipe epochs; tests/test_modern.py)",
     "extended_studies": None,  # which of notebook 05's cells run, nothing cached
 }
 

@@ -207,10 +207,11 @@ def test_memory_check_prints_m_and_refuses_naming_layers(capsys):
 
 
 
-@pytest.mark.parametrize("arch, side, expected", [("vit_b_16", 224, 768 + 768)])
+@pytest.mark.parametrize("arch, side, expected", [("vit_b_16", 224, 768 + 12 * 768)])
 def test_memory_check_names_m_for_vit_b16_default_layers(arch, side, expected, capsys):
-    """m of ViT-B/16's default layers at 224 px is D per token layer (the norm is over the patch
-    tokens), not the token count: the meta-device count equals the widths of a real extraction."""
+    """m of ViT-B/16's default layers (the patch embedding and the 12 block outputs) at 224 px is
+    D per token layer (the norm is over the patch tokens), not the token count: the meta-device
+    count equals the widths of a real extraction."""
     model = getattr(torchvision.models, arch)(num_classes=4)
     layers = features.default_layers(model)
     m = runs.feature_count(model, layers, (3, side, side))

@@ -197,7 +197,8 @@ _ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
 
 
 def _adds_a_skip(module: nn.Module) -> bool:
-    """Whether the module's own forward adds two tensors (a skip connection)."""
+    """Whether the module's own forward adds two computed tensors (a skip connection); adding one
+    of the module's own parameters or buffers (a ViT encoder's position embedding) is not one."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -206,7 +207,8 @@ def _adds_a_skip(module: nn.Module) -> bool:
         return False
     for node in graph.nodes:
         if node.op in ("call_function", "call_method") and node.target in _ADD:
-            if sum(isinstance(a, torch.fx.Node) for a in node.args[:2]) == 2:
+            operands = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
+            if len(operands) == 2 and not any(a.op == "get_attr" for a in operands):
                 return True
     return False
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _store
-from . import benchmark, sanity_study  # noqa: F401  (importing a study registers its artifact kinds)
+from . import benchmark, modern, sanity_study  # noqa: F401  (importing a study registers its artifact kinds)
 from .runs import RunConfig, artifact_versions, data_ok
 
 __all__ = ["gc", "current_versions", "main"]

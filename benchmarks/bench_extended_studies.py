@@ -15,9 +15,10 @@ five folds, seed 0, μ = 10, k = 5. Phases, in order, each timed on its own:
   ``--n-images`` per fold, the fast judge).
 
 After the first pass every study runs again (``second run``): all of it is read back from the
-store. Each phase prints its seconds, the ratio to the ``table1`` phase of the same run (the
-reference), and the store's events of that phase per artifact kind (``computed``/``loaded``):
-a study that retrained a fold model Table 1 has would show ``checkpoint: 1 computed``.
+store. Each phase prints its seconds (wall, and this process's CPU seconds: the less noisy
+figure on a shared machine), the ratio to the ``table1`` phase of the same run (the reference),
+and the store's events of that phase per artifact kind (``computed``/``loaded``): a study that
+retrained a fold model Table 1 has would show ``checkpoint: 1 computed``.
 
     python benchmarks/bench_extended_studies.py --home /tmp/x                 # the full setting
     python benchmarks/bench_extended_studies.py --home /tmp/x --folds 0 1     # two folds
@@ -71,15 +72,18 @@ def main() -> None:
     folds = tuple(args.folds)
     pd.set_option("display.width", 200)
     times: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # CPU seconds of this process (all threads): less noisy than wall on a shared machine
 
     def phase(name: str, fn):
         t0_wall = time.time()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         times[name] = time.perf_counter() - t0
+        cpu[name] = time.process_time() - c0
         ref = times.get("table1")
-        ratio = f"  {times[name] / ref:5.2f} x table1" if ref else ""
-        print(f"[{name}] {times[name]:7.1f} s{ratio}   store: {store_events(cfg.runs_dir, t0_wall)}", flush=True)
+        ratio = f"  {times[name] / ref:5.2f} x table1 (CPU {cpu[name] / cpu['table1']:5.2f} x)" if ref else ""
+        print(f"[{name}] {times[name]:7.1f} s wall, {cpu[name]:7.1f} s CPU{ratio}   "
+              f"store: {store_events(cfg.runs_dir, t0_wall)}", flush=True)
         return out
 
     def table1():
@@ -125,6 +129,10 @@ def main() -> None:
                 "randomisation_spearman", "random_logit_ssim", "n_images", "n_failed"]
         print(f"\nleaderboard ({board.attrs['file']}):")
         print(board[[c for c in cols if c in board]].round(3).to_string(index=False))
+        scores = leaderboard.collect_scores(cfg, split="blocks")
+        scores = scores[scores["fold"].isin(folds)]
+        print("leaderboard: seconds per method when scored (sum over folds, as stored in its table):")
+        print(scores.groupby("method")["seconds"].sum().sort_values(ascending=False).round(1).to_string())
     first = sum(v for k, v in times.items() if k in args.only)
     second = sum(v for k, v in times.items() if k.endswith("(second run)"))
     print(f"\nstudies, first run: {first:.0f} s ({first / times['table1']:.2f} x table1's {times['table1']:.0f} s); "

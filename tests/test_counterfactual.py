@@ -317,3 +317,63 @@ def test_shortcut_study_end_to_end(tmp_path):
                      "an8flower-single-6c-s32-f0-seed0-quick-e1-n240"]
     with pytest.raises(ValueError, match="rate"):
         shortcut_study(cfg, rate=1.5)
+
+
+def _misses(root, since: float) -> dict[str, set[str]]:
+    """The store's misses (computed artifacts) of this process since ``since``: {kind: keys}."""
+    import os
+
+    from vxnb._store import read_events
+
+    out: dict[str, set[str]] = {}
+    for e in read_events(root):
+        if e["pid"] == os.getpid() and e["t"] >= since and e["event"] == "miss":
+            out.setdefault(e["kind"], set()).add(e["key"])
+    return out
+
+
+@pytest.mark.slow
+def test_studies_reuse_table1s_fold_and_read_their_tables_back(tmp_path):
+    """After Table 1's fold (``run_fold``), the counterfactual run, the shortcut run at rate 0
+    and the leaderboard's rows on that fold train no model and extract no training features and
+    solve no lasso path again (the same keys); a second call of each study computes nothing
+    (its table is read back from the store, equal to the first), and ``recompute`` computes it."""
+    import time
+
+    from vxnb.studies import benchmark, leaderboard, runs
+    from vxnb.studies.counterfactual import counterfactual_run, shortcut_run
+
+    cfg = runs.RunConfig(size=32, quick=True, train_limit=240, epochs=1, folds="blocks",
+                         data_root=str(tmp_path / "data"), runs_root=str(tmp_path / "runs"))
+    fold = benchmark.fold_config(cfg, "single-6c", 0)
+    benchmark.run_fold(fold, methods=("ours",), n_test_images=4, occlusion=False, progress=False)
+    model, _ = runs.get_model(fold, progress=False)
+    train_key = runs.get_features(fold, model, "train", progress=False).meta["store_key"]
+
+    t0 = time.time()
+    kw = dict(k=3, top_n=4, crp_per_class=4, n_random=1, progress=False)
+    cf = counterfactual_run(fold, **kw)
+    sc = shortcut_run(fold, k=3, top_n=4, progress=False)
+    leaderboard.run_leaderboard(cfg, folds=(0,), n_images=4, sanity_images=2, methods=["ours"], progress=False)
+    misses = _misses(cfg.runs_dir, t0)
+    assert "checkpoint" not in misses and "lasso-path" not in misses, misses
+    assert train_key not in misses.get("features", set())
+    assert len(misses.get("features", ())) == 2  # the test split and its counterfactual twins only
+    assert {"counterfactual-table", "shortcut-table", "benchmark-score"} <= set(misses)
+
+    t1 = time.time()
+    cf2 = counterfactual_run(fold, **kw)
+    sc2 = shortcut_run(fold, k=3, top_n=4, progress=False)
+    leaderboard.run_leaderboard(cfg, folds=(0,), n_images=4, sanity_images=2, methods=["ours"], progress=False)
+    assert _misses(cfg.runs_dir, t1) == {}
+    pd.testing.assert_frame_equal(cf2, cf, check_dtype=False)
+    pd.testing.assert_frame_equal(sc2, sc, check_dtype=False)
+    # another setting is another key; recompute computes the same table again
+    t2 = time.time()
+    assert len(counterfactual_run(fold, **{**kw, "k": 2})) < len(cf)
+    pd.testing.assert_frame_equal(counterfactual_run(fold, recompute=True, **kw), cf, check_dtype=False)
+    assert len(_misses(cfg.runs_dir, t2)["counterfactual-table"]) == 2
+    with pytest.raises(ValueError, match="threshold"):
+        shortcut_run(fold, threshold=0)
+    with pytest.raises(ValueError, match="probe_rate"):
+        shortcut_run(fold, probe_rate=2.0)

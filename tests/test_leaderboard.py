@@ -95,3 +95,53 @@ def test_leaderboard_scores_registry_peers_and_callables(cfg):
     assert "Grad-CAM" in board.attrs["file"].read_text()
     with pytest.raises(ValueError, match="methods: expected names among"):
         L.run_leaderboard(cfg, methods=["lime"])
+
+
+def test_crp_ours_draws_features_of_several_layers_one_condition_each():
+    """Our top-k features of one image from two layers: each drawn as its own zennit-crp
+    conditional heatmap (one call per feature here, the reference), normalised to max 1 and
+    combined by the response-weighted sum; zennit-crp crosses conditions naming different
+    layers in one call, which used to fail every such image."""
+    from crp.attribution import CondAttribution
+    from torch.utils.data import TensorDataset
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.composites import EpsilonPlusFlat
+
+    from vxnb.explanations import feature_heatmaps
+    from vxnb.features import extract_features
+    from vxnb.relevance import Relevance
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    for n, m in [("conv1", torch.nn.Conv2d(3, 4, 3, padding=1)), ("relu1", torch.nn.ReLU()),
+                 ("conv2", torch.nn.Conv2d(4, 4, 3, padding=1)), ("relu2", torch.nn.ReLU()),
+                 ("flat", torch.nn.Flatten()), ("fc", torch.nn.Linear(4 * 6 * 6, 3))]:
+        model.add_module(n, m)
+    model.eval()
+    x = torch.rand(2, 3, 6, 6)
+    feats = extract_features(model, TensorDataset(torch.rand(6, 3, 6, 6), torch.tensor([0, 1, 2] * 2)),
+                             layers=["relu1", "relu2"], n_classes=3, progress=False)
+    W = np.zeros((len(feats.columns), 3))
+    cols = feats.columns.reset_index(drop=True)
+    for layer, ch in (("relu1", 0), ("relu1", 1), ("relu2", 2), ("relu2", 3)):
+        W[int(np.flatnonzero((cols["layer"] == layer) & (cols["channel"] == ch))[0]), 0] = 1.0
+    rel = Relevance(W=W, columns=feats.columns)
+    t = torch.tensor([0, 0])
+    got = L.crp_ours(model, x, t, relevant=rel, k=4)
+
+    _, _, chosen = feature_heatmaps(model, rel, x, 4, t, draw="upsampled")
+    assert chosen.groupby("image")["layer"].nunique().min() == 2  # the case that failed
+    attribution = CondAttribution(model, no_param_grad=True)
+    composite = EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()])
+    want = torch.zeros(2, 6, 6)
+    for b, group in chosen.groupby("image"):
+        acc, wsum = torch.zeros(6, 6), 0.0
+        for row in group.itertuples():
+            res = attribution(x[b:b + 1].clone().requires_grad_(True),
+                              [{row.layer: [int(row.channel)], "y": [0]}], composite)
+            m = res.heatmap[0].detach().clamp_min(0)
+            acc += max(row.response, 0) * m / m.max().clamp_min(1e-12)
+            wsum += max(row.response, 0)
+        want[int(b)] = acc / max(wsum, 1e-12)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert (got > 0).any()

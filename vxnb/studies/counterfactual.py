@@ -47,14 +47,38 @@ from vxnb.evaluate.counterfactual import (SELECTORS, causal_specificity, compare
                                           distractor_precision, mean_ci, part_precision, select_features,
                                           selection_frame, shortcut_detection)
 from vxnb.utils import describe, read_json
-from vxnb.studies import runs
+from vxnb.studies import benchmark, runs
 from vxnb.studies.datasets.an8flower import knobs as run_knobs
 
-__all__ = ["MEASURES", "counterfactual_data", "counterfactual_run", "counterfactual_study", "shortcut_probe",
+__all__ = ["MEASURES", "COUNTERFACTUAL_VERSION", "SHORTCUT_VERSION", "counterfactual_data", "counterfactual_run", "counterfactual_study", "shortcut_probe",
            "find_shortcut", "shortcut_run", "shortcut_study"]
 
 #: The two measures, each a column of the run table and a summary of the study.
 MEASURES: tuple[str, ...] = ("drop", "precision")
+
+#: Format versions of the two run tables in the store (``counterfactual-<key>.csv``,
+#: ``shortcut-<key>.csv`` in the run folder), keyed by their settings and the run's checkpoint.
+COUNTERFACTUAL_VERSION = 1
+SHORTCUT_VERSION = 1
+runs.register_artifact("counterfactual-table", COUNTERFACTUAL_VERSION)
+runs.register_artifact("shortcut-table", SHORTCUT_VERSION)
+
+
+def _stored_table(cfg: runs.RunConfig, kind: str, version: int, settings: dict[str, Any], compute, *,
+                  recompute: bool = False) -> pd.DataFrame:
+    """A run's result table through the store: ``<kind>-<key>.csv`` in the run folder, keyed by
+    ``settings``, the run's checkpoint and the settings that pick its features
+    (``benchmark.fold_inputs``), so a second call with the same settings reads it back and a
+    retrained model or other data never does."""
+    ckey = runs.checkpoint_key(cfg)
+    inputs = {"checkpoint": ckey, **benchmark.fold_inputs(cfg)}
+    key = _store.key(kind, settings, inputs, version)
+    table, _ = _store.load_or_compute(
+        runs.run_dir(cfg) / f"{kind.split('-')[0]}-{key}.csv", key, kind, compute,
+        load=lambda f: pd.read_csv(f, dtype={"layer": str, "class_name": str}),
+        save=lambda t, tmp: t.to_csv(tmp, index=False), recompute=recompute, settings=settings, inputs=inputs,
+        upstream=[ckey], version=version, root=cfg.runs_dir)
+    return table
 
 
 def _check_cfg(cfg: Any) -> runs.RunConfig:
@@ -83,7 +107,7 @@ def counterfactual_data(cfg: runs.RunConfig, test: Any, shift: int = 1, *, progr
 
 def counterfactual_run(cfg: runs.RunConfig, *, k: int = 5, mu: float = 10.0, mu_max: float = 50.0, shift: int = 1,
                        selectors: Sequence[str] = SELECTORS, top_n: int = 20, crp_per_class: int = 50,
-                       n_random: int = 3, progress: bool = True) -> pd.DataFrame:
+                       n_random: int = 3, recompute: bool = False, progress: bool = True) -> pd.DataFrame:
     """One run's table: one row per (selector, class, selected feature) with ``drop`` and
     ``precision`` (see the module docstring), and the run's fold and seed.
 
@@ -92,10 +116,13 @@ def counterfactual_run(cfg: runs.RunConfig, *, k: int = 5, mu: float = 10.0, mu_
     top_n: top patches per feature for the part precision; crp_per_class: training images per
     class whose CRP relevances rank the channels; n_random: random draws (seeds
     ``cfg.seed * 1000 + i``), averaged by the summary.
-    """
-    from vxnb.features import extract_features
-    from vxnb.interpret import receptive_field, top_patch_table
 
+    The run's model, training features and μ-lasso path are the ones Table 1's benchmark
+    builds for the same fold (``benchmark.fold_relevant``: the same keys, loaded, not
+    recomputed). The table is stored by content key (its settings and the run's checkpoint), so
+    a second call reads it back; ``recompute``: compute it again. It is also written as the
+    run's table ``counterfactual-cf<shift>-k<k>-mu<mu>``.
+    """
     cfg = _check_cfg(cfg)
     k = check_positive_int(k, "k")
     top_n = check_positive_int(top_n, "top_n")
@@ -104,10 +131,33 @@ def counterfactual_run(cfg: runs.RunConfig, *, k: int = 5, mu: float = 10.0, mu_
     bad = [s for s in selectors if s not in SELECTORS]
     if isinstance(selectors, str) or not selectors or bad or "mu-lasso" not in selectors:
         raise ValueError(f"selectors: expected a list of {SELECTORS} including 'mu-lasso', got {selectors!r}")
+    settings = {"k": k, "mu": float(mu), "mu_max": float(mu_max), "shift": int(shift), "selectors": list(selectors),
+                "top_n": top_n, "crp_per_class": crp_per_class, "n_random": n_random}
+    table = _stored_table(cfg, "counterfactual-table", COUNTERFACTUAL_VERSION, settings,
+                          lambda: _counterfactual_table(cfg, progress=progress, **settings), recompute=recompute)
+    runs.save_table(cfg, f"counterfactual-cf{shift}-k{k}-mu{mu:g}", table)
+    return table
+
+
+def _train_features(cfg: runs.RunConfig, model: Any, data: Any, progress: bool):
+    """The run's training features with X, under the key Table 1's ``fold_relevant`` uses
+    (``keep_X="auto"``) when that keeps X, else extracted again with X."""
+    feats = runs.get_features(cfg, model, "train", data=data, progress=progress)
+    if feats.X is None:
+        feats = runs.get_features(cfg, model, "train", data=data, progress=progress, keep_X=True)
+    return feats
+
+
+def _counterfactual_table(cfg: runs.RunConfig, *, k: int, mu: float, mu_max: float, shift: int,
+                          selectors: Sequence[str], top_n: int, crp_per_class: int, n_random: int,
+                          progress: bool) -> pd.DataFrame:
+    from vxnb.features import extract_features
+    from vxnb.interpret import receptive_field, top_patch_table
+
     data = runs.load_data(cfg, progress=progress)
     train, test, classes = data
     model, _ = runs.get_model(cfg, progress=progress, data=data)
-    feats = runs.get_features(cfg, model, "train", data=data, progress=progress, keep_X=True)
+    feats = _train_features(cfg, model, data, progress)
     layers = list(dict.fromkeys(feats.columns["layer"]))
     tfeats = runs.get_features(cfg, model, "test", data=data, progress=progress, keep_X=True, layers=layers)
     cf_test, cf_key = counterfactual_data(cfg, test, shift, progress=progress)
@@ -157,7 +207,6 @@ def counterfactual_run(cfg: runs.RunConfig, *, k: int = 5, mu: float = 10.0, mu_
     table.insert(1, "fold", cfg.test_fold)
     table.insert(2, "seed", cfg.seed)
     table["class_name"] = [classes[c] for c in table["class"]]
-    runs.save_table(cfg, f"counterfactual-cf{shift}-k{k}-mu{mu:g}", table)
     return table
 
 
@@ -242,17 +291,36 @@ def find_shortcut(model: Any, selected: pd.DataFrame, probe: Any, *, top_n: int 
 
 
 def shortcut_run(cfg: runs.RunConfig, *, k: int = 5, mu: float = 10.0, mu_max: float = 50.0, top_n: int = 20,
-                 threshold: float = 0.5, probe_rate: float = 1.0, progress: bool = True) -> pd.DataFrame:
+                 threshold: float = 0.5, probe_rate: float = 1.0, recompute: bool = False,
+                 progress: bool = True) -> pd.DataFrame:
     """One run (trained at ``cfg.distractor_rate``): the μ-lasso's top-``k`` features of every
     class at ``mu`` (fewer where fewer weights are non-zero) and :func:`find_shortcut` on
     :func:`shortcut_probe` at ``probe_rate``. Returns one row per class with the run's
     distractor_rate, fold, seed, class_name, n_features, best, detected, and the model's test
     accuracy on its own test split (``test_accuracy``) and on the probe (``probe_accuracy``);
-    saved as the run's table ``shortcut-k<k>-mu<mu>-p<probe_rate>``."""
-    from vxnb.models import accuracy
+    saved as the run's table ``shortcut-k<k>-mu<mu>-p<probe_rate>``.
 
+    At rate 0 the run is Table 1's fold (its model, features and lasso path are loaded). The
+    table is stored by content key (settings and checkpoint): a second call reads it back;
+    ``recompute``: compute it again."""
     cfg = _check_an8flower(cfg)
     k = check_positive_int(k, "k")
+    top_n = check_positive_int(top_n, "top_n")
+    probe_rate = _check_rate(probe_rate, "probe_rate")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise ValueError(f"threshold: expected a number in (0, 1], got {describe(threshold)}")
+    settings = {"k": k, "mu": float(mu), "mu_max": float(mu_max), "top_n": top_n, "threshold": float(threshold),
+                "probe_rate": probe_rate}
+    out = _stored_table(cfg, "shortcut-table", SHORTCUT_VERSION, settings,
+                        lambda: _shortcut_table(cfg, progress=progress, **settings), recompute=recompute)
+    runs.save_table(cfg, f"shortcut-k{k}-mu{mu:g}-p{probe_rate:g}", out)
+    return out
+
+
+def _shortcut_table(cfg: runs.RunConfig, *, k: int, mu: float, mu_max: float, top_n: int, threshold: float,
+                    probe_rate: float, progress: bool) -> pd.DataFrame:
+    from vxnb.models import accuracy
+
     data = runs.load_data(cfg, progress=progress)
     classes = data[2]
     model, _ = runs.get_model(cfg, progress=progress, data=data)
@@ -268,7 +336,6 @@ def shortcut_run(cfg: runs.RunConfig, *, k: int = 5, mu: float = 10.0, mu_max: f
     out.insert(4, "class_name", [classes[c] for c in out["class"]])
     out["test_accuracy"] = accuracy(model, data[1], batch_size=cfg.batch_size)
     out["probe_accuracy"] = accuracy(model, probe, batch_size=cfg.batch_size)
-    runs.save_table(cfg, f"shortcut-k{k}-mu{mu:g}-p{probe_rate:g}", out)
     return out
 
 

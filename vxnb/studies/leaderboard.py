@@ -104,12 +104,20 @@ def crp_ours(model: torch.nn.Module, inputs: Any, targets: Any, *, relevant: Any
     try:
         attribution = CondAttribution(model, no_param_grad=True)
         for b, group in feats.groupby("image"):
-            conds = [{str(row.layer): [int(row.channel)], "y": [int(t[b])]} for row in group.itertuples()]
-            xb = x[b:b + 1].repeat(len(conds), 1, 1, 1).requires_grad_(True)
-            with torch.enable_grad():
-                res = attribution(xb, conds, composite)
-            maps = res.heatmap.detach().clamp_min(0)
-            w = torch.as_tensor(group["response"].to_numpy(), dtype=maps.dtype).clamp_min(0)
+            # one call per layer: conditions naming different layers in one call are crossed by
+            # zennit-crp (3 features in 2 layers gave 9 maps), so each call names one layer
+            parts, weights = [], []
+            for layer, lg in group.groupby("layer", sort=False):
+                conds = [{str(layer): [int(ch)], "y": [int(t[b])]} for ch in lg["channel"]]
+                xb = x[b:b + 1].repeat(len(conds), 1, 1, 1).requires_grad_(True)
+                with torch.enable_grad():
+                    res = attribution(xb, conds, composite)
+                if res.heatmap.shape[0] != len(conds):
+                    raise RuntimeError(f"zennit-crp returned {res.heatmap.shape[0]} maps for {len(conds)} conditions")
+                parts.append(res.heatmap.detach().clamp_min(0))
+                weights.append(lg["response"].to_numpy(dtype=np.float64, copy=True))
+            maps = torch.cat(parts)
+            w = torch.as_tensor(np.concatenate(weights), dtype=maps.dtype).clamp_min(0)
             maps = maps / maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
             out[int(b)] = (w[:, None, None] * maps).sum(0) / w.sum().clamp_min(1e-12)
     finally:

@@ -33,7 +33,7 @@ from . import _store
 from ._checks import check_bool, check_int, check_path, check_positive_number
 from ._store import fault_point
 from .utils import (atomic_torch_save, atomic_write_json, describe, eval_mode, get_device, import_object, json_ready,
-                    model_device, read_json, seed_everything)
+                    model_device, read_json, seed_everything, torch_threads)
 
 __all__ = [
     "MnistNet",
@@ -460,7 +460,7 @@ def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None
                 device: str | torch.device | None = None, progress: bool = True,
                 augment: bool | Callable[[torch.Tensor], torch.Tensor] | None = None,
                 preload: bool | None = None, val_fraction: float = 0.0, stop_patience: int | None = None,
-                stop_accuracy: float = 1.0) -> dict[str, Any]:
+                stop_accuracy: float = 1.0, threads: int | None = None) -> dict[str, Any]:
     """Train ``model`` in place with Adam(W) and a one-cycle learning-rate schedule; return the history.
 
     Args:
@@ -493,6 +493,11 @@ def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None
             so on the validation accuracies (it reached ``stop_accuracy``, or its best is
             ``stop_patience`` epochs old); the learning-rate schedule stays that of ``epochs``.
             ``None``: always train ``epochs`` epochs. Needs ``val_fraction`` > 0.
+        threads: train with this many torch intra-op threads (``torch.set_num_threads``, the
+            caller's count restored after); ``None``: as set. On the CPU the weights depend on
+            the thread count (sums split by thread differ by ~1e-7 and grow over training), so a
+            fixed count gives the same model on any machine; the run folders train with 1
+            (``vxnb.studies.runs.TRAIN_THREADS``).
 
     Returns:
         ``{"loss": [per epoch], "train_accuracy": [per epoch, on the augmented/dropout pass],
@@ -506,6 +511,20 @@ def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None
     if preload is not None and not isinstance(preload, (bool, np.bool_)):
         raise TypeError(f"preload: expected a bool or None, got {describe(preload)}")
     val_fraction, stop_patience, stop_accuracy = _check_stop_args(val_fraction, stop_patience, stop_accuracy)
+    if threads is not None:
+        threads = check_int(threads, "threads", 1, None, "or None (torch's current count)")
+    with torch_threads(threads):
+        hist = _train_loop(model, train_data, test_data, epochs, batch_size, lr, weight_decay, max_grad_norm, seed,
+                           device, progress, augment, preload, val_fraction, stop_patience, stop_accuracy)
+    hist["threads"] = threads
+    return hist
+
+
+def _train_loop(model: nn.Module, train_data: Dataset, test_data: Dataset | None, epochs: int, batch_size: int,
+                lr: float, weight_decay: float, max_grad_norm: float | None, seed: int, device: Any, progress: bool,
+                augment: Any, preload: Any, val_fraction: float, stop_patience: int | None,
+                stop_accuracy: float) -> dict[str, Any]:
+    """:func:`train_model` after its checks (the same arguments, checked)."""
     dev = get_device(device)
     gen = seed_everything(seed)
     aug_gen = torch.Generator().manual_seed(int(seed) + 1)

@@ -13,7 +13,9 @@ For every (variant, split, fold) asked for, FlowerNet is trained from the same s
   (channels-last), into a temporary runs folder; its wall time includes starting the workers
   and each worker reading its fold.
 
-It prints, per fold, the wall seconds of each (the new one: that fold's training inside its
+The folds are measured in chunks of ``--chunk`` (default 2: the workers), the new way then
+today's way for each chunk, with the ratio after each chunk, so that a cut run still has
+figures. It prints, per fold, the wall seconds of each (the new one: that fold's training inside its
 worker, while the other workers train too, and that divided by the workers), the test accuracy
 (the held-out fold) of each, and at the end the total wall times and their ratio (the goal).
 The machine may be shared: compare the ratio, measured in the same run.
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--today-threads", type=int, default=2, help="torch threads of today's way (2 cores)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes of the new way")
+    parser.add_argument("--chunk", type=int, default=2, help="folds per measured chunk (new way, then today's)")
     parser.add_argument("--data-root", default=None, help="where an8Flower is cached (default: data/)")
     args = parser.parse_args()
     jobs = _jobs(args)
@@ -79,29 +82,44 @@ def main() -> None:
         runs.data_record(cfg)  # render what is missing before anything is timed
     print(f"today: {TODAY_EPOCHS} epochs, {TODAY_OPTIONS}, one fold after the other, {args.today_threads} thread(s); "
           f"new: runs.train_models, {args.workers} workers x {runs.TRAIN_THREADS} thread(s), "
-          f"FOLD_RECIPE {models.FOLD_RECIPE}, preloaded")
-    today = []
-    for (v, s, f), cfg in zip(jobs, cfgs):
-        today.append(_today(cfg, args.today_threads))
-        print(f"  today {v:<11} {s:<6} {f}: {today[-1][0]:6.1f} s wall, {100 * today[-1][2]:5.1f} %", flush=True)
+          f"FOLD_RECIPE {models.FOLD_RECIPE}, preloaded; in chunks of {args.chunk} folds (new, then today)")
+    print(f"{'variant':<11} {'split':<6} fold | today wall s / CPU s, acc % | new wall s in its worker (/ workers) "
+          "/ CPU s, acc %, epochs | ratio new/today: wall share, CPU")
+    totals = {"today": 0.0, "new": 0.0, "today_cpu": 0.0, "new_cpu": 0.0}
+    accs: list[float] = []
+    for at in range(0, len(jobs), args.chunk):
+        chunk = list(zip(jobs[at:at + args.chunk], cfgs[at:at + args.chunk]))
+        new_wall, metas = _new([c for _, c in chunk], args.workers, args.today_threads)
+        today = [_today(cfg, args.today_threads) for _, cfg in chunk]
+        for ((v, s, f), _), (tw, tc, tacc), meta in zip(chunk, today, metas):
+            h = meta["history"]
+            share = h["seconds"] / args.workers
+            accs += [tacc, meta["test_accuracy"]]
+            totals["today_cpu"] += tc
+            totals["new_cpu"] += h["cpu_seconds"]
+            print(f"{v:<11} {s:<6} {f:>4} | {tw:6.1f} / {tc:6.1f}, {100 * tacc:5.1f} | {h['seconds']:6.1f} ({share:5.1f}) "
+                  f"/ {h['cpu_seconds']:6.1f}, {100 * meta['test_accuracy']:5.1f}, {h['stopped_at']} | {share / tw:.2f}, "
+                  f"{h['cpu_seconds'] / tc:.2f}")
+        totals["today"] += sum(t[0] for t in today)
+        totals["new"] += new_wall
+        print(f"  chunk: today {sum(t[0] for t in today):.1f} s, new {new_wall:.1f} s, ratio "
+              f"{new_wall / sum(t[0] for t in today):.2f}; so far: today {totals['today']:.1f} s, new "
+              f"{totals['new']:.1f} s, ratio {totals['new'] / totals['today']:.2f}", flush=True)
+    print(f"total wall: today {totals['today']:.1f} s; new {totals['new']:.1f} s (starting {args.workers} workers and "
+          f"reading the data included); ratio new/today {totals['new'] / totals['today']:.2f} (goal <= 0.4); "
+          f"lowest fold accuracy {100 * min(accs):.1f} %; CPU s: today {totals['today_cpu']:.1f}, new (in the workers' "
+          f"training) {totals['new_cpu']:.1f}, ratio {totals['new_cpu'] / totals['today_cpu']:.2f}")
+
+
+def _new(cfgs, workers: int, threads: int):
+    """(wall s, checkpoint metas) of training ``cfgs``' fold models the new way, in a temporary runs folder."""
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
         new_cfgs = [runs.RunConfig(**{**cfg.to_dict(), "runs_root": tmp}) for cfg in cfgs]
-        torch.set_num_threads(args.today_threads)
+        torch.set_num_threads(threads)
         t0 = time.perf_counter()
-        runs.train_models(new_cfgs, workers=args.workers, progress=False)
-        new_wall = time.perf_counter() - t0
-        metas = [models.load_checkpoint(runs.checkpoint_dir(cfg))[1] for cfg in new_cfgs]
-    print(f"{'variant':<11} {'split':<6} fold | today s, acc % | new s in its worker (/ workers), acc %, epochs | "
-          "ratio new/today (per worker share)")
-    for (v, s, f), (tw, _, tacc), meta in zip(jobs, today, metas):
-        h = meta["history"]
-        share = h["seconds"] / args.workers
-        print(f"{v:<11} {s:<6} {f:>4} | {tw:6.1f}, {100 * tacc:5.1f} | {h['seconds']:6.1f} ({share:5.1f}), "
-              f"{100 * meta['test_accuracy']:5.1f}, {h['stopped_at']} | {share / tw:.2f}")
-    total = sum(t[0] for t in today)
-    low = min(min(t[2] for t in today), min(m["test_accuracy"] for m in metas))
-    print(f"total wall: today {total:.1f} s; new {new_wall:.1f} s (starting {args.workers} workers and reading the data "
-          f"included); ratio new/today {new_wall / total:.2f} (goal <= 0.4); lowest fold accuracy {100 * low:.1f} %")
+        runs.train_models(new_cfgs, workers=workers, progress=False)
+        wall = time.perf_counter() - t0
+        return wall, [models.load_checkpoint(runs.checkpoint_dir(cfg))[1] for cfg in new_cfgs]
 
 
 if __name__ == "__main__":

@@ -486,7 +486,8 @@ def train_models(configs: Any, *, workers: int | None = None, progress: bool = T
     Args:
         configs: the runs (e.g. the benchmark's folds); configs of the same checkpoint are trained
             once; a folder run (the user's model) is never trained and is skipped.
-        workers: processes at a time (``spawn`` context, so it also runs from a notebook kernel);
+        workers: processes at a time (``spawn`` context, so it also runs from a notebook kernel;
+            a script that calls it needs Python's usual ``if __name__ == "__main__":`` guard);
             1: in this process, one model after the other; None: :func:`default_train_workers`.
         progress: a ``tqdm.auto`` bar over the models.
 

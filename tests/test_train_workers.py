@@ -32,6 +32,7 @@ def _checkpoints(root) -> list:
     return sorted(p for p in root.rglob("model.pt"))
 
 
+@pytest.mark.slow  # renders a tiny an8Flower and trains six small models
 def test_the_same_weights_in_process_and_in_two_workers(data_root, tmp_path):
     one = _configs(data_root, tmp_path / "one")
     two = _configs(data_root, tmp_path / "two")
@@ -54,6 +55,7 @@ def test_the_same_weights_in_process_and_in_two_workers(data_root, tmp_path):
     assert runs.train_models(two, workers=2, progress=False)["trained"] == []
 
 
+@pytest.mark.slow  # renders a tiny an8Flower and trains six small models
 def test_a_killed_worker_is_named_by_fold_and_nothing_is_written(data_root, tmp_path, monkeypatch):
     cfgs = _configs(data_root, tmp_path / "runs")
     monkeypatch.setenv("VXNB_FAULT", "train")    # each worker kills itself at its first step
@@ -65,6 +67,7 @@ def test_a_killed_worker_is_named_by_fold_and_nothing_is_written(data_root, tmp_
     assert _checkpoints(tmp_path / "runs") == []
 
 
+@pytest.mark.slow  # renders a tiny an8Flower and trains six small models
 def test_an_error_in_process_is_named_and_the_other_folds_are_kept(data_root, tmp_path, monkeypatch):
     cfgs = _configs(data_root, tmp_path / "runs")
     real = models.train_model

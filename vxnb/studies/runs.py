@@ -469,8 +469,16 @@ def _train_in_worker(cfg: RunConfig) -> tuple[str, float]:
     return cfg.run_name, float((meta.get("history") or {}).get("seconds") or 0.0)
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
     torch.set_num_threads(TRAIN_THREADS)  # the reading and checks around training too: one core each
+    import threading
+
+    def watch() -> None:  # the parent died (killed, its kernel restarted): stop, leaving no orphan training
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def train_models(configs: Any, *, workers: int | None = None, progress: bool = True) -> dict[str, Any]:
@@ -539,8 +547,9 @@ def _train_in_pool(jobs: list[RunConfig], workers: int, bar: Any) -> list[tuple[
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     failed: list[tuple[str, BaseException]] = []
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(os.getpid(),))
+    try:
         futures = {pool.submit(_train_in_worker, cfg): cfg for cfg in jobs}
         for fut in as_completed(futures):
             try:
@@ -548,6 +557,10 @@ def _train_in_pool(jobs: list[RunConfig], workers: int, bar: Any) -> list[tuple[
             except Exception as err:  # noqa: BLE001 - a worker's error or its death (BrokenProcessPool)
                 failed.append((futures[fut].run_name, err))
             bar.update(1)
+    except BaseException:  # interrupted (KeyboardInterrupt): start no more models
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     return failed
 
 

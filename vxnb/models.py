@@ -229,7 +229,10 @@ DEFAULT_EPOCHS: dict[str, tuple[int, int]] = {"mnist": (12, 8), "an8flower": (5,
 #: Extra :func:`train_model` arguments of the an8Flower fold models (``DatasetSpec.train_options``),
 #: all of them in the checkpoint key; the quick (CI) setting ignores it. Issue 26: channels-last
 #: (the plain recipe otherwise: 5 epochs at lr 1e-3, batch 32), trained with one thread per model
-#: (``vxnb.studies.runs.TRAIN_THREADS``) in two workers (``runs.train_models``): FIGURES.
+#: (``vxnb.studies.runs.TRAIN_THREADS``) in two workers (``runs.train_models``): 0.21× today's
+#: wall time for single-6c views and blocks fold 0 (100 %, 99.8 %; today 100 %, 100 %), 27 CPU s
+#: per fold against today's 34 at one thread (the last session) on a shared 2-core machine:
+#: ``python benchmarks/bench_training.py --jobs single-6c/views/0 single-6c/blocks/0 …`` (README).
 #: A shorter recipe — at most 3 epochs, ``{"lr": 2e-3, "val_fraction": 0.1, "stop_patience": 2,
 #: "stop_accuracy": 1.0}`` — reached 0.5× the CPU time, but the blocks split's fold 0 fell to
 #: 91.4 % test accuracy with its validation set at 100 %, so it is not used.

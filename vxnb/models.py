@@ -233,6 +233,8 @@ DEFAULT_EPOCHS: dict[str, tuple[int, int]] = {"mnist": (12, 8), "an8flower": (5,
 #: wall time for single-6c views and blocks fold 0 (100 %, 99.8 %; today 100 %, 100 %), 27 CPU s
 #: per fold against today's 34 at one thread (the last session) on a shared 2-core machine:
 #: ``python benchmarks/bench_training.py --jobs single-6c/views/0 single-6c/blocks/0 …`` (README).
+#: Not settled: double-12c blocks fold 0 reached 98.3 % this way (today's recipe: 99.5 %; that
+#: fold swings 97.9–99.5 % between epochs); part-2c views fold 0: 100 %.
 #: A shorter recipe — at most 3 epochs, ``{"lr": 2e-3, "val_fraction": 0.1, "stop_patience": 2,
 #: "stop_accuracy": 1.0}`` — reached 0.5× the CPU time, but the blocks split's fold 0 fell to
 #: 91.4 % test accuracy with its validation set at 100 %, so it is not used.

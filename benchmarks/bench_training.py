@@ -10,7 +10,8 @@ For every (variant, split, fold) asked for, FlowerNet is trained from the same s
 - ``new``: what ``vxnb.studies.benchmark.run_benchmark`` does now: every fold model trained up
   front by ``vxnb.studies.runs.train_models`` in ``--workers`` spawned processes of one torch
   thread each (``runs.TRAIN_THREADS``), the data preloaded, ``vxnb.models.FOLD_RECIPE``
-  (channels-last), into a temporary runs folder; its wall time includes starting the workers
+  (empty now: the plain recipe; the figures in the README were taken with channels-last), into a
+  temporary runs folder; its wall time includes starting the workers
   and each worker reading its fold.
 
 The folds are measured in chunks of ``--chunk`` (default 2: the workers), the new way then

@@ -227,18 +227,18 @@ _GENERIC_DEFAULTS: dict[str, Any] = {"batch_size": 64, "lr": 1e-3, "augment": Fa
 #: Epochs per dataset: (full, quick). Quick = the CI setting (about 1,200 training images; an8Flower at size 64).
 DEFAULT_EPOCHS: dict[str, tuple[int, int]] = {"mnist": (12, 8), "an8flower": (5, 8)}
 #: Extra :func:`train_model` arguments of the an8Flower fold models (``DatasetSpec.train_options``),
-#: all of them in the checkpoint key; the quick (CI) setting ignores it. Issue 26: channels-last
-#: (the plain recipe otherwise: 5 epochs at lr 1e-3, batch 32), trained with one thread per model
-#: (``vxnb.studies.runs.TRAIN_THREADS``) in two workers (``runs.train_models``): 0.21× today's
-#: wall time for single-6c views and blocks fold 0 (100 %, 99.8 %; today 100 %, 100 %), 27 CPU s
-#: per fold against today's 34 at one thread (the last session) on a shared 2-core machine:
-#: ``python benchmarks/bench_training.py --jobs single-6c/views/0 single-6c/blocks/0 …`` (README).
-#: Not settled: double-12c blocks fold 0 reached 98.3 % this way (today's recipe: 99.5 %; that
-#: fold swings 97.9–99.5 % between epochs); part-2c views fold 0: 100 %.
+#: all of them in the checkpoint key; the quick (CI) setting ignores it. Empty: the plain recipe
+#: (5 epochs at lr 1e-3, batch 32), trained with one thread per model (``vxnb.studies.runs.
+#: TRAIN_THREADS``) in one worker per core (``runs.train_models``). Issue 26, shared 2-core machine:
+#: 0.21× today's wall time for single-6c views and blocks fold 0 (100 %, 99.8 %; today 100 %,
+#: 100 %), measured with ``channels_last`` on: ``python benchmarks/bench_training.py --jobs
+#: single-6c/views/0 single-6c/blocks/0 …`` (README). ``channels_last`` is not used: on
+#: double-12c blocks fold 0 it saved no CPU time (50.1 s vs 50.6 s at one thread) and reached
+#: 98.3 % where the contiguous layout reached 99.96 % (today's recipe at 2 threads: 99.5 %).
 #: A shorter recipe — at most 3 epochs, ``{"lr": 2e-3, "val_fraction": 0.1, "stop_patience": 2,
 #: "stop_accuracy": 1.0}`` — reached 0.5× the CPU time, but the blocks split's fold 0 fell to
 #: 91.4 % test accuracy with its validation set at 100 %, so it is not used.
-FOLD_RECIPE: dict[str, Any] = {"channels_last": True}
+FOLD_RECIPE: dict[str, Any] = {}
 
 
 def default_epochs(dataset: str, quick: bool = False) -> int:

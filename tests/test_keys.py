@@ -191,9 +191,11 @@ def test_knobs_are_in_the_run_name_and_the_data_record(places):
 
 
 #: A vxnb.models.FOLD_RECIPE (issue 26: how the an8Flower fold models train; empty by default):
-#: the candidate the benchmark measured, and for each setting another value.
-RECIPE = {"lr": 2e-3, "batch_size": 32, "val_fraction": 0.1, "stop_patience": 2, "stop_accuracy": 1.0}
-FOLD_RECIPE_CHANGES = {"lr": 1e-3, "batch_size": 64, "val_fraction": 0.2, "stop_patience": 1, "stop_accuracy": 0.99}
+#: a candidate the benchmark measured, and for each setting another value.
+RECIPE = {"lr": 2e-3, "batch_size": 32, "val_fraction": 0.1, "stop_patience": 2, "stop_accuracy": 1.0,
+          "channels_last": True}
+FOLD_RECIPE_CHANGES = {"lr": 1e-3, "batch_size": 64, "val_fraction": 0.2, "stop_patience": 1, "stop_accuracy": 0.99,
+                       "channels_last": False}
 
 
 def test_an_empty_fold_recipe_keeps_the_key_and_a_recipe_changes_it(places, monkeypatch):
@@ -207,6 +209,17 @@ def test_an_empty_fold_recipe_keeps_the_key_and_a_recipe_changes_it(places, monk
     monkeypatch.setattr(models, "FOLD_RECIPE", dict(RECIPE))
     assert runs.checkpoint_key(cfg) != before
     assert runs.checkpoint_key(quick) == before_quick   # the quick model trains the plain way
+
+
+def test_the_training_thread_count_is_in_the_checkpoint_key(places, monkeypatch):
+    """Weights depend on the thread count (issue 26), so the count the run folders train with is in
+    the key; the number of worker processes (run_benchmark's train_workers) is in no key: the
+    weights are the same bit for bit (tests/test_train_workers.py)."""
+    cfg = runs.RunConfig(size=32, epochs=1, data_root=str(places["root"] / "data"),
+                         runs_root=str(places["root"] / "runs"))
+    before = runs.checkpoint_key(cfg)
+    monkeypatch.setattr(runs, "TRAIN_THREADS", 2)
+    assert runs.checkpoint_key(cfg) != before
 
 
 @pytest.mark.parametrize("setting", sorted(FOLD_RECIPE_CHANGES))

@@ -33,7 +33,7 @@ from . import _store
 from ._checks import check_bool, check_int, check_path, check_positive_number
 from ._store import fault_point
 from .utils import (atomic_torch_save, atomic_write_json, describe, eval_mode, get_device, import_object, json_ready,
-                    model_device, read_json, seed_everything)
+                    model_device, read_json, seed_everything, torch_threads)
 
 __all__ = [
     "MnistNet",
@@ -229,11 +229,17 @@ _GENERIC_DEFAULTS: dict[str, Any] = {"batch_size": 64, "lr": 1e-3, "augment": Fa
 #: MNIST's full setting: 8 epochs with :data:`MNIST_RECIPE` (issue 26; 12 at batch 64, lr 2e-3 before).
 DEFAULT_EPOCHS: dict[str, tuple[int, int]] = {"mnist": (8, 8), "an8flower": (5, 8)}
 #: Extra :func:`train_model` arguments of the an8Flower fold models (``DatasetSpec.train_options``),
-#: all of them in the checkpoint key; empty: the plain recipe (5 epochs at lr 1e-3). Issue 26
-#: measured a shorter recipe — at most 3 epochs, ``{"lr": 2e-3, "val_fraction": 0.1,
-#: "stop_patience": 2, "stop_accuracy": 1.0}`` (``benchmarks/bench_training.py``'s candidate) —
-#: at 0.5× the CPU time, but the blocks split's fold 0 fell to 91.4 % test accuracy with its
-#: validation set at 100 %, so it is not the default. The quick (CI) setting ignores it.
+#: all of them in the checkpoint key; the quick (CI) setting ignores it. Empty: the plain recipe
+#: (5 epochs at lr 1e-3, batch 32), trained with one thread per model (``vxnb.studies.runs.
+#: TRAIN_THREADS``) in one worker per core (``runs.train_models``). Issue 26, shared 2-core machine:
+#: 0.21× today's wall time for single-6c views and blocks fold 0 (100 %, 99.8 %; today 100 %,
+#: 100 %), measured with ``channels_last`` on: ``python benchmarks/bench_training.py --jobs
+#: single-6c/views/0 single-6c/blocks/0 …`` (README). ``channels_last`` is not used: on
+#: double-12c blocks fold 0 it saved no CPU time (50.1 s vs 50.6 s at one thread) and reached
+#: 98.3 % where the contiguous layout reached 99.96 % (today's recipe at 2 threads: 99.5 %).
+#: A shorter recipe — at most 3 epochs, ``{"lr": 2e-3, "val_fraction": 0.1, "stop_patience": 2,
+#: "stop_accuracy": 1.0}`` — reached 0.5× the CPU time, but the blocks split's fold 0 fell to
+#: 91.4 % test accuracy with its validation set at 100 %, so it is not used.
 FOLD_RECIPE: dict[str, Any] = {}
 #: Extra :func:`train_model` arguments of the MNIST reference model in the full setting
 #: (``MnistSpec.train_options``), all of them in the checkpoint key; the quick setting ignores it.
@@ -433,7 +439,7 @@ class _PreloadedLoader:
 
 def _train_epoch(model: nn.Module, loader: Any, opt: Any, sched: Any, dev: torch.device, augment: Any,
                  aug_gen: torch.Generator, max_grad_norm: float | None, lr: float, epoch: int,
-                 bar: Any) -> tuple[float, float]:
+                 bar: Any, layout: torch.memory_format = torch.contiguous_format) -> tuple[float, float]:
     """One pass over ``loader`` in train mode; (mean loss, accuracy) of the pass."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
@@ -443,7 +449,7 @@ def _train_epoch(model: nn.Module, loader: Any, opt: Any, sched: Any, dev: torch
             x = _random_shift(x, aug_gen)
         elif callable(augment):
             x = augment(x)
-        logits = model(x)
+        logits = model(x.contiguous(memory_format=layout))
         loss = F.cross_entropy(logits, y)
         if not torch.isfinite(loss):
             raise RuntimeError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower lr={lr}")
@@ -468,7 +474,8 @@ def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None
                 device: str | torch.device | None = None, progress: bool = True,
                 augment: bool | Callable[[torch.Tensor], torch.Tensor] | None = None,
                 preload: bool | None = None, val_fraction: float = 0.0, stop_patience: int | None = None,
-                stop_accuracy: float = 1.0) -> dict[str, Any]:
+                stop_accuracy: float = 1.0, threads: int | None = None,
+                channels_last: bool = False) -> dict[str, Any]:
     """Train ``model`` in place with Adam(W) and a one-cycle learning-rate schedule; return the history.
 
     Args:
@@ -501,6 +508,15 @@ def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None
             so on the validation accuracies (it reached ``stop_accuracy``, or its best is
             ``stop_patience`` epochs old); the learning-rate schedule stays that of ``epochs``.
             ``None``: always train ``epochs`` epochs. Needs ``val_fraction`` > 0.
+        threads: train with this many torch intra-op threads (``torch.set_num_threads``, the
+            caller's count restored after); ``None``: as set. On the CPU the weights depend on
+            the thread count (sums split by thread differ by ~1e-7 and grow over training), so a
+            fixed count gives the same model on any machine; the run folders train with 1
+            (``vxnb.studies.runs.TRAIN_THREADS``).
+        channels_last: train in the channels-last memory layout (weights and batches), faster
+            for small convolutions on the CPU (issue 26: ~0.75× the time per step at one thread);
+            other weights than the default layout by rounding, as deterministic. The model is
+            handed back in the default layout (its checkpoint and every later use as before).
 
     Returns:
         ``{"loss": [per epoch], "train_accuracy": [per epoch, on the augmented/dropout pass],
@@ -514,6 +530,27 @@ def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None
     if preload is not None and not isinstance(preload, (bool, np.bool_)):
         raise TypeError(f"preload: expected a bool or None, got {describe(preload)}")
     val_fraction, stop_patience, stop_accuracy = _check_stop_args(val_fraction, stop_patience, stop_accuracy)
+    if threads is not None:
+        threads = check_int(threads, "threads", 1, None, "or None (torch's current count)")
+    check_bool(channels_last, "channels_last")
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    try:
+        with torch_threads(threads):
+            model.to(memory_format=layout)
+            hist = _train_loop(model, train_data, test_data, epochs, batch_size, lr, weight_decay, max_grad_norm,
+                               seed, device, progress, augment, preload, val_fraction, stop_patience, stop_accuracy,
+                               layout)
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+    hist.update(threads=threads, channels_last=bool(channels_last))
+    return hist
+
+
+def _train_loop(model: nn.Module, train_data: Dataset, test_data: Dataset | None, epochs: int, batch_size: int,
+                lr: float, weight_decay: float, max_grad_norm: float | None, seed: int, device: Any, progress: bool,
+                augment: Any, preload: Any, val_fraction: float, stop_patience: int | None,
+                stop_accuracy: float, layout: torch.memory_format) -> dict[str, Any]:
+    """:func:`train_model` after its checks (the same arguments, checked)."""
     dev = get_device(device)
     gen = seed_everything(seed)
     aug_gen = torch.Generator().manual_seed(int(seed) + 1)
@@ -543,7 +580,8 @@ def train_model(model: nn.Module, train_data: Dataset, test_data: Dataset | None
     try:
         for epoch in range(epochs):
             t0 = time.perf_counter()
-            loss, acc = _train_epoch(model, loader, opt, sched, dev, augment, aug_gen, max_grad_norm, lr, epoch, bar)
+            loss, acc = _train_epoch(model, loader, opt, sched, dev, augment, aug_gen, max_grad_norm, lr, epoch, bar,
+                                     layout)
             hist["loss"].append(loss)
             hist["train_accuracy"].append(acc)
             if test_pre is not None:

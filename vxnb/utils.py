@@ -32,6 +32,7 @@ __all__ = [
     "check_layer_names",
     "check_image_batch",
     "eval_mode",
+    "torch_threads",
     "describe",
     "TERMINAL_PROGRESS_ENV",
     "mirror_progress_to_terminal",
@@ -237,6 +238,23 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads (``torch.set_num_threads``), restored
+    afterwards; ``None``: as set. On the CPU, sums inside convolutions and matrix products are
+    split by thread, so the same training run gives other weights (by ~1e-7) on another thread
+    count: a fixed count makes them the same on every machine."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def describe(x: Any) -> str:

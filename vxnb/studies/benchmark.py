@@ -61,7 +61,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from vxnb._checks import check_choice, check_positive_int, check_positive_number, check_unique_items
+from vxnb._checks import check_choice, check_int, check_positive_int, check_positive_number, check_unique_items
 from vxnb.data.an8flower import N_FOLDS, check_fold
 from vxnb.data.an8flower.render import check_variant
 from vxnb.evaluate.iou import DEFAULT_THRESHOLDS, curve_area, iou_auc, iou_curve, iou_per_image
@@ -632,7 +632,8 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
                   coverage: Sequence[float] = DEFAULT_COVERAGE, layer: str | None = None,
                   combine: str | Sequence[str] = ("weighted", "max"), quantus: bool = True,
                   quantus_images: int | None = 100, judge: str = "fast",
-                  recompute: bool = False, save: bool = True, progress: bool = True) -> BenchmarkResult:
+                  recompute: bool = False, save: bool = True, progress: bool = True,
+                  train_workers: int | None = None) -> BenchmarkResult:
     """The five-fold an8Flower benchmark (Table 1) and the box-occlusion study.
 
     Args:
@@ -657,6 +658,10 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
         save: write per_fold, table1, curves, occlusion and timings as CSV into the benchmark's
             run folder (:func:`benchmark_config`) with :func:`vxnb.studies.runs.save_table`.
         progress: progress bars (folds, methods, training).
+        train_workers: the fold models whose checkpoints are missing are trained first, this many
+            at a time in worker processes (:func:`vxnb.studies.runs.train_models`; 1: in this
+            process; None: one per CPU core). The same weights for any value, so it is in no key;
+            each fold's share of the wall time is its ``training`` row in ``timings``.
     """
 
     if config is None:
@@ -673,9 +678,12 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
                    coverage=tuple(coverage), layer=layer, combine=_check_combines(combine), quantus=bool(quantus),
                    quantus_images=check_positive_int(quantus_images, "quantus_images", allow_none=True),
                    judge=_check_judge(judge))
+    if train_workers is not None:
+        train_workers = check_int(train_workers, "train_workers", 1, None, "or None (one per CPU core)")
     jobs = [(v, f) for v, fs in plan.items() for f in fs]
     frames: dict[str, list] = {name: [] for name in ("per_fold", "curves", "occlusion", "timings", "per_image",
                                                      "quantus", "top_features")}
+    _train_fold_models(config, jobs, train_workers, progress, frames["timings"])
     bar = tqdm(jobs, desc="an8Flower folds", disable=None if progress else True)
     for variant, fold in bar:
         bar.set_postfix(variant=variant, fold=fold)
@@ -699,6 +707,24 @@ def run_benchmark(config: Any = None, *, variants: str | Sequence[str] = ("singl
     if save:
         result.files = _save_tables(result, benchmark_config(config), "-".join(plan))
     return result
+
+
+def _train_fold_models(config: Any, jobs: list[tuple[str, int]], workers: int | None, progress: bool,
+                       timings: list[dict]) -> None:
+    """Train the missing fold models of ``jobs`` ((variant, fold) pairs) up front, ``workers`` at
+    a time (:func:`vxnb.studies.runs.train_models`); each trained fold gets a ``training`` row in
+    ``timings`` with its share of the wall time."""
+    if config.spec.reference_model is None:  # the user's model: never trained here
+        return
+    configs = {}
+    for v, f in jobs:
+        cfg = fold_config(config, v, f)
+        configs[cfg.run_name] = (v, f, cfg)
+    done = runs.train_models([c for _, _, c in configs.values()], workers=workers, progress=progress)
+    for name in done["trained"]:
+        v, f, _ = configs[name]
+        timings.append({"variant": v, "fold": f, "phase": "training", "cached": False,
+                        "seconds": done["seconds"] / len(done["trained"])})
 
 
 def _add_fold_rows(frames: dict[str, list], res: Mapping[str, Any], variant: str, fold: int,

@@ -20,6 +20,8 @@ one process at a time under a file lock, written atomically and indexed, so
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from .. import _store
 from .._checks import check_int, check_path, check_positive_int
@@ -39,7 +42,8 @@ from .datasets import DATASET_SPECS, DatasetSpec, dataset_spec, user_model
 
 __all__ = ["RunConfig", "DATASETS", "load_data", "get_model", "get_features", "get_lasso_path",
            "run_dir", "user_model", "gram_memory_check", "feature_count", "describe_model",
-           "data_record", "split_key", "checkpoint_key", "checkpoint_dir", "save_table", "table_key", "data_ok",
+           "data_record", "split_key", "checkpoint_key", "checkpoint_dir", "train_models", "default_train_workers",
+           "save_table", "table_key", "data_ok",
            "ARTIFACT_VERSIONS", "register_artifact", "artifact_versions"]
 
 #: Format versions of the artifacts this module writes (part of their keys).
@@ -91,6 +95,12 @@ MIN_TRAIN_ACCURACY = 0.5
 TRAIN_ATTEMPTS = 3
 #: Runs of fewer epochs are not retried: a low accuracy there is under-training, not a stall.
 MIN_EPOCHS_TO_RETRY = 3
+#: Torch threads a reference model trains with (in its checkpoint key): on the CPU the weights
+#: depend on the thread count, so one count gives the same model on every machine, in-process
+#: or in any worker of :func:`train_models` (issue 26).
+TRAIN_THREADS = 1
+#: The most worker processes :func:`train_models` starts by default.
+MAX_TRAIN_WORKERS = 8
 
 
 def _is_int(value: Any) -> bool:
@@ -332,7 +342,7 @@ def split_key(cfg: RunConfig, split: str, dataset: Any) -> str:
 def _checkpoint_settings(cfg: RunConfig) -> dict[str, Any]:
     s = {"dataset": cfg.dataset, "seed": cfg.seed, "train_limit": cfg.train_limit,
          "epochs": cfg.spec.epochs(cfg),
-         "min_train_accuracy": MIN_TRAIN_ACCURACY, "train_attempts": TRAIN_ATTEMPTS}
+         "min_train_accuracy": MIN_TRAIN_ACCURACY, "train_attempts": TRAIN_ATTEMPTS, "train_threads": TRAIN_THREADS}
     s.update(cfg.spec.checkpoint_settings(cfg))
     options = cfg.spec.train_options(cfg)
     if options:  # only where a dataset has them: the other datasets' keys stay as they were
@@ -407,7 +417,7 @@ def _train(cfg: RunConfig, data, progress: bool):
         seed_everything(seed)  # the initial weights too: the same config gives the same model
         model = cfg.spec.build_reference_model(cfg, classes)
         history = models.train_model(model, train, test, epochs=epochs, seed=seed, progress=progress,
-                                     **cfg.spec.train_options(cfg))
+                                     **{"threads": TRAIN_THREADS, **cfg.spec.train_options(cfg)})
         # a stall: by the held-out validation images where there are some (a run stopped after its
         # first epoch has a low accuracy on that epoch's dropout pass and may still be right)
         acc = (history.get("val_accuracy") or history["train_accuracy"])[-1]
@@ -436,6 +446,122 @@ def _train(cfg: RunConfig, data, progress: bool):
         "train_attempts": attempts,
     }
     return model, meta
+
+
+def default_train_workers(configs: list[RunConfig]) -> int:
+    """How many worker processes :func:`train_models` starts for ``configs`` (the models it will
+    train) by default: one per usable CPU core, at most :data:`MAX_TRAIN_WORKERS` and one per model;
+    1 (in-process) for one model or for quick (CI) models, which train in less time than a worker
+    takes to start."""
+    if len(configs) <= 1 or all(cfg.quick for cfg in configs):
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(len(configs), cores, MAX_TRAIN_WORKERS))
+
+
+def _train_in_worker(cfg: RunConfig) -> tuple[str, float]:
+    """A worker's job: the run's checkpoint, trained and written as :func:`get_model` does it.
+    (its run name, training seconds)."""
+    _, meta = get_model(cfg, progress=False)
+    return cfg.run_name, float((meta.get("history") or {}).get("seconds") or 0.0)
+
+
+def _init_worker(parent: int) -> None:
+    torch.set_num_threads(TRAIN_THREADS)  # the reading and checks around training too: one core each
+    import threading
+
+    def watch() -> None:  # the parent died (killed, its kernel restarted): stop, leaving no orphan training
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def train_models(configs: Any, *, workers: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train the reference models of ``configs`` (RunConfigs) whose checkpoints are not there yet,
+    ``workers`` at a time, each in its own process with :data:`TRAIN_THREADS` torch thread(s),
+    and write each checkpoint as :func:`get_model` does (atomically, under its content key).
+
+    Every model trains with the same thread count wherever it trains, so the weights are the same
+    bit for bit for any ``workers`` (``workers`` is in no key). On a few cores, small convolutions
+    at batch 32 use a second thread poorly: two one-thread workers train about twice the models
+    per second that one two-thread process does.
+
+    Args:
+        configs: the runs (e.g. the benchmark's folds); configs of the same checkpoint are trained
+            once; a folder run (the user's model) is never trained and is skipped.
+        workers: processes at a time (``spawn`` context, so it also runs from a notebook kernel;
+            a script that calls it needs Python's usual ``if __name__ == "__main__":`` guard);
+            1: in this process, one model after the other; None: :func:`default_train_workers`.
+        progress: a ``tqdm.auto`` bar over the models.
+
+    Returns ``{"trained": [run names], "workers": n, "seconds": wall-clock}``. A model whose
+    training fails (an error, or its worker killed) is named in the RuntimeError raised after the
+    other models finished; nothing of it is written (a checkpoint is renamed into place only
+    when complete), and the models that finished keep their checkpoints.
+    """
+    if isinstance(configs, RunConfig) or not hasattr(configs, "__iter__"):
+        raise TypeError(f"configs: expected a sequence of RunConfig, got {type(configs).__name__}")
+    configs = list(configs)
+    for i, cfg in enumerate(configs):
+        if not isinstance(cfg, RunConfig):
+            raise TypeError(f"configs[{i}]: expected a RunConfig, got {type(cfg).__name__}")
+    if workers is not None:
+        workers = check_int(workers, "workers", 1, None, "or None (one per CPU core)")
+    start = time.perf_counter()
+    todo: dict[str, RunConfig] = {}
+    for cfg in configs:  # data rendered here first (by the key), so no two workers render the same images
+        if cfg.spec.reference_model is not None and not checkpoint_dir(cfg).exists():
+            todo.setdefault(checkpoint_key(cfg), cfg)
+    jobs = list(todo.values())
+    n = default_train_workers(jobs) if workers is None else min(workers, max(1, len(jobs)))
+    bar = tqdm(total=len(jobs), desc=f"training {len(jobs)} models ({n} at a time)",
+               disable=None if progress and jobs else True)
+    failed: list[tuple[str, BaseException]] = []
+    try:
+        if n == 1:
+            for cfg in jobs:
+                try:
+                    get_model(cfg, progress=False)
+                except Exception as err:  # noqa: BLE001 - named below, with the others
+                    failed.append((cfg.run_name, err))
+                bar.update(1)
+        else:
+            failed = _train_in_pool(jobs, n, bar)
+    finally:
+        bar.close()
+    if failed:
+        names = ", ".join(f"{name} ({type(err).__name__}: {err})" for name, err in failed)
+        raise RuntimeError(f"training failed for {len(failed)} of {len(jobs)} models: {names}; nothing of theirs "
+                           "was written (the others' checkpoints are kept)") from failed[0][1]
+    return {"trained": [cfg.run_name for cfg in jobs], "workers": n, "seconds": time.perf_counter() - start}
+
+
+def _train_in_pool(jobs: list[RunConfig], workers: int, bar: Any) -> list[tuple[str, BaseException]]:
+    """Train ``jobs`` in ``workers`` spawned processes; the (run name, error) of each that failed."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    failed: list[tuple[str, BaseException]] = []
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=(os.getpid(),))
+    try:
+        futures = {pool.submit(_train_in_worker, cfg): cfg for cfg in jobs}
+        for fut in as_completed(futures):
+            try:
+                fut.result()
+            except Exception as err:  # noqa: BLE001 - a worker's error or its death (BrokenProcessPool)
+                failed.append((futures[fut].run_name, err))
+            bar.update(1)
+    except BaseException:  # interrupted (KeyboardInterrupt): start no more models
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return failed
 
 
 def describe_model(meta: dict[str, Any], accuracy: float, n_test: int) -> str:

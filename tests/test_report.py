@@ -416,6 +416,22 @@ def test_timing_summary_per_notebook_and_phase(tmp_path):
     assert "phase" not in timing_summary(entries, tmp_path / "missing")
 
 
+def test_timing_summary_of_a_second_run_whose_folds_were_all_read_back(tmp_path):
+    # every fold of the timings tables was cached: a second `make report` crashed here (max() of
+    # an empty sequence) after writing every page
+    import pandas as pd
+
+    from vxnb.report import timing_summary
+
+    bench = tmp_path / "benchmark-x"
+    bench.mkdir()
+    pd.DataFrame({"phase": ["model", "scores"], "seconds": [30.0, 5.0],
+                  "cached": [True, True]}).to_csv(bench / "timings-views.csv", index=False)
+    text = timing_summary([{"notebook": "05_bench.ipynb", "seconds": 9.0, "ok": True}], tmp_path)
+    assert text.splitlines()[-1] == "time per phase: no benchmark fold computed in this run (all read back from the store)"
+    assert "model" not in text
+
+
 def test_plotly_bundle_is_shared_beside_the_pages_unless_self_contained(tmp_path):
     # plotly's notebook renderer writes the whole plotly.js into the page (4.8 MB per page)
     bundle = "/**\n* plotly.js v9.8.7\n* MIT\n*/\n(function(){window.Plotly = {newPlot: function(){}};})();"

@@ -725,8 +725,11 @@ def timing_summary(entries: list[dict[str, Any]], runs_root: str | Path | None =
                 if "cached" in frame.columns:
                     frame = frame[~frame["cached"].astype(bool)]
                 frames.append(frame)
-    if frames:
-        phases = pd.concat(frames).groupby("phase", sort=False)["seconds"].agg(["sum", "count"])
+    computed = [f for f in frames if len(f)]
+    if frames and not computed:  # a second run: every fold read back from the store
+        lines.append("time per phase: no benchmark fold computed in this run (all read back from the store)")
+    if computed:
+        phases = pd.concat(computed).groupby("phase", sort=False)["seconds"].agg(["sum", "count"])
         phases = phases.sort_values("sum", ascending=False)
         pw = max(len(str(p)) for p in phases.index)
         lines.append("time per phase (folds computed in this run, from timings-*.csv):")

@@ -153,3 +153,28 @@ def test_tiny_vit_run_scores_every_row_and_each_layer_choice(tmp_path):
     assert list(times.index) == [("vit", 0), ("vit:blocks", 0), ("vit:mlp", 0)]
     assert times["total_seconds"].to_numpy() == pytest.approx(
         (times["train_seconds"] + times["features_seconds"] + times["score_seconds"]).to_numpy())
+
+
+def test_models_train_at_the_reference_thread_count_whatever_the_caller_uses(tmp_path, monkeypatch):
+    # on the CPU the weights depend on torch's thread count: the modern models train with
+    # runs.TRAIN_THREADS like every reference model (the same weights at 1 or 2 caller threads),
+    # and that count is in their key
+    cfg, data = _fake_fold(tmp_path)
+    quick = {"epochs": 1, "batch_size": 6}
+    before = torch.get_num_threads()
+    states = []
+    try:
+        for threads, root in ((1, "a"), (2, "b")):
+            torch.set_num_threads(threads)
+            c = runs.RunConfig(**{**cfg.__dict__, "runs_root": str(tmp_path / root)})
+            model, meta = modern.get_modern_model(c, "convnext", quick, data=data, progress=False)
+            assert meta["loaded"] is False and torch.get_num_threads() == threads  # the caller's count restored
+            states.append(model.state_dict())
+    finally:
+        torch.set_num_threads(before)
+    for (name, a), b in zip(states[0].items(), states[1].values()):
+        assert torch.equal(a, b), name
+    recipe = modern.modern_recipe("convnext", overrides=quick)
+    key = modern.modern_model_key(cfg, "convnext", recipe, 6)
+    monkeypatch.setattr(runs, "TRAIN_THREADS", 2)
+    assert modern.modern_model_key(cfg, "convnext", recipe, 6) != key

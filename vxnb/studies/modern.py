@@ -140,7 +140,7 @@ def modern_model_key(cfg: Any, arch: str, recipe: Mapping[str, Any], n_classes: 
 def _model_settings(cfg: Any, arch: str, recipe: Mapping[str, Any], n_classes: int) -> dict[str, Any]:
     return {"arch": arch, "recipe": dict(recipe), "n_classes": int(n_classes), "size": cfg.size,
             "seed": cfg.seed, "train_limit": cfg.train_limit, "variant": cfg.variant, "folds": cfg.folds,
-            "test_fold": cfg.test_fold}
+            "test_fold": cfg.test_fold, "train_threads": runs.TRAIN_THREADS}
 
 
 def get_modern_model(cfg: Any, arch: str, recipe: Mapping[str, Any] | None = None, *,
@@ -170,8 +170,9 @@ def get_modern_model(cfg: Any, arch: str, recipe: Mapping[str, Any] | None = Non
 
     def compute() -> dict[str, Any]:
         model = build()
+        # one torch thread, as every reference model: on the CPU the weights depend on the thread count
         hist = train_model(model, train, test, epochs=recipe["epochs"], seed=cfg.seed, device="cpu",
-                           progress=progress, **train_opts)
+                           progress=progress, threads=runs.TRAIN_THREADS, **train_opts)
         meta = {"arch": arch, "key": key, "recipe": dict(recipe), "classes": list(classes),
                 "test_accuracy": hist.get("final_test_accuracy"), "train_seconds": hist["seconds"],
                 "train_cpu_seconds": hist["cpu_seconds"], "threads": torch.get_num_threads(), "history": hist}

@@ -76,8 +76,9 @@ def notebook_summary(path: str | Path) -> tuple[str, str]:
 #: the run lacks what it needs. ``full-setting-only``: prose whose numbers were measured in the
 #: full an8Flower setting (not quick), shown only in a report of that setting.
 NEEDS_MASKS, AN8FLOWER_ONLY, FULL_SETTING_ONLY = "needs-masks", "an8flower-only", "full-setting-only"
-#: Notebook 05's extended studies (counterfactual renders, planted shortcut, leaderboard, modern
-#: models): each trains or scores many more models; run only with ``-p extended_studies True``.
+#: Notebook 05's extended studies (the modern models; the counterfactual, shortcut and leaderboard
+#: sections run in every full an8Flower report, on Table 1's fold models): run only with
+#: ``-p extended_studies True``.
 EXTENDED_STUDIES = "extended-studies"
 
 

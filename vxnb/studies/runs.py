@@ -462,11 +462,9 @@ def default_train_workers(configs: list[RunConfig]) -> int:
     return max(1, min(len(configs), cores, MAX_TRAIN_WORKERS))
 
 
-def _train_in_worker(cfg: RunConfig) -> tuple[str, float]:
-    """A worker's job: the run's checkpoint, trained and written as :func:`get_model` does it.
-    (its run name, training seconds)."""
-    _, meta = get_model(cfg, progress=False)
-    return cfg.run_name, float((meta.get("history") or {}).get("seconds") or 0.0)
+def _train_in_worker(cfg: RunConfig) -> None:
+    """A worker's job: the run's checkpoint, trained and written as :func:`get_model` does it."""
+    get_model(cfg, progress=False)
 
 
 def _init_worker(parent: int) -> None:

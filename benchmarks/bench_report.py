@@ -6,7 +6,8 @@ Clones this repository's committed HEAD into a new folder, runs `make report` th
 - the wall time of `make report` (the data are rendered inside it) against the goal;
 - the report's own summary, time per notebook and per benchmark phase (its last lines);
 - every page's size against issue 26's 8 MB;
-- every fold model's test accuracy against issue 26's 99 % (from each checkpoint's meta.json).
+- every an8Flower model's test accuracy (Table 1's folds and the studies' models, such as the
+  planted shortcut's) against issue 26's 99 % (from each checkpoint's meta.json).
 
 The venv: by default the clone installs its own (`make venv`, timed apart: the goal counts the
 report, not the install). `--venv PATH` links an existing venv into the clone with hard links
@@ -145,7 +146,7 @@ def main() -> None:
         if accs:
             low = min(accs, key=lambda a: a[1])
             below = [n for n, a in accs if a < ACCURACY_GOAL]
-            print(f"fold models: {len(accs)}, test accuracy {low[1]:.4f} (lowest, {low[0]}) to "
+            print(f"an8Flower models (Table 1's folds and the studies'): {len(accs)}, test accuracy {low[1]:.4f} (lowest, {low[0]}) to "
                   f"{max(a for _, a in accs):.4f}; below {ACCURACY_GOAL:.0%}: {below or 'none'}")
     finally:
         if args.keep or args.dest is not None:

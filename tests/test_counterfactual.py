@@ -1,6 +1,8 @@
 """The counterfactual interpretation measures and selectors (issue 27 item 3), on hand-checkable cases."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -297,15 +299,28 @@ def test_find_shortcut_on_the_runs_probe(tmp_path):
 
 
 @pytest.mark.slow
-def test_shortcut_study_end_to_end(tmp_path):
+def test_shortcut_study_end_to_end(tmp_path, monkeypatch):
     """Tiny runs at rate 0 and 1: one row per class and rate, the summary's rates are the
-    shares of classes detected, and the rate-1 model was trained on its own renders."""
+    shares of classes detected, and the rate-1 model was trained on its own renders. The models
+    of the runs without a stored table go to ``runs.train_models`` first (all of them, the first
+    time; none once the tables are stored), with the study's ``train_workers``."""
+    from vxnb.studies import runs
     from vxnb.studies.counterfactual import shortcut_study
     from vxnb.studies.runs import RunConfig
 
+    calls = []
+    real = runs.train_models
+
+    def spy(configs, *, workers=None, progress=True):
+        calls.append(([runs.run_dir(c).name for c in configs], workers))
+        return real(configs, workers=workers, progress=progress)
+    monkeypatch.setattr(runs, "train_models", spy)
     cfg = RunConfig(size=32, quick=True, train_limit=240, epochs=1, data_root=str(tmp_path / "data"),
                     runs_root=str(tmp_path / "runs"))
-    table, summary = shortcut_study(cfg, rate=1.0, k=3, top_n=4, progress=False)
+    table, summary = shortcut_study(cfg, rate=1.0, k=3, top_n=4, progress=False, train_workers=1)
+    assert calls == [(["an8flower-single-6c-s32-f0-seed0-quick-e1-n240",
+                       "an8flower-single-6c-s32-f0-dr1-seed0-quick-e1-n240"], 1)]
+    assert all(runs.checkpoint_dir(dataclasses.replace(cfg, distractor_rate=r)).exists() for r in (0.0, 1.0))
     assert sorted(set(table["distractor_rate"])) == [0.0, 1.0]
     assert (table.groupby("distractor_rate").size() == 6).all()
     assert table["best"].between(0, 1).all() and table["probe_accuracy"].between(0, 1).all()
@@ -315,8 +330,15 @@ def test_shortcut_study_end_to_end(tmp_path):
     names = sorted(p.parent.name for p in (tmp_path / "runs").rglob("shortcut-k3-mu10-p1.csv"))
     assert names == ["an8flower-single-6c-s32-f0-dr1-seed0-quick-e1-n240",
                      "an8flower-single-6c-s32-f0-seed0-quick-e1-n240"]
+    again, _ = shortcut_study(cfg, rate=1.0, k=3, top_n=4, progress=False)
+    assert calls[1] == ([], None)
+    pd.testing.assert_frame_equal(again, table)
     with pytest.raises(ValueError, match="rate"):
         shortcut_study(cfg, rate=1.5)
+    with pytest.raises(ValueError, match="train_workers"):
+        shortcut_study(cfg, rate=1.0, train_workers=0)
+    with pytest.raises(TypeError, match="top_k"):
+        shortcut_study(cfg, rate=1.0, top_k=3)
 
 
 def _misses(root, since: float) -> dict[str, set[str]]:

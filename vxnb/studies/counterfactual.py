@@ -34,6 +34,7 @@ detection rate for the shortcut model and the false-alarm rate for the rate-0 mo
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -42,7 +43,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from vxnb import _store
-from vxnb._checks import check_positive_int
+from vxnb._checks import check_int, check_positive_int
 from vxnb.evaluate.counterfactual import (SELECTORS, causal_specificity, compare_selectors, crp_channel_relevance,
                                           distractor_precision, mean_ci, part_precision, select_features,
                                           selection_frame, shortcut_detection)
@@ -64,17 +65,25 @@ runs.register_artifact("counterfactual-table", COUNTERFACTUAL_VERSION)
 runs.register_artifact("shortcut-table", SHORTCUT_VERSION)
 
 
+def _table_address(cfg: runs.RunConfig, kind: str, version: int, settings: dict[str, Any]
+                   ) -> tuple[Path, str, dict[str, Any], str]:
+    """Where a run's result table of ``kind`` is stored and under which key: (path, key, inputs,
+    checkpoint key). Computed from the settings alone, so nothing is trained or loaded."""
+    ckey = runs.checkpoint_key(cfg)
+    inputs = {"checkpoint": ckey, **benchmark.fold_inputs(cfg)}
+    key = _store.key(kind, settings, inputs, version)
+    return runs.run_dir(cfg) / f"{kind.split('-')[0]}-{key}.csv", key, inputs, ckey
+
+
 def _stored_table(cfg: runs.RunConfig, kind: str, version: int, settings: dict[str, Any], compute, *,
                   recompute: bool = False) -> pd.DataFrame:
     """A run's result table through the store: ``<kind>-<key>.csv`` in the run folder, keyed by
     ``settings``, the run's checkpoint and the settings that pick its features
     (``benchmark.fold_inputs``), so a second call with the same settings reads it back and a
     retrained model or other data never does."""
-    ckey = runs.checkpoint_key(cfg)
-    inputs = {"checkpoint": ckey, **benchmark.fold_inputs(cfg)}
-    key = _store.key(kind, settings, inputs, version)
+    path, key, inputs, ckey = _table_address(cfg, kind, version, settings)
     table, _ = _store.load_or_compute(
-        runs.run_dir(cfg) / f"{kind.split('-')[0]}-{key}.csv", key, kind, compute,
+        path, key, kind, compute,
         load=lambda f: pd.read_csv(f, dtype={"layer": str, "class_name": str}),
         save=lambda t, tmp: t.to_csv(tmp, index=False), recompute=recompute, settings=settings, inputs=inputs,
         upstream=[ckey], version=version, root=cfg.runs_dir)
@@ -304,17 +313,24 @@ def shortcut_run(cfg: runs.RunConfig, *, k: int = 5, mu: float = 10.0, mu_max: f
     table is stored by content key (settings and checkpoint): a second call reads it back;
     ``recompute``: compute it again."""
     cfg = _check_an8flower(cfg)
+    settings = _shortcut_settings(k=k, mu=mu, mu_max=mu_max, top_n=top_n, threshold=threshold, probe_rate=probe_rate)
+    k, probe_rate = settings["k"], settings["probe_rate"]
+    out = _stored_table(cfg, "shortcut-table", SHORTCUT_VERSION, settings,
+                        lambda: _shortcut_table(cfg, progress=progress, **settings), recompute=recompute)
+    runs.save_table(cfg, f"shortcut-k{k}-mu{mu:g}-p{probe_rate:g}", out)
+    return out
+
+
+def _shortcut_settings(*, k: int = 5, mu: float = 10.0, mu_max: float = 50.0, top_n: int = 20,
+                       threshold: float = 0.5, probe_rate: float = 1.0) -> dict[str, Any]:
+    """:func:`shortcut_run`'s settings, checked: the key of its stored table."""
     k = check_positive_int(k, "k")
     top_n = check_positive_int(top_n, "top_n")
     probe_rate = _check_rate(probe_rate, "probe_rate")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
         raise ValueError(f"threshold: expected a number in (0, 1], got {describe(threshold)}")
-    settings = {"k": k, "mu": float(mu), "mu_max": float(mu_max), "top_n": top_n, "threshold": float(threshold),
-                "probe_rate": probe_rate}
-    out = _stored_table(cfg, "shortcut-table", SHORTCUT_VERSION, settings,
-                        lambda: _shortcut_table(cfg, progress=progress, **settings), recompute=recompute)
-    runs.save_table(cfg, f"shortcut-k{k}-mu{mu:g}-p{probe_rate:g}", out)
-    return out
+    return {"k": k, "mu": float(mu), "mu_max": float(mu_max), "top_n": top_n, "threshold": float(threshold),
+            "probe_rate": probe_rate}
 
 
 def _shortcut_table(cfg: runs.RunConfig, *, k: int, mu: float, mu_max: float, top_n: int, threshold: float,
@@ -340,22 +356,34 @@ def _shortcut_table(cfg: runs.RunConfig, *, k: int, mu: float, mu_max: float, to
 
 
 def shortcut_study(cfg: runs.RunConfig, *, rate: float = 0.5, folds: Sequence[int] = (0,), seeds: Sequence[int] = (0,),
-                   progress: bool = True, **kwargs: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   progress: bool = True, train_workers: int | None = None, **kwargs: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
     """:func:`shortcut_run` for a model trained at distractor rate 0 and one at ``rate`` (a
     planted shortcut), on every (fold, seed). Returns (table, summary): the summary has one row
     per rate -- role ("false alarm" at rate 0, "detection" at ``rate``), n (classes × units),
     the share of classes whose features found the distractor (``rate_found``) with its 95 %
-    interval over the (fold, seed) units, and the mean test and probe accuracies."""
+    interval over the (fold, seed) units, and the mean test and probe accuracies.
+
+    The models of the runs whose table is not stored yet are trained first, ``train_workers``
+    at a time (:func:`vxnb.studies.runs.train_models`; None: one per CPU core); ``kwargs`` go to
+    :func:`shortcut_run`."""
     cfg = _check_an8flower(cfg)
     rate = _check_rate(rate, "rate")
     if isinstance(folds, (int, str)) or not folds or any(not isinstance(f, int) or not 0 <= f < 5 for f in folds):
         raise ValueError(f"folds: expected a list of ints in 0..4, got {folds!r}")
     if isinstance(seeds, (int, str)) or not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
         raise ValueError(f"seeds: expected a list of ints >= 0, got {seeds!r}")
-    units = [(r, f, s) for r in (0.0, rate) for f in folds for s in seeds]
-    tables = [shortcut_run(dataclasses.replace(cfg, distractor_rate=r, test_fold=f, seed=s, name=None),
-                           progress=progress, **kwargs)
-              for r, f, s in tqdm(units, desc="shortcut runs", disable=None if progress else True)]
+    if train_workers is not None:
+        train_workers = check_int(train_workers, "train_workers", 1, None, "or None (one per CPU core)")
+    settings = _shortcut_settings(**{k: v for k, v in kwargs.items() if k != "recompute"})
+    cfgs = [dataclasses.replace(cfg, distractor_rate=r, test_fold=f, seed=s, name=None)
+            for r in (0.0, rate) for f in folds for s in seeds]
+    # the models of the runs whose table is not stored yet, trained up front in parallel workers
+    # (runs.train_models skips those whose checkpoint is there: at rate 0, Table 1's folds)
+    pending = [c for c in cfgs if kwargs.get("recompute")
+               or not _table_address(c, "shortcut-table", SHORTCUT_VERSION, settings)[0].exists()]
+    runs.train_models(pending, workers=train_workers, progress=progress)
+    tables = [shortcut_run(c, progress=progress, **kwargs)
+              for c in tqdm(cfgs, desc="shortcut runs", disable=None if progress else True)]
     table = pd.concat(tables, ignore_index=True)
     rows = []
     for r, part in table.groupby("distractor_rate", sort=True):

@@ -144,3 +144,37 @@ def test_papermill_is_quiet_about_run_settings_only(caplog):
         log.warning("Passed unknown parameter: dataset")
         log.warning("Passed unknown parameter: zzz")
     assert [r.getMessage() for r in caplog.records] == ["Passed unknown parameter: zzz"]
+
+
+def test_each_notebook_is_given_the_run_settings_and_its_own_parameters_only(tmp_path, monkeypatch):
+    """``-p extended_studies True -p n_images 5``: notebook 05 gets extended_studies, notebook 06
+    n_images, neither gets the other's, both get the run's settings and ``quick`` (papermill
+    warns about every injected name a notebook does not declare)."""
+    from vxnb.studies.parameters import NOTEBOOK_PARAMETERS, parameters_for
+
+    params = {"quick": True, "seed": 3, "extended_studies": True, "n_images": 5, "mu": 4.0}
+    nb = report.find_notebooks(None)
+    by_stem = {p.stem: p for p in nb}
+    assert parameters_for(by_stem["05_an8flower_benchmark"], params) == {
+        "quick": True, "seed": 3, "extended_studies": True, "mu": 4.0}
+    assert parameters_for(by_stem["06_sanity_check"], params) == {"quick": True, "seed": 3, "n_images": 5, "mu": 4.0}
+    user = tmp_path / "mine.ipynb"  # a user's notebook: its parameters cell's names are its own
+    user.write_text(json.dumps({"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]},
+                                           "source": ["n_images = 2\n"], "outputs": [], "execution_count": None}],
+                                "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    assert parameters_for(user, params) == {"quick": True, "seed": 3, "n_images": 5}
+
+    given = {}
+
+    def fake_run(path, out_dir, parameters, **kwargs):
+        given[path.stem] = dict(parameters)
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(report, "run_notebook", fake_run)
+    monkeypatch.setattr(report, "prepare_static", lambda out: "static")
+    report.build_report(quick=True, out_dir=tmp_path / "rep", parameters={"extended_studies": True, "n_images": 5},
+                        stop_on_error=False, raise_on_error=False)
+    assert set(given) == set(NOTEBOOK_PARAMETERS)
+    for stem, p in given.items():
+        assert ("extended_studies" in p) == (stem == "05_an8flower_benchmark")
+        assert ("n_images" in p) == (stem == "06_sanity_check")
+        assert p["quick"] is True

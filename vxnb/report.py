@@ -645,6 +645,8 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
     kernels get that working folder as ``$VXNB_HOME``, so their ``data/`` and ``runs/`` are
     the caller's; the shipped notebooks run there, a folder of your own (``notebooks``) in itself.
     """
+    from .studies.parameters import parameters_for
+
     params = {"quick": bool(quick)}
     params.update(parameters or {})
     check_report_parameters(params, notebooks, quick=quick)  # before any work
@@ -668,7 +670,8 @@ def build_report(*, quick: bool = False, out_dir: str | Path | None = None,
             # progress bars also reach this terminal
             with _environ(HOME_ENV, str(home)), _environ(OFFLINE_ENV, "1"), _environ(REPORT_DIR_ENV, str(out)), \
                     _environ(TERMINAL_PROGRESS_ENV, "1" if progress else ""):
-                executed = run_notebook(nb, out, params, progress=progress, cwd=cwd, skip_tags=skip)
+                executed = run_notebook(nb, out, parameters_for(nb, params), progress=progress, cwd=cwd,
+                                        skip_tags=skip)
             for page in pages:
                 export_html(executed, page, static_url=static_url, no_input=page.name.endswith(NO_INPUT_SUFFIX),
                             self_contained=self_contained)

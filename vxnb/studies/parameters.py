@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from .runs import RunConfig
 
-__all__ = ["NotebookParameter", "NOTEBOOK_PARAMETERS", "RUN_PARAMETERS", "notebook_parameters",
+__all__ = ["NotebookParameter", "NOTEBOOK_PARAMETERS", "RUN_PARAMETERS", "notebook_parameters", "parameters_for",
            "parameters_cell", "check_parameters"]
 
 
@@ -198,6 +198,15 @@ def notebook_parameters(path: str | Path) -> dict[str, NotebookParameter | None]
                       for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
                       if isinstance(t, ast.Name)]
     return {name: None for name in names if name not in RUN_PARAMETERS and name != "quick"}
+
+
+def parameters_for(path: str | Path, parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The report's ``parameters`` a notebook is given: the run's settings (and ``quick``), which
+    every notebook reads, and the notebook's own (:func:`notebook_parameters`); another notebook's
+    parameter is left out, so papermill does not inject (and warn about) a name the notebook does
+    not declare."""
+    own = notebook_parameters(path)
+    return {k: v for k, v in parameters.items() if k in RUN_PARAMETERS or k == "quick" or k in own}
 
 
 def check_parameters(parameters: Mapping[str, Any], notebooks: Iterable[str | Path] | None = None, *,

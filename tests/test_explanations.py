@@ -323,6 +323,58 @@ def test_ours_upsampled_is_bilinear_upsampling_of_the_same_channels(model, image
         np.testing.assert_allclose(got[b].numpy(), want, atol=1e-5)
 
 
+def _token_models():
+    """A tiny ViT (tokens (B, T, D), one class token) and a tiny Swin (channels-last (B, H, W, C)),
+    each with the layers a run describes by default and a hand-written grid of each layer's output."""
+    import torchvision
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                                               mlp_dim=32, num_classes=3).eval()
+    torch.manual_seed(0)
+    swin = SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=[2, 2],
+                           num_classes=3).eval()
+    on_grid = {"vit": lambda a: a[:, 1:].reshape(a.shape[0], 4, 4, a.shape[2]).permute(0, 3, 1, 2),
+               "swin": lambda a: a.permute(0, 3, 1, 2)}
+    return {"vit": (vit, ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1"], on_grid["vit"]),
+            "swin": (swin, ["features.1.0", "features.3.0"], on_grid["swin"])}
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_upsampled_activation_of_a_token_layer_is_drawn_on_its_grid(arch):
+    """Table 1's Upsam. Act. on a transformer: each feature's map is its channel of the layer's
+    patch tokens put on their grid by hand (ViT: class token dropped, 4 x 4 patches; Swin:
+    (B, H, W, C) permuted), ReLU'd, upsampled bilinearly and min-max normalised. (They were
+    left undrawn, all-zero maps, before.)"""
+    model, layers, on_grid = _token_models()[arch]
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    acts = {}
+    hooks = [dict(model.named_modules())[n].register_forward_hook(
+        lambda mod, i, o, n=n: acts.__setitem__(n, o.detach())) for n in layers]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    widths = [int(on_grid(acts[n]).shape[1]) for n in layers]
+    columns = feature_columns(model, layers, widths)
+    W = np.zeros((len(columns), 3))
+    W[[1, 5, widths[0] + 2, widths[0] + 7], :] = [[0.4, 0.3, 0.2], [1.0, 0.5, 0.1], [0.7, 0.9, 0.3], [0.2, 0.6, 0.8]]
+    rel = E.Relevance(W, columns, ["a", "b", "c"], mu=3.0)
+    hk, r, feats = E.feature_heatmaps(model, rel, x, k=3, targets=0, draw="upsampled")
+    assert feats["drawn"].all() and len(feats) == 6
+    n_maps = 0
+    for i, f in feats.iterrows():
+        a = on_grid(acts[f["layer"]])[int(f["image"]), int(f["channel"])].clamp_min(0)
+        up = torch.nn.functional.interpolate(a[None, None], size=(32, 32), mode="bilinear",
+                                             align_corners=False)[0, 0].numpy()
+        want = _minmax_np(np.maximum(up, 0))
+        n_maps += int(want.max() == 1)  # a channel negative everywhere (signed tokens) has a zero map
+        np.testing.assert_allclose(hk[int(f["image"]), int(f["rank"])].numpy(), want, atol=1e-5)
+        assert float(r[int(f["image"]), int(f["rank"])]) == pytest.approx(float(f["response"]))
+    assert n_maps >= 3
+
+
 # ============================================================================ issue 16's fast path
 def _reference_maps(model, image, features, resample):
     """The visualisations of ``features`` (layer, channel) of one image by the test oracle

@@ -81,7 +81,7 @@ def test_models_give_six_logits_and_rows_fit_the_arch(arch):
     with torch.no_grad():
         assert model(torch.rand(2, 3, 32, 32)).shape == (2, 6)
     assert ("attnlrp" in modern.modern_rows(arch)) == (arch == "vit")
-    assert ("ours_upsampled" in modern.modern_rows(arch)) == (arch != "vit")  # token maps: not drawn on a grid
+    assert "ours_upsampled" in modern.modern_rows(arch)  # token maps: drawn on their grid
     assert [r for r in modern.modern_rows(arch) if r != "ours_upsampled"][:3] == ["ours", "ours_deconv", "gradcam"]
 
 

@@ -55,7 +55,7 @@ from vxnb.deconv import run_backward
 from vxnb.features.hooks import layout as feature_layout
 from vxnb.utils import check_image_batch, eval_mode, get_module
 
-__all__ = ["METHODS", "METHOD_LABELS", "attribution", "attnlrp", "default_target_layer"]
+__all__ = ["METHODS", "METHOD_LABELS", "attribution", "attnlrp", "default_target_layer", "layer_maps"]
 
 METHODS: tuple[str, ...] = ("activation", "deconv_gb", "gradcam", "guided_gradcam", "gradcampp",
                             "guided_gradcampp")
@@ -143,6 +143,18 @@ def _to_maps(a: Tensor, kind: str, prefix: int, layer: str, size: tuple[int, int
     if a.dim() == 4 and kind == "last":
         return a.permute(0, 3, 1, 2)
     return a
+
+
+def layer_maps(model: nn.Module, layer: str, a: Tensor, size: tuple[int, int]) -> Tensor | None:
+    """``layer``'s output ``a`` as (B, C, h, w) maps: a convolutional map as it is, a token layer's
+    patch tokens (B, T, D) on their grid and a channels-last map (B, H, W, C) permuted
+    (:func:`vxnb.features.hooks.layout` says which), or None for an output without a spatial grid
+    (a fully connected layer's (B, D)). ``size``: the input's (H, W), whose aspect the token grid
+    takes."""
+    kind, prefix = feature_layout(model, layer)
+    if (a.dim() == 3 and kind in ("last", "tokens?")) or (a.dim() == 4 and kind == "last"):
+        return _to_maps(a, kind, prefix, layer, size)
+    return a if a.dim() == 4 else None
 
 
 def _token_gradcam(model: nn.Module, x: Tensor, module: nn.Module, t: Tensor,
@@ -295,12 +307,13 @@ def attribution(method: str, model: nn.Module, x: Tensor, target: int | Sequence
 
             def reshape(v: Tensor) -> Tensor:
                 return _to_maps(v, kind, prefix, layer, size)
-            if a.dim() != 4 and not tokens:
+            maps = layer_maps(model, layer, a, size)
+            if maps is None:
                 raise ValueError(f"layer: method {method!r} needs a convolutional layer (output (B, C, h, w)) or "
                                  f"a token layer ((B, T, D) / (B, H, W, C)); {layer!r} outputs shape "
                                  f"{tuple(a.shape)} (a fully connected layer?)")
             if method == "activation":
-                out = _activation(reshape(a), size, layer, channel)
+                out = _activation(maps, size, layer, channel)
             elif method in ("gradcampp", "guided_gradcampp"):
                 out = _gradcampp_raw(model, x, module, t, reshape if tokens else None)
                 if method == "guided_gradcampp":

@@ -253,7 +253,6 @@ def _layer_maps(model: nn.Module, x: Tensor, layer: str, chans: list[list[int]],
         out = rec.visualize(layer, chans[0], lay) if rec is not None else None
         return out if out is not None else visualize(model, x, layer, chans[0], resample=resample,
                                                      composite=composite, layout=lay)
-    B = x.shape[0]
     kind, prefix = _seed_layout(model, layer)
     pad = [c + [-1] * (K - len(c)) for c in chans]
     idx = torch.as_tensor(pad, dtype=torch.long, device=x.device)  # (B, K), -1 = no map
@@ -319,7 +318,11 @@ def _activation_maps_for_top(model: nn.Module, x: Tensor, top: pd.DataFrame, k: 
     """Upsampled activation maps (B, k, H, W) of the top-k features (ReLU'd channel map,
     bilinear to the input size, min-max normalised per map), their responses (B, k) and,
     per row of ``top``, whether it could be drawn: features of layers without a spatial
-    map (fully connected) get a zero map and response 0, i.e. are left out."""
+    map (fully connected) get a zero map and response 0, i.e. are left out. A token layer's
+    patch tokens and a channels-last map are put on their grid first
+    (:func:`vxnb.baselines.layer_maps`)."""
+    from .baselines import layer_maps
+
     B, _, H, W = x.shape
     h = torch.zeros((B, k, H, W), device=x.device, dtype=x.dtype)
     r = torch.zeros((B, k), device=x.device, dtype=x.dtype)
@@ -336,10 +339,11 @@ def _activation_maps_for_top(model: nn.Module, x: Tensor, top: pd.DataFrame, k: 
     finally:
         for hd in handles:
             hd.remove()
+    maps = {l: layer_maps(model, l, a, (H, W)) for l, a in acts.items()}  # tokens on their grid
     for i, (b, rk, layer, ch, resp) in enumerate(zip(top["image"], top["rank"], top["layer"], top["channel"],
                                                      top["response"])):
-        a = acts.get(layer)
-        if a is None or a.dim() != 4:
+        a = maps.get(layer)
+        if a is None:
             continue
         m = a[int(b):int(b) + 1, int(ch)].clamp_min(0)[:, None]  # as vxnb.baselines' "activation"
         if tuple(m.shape[-2:]) != (H, W):

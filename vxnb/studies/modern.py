@@ -195,14 +195,12 @@ def get_modern_model(cfg: Any, arch: str, recipe: Mapping[str, Any] | None = Non
 
 
 def modern_rows(arch: str) -> tuple[str, ...]:
-    """The rows that apply to ``arch``: AttnLRP for the ViT only; Upsam. Act. for the CNNs only
-    (drawn on a token layer its maps are constant today — IoU area 0.03 %, every map refused by
-    Quantus on five folds —, because the upsampled-activation drawing does not put the patch
-    tokens on their grid)."""
+    """The rows that apply to ``arch``: every row, AttnLRP for the ViT only (lxt's AttnLRP patches
+    ``nn.MultiheadAttention``). Upsam. Act. draws a token layer's channel on the patch grid
+    (:func:`vxnb.baselines.layer_maps`)."""
     if arch not in MODERN_ARCHS:
         raise ValueError(f"arch: expected one of {', '.join(MODERN_ARCHS)}, got {arch!r}")
-    vit = arch == "vit"
-    return tuple(r for r in MODERN_ROWS if (r != "attnlrp" or vit) and (r != "ours_upsampled" or not vit))
+    return tuple(r for r in MODERN_ROWS if r != "attnlrp" or arch == "vit")
 
 
 def _heatmaps(row: str, model: nn.Module, images: torch.Tensor, preds: torch.Tensor, relevant: Any,

@@ -294,3 +294,33 @@ def test_normalised_model_explains_an_expanded_batch():
     h = attribution("deconv_gb", m, x.expand(2, 3, 32, 32), torch.tensor([0, 1]))
     ref = torch.cat([attribution("deconv_gb", m, x, torch.tensor([c])) for c in (0, 1)])
     torch.testing.assert_close(h, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "convnext_tiny", "swin_t"])
+def test_a_users_modern_model_goes_through_the_whole_pipeline(shapes, tmp_path, arch):
+    """A user's EfficientNet, ConvNeXt or Swin (weights the test saves) on the user's folder:
+    default layers, features of the training split, the μ-lasso path, and each validation image
+    explained by its top features (issue 25). The explanation is the class's relevant features
+    drawn by DeconvNet + guided backprop: its features are the class's, its map non-constant,
+    and its responses are w·x of the run's own features."""
+    from vxnb.explanations import Relevance, explain
+
+    weights = save_weights(arch, tmp_path / f"{arch}.pt")
+    cfg = _cfg(shapes, tmp_path, model=arch, weights=str(weights), train_limit=12)
+    model, meta = runs.get_model(cfg)
+    assert meta["trained_here"] is False
+    feats = runs.get_features(cfg, model, "train")
+    assert feats.columns["layer"].unique().tolist() == features.default_layers(model)
+    path = runs.get_lasso_path(cfg, feats)
+    rel = Relevance.from_path(path, feats, mu=10.0)
+    _, val, _ = runs.load_data(cfg)
+    x = val[0][0]
+    e = explain(model, rel, x, k=3)
+    f = e.features
+    assert 1 <= len(f) <= 3
+    assert (f["weight"] > 0).all() and (f["response"] > 0).all()       # the explained class's relevant features
+    desc = features.descriptors(model, x[None], columns=feats.columns)[0].double().numpy()
+    np.testing.assert_allclose(f["x"].to_numpy(), desc[f["feature"].to_numpy()], rtol=1e-5)
+    np.testing.assert_allclose(f["response"].to_numpy(), (f["weight"] * f["x"]).to_numpy(), rtol=1e-6)
+    assert e.heatmaps.shape == (len(f), 32, 32) and float(e.combined.max() - e.combined.min()) > 0.1

@@ -219,6 +219,9 @@ def test_swin_and_maxvit_layer_choices_resolve_to_the_modules_they_claim():
     got = select_layers(maxvit, ch["maxvit"]["maxvit:mlp_hidden"])
     assert got == [f"blocks.{b}.layers.0.layers.{p}_attention.mlp_layer.2" for b in (0, 1) for p in ("window", "grid")]
     assert set(_layer_types(maxvit, got)) == {"GELU"}
+    assert select_layers(maxvit, ch["maxvit"]["maxvit:stem_blocks"]) == ["stem.0.2", "stem.1.0", *blocks]
+    assert select_layers(maxvit, ch["maxvit"]["maxvit:blocks_head"]) == [*blocks, "classifier.4"]
+    assert _layer_types(maxvit, ["stem.0.2", "stem.1.0", "classifier.4"]) == ["GELU", "Conv2d", "Tanh"]
     vit = modern.modern_model("vit", 6, 64)
     assert select_layers(vit, ch["vit"]["vit:mlp_hidden"]) == [f"encoder.layers.encoder_layer_{i}.mlp.1" for i in range(4)]
     assert set(ch) == {"vit", "swin", "maxvit"} and all(k.startswith(a + ":") for a in ch for k in ch[a])

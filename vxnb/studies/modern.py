@@ -50,14 +50,17 @@ _TRANSFORMERS = ("vit", "swin", "maxvit")
 #: normalised output). Swin: the Swin blocks ``features.k.j`` (the default adds the patch
 #: embedding's conv and the patch merging's reduction); their MLPs' GELU ``features.k.j.mlp.1``.
 #: MaxViT: the MBConv, window- and grid-attention outputs (the default adds the stem and the
-#: head's pre-logits); the window and grid attention's ``mlp_layer`` GELU.
+#: head's pre-logits; two more choices add only one of the two to the blocks); the window and grid
+#: attention's ``mlp_layer`` GELU.
 LAYER_CHOICES: dict[str, dict[str, Any]] = {
     "vit": {"vit:blocks": "encoder.layers.*", "vit:mlp_hidden": "encoder.layers.*.mlp.1",
             "vit:encoder_out": ["conv_proj", "encoder"]},
     "swin": {"swin:blocks": ["features.1.*", "features.3.*"],
              "swin:mlp_hidden": ["features.1.*.mlp.1", "features.3.*.mlp.1"]},
     "maxvit": {"maxvit:blocks": "blocks.*.layers.*.layers.*",
-               "maxvit:mlp_hidden": "blocks.*.layers.*.layers.*_attention.mlp_layer.2"},
+               "maxvit:mlp_hidden": "blocks.*.layers.*.layers.*_attention.mlp_layer.2",
+               "maxvit:stem_blocks": ["stem.0.2", "stem.1.0", "blocks.*.layers.*.layers.*"],
+               "maxvit:blocks_head": ["blocks.*.layers.*.layers.*", "classifier.4"]},
 }
 #: The rows: Table 1's (our features drawn three ways), Grad-CAM, AttnLRP (transformers only).
 MODERN_ROWS: tuple[str, ...] = ("ours", "ours_deconv", "ours_upsampled", "gradcam", "attnlrp")

@@ -214,6 +214,10 @@ def test_swin_and_maxvit_layer_choices_resolve_to_the_modules_they_claim():
     got = select_layers(swin, ch["swin"]["swin:mlp_hidden"])
     assert got == [f"features.{s}.{b}.mlp.1" for s in (1, 3) for b in (0, 1)]
     assert set(_layer_types(swin, got)) == {"GELU"}
+    sb = ["features.1.0", "features.1.1", "features.3.0", "features.3.1"]
+    assert select_layers(swin, ch["swin"]["swin:embed_blocks"]) == ["features.0.0", *sb]
+    assert select_layers(swin, ch["swin"]["swin:blocks_merging"]) == [*sb[:2], "features.2.reduction", *sb[2:]]
+    assert _layer_types(swin, ["features.0.0", "features.2.reduction"]) == ["Conv2d", "Linear"]
     assert select_layers(maxvit, ch["maxvit"]["maxvit:blocks"]) == blocks
     assert _layer_types(maxvit, blocks) == ["MBConv", "PartitionAttentionLayer", "PartitionAttentionLayer"] * 2
     got = select_layers(maxvit, ch["maxvit"]["maxvit:mlp_hidden"])

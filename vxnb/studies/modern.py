@@ -48,7 +48,8 @@ _TRANSFORMERS = ("vit", "swin", "maxvit")
 #: GELU), beside the default (:func:`vxnb.features.default_layers`, the arch's own row). ViT: the
 #: encoder blocks; the default before the measurement (patch embedding and the encoder's
 #: normalised output). Swin: the Swin blocks ``features.k.j`` (the default adds the patch
-#: embedding's conv and the patch merging's reduction); their MLPs' GELU ``features.k.j.mlp.1``.
+#: embedding's conv and the patch merging's reduction; two more choices add only one of the two);
+#: their MLPs' GELU ``features.k.j.mlp.1``.
 #: MaxViT: the MBConv, window- and grid-attention outputs (the default adds the stem and the
 #: head's pre-logits; two more choices add only one of the two to the blocks); the window and grid
 #: attention's ``mlp_layer`` GELU.
@@ -56,7 +57,9 @@ LAYER_CHOICES: dict[str, dict[str, Any]] = {
     "vit": {"vit:blocks": "encoder.layers.*", "vit:mlp_hidden": "encoder.layers.*.mlp.1",
             "vit:encoder_out": ["conv_proj", "encoder"]},
     "swin": {"swin:blocks": ["features.1.*", "features.3.*"],
-             "swin:mlp_hidden": ["features.1.*.mlp.1", "features.3.*.mlp.1"]},
+             "swin:mlp_hidden": ["features.1.*.mlp.1", "features.3.*.mlp.1"],
+             "swin:embed_blocks": ["features.0.0", "features.1.*", "features.3.*"],
+             "swin:blocks_merging": ["features.1.*", "features.2.reduction", "features.3.*"]},
     "maxvit": {"maxvit:blocks": "blocks.*.layers.*.layers.*",
                "maxvit:mlp_hidden": "blocks.*.layers.*.layers.*_attention.mlp_layer.2",
                "maxvit:stem_blocks": ["stem.0.2", "stem.1.0", "blocks.*.layers.*.layers.*"],

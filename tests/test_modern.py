@@ -307,3 +307,20 @@ def test_layer_choice_table_against_hand_computed_means():
     assert t.loc["swin", "pointing_game"] == 0.625 and t.loc["swin", "n_relevant"] == 10.5
     with pytest.raises(ValueError, match="df: has no 'ours' rows"):
         modern.layer_choice_table(pd.DataFrame(rows[2:3]))
+
+
+def test_m_of_swin_t_and_maxvit_t_at_224_px_under_the_default_layers():
+    """The m docs/ARCHITECTURE.md names, counted on the meta device (no data, no weights used):
+    swin_t: patch embedding 96, blocks 2 × 96, 2 × 192, 6 × 384, 2 × 768, patch merging 192, 384, 768;
+    maxvit_t: stem 64 + 64, MBConv / window / grid outputs 3 × (2 × 64 + 2 × 128 + 5 × 256 + 2 × 512),
+    the head's pre-logits 512."""
+    import torchvision
+
+    from vxnb.studies.runs import feature_count
+
+    want = {"swin_t": 96 + 2 * 96 + 2 * 192 + 6 * 384 + 2 * 768 + 192 + 384 + 768,
+            "maxvit_t": 128 + 3 * (2 * 64 + 2 * 128 + 5 * 256 + 2 * 512) + 512}
+    assert want == {"swin_t": 5856, "maxvit_t": 8704}
+    for name, m in want.items():
+        model = getattr(torchvision.models, name)().eval()
+        assert feature_count(model, default_layers(model), (3, 224, 224)) == m, name

@@ -28,15 +28,15 @@ import pandas as pd
 import torch
 
 from vxnb.utils import atomic_path
-from vxnb.studies.modern import (ALL_MODERN_ARCHS, LAYER_CHOICES, MODERN_ARCHS, layer_choice_table, modern_benchmark,
-                                 modern_table, modern_times)
+from vxnb.studies.modern import (ALL_MODERN_ARCHS, LAYER_CHOICES, LAYER_STUDY_ARCHS, MODERN_ARCHS, layer_choice_table,
+                                 modern_benchmark, modern_table, modern_times)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--archs", nargs="+", default=list(MODERN_ARCHS), choices=ALL_MODERN_ARCHS,
-                    help=f"default: {' '.join(MODERN_ARCHS)}; the layer study adds {' '.join(a for a in ALL_MODERN_ARCHS if a not in MODERN_ARCHS)}")
+                    help=f"default: {' '.join(MODERN_ARCHS)}; the layer study adds {' '.join(LAYER_STUDY_ARCHS)}")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=None, help="replaces every recipe's epochs (default: the recipes')")
     ap.add_argument("--train-limit", type=int, default=None)

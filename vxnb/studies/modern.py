@@ -3,6 +3,10 @@ trained here on an8Flower single-6c (blocks split), scored with Table 1's rows, 
 token reshape done by :mod:`vxnb.baselines`) and, for the ViT, lxt's AttnLRP
 (:func:`vxnb.baselines.attnlrp`), the IoU area beside Quantus's localisation metrics.
 
+A small Swin and a small MaxViT (:data:`LAYER_STUDY_ARCHS`) are built and trained the same way
+for the layer-choice measurement of item 4 (:data:`LAYER_CHOICES`, :func:`layer_choice_table`;
+``bench_modern.py --archs swin maxvit --layer-choices``).
+
 ``modern_benchmark(folds=(0, 1, 2, 3, 4))`` is the full setting; ``benchmarks/bench_modern.py``
 and notebook 05 (full report only) call it. Each architecture is trained with its own recipe
 (:data:`MODERN_RECIPES`, the settings of :func:`vxnb.models.train_model` plus the model's own)

@@ -3,6 +3,10 @@ trained here on an8Flower single-6c (blocks split), scored with Table 1's rows, 
 token reshape done by :mod:`vxnb.baselines`) and, for the ViT, lxt's AttnLRP
 (:func:`vxnb.baselines.attnlrp`), the IoU area beside Quantus's localisation metrics.
 
+A small Swin and a small MaxViT (:data:`LAYER_STUDY_ARCHS`) are built and trained the same way
+for the layer-choice measurement of item 4 (:data:`LAYER_CHOICES`, :func:`layer_choice_table`;
+``bench_modern.py --archs swin maxvit --layer-choices``).
+
 ``modern_benchmark(folds=(0, 1, 2, 3, 4))`` is the full setting; ``benchmarks/bench_modern.py``
 and notebook 05 (full report only) call it. Each architecture is trained with its own recipe
 (:data:`MODERN_RECIPES`, the settings of :func:`vxnb.models.train_model` plus the model's own)
@@ -27,13 +31,42 @@ from .. import _store
 from ..utils import describe, json_ready
 from . import benchmark, runs, table1
 
-__all__ = ["MODERN_ARCHS", "MODERN_ROWS", "MODERN_SCORES", "MODERN_RECIPES", "MODERN_SIZE", "MODERN_MODEL_VERSION", "modern_model",
+__all__ = ["MODERN_ARCHS", "LAYER_STUDY_ARCHS", "ALL_MODERN_ARCHS", "LAYER_CHOICES", "MODERN_ROWS", "MODERN_SCORES", "MODERN_RECIPES", "MODERN_SIZE", "MODERN_MODEL_VERSION", "modern_model",
            "modern_recipe", "modern_model_key", "get_modern_model", "modern_benchmark", "modern_rows", "modern_table",
-           "modern_times",
+           "modern_times", "layer_choice_table",
            "lasso_r2"]
 
 #: The architectures: a mobile CNN, a reduced ConvNeXt, a reduced torchvision ViT.
 MODERN_ARCHS: tuple[str, ...] = ("mobilenet_v3_small", "convnext", "vit")
+#: Two more transformers for the layer-choice measurement of issue 25 item 4 (not in notebook 05's
+#: section nor the default benchmark run): a small torchvision Swin (patch 4, width 32, depths 2, 2,
+#: heads 2, 4, window 4) and a small torchvision MaxViT (stem 16, partition 4, widths 32, 64, one
+#: layer per block, head dimension 16).
+LAYER_STUDY_ARCHS: tuple[str, ...] = ("swin", "maxvit")
+#: Every architecture :func:`modern_model` builds.
+ALL_MODERN_ARCHS: tuple[str, ...] = MODERN_ARCHS + LAYER_STUDY_ARCHS
+#: The layer choices of issue 25 item 4, per architecture, for :func:`modern_benchmark`'s ``layers``:
+#: the same trained model described by its block outputs and by its MLPs' hidden units (after the
+#: GELU), beside the default (:func:`vxnb.features.default_layers`, the arch's own row). ViT: the
+#: encoder blocks; the default before the measurement (patch embedding and the encoder's
+#: normalised output). Swin: the Swin blocks ``features.k.j`` (the default adds the patch
+#: embedding's conv and the patch merging's reduction; two more choices add only one of the two);
+#: their MLPs' GELU ``features.k.j.mlp.1``.
+#: MaxViT: the MBConv, window- and grid-attention outputs (the default adds the stem and the
+#: head's pre-logits; two more choices add only one of the two to the blocks); the window and grid
+#: attention's ``mlp_layer`` GELU.
+LAYER_CHOICES: dict[str, dict[str, Any]] = {
+    "vit": {"vit:blocks": "encoder.layers.*", "vit:mlp_hidden": "encoder.layers.*.mlp.1",
+            "vit:encoder_out": ["conv_proj", "encoder"]},
+    "swin": {"swin:blocks": ["features.1.*", "features.3.*"],
+             "swin:mlp_hidden": ["features.1.*.mlp.1", "features.3.*.mlp.1"],
+             "swin:embed_blocks": ["features.0.0", "features.1.*", "features.3.*"],
+             "swin:blocks_merging": ["features.1.*", "features.2.reduction", "features.3.*"]},
+    "maxvit": {"maxvit:blocks": "blocks.*.layers.*.layers.*",
+               "maxvit:mlp_hidden": "blocks.*.layers.*.layers.*_attention.mlp_layer.2",
+               "maxvit:stem_blocks": ["stem.0.2", "stem.1.0", "blocks.*.layers.*.layers.*"],
+               "maxvit:blocks_head": ["blocks.*.layers.*.layers.*", "classifier.4"]},
+}
 #: The rows: Table 1's (our features drawn three ways), Grad-CAM, AttnLRP (transformers only).
 MODERN_ROWS: tuple[str, ...] = ("ours", "ours_deconv", "ours_upsampled", "gradcam", "attnlrp")
 
@@ -60,10 +93,16 @@ MODERN_RECIPES: dict[str, dict[str, Any]] = {
     "convnext": {"epochs": 6, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.05, "augment": False,
                  "layer_scale": 1.0},
     "vit": {"epochs": 6, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05, "augment": False},
+    "swin": {"epochs": 6, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05, "augment": False},
+    "maxvit": {"epochs": 6, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05, "augment": False,
+               "bn_momentum": 0.1},
 }
 #: The image size the recipes were measured at (notebook 05's section uses it whatever the run's size:
 #: at 128 px the ViT has four times the tokens and the training four times the time).
 MODERN_SIZE = 64
+#: The size each architecture needs a multiple of: the ViT's patch 8; MaxViT's partition 4 after
+#: three halvings (stem, two blocks).
+_SIZE_STEP = {"vit": 8, "swin": 4, "maxvit": 32}
 #: The recipe keys that configure the model rather than :func:`vxnb.models.train_model`.
 _MODEL_OPTIONS = ("bn_momentum", "layer_scale")
 #: The recipe keys :func:`modern_recipe` accepts.
@@ -75,18 +114,22 @@ runs.register_artifact("modern-model", MODERN_MODEL_VERSION)
 
 def modern_model(arch: str, n_classes: int, size: int, seed: int = 0, *, bn_momentum: float | None = None,
                  layer_scale: float | None = None) -> nn.Module:
-    """A freshly initialised model of ``arch`` (:data:`MODERN_ARCHS`) for ``size``-pixel images:
+    """A freshly initialised model of ``arch`` (:data:`ALL_MODERN_ARCHS`) for ``size``-pixel images:
     torchvision's MobileNetV3-small; a ConvNeXt of two stages (widths 32, 64; depths 1, 1); a
-    ViT of patch 8, 4 layers, 4 heads, width 64, MLP 128 (torchvision zero-initialises the head).
-    ``bn_momentum``: set on every BatchNorm layer (None: torchvision's). ``layer_scale``: the
+    ViT of patch 8, 4 layers, 4 heads, width 64, MLP 128 (torchvision zero-initialises the head);
+    a Swin of patch 4, width 32, depths 2, 2, heads 2, 4, window 4; a MaxViT of stem 16,
+    partition 4, widths 32, 64, one layer per block, head dimension 16 (both without stochastic
+    depth). ``bn_momentum``: set on every BatchNorm layer (None: torchvision's). ``layer_scale``: the
     ConvNeXt blocks' initial layer scale (None: torchvision's 1e-6)."""
     import torchvision
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    from torchvision.models.maxvit import MaxVit
+    from torchvision.models.swin_transformer import SwinTransformer
 
-    if arch not in MODERN_ARCHS:
-        raise ValueError(f"arch: expected one of {', '.join(MODERN_ARCHS)}, got {arch!r}")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 32 or (arch == "vit" and size % 8):
-        raise ValueError(f"size: expected an int >= 32 (a multiple of 8 for the ViT), got {size!r}")
+    _check_arch(arch)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 32 or size % _SIZE_STEP.get(arch, 1):
+        raise ValueError(f"size: expected an int >= 32 (a multiple of {_SIZE_STEP.get(arch, 1)} for {arch!r}), "
+                         f"got {size!r}")
     if bn_momentum is not None and (isinstance(bn_momentum, bool) or not isinstance(bn_momentum, (int, float))
                                     or not 0 < bn_momentum <= 1):
         raise ValueError(f"bn_momentum: expected a number in (0, 1] or None, got {bn_momentum!r}")
@@ -100,9 +143,15 @@ def modern_model(arch: str, n_classes: int, size: int, seed: int = 0, *, bn_mome
     elif arch == "convnext":
         model = ConvNeXt([CNBlockConfig(32, 64, 1), CNBlockConfig(64, None, 1)], stochastic_depth_prob=0.0,
                          num_classes=n_classes, **({} if layer_scale is None else {"layer_scale": float(layer_scale)}))
-    else:
+    elif arch == "vit":
         model = torchvision.models.VisionTransformer(image_size=size, patch_size=8, num_layers=4, num_heads=4,
                                                      hidden_dim=64, mlp_dim=128, num_classes=n_classes)
+    elif arch == "swin":
+        model = SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                                stochastic_depth_prob=0.0, num_classes=n_classes)
+    else:
+        model = MaxVit(input_size=(size, size), stem_channels=16, partition_size=4, block_channels=[32, 64],
+                       block_layers=[1, 1], head_dim=16, stochastic_depth_prob=0.0, num_classes=n_classes)
     if bn_momentum is not None:
         for m in model.modules():
             if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -110,13 +159,17 @@ def modern_model(arch: str, n_classes: int, size: int, seed: int = 0, *, bn_mome
     return model
 
 
+def _check_arch(arch: Any) -> None:
+    if arch not in ALL_MODERN_ARCHS:
+        raise ValueError(f"arch: expected one of {', '.join(ALL_MODERN_ARCHS)}, got {arch!r}")
+
+
 def modern_recipe(arch: str, epochs: int | None = None, overrides: Mapping[str, Any] | None = None
                   ) -> dict[str, Any]:
     """The recipe ``arch`` is trained with: :data:`MODERN_RECIPES` with ``overrides`` (keys among
     epochs, batch_size, lr, weight_decay, augment, bn_momentum) and ``epochs`` (None: the
     recipe's) applied."""
-    if arch not in MODERN_ARCHS:
-        raise ValueError(f"arch: expected one of {', '.join(MODERN_ARCHS)}, got {arch!r}")
+    _check_arch(arch)
     overrides = dict(overrides or {})
     bad = [k for k in overrides if k not in _RECIPE_KEYS]
     if bad:
@@ -196,10 +249,9 @@ def get_modern_model(cfg: Any, arch: str, recipe: Mapping[str, Any] | None = Non
 
 def modern_rows(arch: str) -> tuple[str, ...]:
     """The rows that apply to ``arch``: every row, AttnLRP for the ViT only (lxt's AttnLRP patches
-    ``nn.MultiheadAttention``). Upsam. Act. draws a token layer's channel on the patch grid
-    (:func:`vxnb.baselines.layer_maps`)."""
-    if arch not in MODERN_ARCHS:
-        raise ValueError(f"arch: expected one of {', '.join(MODERN_ARCHS)}, got {arch!r}")
+    ``nn.MultiheadAttention``). Upsam. Act. draws a token layer's channel on the patch grid and a
+    channels-last map (Swin) permuted (:func:`vxnb.baselines.layer_maps`)."""
+    _check_arch(arch)
     return tuple(r for r in MODERN_ROWS if r != "attnlrp" or arch == "vit")
 
 
@@ -243,15 +295,15 @@ def modern_benchmark(*, archs: Sequence[str] = MODERN_ARCHS, folds: Sequence[int
     from ..features import select_layers
     from ..relevance import Relevance
 
-    if isinstance(archs, str) or not archs or not all(a in MODERN_ARCHS for a in archs):
-        raise ValueError(f"archs: expected a non-empty list of {', '.join(MODERN_ARCHS)}, got {describe(archs)}")
+    if isinstance(archs, str) or not archs or not all(a in ALL_MODERN_ARCHS for a in archs):
+        raise ValueError(f"archs: expected a non-empty list of {', '.join(ALL_MODERN_ARCHS)}, got {describe(archs)}")
     layers = dict(layers or {})
-    if any(a.split(":")[0] not in MODERN_ARCHS for a in layers):
-        raise ValueError(f"layers: expected keys among {', '.join(MODERN_ARCHS)} (or '<arch>:<tag>'), "
+    if any(a.split(":")[0] not in ALL_MODERN_ARCHS for a in layers):
+        raise ValueError(f"layers: expected keys among {', '.join(ALL_MODERN_ARCHS)} (or '<arch>:<tag>'), "
                          f"got {list(layers)}")
     recipes = dict(recipes or {})
-    if any(a not in MODERN_ARCHS for a in recipes):
-        raise ValueError(f"recipes: expected keys among {', '.join(MODERN_ARCHS)}, got {list(recipes)}")
+    if any(a not in ALL_MODERN_ARCHS for a in recipes):
+        raise ValueError(f"recipes: expected keys among {', '.join(ALL_MODERN_ARCHS)}, got {list(recipes)}")
     chosen_recipes = {a: modern_recipe(a, epochs, recipes.get(a)) for a in archs}
     if isinstance(folds, (str, int)) or not folds or any(isinstance(f, bool) or f not in range(5) for f in folds):
         raise ValueError(f"folds: expected a non-empty list of folds in 0..4, got {describe(folds)}")
@@ -338,3 +390,21 @@ def modern_times(df: pd.DataFrame) -> pd.DataFrame:
     out["score_seconds"] = g["seconds"].sum()
     out["total_seconds"] = out["train_seconds"] + out["features_seconds"] + out["score_seconds"]
     return out
+
+
+def layer_choice_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The layer-choice measurement (issue 25 item 4): for "Ours" of each arch and each
+    ``"<arch>:<tag>"`` layer choice of :func:`modern_benchmark`, the IoU area (%) per fold and its
+    mean, and the means over folds of m, the lasso's R² (:func:`lasso_r2`), the number of nonzero
+    weights and the pointing game."""
+    if not isinstance(df, pd.DataFrame) or not {"arch", "fold", "method", "m", "lasso_r2", "iou_auc",
+                                                "pointing_game", "n_relevant"} <= set(df.columns):
+        raise ValueError(f"df: expected the DataFrame of modern_benchmark, got {describe(df)}")
+    ours = df[df["method"] == "ours"]
+    if ours.empty:
+        raise ValueError("df: has no 'ours' rows")
+    per_fold = ours.pivot_table(index="arch", columns="fold", values="iou_auc", sort=False)
+    per_fold.columns = [f"iou_fold{f}" for f in per_fold.columns]
+    g = ours.groupby("arch", sort=False)
+    out = per_fold.join(g[["iou_auc", "m", "lasso_r2", "n_relevant", "pointing_game"]].mean())
+    return out.rename(columns={"iou_auc": "iou_mean"}).loc[list(g.groups)]

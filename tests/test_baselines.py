@@ -278,3 +278,42 @@ def test_attnlrp_leaves_torch_unpatched_and_refuses_cnns():
     assert not any(hasattr(c, "original_forward") for c in forwards)
     with pytest.raises(ValueError, match="model: AttnLRP .* PooledNet has none|model: AttnLRP .* has none"):
         attnlrp(pooled_net(), torch.rand(1, 3, 32, 32), 0)
+
+
+# ---------------------------------------------------------------- windowed attention (MaxViT)
+def _tiny_maxvit() -> nn.Module:
+    from torchvision.models.maxvit import MaxVit
+
+    torch.manual_seed(0)
+    return MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32], block_layers=[1, 1],
+                  head_dim=8, stochastic_depth_prob=0.0, num_classes=3).eval()
+
+
+def test_maxvit_windowed_layers_are_known_and_never_drawn_as_a_grid():
+    """Inside MaxViT's PartitionAttentionLayer the positions are in windows, (B, windows,
+    positions, C): a "grid" made of that tensor is scrambled. Grad-CAM's default layer is the last
+    block's output instead of the grid attention's first norm, Grad-CAM at a windowed layer is
+    refused naming it, and Upsam. Act. leaves such a feature undrawn."""
+    from vxnb.baselines import layer_maps
+    from vxnb.features.hooks import partitioned
+
+    model = _tiny_maxvit()
+    att = "blocks.1.layers.0.layers.grid_attention"
+    for child in ("partition_op", "partition_swap", "attn_layer", "attn_layer.0", "mlp_layer.2", "departition_swap"):
+        assert partitioned(model, f"{att}.{child}"), child
+    for name in (att, f"{att}.departition_op", "blocks.1", "blocks.1.layers.0.layers.MBconv", "stem.0", ""):
+        assert not partitioned(model, name), name
+    x = torch.rand(2, 3, 32, 32)
+    assert default_target_layer(model, x) == "blocks.1"
+    acts, _ = layer_grads(model, x, dict(model.named_modules())["blocks.1"], [0, 1])
+    assert acts.shape[-2:] == (4, 4)  # the last block's map on the image grid (32 px / 8)
+    with pytest.raises(ValueError, match=rf"layer: '{att}.attn_layer.0' holds its positions in windows"):
+        attribution("gradcam", model, x, [0, 1], layer=f"{att}.attn_layer.0")
+    windowed = torch.rand(2, 4, 4, 32)  # what attn_layer.0 outputs here: (B, windows, positions, C)
+    assert layer_maps(model, f"{att}.attn_layer.0", windowed, (32, 32)) is None
+    assert layer_maps(model, "blocks.1", acts, (32, 32)) is acts
+    # Grad-CAM at the default layer is Captum's LayerGradCam there, upsampled
+    from captum.attr import LayerGradCam
+    cam = LayerGradCam(model, dict(model.named_modules())["blocks.1"]).attribute(x, target=[0, 1], relu_attributions=True)
+    ref = F.interpolate(cam, size=(32, 32), mode="bilinear", align_corners=False)[:, 0].clamp_min(0)
+    torch.testing.assert_close(attribution("gradcam", model, x, [0, 1]), ref, rtol=1e-4, atol=1e-6)

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from vxnb._graph import first_conv_in_channels, forward_to, model_device_dtype
 from vxnb.deconv import run_backward
-from vxnb.features.hooks import layout as feature_layout
+from vxnb.features.hooks import layout as feature_layout, partitioned
 from vxnb.utils import check_image_batch, eval_mode, get_module
 
 __all__ = ["METHODS", "METHOD_LABELS", "attribution", "attnlrp", "default_target_layer", "layer_maps"]
@@ -80,7 +80,10 @@ def default_target_layer(model: nn.Module, x: Tensor) -> str:
     ``nn.ReLU`` call after it. A ReLU module that is called several times (torchvision
     ResNet blocks share one) is replaced by the innermost module called once whose output
     is that same tensor (e.g. ``"layer4.1"`` for ResNet-18). Without a ReLU after it, the
-    conv itself. Gives ``"features.29"`` for VGG-16, ``"features.11"`` for AlexNet.
+    conv itself. Gives ``"features.29"`` for VGG-16, ``"features.11"`` for AlexNet. In a
+    transformer, the last block's first LayerNorm (pytorch-grad-cam's choice: ViT, Swin); where
+    that norm sees windows rather than the grid (MaxViT), the last module output on the grid
+    (``"blocks.3"`` for ``maxvit_t``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -100,7 +103,14 @@ def default_target_layer(model: nn.Module, x: Tensor) -> str:
         raise ValueError(f"model: {type(model).__name__} has no nn.Conv2d layer; pass layer= explicitly")
     i = convs[-1]
     norms = [j for j in range(i + 1, len(calls)) if _attention_norm(model, calls[j][0], calls[j][1])]
-    if norms:  # a transformer: the last block's first norm (pytorch-grad-cam's choice for ViT and Swin)
+    if norms and partitioned(model, calls[norms[-1]][0]):
+        # windowed attention (MaxViT): its norms see windows, not the grid; the last map on the
+        # grid instead (the last block's output, before the head's pooling)
+        grid = [n for n, _, o in calls[i + 1:] if isinstance(o, Tensor) and o.dim() == 4 and min(o.shape[-2:]) > 1
+                and not partitioned(model, n) and feature_layout(model, n)[0] != "last"]
+        if grid:
+            return grid[-1]
+    elif norms:  # a transformer: the last block's first norm (pytorch-grad-cam's choice for ViT and Swin)
         return calls[norms[-1]][0]
     relus = [j for j in range(i + 1, len(calls)) if isinstance(calls[j][1], nn.ReLU)]
     if not relus:
@@ -149,8 +159,11 @@ def layer_maps(model: nn.Module, layer: str, a: Tensor, size: tuple[int, int]) -
     """``layer``'s output ``a`` as (B, C, h, w) maps: a convolutional map as it is, a token layer's
     patch tokens (B, T, D) on their grid and a channels-last map (B, H, W, C) permuted
     (:func:`vxnb.features.hooks.layout` says which), or None for an output without a spatial grid
-    (a fully connected layer's (B, D)). ``size``: the input's (H, W), whose aspect the token grid
-    takes."""
+    (a fully connected layer's (B, D)) or with its positions in windows (MaxViT's attention,
+    :func:`vxnb.features.hooks.partitioned`). ``size``: the input's (H, W), whose aspect the token
+    grid takes."""
+    if partitioned(model, layer):
+        return None
     kind, prefix = feature_layout(model, layer)
     if (a.dim() == 3 and kind in ("last", "tokens?")) or (a.dim() == 4 and kind == "last"):
         return _to_maps(a, kind, prefix, layer, size)
@@ -308,6 +321,10 @@ def attribution(method: str, model: nn.Module, x: Tensor, target: int | Sequence
             def reshape(v: Tensor) -> Tensor:
                 return _to_maps(v, kind, prefix, layer, size)
             maps = layer_maps(model, layer, a, size)
+            if maps is None and partitioned(model, layer):
+                raise ValueError(f"layer: {layer!r} holds its positions in windows (inside MaxViT's partitioned "
+                                 f"attention), not on the image grid; pick a block's output (e.g. the "
+                                 f"PartitionAttentionLayer itself, whose departition puts them back)")
             if maps is None:
                 raise ValueError(f"layer: method {method!r} needs a convolutional layer (output (B, C, h, w)) or "
                                  f"a token layer ((B, T, D) / (B, H, W, C)); {layer!r} outputs shape "

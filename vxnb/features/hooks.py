@@ -26,7 +26,7 @@ from torch import nn
 from ..utils import ForwardHooks, check_layer_names, describe, eval_mode, get_module, model_device
 from .layers import check_columns, layers_of_columns, resolve_layers
 
-__all__ = ["descriptors", "layout", "prefix_tokens", "Recorder", "l1_normalise", "column_layers", "check_nonfinite"]
+__all__ = ["descriptors", "layout", "partitioned", "prefix_tokens", "Recorder", "l1_normalise", "column_layers", "check_nonfinite"]
 
 
 #: modules whose output is channels-first whatever their rank (conv, normalisation, pooling)
@@ -71,6 +71,25 @@ def _module_layout(model: nn.Module, name: str) -> str | None:
             if i > 0:
                 return _module_layout(model, f"{parent_name}.{names[i - 1]}" if parent_name else names[i - 1])
     return None
+
+
+def _partition_modules() -> tuple[type, ...]:
+    """Modules whose children hold the positions in windows (torchvision's MaxViT attention)."""
+    from torchvision.models import maxvit
+
+    return (maxvit.PartitionAttentionLayer,)
+
+
+def partitioned(model: nn.Module, name: str) -> bool:
+    """Whether module ``name``'s output holds its positions in windows rather than on the image
+    grid: inside torchvision MaxViT's ``PartitionAttentionLayer``, everything between the window
+    partition and ``departition_op`` is (B, windows, positions per window, C). Its descriptor is
+    still each channel's L2 norm over all positions, but it has no map to draw as it is."""
+    parts = name.split(".") if name else []
+    for i in range(len(parts) - 1, 0, -1):
+        if isinstance(get_module(model, ".".join(parts[:i])), _partition_modules()):
+            return parts[i] != "departition_op"
+    return False
 
 
 def prefix_tokens(model: nn.Module) -> int:

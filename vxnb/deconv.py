@@ -93,6 +93,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
 from vxnb._graph import first_conv_in_channels, forward_to, model_device_dtype
@@ -1158,14 +1159,18 @@ class _Tracer(TorchFunctionMode):
         self.vouched: set[Any] = set()
         self.refused: dict[str, str] = {}  # module name -> why its rule refused it
         self.seed_layers: set[str] = set()
+        #: module -> name of the modules whose operations are attributed to them (set by applied_rules)
+        self.names: dict[nn.Module, str] = {}
 
-    def enter(self, name: str) -> Callable[..., None]:
-        def pre_hook(module: nn.Module, inp: Any) -> None:
+    def enter(self, module: nn.Module, inp: Any) -> None:
+        """Global forward pre-hook: a module of ``self.names`` starts (others are ignored)."""
+        name = self.names.get(module)
+        if name is not None:
             self.stack.append(name)
-        return pre_hook
 
     def leave(self, module: nn.Module, inp: Any, out: Any) -> None:
-        if len(self.stack) > 1:
+        """Global forward hook: a module of ``self.names`` returned."""
+        if module in self.names and len(self.stack) > 1:
             self.stack.pop()
 
     # -- for the op rules
@@ -1259,6 +1264,7 @@ def applied_rules(model: nn.Module, *, resample: bool = True, composite: Composi
     tracer = _tracer if _tracer is not None else _Tracer(composite, resample, modules)
     patched: list[tuple[nn.Module, bool, Any]] = []
     handles: list[Any] = []
+    names: dict[nn.Module, str] = {}
     with eval_mode(model):
         try:
             for name, module in modules.items():
@@ -1277,8 +1283,12 @@ def applied_rules(model: nn.Module, *, resample: bool = True, composite: Composi
                         patched.append((module, had, module.__dict__.get("forward")))
                         module.forward = fwd  # instance attribute shadows the class method
                 if not _only_calls_children(module):  # its ops are attributed to it
-                    handles.append(module.register_forward_pre_hook(tracer.enter(name)))
-                    handles.append(module.register_forward_hook(tracer.leave))
+                    names[module] = name
+            # two global hooks that look the module up, not two hooks per module: registering and
+            # removing ~500 handles cost ~1.5 ms per call on EfficientNet-B0, the calls the same
+            tracer.names = names
+            handles.append(register_module_forward_pre_hook(tracer.enter))
+            handles.append(register_module_forward_hook(tracer.leave))
             with tracer:
                 yield model
         finally:

@@ -230,14 +230,19 @@ def check_image_batch(x: Any, arg: str = "x", channels: int | None = None) -> to
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block and restore each module's mode afterwards."""
+    """Put ``model`` in eval mode for the block and restore each module's mode afterwards.
+    A model already in eval mode everywhere is left as it is (``model.eval()`` and the restore
+    set each module's flag through ``nn.Module.__setattr__``: about 1 ms for EfficientNet-B0's
+    337 modules, paid several times per ``explain``); only flags that changed are restored."""
     modes = {m: m.training for m in model.modules()}
-    model.eval()
+    if any(modes.values()):
+        model.eval()
     try:
         yield model
     finally:
         for m, mode in modes.items():
-            m.training = mode
+            if m.training != mode:
+                m.training = mode
 
 
 @contextlib.contextmanager

@@ -97,7 +97,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.overrides import TorchFunctionMode
 
 from vxnb._graph import first_conv_in_channels, forward_to, model_device_dtype
-from vxnb.utils import check_image_batch, eval_mode, get_module
+from vxnb.utils import all_finite, check_image_batch, eval_mode, get_module
 
 __all__ = [
     "visualize",
@@ -1643,6 +1643,8 @@ def visualize(model: nn.Module, x: Tensor, layer: str, channels: int | Sequence[
 
 
 def _check_finite(out: Tensor, chans: list[int], layer: str) -> Tensor:
+    if all_finite(out):
+        return out
     bad = ~torch.isfinite(out).flatten(2).all(2)  # (B, K)
     if bool(bad.any()):
         b, k = (int(i) for i in bad.nonzero()[0])
@@ -1702,7 +1704,7 @@ def heatmap(v: Tensor) -> Tensor:
     map gives zeros). E.g. ``heatmap(visualize(...))`` is (B, K, H, W).
     """
     v = _as_tensor(v, "v", 3)
-    if not bool(torch.isfinite(v).all()):
+    if not all_finite(v):
         where = tuple(int(i) for i in (~torch.isfinite(v)).nonzero()[0][:-3])
         raise ValueError(f"v: the visualisation at index {where} contains NaN or inf; a heatmap would hide "
                          "it as zeros")

@@ -886,3 +886,27 @@ def test_fast_resampled_paths_equal_the_resize_path_on_modern_models(arch, layer
     scale = slow.abs().max()
     assert scale > 0
     assert (fast - slow).abs().max() <= 1e-6 * scale
+
+
+@pytest.mark.parametrize("arch,layer", [("efficientnet_b0", "features.4"), ("mobilenet_v3_small", "features.6"),
+                                        ("resnet18", "layer2")])
+def test_batchnorm_activation_fusion_equals_the_rules_apart_on_torchvision_models(arch, layer, monkeypatch):
+    """Issue 25 item 6: the activations after eval BatchNorms (SiLU, Hardswish, ReLU; ResNet's
+    ``out += identity`` before its last ReLU keeps them apart) carried back in one node give the
+    maps of the BatchNorm's transpose and the activation's rule one after the other, to 1e-10
+    (float64)."""
+    import vxnb.deconv as deconv
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(num_classes=10).double().eval()
+    for m in model.modules():  # non-trivial running statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(1, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fused = visualize(model, x, layer, [0, 5])
+    monkeypatch.setattr(deconv._Tracer, "batch_norm_input", lambda self, t: None)
+    apart = visualize(model, x, layer, [0, 5])
+    scale = apart.abs().max()
+    assert scale > 0
+    assert (fused - apart).abs().max() <= 1e-10 * scale

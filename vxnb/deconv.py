@@ -72,11 +72,15 @@ with the boxed kernel (depthwise ones); where the resize splits the signal into 
 patchify conv: 28 -> 55 rows), the channel products of all kernel taps are one product W^T g
 and each piece is folded at its stride. Guided ReLU's backward is autograd's
 ``threshold_backward`` then max(., 0); an activation's f'(x) comes from the kernel autograd
-itself calls (no engine run per activation); a resize by a whole factor is one broadcast copy;
-``nn.Sequential`` containers get no hooks. The resampled max-pool's stride-1 switches are
-found once per forward (on a channels-last copy: the same maxima and switches, faster); the K
-signals reuse one recorded forward (:class:`RecordedForward`), which
-``vxnb.explanations.explain`` shares with its prediction.
+itself calls (no engine run per activation); an activation right after an eval-mode BatchNorm
+(EfficientNet's, MobileNet's and ResNet's conv-BN-activation blocks) carries the signal back
+through both in one node, the BatchNorm's per-channel scale folded into the saved f'(x) once per
+forward (the same values: the BatchNorm's transpose after the activation's rule); a resize by a
+whole factor is one broadcast copy; the module stack the rules read is kept by two global module
+hooks (not two per module), and an eval model is not put into eval mode again. The resampled
+max-pool's stride-1 switches are found once per forward (on a channels-last copy: the same
+maxima and switches, faster); the K signals reuse one recorded forward
+(:class:`RecordedForward`), which ``vxnb.explanations.explain`` shares with its prediction.
 The plain implementation these are tested against lives in ``tests/deconv_reference.py``.
 """
 from __future__ import annotations
@@ -1298,7 +1302,7 @@ class _Tracer(TorchFunctionMode):
 def _only_calls_children(module: nn.Module) -> bool:
     """An ``nn.Sequential`` (or a subclass keeping its forward, e.g. torchvision's
     ``Conv2dNormActivation``): its forward calls its children and no torch function, so no
-    operation is attributed to it and it needs no hooks (a Python call less per module)."""
+    operation is attributed to it (the module stack leaves it out)."""
     return type(module).forward is nn.Sequential.forward
 
 

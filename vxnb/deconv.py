@@ -241,16 +241,21 @@ class _GuidedActivation(torch.autograd.Function):
                 df: Callable[[Tensor, Tensor], Tensor] | None = None, pre: Tensor | None = None,
                 scale: Tensor | None = None) -> Tensor:
         src = x if pre is None else pre
-        if df is not None:
+        if df is _relu_derivative:  # 1[y > 0] (times the scale) in one pass: nothing to clamp
             xd = src.detach()
             y = f(xd)
-            d = df(xd, y)
+            d = _aten.threshold_backward(_ones(y) if scale is None else scale.expand_as(y), y, 0)
+            scale = None
+        elif df is not None:
+            xd = src.detach()
+            y = f(xd)
+            d = df(xd, y).clamp_min_(0)
         else:
             with torch.enable_grad():
                 xd = src.detach().requires_grad_(True)
                 y = f(xd)
                 (d,) = torch.autograd.grad(y, xd, _ones(y))
-        d = d.clamp_min_(0)
+            d = d.clamp_min_(0)
         ctx.save_for_backward(d if scale is None else d.mul_(scale))
         y = y.detach()
         if inplace:

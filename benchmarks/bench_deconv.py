@@ -246,11 +246,11 @@ def profile_vgg(k: int = 5, layer: str = "features.17") -> None:
           "(backward: the autograd nodes' time by kind; the rest: forward, seeds, heatmaps, Python) ==")
     rows = {name: _breakdown(fn) for name, fn in runs.items()}
     kinds = [*_NODE_KINDS, "other backward nodes"]
-    print(f"{'':<22}" + "".join(f"{n:>10}" for n in rows))
-    print(f"{'total':<22}" + "".join(f"{t:10.3f}" for t, _ in rows.values()))
+    print(f"{'':<38}" + "".join(f"{n:>10}" for n in rows))
+    print(f"{'total':<38}" + "".join(f"{t:10.3f}" for t, _ in rows.values()))
     for kind in kinds:
-        print(f"{'  ' + kind:<22}" + "".join(f"{d[kind]:10.3f}" for _, d in rows.values()))
-    print(f"{'  rest (forward, ...)':<22}" + "".join(f"{t - sum(d.values()):10.3f}" for t, d in rows.values()))
+        print(f"{'  ' + kind:<38}" + "".join(f"{d[kind]:10.3f}" for _, d in rows.values()))
+    print(f"{'  rest (forward, ...)':<38}" + "".join(f"{t - sum(d.values()):10.3f}" for t, d in rows.values()))
 
     frame = pd.DataFrame([dict(**{"class": j}, layer=layer, layer_number=1, kind="conv", channel=q, weight=1.0)
                           for j in range(1000) for q in chans])

@@ -224,6 +224,16 @@ def _breakdown(fn) -> tuple[float, dict[str, float]]:
     return total, kinds
 
 
+def _print_breakdown(rows: dict[str, tuple[float, dict[str, float]]]) -> None:
+    """One column per run of :func:`_breakdown`: the total, the backward by node kind, the rest."""
+    print(f"{'':<38}" + "".join(f"{n:>11}" for n in rows))
+    print(f"{'total':<38}" + "".join(f"{t:11.3f}" for t, _ in rows.values()))
+    for kind in [*_NODE_KINDS, "other backward nodes"]:
+        print(f"{'  ' + kind:<38}" + "".join(f"{d[kind]:11.3f}" for _, d in rows.values()))
+    print(f"{'  rest (forward, seeds, maps, Python)':<38}"
+          + "".join(f"{t - sum(d.values()):11.3f}" for t, d in rows.values()))
+
+
 def profile_vgg(k: int = 5, layer: str = "features.17") -> None:
     """Where the time goes: top-5 heatmaps at VGG-16 features.17 (ours, Captum) by
     autograd node kind, and explain() by phase."""
@@ -245,12 +255,7 @@ def profile_vgg(k: int = 5, layer: str = "features.17") -> None:
     print(f"\n== profile: top-{k} heatmaps, VGG-16 {layer}, one 224x224 image, wall s with the profiler on "
           "(backward: the autograd nodes' time by kind; the rest: forward, seeds, heatmaps, Python) ==")
     rows = {name: _breakdown(fn) for name, fn in runs.items()}
-    kinds = [*_NODE_KINDS, "other backward nodes"]
-    print(f"{'':<38}" + "".join(f"{n:>10}" for n in rows))
-    print(f"{'total':<38}" + "".join(f"{t:10.3f}" for t, _ in rows.values()))
-    for kind in kinds:
-        print(f"{'  ' + kind:<38}" + "".join(f"{d[kind]:10.3f}" for _, d in rows.values()))
-    print(f"{'  rest (forward, ...)':<38}" + "".join(f"{t - sum(d.values()):10.3f}" for t, d in rows.values()))
+    _print_breakdown(rows)
 
     frame = pd.DataFrame([dict(**{"class": j}, layer=layer, layer_number=1, kind="conv", channel=q, weight=1.0)
                           for j in range(1000) for q in chans])
@@ -284,12 +289,7 @@ def profile_explain(arch: str, k: int = 5, repeats: int = 3) -> None:
             t, d = _breakdown(fn)
             if rows[name] is None or t < rows[name][0]:
                 rows[name] = (t, d)
-    kinds = [*_NODE_KINDS, "other backward nodes"]
-    print(f"{'':<38}" + "".join(f"{n:>11}" for n in rows))
-    print(f"{'total':<38}" + "".join(f"{t:11.3f}" for t, _ in rows.values()))
-    for kind in kinds:
-        print(f"{'  ' + kind:<38}" + "".join(f"{d[kind]:11.3f}" for _, d in rows.values()))
-    print(f"{'  rest (forward, seeds, maps, Python)':<38}" + "".join(f"{t - sum(d.values()):11.3f}" for t, d in rows.values()))
+    _print_breakdown(rows)
 
     def plain() -> None:
         model(x.clone().requires_grad_(True))

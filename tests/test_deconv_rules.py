@@ -441,12 +441,13 @@ def test_activation_derivative_kernels_equal_autograd(name, f, dtype):
 # autograd node (the BatchNorm's per-channel scale folded into the saved derivative). The
 # reference keeps them apart: plain autograd through F.batch_norm, then the hand-written rule.
 
-def _random_bn(c: int, seed: int = 1) -> nn.BatchNorm2d:
+def _random_bn(c: int, seed: int = 1, affine: bool = True) -> nn.BatchNorm2d:
     g = torch.Generator().manual_seed(seed)
-    bn = nn.BatchNorm2d(c)
+    bn = nn.BatchNorm2d(c, affine=affine)
     with torch.no_grad():
-        bn.weight.copy_(torch.randn(c, generator=g))  # negative scales too
-        bn.bias.copy_(torch.randn(c, generator=g))
+        if affine:
+            bn.weight.copy_(torch.randn(c, generator=g))  # negative scales too
+            bn.bias.copy_(torch.randn(c, generator=g))
         bn.running_mean.copy_(torch.randn(c, generator=g))
         bn.running_var.copy_(torch.rand(c, generator=g) + 0.1)
     return bn
@@ -454,11 +455,12 @@ def _random_bn(c: int, seed: int = 1) -> nn.BatchNorm2d:
 
 class BNThen(nn.Module):
     """bn -> activation, optionally with the BatchNorm's output also used elsewhere (``"twice"``)
-    or changed in place before the activation (``"inplace add"``, as ResNet's ``out += identity``)."""
+    or changed in place before the activation (``"inplace add"``, as ResNet's ``out += identity``);
+    ``"no affine"``: a BatchNorm without weight and bias."""
 
     def __init__(self, act: nn.Module, c: int = 6, form: str = "plain"):
         super().__init__()
-        self.bn, self.act, self.form = _random_bn(c), act, form
+        self.bn, self.act, self.form = _random_bn(c, affine=form != "no affine"), act, form
 
     def forward(self, h):
         t = self.bn(h)
@@ -482,7 +484,7 @@ def _bn_then_reference(model: nn.Module, f, name: str, form: str):
     return replace
 
 
-@pytest.mark.parametrize("form", ["plain", "twice", "inplace add"])
+@pytest.mark.parametrize("form", ["plain", "twice", "inplace add", "no affine"])
 @pytest.mark.parametrize("name", sorted(DERIVATIVES))
 def test_batchnorm_then_activation_equals_the_two_rules(name, form, x):
     torch.manual_seed(0)

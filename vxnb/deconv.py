@@ -358,6 +358,15 @@ class _SpaceToDepth(torch.autograd.Function):
 _MAX_BOX_PIECES = 64
 
 
+#: a strided 1x1 conv whose signal has at most this many pixels, every row copied S times, goes
+#: back as the plain strided transpose box-summed (:func:`_box_transpose`), not as the resized
+#: channel transpose: the same products, but at one CPU thread and batch 1 the strided backward
+#: runs on oneDNN and the stride-1 one on a plain GEMM, which is slow for so few columns
+#: (ResNet-50's downsampling at 224 px, measured: 14 x 14 signal 2.4 -> 1.6 ms, 7 x 7 3.4 -> 2.1
+#: ms; 28 x 28 2.4 -> 2.8 ms, so it stays).
+_MAX_1X1_BOX_PIXELS = 256
+
+
 @functools.lru_cache(maxsize=256)
 def _replication_runs(n_in: int, n_out: int) -> tuple[tuple[int, int, int, int], ...]:
     """How ``F.interpolate(mode="nearest")`` from ``n_in`` to ``n_out`` replicates rows, as
@@ -596,15 +605,15 @@ def _conv_transpose(m: Any, g: Tensor, in_size: tuple[int, int], resample: bool,
     padding, dilation = _conv_padding(m), _pair(m.dilation)
     if not _strided(m.stride):
         return _conv_input_grad(g, in_size, weight, (1, 1), padding, dilation, m.groups)
-    if tuple(weight.shape[-2:]) == (1, 1):
-        # a 1x1 kernel mixes channels only: the stride-1 transpose of the resized signal is the
-        # resized channel transpose (ResNet's downsampling: S^2 times fewer products than boxed)
-        z = _resize(_conv_input_grad(g, g.shape[-2:], weight, (1, 1), (0, 0), (1, 1), m.groups),
-                    _stride1_size(in_size, (1, 1), padding, (1, 1)))
-        return _window(z, padding[0], in_size[0], padding[1], in_size[1])
     # resampled: resize to the stride-1 size, stride-1 transpose
     size = _stride1_size(in_size, tuple(weight.shape[-2:]), padding, dilation)
     runs = [_replication_runs(b, a) for b, a in zip(g.shape[-2:], size)]
+    if tuple(weight.shape[-2:]) == (1, 1) and not (len(runs[0]) == len(runs[1]) == 1 and
+                                                   g.shape[-2] * g.shape[-1] <= _MAX_1X1_BOX_PIXELS):
+        # a 1x1 kernel mixes channels only: the stride-1 transpose of the resized signal is the
+        # resized channel transpose (ResNet's downsampling: S^2 times fewer products than boxed)
+        z = _resize(_conv_input_grad(g, g.shape[-2:], weight, (1, 1), (0, 0), (1, 1), m.groups), size)
+        return _window(z, padding[0], in_size[0], padding[1], in_size[1])
     if len(runs[0]) * len(runs[1]) <= _MAX_BOX_PIECES:
         boxed = cache.setdefault("boxed", {}) if channels is None else None  # sliced weights differ
         return _box_transpose(g, weight, runs, padding, dilation, m.groups, in_size, boxed)

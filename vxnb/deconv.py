@@ -68,7 +68,9 @@ resampled keeps autograd's own backward (its transpose), except at a conv seed, 
 transpose uses only the seed's non-zero channels; every other transpose is autograd's own input
 gradient (``aten::convolution_backward``), so no weight is copied per forward. A resampled
 strided conv is the plain strided transpose with its output box-summed (dense kernels), or
-with the boxed kernel (depthwise ones); where the resize splits the signal into pieces (a
+with the boxed kernel (depthwise ones); a strided 1x1 conv is the resized channel transpose,
+or for a small signal copied evenly the box-summed strided transpose (faster on one CPU
+thread: :data:`_MAX_1X1_BOX_PIXELS`); where the resize splits the signal into pieces (a
 patchify conv: 28 -> 55 rows), the channel products of all kernel taps are one product W^T g
 and each piece is folded at its stride. Guided ReLU's backward is autograd's
 ``threshold_backward`` then max(., 0); an activation's f'(x) comes from the kernel autograd

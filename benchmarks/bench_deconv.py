@@ -1,6 +1,6 @@
 """Benchmark of vxnb.deconv: speed against Captum, and the grid artifact (plain vs resampled).
 
-    python benchmarks/bench_deconv.py [--quick] [--repeats N] [--figure PATH] [--threads N] [--profile]
+    python benchmarks/bench_deconv.py [--quick] [--repeats N] [--figure PATH] [--threads N] [--profile [--model M]]
 
 1. Speed: the top-5 filters (largest activation-map L2 norm) of one 224x224 image at a layer
    of a random-init torchvision network, as resampled heatmaps, against Captum's
@@ -18,9 +18,12 @@
    seeds, on VGG-16, ResNet-50, EfficientNet-B0, ConvNeXt-T and ViT-B/16; goal ≤ 1.2x.
    Process CPU time, alternating runs, median.
 4. ``--figure PATH``: plain vs resampled heatmaps of a few lower-layer filters.
-5. ``--profile``: where the time of the top-5 VGG-16 heatmaps (ours, Captum) and of
-   ``explain()`` goes: the backward per autograd node type (conv transposes, max-pool, ReLU),
-   the forward and the rest; explain() by phase.
+5. ``--profile [--model M]``: where the time goes. VGG-16 (default): the top-5 heatmaps
+   (ours, Captum) by autograd node type and explain() by phase; then, for M (any of the
+   latency models, e.g. ``--model efficientnet_b0``): explain() against the latency reference,
+   the backward by node kind (conv transposes, max-pool, ReLU, other activations, batch norm,
+   layer/group norm, products) and the rest, the forward alone (plain vs recorded under the
+   rules, per torch function call through the tracer), explain() by phase.
 
 Goals: resampled ≤ 1.0x Captum on every model, ≤ 0.5x on VGG-16. ``--threads 1`` (default)
 on a shared machine: timings there are CPU time of this process, medians of alternating runs.
@@ -122,9 +125,10 @@ LATENCY_MODELS = [("vgg16", "features.29"), ("resnet50", "layer4"), ("efficientn
                   ("convnext_tiny", "features.7"), ("vit_b_16", "encoder.layers.encoder_layer_11")]
 
 
-def latency(repeats: int, k: int = 5, models: list[str] | None = None) -> None:
-    """explain() of one 224 px image (k features) vs one forward + k plain autograd backwards of
-    the same seeds (channel q of the layer's output, every other channel zero)."""
+def latency_pair(arch: str, layer: str, k: int = 5):
+    """``(reference, ours)`` for a random-init ``arch`` on the flower at 224 px: one forward + k
+    plain autograd backwards of the top-k channels of ``layer`` (channel q of the layer's output,
+    every other channel zero; a ViT's patch tokens only), and ``explain()`` with those k features."""
     import pandas as pd
 
     from vxnb.explanations import explain
@@ -132,6 +136,46 @@ def latency(repeats: int, k: int = 5, models: list[str] | None = None) -> None:
     from vxnb.relevance import Relevance
 
     x = flower(224)
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)().eval()
+    with torch.no_grad():
+        a = forward_to(model, x, layer)
+    kind, prefix = layout(model, layer)  # ViT's blocks: tokens (B, T, D), the D features
+    dim = -1 if kind in ("last", "tokens?") and a.dim() > 2 else 1
+    a = a[:, prefix:] if dim == -1 and a.dim() == 3 else a
+    chans = a.movedim(dim, 1).flatten(2).norm(dim=2)[0].topk(k).indices.tolist()
+    frame = pd.DataFrame([dict(**{"class": j}, layer=layer, layer_number=1, kind="conv", channel=q, weight=1.0)
+                          for j in range(1000) for q in chans])
+    rel = Relevance.from_frame(frame, n_classes=1000)
+    module = dict(model.named_modules())[layer]
+
+    def reference() -> None:
+        got = {}
+        h = module.register_forward_hook(lambda m, i, o: got.setdefault("a", o))
+        try:
+            xl = x.clone().requires_grad_(True)
+            model(xl)
+        finally:
+            h.remove()
+        out = got["a"]
+        for q in chans:
+            g = torch.zeros_like(out)
+            g.select(dim, q).copy_(out.detach().select(dim, q))
+            if dim == -1 and out.dim() == 3:
+                g[:, :prefix] = 0  # the patch tokens only, as explain() seeds them
+            torch.autograd.grad(out, xl, g, retain_graph=True)
+
+    def ours() -> None:
+        e = explain(model, rel, x[0], k=k)
+        assert len(e.features) == k
+
+    ours.model, ours.rel, ours.x = model, rel, x  # for profile_explain
+    return reference, ours
+
+
+def latency(repeats: int, k: int = 5, models: list[str] | None = None) -> None:
+    """explain() of one 224 px image (k features) vs one forward + k plain autograd backwards of
+    the same seeds (:func:`latency_pair`)."""
     print(f"\n== latency: explain() of one 224x224 image, k={k}, vs one forward + {k} plain autograd backwards "
           f"of the same seeds; random weights; median process CPU time over {repeats} alternating runs, "
           f"{torch.get_num_threads()} thread(s); goal ≤ 1.2 ==")
@@ -139,39 +183,7 @@ def latency(repeats: int, k: int = 5, models: list[str] | None = None) -> None:
     for arch, layer in LATENCY_MODELS:
         if models and arch not in models:
             continue
-        torch.manual_seed(0)
-        model = getattr(torchvision.models, arch)().eval()
-        with torch.no_grad():
-            a = forward_to(model, x, layer)
-        kind, prefix = layout(model, layer)  # ViT's blocks: tokens (B, T, D), the D features
-        dim = -1 if kind in ("last", "tokens?") and a.dim() > 2 else 1
-        a = a[:, prefix:] if dim == -1 and a.dim() == 3 else a
-        chans = a.movedim(dim, 1).flatten(2).norm(dim=2)[0].topk(k).indices.tolist()
-        frame = pd.DataFrame([dict(**{"class": j}, layer=layer, layer_number=1, kind="conv", channel=q, weight=1.0)
-                              for j in range(1000) for q in chans])
-        rel = Relevance.from_frame(frame, n_classes=1000)
-        module = dict(model.named_modules())[layer]
-
-        def reference() -> None:
-            got = {}
-            h = module.register_forward_hook(lambda m, i, o: got.setdefault("a", o))
-            try:
-                xl = x.clone().requires_grad_(True)
-                model(xl)
-            finally:
-                h.remove()
-            out = got["a"]
-            for q in chans:
-                g = torch.zeros_like(out)
-                g.select(dim, q).copy_(out.detach().select(dim, q))
-                if dim == -1 and out.dim() == 3:
-                    g[:, :prefix] = 0  # the patch tokens only, as explain() seeds them
-                torch.autograd.grad(out, xl, g, retain_graph=True)
-
-        def ours() -> None:
-            e = explain(model, rel, x[0], k=k)
-            assert len(e.features) == k
-
+        reference, ours = latency_pair(arch, layer, k)
         reference(), ours()
         tr, to = [], []
         for _ in range(repeats):
@@ -184,7 +196,12 @@ def latency(repeats: int, k: int = 5, models: list[str] | None = None) -> None:
 #: autograd node names (without "Backward<n>") -> what they carry back
 _NODE_KINDS = {"conv transpose": ("_FastConv2d", "Convolution"),
                "max-pool": ("_FastMaxPool2d", "MaxPool2DWithIndices"),
-               "ReLU (guided)": ("_FastGuidedReLU", "_GuidedReLU", "Relu", "Threshold", "BackwardHookFunction")}
+               "ReLU (guided)": ("_FastGuidedReLU", "_GuidedReLU", "Relu", "Threshold", "BackwardHookFunction"),
+               "other activations": ("_GuidedActivation", "Silu", "Gelu", "Hardswish", "Sigmoid", "Hardtanh"),
+               "batch norm": ("NativeBatchNorm", "CudnnBatchNorm"),
+               "layer/group norm": ("_HeldSigmaNorm", "NativeLayerNorm", "NativeGroupNorm"),
+               "products (gates, attention, linear)": ("Mul", "Bmm", "Mm", "Addmm", "Matmul", "Baddbmm",
+                                                       "Div", "Softmax")}
 
 
 def _breakdown(fn) -> tuple[float, dict[str, float]]:
@@ -205,6 +222,16 @@ def _breakdown(fn) -> tuple[float, dict[str, float]]:
         kind = next((k for k, names in _NODE_KINDS.items() if node in names), "other backward nodes")
         kinds[kind] += ev.cpu_time_total / 1e6
     return total, kinds
+
+
+def _print_breakdown(rows: dict[str, tuple[float, dict[str, float]]]) -> None:
+    """One column per run of :func:`_breakdown`: the total, the backward by node kind, the rest."""
+    print(f"{'':<38}" + "".join(f"{n:>11}" for n in rows))
+    print(f"{'total':<38}" + "".join(f"{t:11.3f}" for t, _ in rows.values()))
+    for kind in [*_NODE_KINDS, "other backward nodes"]:
+        print(f"{'  ' + kind:<38}" + "".join(f"{d[kind]:11.3f}" for _, d in rows.values()))
+    print(f"{'  rest (forward, seeds, maps, Python)':<38}"
+          + "".join(f"{t - sum(d.values()):11.3f}" for t, d in rows.values()))
 
 
 def profile_vgg(k: int = 5, layer: str = "features.17") -> None:
@@ -228,16 +255,67 @@ def profile_vgg(k: int = 5, layer: str = "features.17") -> None:
     print(f"\n== profile: top-{k} heatmaps, VGG-16 {layer}, one 224x224 image, wall s with the profiler on "
           "(backward: the autograd nodes' time by kind; the rest: forward, seeds, heatmaps, Python) ==")
     rows = {name: _breakdown(fn) for name, fn in runs.items()}
-    kinds = [*_NODE_KINDS, "other backward nodes"]
-    print(f"{'':<22}" + "".join(f"{n:>10}" for n in rows))
-    print(f"{'total':<22}" + "".join(f"{t:10.3f}" for t, _ in rows.values()))
-    for kind in kinds:
-        print(f"{'  ' + kind:<22}" + "".join(f"{d[kind]:10.3f}" for _, d in rows.values()))
-    print(f"{'  rest (forward, ...)':<22}" + "".join(f"{t - sum(d.values()):10.3f}" for t, d in rows.values()))
+    _print_breakdown(rows)
 
     frame = pd.DataFrame([dict(**{"class": j}, layer=layer, layer_number=1, kind="conv", channel=q, weight=1.0)
                           for j in range(1000) for q in chans])
     rel = Relevance.from_frame(frame, n_classes=1000)
+
+    def ours() -> None:
+        explain(model, rel, x[0], k=k)
+
+    ours()
+    print(f"\nexplain() on the same image, k={k}:", end="")
+    _explain_phases(explanations, deconv, ours, k)
+
+
+def profile_explain(arch: str, k: int = 5, repeats: int = 3) -> None:
+    """Where explain()'s time goes beyond the latency reference (:func:`latency_pair`) on one of
+    :data:`LATENCY_MODELS`: the backward by autograd node kind (ours: the rules' nodes; the
+    reference: autograd's), the rest (forward, seeds, heatmaps, Python); the forward alone
+    (plain with grad vs recorded under the rules, and the operations the rules' tracer sees);
+    explain() by phase. Profiler figures are wall times with the profiler on (min over repeats)."""
+    from vxnb import deconv, explanations
+
+    layer = dict(LATENCY_MODELS)[arch]
+    reference, ours = latency_pair(arch, layer, k)
+    model, x = ours.model, ours.x
+    reference(), ours()
+    print(f"\n== profile: {arch} {layer}, explain() k={k} vs one forward + {k} plain backwards, one 224x224 "
+          f"image; wall s with the profiler on, min over {repeats} runs; the backward's autograd nodes by kind ==")
+    rows = {"reference": None, "explain": None}
+    for name, fn in (("reference", reference), ("explain", ours)):
+        for _ in range(repeats):
+            t, d = _breakdown(fn)
+            if rows[name] is None or t < rows[name][0]:
+                rows[name] = (t, d)
+    _print_breakdown(rows)
+
+    def plain() -> None:
+        model(x.clone().requires_grad_(True))
+
+    def recorded() -> None:
+        rec = deconv.RecordedForward(model, x, True, [layer])
+        with rec.forward() as xl:
+            model(xl)
+
+    calls = []
+    tracer_call = deconv._Tracer.__torch_function__
+    deconv._Tracer.__torch_function__ = lambda self, *a, **kw: (calls.append(1), tracer_call(self, *a, **kw))[1]
+    try:
+        recorded()
+    finally:
+        deconv._Tracer.__torch_function__ = tracer_call
+    tp = min(timed(plain) for _ in range(repeats + 2))
+    tr = min(timed(recorded) for _ in range(repeats + 2))
+    print(f"\nforward alone (CPU s, min of {repeats + 2}): plain with grad {tp:.4f}, recorded under the rules {tr:.4f} "
+          f"(+{1e3 * (tr - tp):.1f} ms; {len(calls)} torch function calls through the rules' tracer, "
+          f"{1e6 * (tr - tp) / max(len(calls), 1):.1f} us each)")
+    _explain_phases(explanations, deconv, ours, k)
+
+
+def _explain_phases(explanations, deconv, ours, k: int) -> None:
+    """explain() once more, its phases timed (process CPU time)."""
     phases: dict[str, float] = {}
 
     def timed_attr(obj, name: str, label: str):
@@ -255,18 +333,17 @@ def profile_vgg(k: int = 5, layer: str = "features.17") -> None:
                (explanations, "_forward", "  of which the forward (recorded)"),
                (deconv.RecordedForward, "output", "graph check"),
                (deconv.RecordedForward, "backward", f"{k} backwards")]
-    explain(model, rel, x[0], k=k)
     saved = []
     try:
         for obj, name, label in patches:
             f, g = timed_attr(obj, name, label)
             saved.append((obj, name, f))
             setattr(obj, name, g)
-        total = timed(lambda: explain(model, rel, x[0], k=k))
+        total = timed(ours)
     finally:
         for obj, name, f in saved:
             setattr(obj, name, f)
-    print(f"\nexplain() on the same image, k={k}, by phase (CPU s): total {total:.3f}")
+    print(f"\nexplain() by phase (CPU s): total {total:.3f}")
     for label in [p[2] for p in patches]:
         print(f"  {label:<44} {phases.get(label, 0.0):.3f}")
     inner = phases.get(f"{k} backwards", 0.0) + phases.get("graph check", 0.0)
@@ -351,7 +428,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: shared machine)")
     p.add_argument("--only", choices=["speed", "latency", "grid"], nargs="+", default=None,
                    help="run only these parts (default: all)")
-    p.add_argument("--profile", action="store_true", help="print where the VGG-16 time goes (see 5. above)")
+    p.add_argument("--profile", action="store_true", help="print where the time goes (see 5. above)")
+    p.add_argument("--model", default="vgg16", choices=[a for a, _ in LATENCY_MODELS],
+                   help="--profile: the model (vgg16: also the heatmaps against Captum; others: explain() "
+                        "against the latency reference)")
     p.add_argument("--models", nargs="+", default=None, help="latency: only these models (default: all five)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -367,7 +447,9 @@ def main() -> None:
     if args.figure:
         figure(args.figure)
     if args.profile:
-        profile_vgg()
+        if args.model == "vgg16":
+            profile_vgg()
+        profile_explain(args.model, repeats=args.repeats or 3)
 
 
 if __name__ == "__main__":

@@ -566,13 +566,13 @@ def test_falls_back_to_one_by_one_when_vmap_fails(monkeypatch):
 # --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch,layer,size,n_fast", [("alexnet", "features.10", 112, 1), ("alexnet", "features.3", 99, 1),
-                                                    ("vgg16", "features.17", 64, 0), ("resnet50", "layer2.0", 64, 2),
+                                                    ("vgg16", "features.17", 64, 0), ("resnet50", "layer2.0", 64, 3),
                                                     ("resnet50", "layer3.1", 69, 3)])
 def test_strided_fast_path_equals_resize_path(arch, layer, size, n_fast, monkeypatch):
     """AlexNet's conv1 at 112 and 99 px copies rows 4 or 3 times (4 and 6 runs: 16 and 36
-    pieces), ResNet-50's strided 7x7 and 3x3 convs copy every row twice at 64 px (one piece)
-    and not at 69 px (its strided 1x1 convs go back as the resized channel transpose, not
-    boxed); VGG-16 has no strided conv (its resampling is all in the pooling: unchanged)."""
+    pieces), ResNet-50's strided 7x7 and 3x3 convs copy every row twice at 64 px (one piece;
+    its small strided 1x1 conv too: ``_MAX_1X1_BOX_PIXELS``) and not at 69 px (its strided 1x1
+    convs go back as the resized channel transpose, not boxed); VGG-16 has no strided conv (its resampling is all in the pooling: unchanged)."""
     import vxnb.deconv as deconv
 
     torch.manual_seed(0)
@@ -597,10 +597,16 @@ def test_strided_fast_path_equals_resize_path(arch, layer, size, n_fast, monkeyp
 
 
 @pytest.mark.parametrize("stride,padding,groups,size", [(2, 0, 1, (14, 15)), (2, 1, 2, (13, 16)), (3, 0, 1, (17, 11)),
-                                                       (4, 2, 4, (21, 18))])
-def test_strided_1x1_conv_equals_the_oracle(stride, padding, groups, size):
-    """A strided 1x1 conv (ResNet's downsampling) goes back as the resized channel transpose:
-    the oracle's resize + stride-1 conv_transpose2d, also where the rows are not copied evenly."""
+                                                       (4, 2, 4, (21, 18)), (2, 0, 1, (14, 16)), (2, 0, 2, (12, 8))])
+@pytest.mark.parametrize("box_pixels", [0, 10 ** 6])
+def test_strided_1x1_conv_equals_the_oracle(stride, padding, groups, size, box_pixels, monkeypatch):
+    """A strided 1x1 conv (ResNet's downsampling) goes back as the resized channel transpose, or
+    (a small signal whose rows are all copied S times) as the box-summed strided transpose: the
+    oracle's resize + stride-1 conv_transpose2d either way, also where the rows are not copied
+    evenly."""
+    import vxnb.deconv as deconv
+
+    monkeypatch.setattr(deconv, "_MAX_1X1_BOX_PIXELS", box_pixels)
     torch.manual_seed(0)
     model = seq(("conv1", nn.Conv2d(4, 8, 3, padding=1)), ("relu1", nn.ReLU()),
                 ("down", nn.Conv2d(8, 12, 1, stride=stride, padding=padding, groups=groups)), ("relu2", nn.ReLU()),
@@ -886,3 +892,27 @@ def test_fast_resampled_paths_equal_the_resize_path_on_modern_models(arch, layer
     scale = slow.abs().max()
     assert scale > 0
     assert (fast - slow).abs().max() <= 1e-6 * scale
+
+
+@pytest.mark.parametrize("arch,layer", [("efficientnet_b0", "features.4"), ("mobilenet_v3_small", "features.6"),
+                                        ("resnet18", "layer2")])
+def test_batchnorm_activation_fusion_equals_the_rules_apart_on_torchvision_models(arch, layer, monkeypatch):
+    """Issue 25 item 6: the activations after eval BatchNorms (SiLU, Hardswish, ReLU; ResNet's
+    ``out += identity`` before its last ReLU keeps them apart) carried back in one node give the
+    maps of the BatchNorm's transpose and the activation's rule one after the other, to 1e-10
+    (float64)."""
+    import vxnb.deconv as deconv
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(num_classes=10).double().eval()
+    for m in model.modules():  # non-trivial running statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(1, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fused = visualize(model, x, layer, [0, 5])
+    monkeypatch.setattr(deconv._Tracer, "batch_norm_input", lambda self, t: None)
+    apart = visualize(model, x, layer, [0, 5])
+    scale = apart.abs().max()
+    assert scale > 0
+    assert (fused - apart).abs().max() <= 1e-10 * scale

@@ -434,3 +434,85 @@ def test_activation_derivative_kernels_equal_autograd(name, f, dtype):
     kw = {"approximate": "tanh"} if name == "gelu tanh" else {}
     got = _DERIVATIVES[name.split()[0]](x, y.detach(), [], kw)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- BatchNorm then activation (issue 25 item 6)
+# An activation right after an eval-mode BatchNorm carries the signal back through both in one
+# autograd node (the BatchNorm's per-channel scale folded into the saved derivative). The
+# reference keeps them apart: plain autograd through F.batch_norm, then the hand-written rule.
+
+def _random_bn(c: int, seed: int = 1, affine: bool = True) -> nn.BatchNorm2d:
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(c, affine=affine)
+    with torch.no_grad():
+        if affine:
+            bn.weight.copy_(torch.randn(c, generator=g))  # negative scales too
+            bn.bias.copy_(torch.randn(c, generator=g))
+        bn.running_mean.copy_(torch.randn(c, generator=g))
+        bn.running_var.copy_(torch.rand(c, generator=g) + 0.1)
+    return bn
+
+
+class BNThen(nn.Module):
+    """bn -> activation, optionally with the BatchNorm's output also used elsewhere (``"twice"``)
+    or changed in place before the activation (``"inplace add"``, as ResNet's ``out += identity``);
+    ``"no affine"``: a BatchNorm without weight and bias."""
+
+    def __init__(self, act: nn.Module, c: int = 6, form: str = "plain"):
+        super().__init__()
+        self.bn, self.act, self.form = _random_bn(c, affine=form != "no affine"), act, form
+
+    def forward(self, h):
+        t = self.bn(h)
+        if self.form == "twice":
+            return self.act(t) + 0.5 * t
+        if self.form == "inplace add":
+            t += h
+        return self.act(t)
+
+
+def _bn_then_reference(model: nn.Module, f, name: str, form: str):
+    bn = model.block.bn
+
+    def replace(h):
+        t = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        if form == "twice":
+            return HandGuided.apply(t, f, name) + 0.5 * t
+        if form == "inplace add":
+            t = t + h
+        return HandGuided.apply(t, f, name)
+    return replace
+
+
+@pytest.mark.parametrize("form", ["plain", "twice", "inplace add", "no affine"])
+@pytest.mark.parametrize("name", sorted(DERIVATIVES))
+def test_batchnorm_then_activation_equals_the_two_rules(name, form, x):
+    torch.manual_seed(0)
+    f = {"relu6": lambda t: F.relu6(t), "silu": F.silu}.get(name, MODULES[name])
+    model = Net(BNThen(MODULES[name], form=form)).double().eval()
+    want = _autograd(model, x, [0, 3], _bn_then_reference(model, f, name, form))
+    _close(visualize(model, x, "conv2", [0, 3]), want)
+    _close(visualize(model, x, "conv2", [0, 3], resample=False), want)
+
+
+def test_batchnorm_then_activation_is_one_node():
+    """The fused path is taken: no BatchNorm backward between the activation and conv1."""
+    from vxnb.deconv import RecordedForward
+    torch.manual_seed(0)
+    model = Net(BNThen(nn.SiLU())).double().eval()
+    rec = RecordedForward(model, torch.randn(1, 3, 5, 5, dtype=torch.float64), True, ["block"])
+    with rec.forward() as xl:
+        model(xl)
+    a = rec.output("block")
+    assert type(a.grad_fn).__name__ == "_GuidedActivationBackward"
+    assert type(a.grad_fn.next_functions[0][0]).__name__ == "ConvolutionBackward0"
+
+
+def test_batchnorm_without_rule_still_refused_before_an_activation(x):
+    torch.manual_seed(0)
+    model = Net(BNThen(nn.SiLU())).double().eval()
+    with pytest.raises(UnsupportedModuleError, match="block.bn"):
+        visualize(model, x, "conv2", [0], composite=DEFAULT_COMPOSITE.with_rules({nn.BatchNorm2d: None}))
+    model.block.bn = nn.BatchNorm2d(6, track_running_stats=False).double()
+    with pytest.raises(UnsupportedModuleError, match="track_running_stats"):
+        visualize(model, x, "conv2", [0])

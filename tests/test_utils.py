@@ -121,3 +121,40 @@ def test_forward_hooks_register_on_entry_and_leave_nothing_behind():
         failing.__enter__()
     assert all(not m._forward_hooks for m in net)  # the hook already placed on net[0] is gone
     Seen(["0"]).remove()  # nothing registered: a no-op
+
+
+def test_get_module_follows_child_names():
+    """The fast path (along the child names) finds what named_modules() names; anything else
+    is still the ValueError listing the names."""
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU()), nn.Linear(2, 2))
+    for name, module in model.named_modules():
+        if name:
+            assert utils.get_module(model, name) is module
+    for bad in ("", "0.5", "0.0.weight", "2", "0..1", ".0", "0."):
+        with pytest.raises(ValueError, match="has no module"):
+            utils.get_module(model, bad)
+
+
+def test_eval_mode_leaves_an_eval_model_and_restores_changes():
+    model = nn.Sequential(nn.Dropout(), nn.Dropout()).eval()
+    with utils.eval_mode(model):
+        assert not any(m.training for m in model.modules())
+        model[0].train()  # changed inside the block: restored on exit
+    assert not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_finite_matches_isfinite(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, generator=g, dtype=dtype)
+    assert utils.all_finite(x) is True
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for idx in [(0, 0, 0), (1, 2, 3), (2, 3, 4)]:
+            y = x.clone()
+            y[idx] = bad
+            assert utils.all_finite(y) is False
+            assert not bool(torch.isfinite(y).all())
+    assert utils.all_finite(torch.zeros(0)) is True
+    assert utils.all_finite(torch.arange(4)) is True
+    with pytest.raises(ValueError, match="NaN or inf"):
+        utils.check_image_batch(torch.full((1, 3, 2, 2), float("nan")))

@@ -68,15 +68,21 @@ resampled keeps autograd's own backward (its transpose), except at a conv seed, 
 transpose uses only the seed's non-zero channels; every other transpose is autograd's own input
 gradient (``aten::convolution_backward``), so no weight is copied per forward. A resampled
 strided conv is the plain strided transpose with its output box-summed (dense kernels), or
-with the boxed kernel (depthwise ones); where the resize splits the signal into pieces (a
+with the boxed kernel (depthwise ones); a strided 1x1 conv is the resized channel transpose,
+or for a small signal copied evenly the box-summed strided transpose (faster on one CPU
+thread: :data:`_MAX_1X1_BOX_PIXELS`); where the resize splits the signal into pieces (a
 patchify conv: 28 -> 55 rows), the channel products of all kernel taps are one product W^T g
 and each piece is folded at its stride. Guided ReLU's backward is autograd's
 ``threshold_backward`` then max(., 0); an activation's f'(x) comes from the kernel autograd
-itself calls (no engine run per activation); a resize by a whole factor is one broadcast copy;
-``nn.Sequential`` containers get no hooks. The resampled max-pool's stride-1 switches are
-found once per forward (on a channels-last copy: the same maxima and switches, faster); the K
-signals reuse one recorded forward (:class:`RecordedForward`), which
-``vxnb.explanations.explain`` shares with its prediction.
+itself calls (no engine run per activation); an activation right after an eval-mode BatchNorm
+(EfficientNet's, MobileNet's and ResNet's conv-BN-activation blocks) carries the signal back
+through both in one node, the BatchNorm's per-channel scale folded into the saved f'(x) once per
+forward (the same values: the BatchNorm's transpose after the activation's rule); a resize by a
+whole factor is one broadcast copy; the module stack the rules read is kept by two global module
+hooks (not two per module), and an eval model is not put into eval mode again. The resampled
+max-pool's stride-1 switches are found once per forward (on a channels-last copy: the same
+maxima and switches, faster); the K signals reuse one recorded forward
+(:class:`RecordedForward`), which ``vxnb.explanations.explain`` shares with its prediction.
 The plain implementation these are tested against lives in ``tests/deconv_reference.py``.
 """
 from __future__ import annotations
@@ -93,10 +99,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
 from vxnb._graph import first_conv_in_channels, forward_to, model_device_dtype
-from vxnb.utils import check_image_batch, eval_mode, get_module
+from vxnb.utils import all_finite, check_image_batch, eval_mode, get_module
 
 __all__ = [
     "visualize",
@@ -222,21 +229,36 @@ class _GuidedActivation(torch.autograd.Function):
     """A pointwise activation ``f`` whose backward is max(g, 0) * max(f'(x), 0); f'(x) is
     autograd's own derivative of ``f`` at the forward input, found once per forward: ``df(x,
     y)`` where given (the derivative kernel autograd itself calls, :data:`_DERIVATIVES`),
-    else through autograd."""
+    else through autograd.
+
+    With ``pre`` and ``scale``: ``f`` is applied to ``pre``, the output of an eval-mode
+    BatchNorm of ``x`` (pre = x * scale + shift per channel), and the backward goes straight to
+    ``x``: scale * max(g, 0) * max(f'(pre), 0), which is the BatchNorm's own backward (its
+    transpose, :class:`BatchNormRule`) after the activation's, with the per-channel scale folded
+    into the saved derivative once per forward -- one pass and one autograd node less per
+    signal (EfficientNet's and MobileNet's conv-BN-activation blocks)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, f: Callable[[Tensor], Tensor], inplace: bool = False,  # type: ignore[override]
-                df: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
-        if df is not None:
-            xd = x.detach()
+                df: Callable[[Tensor, Tensor], Tensor] | None = None, pre: Tensor | None = None,
+                scale: Tensor | None = None) -> Tensor:
+        src = x if pre is None else pre
+        if df is _relu_derivative:  # 1[y > 0] (times the scale) in one pass: nothing to clamp
+            xd = src.detach()
             y = f(xd)
-            d = df(xd, y)
+            d = _aten.threshold_backward(_ones(y) if scale is None else scale.expand_as(y), y, 0)
+            scale = None
+        elif df is not None:
+            xd = src.detach()
+            y = f(xd)
+            d = df(xd, y).clamp_min_(0)
         else:
             with torch.enable_grad():
-                xd = x.detach().requires_grad_(True)
+                xd = src.detach().requires_grad_(True)
                 y = f(xd)
                 (d,) = torch.autograd.grad(y, xd, _ones(y))
-        ctx.save_for_backward(d.clamp_min_(0))
+            d = d.clamp_min_(0)
+        ctx.save_for_backward(d if scale is None else d.mul_(scale))
         y = y.detach()
         if inplace:
             ctx.mark_dirty(x)
@@ -244,9 +266,9 @@ class _GuidedActivation(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None, None, None, None]:  # type: ignore[override]
         (d,) = ctx.saved_tensors
-        return g.clamp_min(0).mul_(d), None, None, None
+        return g.clamp_min(0).mul_(d), None, None, None, None, None
 
 
 def _ones(t: Tensor) -> Tensor:
@@ -269,6 +291,11 @@ _DERIVATIVES: dict[str, Callable[[Tensor, Tensor, list, dict], Tensor]] = {
     "gelu": lambda x, y, rest, kw: _aten.gelu_backward(_ones(x), x, approximate=kw.get(
         "approximate", rest[0] if rest else "none")),
 }
+
+
+def _relu_derivative(x: Tensor, y: Tensor) -> Tensor:
+    """1[x > 0] (= 1[y > 0]) as autograd's ReLU backward gives it (``threshold_backward``)."""
+    return _aten.threshold_backward(_ones(y), y, 0)
 
 
 class _HeldSigmaNorm(torch.autograd.Function):
@@ -331,6 +358,15 @@ class _SpaceToDepth(torch.autograd.Function):
 #: (Not the resize: the stride-1 backward of ViT-B/16's 16x16 patch embedding on the resized
 #: 209 x 209 signal costs about 60x the strided one.)
 _MAX_BOX_PIECES = 64
+
+
+#: a strided 1x1 conv whose signal has at most this many pixels, every row copied S times, goes
+#: back as the plain strided transpose box-summed (:func:`_box_transpose`), not as the resized
+#: channel transpose: the same products, but at one CPU thread and batch 1 the strided backward
+#: runs on oneDNN and the stride-1 one on a plain GEMM, which is slow for so few columns
+#: (ResNet-50's downsampling at 224 px, measured: 14 x 14 signal 2.4 -> 1.6 ms, 7 x 7 3.4 -> 2.1
+#: ms; 28 x 28 2.4 -> 2.8 ms, so it stays).
+_MAX_1X1_BOX_PIXELS = 256
 
 
 @functools.lru_cache(maxsize=256)
@@ -571,15 +607,15 @@ def _conv_transpose(m: Any, g: Tensor, in_size: tuple[int, int], resample: bool,
     padding, dilation = _conv_padding(m), _pair(m.dilation)
     if not _strided(m.stride):
         return _conv_input_grad(g, in_size, weight, (1, 1), padding, dilation, m.groups)
-    if tuple(weight.shape[-2:]) == (1, 1):
-        # a 1x1 kernel mixes channels only: the stride-1 transpose of the resized signal is the
-        # resized channel transpose (ResNet's downsampling: S^2 times fewer products than boxed)
-        z = _resize(_conv_input_grad(g, g.shape[-2:], weight, (1, 1), (0, 0), (1, 1), m.groups),
-                    _stride1_size(in_size, (1, 1), padding, (1, 1)))
-        return _window(z, padding[0], in_size[0], padding[1], in_size[1])
     # resampled: resize to the stride-1 size, stride-1 transpose
     size = _stride1_size(in_size, tuple(weight.shape[-2:]), padding, dilation)
     runs = [_replication_runs(b, a) for b, a in zip(g.shape[-2:], size)]
+    if tuple(weight.shape[-2:]) == (1, 1) and not (len(runs[0]) == len(runs[1]) == 1 and
+                                                   g.shape[-2] * g.shape[-1] <= _MAX_1X1_BOX_PIXELS):
+        # a 1x1 kernel mixes channels only: the stride-1 transpose of the resized signal is the
+        # resized channel transpose (ResNet's downsampling: S^2 times fewer products than boxed)
+        z = _resize(_conv_input_grad(g, g.shape[-2:], weight, (1, 1), (0, 0), (1, 1), m.groups), size)
+        return _window(z, padding[0], in_size[0], padding[1], in_size[1])
     if len(runs[0]) * len(runs[1]) <= _MAX_BOX_PIECES:
         boxed = cache.setdefault("boxed", {}) if channels is None else None  # sliced weights differ
         return _box_transpose(g, weight, runs, padding, dilation, m.groups, in_size, boxed)
@@ -750,7 +786,11 @@ class GuidedReLURule(OpRule):
     def __call__(self, func: Callable[..., Any], args: tuple, kwargs: dict, ctx: "_Tracer") -> Any:
         if not _needs_rule(args[0]):
             return func(*args, **kwargs)
-        return _GuidedReLU.apply(args[0], ctx.inplace(func, args, kwargs, 1))
+        inplace = ctx.inplace(func, args, kwargs, 1)
+        src = None if inplace else ctx.batch_norm_input(args[0])
+        if src is not None:  # after an eval BatchNorm: both backwards in one (see _GuidedActivation)
+            return _GuidedActivation.apply(src[0], torch.relu, False, _relu_derivative, args[0], src[1])
+        return _GuidedReLU.apply(args[0], inplace)
 
 
 class GuidedActivationRule(OpRule):
@@ -781,6 +821,9 @@ class GuidedActivationRule(OpRule):
                 return func(t, *rest, **kw)
         deriv = _DERIVATIVES.get(_op_key(func))
         df = None if deriv is None else (lambda xd, y: deriv(xd, y, rest, kw))
+        src = None if inplace else ctx.batch_norm_input(x)
+        if src is not None:  # after an eval BatchNorm: both backwards in one (see _GuidedActivation)
+            return _GuidedActivation.apply(src[0], f, False, df, x, src[1])
         return _GuidedActivation.apply(x, f, inplace, df)
 
     def __repr__(self) -> str:
@@ -806,11 +849,11 @@ def _collect(obj: Any, out: list[Tensor]) -> None:
 def _tensors(obj: Any) -> list[Tensor]:
     """The tensors in ``obj`` (a tensor, nested lists / tuples, or a mapping of them)."""
     out: list[Tensor] = []
-    if isinstance(obj, Mapping):
+    if isinstance(obj, (Tensor, list, tuple)):  # first: the abc check of Mapping costs ~1 us per op call
+        _collect(obj, out)
+    elif isinstance(obj, Mapping):
         for v in obj.values():
             _collect(v, out)
-    else:
-        _collect(obj, out)
     return out
 
 
@@ -1158,14 +1201,23 @@ class _Tracer(TorchFunctionMode):
         self.vouched: set[Any] = set()
         self.refused: dict[str, str] = {}  # module name -> why its rule refused it
         self.seed_layers: set[str] = set()
+        #: module -> name of the modules whose operations are attributed to them (set by applied_rules)
+        self.names: dict[nn.Module, str] = {}
+        #: id(output) -> (output, its version, input, its version, running_var, weight, eps) of eval-mode
+        #: BatchNorm calls (weak references to the tensors), for the activation after them
+        #: (:meth:`batch_norm_input`)
+        self.batch_norms: dict[int, tuple[weakref.ref, int, weakref.ref, int, Tensor, Tensor | None, float]] = {}
+        self._bn_ruled: dict[str, bool] = {}
 
-    def enter(self, name: str) -> Callable[..., None]:
-        def pre_hook(module: nn.Module, inp: Any) -> None:
+    def enter(self, module: nn.Module, inp: Any) -> None:
+        """Global forward pre-hook: a module of ``self.names`` starts (others are ignored)."""
+        name = self.names.get(module)
+        if name is not None:
             self.stack.append(name)
-        return pre_hook
 
     def leave(self, module: nn.Module, inp: Any, out: Any) -> None:
-        if len(self.stack) > 1:
+        """Global forward hook: a module of ``self.names`` returned."""
+        if module in self.names and len(self.stack) > 1:
             self.stack.pop()
 
     # -- for the op rules
@@ -1178,6 +1230,41 @@ class _Tracer(TorchFunctionMode):
     def is_gate(self, t: Any) -> bool:
         ref = self.gates.get(id(t))
         return ref is not None and ref() is t
+
+    def _note_batch_norm(self, args: tuple, kwargs: dict, out: Any) -> None:
+        """Remember an eval-mode ``F.batch_norm`` (running statistics) of a module whose rule is
+        :class:`BatchNormRule`: an activation right after it may carry the signal back through
+        both at once (:meth:`batch_norm_input`)."""
+        x, rv = args[0] if args else kwargs.get("input"), _arg(args, kwargs, 2, "running_var")
+        if (_arg(args, kwargs, 5, "training", False) or rv is None or _arg(args, kwargs, 1, "running_mean") is None
+                or not isinstance(out, Tensor) or not isinstance(x, Tensor) or not x.requires_grad or x.dim() < 2):
+            return
+        name = self.stack[-1]
+        ruled = self._bn_ruled.get(name)
+        if ruled is None:
+            module = self.modules.get(name)
+            ruled = self._bn_ruled[name] = (module is not None and name not in self.refused
+                                            and isinstance(self.composite.module_rule(module), BatchNormRule))
+        if ruled:
+            self.batch_norms[id(out)] = (weakref.ref(out), out._version, weakref.ref(x), x._version, rv,
+                                         _arg(args, kwargs, 3, "weight"), float(_arg(args, kwargs, 7, "eps", 1e-5)))
+
+    def batch_norm_input(self, t: Tensor) -> tuple[Tensor, Tensor] | None:
+        """For ``t`` the output of a remembered eval BatchNorm (:meth:`_note_batch_norm`), neither
+        it (ResNet's ``out += identity``) nor the BatchNorm's input x changed in place since: x and
+        the per-channel scale weight / sqrt(running_var + eps) of t = x * scale + shift, shaped to
+        broadcast along dim 1; else None."""
+        entry = self.batch_norms.get(id(t))
+        if entry is None or entry[0]() is not t or t._version != entry[1]:
+            return None
+        x = entry[2]()
+        if x is None or x._version != entry[3] or t.shape != x.shape:
+            return None
+        rv, w, eps = entry[4:]
+        scale = torch.rsqrt(rv.detach().to(t.dtype) + eps)
+        if w is not None:
+            scale = scale * w.detach().to(t.dtype)
+        return x, scale.reshape((1, -1) + (1,) * (t.dim() - 2))
 
     def _mark_gate(self, t: Any) -> None:
         if isinstance(t, Tensor):
@@ -1218,6 +1305,8 @@ class _Tracer(TorchFunctionMode):
             if kwargs:
                 stop.update(t.grad_fn for t in _tensors(kwargs))
         out = rule(func, args, kwargs, self) if ruled else func(*args, **kwargs)
+        if grad and func is F.batch_norm:
+            self._note_batch_norm(args, kwargs, out)
         if key in self.gate_producers or (key in _GATE_KEEPERS and args and self.is_gate(args[0])):
             self._mark_gate(out)
         if grad:
@@ -1229,7 +1318,7 @@ class _Tracer(TorchFunctionMode):
 def _only_calls_children(module: nn.Module) -> bool:
     """An ``nn.Sequential`` (or a subclass keeping its forward, e.g. torchvision's
     ``Conv2dNormActivation``): its forward calls its children and no torch function, so no
-    operation is attributed to it and it needs no hooks (a Python call less per module)."""
+    operation is attributed to it (the module stack leaves it out)."""
     return type(module).forward is nn.Sequential.forward
 
 
@@ -1255,10 +1344,12 @@ def applied_rules(model: nn.Module, *, resample: bool = True, composite: Composi
     operations happens here: :func:`visualize` does that on the autograd graph.
     """
     composite = as_composite(composite)
-    modules = dict(model.named_modules())
+    # a RecordedForward's tracer has just listed the modules: not walked again
+    modules = _tracer.modules if _tracer is not None and _tracer.modules else dict(model.named_modules())
     tracer = _tracer if _tracer is not None else _Tracer(composite, resample, modules)
     patched: list[tuple[nn.Module, bool, Any]] = []
     handles: list[Any] = []
+    names: dict[nn.Module, str] = {}
     with eval_mode(model):
         try:
             for name, module in modules.items():
@@ -1277,8 +1368,12 @@ def applied_rules(model: nn.Module, *, resample: bool = True, composite: Composi
                         patched.append((module, had, module.__dict__.get("forward")))
                         module.forward = fwd  # instance attribute shadows the class method
                 if not _only_calls_children(module):  # its ops are attributed to it
-                    handles.append(module.register_forward_pre_hook(tracer.enter(name)))
-                    handles.append(module.register_forward_hook(tracer.leave))
+                    names[module] = name
+            # two global hooks that look the module up, not two hooks per module: registering and
+            # removing ~500 handles cost ~1.5 ms per call on EfficientNet-B0, the calls the same
+            tracer.names = names
+            handles.append(register_module_forward_pre_hook(tracer.enter))
+            handles.append(register_module_forward_hook(tracer.leave))
             with tracer:
                 yield model
         finally:
@@ -1633,6 +1728,8 @@ def visualize(model: nn.Module, x: Tensor, layer: str, channels: int | Sequence[
 
 
 def _check_finite(out: Tensor, chans: list[int], layer: str) -> Tensor:
+    if all_finite(out):
+        return out
     bad = ~torch.isfinite(out).flatten(2).all(2)  # (B, K)
     if bool(bad.any()):
         b, k = (int(i) for i in bad.nonzero()[0])
@@ -1692,7 +1789,7 @@ def heatmap(v: Tensor) -> Tensor:
     map gives zeros). E.g. ``heatmap(visualize(...))`` is (B, K, H, W).
     """
     v = _as_tensor(v, "v", 3)
-    if not bool(torch.isfinite(v).all()):
+    if not all_finite(v):
         where = tuple(int(i) for i in (~torch.isfinite(v)).nonzero()[0][:-3])
         raise ValueError(f"v: the visualisation at index {where} contains NaN or inf; a heatmap would hide "
                          "it as zeros")

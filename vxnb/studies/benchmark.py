@@ -96,7 +96,6 @@ __all__ = [
     "BenchmarkResult",
     "explain_examples",
     "folder_plan",
-    "train_benchmark_models",
     "masks_note",
     "compare_with_paper",
     "format_table",
@@ -717,54 +716,15 @@ def _train_fold_models(config: Any, jobs: list[tuple[str, int]], workers: int | 
     ``timings`` with its share of the wall time."""
     if config.spec.reference_model is None:  # the user's model: never trained here
         return
-    timings.extend(_train_and_time([fold_config(config, v, f) for v, f in jobs], workers, progress))
-
-
-def _train_and_time(configs: list[Any], workers: int | None, progress: bool) -> list[dict]:
-    """:func:`vxnb.studies.runs.train_models` on ``configs``; a ``training`` row (variant, fold,
-    phase, cached, seconds: its share of the wall time) per model it trained."""
-    by_name = {cfg.run_name: cfg for cfg in configs}
-    done = runs.train_models(list(by_name.values()), workers=workers, progress=progress)
-    return [{"variant": by_name[name].variant, "fold": by_name[name].test_fold, "phase": "training",
-             "cached": False, "seconds": done["seconds"] / len(done["trained"])} for name in done["trained"]]
-
-
-def train_benchmark_models(config: Any, splits: Sequence[str], variants: str | Sequence[str] = ("single-6c",),
-                           folds: Sequence[int] | Mapping[str, Sequence[int]] = (0, 1, 2, 3, 4), *,
-                           extra: Sequence[Any] = (), workers: int | None = None,
-                           progress: bool = True) -> pd.DataFrame:
-    """Train, in one pool of worker processes, the missing models of :func:`run_benchmark` for each
-    of ``splits`` (the same ``variants`` and ``folds``) and of the runs ``extra`` (RunConfigs of
-    other studies on these data, e.g. :func:`vxnb.studies.counterfactual.shortcut_configs`).
-
-    :func:`run_benchmark` trains its own missing models first anyway; a notebook that runs it for
-    two splits and a study after them trains everything here instead, so that the two one-thread
-    workers stay busy to the end of one pool rather than idling at the tail of three. The
-    ``training`` rows (variant, fold, phase, cached, seconds) are returned and, when a model was
-    trained, saved as ``timings-training`` in the benchmark folder of ``splits[0]``, where the
-    report's time summary reads them. A user's model (a folder run) is never trained: an empty
-    frame."""
-    if not isinstance(config, runs.RunConfig):
-        raise TypeError(f"config: expected a vxnb.studies.runs.RunConfig, got {describe(config)}")
-    _check_benchmarkable(config)
-    if isinstance(splits, str) or not splits or any(s not in ("views", "blocks") for s in splits):
-        raise ValueError(f"splits: expected a non-empty list of 'views' / 'blocks', got {splits!r}")
-    if isinstance(extra, runs.RunConfig) or any(not isinstance(c, runs.RunConfig) for c in extra):
-        raise TypeError(f"extra: expected a sequence of RunConfig, got {describe(extra)}")
-    if workers is not None:
-        workers = check_int(workers, "workers", 1, None, "or None (one per CPU core)")
-    columns = ["variant", "fold", "phase", "cached", "seconds"]
-    if config.spec.reference_model is None:
-        return pd.DataFrame(columns=columns)
-    if config.spec.benchmark == "split":
-        variants = [FOLDER]
-    plan = _folds_by_variant(variants, folds)
-    configs = [fold_config(dataclasses.replace(config, folds=s), v, f) for s in splits
-               for v, fs in plan.items() for f in fs] + list(extra)
-    rows = pd.DataFrame(_train_and_time(configs, workers, progress), columns=columns)
-    if len(rows):
-        runs.save_table(benchmark_config(dataclasses.replace(config, folds=splits[0])), "timings-training", rows)
-    return rows
+    configs = {}
+    for v, f in jobs:
+        cfg = fold_config(config, v, f)
+        configs[cfg.run_name] = (v, f, cfg)
+    done = runs.train_models([c for _, _, c in configs.values()], workers=workers, progress=progress)
+    for name in done["trained"]:
+        v, f, _ = configs[name]
+        timings.append({"variant": v, "fold": f, "phase": "training", "cached": False,
+                        "seconds": done["seconds"] / len(done["trained"])})
 
 
 def _add_fold_rows(frames: dict[str, list], res: Mapping[str, Any], variant: str, fold: int,

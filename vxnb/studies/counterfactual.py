@@ -52,7 +52,7 @@ from vxnb.studies import benchmark, runs
 from vxnb.studies.datasets.an8flower import knobs as run_knobs
 
 __all__ = ["MEASURES", "COUNTERFACTUAL_VERSION", "SHORTCUT_VERSION", "counterfactual_data", "counterfactual_run", "counterfactual_study", "shortcut_probe",
-           "find_shortcut", "shortcut_run", "shortcut_configs", "shortcut_study"]
+           "find_shortcut", "shortcut_run", "shortcut_study"]
 
 #: The two measures, each a column of the run table and a summary of the study.
 MEASURES: tuple[str, ...] = ("drop", "precision")
@@ -355,30 +355,6 @@ def _shortcut_table(cfg: runs.RunConfig, *, k: int, mu: float, mu_max: float, to
     return out
 
 
-def _shortcut_runs(cfg: Any, rate: Any, folds: Any, seeds: Any) -> list[runs.RunConfig]:
-    """The runs of :func:`shortcut_study`, checked: rate 0 and ``rate``, on every (fold, seed)."""
-    cfg = _check_an8flower(cfg)
-    rate = _check_rate(rate, "rate")
-    if isinstance(folds, (int, str)) or not folds or any(not isinstance(f, int) or not 0 <= f < 5 for f in folds):
-        raise ValueError(f"folds: expected a list of ints in 0..4, got {folds!r}")
-    if isinstance(seeds, (int, str)) or not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
-        raise ValueError(f"seeds: expected a list of ints >= 0, got {seeds!r}")
-    return [dataclasses.replace(cfg, distractor_rate=r, test_fold=f, seed=s, name=None)
-            for r in (0.0, rate) for f in folds for s in seeds]
-
-
-def shortcut_configs(cfg: runs.RunConfig, *, rate: float = 0.5, folds: Sequence[int] = (0,),
-                     seeds: Sequence[int] = (0,), **kwargs: Any) -> list[runs.RunConfig]:
-    """The runs of :func:`shortcut_study` (same arguments) whose table is not stored yet: the
-    models it will need, for :func:`vxnb.studies.runs.train_models` (it skips a model whose
-    checkpoint is there, such as Table 1's folds at rate 0) or
-    :func:`vxnb.studies.benchmark.train_benchmark_models` (one pool with Table 1's)."""
-    cfgs = _shortcut_runs(cfg, rate, folds, seeds)
-    settings = _shortcut_settings(**{k: v for k, v in kwargs.items() if k != "recompute"})
-    return [c for c in cfgs if kwargs.get("recompute")
-            or not _table_address(c, "shortcut-table", SHORTCUT_VERSION, settings)[0].exists()]
-
-
 def shortcut_study(cfg: runs.RunConfig, *, rate: float = 0.5, folds: Sequence[int] = (0,), seeds: Sequence[int] = (0,),
                    progress: bool = True, train_workers: int | None = None, **kwargs: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
     """:func:`shortcut_run` for a model trained at distractor rate 0 and one at ``rate`` (a
@@ -390,13 +366,22 @@ def shortcut_study(cfg: runs.RunConfig, *, rate: float = 0.5, folds: Sequence[in
     The models of the runs whose table is not stored yet are trained first, ``train_workers``
     at a time (:func:`vxnb.studies.runs.train_models`; None: one per CPU core); ``kwargs`` go to
     :func:`shortcut_run`."""
+    cfg = _check_an8flower(cfg)
+    rate = _check_rate(rate, "rate")
+    if isinstance(folds, (int, str)) or not folds or any(not isinstance(f, int) or not 0 <= f < 5 for f in folds):
+        raise ValueError(f"folds: expected a list of ints in 0..4, got {folds!r}")
+    if isinstance(seeds, (int, str)) or not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"seeds: expected a list of ints >= 0, got {seeds!r}")
     if train_workers is not None:
         train_workers = check_int(train_workers, "train_workers", 1, None, "or None (one per CPU core)")
-    cfgs = _shortcut_runs(cfg, rate, folds, seeds)
+    settings = _shortcut_settings(**{k: v for k, v in kwargs.items() if k != "recompute"})
+    cfgs = [dataclasses.replace(cfg, distractor_rate=r, test_fold=f, seed=s, name=None)
+            for r in (0.0, rate) for f in folds for s in seeds]
     # the models of the runs whose table is not stored yet, trained up front in parallel workers
     # (runs.train_models skips those whose checkpoint is there: at rate 0, Table 1's folds)
-    runs.train_models(shortcut_configs(cfg, rate=rate, folds=folds, seeds=seeds, **kwargs), workers=train_workers,
-                      progress=progress)
+    pending = [c for c in cfgs if kwargs.get("recompute")
+               or not _table_address(c, "shortcut-table", SHORTCUT_VERSION, settings)[0].exists()]
+    runs.train_models(pending, workers=train_workers, progress=progress)
     tables = [shortcut_run(c, progress=progress, **kwargs)
               for c in tqdm(cfgs, desc="shortcut runs", disable=None if progress else True)]
     table = pd.concat(tables, ignore_index=True)

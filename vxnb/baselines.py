@@ -315,11 +315,6 @@ def attribution(method: str, model: nn.Module, x: Tensor, target: int | Sequence
             module = get_module(model, layer)
             with torch.no_grad():
                 a = forward_to(model, x, layer)
-            kind, prefix = feature_layout(model, layer)
-            tokens = (a.dim() == 3 and kind in ("last", "tokens?")) or (a.dim() == 4 and kind == "last")
-
-            def reshape(v: Tensor) -> Tensor:
-                return _to_maps(v, kind, prefix, layer, size)
             maps = layer_maps(model, layer, a, size)
             if maps is None and partitioned(model, layer):
                 raise ValueError(f"layer: {layer!r} holds its positions in windows (inside MaxViT's partitioned "
@@ -329,6 +324,11 @@ def attribution(method: str, model: nn.Module, x: Tensor, target: int | Sequence
                 raise ValueError(f"layer: method {method!r} needs a convolutional layer (output (B, C, h, w)) or "
                                  f"a token layer ((B, T, D) / (B, H, W, C)); {layer!r} outputs shape "
                                  f"{tuple(a.shape)} (a fully connected layer?)")
+            tokens = maps is not a  # put on the grid by layer_maps: a token or channels-last layer
+            kind, prefix = feature_layout(model, layer)
+
+            def reshape(v: Tensor) -> Tensor:
+                return _to_maps(v, kind, prefix, layer, size)
             if method == "activation":
                 out = _activation(maps, size, layer, channel)
             elif method in ("gradcampp", "guided_gradcampp"):

@@ -587,7 +587,7 @@ def _finite(weight: Tensor, cache: dict[str, Tensor]) -> bool:
     channel of the signal is NaN in the full transpose, which must then show, not be sliced
     away."""
     if "finite" not in cache:
-        cache["finite"] = torch.isfinite(weight).all()
+        cache["finite"] = all_finite(weight)
     return bool(cache["finite"])
 
 

@@ -228,7 +228,7 @@ def get_modern_model(cfg: Any, arch: str, recipe: Mapping[str, Any] | None = Non
                            progress=progress, threads=runs.TRAIN_THREADS, **train_opts)
         meta = {"arch": arch, "key": key, "recipe": dict(recipe), "classes": list(classes),
                 "test_accuracy": hist.get("final_test_accuracy"), "train_seconds": hist["seconds"],
-                "train_cpu_seconds": hist["cpu_seconds"], "threads": torch.get_num_threads(), "history": hist}
+                "train_cpu_seconds": hist["cpu_seconds"], "history": hist}
         return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "meta": json_ready(meta)}
 
